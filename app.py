@@ -1,0 +1,51 @@
+"""LoRA Leak Lab: ``python app.py`` starts the Gradio app on the embedded miniature model.
+
+Options: ``--model`` (a folder or a Stable Diffusion 1.x hub id), ``--device``, ``--port``,
+``--share``. Environment: ``LEAKLAB_MODEL`` sets the model too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import gradio as gr
+
+from core.engine import Engine
+from ui.about_tab import create_about_tab
+from ui.finetune_tab import create_finetune_tab
+from ui.pending_tabs import create_pending_tab
+
+TITLE = "LoRA Leak Lab"
+INTRO = ("**What does a shared LoRA give away?** Fine-tune a LoRA on a few photos, then watch an "
+         "attacker who sees only the LoRA's weights try to rebuild them.")
+
+
+def build_demo(engine: Engine) -> gr.Blocks:
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        with gr.Tab("Fine-tune"):
+            create_finetune_tab(engine)
+        for name in ("Attack", "Layers", "Defenses", "Watermark"):
+            with gr.Tab(name):
+                create_pending_tab(name)
+        with gr.Tab("About"):
+            create_about_tab(engine)
+    demo.queue(default_concurrency_limit=2, max_size=64)
+    return demo
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=os.environ.get("LEAKLAB_MODEL"), help="model folder or hub id (default: embedded)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    ap.add_argument("--share", action="store_true")
+    a = ap.parse_args(argv)
+    demo = build_demo(Engine(a.model, a.device))
+    demo.launch(server_name=a.host, server_port=a.port, share=a.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Small frozen events that long jobs yield; the UI renders them, CLIs print them, tests drain them.
+
+A long job is a generator ``job(config, should_stop=lambda: False) -> Iterator[Event]``. It checks
+``should_stop()`` between steps and ends early (yielding ``Done(cancelled=True)``) when it is true.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a job: ``step`` of ``total`` in ``stage``, with optional scalar metrics."""
+
+    stage: str
+    step: int
+    total: int
+    elapsed: float
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A line of text worth showing (stage started, file written, ...)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job ended; ``result`` is whatever it produced (a path, a dataclass ...)."""
+
+    result: Any = None
+    cancelled: bool = False
+
+
+Event = Progress | Message | Done
+
+
+def never() -> bool:
+    return False
+
+
+def run_with_progress_bar(events: Iterable[Event], stream=None) -> Any:
+    """Drain a job's events in a terminal: a tqdm bar per stage, messages printed; returns Done.result."""
+    from tqdm import tqdm
+
+    bar, stage, result = None, None, None
+    for ev in events:
+        if isinstance(ev, Progress):
+            if ev.stage != stage:
+                if bar:
+                    bar.close()
+                bar, stage = tqdm(total=ev.total, desc=ev.stage, file=stream, initial=ev.step - 1), ev.stage
+            bar.update(ev.step - bar.n)
+            if ev.metrics:
+                bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in ev.metrics.items()})
+        elif isinstance(ev, Message):
+            (bar.write if bar else print)(ev.text)
+        elif isinstance(ev, Done):
+            result = ev.result
+            if ev.cancelled:
+                (bar.write if bar else print)("cancelled")
+    if bar:
+        bar.close()
+    return result
+
+
+def drain(events: Iterator[Event], on_event: Callable[[Event], None] | None = None) -> Any:
+    """Run a job to the end without a terminal; returns Done.result."""
+    result = None
+    for ev in events:
+        if on_event:
+            on_event(ev)
+        if isinstance(ev, Done):
+            result = ev.result
+    return result

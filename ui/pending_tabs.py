@@ -1,0 +1,36 @@
+"""Tabs whose engine is not built yet: each says plainly what it will do, and shows nothing fake."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+PENDING = {
+    "Attack": (
+        "An attacker who sees **only your LoRA file** (no photos, no prompt, no trigger word) rebuilds "
+        "the face you trained on, live while your fine-tune runs. A trained encoder reads the LoRA "
+        "weights and turns them into a prompt for your own LoRA (Yao, arXiv 2409.08482). You will see "
+        "its picture next to your photos, with an identity score against a random person and against "
+        "your LoRA used with its true trigger. You can also upload any LoRA `.safetensors` file for this "
+        "base model and attack it."
+    ),
+    "Layers": (
+        "Which layers did your fine-tune actually change? A heatmap of the change of every layer "
+        "over the training steps shows a few *busy* layers and many *lazy* ones (Liu et al., "
+        "arXiv 2405.00466), and a curve shows how much of your fine-tune survives when only the "
+        "busiest layers are kept."
+    ),
+    "Defenses": (
+        "Switches for differential privacy during training, weight noise, pruning, quantization and "
+        "rank truncation of the shared LoRA, and a chart of what each one costs: how much harder "
+        "the attacker's job gets against how much worse your LoRA draws you."
+    ),
+    "Watermark": (
+        "The model owner's view: an ownership watermark hidden in *lazy* layers (AIAO) survives your "
+        "fine-tune, while a classic trigger-image watermark fades. Verify a freshly trained LoRA and "
+        "see the verdict with its evidence."
+    ),
+}
+
+
+def create_pending_tab(name: str) -> None:
+    gr.Markdown(f"### {name}: *not built yet*\n{PENDING[name]}")
