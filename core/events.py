@@ -36,7 +36,6 @@ class Done:
     cancelled: bool = False
 
 
-Event = Progress | Message | Done
 
 
 def never() -> bool:
@@ -77,3 +76,23 @@ def drain(events: Iterator[Event], on_event: Callable[[Event], None] | None = No
         if isinstance(ev, Done):
             result = ev.result
     return result
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A LoRA snapshot during a fine-tune: peft-named state dict (CPU tensors, in memory)."""
+
+    step: int
+    lora: dict
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Images drawn at ``step`` (e.g. the LoRA's own samples with the trigger)."""
+
+    step: int
+    images: list
+    caption: str = ""
+
+
+Event = Progress | Message | Done | Checkpoint | Preview

@@ -1,0 +1,96 @@
+"""DreamBooth-LoRA engine on the tiny random pipeline: events, cancel, export to stock diffusers."""
+
+import numpy as np
+import pytest
+import torch
+
+from core.events import Checkpoint, Done, Preview, Progress
+from core.finetune import FinetuneConfig, finetune, load_lora, pipeline_with_lora, save_lora
+from core.pipeline import load_pipeline, sample_images
+from core.prompts import instance_prompt, trigger_words
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_pipeline_dir, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("LEAKLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return load_pipeline(tiny_pipeline_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def crops(n, size=32):
+    return [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(n)]
+
+
+TINY = dict(steps=4, checkpoint_every=2, n_class=4, batch=2, preview_steps=2, preview_n=1)
+
+
+def test_events_and_result(tiny_pipe):
+    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    events = list(finetune(tiny_pipe, crops(3), FinetuneConfig(**TINY)))
+    kinds = [type(e) for e in events]
+    assert kinds.count(Progress) == 4 and kinds.count(Checkpoint) == 2 and kinds.count(Preview) == 2
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [p.step for p in progress] == [1, 2, 3, 4] and all(np.isfinite(p.metrics["loss"]) for p in progress)
+    res = events[-1].result
+    assert isinstance(events[-1], Done) and not events[-1].cancelled
+    assert res.trigger in trigger_words() and res.steps_done == 4
+    assert any(k.endswith("lora_A.weight") for k in res.lora) and all(k.startswith("unet.") for k in res.lora)
+    ckpt = [e for e in events if isinstance(e, Checkpoint)][-1]
+    assert all(torch.equal(ckpt.lora[k], res.lora[k]) for k in res.lora)
+    after = tiny_pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the shared base is untouched
+
+
+def test_cancel_between_steps(tiny_pipe):
+    seen = []
+    gen = finetune(tiny_pipe, crops(3), FinetuneConfig(**{**TINY, "steps": 50}), should_stop=lambda: len(seen) >= 3)
+    for e in gen:
+        if isinstance(e, Progress):
+            seen.append(e)
+    assert len(seen) == 3 and isinstance(e, Done) and e.cancelled and e.result.steps_done == 3
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 11])
+def test_photo_count_is_checked(tiny_pipe, n):
+    with pytest.raises(ValueError, match="3 to 10 photos"):
+        next(finetune(tiny_pipe, crops(n), FinetuneConfig(**TINY)))
+
+
+@pytest.mark.parametrize("bad", [dict(rank=0), dict(steps=0), dict(lr=0.0), dict(alpha=-1.0), dict(unet_targets=())])
+def test_config_validation(bad):
+    with pytest.raises(ValueError):
+        FinetuneConfig(**bad)
+
+
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_export_loads_in_stock_diffusers(tiny_pipe, tiny_pipeline_dir, tmp_path, text_encoder):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    res = list(finetune(tiny_pipe, crops(3), FinetuneConfig(**{**TINY, "text_encoder": text_encoder})))[-1].result
+    for k in res.lora:  # make the LoRA's effect large, so "loaded" and "not loaded" differ clearly
+        if "lora_B" in k:
+            res.lora[k] = torch.randn_like(res.lora[k]) * 0.5
+    path = save_lora(tmp_path / "lora.safetensors", res)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert res.trigger not in path.read_bytes().decode("latin-1")  # the trigger stays out of the file
+    assert meta["leaklab_base_fingerprint"] == res.base and meta["leaklab_rank"] == str(res.config.rank)
+
+    stock = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None, requires_safety_checker=False)
+    stock.load_lora_weights(str(path))
+    prompt = instance_prompt(res.trigger)
+    ours = sample_images(pipeline_with_lora(tiny_pipe, res.lora), prompt, n=2, steps=3)
+    theirs = sample_images(stock, prompt, n=2, steps=3)
+    base = sample_images(tiny_pipe, prompt, n=2, steps=3)
+    diff = lambda a, b: max(np.abs(x.astype(int) - y).max() for x, y in zip(a, b))
+    assert diff(ours, theirs) <= 2 < diff(ours, base)
+
+    back, _ = load_lora(path)
+    assert set(back) == set(res.lora) and all(torch.allclose(back[k], res.lora[k]) for k in back)
