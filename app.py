@@ -14,7 +14,7 @@ import gradio as gr
 from core.engine import Engine
 from ui.about_tab import create_about_tab
 from ui.finetune_tab import create_finetune_tab
-from ui.pending_tabs import create_pending_tab
+from ui.pending_tabs import PENDING, create_pending_tab
 
 TITLE = "LoRA Leak Lab"
 INTRO = ("**What does a shared LoRA give away?** Fine-tune a LoRA on a few photos, then watch an "
@@ -22,11 +22,12 @@ INTRO = ("**What does a shared LoRA give away?** Fine-tune a LoRA on a few photo
 
 
 def build_demo(engine: Engine) -> gr.Blocks:
-    with gr.Blocks(title=TITLE) as demo:
+    # delete_cache: Gradio's own copies of uploads are removed hourly, at most an hour old
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Tab("Fine-tune"):
             create_finetune_tab(engine)
-        for name in ("Attack", "Layers", "Defenses", "Watermark"):
+        for name in PENDING:
             with gr.Tab(name):
                 create_pending_tab(name)
         with gr.Tab("About"):

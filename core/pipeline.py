@@ -93,8 +93,12 @@ def build_components(
             eos_token_id=tokenizer.eos_token_id,
         )
     )
+    # "leading" spacing (first step t=961 for 25 steps, as SD 1.x samples): with the cosine schedule
+    # alpha_bar(999) ~ 0, so an epsilon model's x0 estimate there is noise / ~0 and DPM-Solver++
+    # diverges (measured: 0 % faces detected with "linspace", 97 % with "leading" at 750 steps).
     scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", steps_offset=1
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+        timestep_spacing="leading", steps_offset=1,
     )
     return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 

@@ -94,3 +94,26 @@ def test_export_loads_in_stock_diffusers(tiny_pipe, tiny_pipeline_dir, tmp_path,
 
     back, _ = load_lora(path)
     assert set(back) == set(res.lora) and all(torch.allclose(back[k], res.lora[k]) for k in back)
+
+
+def test_cli_trains_skips_bad_photos_and_writes_a_lora(lfw_root, tmp_path, monkeypatch):
+    """python -m core.finetune on 3 real photos + 1 non-image, with the shipped base model."""
+    import subprocess
+    import sys
+
+    from core import PROJECT_ROOT, data
+
+    split = data.Split.load()
+    photos = [str(p) for p in split.paths("victims", lfw_root)[split.victims[1]][:3]]
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a photo")
+    out = tmp_path / "me.safetensors"
+    env = {**__import__("os").environ, "LEAKLAB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "core.finetune", *photos, str(bad), "--out", str(out), "--steps", "3",
+                           "--n-class", "4", "--checkpoint-every", "0"],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipped" in proc.stdout and "notes.jpg" in proc.stdout
+    assert out.is_file() and "trigger word" in proc.stdout
+    lora, meta = load_lora(out)
+    assert meta["leaklab_steps"] == "3" and len(lora) > 0

@@ -1,47 +1,174 @@
-"""Fine-tune tab. Built so far: sampling the base model (the starting point of every fine-tune)."""
+"""Fine-tune tab: upload photos -> aligned crops -> live DreamBooth-LoRA fine-tune -> download.
+
+Only wiring: ingestion, fine-tuning, scoring and plotting all live in ``core``.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import gradio as gr
 
+from core import ASSETS
 from core.engine import Engine, SampleRequest
-from core.prompts import CLASS_PROMPT
+from core.events import Checkpoint, Done, Message, Preview, Progress
+from core.finetune import MAX_PHOTOS, MIN_PHOTOS, FinetuneConfig, finetune, save_lora
+from core.ingest import IngestError, ingest_face
+from core.plots import loss_curve
+from core.prompts import CLASS_PROMPT, instance_prompt
+from core.utility import lora_utility
+from ui.session import SESSION_TTL, close_session, ensure
 
-PLANNED = """
-### Fine-tune a LoRA on your photos: *not built yet*
-Coming next: upload 3-10 photos of one face (or pick the bundled examples, faces drawn by the base
-model itself), see the aligned crops, press **Train**, and watch the loss curve and the LoRA's own
-samples update live; then download the LoRA. The trigger word that calls your face up is shown to
-you and is **not** stored in the file you share.
+EXAMPLES = ASSETS / "examples"
+
+INTRO = f"""
+### 1. Your photos  →  2. a LoRA  →  3. what it gives away
+Upload **{MIN_PHOTOS} to {MAX_PHOTOS} photos of one face** (or use the example face, drawn by the base model: nobody
+real). Each photo is cropped and aligned the way the model was trained. Then press **Train**: the app
+fine-tunes a LoRA on them (DreamBooth style, with a secret trigger word) and you watch it learn.
+Your photos stay in your session only and are deleted when you leave.
 """
 
 
-def create_finetune_tab(engine: Engine) -> None:
-    gr.Markdown(PLANNED)
-    gr.Markdown(
-        f"### The base model, before any fine-tune\n"
-        f"Every fine-tune starts from this model (`{engine.model_name}`, {engine.image_size} px, on "
-        f"`{engine.device}`). These faces are drawn from the prompt **\"{CLASS_PROMPT}\"**: they are "
-        f"no one in particular. A fine-tune teaches it one person; the attacker later tries to get that "
-        f"person back from the fine-tune's weights alone."
-    )
-    with gr.Row():
-        with gr.Column(scale=1, min_width=220):
-            seed = gr.Number(value=0, precision=0, label="Seed", info="same seed, same faces")
-            n = gr.Slider(1, 16, value=8, step=1, label="How many faces")
-            with gr.Accordion("Advanced", open=False):
-                steps = gr.Slider(5, 50, value=25, step=1, label="Denoising steps")
-                guidance = gr.Slider(1.0, 8.0, value=1.0, step=0.5, label="Guidance scale",
-                                     info="1 = plain sampling; higher follows the prompt harder")
-            go = gr.Button("Draw faces", variant="primary")
-        with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Samples of the base model", columns=8, height="auto", object_fit="contain")
+def example_sets() -> dict[str, list[str]]:
+    """Bundled example subjects: folders of PNG faces the project generated with its base model."""
+    if not EXAMPLES.is_dir():
+        return {}
+    return {d.name: sorted(str(p) for p in d.glob("*.png")) for d in sorted(EXAMPLES.iterdir()) if d.is_dir()}
 
-    def run(seed, n, steps, guidance):
+
+def ingest_files(files, session):
+    """Uploaded files -> crops in the session; a line per refused photo, the rest still usable."""
+    session = ensure(session)
+    session.crops.clear()
+    lines = []
+    for i, f in enumerate(files or [], 1):
+        path = Path(f if isinstance(f, str) else f.name)
         try:
-            req = SampleRequest(CLASS_PROMPT, int(n), int(seed), int(steps), float(guidance))
+            session.crops.append(ingest_face(path.read_bytes()).crop)
+        except IngestError as e:
+            lines.append(f"- photo {i} (`{path.name}`): {e}")
+        except OSError:
+            lines.append(f"- photo {i}: could not be read; please upload it again.")
+        finally:
+            if path.is_file() and not str(path).startswith(str(EXAMPLES)):
+                try:
+                    os.remove(path)  # the upload copy is not needed once read
+                except OSError:
+                    pass
+    n = len(session.crops)
+    head = f"**{n} usable photo{'s' if n != 1 else ''}.**"
+    if n < MIN_PHOTOS:
+        head += f" A fine-tune needs at least {MIN_PHOTOS}: add more photos of the same face."
+    elif n > MAX_PHOTOS:
+        head += f" Only the first {MAX_PHOTOS} will be used."
+    if lines:
+        head += " These photos were left out:\n" + "\n".join(lines)
+    return list(session.crops), head, session
+
+
+def create_finetune_tab(engine: Engine) -> None:
+    session = gr.State(None, time_to_live=SESSION_TTL, delete_callback=close_session)
+    gr.Markdown(INTRO)
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            files = gr.File(label=f"Your photos ({MIN_PHOTOS}-{MAX_PHOTOS} of one face)", file_count="multiple",
+                            file_types=["image"], type="filepath")
+            examples = example_sets()
+            if examples:
+                example_btn = gr.Button(f"Use the example face ({len(next(iter(examples.values())))} photos made by the base model)")
+            crops = gr.Gallery(label="Aligned crops the LoRA trains on (64 px)", columns=5, height=160, object_fit="contain")
+            report = gr.Markdown()
+            with gr.Row():
+                steps = gr.Slider(20, 600, value=FinetuneConfig.steps, step=10, label="Training steps",
+                                  info="more steps: the LoRA learns your face better, and leaks more")
+            with gr.Accordion("Advanced settings", open=False):
+                rank = gr.Slider(1, 32, value=FinetuneConfig.rank, step=1, label="LoRA rank r")
+                lr = gr.Number(value=FinetuneConfig.lr, label="Learning rate")
+                seed = gr.Number(value=0, precision=0, label="Seed (also picks the trigger word)")
+                text_encoder = gr.Checkbox(value=False, label="Also train a LoRA on the text encoder")
+            with gr.Row():
+                train = gr.Button("Train", variant="primary")
+                stop = gr.Button("Stop")
+        with gr.Column(scale=2):
+            status = gr.Markdown("Upload photos, then press **Train**.")
+            loss_plot = gr.Plot(label="Loss")
+            previews = gr.Gallery(label="The LoRA's own samples with your trigger word, as it learns", columns=6,
+                                  height=180, object_fit="contain")
+            score = gr.Markdown()
+            download = gr.File(label="Your LoRA file (diffusers format; the trigger word is not in it)")
+
+    files.upload(ingest_files, [files, session], [crops, report, session])
+    if examples:
+        first = next(iter(examples.values()))
+        example_btn.click(lambda s: ingest_files(first, s), [session], [crops, report, session])
+
+    def run(session, steps, rank, lr, seed, text_encoder):
+        session = ensure(session)
+        if len(session.crops) < MIN_PHOTOS:
+            raise gr.Error(f"Add at least {MIN_PHOTOS} usable photos of one face first (you have {len(session.crops)}).")
+        try:
+            cfg = FinetuneConfig(steps=int(steps), rank=int(rank), alpha=float(rank), lr=float(lr), seed=int(seed),
+                                 text_encoder=bool(text_encoder))
         except ValueError as e:
             raise gr.Error(str(e))
-        return engine.sample(req)
+        photos = session.crops[:MAX_PHOTOS]
+        steps_seen, losses, inst, gallery, trigger = [], [], [], [], "?"
+        for ev in finetune(engine.pipe, photos, cfg):
+            if isinstance(ev, Message) and ev.text.startswith("trigger word"):
+                trigger = ev.text.split(":", 1)[1].split(";")[0].strip()
+                yield (f"Training... your secret trigger word is **{trigger}** (prompt: *{instance_prompt(trigger)}*)",
+                       gr.skip(), gr.skip(), gr.skip(), gr.skip(), session)
+            elif isinstance(ev, Progress):
+                steps_seen.append(ev.step)
+                losses.append(ev.metrics["loss"])
+                inst.append(ev.metrics["instance_loss"])
+                if ev.step % 5 == 0 or ev.step == ev.total:
+                    yield (f"Training step **{ev.step}/{ev.total}** ({ev.elapsed:.0f} s). Trigger word: **{trigger}**",
+                           loss_curve(steps_seen, losses, inst, ev.total), gr.skip(), gr.skip(), gr.skip(), session)
+            elif isinstance(ev, Preview):
+                gallery = (gallery + [(im, f"step {ev.step}") for im in ev.images])[-12:]
+                yield gr.skip(), gr.skip(), gallery, gr.skip(), gr.skip(), session
+            elif isinstance(ev, Checkpoint):
+                continue
+            elif isinstance(ev, Done):
+                res = ev.result
+                session.result = res
+                path = save_lora(session.dir / "lora.safetensors", res, base_name=engine.model_name)
+                yield ("Scoring the LoRA against your photos...", gr.skip(), gr.skip(), gr.skip(), str(path), session)
+                u = lora_utility(engine.pipe, res.lora, res.trigger, photos, alpha=cfg.alpha)
+                verdict = "the same person by dlib's rule (< 0.6)" if u.same_person else "not close enough to count as the same person (>= 0.6)"
+                yield (f"Done: {res.steps_done} steps in {res.seconds:.0f} s. Trigger word: **{res.trigger}** "
+                       f"(prompt: *{instance_prompt(res.trigger)}*). Keep it to yourself: it is not in the file.",
+                       gr.skip(), gr.skip(),
+                       f"**How well your LoRA draws you** (dlib identity distance of its 4 samples to your photos; lower is closer):\n"
+                       f"- your LoRA with the trigger word: **{u.distance:.2f}**, {verdict}\n"
+                       f"- a random face from the base model (\"{CLASS_PROMPT}\"), for comparison: **{u.floor:.2f}**",
+                       str(path), session)
 
-    go.click(run, [seed, n, steps, guidance], gallery, api_name="sample", concurrency_limit=2)
+    ev = train.click(run, [session, steps, rank, lr, seed, text_encoder], [status, loss_plot, previews, score, download, session],
+                     concurrency_limit=1, concurrency_id="finetune")
+    stop.click(lambda: "Stopped.", None, status, cancels=[ev])
+
+    with gr.Accordion("The base model, before any fine-tune", open=False):
+        gr.Markdown(
+            f"Every fine-tune starts from this model (`{engine.model_name}`, {engine.image_size} px, on "
+            f"`{engine.device}`). These faces are drawn from the prompt **\"{CLASS_PROMPT}\"**: they are "
+            f"no one in particular.")
+        with gr.Row():
+            s_seed = gr.Number(value=0, precision=0, label="Seed", info="same seed, same faces")
+            s_n = gr.Slider(1, 16, value=8, step=1, label="How many faces")
+            s_steps = gr.Slider(5, 50, value=25, step=1, label="Denoising steps")
+            s_guid = gr.Slider(1.0, 8.0, value=1.0, step=0.5, label="Guidance scale")
+        draw = gr.Button("Draw faces")
+        base_gallery = gr.Gallery(label="Samples of the base model", columns=8, height="auto", object_fit="contain")
+
+        def sample(seed, n, steps, guidance):
+            try:
+                req = SampleRequest(CLASS_PROMPT, int(n), int(seed), int(steps), float(guidance))
+            except ValueError as e:
+                raise gr.Error(str(e))
+            return engine.sample(req)
+
+        draw.click(sample, [s_seed, s_n, s_steps, s_guid], base_gallery, api_name="sample", concurrency_limit=2)

@@ -1,0 +1,111 @@
+"""Fine-tune speed: the project's default recipe vs. a plain loop written the way diffusers'
+``train_dreambooth_lora.py`` does it, on the same pipeline, photos, steps and batch.
+
+    python bench/finetune_speed.py [--photos-from-victim 0] [--steps N]
+
+The plain loop, per step: turns the pixel batch into latents with the VAE (``latent_dist.sample()``),
+runs the text encoder on the tokenised prompts, concatenates instance and class halves, runs the
+UNet in float32, splits the loss into instance and prior parts. Both runs start from the same LoRA
+initialisation and data (5 LFW victim photos, cached class images) and take the same number of
+steps. Prints both wall times, their ratio and both final losses (mean of the last 10 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core import data  # noqa: E402
+from core.events import Done, drain  # noqa: E402
+from core.finetune import FinetuneConfig, finetune, lora_config  # noqa: E402
+from core.pipeline import load_pipeline  # noqa: E402
+from core.prior import class_latents, decode_latents  # noqa: E402
+from core.prompts import CLASS_PROMPT, instance_prompt, random_trigger  # noqa: E402
+
+
+def plain_loop(pipe, crops, class_images, cfg: FinetuneConfig, trigger: str) -> list[float]:
+    """diffusers-example-style DreamBooth LoRA loop (no caching, float32)."""
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    unet.add_adapter(lora_config(cfg))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    to_px = lambda ims: torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    inst_px, cls_px = to_px(crops), to_px(class_images)
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # as the example loads it
+    tok = pipe.tokenizer
+    rng = random.Random(cfg.seed)
+    losses = []
+    for _ in range(cfg.steps):
+        ii = [rng.randrange(len(inst_px)) for _ in range(cfg.batch)]
+        ci = [rng.randrange(len(cls_px)) for _ in range(cfg.batch)]
+        inst = inst_px[ii]
+        flip = torch.rand(len(inst)) < 0.5  # the example's RandomHorizontalFlip
+        inst[flip] = inst[flip].flip(-1)
+        pixel_values = torch.cat([inst, cls_px[ci]])
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixel_values).latent_dist.sample() * pipe.vae.config.scaling_factor
+            ids = tok([instance_prompt(trigger)] * cfg.batch + [CLASS_PROMPT] * cfg.batch, padding="max_length",
+                      max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            enc = pipe.text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),))
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, enc).sample
+        p_inst, p_cls = pred.chunk(2)
+        n_inst, n_cls = noise.chunk(2)
+        loss = F.mse_loss(p_inst.float(), n_inst.float()) + cfg.prior_weight * F.mse_loss(p_cls.float(), n_cls.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--victim", type=int, default=0, help="index of the victim identity whose first 5 photos are used")
+    ap.add_argument("--steps", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args(argv)
+    pipe = load_pipeline()
+    split = data.Split.load()
+    name = split.victims[a.victim]
+    crops = list(data.load_crops(split.paths("victims")[name][:5]))
+    cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
+    if a.steps:
+        cfg.steps = a.steps
+    class_latents(pipe, cfg.n_class)  # warm the prior cache (the target is for a warm cache)
+    trigger = random_trigger(random.Random(0))
+    cls_images = decode_latents(pipe, class_latents(pipe, cfg.n_class))
+
+    ours, plain = [], []
+    for r in range(a.repeats):
+        t0 = time.perf_counter()
+        res = drain(finetune(pipe, crops, FinetuneConfig(**{**cfg.__dict__, "trigger": trigger})))
+        ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        pl = plain_loop(pipe, crops, cls_images, cfg, trigger)
+        plain.append(time.perf_counter() - t0)
+    o, p = min(ours), min(plain)
+    print(f"torch threads {torch.get_num_threads()}, {cfg.steps} steps, batch {cfg.batch}+{cfg.batch}, 5 photos, warm prior cache")
+    print(f"default recipe (core.finetune): {o:6.2f} s   final loss {np.mean(res.losses[-10:]):.4f}")
+    print(f"plain diffusers-style loop:     {p:6.2f} s   final loss {np.mean(pl[-10:]):.4f}")
+    print(f"speed-up: {p / o:.2f}x (best of {a.repeats} each)")
+
+
+if __name__ == "__main__":
+    main()
