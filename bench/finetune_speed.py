@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core import data  # noqa: E402
-from core.events import Done, drain  # noqa: E402
+from core.events import drain  # noqa: E402
 from core.finetune import FinetuneConfig, finetune, lora_config  # noqa: E402
 from core.pipeline import load_pipeline  # noqa: E402
 from core.prior import class_latents, decode_latents  # noqa: E402

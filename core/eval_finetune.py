@@ -1,6 +1,7 @@
 """Does the default LoRA recipe carry the person? ``python -m core.eval_finetune``.
 
-For each of ``--n`` victim identities (never seen by the base model): a fresh LoRA on its first 5
+For each of the first ``--n`` victim identities (never seen by the base model; the recipe was tuned
+on the *last* victims, see ``bench/finetune_recipe.py``): a fresh LoRA on its first 5
 photos (docs/EVAL "private photos") with the recipe under test; 4 samples with the true trigger
 (seeds 0..3) against 4 base-model class-prompt samples (the floor). Reports per victim and overall:
 distances to the private gallery entry, the fraction of victims whose trigger samples beat the
@@ -25,12 +26,12 @@ from core.pipeline import load_pipeline
 from core.utility import describe_set, floor_images, lora_utility
 
 
-def evaluate(n: int = 20, cfg: FinetuneConfig | None = None, model=None, root=None, log=print) -> dict:
+def evaluate(n: int = 20, cfg: FinetuneConfig | None = None, model=None, root=None, log=print, offset: int = 0) -> dict:
     cfg = cfg or FinetuneConfig(checkpoint_every=0, preview_n=0)
     pipe = load_pipeline(model)
     split = data.Split.load()
     people = split.paths("victims", root)
-    names = split.victims[:n]
+    names = split.victims[offset:offset + n]
     floor = floor_images(pipe)
     rows, gen_desc, gallery = [], [], []
     for i, name in enumerate(names):

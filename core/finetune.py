@@ -24,15 +24,14 @@ import copy
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from core.events import Checkpoint, Done, Message, Preview, Progress, never
-from core.pipeline import private_view, sample_images
+from core.pipeline import mixed_precision, private_view, sample_images
 from core.prior import base_fingerprint, class_latents
 from core.prompts import CLASS_PROMPT, instance_prompt, random_trigger
 
@@ -147,12 +146,12 @@ def split_components(lora: dict) -> dict[str, dict]:
     return parts
 
 
-def _autocast(pipe, enabled):
-    dev = pipe.device.type
-    return torch.autocast(dev, dtype=torch.bfloat16 if dev == "cpu" else torch.float16, enabled=enabled)
-
-
 # 3. the fine-tune -----------------------------------------------------------------------------
+
+
+def pick_trigger(cfg: FinetuneConfig) -> str:
+    """The run's trigger word: the configured one, else a reserved word drawn from the seed."""
+    return cfg.trigger or random_trigger(random.Random(cfg.seed))
 
 
 def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
@@ -160,8 +159,7 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
     cfg = cfg or FinetuneConfig()
     crops = check_photos(crops)
     t0 = time.perf_counter()
-    rng = random.Random(cfg.seed)
-    trigger = cfg.trigger or random_trigger(rng)
+    trigger = pick_trigger(cfg)
     dev = pipe.device
 
     # 1. inputs computed once
@@ -213,7 +211,7 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
         t = torch.randint(0, n_train, (len(x0),), generator=g).to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with _autocast(pipe, cfg.mixed_precision):
+        with mixed_precision(pipe.device, cfg.mixed_precision):
             pred = unet(xt, t, torch.cat(embs)).sample.float()
         err = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss_inst = err[: cfg.batch].mean()
@@ -317,36 +315,29 @@ def load_lora(path: str | Path) -> tuple[dict, dict]:
 
 
 def main(argv=None):
+    from core.cli import add_config_flags, config_from_args
     from core.events import run_with_progress_bar
     from core.ingest import IngestError, ingest_face
-    from core.pipeline import load_pipeline
+    from core.pipeline import image_size_of, load_pipeline
 
     ap = argparse.ArgumentParser(description="Fine-tune a DreamBooth LoRA on 3-10 face photos")
     ap.add_argument("photos", nargs="+")
     ap.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
     ap.add_argument("--model", default=None, help="base model folder or hub id (default: embedded)")
     ap.add_argument("--device", default=None)
-    for k, v in asdict(FinetuneConfig()).items():
-        if k in ("unet_targets", "trigger"):
-            continue
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            ap.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=v)
-        else:
-            ap.add_argument(flag, type=type(v), default=v)
+    add_config_flags(ap, FinetuneConfig, skip=("trigger",))
     a = vars(ap.parse_args(argv))
-    photos, out, model, device = a.pop("photos"), a.pop("out"), a.pop("model"), a.pop("device")
-    cfg = FinetuneConfig(**a)
+    cfg = config_from_args(FinetuneConfig, a)
+    pipe = load_pipeline(a["model"], a["device"])
     crops = []
-    for p in photos:
+    for p in a["photos"]:
         try:
-            crops.append(ingest_face(p).crop)
+            crops.append(ingest_face(p, size=image_size_of(pipe)).crop)
         except IngestError as e:
             print(f"skipped {p}: {e}")
-    pipe = load_pipeline(model, device)
     result = run_with_progress_bar(finetune(pipe, crops, cfg))
-    save_lora(out, result, base_name=model or "embedded")
-    print(f"LoRA -> {out}  (trigger word, kept out of the file: {result.trigger})")
+    save_lora(a["out"], result, base_name=a["model"] or "embedded")
+    print(f"LoRA -> {a['out']}  (trigger word, kept out of the file: {result.trigger})")
     print(f"prompt to use it: \"{instance_prompt(result.trigger)}\"")
 
 

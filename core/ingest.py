@@ -55,7 +55,7 @@ class NoFaceFound(IngestError):
 class Ingested:
     """A usable photo: the 64 px training-like crop and where the face was in the original."""
 
-    crop: np.ndarray  # uint8 64 x 64 x 3
+    crop: np.ndarray  # uint8 size x size x 3 (64 for the embedded model)
     box: tuple[int, int, int, int]  # face rectangle (left, top, right, bottom) in the oriented photo
     n_faces: int
 
@@ -149,11 +149,14 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def align_crop(img: Image.Image, points: np.ndarray, template: np.ndarray, size: int = data.IMAGE_SIZE) -> np.ndarray:
-    """Warp the photo so its landmarks land on the template (128 px), then resize to ``size``."""
-    m = similarity_transform(points, template)  # photo -> crop
+    """Warp the photo so its landmarks land on the template (defined on the 128 px LFW box), then
+    resize to ``size``: 128 -> 64 for the embedded model, exactly as the LFW crop is made; for
+    larger models (SD 1.x: 512 px) the warp is done at ``size`` directly."""
+    warp = max(WARP_SIZE, size)
+    m = similarity_transform(points, template * (warp / WARP_SIZE))  # photo -> crop
     inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2]  # PIL wants crop -> photo
-    big = img.transform((WARP_SIZE, WARP_SIZE), Image.AFFINE, inv.flatten().tolist(), resample=Image.BICUBIC, fillcolor=(127, 127, 127))
-    return np.asarray(big.resize((size, size), Image.BICUBIC))
+    big = img.transform((warp, warp), Image.AFFINE, inv.flatten().tolist(), resample=Image.BICUBIC, fillcolor=(127, 127, 127))
+    return np.asarray(big if warp == size else big.resize((size, size), Image.BICUBIC))
 
 
 def find_face(img: Image.Image):
@@ -172,13 +175,13 @@ def find_face(img: Image.Image):
     return full, pts, len(rects)
 
 
-def ingest_face(src, template: np.ndarray | None = None) -> Ingested:
-    """One visitor photo -> :class:`Ingested` (64 px aligned face crop), or raise IngestError."""
+def ingest_face(src, template: np.ndarray | None = None, size: int = data.IMAGE_SIZE) -> Ingested:
+    """One visitor photo -> :class:`Ingested` (``size`` px aligned face crop), or raise IngestError."""
     img = open_image(src)
     rect, pts, n = find_face(img)
     if rect is None:
         raise NoFaceFound("No face was found in this photo; use a photo where one face looks roughly at the camera.")
-    crop = align_crop(img, pts, load_template() if template is None else template)
+    crop = align_crop(img, pts, load_template() if template is None else template, size)
     return Ingested(crop, (rect.left(), rect.top(), rect.right(), rect.bottom()), n)
 
 

@@ -36,6 +36,12 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def mixed_precision(device: torch.device, enabled: bool = True):
+    """Autocast for training: bf16 on CPU (AVX512-BF16 where present), fp16 on CUDA."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16, enabled=enabled)
+
+
 # 1. Components of the miniature model --------------------------------------------------------
 
 

@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from core import data
 from core.checkpoint import load_training_state, save_training_state
 from core.events import Done, Message, Progress, never, run_with_progress_bar
-from core.pipeline import DEFAULT_BASE, assemble_pipeline, build_components, configure_threads, save_pipeline
+from core.pipeline import DEFAULT_BASE, assemble_pipeline, build_components, configure_threads, mixed_precision, save_pipeline
 from core.prompts import PRETRAIN_CAPTIONS
 
 
@@ -69,12 +68,6 @@ class BaseTrainConfig:
     @property
     def work_dir(self) -> Path:
         return Path(self.work or os.environ.get("LEAKLAB_WORK", Path.home() / ".cache/lora-leak-lab/train_base"))
-
-
-def _autocast(cfg, device):
-    if not cfg.bf16:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
 
 
 def _lr_lambda(warmup):
@@ -133,7 +126,7 @@ def train_vae(cfg, vae, crops, device, should_stop=never):
         x[flip] = x[flip].flip(-1)
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step)
-        with _autocast(cfg, device):
+        with mixed_precision(device, cfg.bf16):
             post = vae.encode(x).latent_dist
             y = vae.decode(post.sample(generator=None)).sample.float()
         rec = (y - x).abs().mean()
@@ -207,7 +200,7 @@ def train_unet(cfg, comps, latents, device, should_stop=never):
         xt = noise_sched.add_noise(x0, noise, t)
         for grp in opt.param_groups:
             grp["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
-        with _autocast(cfg, device):
+        with mixed_precision(device, cfg.bf16):
             emb = te(ids[cap.to(device)])[0]
             pred = unet(xt, t, emb).sample.float()
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
@@ -308,19 +301,13 @@ def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = Non
 
 
 def main(argv=None):
+    from core.cli import add_config_flags, config_from_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = BaseTrainConfig()
-    for k, v in asdict(defaults).items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            ap.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=v)
-        else:
-            ap.add_argument(flag, type=type(v), default=v)
+    add_config_flags(ap, BaseTrainConfig)
     ap.add_argument("--device", default=None)
     a = vars(ap.parse_args(argv))
-    device = a.pop("device")
-    cfg = BaseTrainConfig(**a)
-    run_with_progress_bar(train_base(cfg, device=device))
+    run_with_progress_bar(train_base(config_from_args(BaseTrainConfig, a), device=a["device"]))
 
 
 if __name__ == "__main__":

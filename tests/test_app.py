@@ -36,3 +36,23 @@ def test_sample_endpoint_answers_a_client(running_app):
 def test_every_tab_is_there(running_app):
     labels = {b.label for b in running_app.blocks.values() if type(b).__name__ == "Tab"}
     assert {"Fine-tune", "Attack", "Layers", "Defenses", "Watermark", "About"} <= labels
+
+
+def test_finetune_through_the_client(running_app, lfw_root, tmp_path, monkeypatch):
+    """Upload 3 real photos + 1 bad file, train a short LoRA, get the file back (one client = one session)."""
+    from gradio_client import Client, handle_file
+    from core import data
+
+    split = data.Split.load()
+    photos = [str(p) for p in split.paths("victims", lfw_root)[split.victims[2]][:3]]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    client = Client(running_app.local_url, verbose=False)
+    crops, report = client.predict([handle_file(p) for p in photos + [str(bad)]], api_name="/ingest")
+    assert len(crops) == 3 and "3 usable photos" in report and "bad.png" in report
+    status, plot, previews, score, lora_file = client.predict(20, 4, 2e-3, 0, False, api_name="/train")
+    assert "Done: 20 steps" in status and "trigger word" in status.lower()
+    assert "random face from the base model" in score
+    from core.finetune import load_lora
+    lora, meta = load_lora(lora_file)
+    assert meta["leaklab_steps"] == "20"

@@ -6,14 +6,15 @@ Only wiring: ingestion, fine-tuning, scoring and plotting all live in ``core``.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import gradio as gr
 
 from core import ASSETS
 from core.engine import Engine, SampleRequest
-from core.events import Checkpoint, Done, Message, Preview, Progress
-from core.finetune import MAX_PHOTOS, MIN_PHOTOS, FinetuneConfig, finetune, save_lora
+from core.events import Done, Preview, Progress
+from core.finetune import MAX_PHOTOS, MIN_PHOTOS, FinetuneConfig, finetune, pick_trigger, save_lora
 from core.ingest import IngestError, ingest_face
 from core.plots import loss_curve
 from core.prompts import CLASS_PROMPT, instance_prompt
@@ -38,7 +39,7 @@ def example_sets() -> dict[str, list[str]]:
     return {d.name: sorted(str(p) for p in d.glob("*.png")) for d in sorted(EXAMPLES.iterdir()) if d.is_dir()}
 
 
-def ingest_files(files, session):
+def ingest_files(files, session, size: int = 64):
     """Uploaded files -> crops in the session; a line per refused photo, the rest still usable."""
     session = ensure(session)
     session.crops.clear()
@@ -46,7 +47,7 @@ def ingest_files(files, session):
     for i, f in enumerate(files or [], 1):
         path = Path(f if isinstance(f, str) else f.name)
         try:
-            session.crops.append(ingest_face(path.read_bytes()).crop)
+            session.crops.append(ingest_face(path.read_bytes(), size=size).crop)
         except IngestError as e:
             lines.append(f"- photo {i} (`{path.name}`): {e}")
         except OSError:
@@ -86,7 +87,7 @@ def create_finetune_tab(engine: Engine) -> None:
             with gr.Accordion("Advanced settings", open=False):
                 rank = gr.Slider(1, 32, value=FinetuneConfig.rank, step=1, label="LoRA rank r")
                 lr = gr.Number(value=FinetuneConfig.lr, label="Learning rate")
-                seed = gr.Number(value=0, precision=0, label="Seed (also picks the trigger word)")
+                seed = gr.Number(value=None, precision=0, label="Seed (empty = a fresh random one; it also picks the trigger word)")
                 text_encoder = gr.Checkbox(value=False, label="Also train a LoRA on the text encoder")
             with gr.Row():
                 train = gr.Button("Train", variant="primary")
@@ -99,28 +100,28 @@ def create_finetune_tab(engine: Engine) -> None:
             score = gr.Markdown()
             download = gr.File(label="Your LoRA file (diffusers format; the trigger word is not in it)")
 
-    files.upload(ingest_files, [files, session], [crops, report, session])
+    files.upload(lambda f, s: ingest_files(f, s, engine.image_size), [files, session], [crops, report, session], api_name="ingest")
     if examples:
         first = next(iter(examples.values()))
-        example_btn.click(lambda s: ingest_files(first, s), [session], [crops, report, session])
+        example_btn.click(lambda s: ingest_files(first, s, engine.image_size), [session], [crops, report, session])
 
     def run(session, steps, rank, lr, seed, text_encoder):
         session = ensure(session)
         if len(session.crops) < MIN_PHOTOS:
             raise gr.Error(f"Add at least {MIN_PHOTOS} usable photos of one face first (you have {len(session.crops)}).")
         try:
-            cfg = FinetuneConfig(steps=int(steps), rank=int(rank), alpha=float(rank), lr=float(lr), seed=int(seed),
+            seed = int(seed) if seed not in (None, "") else random.randrange(2**31)
+            cfg = FinetuneConfig(steps=int(steps), rank=int(rank), alpha=float(rank), lr=float(lr), seed=seed,
                                  text_encoder=bool(text_encoder))
         except ValueError as e:
             raise gr.Error(str(e))
         photos = session.crops[:MAX_PHOTOS]
-        steps_seen, losses, inst, gallery, trigger = [], [], [], [], "?"
+        trigger = pick_trigger(cfg)
+        steps_seen, losses, inst, gallery = [], [], [], []
+        yield (f"Preparing... your secret trigger word is **{trigger}** (prompt: *{instance_prompt(trigger)}*)",
+               None, [], "", None, session)
         for ev in finetune(engine.pipe, photos, cfg):
-            if isinstance(ev, Message) and ev.text.startswith("trigger word"):
-                trigger = ev.text.split(":", 1)[1].split(";")[0].strip()
-                yield (f"Training... your secret trigger word is **{trigger}** (prompt: *{instance_prompt(trigger)}*)",
-                       gr.skip(), gr.skip(), gr.skip(), gr.skip(), session)
-            elif isinstance(ev, Progress):
+            if isinstance(ev, Progress):
                 steps_seen.append(ev.step)
                 losses.append(ev.metrics["loss"])
                 inst.append(ev.metrics["instance_loss"])
@@ -130,8 +131,6 @@ def create_finetune_tab(engine: Engine) -> None:
             elif isinstance(ev, Preview):
                 gallery = (gallery + [(im, f"step {ev.step}") for im in ev.images])[-12:]
                 yield gr.skip(), gr.skip(), gallery, gr.skip(), gr.skip(), session
-            elif isinstance(ev, Checkpoint):
-                continue
             elif isinstance(ev, Done):
                 res = ev.result
                 session.result = res
@@ -148,7 +147,7 @@ def create_finetune_tab(engine: Engine) -> None:
                        str(path), session)
 
     ev = train.click(run, [session, steps, rank, lr, seed, text_encoder], [status, loss_plot, previews, score, download, session],
-                     concurrency_limit=1, concurrency_id="finetune")
+                     concurrency_limit=1, concurrency_id="finetune", api_name="train")
     stop.click(lambda: "Stopped.", None, status, cancels=[ev])
 
     with gr.Accordion("The base model, before any fine-tune", open=False):

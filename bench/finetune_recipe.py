@@ -1,0 +1,43 @@
+"""How the fine-tune defaults were chosen: ``python bench/finetune_recipe.py``.
+
+Runs a small grid of recipes (steps x learning rate x rank) on the *last* ``--n`` victim identities
+(the evaluation in ``core.eval_finetune`` uses the first 20, so tuning never sees them) and prints,
+per recipe: mean dlib distance of the trigger samples to the private photos, the share of victims
+that beat the base-model floor, and the mean fine-tune time on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core import data  # noqa: E402
+from core.eval_finetune import evaluate  # noqa: E402
+from core.finetune import FinetuneConfig  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=5)
+    ap.add_argument("--steps", default="100,150,250")
+    ap.add_argument("--lr", default="1e-3,2e-3,4e-3")
+    ap.add_argument("--rank", default="4")
+    a = ap.parse_args(argv)
+    offset = len(data.Split.load().victims) - a.n
+    rows = []
+    for steps, lr, rank in itertools.product(*(map(float, x.split(",")) for x in (a.steps, a.lr, a.rank))):
+        cfg = FinetuneConfig(steps=int(steps), lr=lr, rank=int(rank), alpha=float(rank), checkpoint_every=0, preview_n=0)
+        s = evaluate(a.n, cfg, offset=offset, log=lambda *_: None)["summary"]
+        rows.append((int(steps), lr, int(rank), s["mean_distance_trigger"], s["mean_distance_floor"], s["fraction_beats_floor"], s["mean_seconds"]))
+        print(f"steps {int(steps):>4}  lr {lr:.0e}  rank {int(rank):>2}:  trigger {rows[-1][3]:.3f}  floor {rows[-1][4]:.3f}  "
+              f"beats floor {rows[-1][5]:.0%}  {rows[-1][6]:.1f} s", flush=True)
+    best = min(rows, key=lambda r: r[3])
+    print(f"closest to the photos: steps {best[0]}, lr {best[1]:.0e}, rank {best[2]} (trigger distance {best[3]:.3f}, {best[6]:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
