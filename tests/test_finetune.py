@@ -117,3 +117,13 @@ def test_cli_trains_skips_bad_photos_and_writes_a_lora(lfw_root, tmp_path, monke
     assert out.is_file() and "trigger word" in proc.stdout
     lora, meta = load_lora(out)
     assert meta["leaklab_steps"] == "3" and len(lora) > 0
+
+
+@pytest.mark.gpu
+def test_tiny_finetune_on_cuda_with_mixed_precision(tiny_pipeline_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pipe = load_pipeline(tiny_pipeline_dir, device="cuda")  # float16 weights, as an SD 1.x id would load
+    assert pipe.unet.dtype == torch.float16
+    res = list(finetune(pipe, crops(3), FinetuneConfig(**TINY)))[-1].result
+    assert res.steps_done == 4 and all(torch.isfinite(v).all() for v in res.lora.values())
