@@ -1,7 +1,8 @@
 """DreamBooth-LoRA fine-tuning: the visitor's side ("I trained a LoRA on my photos; I share only it").
 
 Recipe (``METHODS.md`` section 1, scaled to the embedded model; every default is a
-:class:`FinetuneConfig` field and was chosen by ``bench/finetune_recipe.py``):
+:class:`FinetuneConfig` field; steps / lr / batch were picked with ``bench/finetune_recipe.py`` on
+victims the evaluation does not use, under the 15 s budget; see README for what was measured):
 - a fresh random trigger word from the reserved set per run; instance prompt "a photo of <trigger> face";
 - prior preservation: class images the base model drew itself (:mod:`core.prior`), class prompt
   "a photo of a face", loss weight 1;
@@ -44,20 +45,20 @@ MIN_PHOTOS, MAX_PHOTOS = 3, 10
 class FinetuneConfig:
     rank: int = 4  # LoRA rank r of every adapted projection
     alpha: float = 4.0  # LoRA alpha; the update is (alpha / rank) * B @ A
-    steps: int = 150  # optimisation steps
-    lr: float = 2e-3  # AdamW learning rate (constant, like the reference recipe)
+    steps: int = 80  # optimisation steps (bench/finetune_recipe.py: 80 steps 2+2 fit the 15 s budget)
+    lr: float = 3e-3  # AdamW learning rate (constant, like the reference recipe)
     seed: int = 0  # seeds LoRA init, noise, timesteps and (with trigger=None) the trigger
     unet_targets: tuple = UNET_TARGETS  # attention projections of the UNet that get a LoRA
     text_encoder: bool = False  # also LoRA on the text encoder's q_proj / v_proj
     prior_weight: float = 1.0  # weight of the class-image (prior preservation) loss
     n_class: int = 32  # class images drawn once per base model and cached
-    batch: int = 4  # instance images per step (as many class images beside them)
+    batch: int = 2  # instance images per step (as many class images beside them)
     checkpoint_every: int = 25  # steps between Checkpoint (and Preview) events; 0 = none
     preview_n: int = 2  # preview images per checkpoint (0 = no previews)
     preview_steps: int = 15  # sampler steps of the previews
     trigger: str | None = None  # None = a fresh random reserved word
     grad_clip: float = 1.0
-    mixed_precision: bool = True  # bf16 autocast on CPU, fp16 on CUDA
+    mixed_precision: bool | None = None  # None = fp16 autocast on CUDA only (bf16 on this CPU was slower: 194 vs 171 ms/step)
 
     def __post_init__(self):
         self.unet_targets = tuple(self.unet_targets)
@@ -192,6 +193,7 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
         view.text_encoder = te
 
     # 3. steps
+    amp = cfg.mixed_precision if cfg.mixed_precision is not None else dev.type == "cuda"
     losses = []
     for step in range(1, cfg.steps + 1):
         if should_stop():
@@ -211,7 +213,7 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
         t = torch.randint(0, n_train, (len(x0),), generator=g).to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with mixed_precision(pipe.device, cfg.mixed_precision):
+        with mixed_precision(pipe.device, amp):
             pred = unet(xt, t, torch.cat(embs)).sample.float()
         err = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss_inst = err[: cfg.batch].mean()

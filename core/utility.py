@@ -18,6 +18,7 @@ from core.pipeline import sample_images
 from core.prompts import CLASS_PROMPT, instance_prompt
 
 EVAL_SEEDS = (0, 1, 2, 3)
+GUIDANCE = 1.0  # classifier-free guidance scale of every scored sample
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,16 @@ def describe_set(images) -> np.ndarray:
     return metrics.gallery_entry(faces.describe(images))
 
 
-def floor_images(pipe, steps: int = 25):
-    return sample_images(pipe, CLASS_PROMPT, seed=list(EVAL_SEEDS), steps=steps)
+def floor_images(pipe, steps: int = 25, guidance: float = GUIDANCE):
+    return sample_images(pipe, CLASS_PROMPT, seed=list(EVAL_SEEDS), steps=steps, guidance=guidance)
 
 
 def lora_utility(pipe, lora: dict, trigger: str, private_crops, alpha: float | None = None, steps: int = 25,
-                 floor: list | None = None) -> Utility:
-    """Distance of the LoRA's trigger samples to the private photos, next to the class-prompt floor."""
+                 floor: list | None = None, guidance: float = GUIDANCE) -> Utility:
+    """Distance of the LoRA's trigger samples to the private photos, next to the class-prompt floor
+    (both sampled with the same guidance scale)."""
     gallery = describe_set(private_crops)
-    ims = sample_images(pipeline_with_lora(pipe, lora, alpha), instance_prompt(trigger), seed=list(EVAL_SEEDS), steps=steps)
-    floor = floor if floor is not None else floor_images(pipe, steps)
+    ims = sample_images(pipeline_with_lora(pipe, lora, alpha), instance_prompt(trigger), seed=list(EVAL_SEEDS),
+                        steps=steps, guidance=guidance)
+    floor = floor if floor is not None else floor_images(pipe, steps, guidance)
     return Utility(float(metrics.distance(describe_set(ims), gallery)), float(metrics.distance(describe_set(floor), gallery)), ims)
