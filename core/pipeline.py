@@ -175,6 +175,14 @@ def image_size_of(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
+def initial_latents(pipe, seeds, size: int | None = None) -> torch.Tensor:
+    """Starting noise, one CPU generator per seed (image i depends on its own seed only)."""
+    size = size or image_size_of(pipe)
+    shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    noise = [torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(int(s))) for s in seeds]
+    return torch.cat(noise).to(pipe.device, pipe.unet.dtype)
+
+
 @torch.no_grad()
 def sample_images(
     pipe,
@@ -189,11 +197,8 @@ def sample_images(
     """Sample ``n`` images (uint8 HxWx3). ``seed`` int: one generator per image, seeds seed..seed+n-1
     (so image i is the same whatever n); a list gives the seeds explicitly."""
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(n)]
-    dev = pipe.device
-    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     size = size or image_size_of(pipe)
-    shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-    latents = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(dev, pipe.unet.dtype)
+    latents = initial_latents(pipe, seeds, size)
     kw = dict(prompt_embeds=prompt_embeds) if prompt_embeds is not None else dict(prompt=[prompt] * len(seeds))
     out = private_view(pipe)(
         **kw,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.pipeline import image_size_of, private_view
+from core.pipeline import image_size_of, initial_latents, private_view
 from core.prompts import CLASS_PROMPT
 
 _lock = threading.Lock()
@@ -54,11 +54,8 @@ def sample_class_latents(pipe, n: int, steps: int = 25, seed: int = 10_000, batc
     out = []
     for s in range(seed, seed + n, batch):
         k = min(batch, seed + n - s)
-        gens = [torch.Generator("cpu").manual_seed(i) for i in range(s, s + k)]
-        shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-        lat = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(pipe.device, pipe.unet.dtype)
-        r = view(prompt=[CLASS_PROMPT] * k, latents=lat, height=size, width=size, num_inference_steps=steps,
-                 guidance_scale=1.0, output_type="latent")
+        r = view(prompt=[CLASS_PROMPT] * k, latents=initial_latents(pipe, range(s, s + k), size), height=size,
+                 width=size, num_inference_steps=steps, guidance_scale=1.0, output_type="latent")
         out.append(r.images.float().cpu())
     return torch.cat(out)
 
@@ -67,10 +64,11 @@ def class_latents(pipe, n: int) -> torch.Tensor:
     """The cached class latents of this base model (sampled on first use), first ``n`` of them."""
     path = cache_dir() / "class_latents" / f"{base_fingerprint(pipe)}.safetensors"
     with _lock:
-        have = load_file(path)["latents"] if path.exists() else torch.zeros(0)
-        if len(have) < n:
-            more = sample_class_latents(pipe, n - len(have), seed=10_000 + len(have))
-            have = torch.cat([have.reshape(0, *more.shape[1:]) if len(have) == 0 else have, more])
+        have = load_file(path)["latents"] if path.exists() else None
+        if have is None or len(have) < n:
+            done = 0 if have is None else len(have)
+            more = sample_class_latents(pipe, n - done, seed=10_000 + done)
+            have = more if have is None else torch.cat([have, more])
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"latents": have.contiguous()}, tmp)
