@@ -1,0 +1,187 @@
+"""How much does a shared LoRA give away? ``python -m core.eval_attack``.
+
+Protocol (docs/EVAL), on the first ``--n`` victim identities (never seen by the base model, the
+shadow population or the attacker):
+- each victim gets a fresh LoRA from the default recipe on its 5 private photos (trained with
+  :func:`core.shadow.train_many`, which reproduces ``core.finetune.finetune`` run by run; cached
+  per base model, so reruns reuse them);
+- every method under test makes 4 images (seeds 0..3) from the LoRA file's contents only
+  (except the ceiling, which uses the true trigger, and the floor, which uses no LoRA);
+- score: mean dlib descriptor of the 4 images -> distance to the victim's gallery entry (mean of
+  the private photos), rank of the victim's entry among all N victims' (top-1 / top-5), within 0.6;
+  means with 95 % bootstrap intervals over victims; "real" row = a held-out photo of the victim.
+
+Writes ``<out>/attack.json`` and ``attack.md``; an image grid of the first victims goes to
+``--grid`` (outside the repo by default: LFW photos are real people, never committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import PROJECT_ROOT, data, metrics
+from core.events import drain
+from core.finetune import FinetuneConfig, pipeline_with_lora
+from core.prior import base_fingerprint, cache_dir
+from core.utility import describe_set
+
+STEP_REPORT = (25, 50, 80)  # trajectory checkpoints kept per victim LoRA (80 = the default recipe's end)
+
+
+def victim_loras(pipe, names, private, cfg: FinetuneConfig, log=print, group: int = 16) -> list[dict]:
+    """Per victim {"trigger", "checkpoints": {step: lora}}: trained once, cached per base model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from core.shadow import train_many
+
+    folder = cache_dir() / "victims" / base_fingerprint(pipe)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / f"{i:03d}.safetensors" for i in range(len(names))]
+    todo = [i for i, f in enumerate(files) if not f.exists()]
+    for s in range(0, len(todo), group):
+        g = todo[s:s + group]
+        t0 = time.perf_counter()
+        res = drain(train_many(pipe, [private[i] for i in g], cfg, seeds=[500_000 + i for i in g], record_every=25))
+        for k, i in enumerate(g):
+            tensors = {f"step{st}.{key}": v.contiguous() for st, loras in res["trajectory"].items() for key, v in loras[k].items()}
+            save_file(tensors, str(files[i]), metadata={"identity": names[i], "trigger": res["triggers"][k],
+                                                        "seed": str(500_000 + i), "steps": str(cfg.steps)})
+        log(f"victim LoRAs {g[0]}..{g[-1]}: {time.perf_counter() - t0:.0f} s")
+    out = []
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            meta = h.metadata()
+            ck: dict[int, dict] = {}
+            for key in h.keys():
+                head, rest = key.split(".", 1)
+                ck.setdefault(int(head[4:]), {})[rest] = h.get_tensor(key).float()
+        out.append({"trigger": meta["trigger"], "checkpoints": ck})
+    return out
+
+
+def summarize(desc: np.ndarray, gallery: np.ndarray) -> dict:
+    d = metrics.distance(desc, gallery)
+    rk = metrics.ranks(desc, gallery, np.arange(len(gallery)))
+    top1, top5, within = (rk == 1).astype(float), (rk <= 5).astype(float), (d < metrics.SAME_PERSON).astype(float)
+    return dict(n=len(d), distance=float(d.mean()), distance_ci=metrics.bootstrap_ci(d),
+                top1=float(top1.mean()), top1_ci=metrics.bootstrap_ci(top1), top5=float(top5.mean()),
+                top5_ci=metrics.bootstrap_ci(top5), within_0_6=float(within.mean()), within_ci=metrics.bootstrap_ci(within),
+                per_victim_distance=[round(float(x), 4) for x in d])
+
+
+def evaluate(n: int = 50, attackers: dict | None = None, model=None, root=None, log=print, grid: Path | None = None,
+             sampler_steps: int = 25) -> dict:
+    from core import baselines
+    from core.attacker import load_attacker, reconstruct
+    from core.pipeline import load_pipeline
+    from core.prompts import CLASS_PROMPT
+
+    pipe = load_pipeline(model)
+    split = data.Split.load()
+    people = split.paths("victims", root)
+    names = [v for v in split.victims if len(people.get(v, [])) >= 5][:n]
+    private = [list(data.load_crops(people[v][:5])) for v in names]
+    cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
+    loras = victim_loras(pipe, names, private, cfg, log)
+    attackers = attackers or {"attacker": None}
+    models = {k: load_attacker(p)[0] for k, p in attackers.items()}
+
+    gallery = np.stack([describe_set(p) for p in private])
+    floor_desc = describe_set(baselines.floor(pipe, steps=sampler_steps))
+    rows: dict[str, list] = {}
+    grid_rows = []
+    t_attack = []
+    for i, (name, lo) in enumerate(zip(names, loras)):
+        final = lo["checkpoints"][cfg.steps]
+        view = pipeline_with_lora(pipe, final)
+        ims = {}
+        for label, att in models.items():
+            t0 = time.perf_counter()
+            ims[label] = reconstruct(pipe, att, final, cfg.steps, model=view)[0]
+            t_attack.append(time.perf_counter() - t0)
+            for st in STEP_REPORT[:-1]:
+                if label == next(iter(models)) and st in lo["checkpoints"]:
+                    ims[f"{label} @ step {st}"] = reconstruct(pipe, att, lo["checkpoints"][st], st)[0]
+        ims["naive (class prompt)"] = baselines.naive(pipe, final, CLASS_PROMPT, steps=sampler_steps, model=view)
+        ims["naive (empty prompt)"] = baselines.naive(pipe, final, "", steps=sampler_steps, model=view)
+        ims["FineXtract-style (w=3)"] = baselines.finextract(pipe, final, steps=sampler_steps, model=view)
+        ims["ceiling (true trigger)"] = baselines.ceiling(pipe, final, lo["trigger"], steps=sampler_steps, model=view)
+        for label, im in ims.items():
+            rows.setdefault(label, []).append(describe_set(im))
+        rows.setdefault("floor (base, class prompt)", []).append(floor_desc)
+        if len(grid_rows) < 8:
+            grid_rows.append([*private[i][:2], *ims[next(iter(models))][:2], ims["naive (class prompt)"][0],
+                              ims["FineXtract-style (w=3)"][0], ims["ceiling (true trigger)"][0]])
+        d = {k: float(metrics.distance(v[-1], gallery[i])) for k, v in rows.items()}
+        log(f"{i + 1:>3}/{len(names)} {name:<26} " + "  ".join(f"{k.split(' ')[0]} {v:.3f}" for k, v in d.items()))
+    # the "real" reference row: a held-out photo (victims with a 6th photo)
+    real_idx = [i for i, v in enumerate(names) if len(people[v]) >= 6]
+    real = {}
+    if real_idx:
+        probes = np.stack([describe_set(data.load_crops(people[names[i]][5:6])) for i in real_idx])
+        real = summarize(probes, gallery[real_idx]) | {"note": f"a held-out photo, {len(real_idx)} victims with >= 6 photos"}
+    results = {k: summarize(np.stack(v), gallery) for k, v in rows.items()}
+    if real:
+        results["real (held-out photo)"] = real
+    if grid is not None:
+        save_grid(grid_rows, grid)
+    return dict(n=len(names), chance_top1=1 / len(names), chance_top5=min(1.0, 5 / len(names)), rows=results,
+                attack_seconds_mean=float(np.mean(t_attack)), recipe=vars(cfg) | {"unet_targets": list(cfg.unet_targets)},
+                attackers={k: str(v) for k, v in attackers.items()}, base=base_fingerprint(pipe))
+
+
+def save_grid(rows, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = rows[0][0].shape[:2]
+    canvas = Image.new("RGB", (w * len(rows[0]), h * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            canvas.paste(Image.fromarray(np.asarray(im, np.uint8)), (c * w, r * h))
+    canvas.save(path)
+
+
+def to_markdown(r: dict) -> str:
+    lines = [f"Attack evaluation on {r['n']} victims (chance: top-1 {r['chance_top1']:.0%}, top-5 {r['chance_top5']:.0%}); "
+             f"base {r['base']}. Distances are dlib descriptor distances to the victim's private photos "
+             "(lower = more alike; same person < 0.6). 95 % bootstrap intervals over victims.", "",
+             "| method | mean distance | top-1 | top-5 | within 0.6 |", "|---|---|---|---|---|"]
+    for k, v in r["rows"].items():
+        lines.append(f"| {k} | {v['distance']:.3f} [{v['distance_ci'][0]:.3f}, {v['distance_ci'][1]:.3f}] | "
+                     f"{v['top1']:.0%} [{v['top1_ci'][0]:.0%}, {v['top1_ci'][1]:.0%}] | {v['top5']:.0%} | "
+                     f"{v['within_0_6']:.0%} |")
+    lines += ["", f"Mean attack time per LoRA (encoder + 4 images, {r['attack_seconds_mean']:.2f} s on this machine)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate the weight-only attack and its baselines on victims")
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--attacker", nargs="*", default=None,
+                    help="LABEL=PATH pairs (default: attacker=assets/attacker/attacker.safetensors)")
+    ap.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results"))
+    ap.add_argument("--name", default="attack", help="file stem of the report")
+    ap.add_argument("--grid", default=str(cache_dir() / "attack_grid.png"), help="image grid (real people: keep out of the repo)")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--model", default=None)
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    atts = dict(x.split("=", 1) for x in a.attacker) if a.attacker else None
+    r = evaluate(a.n, atts, a.model, a.data, grid=Path(a.grid))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.name}.json").write_text(json.dumps(r, indent=1) + "\n")
+    (out / f"{a.name}.md").write_text(to_markdown(r))
+    print(to_markdown(r))
+
+
+if __name__ == "__main__":
+    main()
