@@ -5,6 +5,7 @@ Per-visitor work (photos, LoRAs, results) never lives here: the UI keeps it in p
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,10 +38,46 @@ class SampleRequest:
 class Engine:
     """The base model the app serves (the embedded miniature SD unless a model id is given)."""
 
-    def __init__(self, model: str | None = None, device: str | None = None):
+    def __init__(self, model: str | None = None, device: str | None = None, attacker: str | None = None):
         self.model_name = model or EMBEDDED_NAME
         self.pipe = load_pipeline(model, device)
         self.image_size = image_size_of(self.pipe)
+        self._attacker_path = attacker
+        self._attacker = None
+        self._floor = None
+        self._lock = threading.Lock()
+
+    def attacker(self):
+        """(the weight-only attacker for this base model, or None, and a sentence saying why not)."""
+        from core.attacker import ATTACKER_DIR, load_attacker
+        from core.prior import base_fingerprint
+
+        with self._lock:
+            if self._attacker is None:
+                from pathlib import Path
+
+                path = Path(self._attacker_path or ATTACKER_DIR / "attacker.safetensors")
+                if not path.exists():
+                    self._attacker = (None, f"No trained attacker found at `{path}`: run `python -m core.train_attacker`.")
+                else:
+                    model, info = load_attacker(path, self.pipe.device)
+                    if model.cfg.base != base_fingerprint(self.pipe):
+                        self._attacker = (None, f"The shipped attacker was trained for another base model "
+                                                f"(fingerprint {model.cfg.base}; this app runs `{self.model_name}`, "
+                                                f"{base_fingerprint(self.pipe)}). Train one for this model with "
+                                                "`python -m core.shadow` and `python -m core.train_attacker`.")
+                    else:
+                        self._attacker = (model, "")
+            return self._attacker
+
+    def floor_images(self) -> list[np.ndarray]:
+        """The base model's class-prompt samples of the identity protocol (cached: the floor of every score)."""
+        from core.utility import floor_images
+
+        with self._lock:
+            if self._floor is None:
+                self._floor = floor_images(self.pipe)
+            return self._floor
 
     @property
     def device(self) -> str:

@@ -250,6 +250,7 @@ def build_population(pipe, jobs: list[ShadowJob], cfg: FinetuneConfig, out: Path
     """Generator: train every job not yet on disk, ``group`` at a time; this process takes every
     ``num_processes``-th group. Yields the groups' events and ``Done(list of files written)``."""
     from core.data import default_lfw_root, load_crops
+    from core.pipeline import image_size_of
 
     out.mkdir(parents=True, exist_ok=True)
     root = Path(root or default_lfw_root())
@@ -263,7 +264,7 @@ def build_population(pipe, jobs: list[ShadowJob], cfg: FinetuneConfig, out: Path
         if should_stop():
             break
         yield Message(f"group {gi + 1}/{len(mine)}: shadow LoRAs {todo[0]}..{todo[-1]}")
-        crops = [load_crops([root / jobs[i].name / p for p in jobs[i].photos]) for i in todo]
+        crops = [load_crops([root / jobs[i].name / p for p in jobs[i].photos], size=image_size_of(pipe)) for i in todo]
         res = None
         for ev in train_many(pipe, crops, cfg, [jobs[i].seed for i in todo], record_every, should_stop):
             if isinstance(ev, Done):

@@ -65,6 +65,8 @@ class BaseTrainConfig:
     limit_images: int = 0  # 0 = all; small values for tests
     captions: str = "appearance"  # "appearance" (captions name descriptor clusters) | "fixed" (generic only)
     init_from: str = ""  # continue from this saved pipeline folder (skips the VAE stage)
+    text_lr_mult: float = 1.0  # learning-rate multiplier of the text path (cross-attention keys/values, text encoder)
+    reinit_cross_attention: bool = False  # re-initialise cross-attention keys/values (with init_from)
 
     def __post_init__(self):
         for k in ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "save_every"):
@@ -229,8 +231,12 @@ def train_unet(cfg, comps, latents, device, should_stop=never, labels: np.ndarra
     def token_ids(caps):
         return tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
 
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
+    text_path = [p for n, p in unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n] + list(te.parameters())
+    in_text = {id(p) for p in text_path}
+    rest = [p for p in unet.parameters() if id(p) not in in_text]
+    params = rest + text_path
+    opt = torch.optim.AdamW([{"params": rest, "lr_mult": 1.0}, {"params": text_path, "lr_mult": cfg.text_lr_mult}],
+                            lr=cfg.unet_lr, weight_decay=0.0)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
     ema_unet = _EmaAsModule(ema)
     ck = cfg.work_dir / ("unet_state.safetensors" if not cfg.init_from else "unet_continued_state.safetensors")
@@ -254,7 +260,7 @@ def train_unet(cfg, comps, latents, device, should_stop=never, labels: np.ndarra
         ids = token_ids(sample_captions(labels[idx.numpy()] if labels is not None else None, cfg, g))
         xt = noise_sched.add_noise(x0, noise, t)
         for grp in opt.param_groups:
-            grp["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
+            grp["lr"] = cfg.unet_lr * grp["lr_mult"] * min(1.0, (step + 1) / cfg.warmup)
         with mixed_precision(device, cfg.bf16):
             emb = te(ids)[0]
             pred = unet(xt, t, emb).sample.float()
@@ -339,6 +345,11 @@ def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = Non
 
     if cfg.init_from:
         comps = continued_components(cfg.init_from)
+        if cfg.reinit_cross_attention:
+            torch.manual_seed(cfg.seed)
+            for n, m in comps["unet"].named_modules():
+                if n.endswith(("attn2.to_k", "attn2.to_v")):
+                    m.reset_parameters()
         vae = comps["vae"].to(dev)
         with torch.no_grad():
             latents = encode_latents(vae, crops, dev) * vae.config.scaling_factor

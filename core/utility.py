@@ -41,6 +41,11 @@ def describe_set(images) -> np.ndarray:
     return metrics.gallery_entry(faces.describe(images))
 
 
+def identity_distance(images, photos) -> float:
+    """Distance between the mean descriptors of a set of images and of a set of photos."""
+    return float(metrics.distance(describe_set(images), describe_set(photos)))
+
+
 def floor_images(pipe, steps: int = 25, guidance: float = GUIDANCE):
     return sample_images(pipe, CLASS_PROMPT, seed=list(EVAL_SEEDS), steps=steps, guidance=guidance)
 

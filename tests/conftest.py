@@ -46,6 +46,26 @@ def tiny_pipeline_dir(tmp_path_factory, tiny_components):
     return out
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_pipeline_dir, tmp_path_factory, monkeypatch_module):
+    """The tiny pipeline loaded on CPU, with a private cache folder (class images etc.)."""
+    from core.pipeline import load_pipeline
+
+    monkeypatch_module.setenv("LEAKLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return load_pipeline(tiny_pipeline_dir, device="cpu")
+
+
+def random_crops(n, size=32):
+    return [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(n)]
+
+
 @pytest.fixture(scope="session")
 def base_engine():
     """The shipped embedded model, loaded once for every test that uses it."""

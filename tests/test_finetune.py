@@ -10,19 +10,6 @@ from core.pipeline import load_pipeline, sample_images
 from core.prompts import instance_prompt, trigger_words
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe(tiny_pipeline_dir, tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("LEAKLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
-    return load_pipeline(tiny_pipeline_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
 def crops(n, size=32):
     return [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(n)]
 

@@ -1,0 +1,63 @@
+"""Shadow-population training speed: K LoRAs per batched forward vs one at a time.
+
+    python bench/shadow_speed.py [--k 16] [--steps 40]
+
+Baseline (measured in the same run): ``core.finetune.finetune``, the visitor's recipe, one LoRA
+after another. Batched: ``core.shadow.train_many`` with K LoRAs at once (same recipe, same
+per-run random streams: tests/test_shadow.py checks that each LoRA matches its one-at-a-time
+twin). Both use the same photos (5 LFW shadow photos per LoRA) and warm class-image cache.
+Prints LoRA-steps per second of each, the ratio (= LoRAs per CPU-hour ratio) and the projected
+LoRAs per CPU-hour for the default step count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core import data  # noqa: E402
+from core.events import drain  # noqa: E402
+from core.finetune import FinetuneConfig, finetune  # noqa: E402
+from core.pipeline import load_pipeline  # noqa: E402
+from core.prior import class_latents  # noqa: E402
+from core.shadow import train_many  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--k", type=int, default=16, help="LoRAs trained at once")
+    ap.add_argument("--steps", type=int, default=40, help="steps per LoRA in this measurement")
+    ap.add_argument("--single", type=int, default=3, help="one-at-a-time runs timed (the baseline)")
+    a = ap.parse_args(argv)
+    pipe = load_pipeline(None)
+    cfg = FinetuneConfig(steps=a.steps, checkpoint_every=0, preview_n=0)
+    class_latents(pipe, cfg.n_class)  # warm cache for both
+    people = data.Split.load().paths("shadow")
+    names = [n for n in sorted(people) if len(people[n]) >= 5][: a.k]
+    crops = [list(data.load_crops(people[n][:5])) for n in names]
+
+    t0 = time.perf_counter()
+    for i in range(a.single):
+        drain(finetune(pipe, crops[i], replace(cfg, seed=i)))
+    single = (time.perf_counter() - t0) / (a.single * a.steps)  # seconds per LoRA-step
+
+    t0 = time.perf_counter()
+    drain(train_many(pipe, crops, cfg, seeds=range(a.k)))
+    many = (time.perf_counter() - t0) / (a.k * a.steps)
+
+    default_steps = FinetuneConfig().steps
+    print(f"threads {torch.get_num_threads()}, {a.steps} steps per LoRA, batch {cfg.batch}+{cfg.batch}")
+    print(f"one at a time (finetune):   {1000 * single:7.1f} ms per LoRA-step -> {3600 / (single * default_steps):6.0f} LoRAs/CPU-hour at {default_steps} steps")
+    print(f"{a.k} at once (train_many):  {1000 * many:7.1f} ms per LoRA-step -> {3600 / (many * default_steps):6.0f} LoRAs/CPU-hour at {default_steps} steps")
+    print(f"speed-up: {single / many:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

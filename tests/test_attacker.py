@@ -1,0 +1,51 @@
+"""The attacker reads a LoRA through B A only, trains on shadow LoRAs, and reconstructs."""
+
+import numpy as np
+import torch
+
+from core.attacker import canonical_factors, load_attacker, reconstruct, save_attacker
+from core.events import Done, drain
+from core.finetune import FinetuneConfig
+from core.shadow import ShadowJob, build_population, list_shadows
+from core.train_attacker import TrainConfig, train
+from tests.conftest import random_crops
+
+
+def test_canonical_factors_depend_on_the_product_only():
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(3, 20, 4, generator=g), torch.randn(3, 4, 36, generator=g)
+    m = torch.randn(3, 4, 4, generator=g) + 3 * torch.eye(4)
+    u1, v1 = canonical_factors(b, a, 0.5)
+    u2, v2 = canonical_factors(b @ m, torch.linalg.solve(m, a), 0.5)
+    torch.testing.assert_close(u1, u2, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(v1, v2, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(u1 @ v1.transpose(-1, -2), 0.5 * b @ a, rtol=1e-4, atol=1e-4)
+
+
+def test_attacker_trains_on_shadows_and_reconstructs(tiny_pipe, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "lfw"
+    jobs = []
+    for i in range(4):
+        (root / f"P{i}").mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(random_crops(1, 250)[0]).save(root / f"P{i}" / f"{j}.jpg")
+        jobs.append(ShadowJob(f"P{i}", [f"{j}.jpg" for j in range(3)], seed=i))
+    cfg = FinetuneConfig(steps=4, checkpoint_every=0, preview_n=0, n_class=4, batch=2)
+    drain(build_population(tiny_pipe, jobs, cfg, tmp_path / "shadow", group=4, record_every=2, root=root))
+    tcfg = TrainConfig(steps=3, loras_per_step=2, latents_per_lora=2, holdout=1, eval_every=3, warmup=1, min_step=2, width=32, layers=1)
+    events = list(train(tiny_pipe, list_shadows(tmp_path / "shadow"), tcfg))
+    assert isinstance(events[-1], Done)
+    model, log = events[-1].result
+    assert len(log["train"]) == 3 and all(np.isfinite(r[1]) for r in log["train"])
+    assert set(log["eval"][-1]) >= {"attacker", "class prompt", "true trigger"}
+    path = save_attacker(model, tmp_path / "att.safetensors", {"note": "test"})
+    again, info = load_attacker(path)
+    assert info == {"note": "test"}
+    from core.shadow import load_shadow
+
+    lora = load_shadow(list_shadows(tmp_path / "shadow")[0]).checkpoints[4]
+    ims, z = reconstruct(tiny_pipe, again, lora, 4, seeds=(0, 1), steps=2)
+    assert len(ims) == 2 and ims[0].shape == (32, 32, 3) and z.shape == model.class_embedding.shape
+    torch.testing.assert_close(again.encode([lora], [4]), model.encode([lora], [4]))

@@ -1,0 +1,49 @@
+"""Batched shadow training is the visitor's recipe, K runs at a time; the population is resumable."""
+
+from dataclasses import replace
+
+import torch
+
+from core.events import Done, drain
+from core.finetune import FinetuneConfig, finetune
+from core.shadow import ShadowJob, build_population, list_shadows, load_shadow, train_many
+from tests.conftest import random_crops
+
+TINY = FinetuneConfig(steps=4, checkpoint_every=0, preview_n=0, n_class=4, batch=2)
+
+
+def test_train_many_reproduces_finetune_run_by_run(tiny_pipe):
+    sets = [random_crops(3), random_crops(4)[1:]]
+    res = drain(train_many(tiny_pipe, sets, TINY, seeds=[11, 12], record_every=2))
+    assert sorted(res["trajectory"]) == [2, 4]
+    for k, seed in enumerate([11, 12]):
+        single = drain(finetune(tiny_pipe, sets[k], replace(TINY, seed=seed)))
+        assert single.trigger == res["triggers"][k]
+        many = res["trajectory"][4][k]
+        assert many.keys() == single.lora.keys()
+        for key, v in single.lora.items():
+            torch.testing.assert_close(many[key], v, rtol=1e-3, atol=1e-4)
+        assert abs(res["losses"][-1][k] - single.losses[-1]) < 1e-3
+
+
+def test_population_is_written_and_resumes(tiny_pipe, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "lfw"
+    jobs = []
+    for i in range(3):
+        (root / f"P{i}").mkdir(parents=True)
+        names = []
+        for j in range(3):
+            Image.fromarray(random_crops(1, 250)[0] if j == 0 else np.full((250, 250, 3), 40 * (i + j), np.uint8)).save(
+                root / f"P{i}" / f"P{i}_{j}.jpg")
+            names.append(f"P{i}_{j}.jpg")
+        jobs.append(ShadowJob(f"P{i}", names, seed=100 + i))
+    out = tmp_path / "shadow"
+    ev = list(build_population(tiny_pipe, jobs, TINY, out, group=2, record_every=2, root=root))
+    assert isinstance(ev[-1], Done) and len(ev[-1].result) == 3 and len(list_shadows(out)) == 3
+    s = load_shadow(list_shadows(out)[0])
+    assert s.identity == "P0" and sorted(s.checkpoints) == [2, 4] and s.latents.shape[0] == 6  # 3 photos + mirrors
+    again = list(build_population(tiny_pipe, jobs, TINY, out, group=2, record_every=2, root=root))
+    assert again[-1].result == []  # nothing left to do
