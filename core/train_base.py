@@ -7,18 +7,10 @@ Steps (each resumable; state lives in ``--work`` outside the repo, the final pip
              a plain MSE VAE gives blurry faces that dlib's detector misses) + a tiny KL (1e-6).
 3. latents - posterior means of every crop and of its mirror image; latent scale = 1/std.
 4. unet    - UNet2DConditionModel + the CLIP text encoder trained jointly on the latents; epsilon
-             prediction, cosine schedule, min-SNR-5 loss weights, EMA of the UNet weights.
-             Captions (``--captions appearance``, the default): "a photo of <a> <b> face" where
-             <a>, <b> name the photo's appearance clusters (:func:`appearance_labels`), one word
-             dropped 20 % of the time each, a generic caption from ``PRETRAIN_CAPTIONS`` 25 %, empty
-             10 % (for guidance). ``--captions fixed`` uses the generic captions only (the first
-             embedded model did: its UNet learned to ignore the prompt, so no trigger could bind).
+             prediction, cosine schedule, min-SNR-5 loss weights, EMA of the UNet weights,
+             captions drawn from ``PRETRAIN_CAPTIONS`` with 10 % empty (for guidance).
 5. export  - the EMA UNet + text encoder + VAE as a StableDiffusionPipeline (float16 safetensors)
              with ``train_config.json`` beside it.
-
-``--init-from FOLDER`` continues from a saved pipeline instead (skips step 2, encodes with its VAE,
-grows the text encoder's vocabulary to the current one): the shipped model was made this way
-from the first one (``assets/base/train_config.json`` records both commands).
 
 Choices and their reasons are in the docstrings; every number is a flag. Seeds are fixed.
 """
@@ -41,7 +33,7 @@ from core import data
 from core.checkpoint import load_training_state, save_training_state
 from core.events import Done, Message, Progress, never, run_with_progress_bar
 from core.pipeline import DEFAULT_BASE, assemble_pipeline, build_components, configure_threads, mixed_precision, save_pipeline
-from core.prompts import N_APPEARANCE, PRETRAIN_CAPTIONS, appearance_caption, build_tokenizer
+from core.prompts import PRETRAIN_CAPTIONS
 
 
 @dataclass
@@ -63,10 +55,6 @@ class BaseTrainConfig:
     bf16: bool = True  # bf16 autocast on CPU (AVX512-BF16) / fp16 autocast on CUDA
     save_every: int = 250
     limit_images: int = 0  # 0 = all; small values for tests
-    captions: str = "appearance"  # "appearance" (captions name descriptor clusters) | "fixed" (generic only)
-    init_from: str = ""  # continue from this saved pipeline folder (skips the VAE stage)
-    text_lr_mult: float = 1.0  # learning-rate multiplier of the text path (cross-attention keys/values, text encoder)
-    reinit_cross_attention: bool = False  # re-initialise cross-attention keys/values (with init_from)
 
     def __post_init__(self):
         for k in ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "save_every"):
@@ -74,8 +62,6 @@ class BaseTrainConfig:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)!r}")
         if not 0 <= self.uncond_prob < 1:
             raise ValueError(f"uncond_prob must be in [0, 1), got {self.uncond_prob!r}")
-        if self.captions not in ("appearance", "fixed"):
-            raise ValueError(f"captions must be 'appearance' or 'fixed', got {self.captions!r}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
 
@@ -103,50 +89,6 @@ def prepare_crops(cfg: BaseTrainConfig) -> np.ndarray:
     crops = data.load_crops(paths)
     np.save(cache, crops)
     return crops
-
-
-def appearance_labels(cfg: BaseTrainConfig, crops: np.ndarray) -> np.ndarray:
-    """N x 2 cluster indices per crop: dlib descriptors, centred and rotated onto their principal
-    axes; k-means (k = ``N_APPEARANCE``) on PCs 1-8 gives word <a>, on PCs 9-24 word <b> (separate
-    subspaces, so the two words say different things). Cached in the work dir."""
-    from scipy.cluster.vq import kmeans2
-
-    from core import faces
-
-    cache = cfg.work_dir / f"appearance_{cfg.limit_images or 'all'}.npy"
-    if cache.exists():
-        return np.load(cache)
-    desc = np.concatenate([faces.describe(crops[i : i + 256]) for i in range(0, len(crops), 256)]).astype(np.float64)
-    x = desc - desc.mean(0)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    pcs = x @ vt.T
-    k = min(N_APPEARANCE, max(1, len(crops) // 4))
-    labels = np.stack([kmeans2(pcs[:, sub], k, seed=cfg.seed, minit="++")[1] for sub in (slice(0, 8), slice(8, 24))], 1)
-    np.save(cache, labels.astype(np.int64))
-    return labels.astype(np.int64)
-
-
-def latent_sources(n: int, batch: int = 256) -> np.ndarray:
-    """Crop index of every latent :func:`encode_latents` returns (chunks of crops, then their mirrors)."""
-    return np.concatenate([np.r_[r, r] for r in (np.arange(i, min(i + batch, n)) for i in range(0, n, batch))])
-
-
-def sample_captions(labels: np.ndarray | None, cfg: BaseTrainConfig, g: torch.Generator) -> list[str]:
-    """One caption per latent (see the module docstring for the mix); ``labels`` None = fixed captions."""
-    n = len(labels) if labels is not None else cfg.unet_batch
-    u = torch.rand(n, generator=g).tolist()
-    pick = torch.randint(0, len(PRETRAIN_CAPTIONS), (n,), generator=g).tolist()
-    drop = torch.rand(n, generator=g).tolist()
-    out = []
-    for i in range(n):
-        if u[i] < cfg.uncond_prob:
-            out.append("")
-        elif labels is None or u[i] < cfg.uncond_prob + 0.25:
-            out.append(PRETRAIN_CAPTIONS[pick[i]])
-        else:
-            a, b = f"ida{labels[i, 0]:02d}", f"idb{labels[i, 1]:02d}"
-            out.append(appearance_caption(a) if drop[i] < 0.2 else appearance_caption(b) if drop[i] < 0.4 else appearance_caption(a, b))
-    return out
 
 
 def to_tensor(crops: np.ndarray) -> torch.Tensor:
@@ -217,8 +159,7 @@ def encode_latents(vae, crops, device, batch=256) -> torch.Tensor:
 # 4. unet --------------------------------------------------------------------------------------
 
 
-def train_unet(cfg, comps, latents, device, should_stop=never, labels: np.ndarray | None = None):
-    """``labels``: appearance cluster indices per latent (None = generic captions only)."""
+def train_unet(cfg, comps, latents, device, should_stop=never):
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -228,18 +169,14 @@ def train_unet(cfg, comps, latents, device, should_stop=never, labels: np.ndarra
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
 
-    def token_ids(caps):
-        return tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+    captions = list(PRETRAIN_CAPTIONS) + [""]
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
 
-    text_path = [p for n, p in unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n] + list(te.parameters())
-    in_text = {id(p) for p in text_path}
-    rest = [p for p in unet.parameters() if id(p) not in in_text]
-    params = rest + text_path
-    opt = torch.optim.AdamW([{"params": rest, "lr_mult": 1.0}, {"params": text_path, "lr_mult": cfg.text_lr_mult}],
-                            lr=cfg.unet_lr, weight_decay=0.0)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
     ema_unet = _EmaAsModule(ema)
-    ck = cfg.work_dir / ("unet_state.safetensors" if not cfg.init_from else "unet_continued_state.safetensors")
+    ck = cfg.work_dir / "unet_state.safetensors"
     step = 0
     if ck.exists():
         step, _ = load_training_state(ck, {"unet": unet, "text_encoder": te, "ema": ema_unet}, opt)
@@ -249,6 +186,7 @@ def train_unet(cfg, comps, latents, device, should_stop=never, labels: np.ndarra
     t0 = time.time()
     unet.train()
     te.train()
+    n_cap = len(PRETRAIN_CAPTIONS)
     running = None
     while step < cfg.unet_steps:
         if should_stop():
@@ -257,12 +195,13 @@ def train_unet(cfg, comps, latents, device, should_stop=never, labels: np.ndarra
         x0 = latents[idx].to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, 1000, (len(x0),), generator=g).to(device)
-        ids = token_ids(sample_captions(labels[idx.numpy()] if labels is not None else None, cfg, g))
+        cap = torch.randint(0, n_cap, (len(x0),), generator=g)
+        cap[torch.rand(len(x0), generator=g) < cfg.uncond_prob] = n_cap  # empty prompt
         xt = noise_sched.add_noise(x0, noise, t)
         for grp in opt.param_groups:
-            grp["lr"] = cfg.unet_lr * grp["lr_mult"] * min(1.0, (step + 1) / cfg.warmup)
+            grp["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
         with mixed_precision(device, cfg.bf16):
-            emb = te(ids)[0]
+            emb = te(ids[cap.to(device)])[0]
             pred = unet(xt, t, emb).sample.float()
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per * weight[t]).mean()
@@ -279,31 +218,6 @@ def train_unet(cfg, comps, latents, device, should_stop=never, labels: np.ndarra
     unet.eval()
     te.eval()
     ema.copy_to(unet.parameters())  # export the EMA weights
-
-
-def command_line(cfg: BaseTrainConfig) -> str:
-    """The command that rebuilds this run: every flag that differs from its default."""
-    default = BaseTrainConfig()
-    flags = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if k != "work" and v != getattr(default, k)]
-    return " ".join(["python -m core.train_base", *flags])
-
-
-def continued_components(folder: str) -> dict:
-    """Components of a saved pipeline (float32) with the tokenizer of the current vocabulary; the
-    text encoder's embedding table grows to it (words appended last keep their ids and rows)."""
-    from core.pipeline import load_pipeline
-
-    src = load_pipeline(folder, device="cpu", dtype=torch.float32)
-    comps = {k: getattr(src, k) for k in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")}
-    tok = build_tokenizer()
-    old = comps["tokenizer"].get_vocab()
-    if any(old.get(w, i) != i for w, i in tok.get_vocab().items() if w in old):
-        raise ValueError(f"{folder}: its tokenizer's ids differ from the current vocabulary's")
-    if len(tok) != len(comps["tokenizer"]):
-        comps["text_encoder"].resize_token_embeddings(len(tok))
-        comps["text_encoder"].config.vocab_size = len(tok)
-    comps["tokenizer"] = tok
-    return comps
 
 
 class _EmaAsModule(torch.nn.Module):
@@ -337,49 +251,33 @@ def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = Non
     # 1. crops
     crops = prepare_crops(cfg)
     yield Message(f"crops: {len(crops)} pretrain images")
-    labels = None
-    if cfg.captions == "appearance":
-        labels = appearance_labels(cfg, crops)[latent_sources(len(crops))]
-        yield Message(f"appearance words: {len(set(labels[:, 0]))} x {len(set(labels[:, 1]))} clusters")
+    comps = build_components(seed=cfg.seed)
+    vae = comps["vae"].to(dev)
+
+    # 2. vae
+    yield from train_vae(cfg, vae, crops, dev, should_stop)
+    if should_stop():
+        yield Done(None, cancelled=True)
+        return
+
+    # 3. latents
+    lat_file = cfg.work_dir / "latents.safetensors"
     from safetensors.torch import load_file, save_file
 
-    if cfg.init_from:
-        comps = continued_components(cfg.init_from)
-        if cfg.reinit_cross_attention:
-            torch.manual_seed(cfg.seed)
-            for n, m in comps["unet"].named_modules():
-                if n.endswith(("attn2.to_k", "attn2.to_v")):
-                    m.reset_parameters()
-        vae = comps["vae"].to(dev)
-        with torch.no_grad():
-            latents = encode_latents(vae, crops, dev) * vae.config.scaling_factor
-        yield Message(f"continuing from {cfg.init_from}; latents {tuple(latents.shape)}")
+    if lat_file.exists() and (cfg.work_dir / "vae_state.safetensors").stat().st_mtime < lat_file.stat().st_mtime:
+        latents = load_file(lat_file)["latents"]
     else:
-        comps = build_components(seed=cfg.seed)
-        vae = comps["vae"].to(dev)
-
-        # 2. vae
-        yield from train_vae(cfg, vae, crops, dev, should_stop)
-        if should_stop():
-            yield Done(None, cancelled=True)
-            return
-
-        # 3. latents
-        lat_file = cfg.work_dir / "latents.safetensors"
-        if lat_file.exists() and (cfg.work_dir / "vae_state.safetensors").stat().st_mtime < lat_file.stat().st_mtime:
-            latents = load_file(lat_file)["latents"]
-        else:
-            latents = encode_latents(vae, crops, dev)
-            save_file({"latents": latents.contiguous()}, lat_file)
-        scale = float(1.0 / latents.std())
-        vae.register_to_config(scaling_factor=scale)
-        latents = latents * scale
-        yield Message(f"latents: {tuple(latents.shape)}, scaling_factor {scale:.4f}")
+        latents = encode_latents(vae, crops, dev)
+        save_file({"latents": latents.contiguous()}, lat_file)
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    yield Message(f"latents: {tuple(latents.shape)}, scaling_factor {scale:.4f}")
 
     # 4. unet + text encoder
     comps["unet"].to(dev)
     comps["text_encoder"].to(dev)
-    yield from train_unet(cfg, comps, latents, dev, should_stop, labels)
+    yield from train_unet(cfg, comps, latents, dev, should_stop)
     if should_stop():
         yield Done(None, cancelled=True)
         return
@@ -394,11 +292,9 @@ def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = Non
         data_seen="LFW deep-funneled, pretrain identities of assets/split.json only (1-3 photos each)",
         minutes=round((time.time() - t_start) / 60, 1),
         device=str(dev),
-        command=command_line(cfg),
+        command="python -m core.train_base",
     )
     record.pop("work")
-    if cfg.init_from and (Path(cfg.init_from) / "train_config.json").exists():
-        record["continued_from"] = json.loads((Path(cfg.init_from) / "train_config.json").read_text())
     (out / "train_config.json").write_text(json.dumps(record, indent=1) + "\n")
     yield Message(f"saved {out}")
     yield Done(out)
