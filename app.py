@@ -13,6 +13,7 @@ import gradio as gr
 
 from core.engine import Engine
 from ui.about_tab import create_about_tab
+from ui.attack_tab import create_attack_tab
 from ui.finetune_tab import create_finetune_tab
 from ui.pending_tabs import PENDING, create_pending_tab
 
@@ -26,7 +27,9 @@ def build_demo(engine: Engine) -> gr.Blocks:
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Tab("Fine-tune"):
-            create_finetune_tab(engine)
+            session = create_finetune_tab(engine)
+        with gr.Tab("Attack") as attack:
+            create_attack_tab(engine, session, attack)
         for name in PENDING:
             with gr.Tab(name):
                 create_pending_tab(name)

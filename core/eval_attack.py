@@ -77,7 +77,7 @@ def summarize(desc: np.ndarray, gallery: np.ndarray) -> dict:
 
 
 def evaluate(n: int = 50, attackers: dict | None = None, model=None, root=None, log=print, grid: Path | None = None,
-             sampler_steps: int = 25) -> dict:
+             sampler_steps: int = 25, with_baselines: bool = True) -> dict:
     from core import baselines
     from core.attacker import load_attacker, reconstruct
     from core.pipeline import load_pipeline
@@ -109,14 +109,15 @@ def evaluate(n: int = 50, attackers: dict | None = None, model=None, root=None, 
             for st in STEP_REPORT[:-1]:
                 if label == next(iter(models)) and st in lo["checkpoints"]:
                     ims[f"{label} @ step {st}"] = reconstruct(pipe, att, lo["checkpoints"][st], st)[0]
-        ims["naive (class prompt)"] = baselines.naive(pipe, final, CLASS_PROMPT, steps=sampler_steps, model=view)
-        ims["naive (empty prompt)"] = baselines.naive(pipe, final, "", steps=sampler_steps, model=view)
-        ims["FineXtract-style (w=3)"] = baselines.finextract(pipe, final, steps=sampler_steps, model=view)
-        ims["ceiling (true trigger)"] = baselines.ceiling(pipe, final, lo["trigger"], steps=sampler_steps, model=view)
+        if with_baselines:
+            ims["naive (class prompt)"] = baselines.naive(pipe, final, CLASS_PROMPT, steps=sampler_steps, model=view)
+            ims["naive (empty prompt)"] = baselines.naive(pipe, final, "", steps=sampler_steps, model=view)
+            ims["FineXtract-style (w=3)"] = baselines.finextract(pipe, final, steps=sampler_steps, model=view)
+            ims["ceiling (true trigger)"] = baselines.ceiling(pipe, final, lo["trigger"], steps=sampler_steps, model=view)
         for label, im in ims.items():
             rows.setdefault(label, []).append(describe_set(im))
         rows.setdefault("floor (base, class prompt)", []).append(floor_desc)
-        if len(grid_rows) < 8:
+        if with_baselines and len(grid_rows) < 8:
             grid_rows.append([*private[i][:2], *ims[next(iter(models))][:2], ims["naive (class prompt)"][0],
                               ims["FineXtract-style (w=3)"][0], ims["ceiling (true trigger)"][0]])
         d = {k: float(metrics.distance(v[-1], gallery[i])) for k, v in rows.items()}
@@ -130,9 +131,16 @@ def evaluate(n: int = 50, attackers: dict | None = None, model=None, root=None, 
     results = {k: summarize(np.stack(v), gallery) for k, v in rows.items()}
     if real:
         results["real (held-out photo)"] = real
-    if grid is not None:
+    # identity, not memorised pixels: the same scores against the victims' unseen photos (>= 2 of them)
+    unseen_idx = [i for i, v in enumerate(names) if len(people[v]) >= 7]
+    unseen = {}
+    if len(unseen_idx) >= 5:
+        ug = np.stack([describe_set(data.load_crops(people[names[i]][5:])) for i in unseen_idx])
+        unseen = {k: summarize(np.stack(v)[unseen_idx], ug) for k, v in rows.items()}
+    if grid is not None and grid_rows:
         save_grid(grid_rows, grid)
     return dict(n=len(names), chance_top1=1 / len(names), chance_top5=min(1.0, 5 / len(names)), rows=results,
+                rows_unseen=unseen, n_unseen=len(unseen_idx),
                 attack_seconds_mean=float(np.mean(t_attack)), recipe=vars(cfg) | {"unet_targets": list(cfg.unet_targets)},
                 attackers={k: str(v) for k, v in attackers.items()}, base=base_fingerprint(pipe))
 
@@ -158,6 +166,11 @@ def to_markdown(r: dict) -> str:
         lines.append(f"| {k} | {v['distance']:.3f} [{v['distance_ci'][0]:.3f}, {v['distance_ci'][1]:.3f}] | "
                      f"{v['top1']:.0%} [{v['top1_ci'][0]:.0%}, {v['top1_ci'][1]:.0%}] | {v['top5']:.0%} | "
                      f"{v['within_0_6']:.0%} |")
+    if r.get("rows_unseen"):
+        lines += ["", f"Against the victims' *unseen* photos (not in the LoRA's training set; {r['n_unseen']} victims with >= 2 of them; "
+                  f"ranks among those {r['n_unseen']}):", "", "| method | mean distance | top-1 | top-5 |", "|---|---|---|---|"]
+        for k, v in r["rows_unseen"].items():
+            lines.append(f"| {k} | {v['distance']:.3f} | {v['top1']:.0%} | {v['top5']:.0%} |")
     lines += ["", f"Mean attack time per LoRA (encoder + 4 images, {r['attack_seconds_mean']:.2f} s on this machine)."]
     return "\n".join(lines) + "\n"
 
@@ -172,10 +185,11 @@ def main(argv=None):
     ap.add_argument("--grid", default=str(cache_dir() / "attack_grid.png"), help="image grid (real people: keep out of the repo)")
     ap.add_argument("--data", default=None)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--no-baselines", action="store_true", help="attacker rows only (ablations)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     atts = dict(x.split("=", 1) for x in a.attacker) if a.attacker else None
-    r = evaluate(a.n, atts, a.model, a.data, grid=Path(a.grid))
+    r = evaluate(a.n, atts, a.model, a.data, grid=Path(a.grid), with_baselines=not a.no_baselines)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.name}.json").write_text(json.dumps(r, indent=1) + "\n")

@@ -24,8 +24,9 @@ EMBEDDED_NAME = "embedded"  # what the UI and CLIs call the shipped miniature mo
 
 
 def configure_threads() -> None:
-    """Use every core for intra-op work, keep inter-op to one thread (2-core machines)."""
-    n = os.cpu_count() or 1
+    """Use every core for intra-op work (or ``$LEAKLAB_THREADS``, e.g. 1 when two jobs share a
+    2-core machine: two processes spinning on the same cores run many times slower than either alone)."""
+    n = int(os.environ.get("LEAKLAB_THREADS") or os.cpu_count() or 1)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 

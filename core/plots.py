@@ -24,3 +24,23 @@ def loss_curve(steps: list[int], losses: list[float], instance: list[float] | No
     if total:
         fig.update_xaxes(range=[0, total])
     return _layout(fig, "Fine-tune loss (noise-prediction error; lower = fits your photos better)", "step", "loss")
+
+
+def attack_curve(steps: list[int], attack: list[float | None], ceiling: list[float | None], floor: float | None,
+                 total: int | None = None, threshold: float = 0.6) -> go.Figure:
+    """The live attack over fine-tuning steps: dlib identity distance to the visitor's photos of the
+    attacker's reconstruction, of the LoRA's own samples with its true trigger (the ceiling) and of a
+    random base-model face (the floor, flat), with dlib's same-person threshold. ``None`` = not measured."""
+    fig = go.Figure()
+    fig.add_scatter(x=steps, y=attack, mode="lines+markers", name="attacker's reconstruction (weights only)",
+                    line=dict(width=2.5, color="#c92a2a"), connectgaps=True)
+    fig.add_scatter(x=steps, y=ceiling, mode="lines+markers", name="your LoRA with its secret trigger (ceiling)",
+                    line=dict(width=2, color="#2b8a3e", dash="dash"), connectgaps=True)
+    if floor is not None:
+        fig.add_hline(y=floor, line=dict(color="#868e96", width=2, dash="dot"),
+                      annotation_text="random face from the base model (floor)", annotation_position="top left")
+    fig.add_hline(y=threshold, line=dict(color="#495057", width=1),
+                  annotation_text=f"dlib: same person below {threshold}", annotation_position="bottom left")
+    if total:
+        fig.update_xaxes(range=[0, total])
+    return _layout(fig, "Identity distance to your photos (lower = closer to you)", "fine-tuning step", "dlib distance")

@@ -50,7 +50,7 @@ def test_finetune_through_the_client(running_app, lfw_root, tmp_path, monkeypatc
     client = Client(running_app.local_url, verbose=False)
     crops, report = client.predict([handle_file(p) for p in photos + [str(bad)]], api_name="/ingest")
     assert len(crops) == 3 and "3 usable photos" in report and "bad.png" in report
-    status, plot, previews, score, lora_file = client.predict(20, 4, 2e-3, 0, False, api_name="/train")
+    status, plot, previews, score, lora_file, *live_attack = client.predict(20, 4, 2e-3, 0, False, api_name="/train")
     assert "Done: 20 steps" in status and "trigger word" in status.lower()
     assert "random face from the base model" in score
     from core.finetune import load_lora

@@ -12,13 +12,15 @@ from pathlib import Path
 import gradio as gr
 
 from core import ASSETS
+from core.attack_report import attacker_mismatch, reconstruct_lora
 from core.engine import Engine, SampleRequest
-from core.events import Done, Preview, Progress
+from core.events import Checkpoint, Done, Preview, Progress
 from core.finetune import MAX_PHOTOS, MIN_PHOTOS, FinetuneConfig, finetune, pick_trigger, save_lora
 from core.ingest import IngestError, ingest_face
-from core.plots import loss_curve
+from core.metrics import SAME_PERSON
+from core.plots import attack_curve, loss_curve
 from core.prompts import CLASS_PROMPT, instance_prompt
-from core.utility import lora_utility
+from core.utility import identity_distance, lora_utility
 from ui.session import SESSION_TTL, close_session, ensure
 
 EXAMPLES = ASSETS / "examples"
@@ -39,15 +41,14 @@ def example_sets() -> dict[str, list[str]]:
     return {d.name: sorted(str(p) for p in d.glob("*.png")) for d in sorted(EXAMPLES.iterdir()) if d.is_dir()}
 
 
-def ingest_files(files, session, size: int = 64):
-    """Uploaded files -> crops in the session; a line per refused photo, the rest still usable."""
-    session = ensure(session)
-    session.crops.clear()
-    lines = []
+def read_faces(files, size: int = 64) -> tuple[list, list[str]]:
+    """Uploaded image files -> aligned face crops, and a line per refused photo. Each upload copy is
+    deleted once read (the bundled examples are kept)."""
+    crops, lines = [], []
     for i, f in enumerate(files or [], 1):
         path = Path(f if isinstance(f, str) else f.name)
         try:
-            session.crops.append(ingest_face(path.read_bytes(), size=size).crop)
+            crops.append(ingest_face(path.read_bytes(), size=size).crop)
         except IngestError as e:
             lines.append(f"- photo {i} (`{path.name}`): {e}")
         except OSError:
@@ -58,6 +59,14 @@ def ingest_files(files, session, size: int = 64):
                     os.remove(path)  # the upload copy is not needed once read
                 except OSError:
                     pass
+    return crops, lines
+
+
+def ingest_files(files, session, size: int = 64):
+    """Uploaded files -> crops in the session; a line per refused photo, the rest still usable."""
+    session = ensure(session)
+    crops, lines = read_faces(files, size)
+    session.crops[:] = crops
     n = len(session.crops)
     head = f"**{n} usable photo{'s' if n != 1 else ''}.**"
     if n < MIN_PHOTOS:
@@ -69,7 +78,117 @@ def ingest_files(files, session, size: int = 64):
     return list(session.crops), head, session
 
 
-def create_finetune_tab(engine: Engine) -> None:
+# the live attack during a fine-tune -----------------------------------------------------------
+
+LIVE_SEEDS = (0, 1)  # reconstructions per checkpoint
+LIVE_HEAD = "#### What an attacker rebuilds from the LoRA weights alone"
+LIVE_INTRO = (f"{LIVE_HEAD}\nAt every checkpoint of the fine-tune, an attacker who sees **only the LoRA's weights** "
+              "(not your photos, not your trigger word) reads them and draws the face it thinks the LoRA was "
+              "trained on.")
+
+
+def live_score(step: int, attack: float, floor: float, ceiling: float | None, n_attack: int, n_floor: int,
+               n_ceiling: int) -> str:
+    """The identity line under the live reconstruction (numbers from ``core.utility.identity_distance``)."""
+    if ceiling is not None:
+        ceil = f"**{ceiling:.2f}**"
+    else:
+        ceil = "measuring on this step's preview samples..." if n_ceiling else "not measured (no previews in this run)"
+    verdict = (f"The reconstruction is **closer to you than a random face** (by {floor - attack:.2f})."
+               if attack < floor else "The reconstruction is not closer to you than a random face (yet).")
+    return (f"**Identity score at step {step}**: dlib distance of each set's mean face descriptor to your photos'; "
+            f"lower = closer, below {SAME_PERSON} dlib counts it as the same person.\n"
+            f"- the attacker's reconstruction ({n_attack} images, from the LoRA weights alone): **{attack:.2f}**\n"
+            f"- floor, a random face from the base model ({n_floor} images of \"{CLASS_PROMPT}\"): **{floor:.2f}**\n"
+            f"- ceiling, your LoRA used with the secret trigger, which the attacker does not have "
+            f"({n_ceiling} preview images): {ceil}\n\n"
+            f"{verdict} Compare with the floor rather than with {SAME_PERSON}: averaging descriptors pulls any set "
+            "toward the average face, so even a random face is often below it.")
+
+
+def train_run(engine: Engine, session, steps, rank, lr, seed, text_encoder):
+    """The Train button: fine-tune with the live attack. Yields dicts {output name: value} (names of
+    ``FINETUNE_OUTPUTS``; missing ones stay as they are)."""
+    session = ensure(session)
+    if len(session.crops) < MIN_PHOTOS:
+        raise gr.Error(f"Add at least {MIN_PHOTOS} usable photos of one face first (you have {len(session.crops)}).")
+    try:
+        seed = int(seed) if seed not in (None, "") else random.randrange(2**31)
+        cfg = FinetuneConfig(steps=int(steps), rank=int(rank), alpha=float(rank), lr=float(lr), seed=seed,
+                             text_encoder=bool(text_encoder))
+    except (TypeError, ValueError) as e:
+        raise gr.Error(str(e))
+    photos = session.crops[:MAX_PHOTOS]
+    trigger = pick_trigger(cfg)
+    attacker, why = engine.attacker()
+    steps_seen, losses, inst, gallery = [], [], [], []
+    recon, a_steps, a_dist, c_dist, floor = [], [], [], [], None
+    yield dict(status=f"Preparing... your secret trigger word is **{trigger}** (prompt: *{instance_prompt(trigger)}*)",
+               loss=None, previews=[], score="", download=None, session=session,
+               attack_head=LIVE_INTRO if attacker is not None else
+               f"{LIVE_HEAD}\n**The live attack is not available:** {why} The fine-tune works without it.",
+               attack_photos=gr.Gallery(value=list(photos), visible=attacker is not None),
+               attack_gallery=gr.Gallery(value=[], visible=attacker is not None), attack_score="",
+               attack_plot=gr.Plot(value=None, visible=attacker is not None))
+
+    def scores():
+        return dict(attack_score=live_score(a_steps[-1], a_dist[-1], floor, c_dist[-1], len(LIVE_SEEDS),
+                                            len(engine.floor_images()), cfg.preview_n),
+                    attack_plot=attack_curve(a_steps, a_dist, c_dist, floor, cfg.steps), session=session)
+
+    for ev in finetune(engine.pipe, photos, cfg):
+        if isinstance(ev, Progress):
+            steps_seen.append(ev.step)
+            losses.append(ev.metrics["loss"])
+            inst.append(ev.metrics["instance_loss"])
+            if ev.step % 5 == 0 or ev.step == ev.total:
+                yield dict(status=f"Training step **{ev.step}/{ev.total}** ({ev.elapsed:.0f} s). Trigger word: **{trigger}**",
+                           loss=loss_curve(steps_seen, losses, inst, ev.total), session=session)
+        elif isinstance(ev, Checkpoint) and attacker is not None:
+            mismatch = attacker_mismatch(attacker, ev.lora)
+            if mismatch:
+                attacker = None
+                yield dict(attack_head=f"{LIVE_HEAD}\n**The attacker cannot read this LoRA:** {mismatch} "
+                                       "The fine-tune goes on without the live attack.", session=session)
+                continue
+            ims = reconstruct_lora(engine.pipe, attacker, ev.lora, ev.step, cfg.alpha, seeds=LIVE_SEEDS)
+            if floor is None:
+                floor = identity_distance(engine.floor_images(), photos)
+            recon = [(im, f"step {ev.step}") for im in ims] + recon  # newest first, earlier steps kept
+            a_steps.append(ev.step)
+            a_dist.append(identity_distance(ims, photos))
+            c_dist.append(None)
+            yield dict(attack_head=f"{LIVE_HEAD}, step {ev.step}", attack_gallery=recon, **scores())
+        elif isinstance(ev, Preview):
+            gallery = (gallery + [(im, f"step {ev.step}") for im in ev.images])[-12:]
+            yield dict(previews=gallery, session=session)
+            if a_steps and a_steps[-1] == ev.step:  # the ceiling at the step just attacked
+                c_dist[-1] = identity_distance(ev.images, photos)
+                yield scores()
+        elif isinstance(ev, Done):
+            res = ev.result
+            session.result = res
+            session.trained_on = list(photos)
+            path = save_lora(session.dir / "lora.safetensors", res, base_name=engine.model_name)
+            yield dict(status="Scoring the LoRA against your photos...", download=str(path), session=session)
+            u = lora_utility(engine.pipe, res.lora, res.trigger, photos, alpha=cfg.alpha, floor=engine.floor_images())
+            verdict = "the same person by dlib's rule (< 0.6)" if u.same_person else "not close enough to count as the same person (>= 0.6)"
+            yield dict(status=f"Done: {res.steps_done} steps in {res.seconds:.0f} s. Trigger word: **{res.trigger}** "
+                              f"(prompt: *{instance_prompt(res.trigger)}*). Keep it to yourself: it is not in the file. "
+                              "The **Attack** tab runs every weight-only attack on this LoRA.",
+                       score=f"**How well your LoRA draws you** (dlib identity distance of its 4 samples to your photos; lower is closer):\n"
+                             f"- your LoRA with the trigger word: **{u.distance:.2f}**, {verdict}\n"
+                             f"- a random face from the base model (\"{CLASS_PROMPT}\"), for comparison: **{u.floor:.2f}**",
+                       download=str(path), session=session)
+
+
+# outputs of the Train button, in the order of its event (the API returns all but the session)
+FINETUNE_OUTPUTS = ("status", "loss", "previews", "score", "download", "session",
+                    "attack_head", "attack_photos", "attack_gallery", "attack_score", "attack_plot")
+
+
+def create_finetune_tab(engine: Engine) -> gr.State:
+    """The tab; returns the visitor's session state (other tabs read the fine-tuned LoRA from it)."""
     session = gr.State(None, time_to_live=SESSION_TTL, delete_callback=close_session)
     gr.Markdown(INTRO)
     with gr.Row():
@@ -99,54 +218,29 @@ def create_finetune_tab(engine: Engine) -> None:
                                   height=180, object_fit="contain")
             score = gr.Markdown()
             download = gr.File(label="Your LoRA file (diffusers format; the trigger word is not in it)")
+            attack_head = gr.Markdown(LIVE_INTRO)
+            with gr.Row():
+                attack_photos = gr.Gallery(label="Your photos (the attacker never sees them)", columns=3, height=180,
+                                           object_fit="contain", scale=1)
+                attack_gallery = gr.Gallery(label="The attacker's reconstructions, newest first", columns=6,
+                                            height=180, object_fit="contain", scale=2)
+            attack_score = gr.Markdown()
+            attack_plot = gr.Plot(label="Identity distance over the fine-tune")
 
     files.upload(lambda f, s: ingest_files(f, s, engine.image_size), [files, session], [crops, report, session], api_name="ingest")
     if examples:
         first = next(iter(examples.values()))
         example_btn.click(lambda s: ingest_files(first, s, engine.image_size), [session], [crops, report, session])
 
-    def run(session, steps, rank, lr, seed, text_encoder):
-        session = ensure(session)
-        if len(session.crops) < MIN_PHOTOS:
-            raise gr.Error(f"Add at least {MIN_PHOTOS} usable photos of one face first (you have {len(session.crops)}).")
-        try:
-            seed = int(seed) if seed not in (None, "") else random.randrange(2**31)
-            cfg = FinetuneConfig(steps=int(steps), rank=int(rank), alpha=float(rank), lr=float(lr), seed=seed,
-                                 text_encoder=bool(text_encoder))
-        except ValueError as e:
-            raise gr.Error(str(e))
-        photos = session.crops[:MAX_PHOTOS]
-        trigger = pick_trigger(cfg)
-        steps_seen, losses, inst, gallery = [], [], [], []
-        yield (f"Preparing... your secret trigger word is **{trigger}** (prompt: *{instance_prompt(trigger)}*)",
-               None, [], "", None, session)
-        for ev in finetune(engine.pipe, photos, cfg):
-            if isinstance(ev, Progress):
-                steps_seen.append(ev.step)
-                losses.append(ev.metrics["loss"])
-                inst.append(ev.metrics["instance_loss"])
-                if ev.step % 5 == 0 or ev.step == ev.total:
-                    yield (f"Training step **{ev.step}/{ev.total}** ({ev.elapsed:.0f} s). Trigger word: **{trigger}**",
-                           loss_curve(steps_seen, losses, inst, ev.total), gr.skip(), gr.skip(), gr.skip(), session)
-            elif isinstance(ev, Preview):
-                gallery = (gallery + [(im, f"step {ev.step}") for im in ev.images])[-12:]
-                yield gr.skip(), gr.skip(), gallery, gr.skip(), gr.skip(), session
-            elif isinstance(ev, Done):
-                res = ev.result
-                session.result = res
-                path = save_lora(session.dir / "lora.safetensors", res, base_name=engine.model_name)
-                yield ("Scoring the LoRA against your photos...", gr.skip(), gr.skip(), gr.skip(), str(path), session)
-                u = lora_utility(engine.pipe, res.lora, res.trigger, photos, alpha=cfg.alpha)
-                verdict = "the same person by dlib's rule (< 0.6)" if u.same_person else "not close enough to count as the same person (>= 0.6)"
-                yield (f"Done: {res.steps_done} steps in {res.seconds:.0f} s. Trigger word: **{res.trigger}** "
-                       f"(prompt: *{instance_prompt(res.trigger)}*). Keep it to yourself: it is not in the file.",
-                       gr.skip(), gr.skip(),
-                       f"**How well your LoRA draws you** (dlib identity distance of its 4 samples to your photos; lower is closer):\n"
-                       f"- your LoRA with the trigger word: **{u.distance:.2f}**, {verdict}\n"
-                       f"- a random face from the base model (\"{CLASS_PROMPT}\"), for comparison: **{u.floor:.2f}**",
-                       str(path), session)
+    outputs = dict(status=status, loss=loss_plot, previews=previews, score=score, download=download, session=session,
+                   attack_head=attack_head, attack_photos=attack_photos, attack_gallery=attack_gallery,
+                   attack_score=attack_score, attack_plot=attack_plot)
 
-    ev = train.click(run, [session, steps, rank, lr, seed, text_encoder], [status, loss_plot, previews, score, download, session],
+    def run(session, steps, rank, lr, seed, text_encoder):
+        for update in train_run(engine, session, steps, rank, lr, seed, text_encoder):
+            yield tuple(update.get(k, gr.skip()) for k in FINETUNE_OUTPUTS)
+
+    ev = train.click(run, [session, steps, rank, lr, seed, text_encoder], [outputs[k] for k in FINETUNE_OUTPUTS],
                      concurrency_limit=1, concurrency_id="finetune", api_name="train")
     stop.click(lambda: "Stopped.", None, status, cancels=[ev])
 
@@ -171,3 +265,4 @@ def create_finetune_tab(engine: Engine) -> None:
             return engine.sample(req)
 
         draw.click(sample, [s_seed, s_n, s_steps, s_guid], base_gallery, api_name="sample", concurrency_limit=2)
+    return session

@@ -5,14 +5,6 @@ from __future__ import annotations
 import gradio as gr
 
 PENDING = {
-    "Attack": (
-        "An attacker who sees **only your LoRA file** (no photos, no prompt, no trigger word) rebuilds "
-        "the face you trained on, live while your fine-tune runs. A trained encoder reads the LoRA "
-        "weights and turns them into a prompt for your own LoRA (Yao, arXiv 2409.08482). You will see "
-        "its picture next to your photos, with an identity score against a random person and against "
-        "your LoRA used with its true trigger. You can also upload any LoRA `.safetensors` file for this "
-        "base model and attack it."
-    ),
     "Layers": (
         "Which layers did your fine-tune actually change? A heatmap of the change of every layer "
         "over the training steps shows a few *busy* layers and many *lazy* ones (Liu et al., "

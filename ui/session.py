@@ -20,9 +20,11 @@ class VisitorSession:
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="leaklab-session-")))
     crops: list = field(default_factory=list)  # uint8 64x64x3 face crops, in memory
     result: object = None  # the last FinetuneResult
+    trained_on: list = field(default_factory=list)  # the crops that result was fine-tuned on
 
     def close(self) -> None:
         self.crops.clear()
+        self.trained_on.clear()
         self.result = None
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -1,0 +1,192 @@
+"""Attack tab: any LoRA file for this base model (or the visitor's own) -> every weight-only attack.
+
+Only wiring: validation (``core.lora_file``), the attacks (``core.attack_report``) and the identity
+metric (``core.utility``) live in ``core``. Uploaded files are deleted once read; nothing is logged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from core.attack_report import attack_lora, distances, recorded_steps
+from core.baselines import FINEXTRACT_W
+from core.engine import Engine
+from core.finetune import FinetuneConfig, MAX_PHOTOS
+from core.lora_file import LoRAFileError, validate_lora_file
+from core.metrics import SAME_PERSON
+from core.prompts import CLASS_PROMPT
+from ui.finetune_tab import read_faces
+
+INTRO = f"""
+### Attack a shared LoRA
+Someone fine-tuned a LoRA on photos of a person and shared the file. The **attacker** has:
+- the LoRA file (its weights), and the public base model it was fine-tuned from;
+- an encoder it trained beforehand on hundreds of *shadow* LoRAs of other, public people
+  (Yao, arXiv 2409.08482).
+
+The attacker does **not** have the training photos, the secret trigger word or any prompt. Its
+encoder reads the weights (and the number of fine-tuning steps) and writes a prompt for the LoRA's own
+model, which then draws the face.
+
+Beside it, two attacks anyone can run with the file alone, no training: **naive** (the LoRA with the
+ordinary prompt "{CLASS_PROMPT}") and **FineXtract-style** (the base model's prediction pushed {FINEXTRACT_W:g}x
+toward the LoRA's, Wu et al. 2024). With reference photos of the person, each set of images is scored
+by dlib identity distance, next to the **floor**: a random face from the base model.
+"""
+
+
+def _delete(path) -> None:
+    try:
+        if path and Path(path).is_file():
+            os.remove(path)
+    except OSError:
+        pass
+
+
+def _gallery(images, seeds):
+    return [(im, f"seed {s}") for im, s in zip(images or [], seeds)]
+
+
+def score_table(engine: Engine, images, photos, label: str) -> str:
+    """The distance table of one attacked LoRA (or a sentence when there is nothing to score against)."""
+    if not photos:
+        return ("**No identity score:** without reference photos of the person there is nothing to score the "
+                "images against. Add 1-10 photos of them (they stay in your session), or attack the LoRA you "
+                "fine-tuned in this session.")
+    floor_images = engine.floor_images()
+    d = distances({"attack": images.attack, "naive": images.naive, "finextract": images.finextract,
+                   "ceiling": images.ceiling, "floor": floor_images}, photos)
+    n = len(images.seeds)
+    rows = [("the attacker's reconstruction", "the LoRA weights and a trained encoder", d["attack"]),
+            (f"naive: the LoRA with \"{CLASS_PROMPT}\"", "the LoRA file only", d["naive"]),
+            (f"FineXtract-style (w = {FINEXTRACT_W:g})", "the LoRA file only", d["finextract"])]
+    if images.ceiling is not None:
+        rows.append(("ceiling: your LoRA with its secret trigger", "the trigger word, which the attacker lacks",
+                     d["ceiling"]))
+    floor = d["floor"]
+
+    def vs_floor(x):
+        if x is None:
+            return ""
+        return f"{floor - x:.2f} closer" if x < floor else f"{x - floor:.2f} farther"
+
+    lines = [f"**Identity distance to {label}**: dlib distance of each set's mean face descriptor to the photos' "
+             f"mean ({n} images per set, {len(floor_images)} for the floor); lower = closer, below {SAME_PERSON} "
+             "dlib counts it as the same person.", "",
+             "| images | what it needs | distance | than the floor |", "|---|---|---|---|"]
+    for name, needs, x in rows:
+        shown = "not available" if x is None else f"**{x:.2f}**"
+        lines.append(f"| {name} | {needs} | {shown} | {vs_floor(x)} |")
+    lines.append(f"| floor: a random face from the base model (\"{CLASS_PROMPT}\") | nothing | **{floor:.2f}** | |")
+    lines += ["", f"Compare each row with the floor rather than with {SAME_PERSON}: averaging descriptors pulls any "
+                  "set toward the average face, so even a random face is often below it."]
+    return "\n".join(lines)
+
+
+def render(engine: Engine, images, head: str, photos, label: str):
+    """(status, attack gallery, naive gallery, FineXtract gallery, reference gallery, table)."""
+    if images.attack is None:
+        head += f"\n\n**The trained attacker did not run:** {images.attack_note} The two attacks that need no " \
+                "training are shown."
+    return (head, _gallery(images.attack, images.seeds), _gallery(images.naive, images.seeds),
+            _gallery(images.finextract, images.seeds), list(photos or []), score_table(engine, images, photos, label))
+
+
+def refused(message: str):
+    return (f"**This file was refused.** {message}", [], [], [], [], "")
+
+
+def attack_file(engine: Engine, lora_path, steps, ref_files, session):
+    """The "Attack this LoRA file" button."""
+    refs, ref_lines = read_faces(ref_files, engine.image_size)  # also deletes the photo uploads
+    if not lora_path:
+        raise gr.Error("Upload a LoRA .safetensors file first.")
+    try:
+        lora = validate_lora_file(lora_path, engine.pipe)
+    except LoRAFileError as e:
+        return refused(str(e))
+    finally:
+        _delete(lora_path)  # the upload copy is not needed once read
+    step = recorded_steps(lora.meta)
+    if step is not None:
+        step_from = "recorded in the file"
+    else:
+        try:
+            step = int(steps)
+        except (TypeError, ValueError):
+            raise gr.Error("Enter the number of fine-tuning steps of this LoRA (a whole number, e.g. 80).")
+        if not 1 <= step <= 100_000:
+            raise gr.Error(f"Fine-tuning steps must be 1 to 100000, got {step}.")
+        step_from = "from your input: the file does not record it"
+    notes = list(lora.notes)
+    if len(refs) > MAX_PHOTOS:
+        notes.append(f"only the first {MAX_PHOTOS} reference photos are used")
+        refs = refs[:MAX_PHOTOS]
+    if ref_lines:
+        notes.append("reference photos left out:\n" + "\n".join(ref_lines))
+    if refs:
+        photos, label = refs, "your reference photos"
+    elif session is not None and session.trained_on:
+        photos, label = session.trained_on, ("the photos you fine-tuned on in this session (meaningful only if "
+                                             "this LoRA was trained on them)")
+    else:
+        photos, label = [], ""
+    attacker, why = engine.attacker()
+    images = attack_lora(engine.pipe, attacker, lora.lora, step, lora.alpha, attacker_note=why)
+    head = (f"**Attacked the uploaded LoRA**: rank {lora.rank}, alpha {lora.alpha:g}, {len(lora.modules)} UNet layers; "
+            f"fine-tuning step {step} ({step_from}).")
+    if notes:
+        head += "\n" + "\n".join(f"- {n}" for n in notes)
+    return render(engine, images, head, photos, label)
+
+
+def attack_mine(engine: Engine, session):
+    """The "Attack my LoRA from the Fine-tune tab" button: the session's LoRA, scored against the
+    photos it was fine-tuned on (and with its trigger, the ceiling)."""
+    if session is None or session.result is None:
+        raise gr.Error("You have not fine-tuned a LoRA in this session yet: train one in the Fine-tune tab first, "
+                       "or upload a LoRA file.")
+    res = session.result
+    photos = list(session.trained_on or session.crops[:MAX_PHOTOS])
+    attacker, why = engine.attacker()
+    images = attack_lora(engine.pipe, attacker, res.lora, res.steps_done, res.config.alpha, trigger=res.trigger,
+                         attacker_note=why)
+    head = (f"**Attacked your LoRA from the Fine-tune tab** ({res.steps_done} steps, rank {res.config.rank}). "
+            "The attacker used its weights and step count only; the ceiling row uses your secret trigger.")
+    return render(engine, images, head, photos, "the photos you fine-tuned on")
+
+
+def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = None) -> None:
+    gr.Markdown(INTRO)
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            lora_file = gr.File(label="A LoRA file (.safetensors) fine-tuned from this app's base model", type="filepath")
+            steps = gr.Number(value=FinetuneConfig.steps, precision=0, label="Fine-tuning steps of this LoRA",
+                              info="read from the file when it records them (files from the Fine-tune tab do); "
+                                   "otherwise this number is used")
+            refs = gr.File(label=f"Optional: 1-{MAX_PHOTOS} photos of the person, to score the attack against",
+                           file_count="multiple", file_types=["image"], type="filepath")
+            attack_btn = gr.Button("Attack this LoRA file", variant="primary")
+            mine_btn = gr.Button("Attack my LoRA from the Fine-tune tab", visible=False)
+        with gr.Column(scale=2):
+            status = gr.Markdown("Upload a LoRA file, then press **Attack this LoRA file**.")
+            attack_gal = gr.Gallery(label="What the attacker rebuilds from the weights alone", columns=4, height=180,
+                                    object_fit="contain")
+            with gr.Row():
+                naive_gal = gr.Gallery(label=f"Naive: the LoRA with \"{CLASS_PROMPT}\"", columns=4, height=160,
+                                       object_fit="contain")
+                fx_gal = gr.Gallery(label="FineXtract-style extrapolation", columns=4, height=160, object_fit="contain")
+            ref_gal = gr.Gallery(label="Reference photos the images are scored against", columns=6, height=120,
+                                 object_fit="contain")
+            table = gr.Markdown()
+    outputs = [status, attack_gal, naive_gal, fx_gal, ref_gal, table]
+    attack_btn.click(lambda f, n, r, s: attack_file(engine, f, n, r, s), [lora_file, steps, refs, session], outputs,
+                     api_name="attack", concurrency_limit=1, concurrency_id="attack")
+    mine_btn.click(lambda s: attack_mine(engine, s), [session], outputs, api_name="attack_mine",
+                   concurrency_limit=1, concurrency_id="attack")
+    if tab is not None:  # the button appears once the visitor has fine-tuned a LoRA in this session
+        tab.select(lambda s: gr.Button(visible=s is not None and s.result is not None), [session], [mine_btn],
+                   queue=False, api_visibility="private")
