@@ -15,6 +15,7 @@ from core.engine import Engine
 from ui.about_tab import create_about_tab
 from ui.attack_tab import create_attack_tab
 from ui.finetune_tab import create_finetune_tab
+from ui.layers_tab import create_layers_tab
 from ui.pending_tabs import PENDING, create_pending_tab
 
 TITLE = "LoRA Leak Lab"
@@ -30,6 +31,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
             session = create_finetune_tab(engine)
         with gr.Tab("Attack") as attack:
             create_attack_tab(engine, session, attack)
+        with gr.Tab("Layers") as layers:
+            create_layers_tab(engine, session, layers)
         for name in PENDING:
             with gr.Tab(name):
                 create_pending_tab(name)

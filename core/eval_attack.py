@@ -186,7 +186,17 @@ def main(argv=None):
     ap.add_argument("--data", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--no-baselines", action="store_true", help="attacker rows only (ablations)")
+    ap.add_argument("--prepare-only", action="store_true", help="only train (and cache) the victims' LoRAs")
     a = ap.parse_args(argv)
+    if a.prepare_only:
+        from core.pipeline import load_pipeline
+
+        pipe = load_pipeline(a.model)
+        split = data.Split.load()
+        people = split.paths("victims", a.data)
+        names = [v for v in split.victims if len(people.get(v, [])) >= 5][: a.n]
+        victim_loras(pipe, names, [list(data.load_crops(people[v][:5])) for v in names], FinetuneConfig(checkpoint_every=0, preview_n=0))
+        return
     torch.manual_seed(0)
     atts = dict(x.split("=", 1) for x in a.attacker) if a.attacker else None
     r = evaluate(a.n, atts, a.model, a.data, grid=Path(a.grid), with_baselines=not a.no_baselines)

@@ -44,3 +44,86 @@ def attack_curve(steps: list[int], attack: list[float | None], ceiling: list[flo
     if total:
         fig.update_xaxes(range=[0, total])
     return _layout(fig, "Identity distance to your photos (lower = closer to you)", "fine-tuning step", "dlib distance")
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-3-5 tick positions (log10 values) inside [lo, hi]; at least the two ends."""
+    import math
+
+    ticks = [math.log10(m * 10.0**d) for d in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 3, 5)]
+    ticks = [t for t in ticks if lo - 1e-9 <= t <= hi + 1e-9]
+    return ticks if len(ticks) >= 2 else [lo, hi]
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.3g} %"
+
+
+def layer_heatmap(matrix, layer_names: list[str], steps: list[int], groups: list[str], title: str | None = None,
+                  value_label: str = "relative change ||ΔW|| / ||W₀||") -> go.Figure:
+    """Per-layer change over training steps (``matrix``: layers x steps, layers in the UNet's forward
+    order): one column per layer, left to right from the UNet's input to its output, grouped by block
+    (labels on top, separators between blocks); one row per step. Colour on a log scale (a zero
+    change is drawn at the smallest colour); the hover shows the layer's name and the exact value."""
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float).reshape(len(layer_names), len(steps))
+    pos = m[np.isfinite(m) & (m > 0)]
+    lo = float(np.log10(pos.min())) if pos.size else -6.0
+    hi = float(np.log10(pos.max())) if pos.size else lo + 1
+    hi = max(hi, lo + 1e-3)
+    z = np.log10(np.clip(np.nan_to_num(m, posinf=10.0**hi), 10.0**lo, None)).T  # steps x layers
+    custom = np.empty((len(steps), len(layer_names), 3), dtype=object)
+    for j, name in enumerate(layer_names):
+        custom[:, j, 0], custom[:, j, 1] = name, groups[j]
+        custom[:, j, 2] = [_pct(v) for v in m[j]]
+    ticks = _log_ticks(lo, hi)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(len(layer_names))), y=[str(s) for s in steps], customdata=custom, colorscale="Viridis",
+        zmin=lo, zmax=hi, colorbar=dict(title=dict(text="change<br>(log)", side="top"), tickvals=ticks,
+                                        ticktext=[_pct(10.0**t) for t in ticks]),
+        hovertemplate="<b>%{customdata[0]}</b><br>block: %{customdata[1]}<br>after step %{y}<br>"
+                      + value_label + ": <b>%{customdata[2]}</b><extra></extra>"))
+    # blocks: a label over each run of equal groups, a white line between runs
+    runs, start = [], 0
+    for j in range(1, len(groups) + 1):
+        if j == len(groups) or groups[j] != groups[start]:
+            runs.append((groups[start], start, j - 1))
+            start = j
+    for g, a, b in runs:
+        if a > 0:
+            fig.add_vline(x=a - 0.5, line=dict(color="white", width=2))
+        fig.add_annotation(x=(a + b) / 2, y=1.0, yref="paper", yanchor="bottom", text=g.replace("_blocks.", " ").replace("_block", ""),
+                           showarrow=False, font=dict(size=10), textangle=-30 if len(runs) > 6 else 0)
+    fig.update_xaxes(showticklabels=False, title_text=f"{len(layer_names)} layers, from the UNet's input (left) to its output (right)")
+    fig.update_yaxes(title_text="training step", type="category")
+    fig.update_layout(title=dict(text=title or "How much each layer changed", y=0.98), template="plotly_white",
+                      height=220 + 18 * len(steps), margin=dict(l=60, r=20, t=90, b=50))
+    return fig
+
+
+def swap_curve_plot(rows, title: str | None = None, threshold: float = 0.6) -> go.Figure:
+    """Utility with only the k busiest layers kept: rows (k, n_layers, distance, floor) as
+    ``core.layers.SwapRow`` or dicts; dlib distance of the samples with the true trigger to the
+    private photos, beside the base model's floor and dlib's same-person threshold."""
+    def get(r, key):
+        return r[key] if isinstance(r, dict) else getattr(r, key)
+
+    rows = sorted(rows, key=lambda r: get(r, "k"))
+    ks, d = [get(r, "k") for r in rows], [get(r, "distance") for r in rows]
+    n = get(rows[-1], "n_layers") if rows else 0
+    fig = go.Figure()
+    fig.add_scatter(x=ks, y=d, mode="lines+markers", name="fine-tune with only its k busiest layers (true trigger)",
+                    line=dict(width=2.5, color="#3b5bdb"),
+                    hovertemplate="%{x} busiest layers kept: distance <b>%{y:.3f}</b><extra></extra>")
+    if rows:
+        fig.add_hline(y=get(rows[-1], "floor"), line=dict(color="#868e96", width=2, dash="dot"),
+                      annotation_text="random face from the base model (floor)", annotation_position="top left")
+    fig.add_hline(y=threshold, line=dict(color="#495057", width=1),
+                  annotation_text=f"dlib: same person below {threshold}", annotation_position="bottom left")
+    if ks and ks[-1] == n:
+        fig.add_annotation(x=n, y=d[-1], text=f"all {n} layers", showarrow=True, ay=-30)
+    if ks and min(ks) >= 1:
+        fig.update_xaxes(type="log")
+    return _layout(fig, title or "Keep only the busiest layers: does the fine-tune still draw you?",
+                   f"busiest layers kept (of {n})", "dlib distance to your photos")

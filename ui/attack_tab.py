@@ -24,7 +24,7 @@ INTRO = f"""
 ### Attack a shared LoRA
 Someone fine-tuned a LoRA on photos of a person and shared the file. The **attacker** has:
 - the LoRA file (its weights), and the public base model it was fine-tuned from;
-- an encoder it trained beforehand on hundreds of *shadow* LoRAs of other, public people
+- an encoder it trained beforehand on *shadow* LoRAs it fine-tuned itself on photos of other, public people
   (Yao, arXiv 2409.08482).
 
 The attacker does **not** have the training photos, the secret trigger word or any prompt. Its

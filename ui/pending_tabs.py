@@ -5,12 +5,6 @@ from __future__ import annotations
 import gradio as gr
 
 PENDING = {
-    "Layers": (
-        "Which layers did your fine-tune actually change? A heatmap of the change of every layer "
-        "over the training steps shows a few *busy* layers and many *lazy* ones (Liu et al., "
-        "arXiv 2405.00466), and a curve shows how much of your fine-tune survives when only the "
-        "busiest layers are kept."
-    ),
     "Defenses": (
         "Switches for differential privacy during training, weight noise, pruning, quantization and "
         "rank truncation of the shared LoRA, and a chart of what each one costs: how much harder "

@@ -21,10 +21,12 @@ class VisitorSession:
     crops: list = field(default_factory=list)  # uint8 64x64x3 face crops, in memory
     result: object = None  # the last FinetuneResult
     trained_on: list = field(default_factory=list)  # the crops that result was fine-tuned on
+    layer_steps: dict = field(default_factory=dict)  # {step: per-layer change} recorded during a fine-tune (ui.layers_tab)
 
     def close(self) -> None:
         self.crops.clear()
         self.trained_on.clear()
+        self.layer_steps.clear()
         self.result = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
