@@ -14,6 +14,7 @@ import gradio as gr
 from core.engine import Engine
 from ui.about_tab import create_about_tab
 from ui.attack_tab import create_attack_tab
+from ui.defenses_tab import create_defenses_tab
 from ui.finetune_tab import create_finetune_tab
 from ui.layers_tab import create_layers_tab
 from ui.pending_tabs import PENDING, create_pending_tab
@@ -33,6 +34,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
             create_attack_tab(engine, session, attack)
         with gr.Tab("Layers") as layers:
             create_layers_tab(engine, session, layers)
+        with gr.Tab("Defenses") as defenses:
+            create_defenses_tab(defenses)
         for name in PENDING:
             with gr.Tab(name):
                 create_pending_tab(name)

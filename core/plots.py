@@ -127,3 +127,59 @@ def swap_curve_plot(rows, title: str | None = None, threshold: float = 0.6) -> g
         fig.update_xaxes(type="log")
     return _layout(fig, title or "Keep only the busiest layers: does the fine-tune still draw you?",
                    f"busiest layers kept (of {n})", "dlib distance to your photos")
+
+
+DEFENSE_COLORS = {"weight_noise": "#1971c2", "prune": "#e8590c", "quantize": "#2f9e44", "rank_truncate": "#9c36b5",
+                  "dp_sgd": "#c92a2a"}
+
+
+def privacy_utility_plot(rows, title: str | None = None) -> go.Figure:
+    """The privacy-utility study (rows as written by :mod:`core.eval_defenses`): one line per defense
+    through its strengths (weakest first, starting at the undefended LoRA); x = dlib distance of the
+    LoRA's own samples with its true trigger to the private photos (its utility: lower = it still draws
+    the person), y = dlib distance of the attacker's reconstruction to them (higher = more private);
+    the undefended LoRA and the floor (a random face from the base model) as marked points, the floor's
+    two distances as dotted lines. The hover gives each point's strength, top-1 and intervals."""
+    rows = list(rows)
+    und = next((r for r in rows if r["defense"] == "none"), None)
+    flo = next((r for r in rows if r["defense"] == "floor"), None)
+
+    def hover(r):
+        a, u = r["attack"], r["utility"]
+        eps = f"<br>epsilon {r['epsilon']:.3g} per photo" if r.get("epsilon") is not None else ""
+        return (f"<b>{r['label']}</b>{eps}<br>attack: distance {a['distance']:.3f} "
+                f"[{a['distance_ci'][0]:.3f}, {a['distance_ci'][1]:.3f}], top-1 {a['top1']:.0%}, top-5 {a['top5']:.0%}"
+                f"<br>LoRA with its trigger: distance {u['distance']:.3f} [{u['distance_ci'][0]:.3f}, "
+                f"{u['distance_ci'][1]:.3f}], beats the floor for {u['beats_floor']:.0%} of the victims")
+
+    fig = go.Figure()
+    groups: dict[str, list] = {}
+    for r in rows:
+        if r["defense"] not in ("none", "floor"):
+            groups.setdefault(r["defense"], []).append(r)
+    for name, pts in groups.items():
+        pts = ([und] if und else []) + pts
+        fig.add_scatter(x=[p["utility"]["distance"] for p in pts], y=[p["attack"]["distance"] for p in pts],
+                        mode="lines+markers+text", name=pts[-1].get("title", name),
+                        text=["" if p["defense"] == "none" else p["short"] + (f", ε {p['epsilon']:.2g}" if p.get("epsilon") is not None else "")
+                              for p in pts], textposition="top center",
+                        textfont=dict(size=9, color=DEFENSE_COLORS.get(name, "#495057")),
+                        line=dict(width=2, color=DEFENSE_COLORS.get(name, "#495057")), marker=dict(size=7),
+                        hovertext=[hover(p) for p in pts], hoverinfo="text")
+    if und:
+        fig.add_scatter(x=[und["utility"]["distance"]], y=[und["attack"]["distance"]], mode="markers",
+                        name="undefended LoRA", marker=dict(symbol="star", size=16, color="#212529"),
+                        hovertext=[hover(und)], hoverinfo="text")
+    if flo:
+        fx, fy = flo["utility"]["distance"], flo["attack"]["distance"]
+        fig.add_scatter(x=[fx], y=[fy], mode="markers", name="floor: no LoRA, a random face from the base model",
+                        marker=dict(symbol="x", size=13, color="#868e96"), hovertext=[hover(flo)], hoverinfo="text")
+        fig.add_hline(y=fy, line=dict(color="#868e96", width=1.5, dash="dot"),
+                      annotation_text="attack no closer than a random face", annotation_position="bottom left")
+        fig.add_vline(x=fx, line=dict(color="#868e96", width=1.5, dash="dot"),
+                      annotation_text="LoRA no closer than a random face", annotation_position="bottom left")
+    fig = _layout(fig, title or "What each defense costs: privacy against utility (best: top left)",
+                  "your LoRA with its trigger: distance to the photos (lower = still draws the person)",
+                  "attacker's reconstruction: distance to the photos (higher = more private)")
+    fig.update_layout(height=560, margin=dict(l=60, r=20, t=50, b=130), legend=dict(orientation="h", y=-0.2, yanchor="top"))
+    return fig

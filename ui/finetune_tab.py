@@ -5,19 +5,25 @@ Only wiring: ingestion, fine-tuning, scoring and plotting all live in ``core``.
 
 from __future__ import annotations
 
+import math
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 
 from core import ASSETS
 from core.attack_report import attacker_mismatch, reconstruct_lora
+from core.defenses import DEFENSES, DPConfig, apply_defense, dp_finetune
 from core.engine import Engine, SampleRequest
 from core.events import Checkpoint, Done, Preview, Progress
-from core.finetune import MAX_PHOTOS, MIN_PHOTOS, FinetuneConfig, finetune, pick_trigger, save_lora
+from ui.layers_tab import record_checkpoint
+from core.finetune import (MAX_PHOTOS, MIN_PHOTOS, FinetuneConfig, finetune, pick_trigger, pipeline_with_lora,
+                           save_lora)
 from core.ingest import IngestError, ingest_face
 from core.metrics import SAME_PERSON
+from core.pipeline import sample_images
 from core.plots import attack_curve, loss_curve
 from core.prompts import CLASS_PROMPT, instance_prompt
 from core.utility import identity_distance, lora_utility
@@ -106,9 +112,85 @@ def live_score(step: int, attack: float, floor: float, ceiling: float | None, n_
             "toward the average face, so even a random face is often below it.")
 
 
-def train_run(engine: Engine, session, steps, rank, lr, seed, text_encoder):
-    """The Train button: fine-tune with the live attack. Yields dicts {output name: value} (names of
-    ``FINETUNE_OUTPUTS``; missing ones stay as they are)."""
+# defenses before sharing ------------------------------------------------------------------------
+
+NO_DEFENSE = "none"
+DEFENSE_CHOICES = [("none", NO_DEFENSE), ("weight noise", "weight_noise"), ("prune", "prune"), ("quantize", "quantize"),
+                   ("rank truncation", "rank_truncate")]
+# strength slider per post-hoc defense: (minimum, maximum, step, default, label, info)
+DEFENSE_SLIDERS = {
+    "weight_noise": (0.0, 5.0, 0.05, 1.0, "Noise strength", "Gaussian noise added to every weight; its std relative to "
+                     "the typical size of the weights of that tensor (1 = noise as large as the weights)"),
+    "prune": (0.0, 0.99, 0.01, 0.9, "Fraction of weights set to zero",
+              "in every LoRA tensor, this share of its smallest weights becomes 0"),
+    "quantize": (2, 16, 1, 4, "Bits per weight", "each tensor's weights rounded to 2^bits - 1 levels; fewer bits = coarser"),
+    "rank_truncate": (1, 32, 1, 2, "Directions kept",
+                      "each layer's change B·A cut to its strongest directions (at or above the LoRA rank, nothing is cut)"),
+}
+DP_DEFAULT_NOISE = 1.0
+DEFENSES_INTRO = """
+Two kinds of protection, both optional (see the **Defenses** tab for what each one costs, measured on many people):
+- **Differential privacy (DP-SGD)**: train with each photo's influence clipped and hidden under random noise. The
+  status line shows the privacy accountant's **epsilon** (smaller = stronger promise). Epsilon is **per photo**: it
+  bounds how much the LoRA reveals about whether any *one* photo was used, not about *you*; a person with 5 photos in
+  the set has roughly 5x that epsilon. More noise: smaller epsilon, and a LoRA that learns your face less well.
+- **Edit the LoRA before sharing it**: noise, pruning, quantization or rank truncation of its weights. Applied to the
+  file you download and to the LoRA the live attacker reads at every checkpoint, so you see both the
+  reconstructions and your LoRA's own samples change.
+"""
+
+
+def defense_slider(name):
+    """The strength slider for a post-hoc defense choice (hidden for none)."""
+    if name not in DEFENSE_SLIDERS:
+        return gr.Slider(visible=False)
+    lo, hi, step, value, label, info = DEFENSE_SLIDERS[name]
+    return gr.Slider(minimum=lo, maximum=hi, step=step, value=value, label=label, info=info, visible=True)
+
+
+def defense_words(name: str, strength) -> str:
+    """A post-hoc defense at a strength, in words."""
+    if name == "weight_noise":
+        return f"weight noise ({strength:g}x the weights' typical size)"
+    if name == "prune":
+        return f"pruning ({100 * strength:g} % of the weights set to zero)"
+    if name == "quantize":
+        return f"quantization to {int(strength)} bits"
+    if name == "rank_truncate":
+        return f"rank truncation (top {int(strength)} directions kept)"
+    return name
+
+
+def resolve_defense(defense, strength):
+    """(defense name or None, strength of the right type), validated; gr.Error when unusable."""
+    if defense in (None, "", NO_DEFENSE):
+        return None, None
+    if defense not in DEFENSES:
+        raise gr.Error(f"Unknown defense {defense!r}; choose one of: {', '.join(c for _, c in DEFENSE_CHOICES)}.")
+    try:
+        s = float(DEFENSE_SLIDERS[defense][3] if strength in (None, "") else strength)
+        if defense in ("quantize", "rank_truncate"):
+            s = int(round(s))
+        apply_defense({}, defense, s)  # the defense's own check of its strength
+    except (TypeError, ValueError) as e:
+        raise gr.Error(f"Bad strength for {defense}: {e}")
+    return defense, s
+
+
+def epsilon_words(epsilon: float, n_photos: int) -> str:
+    """The accountant's epsilon in plain words (per photo; roughly n x for a person with n photos)."""
+    if not math.isfinite(epsilon):
+        return "epsilon = ∞: with no noise, DP-SGD's clipping alone promises nothing"
+    return (f"epsilon **{epsilon:.3g}** per photo (it covers any *one* photo, not you: a person with 5 photos has "
+            f"roughly 5x that; with your {n_photos} photos, about {n_photos * epsilon:.3g})")
+
+
+def train_run(engine: Engine, session, steps, rank, lr, seed, text_encoder, dp=False, dp_noise=DP_DEFAULT_NOISE,
+              defense=NO_DEFENSE, strength=None):
+    """The Train button: fine-tune (with DP-SGD when ``dp``) with the live attack; a post-hoc
+    ``defense`` at ``strength`` is applied to every checkpoint the attacker reads, to the previews and to
+    the exported LoRA. Yields dicts {output name: value} (names of ``FINETUNE_OUTPUTS``; missing ones
+    stay as they are)."""
     session = ensure(session)
     if len(session.crops) < MIN_PHOTOS:
         raise gr.Error(f"Add at least {MIN_PHOTOS} usable photos of one face first (you have {len(session.crops)}).")
@@ -116,14 +198,34 @@ def train_run(engine: Engine, session, steps, rank, lr, seed, text_encoder):
         seed = int(seed) if seed not in (None, "") else random.randrange(2**31)
         cfg = FinetuneConfig(steps=int(steps), rank=int(rank), alpha=float(rank), lr=float(lr), seed=seed,
                              text_encoder=bool(text_encoder))
+        dpc = DPConfig(noise_multiplier=float(DP_DEFAULT_NOISE if dp_noise in (None, "") else dp_noise)) if dp else None
     except (TypeError, ValueError) as e:
         raise gr.Error(str(e))
+    if dp and cfg.text_encoder:
+        raise gr.Error("DP-SGD trains the UNet LoRA only: untick \"Also train a LoRA on the text encoder\" to use it.")
+    defense, strength = resolve_defense(defense, strength)
     photos = session.crops[:MAX_PHOTOS]
     trigger = pick_trigger(cfg)
     attacker, why = engine.attacker()
+    # with a post-hoc defense the previews are drawn here, from the defended LoRA (the core's would show the raw one)
+    run_cfg = replace(cfg, preview_n=0) if defense else cfg
+    events = dp_finetune(engine.pipe, photos, run_cfg, dpc) if dp else finetune(engine.pipe, photos, run_cfg)
+    tag = f" ({defense_words(defense, strength)})" if defense else ""
+
+    def shared(lora):
+        return apply_defense(lora, defense, strength) if defense else lora
+
+    plan = []
+    if dp:
+        plan.append(f"training with DP-SGD (noise multiplier {dpc.noise_multiplier:g})")
+    if defense:
+        plan.append(f"{defense_words(defense, strength)} applied to the LoRA file you download and to every "
+                    "checkpoint the attacker reads")
+    plan_text = (" Defenses: " + "; ".join(plan) + ".") if plan else ""
     steps_seen, losses, inst, gallery = [], [], [], []
     recon, a_steps, a_dist, c_dist, floor = [], [], [], [], None
-    yield dict(status=f"Preparing... your secret trigger word is **{trigger}** (prompt: *{instance_prompt(trigger)}*)",
+    epsilon = None
+    yield dict(status=f"Preparing... your secret trigger word is **{trigger}** (prompt: *{instance_prompt(trigger)}*).{plan_text}",
                loss=None, previews=[], score="", download=None, session=session,
                attack_head=LIVE_INTRO if attacker is not None else
                f"{LIVE_HEAD}\n**The live attack is not available:** {why} The fine-tune works without it.",
@@ -136,50 +238,75 @@ def train_run(engine: Engine, session, steps, rank, lr, seed, text_encoder):
                                             len(engine.floor_images()), cfg.preview_n),
                     attack_plot=attack_curve(a_steps, a_dist, c_dist, floor, cfg.steps), session=session)
 
-    for ev in finetune(engine.pipe, photos, cfg):
+    def on_preview(step, images):
+        nonlocal gallery
+        gallery = (gallery + [(im, f"step {step}{tag}") for im in images])[-12:]
+        yield dict(previews=gallery, session=session)
+        if a_steps and a_steps[-1] == step:  # the ceiling at the step just attacked
+            c_dist[-1] = identity_distance(images, photos)
+            yield scores()
+
+    for ev in events:
+        if isinstance(ev, Checkpoint):
+            lora = shared(ev.lora)  # what would be shared at this step
+            # per-layer change for the Layers tab's heatmap over the steps
+            record_checkpoint(engine, session, ev.step, lora, cfg.alpha)
         if isinstance(ev, Progress):
             steps_seen.append(ev.step)
             losses.append(ev.metrics["loss"])
             inst.append(ev.metrics["instance_loss"])
+            epsilon = ev.metrics.get("epsilon", epsilon)
             if ev.step % 5 == 0 or ev.step == ev.total:
-                yield dict(status=f"Training step **{ev.step}/{ev.total}** ({ev.elapsed:.0f} s). Trigger word: **{trigger}**",
+                eps = f" DP-SGD: {epsilon_words(epsilon, len(photos))}." if epsilon is not None else ""
+                yield dict(status=f"Training step **{ev.step}/{ev.total}** ({ev.elapsed:.0f} s). Trigger word: **{trigger}**.{eps}",
                            loss=loss_curve(steps_seen, losses, inst, ev.total), session=session)
-        elif isinstance(ev, Checkpoint) and attacker is not None:
-            mismatch = attacker_mismatch(attacker, ev.lora)
-            if mismatch:
-                attacker = None
-                yield dict(attack_head=f"{LIVE_HEAD}\n**The attacker cannot read this LoRA:** {mismatch} "
-                                       "The fine-tune goes on without the live attack.", session=session)
-                continue
-            ims = reconstruct_lora(engine.pipe, attacker, ev.lora, ev.step, cfg.alpha, seeds=LIVE_SEEDS)
-            if floor is None:
-                floor = identity_distance(engine.floor_images(), photos)
-            recon = [(im, f"step {ev.step}") for im in ims] + recon  # newest first, earlier steps kept
-            a_steps.append(ev.step)
-            a_dist.append(identity_distance(ims, photos))
-            c_dist.append(None)
-            yield dict(attack_head=f"{LIVE_HEAD}, step {ev.step}", attack_gallery=recon, **scores())
+        elif isinstance(ev, Checkpoint):
+            if attacker is not None:
+                mismatch = attacker_mismatch(attacker, lora)
+                if mismatch:
+                    attacker = None
+                    yield dict(attack_head=f"{LIVE_HEAD}\n**The attacker cannot read this LoRA:** {mismatch} "
+                                           "The fine-tune goes on without the live attack.", session=session)
+                else:
+                    ims = reconstruct_lora(engine.pipe, attacker, lora, ev.step, cfg.alpha, seeds=LIVE_SEEDS)
+                    if floor is None:
+                        floor = identity_distance(engine.floor_images(), photos)
+                    recon = [(im, f"step {ev.step}") for im in ims] + recon  # newest first, earlier steps kept
+                    a_steps.append(ev.step)
+                    a_dist.append(identity_distance(ims, photos))
+                    c_dist.append(None)
+                    yield dict(attack_head=f"{LIVE_HEAD}{tag}, step {ev.step}", attack_gallery=recon, **scores())
+            if defense and cfg.preview_n:  # the defended LoRA's own samples, drawn as the fine-tune draws its previews
+                ims = sample_images(pipeline_with_lora(engine.pipe, lora, cfg.alpha), instance_prompt(trigger),
+                                    n=cfg.preview_n, seed=0, steps=cfg.preview_steps)
+                yield from on_preview(ev.step, ims)
         elif isinstance(ev, Preview):
-            gallery = (gallery + [(im, f"step {ev.step}") for im in ev.images])[-12:]
-            yield dict(previews=gallery, session=session)
-            if a_steps and a_steps[-1] == ev.step:  # the ceiling at the step just attacked
-                c_dist[-1] = identity_distance(ev.images, photos)
-                yield scores()
+            yield from on_preview(ev.step, ev.images)
         elif isinstance(ev, Done):
-            res = ev.result
+            res = replace(ev.result, lora=shared(ev.result.lora))  # the LoRA as shared: what every other tab sees
             session.result = res
             session.trained_on = list(photos)
             path = save_lora(session.dir / "lora.safetensors", res, base_name=engine.model_name)
             yield dict(status="Scoring the LoRA against your photos...", download=str(path), session=session)
             u = lora_utility(engine.pipe, res.lora, res.trigger, photos, alpha=cfg.alpha, floor=engine.floor_images())
             verdict = "the same person by dlib's rule (< 0.6)" if u.same_person else "not close enough to count as the same person (>= 0.6)"
-            yield dict(status=f"Done: {res.steps_done} steps in {res.seconds:.0f} s. Trigger word: **{res.trigger}** "
-                              f"(prompt: *{instance_prompt(res.trigger)}*). Keep it to yourself: it is not in the file. "
-                              "The **Attack** tab runs every weight-only attack on this LoRA.",
-                       score=f"**How well your LoRA draws you** (dlib identity distance of its 4 samples to your photos; lower is closer):\n"
-                             f"- your LoRA with the trigger word: **{u.distance:.2f}**, {verdict}\n"
-                             f"- a random face from the base model (\"{CLASS_PROMPT}\"), for comparison: **{u.floor:.2f}**",
-                       download=str(path), session=session)
+            done = [f"Done: {res.steps_done} steps in {res.seconds:.0f} s. Trigger word: **{res.trigger}** "
+                    f"(prompt: *{instance_prompt(res.trigger)}*). Keep it to yourself: it is not in the file."]
+            if dp:
+                done.append(f"Trained with DP-SGD (noise multiplier {res.noise_multiplier:.3g}): "
+                            f"{epsilon_words(res.epsilon, len(photos))}.")
+            if defense:
+                done.append(f"The file holds your LoRA after {defense_words(defense, strength)}; the Attack and "
+                            "Layers tabs look at this defended LoRA.")
+            done.append("The **Attack** tab runs every weight-only attack on this LoRA.")
+            score = (f"**How well your LoRA draws you** (dlib identity distance of its 4 samples to your photos; lower is closer):\n"
+                     f"- your LoRA with the trigger word{' after ' + defense_words(defense, strength) if defense else ''}: "
+                     f"**{u.distance:.2f}**, {verdict}\n")
+            if defense:
+                u0 = lora_utility(engine.pipe, ev.result.lora, res.trigger, photos, alpha=cfg.alpha, floor=engine.floor_images())
+                score += f"- the same LoRA before the defense: **{u0.distance:.2f}**\n"
+            score += f"- a random face from the base model (\"{CLASS_PROMPT}\"), for comparison: **{u.floor:.2f}**"
+            yield dict(status=" ".join(done), score=score, download=str(path), session=session)
 
 
 # outputs of the Train button, in the order of its event (the API returns all but the session)
@@ -208,6 +335,16 @@ def create_finetune_tab(engine: Engine) -> gr.State:
                 lr = gr.Number(value=FinetuneConfig.lr, label="Learning rate")
                 seed = gr.Number(value=None, precision=0, label="Seed (empty = a fresh random one; it also picks the trigger word)")
                 text_encoder = gr.Checkbox(value=False, label="Also train a LoRA on the text encoder")
+            with gr.Accordion("Defenses (what you can do before sharing)", open=False):
+                gr.Markdown(DEFENSES_INTRO)
+                dp = gr.Checkbox(value=False, label="Train with differential privacy (DP-SGD)",
+                                 info="UNet LoRA only; each step costs more than a plain one")
+                dp_noise = gr.Slider(0.0, 10.0, value=DP_DEFAULT_NOISE, step=0.1, label="DP noise multiplier σ",
+                                     info="more noise: smaller epsilon (a stronger promise), and a LoRA that learns you less")
+                defense = gr.Dropdown(DEFENSE_CHOICES, value=NO_DEFENSE, label="Edit the LoRA before sharing it")
+                lo, hi, st, val, lab, inf = DEFENSE_SLIDERS["prune"]
+                strength = gr.Slider(lo, hi, value=val, step=st, label=lab, info=inf, visible=False)
+                defense.change(defense_slider, defense, strength, queue=False, api_visibility="private")
             with gr.Row():
                 train = gr.Button("Train", variant="primary")
                 stop = gr.Button("Stop")
@@ -236,11 +373,12 @@ def create_finetune_tab(engine: Engine) -> gr.State:
                    attack_head=attack_head, attack_photos=attack_photos, attack_gallery=attack_gallery,
                    attack_score=attack_score, attack_plot=attack_plot)
 
-    def run(session, steps, rank, lr, seed, text_encoder):
-        for update in train_run(engine, session, steps, rank, lr, seed, text_encoder):
+    def run(session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength):
+        for update in train_run(engine, session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength):
             yield tuple(update.get(k, gr.skip()) for k in FINETUNE_OUTPUTS)
 
-    ev = train.click(run, [session, steps, rank, lr, seed, text_encoder], [outputs[k] for k in FINETUNE_OUTPUTS],
+    ev = train.click(run, [session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength],
+                     [outputs[k] for k in FINETUNE_OUTPUTS],
                      concurrency_limit=1, concurrency_id="finetune", api_name="train")
     stop.click(lambda: "Stopped.", None, status, cancels=[ev])
 

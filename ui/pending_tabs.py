@@ -5,11 +5,6 @@ from __future__ import annotations
 import gradio as gr
 
 PENDING = {
-    "Defenses": (
-        "Switches for differential privacy during training, weight noise, pruning, quantization and "
-        "rank truncation of the shared LoRA, and a chart of what each one costs: how much harder "
-        "the attacker's job gets against how much worse your LoRA draws you."
-    ),
     "Watermark": (
         "The model owner's view: an ownership watermark hidden in *lazy* layers (AIAO) survives your "
         "fine-tune, while a classic trigger-image watermark fades. Verify a freshly trained LoRA and "

@@ -1,0 +1,95 @@
+"""Defenses tab: what each defense of a shared LoRA costs, from the privacy-utility study.
+
+Only wiring: the study is ``core.eval_defenses`` (run offline: ``python -m core.eval_defenses``), its
+chart ``core.plots.privacy_utility_plot``. This tab reads ``docs/results/defenses.json`` and shows it;
+without that file it says the study has not been run and shows nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+
+from core import PROJECT_ROOT
+from core.eval_defenses import DP_NOISE, table_markdown
+from core.plots import privacy_utility_plot
+
+RESULTS_JSON = PROJECT_ROOT / "docs" / "results" / "defenses.json"
+COMMAND = "python -m core.eval_defenses"
+
+INTRO = """
+### Defenses: what they cost
+You can protect a LoRA before sharing it, but every protection also blurs what the LoRA learned. This tab
+shows both sides for each defense, measured on real people the attacker never saw: how far the attacker's
+reconstruction is from their photos (privacy), and how far the LoRA's own drawings with its secret trigger
+are from them (utility). Try them on your own photos in the **Fine-tune** tab, under *Defenses*.
+"""
+
+EXPLAIN = f"""
+#### The defenses
+- **Weight noise**: random Gaussian noise added to every number of the LoRA file; strength = the noise's size
+  relative to the typical size of the weights (1 = as large as the weights themselves).
+- **Pruning**: the smallest weights of each LoRA tensor are set to zero; strength = the share set to zero.
+- **Quantization**: each weight is rounded to one of a few levels; strength = bits per weight (fewer = coarser).
+- **Rank truncation**: each layer's change is cut down to its strongest few directions (singular vectors);
+  strength = how many directions are kept (the LoRA's rank r keeps everything).
+- **DP-SGD** (differential privacy while training): each photo's influence on every training step is clipped
+  and hidden under random noise; strength = the noise multiplier σ, and the privacy accountant turns it into
+  **epsilon** (smaller = stronger promise). Epsilon is **per photo**: it bounds what the LoRA reveals about
+  whether any *one* photo was used, not about the person; someone with 5 photos in the set has roughly 5x that
+  epsilon. The study retrains every LoRA from scratch for each σ (by default {', '.join(f'{s:g}' for s in DP_NOISE)}).
+
+#### Reading the chart
+Each point is one defense at one strength, averaged over the study's people. **Across** (x): the dlib identity
+distance of the LoRA's own samples with its trigger to the person's photos: lower means the LoRA still draws the
+person (utility). **Up** (y): the distance of the attacker's reconstruction to the same photos: higher means the
+attacker learned less (privacy). Each line starts at the **undefended LoRA** (the star) and gets stronger point by
+point. The **floor** (the grey cross and dotted lines) is a random face from the base model: an attack at the floor
+does no better than guessing a random face, and a LoRA at the floor no longer draws the person. The best place is
+the top left: attack at the floor, LoRA still useful. *Top-1* in the table is how often the attacker's image is
+closer to its victim than to any of the other people in the study.
+"""
+
+NOT_RUN = (f"**The privacy-utility study has not been run yet**, so there are no measurements to show here. "
+           f"It needs the trained attacker (`assets/attacker/attacker.safetensors`); then run\n\n"
+           f"```bash\n{COMMAND}\n```\n\n"
+           f"which writes `docs/results/defenses.json` (read by this tab), `defenses.md` and the chart "
+           f"(`--n`, `--defenses`, `--skip-dp`, `--out`: see `{COMMAND} --help`).")
+
+
+def load_study(path: str | Path = RESULTS_JSON) -> dict | None:
+    """The study's results, or None when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def defenses_view(path: str | Path = RESULTS_JSON):
+    """(status markdown, chart or None, table and conclusion markdown) of the study at ``path``."""
+    try:
+        r = load_study(path)
+    except (OSError, ValueError) as e:
+        return f"**The study's results at `{path}` could not be read** ({e}). Run `{COMMAND}` again.", None, ""
+    if r is None:
+        return NOT_RUN, None, ""
+    dp = [x for x in r["rows"] if x["defense"] == "dp_sgd"]
+    head = (f"**Measured on {r['n']} people** (victims never seen by the base model or the attacker; chance "
+            f"top-1: {r['chance_top1']:.0%}). Produced by `{r.get('command', COMMAND)}` on {r.get('created', '?')} "
+            f"(base model `{r.get('base', '?')}`, attacker `{r.get('attacker', '?')}`"
+            f"{', with ' + str(len(dp)) + ' DP-SGD settings' if dp else ', without DP-SGD'}).")
+    table = f"{table_markdown(r)}\n\n**What the numbers say** (generated from them): {r.get('conclusion', '')}"
+    return head, privacy_utility_plot(r["rows"]), table
+
+
+def create_defenses_tab(tab: gr.Tab | None = None, path: str | Path = RESULTS_JSON) -> None:
+    gr.Markdown(INTRO)
+    head, fig, table_md = defenses_view(path)
+    status = gr.Markdown(head)
+    chart = gr.Plot(value=fig, label="Privacy against utility")
+    table = gr.Markdown(table_md)
+    gr.Markdown(EXPLAIN)
+    if tab is not None:  # re-read each time the tab is opened (the study may have finished meanwhile)
+        tab.select(lambda: defenses_view(path), None, [status, chart, table], api_visibility="private")
