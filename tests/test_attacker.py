@@ -48,4 +48,4 @@ def test_attacker_trains_on_shadows_and_reconstructs(tiny_pipe, tmp_path):
     lora = load_shadow(list_shadows(tmp_path / "shadow")[0]).checkpoints[4]
     ims, z = reconstruct(tiny_pipe, again, lora, 4, seeds=(0, 1), steps=2)
     assert len(ims) == 2 and ims[0].shape == (32, 32, 3) and z.shape == model.class_embedding.shape
-    torch.testing.assert_close(again.encode([lora], [4]), model.encode([lora], [4]))
+    torch.testing.assert_close(again.encode([lora], [4]), model.encode([lora], [4]), rtol=1e-2, atol=1e-2)  # stored in float16
