@@ -35,6 +35,12 @@ Beside it, two attacks anyone can run with the file alone, no training: **naive*
 ordinary prompt "{CLASS_PROMPT}") and **FineXtract-style** (the base model's prediction pushed {FINEXTRACT_W:g}x
 toward the LoRA's, Wu et al. 2024). With reference photos of the person, each set of images is scored
 by dlib identity distance, next to the **floor**: a random face from the base model.
+
+*Measured on 50 people the models never saw (README, `python -m core.eval_attack`):* picking the
+right person among 50 from 4 images, the FineXtract-style images succeed 26 % of the time, the
+naive ones 12 %, the trained attacker 10 % (a random face: 2 %). On this small embedded model the
+secret trigger hides nothing: the base model pays little attention to prompts, so the LoRA draws
+its person whatever the prompt, and the attacker's learned prompt adds nothing to that.
 """
 
 
