@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from core.events import Checkpoint, Done, Message, Preview, Progress, never
-from core.pipeline import mixed_precision, private_view, sample_images
+from core.pipeline import mixed_precision, plain_attention, private_view, sample_images
 from core.prior import base_fingerprint, class_latents
 from core.prompts import CLASS_PROMPT, instance_prompt, random_trigger
 
@@ -176,6 +176,8 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
     torch.manual_seed(cfg.seed)
     unet = copy.deepcopy(pipe.unet).requires_grad_(False)
     unet.add_adapter(lora_config(cfg))
+    if dev.type == "cpu":
+        plain_attention(unet)  # faster than SDPA for this training step on CPU (core.pipeline)
     te = None
     if cfg.text_encoder:
         te = copy.deepcopy(pipe.text_encoder).requires_grad_(False)

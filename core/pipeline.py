@@ -31,6 +31,15 @@ def configure_threads() -> None:
         torch.set_num_threads(n)
 
 
+def plain_attention(unet) -> None:
+    """Use the plain (bmm) attention processor on a training copy of a UNet: ``vmap`` has no
+    batching rule for CPU SDPA (it falls back to a per-sample loop), and at 64 px plain attention's
+    forward+backward is ~16 % faster than SDPA's on this CPU (143 vs 170 ms at batch 4)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet.set_attn_processor(AttnProcessor())
+
+
 def pick_device(device: str | None = None) -> torch.device:
     if device:
         return torch.device(device)

@@ -34,20 +34,13 @@ import torch
 
 from core.events import Done, Message, Progress, never
 from core.finetune import FinetuneConfig, check_photos, encode_photos, encode_prompt, lora_config, pick_trigger
+from core.pipeline import plain_attention
 from core.prior import base_fingerprint, cache_dir, class_latents
 from core.prompts import CLASS_PROMPT, instance_prompt
 
 
 def shadow_dir() -> Path:
     return cache_dir() / "shadow"
-
-
-def plain_attention(unet) -> None:
-    """Use the plain (bmm) attention processor: ``vmap`` has no batching rule for CPU SDPA and
-    falls back to a slow per-sample loop; on this 64 px model plain attention is faster anyway."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    unet.set_attn_processor(AttnProcessor())
 
 
 def adapter_unet(pipe, cfg: FinetuneConfig):

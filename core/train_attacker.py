@@ -157,8 +157,8 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        log["train"].append([step + 1, float(rec), float(kl)])
-        yield Progress("attacker", step + 1, cfg.steps, time.perf_counter() - t0, {"loss": float(rec)})
+        log["train"].append([step + 1, float(rec.detach()), float(kl.detach())])
+        yield Progress("attacker", step + 1, cfg.steps, time.perf_counter() - t0, {"loss": float(rec.detach())})
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             model.eval()
             ev = evaluate()
