@@ -15,8 +15,9 @@ and (elementwise, hence separable) AdamW state, so LoRA k is the LoRA ``finetune
 seed=seeds[k])`` would make, up to float rounding (tests/test_shadow.py checks it).
 ``bench/shadow_speed.py`` measures LoRAs per CPU-hour against one-at-a-time ``finetune``.
 
-CLI: ``python -m core.shadow --n 160`` (resumable: finished groups are skipped). Under
-``accelerate launch`` the groups are shared between processes / GPUs / machines.
+CLI: ``python -m core.shadow --n 96`` (resumable: finished groups are skipped). Under
+``accelerate launch`` the groups are shared between processes / GPUs / machines (accelerate's
+process index and count; tests/test_shadow.py checks the sharding; no multi-GPU run yet).
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def main(argv=None):
     from core.pipeline import load_pipeline
 
     ap = argparse.ArgumentParser(description="Train the shadow LoRA population (resumable)")
-    ap.add_argument("--n", type=int, default=160, help="number of shadow LoRAs")
+    ap.add_argument("--n", type=int, default=96, help="number of shadow LoRAs")
     ap.add_argument("--out", default=None, help=f"folder (default: {shadow_dir()})")
     ap.add_argument("--group", type=int, default=16, help="LoRAs trained at once")
     ap.add_argument("--record-every", type=int, default=5, help="steps between trajectory checkpoints")

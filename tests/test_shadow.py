@@ -26,7 +26,7 @@ def test_train_many_reproduces_finetune_run_by_run(tiny_pipe):
         assert abs(res["losses"][-1][k] - single.losses[-1]) < 1e-3
 
 
-def test_population_is_written_and_resumes(tiny_pipe, tmp_path, monkeypatch):
+def fake_people(tmp_path):
     import numpy as np
     from PIL import Image
 
@@ -40,6 +40,11 @@ def test_population_is_written_and_resumes(tiny_pipe, tmp_path, monkeypatch):
                 root / f"P{i}" / f"P{i}_{j}.jpg")
             names.append(f"P{i}_{j}.jpg")
         jobs.append(ShadowJob(f"P{i}", names, seed=100 + i))
+    return root, jobs
+
+
+def test_population_is_written_and_resumes(tiny_pipe, tmp_path):
+    root, jobs = fake_people(tmp_path)
     out = tmp_path / "shadow"
     ev = list(build_population(tiny_pipe, jobs, TINY, out, group=2, record_every=2, root=root))
     assert isinstance(ev[-1], Done) and len(ev[-1].result) == 3 and len(list_shadows(out)) == 3
@@ -47,3 +52,12 @@ def test_population_is_written_and_resumes(tiny_pipe, tmp_path, monkeypatch):
     assert s.identity == "P0" and sorted(s.checkpoints) == [2, 4] and s.latents.shape[0] == 6  # 3 photos + mirrors
     again = list(build_population(tiny_pipe, jobs, TINY, out, group=2, record_every=2, root=root))
     assert again[-1].result == []  # nothing left to do
+
+
+def test_processes_share_the_groups(tiny_pipe, tmp_path):
+    """Under ``accelerate launch`` each process takes every num_processes-th group: disjoint, complete."""
+    root, jobs = fake_people(tmp_path)
+    out = tmp_path / "shadow"
+    mine = [drain(build_population(tiny_pipe, jobs, TINY, out, group=2, record_every=0, root=root,
+                                   process_index=i, num_processes=2)) for i in (0, 1)]
+    assert [[p.name for p in m] for m in mine] == [["00000.safetensors", "00001.safetensors"], ["00002.safetensors"]]
