@@ -18,15 +18,22 @@ from core.attack_report import attacker_mismatch, reconstruct_lora
 from core.defenses import DEFENSES, DPConfig, apply_defense, dp_finetune
 from core.engine import Engine, SampleRequest
 from core.events import Checkpoint, Done, Preview, Progress
-from ui.layers_tab import record_checkpoint
-from core.finetune import (MAX_PHOTOS, MIN_PHOTOS, FinetuneConfig, finetune, pick_trigger, pipeline_with_lora,
-                           save_lora)
+from core.finetune import (
+    MAX_PHOTOS,
+    MIN_PHOTOS,
+    FinetuneConfig,
+    finetune,
+    pick_trigger,
+    pipeline_with_lora,
+    save_lora,
+)
 from core.ingest import IngestError, ingest_face
 from core.metrics import SAME_PERSON
 from core.pipeline import sample_images
 from core.plots import attack_curve, loss_curve
 from core.prompts import CLASS_PROMPT, instance_prompt
 from core.utility import identity_distance, lora_utility
+from ui.layers_tab import record_checkpoint
 from ui.session import SESSION_TTL, close_session, ensure
 
 EXAMPLES = ASSETS / "examples"
