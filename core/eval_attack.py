@@ -39,7 +39,7 @@ def victim_loras(pipe, names, private, cfg: FinetuneConfig, log=print, group: in
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from core.shadow import train_many
+    from core.shadow import read_trajectory, train_many, trajectory_tensors
 
     folder = cache_dir() / "victims" / base_fingerprint(pipe)
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,19 +50,13 @@ def victim_loras(pipe, names, private, cfg: FinetuneConfig, log=print, group: in
         t0 = time.perf_counter()
         res = drain(train_many(pipe, [private[i] for i in g], cfg, seeds=[500_000 + i for i in g], record_every=25))
         for k, i in enumerate(g):
-            tensors = {f"step{st}.{key}": v.contiguous() for st, loras in res["trajectory"].items() for key, v in loras[k].items()}
-            save_file(tensors, str(files[i]), metadata={"identity": names[i], "trigger": res["triggers"][k],
+            save_file(trajectory_tensors(res["trajectory"], k), str(files[i]), metadata={"identity": names[i], "trigger": res["triggers"][k],
                                                         "seed": str(500_000 + i), "steps": str(cfg.steps)})
         log(f"victim LoRAs {g[0]}..{g[-1]}: {time.perf_counter() - t0:.0f} s")
     out = []
     for f in files:
         with safe_open(str(f), "pt") as h:
-            meta = h.metadata()
-            ck: dict[int, dict] = {}
-            for key in h.keys():
-                head, rest = key.split(".", 1)
-                ck.setdefault(int(head[4:]), {})[rest] = h.get_tensor(key).float()
-        out.append({"trigger": meta["trigger"], "checkpoints": ck})
+            out.append({"trigger": h.metadata()["trigger"], "checkpoints": read_trajectory(h)})
     return out
 
 

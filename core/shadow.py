@@ -192,14 +192,27 @@ def job_file(out: Path, i: int) -> Path:
     return out / f"{i:05d}.safetensors"
 
 
+def trajectory_tensors(trajectory: dict, k: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Run ``k``'s checkpoints of a :func:`train_many` trajectory as ``step<r>.<key>`` file tensors."""
+    return {f"step{step}.{key}": v.to(dtype).contiguous() for step, loras in trajectory.items() for key, v in loras[k].items()}
+
+
+def read_trajectory(handle) -> dict[int, dict]:
+    """``{step: peft-named state dict (float32)}`` from an open ``safe_open`` handle of such a file."""
+    ck: dict[int, dict] = {}
+    for key in handle.keys():
+        if key.startswith("step"):
+            head, rest = key.split(".", 1)
+            ck.setdefault(int(head[4:]), {})[rest] = handle.get_tensor(key).float()
+    return ck
+
+
 def save_shadow(path: Path, job: ShadowJob, trigger: str, latents: torch.Tensor, trajectory: dict, k: int,
                 cfg: FinetuneConfig, base: str) -> None:
     """One shadow LoRA: photo latents and every recorded checkpoint (fp16), metadata as JSON."""
     from safetensors.torch import save_file
 
-    tensors = {"latents": latents.half().contiguous()}
-    for step, loras in trajectory.items():
-        tensors.update({f"step{step}.{key}": v.half().contiguous() for key, v in loras[k].items()})
+    tensors = {"latents": latents.half().contiguous(), **trajectory_tensors(trajectory, k, torch.float16)}
     meta = {"identity": job.name, "photos": json.dumps(job.photos), "seed": str(job.seed), "trigger": trigger,
             "steps": json.dumps(sorted(trajectory)), "rank": str(cfg.rank), "alpha": str(cfg.alpha),
             "base": base, "config": json.dumps({k2: v for k2, v in vars(cfg).items() if k2 != "unet_targets"})}
@@ -226,11 +239,7 @@ def load_shadow(path: str | Path) -> ShadowLoRA:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         latents = f.get_tensor("latents").float()
-        ck: dict[int, dict] = {}
-        for key in f.keys():
-            if key.startswith("step"):
-                head, rest = key.split(".", 1)
-                ck.setdefault(int(head[4:]), {})[rest] = f.get_tensor(key).float()
+        ck = read_trajectory(f)
     return ShadowLoRA(meta["identity"], meta["trigger"], int(meta["seed"]), latents, ck, meta)
 
 

@@ -62,6 +62,21 @@ def tiny_pipe(tiny_pipeline_dir, tmp_path_factory, monkeypatch_module):
     return load_pipeline(tiny_pipeline_dir, device="cpu")
 
 
+def launched_app(engine):
+    """The app built on ``engine``, served on a free local port; yields the running demo, then closes it."""
+    import socket
+
+    import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = app.build_demo(engine)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield demo
+    demo.close()
+
+
 def random_crops(n, size=32):
     return [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(n)]
 

@@ -1,26 +1,15 @@
 """The app starts offline on the embedded model and answers a gradio_client call."""
 
-import socket
-
 import numpy as np
 import pytest
 from PIL import Image
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import launched_app
 
 
 @pytest.fixture(scope="module")
 def running_app(base_engine):
-    import app
-
-    demo = app.build_demo(base_engine)
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield demo
-    demo.close()
+    yield from launched_app(base_engine)
 
 
 def test_sample_endpoint_answers_a_client(running_app):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from core import ASSETS
-from tests.test_app import free_port
+from tests.conftest import launched_app
 
 EXAMPLES = sorted((ASSETS / "examples" / "person_1000").glob("*.png"))
 
@@ -47,12 +47,7 @@ def attack_engine(base_engine, tiny_result, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def running_attack_app(attack_engine):
-    import app
-
-    demo = app.build_demo(attack_engine)
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield demo
-    demo.close()
+    yield from launched_app(attack_engine)
 
 
 def test_attack_tab_refuses_bad_files_then_attacks_a_good_one(running_attack_app, tiny_result, tmp_path):
