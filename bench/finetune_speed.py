@@ -28,13 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core import data  # noqa: E402
 from core.events import drain  # noqa: E402
 from core.finetune import FinetuneConfig, finetune, lora_config  # noqa: E402
-from core.pipeline import load_pipeline  # noqa: E402
+from core.pipeline import load_pipeline, mixed_precision  # noqa: E402
 from core.prior import class_latents, decode_latents  # noqa: E402
 from core.prompts import CLASS_PROMPT, instance_prompt, random_trigger  # noqa: E402
 
 
 def plain_loop(pipe, crops, class_images, cfg: FinetuneConfig, trigger: str) -> list[float]:
-    """diffusers-example-style DreamBooth LoRA loop (no caching, float32)."""
+    """diffusers-example-style DreamBooth LoRA loop (no caching; float32 on CPU, with the half-precision
+    autocast that the example's ``--mixed_precision`` gives through accelerate on CUDA)."""
+    dev = pipe.device
     unet = copy.deepcopy(pipe.unet).requires_grad_(False)
     torch.manual_seed(cfg.seed)
     unet.add_adapter(lora_config(cfg))
@@ -54,16 +56,17 @@ def plain_loop(pipe, crops, class_images, cfg: FinetuneConfig, trigger: str) -> 
         inst = inst_px[ii]
         flip = torch.rand(len(inst)) < 0.5  # the example's RandomHorizontalFlip
         inst[flip] = inst[flip].flip(-1)
-        pixel_values = torch.cat([inst, cls_px[ci]])
+        pixel_values = torch.cat([inst, cls_px[ci]]).to(dev)
         with torch.no_grad():
             latents = pipe.vae.encode(pixel_values).latent_dist.sample() * pipe.vae.config.scaling_factor
             ids = tok([instance_prompt(trigger)] * cfg.batch + [CLASS_PROMPT] * cfg.batch, padding="max_length",
-                      max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+                      max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(dev)
             enc = pipe.text_encoder(ids)[0]
         noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),))
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=dev)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy, t, enc).sample
+        with mixed_precision(dev, dev.type == "cuda"):
+            pred = unet(noisy, t, enc).sample
         p_inst, p_cls = pred.chunk(2)
         n_inst, n_cls = noise.chunk(2)
         loss = F.mse_loss(p_inst.float(), n_inst.float()) + cfg.prior_weight * F.mse_loss(p_cls.float(), n_cls.float())
@@ -77,14 +80,15 @@ def plain_loop(pipe, crops, class_images, cfg: FinetuneConfig, trigger: str) -> 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--victim", type=int, default=0, help="index of the victim identity whose first 5 photos are used")
+    ap.add_argument("--victim", type=int, default=0, help="index of the identity whose first 5 photos are used")
+    ap.add_argument("--group", default="victims", choices=("victims", "shadow"), help="identity group of the split")
     ap.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args(argv)
-    pipe = load_pipeline()
-    split = data.Split.load()
-    name = split.victims[a.victim]
-    crops = list(data.load_crops(split.paths("victims")[name][:5]))
+    pipe = load_pipeline(dtype=torch.float32)  # float32 weights on every device; the recipe autocasts on CUDA
+    people = data.Split.load().paths(a.group)
+    name = sorted(n for n in people if len(people[n]) >= 5)[a.victim]
+    crops = list(data.load_crops(people[name][:5]))
     cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
     if a.steps:
         cfg.steps = a.steps
@@ -101,7 +105,7 @@ def main(argv=None):
         pl = plain_loop(pipe, crops, cls_images, cfg, trigger)
         plain.append(time.perf_counter() - t0)
     o, p = min(ours), min(plain)
-    print(f"torch threads {torch.get_num_threads()}, {cfg.steps} steps, batch {cfg.batch}+{cfg.batch}, 5 photos, warm prior cache")
+    print(f"device {pipe.device}, torch threads {torch.get_num_threads()}, {cfg.steps} steps, batch {cfg.batch}+{cfg.batch}, 5 photos, warm prior cache")
     print(f"default recipe (core.finetune): {o:6.2f} s   final loss {np.mean(res.losses[-10:]):.4f}")
     print(f"plain diffusers-style loop:     {p:6.2f} s   final loss {np.mean(pl[-10:]):.4f}")
     print(f"speed-up: {p / o:.2f}x (best of {a.repeats} each)")

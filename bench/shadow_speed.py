@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=40, help="steps per LoRA in this measurement")
     ap.add_argument("--single", type=int, default=3, help="one-at-a-time runs timed (the baseline)")
     a = ap.parse_args(argv)
-    pipe = load_pipeline(None)
+    pipe = load_pipeline(None, dtype=torch.float32)  # as core.shadow trains
     cfg = FinetuneConfig(steps=a.steps, checkpoint_every=0, preview_n=0)
     class_latents(pipe, cfg.n_class)  # warm cache for both
     people = data.Split.load().paths("shadow")
@@ -53,7 +53,7 @@ def main(argv=None):
     many = (time.perf_counter() - t0) / (a.k * a.steps)
 
     default_steps = FinetuneConfig().steps
-    print(f"threads {torch.get_num_threads()}, {a.steps} steps per LoRA, batch {cfg.batch}+{cfg.batch}")
+    print(f"device {pipe.device}, threads {torch.get_num_threads()}, {a.steps} steps per LoRA, batch {cfg.batch}+{cfg.batch}")
     print(f"one at a time (finetune):   {1000 * single:7.1f} ms per LoRA-step -> {3600 / (single * default_steps):6.0f} LoRAs/CPU-hour at {default_steps} steps")
     print(f"{a.k} at once (train_many):  {1000 * many:7.1f} ms per LoRA-step -> {3600 / (many * default_steps):6.0f} LoRAs/CPU-hour at {default_steps} steps")
     print(f"speed-up: {single / many:.2f}x")

@@ -62,7 +62,7 @@ class FinetuneConfig:
     preview_steps: int = 15  # sampler steps of the previews
     trigger: str | None = None  # None = a fresh random reserved word
     grad_clip: float = 1.0
-    mixed_precision: bool | None = None  # None = fp16 autocast on CUDA only (bf16 on this CPU was slower: 194 vs 171 ms/step)
+    mixed_precision: bool | None = None  # None = half-precision autocast on CUDA only (bf16 on this CPU was slower: 194 vs 171 ms/step)
 
     def __post_init__(self):
         self.unet_targets = tuple(self.unet_targets)

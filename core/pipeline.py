@@ -47,9 +47,11 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def mixed_precision(device: torch.device, enabled: bool = True):
-    """Autocast for training: bf16 on CPU (AVX512-BF16 where present), fp16 on CUDA."""
+    """Autocast for training: bf16 on CPU (AVX512-BF16 where present) and on CUDA GPUs that have it
+    (no loss scaling needed), fp16 on older GPUs."""
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16, enabled=enabled)
+    half = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=half, enabled=enabled)
 
 
 # 1. Components of the miniature model --------------------------------------------------------
@@ -157,13 +159,14 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
     return pipe.to(dev)
 
 
-def save_pipeline(pipe, out: str | Path, half: bool = True) -> None:
-    """Save with ``save_pretrained`` (safetensors); weights stored in float16 to keep assets small."""
+def save_pipeline(pipe, out: str | Path, half: bool = True, max_shard_size: str = "12MB") -> None:
+    """Save with ``save_pretrained`` (safetensors); weights stored in float16 and in shards of at
+    most ``max_shard_size`` to keep asset files small."""
     out = Path(out)
     if half:
         for m in (pipe.unet, pipe.vae, pipe.text_encoder):
             m.to(torch.float16)
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     if half:
         for m in (pipe.unet, pipe.vae, pipe.text_encoder):
             m.to(torch.float32)

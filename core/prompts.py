@@ -7,7 +7,12 @@ CLIP's). Its vocabulary holds:
 - ``N_TRIGGERS`` reserved pseudo-words that pre-training never uses: a DreamBooth fine-tune binds the
   subject to a fresh random one of them ("a photo of <trigger> face"), as the paper binds it to a
   rare 4-11 letter word;
-- a few class words for the items path (dog, toy, ...), also unused by pre-training.
+- a few class words for the items path (dog, toy, ...), also unused by pre-training;
+- ``APPEARANCE_WORDS`` (appended last, so the ids above never move): two sets of ``N_APPEARANCE``
+  made-up words naming clusters of face descriptors (two k-means on separate principal subspaces
+  of dlib descriptors, :func:`core.train_base.appearance_labels`). Pre-training captions
+  "a photo of <a> <b> face" carry them, so the base model learns to *listen to its prompt*: with
+  near-constant captions the UNet ignored the text, and a trigger word could bind nothing.
 The empty prompt is the unconditional prompt of classifier-free guidance.
 """
 
@@ -21,6 +26,9 @@ PRETRAIN_CAPTIONS = (CLASS_PROMPT, "a face", "a photo of a person", "a portrait 
 ITEM_WORDS = ("object", "item", "dog", "cat", "toy", "bag", "bowl", "can", "candle", "clock", "shoe", "glasses")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 N_TRIGGERS = 512
+N_APPEARANCE = 32
+APPEARANCE_WORDS = tuple(f"ida{i:02d}" for i in range(N_APPEARANCE)) + tuple(f"idb{i:02d}" for i in range(N_APPEARANCE))
+APPEARANCE_TEMPLATE = "a photo of {words} face"
 MAX_LENGTH = 16
 
 _CONSONANTS = "bdfgklmnprstvxz"
@@ -52,6 +60,7 @@ def vocabulary() -> list[str]:
                 words.append(w)
     words += [w for w in ITEM_WORDS if w not in words]
     words += [w for w in trigger_words() if w not in words]
+    words += [w for w in APPEARANCE_WORDS if w not in words]
     return words
 
 
@@ -74,6 +83,11 @@ def build_tokenizer():
         unk_token="<unk>",
         model_max_length=MAX_LENGTH,
     )
+
+
+def appearance_caption(*words: str) -> str:
+    """A pre-training caption naming appearance clusters ("a photo of ida03 idb17 face")."""
+    return APPEARANCE_TEMPLATE.format(words=" ".join(words))
 
 
 def random_trigger(rng: random.Random | None = None) -> str:

@@ -27,7 +27,7 @@ import copy
 import json
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -299,14 +299,24 @@ def main(argv=None):
     ap.add_argument("--plan-seed", type=int, default=0)
     ap.add_argument("--data", default=None, help="LFW root (default: $LEAKLAB_LFW or ../shared/data/lfw)")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--write-plan", default=None, metavar="JSON", help="only write the job plan (identities, photos, seeds) here")
+    ap.add_argument("--plan", default=None, metavar="JSON", help="train the jobs of this plan (from --write-plan) instead of planning")
     add_config_flags(ap, FinetuneConfig, skip=("trigger", "seed", "checkpoint_every", "preview_n", "preview_steps"))
     # shadow trajectories run past the default recipe's length, so every step count up to it is covered
     ap.set_defaults(steps=100)
     a = vars(ap.parse_args(argv))
     cfg = config_from_args(FinetuneConfig, a, checkpoint_every=0, preview_n=0)
+    if a["plan"]:
+        jobs = [ShadowJob(**j) for j in json.loads(Path(a["plan"]).read_text())]
+    else:
+        jobs = plan_jobs(a["n"], a["plan_seed"], root=a["data"])
+    if a["write_plan"]:
+        Path(a["write_plan"]).write_text(json.dumps([asdict(j) for j in jobs], indent=0) + "\n")
+        print(f"{len(jobs)} jobs -> {a['write_plan']}")
+        return
     state = PartialState()
-    pipe = load_pipeline(a["model"], str(state.device) if state.device.type == "cuda" else None)
-    jobs = plan_jobs(a["n"], a["plan_seed"], root=a["data"])
+    # float32 weights on every device (training; autocast does the half-precision work on CUDA)
+    pipe = load_pipeline(a["model"], str(state.device) if state.device.type == "cuda" else None, dtype=torch.float32)
     out = Path(a["out"] or shadow_dir())
     files = run_with_progress_bar(build_population(pipe, jobs, cfg, out, a["group"], a["record_every"], a["data"],
                                                    state.process_index, state.num_processes))

@@ -48,6 +48,7 @@ class TrainConfig:
     width: int = 128
     layers: int = 3
     seed: int = 0
+    minutes: float = 0.0  # time budget (0 = none): after 20 steps the schedule is shortened to fit it
 
 
 def to_param_names(lora: dict) -> dict[str, torch.Tensor]:
@@ -63,6 +64,7 @@ class DenoisingLoss:
         from torch.func import functional_call, vmap
 
         self.unet = adapter_unet(pipe, FinetuneConfig(rank=rank, alpha=alpha, unet_targets=tuple(targets)))
+        self.device = pipe.device
         self.alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float32)
         unet = self.unet
         self.batched = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
@@ -70,21 +72,25 @@ class DenoisingLoss:
     def __call__(self, loras: list[dict], z: torch.Tensor, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Per-LoRA loss (K,). ``x0``: K x b x C x H x W latents; ``z``: K x L x D."""
         names = [to_param_names(lo) for lo in loras]
-        params = {n: torch.stack([p[n] for p in names]) for n in names[0]}
+        dev = self.device
+        params = {n: torch.stack([p[n] for p in names]).to(dev) for n in names[0]}
         k, b = x0.shape[:2]
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g)  # drawn on the CPU: same numbers on every device
         t = torch.randint(0, len(self.alphas), (k, b), generator=g)
         a = self.alphas[t].view(k, b, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        emb = z.unsqueeze(1).expand(k, b, *z.shape[1:])
+        xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(dev)
+        noise, t = noise.to(dev), t.to(dev)
+        emb = z.to(dev).unsqueeze(1).expand(k, b, *z.shape[1:])
         pred = self.batched(params, xt, t, emb)
         return (pred - noise).pow(2).mean(dim=(1, 2, 3, 4))
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, total: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to 0 at ``total`` steps (default ``cfg.steps``)."""
+    total = total or cfg.steps
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
 
 
 def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
@@ -106,7 +112,8 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
     with torch.no_grad():
         cls_emb = encode_prompt(pipe, CLASS_PROMPT)[0].float()
     acfg = config_for(pipe, any_lora, rank, alpha, inputs=cfg.inputs, width=cfg.width, layers=cfg.layers)
-    model = Attacker(acfg, cls_emb)
+    dev = pipe.device
+    model = Attacker(acfg, cls_emb).to(dev)
     loss_fn = DenoisingLoss(pipe, rank, alpha, targets)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     yield Message(f"{len(train_set)} training LoRAs x {len(first.checkpoints)} checkpoints, {len(held)} held out; "
@@ -141,16 +148,24 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
                 out[name] = float(torch.stack(vals).mean())
         return out
 
+    total = cfg.steps
     for step in range(cfg.steps):
-        if should_stop():
+        if should_stop() or step >= total:
             break
+        if cfg.minutes and step == 20:
+            per_step = (time.perf_counter() - t_loop) / 20
+            total = max(21, min(cfg.steps, int(60 * cfg.minutes / per_step)))
+            yield Message(f"time budget {cfg.minutes} min: {total} steps at {per_step:.3f} s/step")
+        if step == 0:
+            t_loop = time.perf_counter()
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, cfg)
+            grp["lr"] = lr_at(step, cfg, total)
         model.train()
         _, steps, loras, x0 = batch(train_set, cfg.loras_per_step)
-        mu, logvar = model(lora_inputs(loras, acfg), torch.as_tensor(steps))
+        inputs = [(u.to(dev), v.to(dev)) for u, v in lora_inputs(loras, acfg)]
+        mu, logvar = model(inputs, torch.as_tensor(steps, device=dev))
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        rec = loss_fn(loras, z, x0, g).mean()
+        rec = loss_fn(loras, z, x0.float(), g).mean()
         kl = 0.5 * (mu.sub(model.class_embedding).pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -158,14 +173,15 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         log["train"].append([step + 1, float(rec.detach()), float(kl.detach())])
-        yield Progress("attacker", step + 1, cfg.steps, time.perf_counter() - t0, {"loss": float(rec.detach())})
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+        yield Progress("attacker", step + 1, total, time.perf_counter() - t0, {"loss": float(rec.detach())})
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
             model.eval()
             ev = evaluate()
             if ev:
                 log["eval"].append({"step": step + 1, **ev})
                 yield Message(f"step {step + 1}: held-out denoising loss " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     model.eval()
+    log["steps_done"] = len(log["train"])
     log["seconds"] = time.perf_counter() - t0
     log["shadow_loras"] = len(train_set)
     yield Done((model, log))
@@ -185,7 +201,7 @@ def main(argv=None):
     add_config_flags(ap, TrainConfig)
     a = vars(ap.parse_args(argv))
     cfg = config_from_args(TrainConfig, a)
-    pipe = load_pipeline(a["model"])
+    pipe = load_pipeline(a["model"], dtype=torch.float32)  # float32 weights on CUDA too (training)
     files = list_shadows(a["shadow"])
     if a["limit"]:
         files = files[: a["limit"]]

@@ -49,3 +49,12 @@ def test_attacker_trains_on_shadows_and_reconstructs(tiny_pipe, tmp_path):
     ims, z = reconstruct(tiny_pipe, again, lora, 4, seeds=(0, 1), steps=2)
     assert len(ims) == 2 and ims[0].shape == (32, 32, 3) and z.shape == model.class_embedding.shape
     torch.testing.assert_close(again.encode([lora], [4]), model.encode([lora], [4]), rtol=1e-2, atol=1e-2)  # stored in float16
+
+
+def test_learning_rate_schedule_follows_the_shortened_horizon():
+    from core.train_attacker import lr_at
+
+    cfg = TrainConfig(steps=1000, warmup=10, lr=1.0)
+    assert lr_at(4, cfg) == lr_at(4, cfg, 100) == 0.5  # warm-up does not depend on the horizon
+    assert lr_at(99, cfg, 100) < 0.01 < lr_at(99, cfg)  # decays to ~0 at the horizon it is given
+    assert lr_at(500, cfg, 100) == 0.0  # and stays there

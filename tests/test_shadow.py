@@ -61,3 +61,16 @@ def test_processes_share_the_groups(tiny_pipe, tmp_path):
     mine = [drain(build_population(tiny_pipe, jobs, TINY, out, group=2, record_every=0, root=root,
                                    process_index=i, num_processes=2)) for i in (0, 1)]
     assert [[p.name for p in m] for m in mine] == [["00000.safetensors", "00001.safetensors"], ["00002.safetensors"]]
+
+
+def test_a_written_plan_is_the_plan_that_runs(lfw_root, tmp_path, capsys):
+    import json
+
+    from core.shadow import main, plan_jobs
+
+    plan = tmp_path / "plan.json"
+    main(["--n", "5", "--plan-seed", "3", "--write-plan", str(plan)])
+    jobs = json.loads(plan.read_text())
+    assert [j["name"] for j in jobs] == [j.name for j in plan_jobs(5, 3)]
+    assert [j["photos"] for j in jobs[:3]] == [j.photos for j in plan_jobs(3, 3)]  # a shorter plan is a prefix
+    assert "5 jobs" in capsys.readouterr().out
