@@ -149,6 +149,7 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
         return out
 
     total = cfg.steps
+    t_loop = time.perf_counter()
     for step in range(cfg.steps):
         if should_stop() or step >= total:
             break
@@ -156,8 +157,6 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
             per_step = (time.perf_counter() - t_loop) / 20
             total = max(21, min(cfg.steps, int(60 * cfg.minutes / per_step)))
             yield Message(f"time budget {cfg.minutes} min: {total} steps at {per_step:.3f} s/step")
-        if step == 0:
-            t_loop = time.perf_counter()
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, cfg, total)
         model.train()
