@@ -18,6 +18,7 @@ from ui.defenses_tab import create_defenses_tab
 from ui.finetune_tab import create_finetune_tab
 from ui.layers_tab import create_layers_tab
 from ui.pending_tabs import PENDING, create_pending_tab
+from ui.session import SESSION_ROOT, end_session
 
 TITLE = "LoRA Leak Lab"
 INTRO = ("**What does a shared LoRA give away?** Fine-tune a LoRA on a few photos, then watch an "
@@ -25,7 +26,10 @@ INTRO = ("**What does a shared LoRA give away?** Fine-tune a LoRA on a few photo
 
 
 def build_demo(engine: Engine) -> gr.Blocks:
-    # delete_cache: Gradio's own copies of uploads are removed hourly, at most an hour old
+    # a visitor's images and LoRA are served from their session dir (ui.session), never copied to Gradio's cache
+    SESSION_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
+    gr.set_static_paths([SESSION_ROOT])
+    # delete_cache: Gradio's own copies of uploads (deleted once read) are removed hourly, at most an hour old
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Tab("Fine-tune"):
@@ -41,6 +45,11 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 create_pending_tab(name)
         with gr.Tab("About"):
             create_about_tab(engine)
+
+        def unload(request: gr.Request):  # the browser session ended: delete its photos, crops and LoRAs now
+            end_session(demo, request)
+
+        demo.unload(unload)
     demo.queue(default_concurrency_limit=2, max_size=64)
     return demo
 

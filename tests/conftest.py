@@ -81,6 +81,15 @@ def random_crops(n, size=32):
     return [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(n)]
 
 
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_pipeline_dir, tmp_path_factory, monkeypatch_module):
+    """An app Engine on the tiny random pipeline (32 px; no attacker fits it): fast fine-tunes for app tests."""
+    from core.engine import Engine
+
+    monkeypatch_module.setenv("LEAKLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return Engine(str(tiny_pipeline_dir), "cpu")
+
+
 @pytest.fixture(scope="session")
 def base_engine():
     """The shipped embedded model, loaded once for every test that uses it."""

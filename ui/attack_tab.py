@@ -19,6 +19,7 @@ from core.lora_file import LoRAFileError, validate_lora_file
 from core.metrics import SAME_PERSON
 from core.prompts import CLASS_PROMPT
 from ui.finetune_tab import read_faces
+from ui.session import ensure, media
 
 INTRO = f"""
 ### Attack a shared LoRA
@@ -188,10 +189,16 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
             ref_gal = gr.Gallery(label="Reference photos the images are scored against", columns=6, height=120,
                                  object_fit="contain")
             table = gr.Markdown()
-    outputs = [status, attack_gal, naive_gal, fx_gal, ref_gal, table]
-    attack_btn.click(lambda f, n, r, s: attack_file(engine, f, n, r, s), [lora_file, steps, refs, session], outputs,
-                     api_name="attack", concurrency_limit=1, concurrency_id="attack")
-    mine_btn.click(lambda s: attack_mine(engine, s), [session], outputs, api_name="attack_mine",
+    outputs = [status, attack_gal, naive_gal, fx_gal, ref_gal, table, session]
+
+    def shown(out, s):
+        """The tab's outputs with every image a file in the visitor's session dir (and the session)."""
+        s = ensure(s)
+        return (*(media(s, v) for v in out), s)
+
+    attack_btn.click(lambda f, n, r, s: shown(attack_file(engine, f, n, r, s), s), [lora_file, steps, refs, session],
+                     outputs, api_name="attack", concurrency_limit=1, concurrency_id="attack")
+    mine_btn.click(lambda s: shown(attack_mine(engine, s), s), [session], outputs, api_name="attack_mine",
                    concurrency_limit=1, concurrency_id="attack")
     if tab is not None:  # the button appears once the visitor has fine-tuned a LoRA in this session
         tab.select(lambda s: gr.Button(visible=s is not None and s.result is not None), [session], [mine_btn],

@@ -34,7 +34,7 @@ from core.plots import attack_curve, loss_curve
 from core.prompts import CLASS_PROMPT, instance_prompt
 from core.utility import identity_distance, lora_utility
 from ui.layers_tab import record_checkpoint
-from ui.session import SESSION_TTL, close_session, ensure
+from ui.session import SESSION_TTL, close_session, ensure, media
 
 EXAMPLES = ASSETS / "examples"
 
@@ -236,7 +236,7 @@ def train_run(engine: Engine, session, steps, rank, lr, seed, text_encoder, dp=F
                loss=None, previews=[], score="", download=None, session=session,
                attack_head=LIVE_INTRO if attacker is not None else
                f"{LIVE_HEAD}\n**The live attack is not available:** {why} The fine-tune works without it.",
-               attack_photos=gr.Gallery(value=list(photos), visible=attacker is not None),
+               attack_photos=gr.update(value=list(photos), visible=attacker is not None),
                attack_gallery=gr.Gallery(value=[], visible=attacker is not None), attack_score="",
                attack_plot=gr.Plot(value=None, visible=attacker is not None))
 
@@ -371,10 +371,14 @@ def create_finetune_tab(engine: Engine) -> gr.State:
             attack_score = gr.Markdown()
             attack_plot = gr.Plot(label="Identity distance over the fine-tune")
 
-    files.upload(lambda f, s: ingest_files(f, s, engine.image_size), [files, session], [crops, report, session], api_name="ingest")
+    def ingest(f, s):  # the crops are shown from files in the visitor's session dir
+        shown, head, s = ingest_files(f, s, engine.image_size)
+        return media(s, shown), head, s
+
+    files.upload(ingest, [files, session], [crops, report, session], api_name="ingest")
     if examples:
         first = next(iter(examples.values()))
-        example_btn.click(lambda s: ingest_files(first, s, engine.image_size), [session], [crops, report, session])
+        example_btn.click(lambda s: ingest(first, s), [session], [crops, report, session])
 
     outputs = dict(status=status, loss=loss_plot, previews=previews, score=score, download=download, session=session,
                    attack_head=attack_head, attack_photos=attack_photos, attack_gallery=attack_gallery,
@@ -382,7 +386,8 @@ def create_finetune_tab(engine: Engine) -> gr.State:
 
     def run(session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength):
         for update in train_run(engine, session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength):
-            yield tuple(update.get(k, gr.skip()) for k in FINETUNE_OUTPUTS)
+            session = update.get("session", session)  # every image shown is a file in the visitor's session dir
+            yield tuple(media(session, update.get(k, gr.skip())) for k in FINETUNE_OUTPUTS)
 
     ev = train.click(run, [session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength],
                      [outputs[k] for k in FINETUNE_OUTPUTS],

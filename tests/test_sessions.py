@@ -1,0 +1,192 @@
+"""Sessions and privacy, through gradio_client on the app built on the tiny random pipeline: two
+concurrent visitors never see each other's photos or LoRAs; a visitor's files live in their own
+session dir, are served from there (never copied into Gradio's cache) and are gone from disk once the
+session closes or times out; uploaded photos are deleted once read and never logged."""
+
+import io
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core import ASSETS
+from tests.conftest import launched_app
+from ui import session as sess
+
+PEOPLE = sorted(d for d in (ASSETS / "examples").iterdir() if d.is_dir())
+
+
+@pytest.fixture(scope="module")
+def gradio_cache(tmp_path_factory, monkeypatch_module):
+    """Gradio's cache and upload folder of this module's app (a private one, to look into)."""
+    cache = tmp_path_factory.mktemp("gradio_cache")
+    monkeypatch_module.setenv("GRADIO_TEMP_DIR", str(cache))
+    monkeypatch_module.setenv("GRADIO_HEARTBEAT_INTERVAL", "1")  # a closed client is noticed within a second
+    return cache
+
+
+@pytest.fixture(scope="module")
+def app_url(gradio_cache, tiny_engine):
+    for demo in launched_app(tiny_engine):
+        yield demo.local_url
+
+
+def private_photos(folder, person, n=3, tag=""):
+    """``n`` example faces of ``person`` re-encoded with a unique name and unique bytes (a visitor's own photos)."""
+    out = []
+    for i, p in enumerate(sorted(person.glob("*.png"))[:n]):
+        img = Image.open(p).convert("RGB")
+        buf = io.BytesIO()
+        img.save(buf, "PNG", pnginfo=_text(f"{tag}-{i}-{time.time_ns()}"))
+        path = folder / f"private-{tag}-{i}-{os.getpid()}.png"
+        path.write_bytes(buf.getvalue())
+        out.append(path)
+    return out
+
+
+def _text(s):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("note", s)
+    return info
+
+
+def client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False)  # server-side paths, nothing copied client-side
+
+
+def server_path(item) -> Path:
+    """The server's file behind a gallery item / file output of a client that does not download."""
+    if isinstance(item, dict) and "image" in item:
+        item = item["image"]
+    if isinstance(item, dict):
+        item = item["path"]
+    return Path(item)
+
+
+def session_dir(path: Path) -> Path:
+    root = sess.SESSION_ROOT.resolve()
+    path = path.resolve()
+    assert root in path.parents, f"{path} is not in a session dir"
+    return root / path.relative_to(root).parts[0]
+
+
+def files_in(folder):
+    """Files with content under ``folder`` (Gradio's upload handler leaves empty spool files behind)."""
+    return {p for p in Path(folder).rglob("*") if p.is_file() and p.stat().st_size}
+
+
+def ingest_and_train(c, photos, steps=20):  # the slider's minimum
+    from gradio_client import handle_file
+
+    crops, report = c.predict([handle_file(str(p)) for p in photos], api_name="/ingest")
+    status, _, previews, score, lora, *_ = c.predict(steps, 4, 3e-3, 0, False, api_name="/train")
+    return crops, report, status, previews if isinstance(previews, list) else [], lora  # (the last update may skip it)
+
+
+def test_two_concurrent_sessions_never_see_each_other(app_url, gradio_cache, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    before = files_in(gradio_cache)
+    photos = {"a": private_photos(tmp_path, PEOPLE[0], tag="a"), "b": private_photos(tmp_path, PEOPLE[1], tag="b")}
+    clients = {k: client(app_url) for k in photos}
+    out = {}
+
+    def visit(k):
+        out[k] = ingest_and_train(clients[k], photos[k])
+
+    threads = [threading.Thread(target=visit, args=(k,)) for k in photos]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert set(out) == {"a", "b"}
+    dirs = {}
+    for k, (crops, report, status, previews, lora) in out.items():
+        assert len(crops) == 3 and "3 usable photos" in report and "Done: 20 steps" in status
+        shown = [server_path(c) for c in crops + previews] + [server_path(lora)]
+        dirs[k] = {session_dir(p) for p in shown}
+        assert len(dirs[k]) == 1  # every file a visitor sees lies in their own session dir
+    assert dirs["a"].isdisjoint(dirs["b"])
+    crops_a = [np.asarray(Image.open(server_path(c))) for c in out["a"][0]]
+    crops_b = [np.asarray(Image.open(server_path(c))) for c in out["b"][0]]
+    assert all(not np.array_equal(x, y) for x in crops_a for y in crops_b)  # each sees only their own faces
+    assert server_path(out["a"][4]) != server_path(out["b"][4])
+
+    # b's "attack my LoRA" scores against b's photos only; a third visitor has no LoRA to attack
+    status, *_, refs, table = clients["b"].predict(api_name="/attack_mine")
+    assert "Attacked your LoRA" in status
+    assert [np.asarray(Image.open(server_path(r))).tolist() for r in refs] == [c.tolist() for c in crops_b]
+    with pytest.raises(AppError, match="not fine-tuned a LoRA in this session"):
+        client(app_url).predict(api_name="/attack_mine")
+
+    # nothing of either visitor was left in Gradio's cache: uploads deleted once read, outputs served from session dirs
+    assert files_in(gradio_cache) - before == set()
+    for c in clients.values():
+        c.close()
+
+
+def test_closing_a_session_deletes_its_files(app_url, tmp_path):
+    c = client(app_url)
+    crops, report, status, previews, lora = ingest_and_train(c, private_photos(tmp_path, PEOPLE[0], tag="close"))
+    folder = session_dir(server_path(lora))
+    assert server_path(lora).is_file() and all(server_path(x).is_file() for x in crops)
+    c.close()  # the browser tab closes: its heartbeat ends, the app's unload handler runs
+    deadline = time.monotonic() + 20
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not folder.exists()
+    assert not any(server_path(x).exists() for x in crops + previews)
+    # the app keeps serving other visitors
+    assert len(client(app_url).predict(0, 1, 5, 1.0, api_name="/sample")) == 1
+
+
+def test_photos_are_never_logged(app_url, tmp_path, capfd, caplog):
+    caplog.set_level(logging.DEBUG)
+    photos = private_photos(tmp_path, PEOPLE[1], tag="log")
+    c = client(app_url)
+    ingest_and_train(c, photos)
+    c.close()
+    out, err = capfd.readouterr()
+    text = out + err + "\n".join(r.getMessage() for r in caplog.records)
+    for p in photos:
+        assert p.stem not in text
+    assert "leaklab-session-" not in text
+
+
+def test_time_out_sweep_closes_idle_sessions_and_leftover_dirs():
+    idle, busy = sess.VisitorSession(), sess.VisitorSession()
+    idle.crops.append(np.zeros((4, 4, 3), np.uint8))
+    (idle.dir / "lora.safetensors").write_bytes(b"x")
+    idle.last_used -= sess.SESSION_TTL + 1
+    leftover = sess.SESSION_ROOT / "leaklab-session-from-an-old-server"
+    leftover.mkdir(parents=True, exist_ok=True)
+    old = time.time() - sess.SESSION_TTL - 60
+    os.utime(leftover, (old, old))
+    try:
+        assert sess.sweep() >= 2
+        assert idle.closed and not idle.crops and not leftover.exists()
+        assert not busy.closed and sess.ensure(busy) is busy
+        assert sess.ensure(idle) is not idle  # a closed session is replaced by a fresh one
+    finally:
+        busy.close()
+
+
+def test_media_writes_images_into_the_session_dir():
+    s = sess.VisitorSession()
+    try:
+        img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        out = sess.media(s, [img, (img, "caption"), "text", {"__type__": "update", "value": [img], "visible": True}])
+        assert out[0] == out[1][0] == out[3]["value"][0] and out[1][1] == "caption" and out[2] == "text"
+        assert Path(out[0]).parent.parent == s.dir and np.array_equal(np.asarray(Image.open(out[0])), img)
+    finally:
+        s.close()
+    assert not Path(out[0]).exists()
