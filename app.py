@@ -18,6 +18,7 @@ from ui.defenses_tab import create_defenses_tab
 from ui.finetune_tab import create_finetune_tab
 from ui.layers_tab import create_layers_tab
 from ui.pending_tabs import PENDING, create_pending_tab
+from ui.watermark_tab import create_watermark_tab
 from ui.session import SESSION_ROOT, end_session
 
 TITLE = "LoRA Leak Lab"
@@ -40,6 +41,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
             create_layers_tab(engine, session, layers)
         with gr.Tab("Defenses") as defenses:
             create_defenses_tab(defenses)
+        with gr.Tab("Watermark") as watermark:
+            create_watermark_tab(engine, session, watermark)
         for name in PENDING:
             with gr.Tab(name):
                 create_pending_tab(name)

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-PENDING = {
-    "Watermark": (
-        "The model owner's view: an ownership watermark hidden in *lazy* layers (AIAO) survives your "
-        "fine-tune, while a classic trigger-image watermark fades. Verify a freshly trained LoRA and "
-        "see the verdict with its evidence."
-    ),
-}
+PENDING: dict[str, str] = {}  # tab name -> what it will do (none pending now)
 
 
 def create_pending_tab(name: str) -> None:

@@ -1,0 +1,208 @@
+"""The AIAO watermark and the baseline backdoor on the tiny random pipeline: lazy-layer choice,
+subpaths, embedding + verification (yes on the watermarked model, no on the clean one), key files."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from core.events import drain
+from core.watermark import (KeyFileError, WatermarkConfig, WatermarkKey, candidate_layers, choose_lazy_layers,
+                            embed_watermark, laziness_scores, rs_threshold, sample_subpaths, verify_watermark,
+                            watermarked_pipeline)
+from tests.conftest import random_crops
+
+TINY = WatermarkConfig(n_subpaths=4, response_size=16, probe_steps=2, steps=60, batch=2, trigger_batch=8,
+                       trigger_fraction=0.2, lr=1e-2, response_weight=5.0, margin=1.0)
+
+
+def tiny_latents(pipe, n=8):
+    s = pipe.unet.config.sample_size
+    return torch.randn((n, pipe.unet.config.in_channels, s, s), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def lazy(tiny_pipe):
+    return drain(choose_lazy_layers(tiny_pipe, random_crops(3), replace(TINY, lazy_fraction=0.5)))
+
+
+@pytest.fixture(scope="module")
+def embedded(tiny_pipe, lazy):
+    layers, scores = lazy
+    return drain(embed_watermark(tiny_pipe, tiny_latents(tiny_pipe), layers, TINY, lazy_scores=scores))
+
+
+def test_laziness_scores_take_the_worst_probe():
+    layers = ["a", "b", "c", "d"]
+    lora = {"a": 0.0, "b": 0.5, "c": 0.9}  # "d" not adapted: moved 0
+    full = {"a": 0.01, "b": 0.001, "c": 0.02, "d": 0.03}
+    s = laziness_scores([lora, full], layers)
+    assert s == {"a": 0.25, "b": 0.5, "c": 0.75, "d": 0.75}
+
+
+def test_lazy_layers_are_the_laziest_of_both_probes(tiny_pipe, lazy):
+    layers, scores = lazy
+    cands = candidate_layers(tiny_pipe.unet)
+    assert len(layers) >= 2 and set(layers) <= set(cands)
+    assert all(scores[n] < 0.5 for n in layers)
+    assert all(scores[n] >= 0.5 for n in cands if n not in layers)
+    assert not any(".time_emb_proj" in n or n.startswith("time_embedding") for n in cands)
+
+
+def test_subpaths_land_only_in_lazy_layers(embedded, lazy):
+    layers, _ = lazy
+    key = embedded.key
+    for sp in key.subpaths:
+        assert sp.trigger_layer in layers and sp.response_layer in layers
+        assert layers.index(sp.trigger_layer) < layers.index(sp.response_layer)
+        assert len(sp.trigger_index) == len(sp.trigger_signs) and set(sp.response_signs) <= {-1, 1}
+
+
+def test_sampled_subpaths_stay_in_the_given_layers():
+    lazy = ["l0", "l1", "l2"]
+    sizes, scales = {n: 100 for n in lazy}, {n: 1.0 for n in lazy}
+    subs = sample_subpaths(lazy, sizes, scales, replace(TINY, n_subpaths=50), np.random.default_rng(0))
+    assert {s.trigger_layer for s in subs} <= {"l0", "l1"} and {s.response_layer for s in subs} <= {"l1", "l2"}
+    with pytest.raises(ValueError, match="2 lazy layers"):
+        sample_subpaths(["l0"], sizes, scales, TINY, np.random.default_rng(0))
+
+
+def test_only_lazy_layers_change(tiny_pipe, embedded, lazy):
+    layers, _ = lazy
+    clean = dict(tiny_pipe.unet.named_parameters())
+    moved = {n.rsplit(".", 1)[0] for n, p in embedded.unet.named_parameters() if not torch.equal(p, clean[n])}
+    assert moved and moved <= set(layers)
+
+
+def test_verify_says_yes_on_the_watermarked_model_and_no_on_the_clean_one(tiny_pipe, embedded):
+    wm = verify_watermark(watermarked_pipeline(tiny_pipe, embedded.unet), embedded.key)
+    clean = verify_watermark(tiny_pipe, embedded.key)
+    assert wm.watermarked and wm.p_value < 1e-6 and wm.vs_rate > clean.vs_rate
+    assert not clean.watermarked and clean.p_value > 1e-3
+    assert wm.trials == clean.trials == len(embedded.key.subpaths) * 8
+
+
+def test_rs_threshold_is_the_binomial_tail():
+    from scipy.stats import binom
+
+    t = rs_threshold(32, 1e-3)
+    k = round(t * 32)
+    assert binom.sf(k - 1, 32, 0.5) <= 1e-3 < binom.sf(k - 2, 32, 0.5)
+
+
+def test_key_file_round_trip(embedded, tmp_path):
+    path = embedded.key.save(tmp_path / "key.json")
+    back = WatermarkKey.load(path)
+    assert back == embedded.key
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "no key file"),
+    ("not json", "not a readable JSON"),
+    ('{"format": "something-else"}', "not an AIAO watermark key"),
+    ('{"format": "leaklab-aiao-key-v1", "subpaths": []}', "malformed key"),
+])
+def test_bad_key_file_gives_a_clear_error(tmp_path, content, match):
+    path = tmp_path / "key.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(KeyFileError, match=match):
+        WatermarkKey.load(path)
+
+
+def test_key_with_indices_out_of_range_is_refused(embedded, tmp_path):
+    doc = json.loads(embedded.key.save(tmp_path / "k.json").read_text())
+    doc["subpaths"][0]["response_index"][0] = 10**9
+    (tmp_path / "k.json").write_text(json.dumps(doc))
+    with pytest.raises(KeyFileError, match="indices outside"):
+        WatermarkKey.load(tmp_path / "k.json")
+
+
+def test_key_for_another_architecture_is_refused(tiny_pipe, embedded):
+    key = replace(embedded.key, subpaths=[replace(embedded.key.subpaths[0], response_layer="no.such.layer")],
+                  feature_sizes={**embedded.key.feature_sizes, "no.such.layer": 10})
+    with pytest.raises(KeyFileError, match="no layer"):
+        verify_watermark(tiny_pipe, key)
+
+
+def test_cli_embed_and_verify_round_trip(tiny_pipe, embedded, tmp_path, capsys):
+    from core.pipeline import save_pipeline
+    from core.watermark import main
+
+    folder = tmp_path / "wm"
+    save_pipeline(watermarked_pipeline(tiny_pipe, embedded.unet), folder, half=False)
+    embedded.key.save(tmp_path / "key.json")
+    v = main(["verify", str(folder), "--key", str(tmp_path / "key.json")])
+    assert v.watermarked and "VS-rate" in capsys.readouterr().out
+
+
+# the baseline ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backdoor_key(tiny_pipe):
+    from core.backdoor_watermark import BackdoorConfig, embed_backdoor
+
+    return drain(embed_backdoor(tiny_pipe, tiny_latents(tiny_pipe), BackdoorConfig(steps=2, batch=2, null_n=2))).key
+
+
+def test_baseline_key_round_trip_and_bad_file(backdoor_key, tmp_path):
+    from core.backdoor_watermark import BackdoorKey
+
+    assert BackdoorKey.load(backdoor_key.save(tmp_path / "b.json")) == backdoor_key
+    (tmp_path / "bad.json").write_text('{"format": "leaklab-aiao-key-v1"}')
+    with pytest.raises(KeyFileError, match="not a backdoor watermark key"):
+        BackdoorKey.load(tmp_path / "bad.json")
+
+
+def test_pattern_correlation_finds_the_pattern():
+    from core.backdoor_watermark import pattern_correlation, pattern_image
+
+    p = pattern_image(32, 4)
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    c = pattern_correlation([p, 255 - p, noise], p)
+    assert c[0] > 0.99 and c[1] < -0.99 and abs(c[2]) < 0.2
+
+
+@pytest.mark.slow
+def test_baseline_verifies_on_its_own_model_only(base_engine):
+    """On the embedded base (the tiny random VAE cannot draw a pattern): about 3 minutes on 2 CPU cores."""
+    from core.backdoor_watermark import BackdoorConfig, embed_backdoor, verify_backdoor
+    from core.watermark import owner_latents
+
+    pipe = base_engine.pipe
+    res = drain(embed_backdoor(pipe, owner_latents(pipe, 256), BackdoorConfig(steps=120)))
+    own = verify_backdoor(watermarked_pipeline(pipe, res.unet), res.key, n=8)
+    clean = verify_backdoor(pipe, res.key, n=8)
+    assert own.watermarked and not clean.watermarked
+
+
+# the study and the tab -----------------------------------------------------------------------------
+
+
+def test_study_smoke_run(tiny_pipe, embedded):
+    from core.eval_watermark import StudyConfig, Watermarked, run_study, to_markdown
+
+    cfg = StudyConfig(long_steps=2, n_clean=2, quality_n=4, photos=3)
+    mark = Watermarked("AIAO", watermarked_pipeline(tiny_pipe, embedded.unet),
+                       lambda p: verify_watermark(p, embedded.key))
+    real = np.random.default_rng(0).normal(size=(8, 128))
+    r = run_study(tiny_pipe, [mark], cfg, random_crops(3), random_crops(3), [random_crops(3), random_crops(3)],
+                  real, log=lambda *_: None)
+    assert len(r["rows"]) == 5 and r["rows"][0]["watermarked"]
+    assert r["false_positives"]["AIAO"]["models"] == 2 and r["false_positives"]["AIAO"]["false_positives"] == 0
+    assert set(r["quality"]) == {"clean", "AIAO"}
+    assert "| (a) default LoRA" in to_markdown(r)
+
+
+def test_tab_says_plainly_when_a_watermarked_base_is_missing(monkeypatch, tmp_path):
+    import ui.watermark_tab as wt
+
+    monkeypatch.setattr(wt, "WATERMARKS", {n: (tmp_path / n, tmp_path / f"{n}.json", c)
+                                           for n, (_, _, c) in wt.WATERMARKS.items()})
+    monkeypatch.setattr(wt, "ASSETS", tmp_path)
+    monkeypatch.setattr(wt, "_cache", {})
+    pipe, why = wt.load_watermark("AIAO")
+    assert pipe is None and "not built" in why and "python -m core.watermark embed" in why
