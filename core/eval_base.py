@@ -6,6 +6,8 @@ Measures, for the class prompt:
 - Frechet distance between dlib descriptors of the samples and of real held-out faces (set A:
   victim identities), next to the same distance between set A and another set of real faces of
   different people (set B: shadow identities), for scale; neither set was seen in training;
+- prompt sensitivity (:func:`prompt_sensitivity`): how much the UNet's noise prediction moves when
+  only the prompt changes; a DreamBooth trigger can only bind a subject if this is well above 0;
 - the wall time to sample 4 images at 64 px with 25 steps;
 - a sample grid (the model's own faces, no real person) written beside the report.
 Writes ``<out>/eval_base.json`` and ``eval_base.md``.
@@ -19,11 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from core import PROJECT_ROOT, data, faces, metrics
 from core.pipeline import load_pipeline, sample_images, time_sampling
-from core.prompts import CLASS_PROMPT
+from core.prompts import APPEARANCE_WORDS, CLASS_PROMPT, appearance_caption, instance_prompt, trigger_words
 
 
 def real_heldout(n: int, group: str = "victims", root=None) -> np.ndarray:
@@ -37,6 +40,40 @@ def real_heldout(n: int, group: str = "victims", root=None) -> np.ndarray:
     if len(paths) < n:
         raise ValueError(f"only {len(paths)} held-out photos in {group}, need {n}")
     return data.load_crops(paths[:n])
+
+
+@torch.no_grad()
+def prompt_sensitivity(pipe, n: int = 32, timesteps=(900, 500, 200), seed: int = 0) -> dict:
+    """Relative change ||eps(prompt A) - eps(prompt B)|| / ||eps(prompt A)|| of the UNet's noise
+    prediction on the same noisy latents, averaged over ``timesteps``, for three prompt pairs:
+    two different appearance captions ("a photo of ida03 idb17 face" vs another pair of words),
+    the class prompt vs an appearance caption, and the class prompt vs a fresh trigger's instance
+    prompt (a reserved word pre-training never saw). A model that ignores its prompt gives ~0."""
+    from core.finetune import encode_prompt
+
+    g = torch.Generator().manual_seed(seed)
+    unet = pipe.unet
+    shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    x = torch.randn(shape, generator=g).to(pipe.device, unet.dtype)
+    half = len(APPEARANCE_WORDS) // 2
+    pick = lambda: torch.randint(0, half, (n,), generator=g).tolist()
+    words_a, words_b = APPEARANCE_WORDS[:half], APPEARANCE_WORDS[half:]
+    caps = lambda: [appearance_caption(words_a[i], words_b[j]) for i, j in zip(pick(), pick())]
+    emb = lambda prompts: torch.cat([encode_prompt(pipe, p) for p in prompts])
+    a, b = emb(caps()), emb(caps())
+    cls = emb([CLASS_PROMPT] * n)
+    trig = emb([instance_prompt(w) for w in trigger_words()[:n]])
+    pairs = {"appearance A vs appearance B": (a, b), "class prompt vs appearance": (cls, a),
+             "class prompt vs unseen trigger": (cls, trig)}
+    out = {}
+    for name, (e1, e2) in pairs.items():
+        vals = []
+        for t in timesteps:
+            tt = torch.full((n,), t, device=pipe.device)
+            p1, p2 = unet(x, tt, e1.to(unet.dtype)).sample.float(), unet(x, tt, e2.to(unet.dtype)).sample.float()
+            vals.append(float((p1 - p2).norm() / p1.norm()))
+        out[name] = float(np.mean(vals))
+    return out
 
 
 def grid(images, cols: int = 8) -> Image.Image:
@@ -74,6 +111,7 @@ def evaluate(model=None, n=256, guidances=(1.0,), steps=25, root=None) -> dict:
             seconds_for_all=round(time.time() - t0, 1),
         )
         report["samples"][str(g)]["_images"] = ims[:32]
+    report["prompt_sensitivity"] = prompt_sensitivity(pipe)
     report["seconds_4_images_25_steps"] = {str(g): round(time_sampling(pipe, 4, 25, g), 3) for g in guidances}
     return report
 
@@ -90,6 +128,9 @@ def to_markdown(r: dict) -> str:
         lines.append(
             f"| samples (n={r['n_samples']}) | {s['guidance']} | {s['detection_rate']:.3f} | {s['frechet_to_real']:.4f} | {r['seconds_4_images_25_steps'][g]:.2f} s |"
         )
+    lines += ["", "Prompt sensitivity (relative change of the UNet's noise prediction when only the prompt changes; "
+              "mean over t = 900, 500, 200; ~0 means the model ignores its prompt):", ""]
+    lines += [f"- {k}: {v:.4f}" for k, v in r.get("prompt_sensitivity", {}).items()]
     lines += ["", f"Real set A: {r['real']['n']} photos of victim identities, set B: {r['real']['n']} photos of shadow identities "
               f"(`assets/split.json`; the base model saw neither). Face-detection rate on set A: {r['real']['detection_rate_set_a']:.3f}.",
               "Rebuild: `python -m core.eval_base`."]
