@@ -109,19 +109,46 @@ def open_image(src) -> Image.Image:
                 img = Image.open(io.BytesIO(raw))
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             if isinstance(e, UnidentifiedImageError):
-                raise NotAnImage("This file is not an image we can read; please upload a photo (JPEG, PNG, WebP ...).") from None
+                raise NotAnImage(not_an_image(raw)) from None
             raise TooManyPixels("The photo has too many pixels; please upload one under 30 megapixels.") from None
     w, h = img.size
     if w * h > MAX_PIXELS:
         raise TooManyPixels(f"The photo is {w}x{h} ({w * h / 1e6:.0f} megapixels); please upload one under {MAX_PIXELS // 1_000_000} megapixels.")
     if w < 16 or h < 16:
-        raise NoFaceFound(f"The image is only {w}x{h} pixels; a face needs a larger photo.")
+        raise NoFaceFound(f"The image is only {w}x{h} pixels; please upload a larger photo (the face at least "
+                          "100 pixels wide).")
     try:
         img.load()
         img = ImageOps.exif_transpose(img) or img
         return _to_rgb(img)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise CorruptImage(f"The image file is damaged or truncated ({e}); please upload the original photo again.") from None
+    except (OSError, SyntaxError, ValueError):
+        raise CorruptImage("The image file is damaged or truncated (part of it is missing or unreadable); please "
+                           "upload the original photo again.") from None
+
+
+# what an unreadable upload is, by its first bytes: (test, what it is, what to do instead)
+_NOT_PHOTOS = (
+    (lambda h: h.lstrip().lower().startswith((b"<!doctype html", b"<html")), "a web page (HTML), not a photo",
+     "open the page, save the image itself (right-click, \"Save image as\") and upload that file"),
+    (lambda h: b"<svg" in h.lower(), "an SVG drawing (vector graphics), not a photo",
+     "upload a photo as JPEG or PNG"),
+    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"heif", b"mif1", b"msf1", b"hevc"),
+     "an HEIC/HEIF photo (the iPhone's default format), which this app cannot read",
+     "export it as JPEG (on an iPhone: Settings > Camera > Formats > Most Compatible, or share it as JPEG) and upload that"),
+    (lambda h: h[4:8] == b"ftyp", "a video, not a photo", "upload a still photo (JPEG, PNG, WebP ...)"),
+    (lambda h: h.startswith(b"%PDF"), "a PDF document, not a photo", "upload the photo itself (JPEG, PNG, WebP ...)"),
+    (lambda h: h.startswith(b"PK\x03\x04"), "a zip archive, not a photo",
+     "unzip it and upload the photos inside one by one (JPEG, PNG, WebP ...)"),
+)
+
+
+def not_an_image(raw: bytes) -> str:
+    """The sentence for an upload Pillow cannot read: what it seems to be, and what to upload instead."""
+    head = raw[:512]
+    for test, what, todo in _NOT_PHOTOS:
+        if test(head):
+            return f"This file is {what}; {todo}."
+    return "This file is not an image we can read; please upload a photo (JPEG, PNG, WebP ...)."
 
 
 # 2.-3. face -> crop ---------------------------------------------------------------------------

@@ -186,8 +186,16 @@ def _convert_names(raw: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return out, unknown
 
 
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
 def _check_names(lora: dict[str, torch.Tensor], unknown: list[str]) -> None:
     bad = unknown + [k for k in lora if not k.endswith(SUFFIXES)]
+    if bad and all(k.startswith(KOHYA_PREFIXES) for k in bad):
+        raise LoRAFileError("kohya_naming", f"This LoRA uses the kohya-ss / AUTOMATIC1111 naming (for example "
+                                            f"{_show(bad[0])}), which this app does not read. Save it in the "
+                                            "diffusers format (diffusers' load_lora_weights, then save_lora_weights) "
+                                            "and upload that file.")
     if len(bad) == len(lora) + len(unknown):
         example = f", found for example {_show(bad[0])}" if bad else ", found no tensors at all"
         raise LoRAFileError("no_lora_keys", "The file contains no LoRA weights: expected tensors named like "
@@ -224,7 +232,8 @@ def _check_modules(lora: dict, pipe) -> dict[tuple[str, str], torch.nn.Module]:
             if f"{part}.{name}{suffix}" not in lora:
                 raise LoRAFileError("missing_pair", f"Layer {_show(f'{part}.{name}')} has only one of its two LoRA "
                                                     f"matrices: {_show(suffix.strip('.'))} is missing; every layer "
-                                                    "needs both lora_A and lora_B.")
+                                                    "needs both lora_A and lora_B. The file is incomplete: export "
+                                                    "the whole LoRA again and upload that.")
     return layers
 
 
@@ -257,7 +266,8 @@ def _check_shapes(lora: dict, layers: dict) -> int:
             if got != tuple(want):
                 raise LoRAFileError("shape", f"Tensor {_show(f'{part}.{name}{suffix}')} has shape {list(got)}, but "
                                              f"this base model's layer needs {list(want)} at rank {r}; the LoRA does "
-                                             "not fit this model.")
+                                             "not fit this model. Upload a LoRA fine-tuned from this app's base "
+                                             "model (the Fine-tune tab makes one).")
     return r
 
 

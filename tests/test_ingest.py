@@ -1,27 +1,10 @@
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from core import data, faces, ingest, metrics
+from tests.bad_inputs import encode, png_header_only
 from tests.conftest import rng_image
-
-
-def png_header_only(w, h) -> bytes:
-    """A PNG whose header claims w x h pixels (no real pixel data): size must be refused unread."""
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
-
-
-def encode(img: Image.Image, fmt="JPEG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core import lora_file
-from core.finetune import FinetuneConfig, FinetuneResult, TEXT_TARGETS, load_lora, lora_config, lora_state_dict, save_lora
+from core.finetune import FinetuneConfig, FinetuneResult, load_lora, lora_config, lora_state_dict, save_lora
 from core.lora_file import LoRAFileError, ValidatedLoRA, validate_lora_file
 from core.pipeline import load_pipeline
 from core.prior import base_fingerprint
+from tests.bad_inputs import random_lora
 
 RANK = 4
 
@@ -29,14 +30,7 @@ def tiny_pipe(tiny_pipeline_dir):
 @pytest.fixture(scope="module")
 def lora_result(tiny_pipe):
     """A FinetuneResult-like LoRA straight from peft adapters (no training): random A and B."""
-    cfg = FinetuneConfig(rank=RANK, alpha=2.0, text_encoder=True)
-    torch.manual_seed(0)
-    unet = copy.deepcopy(tiny_pipe.unet)
-    unet.add_adapter(lora_config(cfg))
-    te = copy.deepcopy(tiny_pipe.text_encoder)
-    te.add_adapter(lora_config(cfg, TEXT_TARGETS))
-    lora = {k: torch.randn_like(v) * 0.1 for k, v in lora_state_dict(unet, te).items()}
-    return FinetuneResult(lora, "trigger", cfg, base_fingerprint(tiny_pipe), steps_done=1)
+    return random_lora(tiny_pipe, rank=RANK, alpha=2.0, text_encoder=True)
 
 
 @pytest.fixture(scope="module")

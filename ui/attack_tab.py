@@ -175,7 +175,7 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
                               info="read from the file when it records them (files from the Fine-tune tab do); "
                                    "otherwise this number is used")
             refs = gr.File(label=f"Optional: 1-{MAX_PHOTOS} photos of the person, to score the attack against",
-                           file_count="multiple", file_types=["image"], type="filepath")
+                           file_count="multiple", type="filepath")
             attack_btn = gr.Button("Attack this LoRA file", variant="primary")
             mine_btn = gr.Button("Attack my LoRA from the Fine-tune tab", visible=False)
         with gr.Column(scale=2):

@@ -328,7 +328,7 @@ def create_finetune_tab(engine: Engine) -> gr.State:
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             files = gr.File(label=f"Your photos ({MIN_PHOTOS}-{MAX_PHOTOS} of one face)", file_count="multiple",
-                            file_types=["image"], type="filepath")
+                            type="filepath")  # any file: one that is not a photo gets a sentence saying what to upload
             examples = example_sets()
             if examples:
                 example_btn = gr.Button(f"Use the example face ({len(next(iter(examples.values())))} photos made by the base model)")

@@ -31,7 +31,7 @@ from PIL import Image
 
 SESSION_TTL = 2 * 3600  # seconds a session's data may live without being used
 SESSION_ROOT = Path(tempfile.gettempdir()) / "leaklab-sessions"  # every session dir lies here
-_LIVE: dict[int, "VisitorSession"] = {}  # open sessions, for the time-out sweep
+_LIVE: dict[int, VisitorSession] = {}  # open sessions, for the time-out sweep
 _LOCK = threading.Lock()
 
 
