@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 import struct
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -64,6 +66,20 @@ def write(folder: Path, name: str, data: bytes) -> list[Path]:
     path = Path(folder) / name
     path.write_bytes(data)
     return [path]
+
+
+def private_photos(folder: Path, person: int = 0, n: int = 3, tag: str = "") -> list[Path]:
+    """``n`` example faces of example person ``person``, each saved with a unique name and unique bytes: a
+    visitor's own photos (two visitors never upload the same file)."""
+    from PIL import PngImagePlugin
+
+    people = sorted({p.parent for p in EXAMPLE_FACES})
+    out = []
+    for i, p in enumerate(sorted(people[person % len(people)].glob("*.png"))[:n]):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("note", f"{tag}-{i}-{time.time_ns()}")
+        out += write(folder, f"private-{tag}-{i}-{os.getpid()}.png", encode(Image.open(p).convert("RGB"), "PNG", pnginfo=info))
+    return out
 
 
 def cartoon() -> Image.Image:

@@ -3,7 +3,6 @@ concurrent visitors never see each other's photos or LoRAs; a visitor's files li
 session dir, are served from there (never copied into Gradio's cache) and are gone from disk once the
 session closes or times out; uploaded photos are deleted once read and never logged."""
 
-import io
 import logging
 import os
 import threading
@@ -14,11 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import ASSETS
+from tests.bad_inputs import private_photos
 from tests.conftest import launched_app
 from ui import session as sess
 
-PEOPLE = sorted(d for d in (ASSETS / "examples").iterdir() if d.is_dir())
 
 
 @pytest.fixture(scope="module")
@@ -34,27 +32,6 @@ def gradio_cache(tmp_path_factory, monkeypatch_module):
 def app_url(gradio_cache, tiny_engine):
     for demo in launched_app(tiny_engine):
         yield demo.local_url
-
-
-def private_photos(folder, person, n=3, tag=""):
-    """``n`` example faces of ``person`` re-encoded with a unique name and unique bytes (a visitor's own photos)."""
-    out = []
-    for i, p in enumerate(sorted(person.glob("*.png"))[:n]):
-        img = Image.open(p).convert("RGB")
-        buf = io.BytesIO()
-        img.save(buf, "PNG", pnginfo=_text(f"{tag}-{i}-{time.time_ns()}"))
-        path = folder / f"private-{tag}-{i}-{os.getpid()}.png"
-        path.write_bytes(buf.getvalue())
-        out.append(path)
-    return out
-
-
-def _text(s):
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("note", s)
-    return info
 
 
 def client(url):
@@ -96,7 +73,7 @@ def test_two_concurrent_sessions_never_see_each_other(app_url, gradio_cache, tmp
     from gradio_client.exceptions import AppError
 
     before = files_in(gradio_cache)
-    photos = {"a": private_photos(tmp_path, PEOPLE[0], tag="a"), "b": private_photos(tmp_path, PEOPLE[1], tag="b")}
+    photos = {"a": private_photos(tmp_path, 0, tag="a"), "b": private_photos(tmp_path, 1, tag="b")}
     clients = {k: client(app_url) for k in photos}
     out = {}
 
@@ -136,7 +113,7 @@ def test_two_concurrent_sessions_never_see_each_other(app_url, gradio_cache, tmp
 
 def test_closing_a_session_deletes_its_files(app_url, tmp_path):
     c = client(app_url)
-    crops, report, status, previews, lora = ingest_and_train(c, private_photos(tmp_path, PEOPLE[0], tag="close"))
+    crops, report, status, previews, lora = ingest_and_train(c, private_photos(tmp_path, 0, tag="close"))
     folder = session_dir(server_path(lora))
     assert server_path(lora).is_file() and all(server_path(x).is_file() for x in crops)
     c.close()  # the browser tab closes: its heartbeat ends, the app's unload handler runs
@@ -151,7 +128,7 @@ def test_closing_a_session_deletes_its_files(app_url, tmp_path):
 
 def test_photos_are_never_logged(app_url, tmp_path, capfd, caplog):
     caplog.set_level(logging.DEBUG)
-    photos = private_photos(tmp_path, PEOPLE[1], tag="log")
+    photos = private_photos(tmp_path, 1, tag="log")
     c = client(app_url)
     ingest_and_train(c, photos)
     c.close()
