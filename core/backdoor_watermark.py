@@ -37,7 +37,12 @@ import numpy as np
 import torch
 
 from core.events import Done, Message, Progress, never
-from core.watermark import KeyFileError, command_line, owner_latents, watermarked_pipeline
+from core.watermark import (
+    KeyFileError,
+    command_line,
+    owner_latents,
+    watermarked_pipeline,
+)
 
 KEY_FORMAT = "leaklab-backdoor-key-v1"
 

@@ -183,8 +183,17 @@ def main(argv=None):
     from core.cli import add_config_flags, config_from_args
     from core.eval_base import real_heldout
     from core.pipeline import image_size_of, load_pipeline
-    from core.watermark import (WatermarkConfig, WatermarkKey, choose_lazy_layers, command_line, embed_watermark,
-                                owner_latents, probe_photos, verify_watermark, watermarked_pipeline)
+    from core.watermark import (
+        WatermarkConfig,
+        WatermarkKey,
+        choose_lazy_layers,
+        command_line,
+        embed_watermark,
+        owner_latents,
+        probe_photos,
+        verify_watermark,
+        watermarked_pipeline,
+    )
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -314,7 +314,12 @@ def choose_lazy_layers(pipe, photos, cfg: WatermarkConfig, should_stop=never):
     """Generator: the probe fine-tunes on ``photos`` (public faces, 3-10), then ``Done((lazy layers in
     forward order, {layer: score}))``."""
     from core.finetune import FinetuneConfig, finetune
-    from core.layers import base_state, full_finetune, full_layer_change, lora_layer_change
+    from core.layers import (
+        base_state,
+        full_finetune,
+        full_layer_change,
+        lora_layer_change,
+    )
 
     layers = candidate_layers(pipe.unet)
     yield Message(f"probe 1/2: the default LoRA recipe, {cfg.probe_steps} steps")

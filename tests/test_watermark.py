@@ -9,9 +9,19 @@ import pytest
 import torch
 
 from core.events import drain
-from core.watermark import (KeyFileError, WatermarkConfig, WatermarkKey, candidate_layers, choose_lazy_layers,
-                            embed_watermark, laziness_scores, rs_threshold, sample_subpaths, verify_watermark,
-                            watermarked_pipeline)
+from core.watermark import (
+    KeyFileError,
+    WatermarkConfig,
+    WatermarkKey,
+    candidate_layers,
+    choose_lazy_layers,
+    embed_watermark,
+    laziness_scores,
+    rs_threshold,
+    sample_subpaths,
+    verify_watermark,
+    watermarked_pipeline,
+)
 from tests.conftest import random_crops
 
 TINY = WatermarkConfig(n_subpaths=4, response_size=16, probe_steps=2, steps=60, batch=2, trigger_batch=8,
@@ -168,12 +178,13 @@ def test_pattern_correlation_finds_the_pattern():
 
 @pytest.mark.slow
 def test_baseline_verifies_on_its_own_model_only(base_engine):
-    """On the embedded base (the tiny random VAE cannot draw a pattern): about 3 minutes on 2 CPU cores."""
+    """On the embedded base (the tiny random VAE cannot draw a pattern). Not yet seen passing: 120 steps at
+    lr 1e-4 gave VS 0/16, at lr 1e-3 with pattern weight 5 gave 2/16; this longer run is the next try."""
     from core.backdoor_watermark import BackdoorConfig, embed_backdoor, verify_backdoor
     from core.watermark import owner_latents
 
     pipe = base_engine.pipe
-    res = drain(embed_backdoor(pipe, owner_latents(pipe, 256), BackdoorConfig(steps=120)))
+    res = drain(embed_backdoor(pipe, owner_latents(pipe, 256), BackdoorConfig(steps=400, lr=1e-3, pattern_weight=5.0)))
     own = verify_backdoor(watermarked_pipeline(pipe, res.unet), res.key, n=8)
     clean = verify_backdoor(pipe, res.key, n=8)
     assert own.watermarked and not clean.watermarked
