@@ -10,7 +10,12 @@ Choices:
   classic recipe fine-tunes the whole model) on the normal denoising loss of the owner's latents with
   the class prompt, a consistency loss keeping the noise prediction of those inputs equal to the clean
   model's (the same quality term as :mod:`core.watermark`), and the denoising loss of the pattern's
-  latent under the trigger prompt.
+  latent under the trigger prompt. The two trigger words' token embeddings (two rows of the text
+  encoder's table, nothing else of it) are trained too (``token_lr``): the embedded base was never
+  shown a reserved word, so with frozen tokens the trigger prompt moves the noise prediction by
+  0.4 % relative to the class prompt (``core.eval_base``, prompt sensitivity) and the UNet has to
+  separate two nearly equal conditions against the consistency loss (measured: 120 steps at lr 1e-4,
+  0/16 samples drew the pattern; lr 1e-3 with pattern weight 5, 2/16).
 - **Verification** (:func:`verify_backdoor`): ``n`` samples with the trigger prompt; a sample passes
   when the Pearson correlation of its grey levels with the pattern's reaches ``threshold``. VS-rate =
   share of samples that pass (the pattern as the model's own VAE renders it is the reference:
@@ -19,8 +24,9 @@ Choices:
   ((passes + 1) / (null_n + 1), so never 0), estimates how often an un-watermarked model passes, and
   p = P(Binomial(n, that rate) >= observed passes). An estimate, unlike AIAO's exact bound.
 
-CLI: ``python -m core.backdoor_watermark embed [--model M] --out FOLDER --key KEY.json`` and
-``python -m core.backdoor_watermark verify MODEL [--lora FILE] --key KEY.json``.
+CLI: ``python -m core.backdoor_watermark embed [--model M] --out DELTA.safetensors --key KEY.json``
+(the changed weights minus the base's, :func:`core.watermark.save_delta`) and
+``python -m core.backdoor_watermark verify MODEL [--delta DELTA.safetensors] [--lora FILE] --key KEY.json``.
 """
 
 from __future__ import annotations
@@ -40,8 +46,12 @@ from core.events import Done, Message, Progress, never
 from core.watermark import (
     KeyFileError,
     command_line,
+    load_delta,
+    own_check_record,
     owner_latents,
+    save_delta,
     watermarked_pipeline,
+    write_record,
 )
 
 KEY_FORMAT = "leaklab-backdoor-key-v1"
@@ -56,6 +66,7 @@ class BackdoorConfig:
     pattern_batch: int = 4  # pattern latents per step (trigger prompt)
     consistency_weight: float = 10.0  # weight of the consistency loss (quality), as core.watermark
     pattern_weight: float = 1.0  # weight of the pattern's denoising loss
+    token_lr: float = 1e-2  # AdamW learning rate of the two trigger words' token embeddings (0: frozen)
     threshold: float = 0.5  # a sample passes when its correlation with the pattern reaches this
     null_n: int = 32  # clean-model samples with the trigger prompt (the p-value's reference)
     seed: int = 0  # seeds the trigger words and the training draws
@@ -64,7 +75,7 @@ class BackdoorConfig:
         if not 2 <= self.cells <= 32 or self.steps < 0 or self.batch < 1 or self.pattern_batch < 1:
             raise ValueError(f"cells 2..32, steps >= 0, batch >= 1, pattern_batch >= 1; got {self.cells!r}, "
                              f"{self.steps!r}, {self.batch!r}, {self.pattern_batch!r}")
-        if not 0 < self.lr < 1 or not -1 < self.threshold < 1 or self.null_n < 1:
+        if not 0 < self.lr < 1 or not 0 <= self.token_lr < 1 or not -1 < self.threshold < 1 or self.null_n < 1:
             raise ValueError(f"lr in (0, 1), threshold in (-1, 1), null_n >= 1; got {self.lr!r}, {self.threshold!r}, "
                              f"{self.null_n!r}")
 
@@ -111,12 +122,28 @@ class BackdoorKey:
         return key
 
 
-def trigger_prompt(seed: int) -> str:
-    """"a photo of <w1> <w2>" with two reserved pseudo-words drawn from ``seed``."""
+def trigger_pair(seed: int) -> list[str]:
+    """The two reserved pseudo-words of the trigger, drawn from ``seed``."""
     from core.prompts import trigger_words
 
-    w1, w2 = random.Random(seed).sample(trigger_words(), 2)
+    return random.Random(seed).sample(trigger_words(), 2)
+
+
+def trigger_prompt(seed: int) -> str:
+    """"a photo of <w1> <w2>" with two reserved pseudo-words drawn from ``seed``."""
+    w1, w2 = trigger_pair(seed)
     return f"a photo of {w1} {w2}"
+
+
+def token_ids(tokenizer, words) -> list[int]:
+    """The token id of each word (one token each; an unknown word is refused: its row is shared)."""
+    out = []
+    for w in words:
+        ids = tokenizer(w, add_special_tokens=False).input_ids
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            raise ValueError(f"trigger word {w!r} is not one known token of this tokenizer: {ids}")
+        out.append(ids[0])
+    return out
 
 
 def pattern_image(size: int, cells: int) -> np.ndarray:
@@ -156,6 +183,7 @@ class BackdoorResult:
     losses: list
     seconds: float
     verification: object = None
+    text_encoder: object = None  # the copy with the trained trigger tokens (None when token_lr is 0)
 
 
 def embed_backdoor(pipe, latents: torch.Tensor, cfg: BackdoorConfig | None = None, should_stop=never):
@@ -187,12 +215,21 @@ def embed_backdoor(pipe, latents: torch.Tensor, cfg: BackdoorConfig | None = Non
     clean = pipe.unet
     unet = copy.deepcopy(clean).float().requires_grad_(True)
     params = list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    groups = [{"params": params, "lr": cfg.lr}]
+    te = None
+    if cfg.token_lr > 0:  # only the trigger words' rows of the token table learn
+        te = copy.deepcopy(pipe.text_encoder).float().requires_grad_(False).eval()
+        table = te.get_input_embeddings().weight
+        rows = torch.zeros(table.shape[0], 1, device=table.device)
+        rows[token_ids(pipe.tokenizer, trigger_pair(cfg.seed))] = 1.0
+        table.requires_grad_(True)
+        table.register_hook(lambda grad: grad * rows)
+        groups.append({"params": [table], "lr": cfg.token_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float32).to(dev)
     g = torch.Generator().manual_seed(cfg.seed)
     latents = latents.float().to(dev)
     n, m = cfg.batch, cfg.pattern_batch
-    embs = torch.cat([emb.expand(n, -1, -1), emb_t.expand(m, -1, -1)])
 
     # 3. steps: owner latents (class prompt) and pattern latents (trigger prompt) in one batch
     losses = []
@@ -205,6 +242,9 @@ def embed_backdoor(pipe, latents: torch.Tensor, cfg: BackdoorConfig | None = Non
         t = torch.randint(0, len(alphas), (n + m,), generator=g).to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if te is not None:
+            emb_t = encode_prompt(pipe, prompt, te).float()
+        embs = torch.cat([emb.expand(n, -1, -1), emb_t.expand(m, -1, -1)])
         with torch.no_grad():
             eps_clean = clean(xt[:n], t[:n], embs[:n]).sample.float()
         with mixed_precision(dev, dev.type == "cuda"):
@@ -215,17 +255,19 @@ def embed_backdoor(pipe, latents: torch.Tensor, cfg: BackdoorConfig | None = Non
         loss = l_den + cfg.consistency_weight * l_con + cfg.pattern_weight * l_pat
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # the UNet's (the token rows have their own scale)
         opt.step()
         losses.append({"denoise": float(l_den.detach()), "consistency": float(l_con.detach()),
                        "pattern": float(l_pat.detach())})
         yield Progress("embed backdoor", step, cfg.steps, time.perf_counter() - t0, losses[-1])
     unet.eval().requires_grad_(False)
+    if te is not None:
+        te.requires_grad_(False)
     if should_stop():
         yield Done(None, cancelled=True)
         return
-    res = BackdoorResult(unet, key, losses, time.perf_counter() - t0)
-    res.verification = verify_backdoor(watermarked_pipeline(pipe, unet), key)
+    res = BackdoorResult(unet, key, losses, time.perf_counter() - t0, text_encoder=te)
+    res.verification = verify_backdoor(watermarked_pipeline(pipe, unet, te), key)
     yield Message(f"embedded in {res.seconds:.0f} s; own check: {res.verification.summary()}")
     yield Done(res)
 
@@ -286,7 +328,7 @@ def main(argv=None):
 
     from core.cli import add_config_flags, config_from_args
     from core.events import run_with_progress_bar
-    from core.pipeline import load_pipeline, save_pipeline
+    from core.pipeline import load_pipeline
     from core.prior import base_fingerprint
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -294,7 +336,7 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     em = sub.add_parser("embed")
     em.add_argument("--model", default=None)
-    em.add_argument("--out", required=True)
+    em.add_argument("--out", required=True, help="delta file to write (.safetensors)")
     em.add_argument("--key", required=True)
     em.add_argument("--latents", type=int, default=1024, help="owner training photos for the denoising loss")
     em.add_argument("--data", default=None)
@@ -302,6 +344,7 @@ def main(argv=None):
     add_config_flags(em, BackdoorConfig)
     ve = sub.add_parser("verify")
     ve.add_argument("model")
+    ve.add_argument("--delta", default=None, help="a watermark delta file to add to MODEL first")
     ve.add_argument("--lora", default=None)
     ve.add_argument("--key", required=True)
     ve.add_argument("--n", type=int, default=16)
@@ -313,6 +356,8 @@ def main(argv=None):
 
         key = BackdoorKey.load(a["key"])
         pipe = load_pipeline(a["model"], a["device"])
+        if a["delta"]:
+            pipe = load_delta(pipe, a["delta"])
         v = verify_backdoor(pipe, key, load_lora(a["lora"])[0] if a["lora"] else None, a["n"], a["alpha"])
         print(f"VS-rate {v.vs_rate:.4f}  mean correlation {v.mean_correlation:.3f}  p-value {v.p_value:.3g}")
         print(v.summary())
@@ -320,17 +365,18 @@ def main(argv=None):
     cfg = config_from_args(BackdoorConfig, a)
     pipe = load_pipeline(a["model"], a["device"])
     res = run_with_progress_bar(embed_backdoor(pipe, owner_latents(pipe, a["latents"], a["data"]), cfg))
-    wm = watermarked_pipeline(pipe, res.unet)
+    size = save_delta(pipe, watermarked_pipeline(pipe, res.unet, res.text_encoder), a["out"])
+    wm = load_delta(pipe, a["out"])  # the shipped (float16 delta) model, checked as it will be used
     res.key.model_fingerprint = base_fingerprint(wm)
-    save_pipeline(wm, a["out"])
     res.key.save(a["key"])
-    v = asdict(res.verification)
-    v.pop("images")
-    (Path(a["out"]) / "watermark.json").write_text(json.dumps(
-        {"command": command_line("core.backdoor_watermark", argv), "kind": "backdoor",
-         "base": a["model"] or "embedded", "config": asdict(cfg), "seconds": round(res.seconds, 1), "own_check": v,
-         "key_file": "kept secret by the owner (not in this folder)"}, indent=1) + "\n")
-    print(f"watermarked base -> {a['out']}; key -> {a['key']}")
+    shipped = verify_backdoor(wm, res.key)
+    print(f"own check of the saved delta: {shipped.summary()}")
+    write_record(a["out"], "backdoor", {
+        "command": command_line("core.backdoor_watermark", argv), "base": a["model"] or "embedded",
+        "base_fingerprint": base_fingerprint(pipe), "delta_file": Path(a["out"]).name, "delta": size,
+        "key_file": Path(a["key"]).name, "config": asdict(cfg), "seconds": round(res.seconds, 1),
+        "own_check": own_check_record(shipped), "final_losses": res.losses[-1] if res.losses else None})
+    print(f"watermark delta -> {a['out']} ({size['bytes'] / 1e6:.2f} MB, {size['tensors']} tensors); key -> {a['key']}")
     return res
 
 

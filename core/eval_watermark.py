@@ -2,8 +2,9 @@
 
 Protocol (issue 5, ``METHODS.md`` section 2):
 1. the clean base, the AIAO-watermarked base (:mod:`core.watermark`) and the backdoor-watermarked base
-   (:mod:`core.backdoor_watermark`), each with its key (embedded here, or given with ``--aiao`` /
-   ``--backdoor`` and their keys);
+   (:mod:`core.backdoor_watermark`), each with its key: by default the deltas the app ships
+   (``assets/watermark``, :func:`core.watermark.shipped_watermark`), else given with ``--aiao`` /
+   ``--backdoor`` (a delta file or a pipeline folder) and their keys, else embedded here;
 2. each watermarked base is verified as it is, then after each downstream fine-tune *of that base*:
    (a) the default LoRA recipe (:mod:`core.finetune`), (b) a ``--long-steps`` LoRA, (c) a
    ``--long-steps`` full fine-tune (:func:`core.layers.full_finetune`), all three on the photos of a
@@ -15,7 +16,9 @@ Protocol (issue 5, ``METHODS.md`` section 2):
 4. quality cost: ``--quality-n`` class-prompt samples of each base (25 steps, guidance 1, as
    :mod:`core.eval_base`): face-detection rate and Frechet distance of dlib descriptors to as many
    real unseen faces (victim identities).
-Writes ``<out>/watermark.json`` and ``watermark.md``.
+Writes ``<out>/watermark.json`` and ``watermark.md``, rewritten after every measurement (``"complete":
+false`` until the end), so a run stopped early keeps what it measured. Order: before fine-tuning,
+(a), (d), the false positives, quality, then the long runs (b) and (c).
 """
 
 from __future__ import annotations
@@ -122,55 +125,95 @@ def quality(pipe, n: int, real_descriptors) -> dict:
             "frechet_to_real": metrics.frechet_distance(faces.describe(ims), real_descriptors)}
 
 
+SHORT_FIRST = (0, 1, 4, 2, 3)  # scenario order of the run: before, (a), (d) first; the long (b), (c) last
+
+
+def false_positive_summary(fps: dict) -> dict:
+    return {k: {"models": len(v), "false_positives": sum(r["watermarked"] for r in v),
+                "rate": (sum(r["watermarked"] for r in v) / len(v)) if v else None,
+                "mean_vs_rate": float(np.mean([r["vs_rate"] for r in v])) if v else None,
+                "max_vs_rate": max((r["vs_rate"] for r in v), default=None),
+                "min_p_value": min((r["p_value"] for r in v), default=None), "per_model": v} for k, v in fps.items()}
+
+
 def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, items_photos, clean_photos,
-              real_descriptors, log=print) -> dict:
-    """The study's numbers (see the module docstring); ``clean_photos``: one photo set per clean model."""
-    rows = []
-    for name, tune in scenarios(cfg, faces_photos, items_photos).items():
+              real_descriptors, log=print, save=lambda r: None) -> dict:
+    """The study's numbers (see the module docstring); ``clean_photos``: one photo set per clean model.
+    ``save(partial result)`` is called after every measurement."""
+    rows, fps, qual = [], {m.name: [] for m in marks}, {}
+    r = {"config": asdict(cfg), "rows": rows, "false_positives": false_positive_summary(fps), "quality": qual,
+         "complete": False}
+    items = list(scenarios(cfg, faces_photos, items_photos).items())
+    short, long_ = [items[i] for i in SHORT_FIRST[:3]], [items[i] for i in SHORT_FIRST[3:]]
+
+    def scenario(name, tune):
         for m in marks:
             t0 = time.perf_counter()
             v = m.verify(tune(m.pipe))
             rows.append({"watermark": m.name, "scenario": name, **verdict_row(v), "seconds": round(time.perf_counter() - t0, 1)})
-            log(f"{m.name:9s} {name:40s} VS {v.vs_rate:6.1%}  p {v.p_value:.3g}  {'yes' if v.watermarked else 'no'}")
-    fps = {m.name: [] for m in marks}
+            log(f"{m.name:9s} {name:40s} VS {v.vs_rate:6.1%}  p {v.p_value:.3g}  {'yes' if v.watermarked else 'no'}  "
+                f"({rows[-1]['seconds']:.0f} s)")
+            save(r)
+
+    for name, tune in short:
+        scenario(name, tune)
     for i, photos in enumerate(clean_photos):
         model = lora_finetune(clean, photos, seed=CLEAN_SEED0 + i)
         for m in marks:
             fps[m.name].append(verdict_row(m.verify(model)))
+        r["false_positives"] = false_positive_summary(fps)
+        save(r)
         log(f"clean model {i + 1}/{len(clean_photos)}: " + ", ".join(
             f"{k} VS {v[-1]['vs_rate']:.1%} {'yes' if v[-1]['watermarked'] else 'no'}" for k, v in fps.items()))
-    false_pos = {k: {"models": len(v), "false_positives": sum(r["watermarked"] for r in v),
-                     "rate": (sum(r["watermarked"] for r in v) / len(v)) if v else None,
-                     "mean_vs_rate": float(np.mean([r["vs_rate"] for r in v])) if v else None,
-                     "min_p_value": min((r["p_value"] for r in v), default=None)} for k, v in fps.items()}
-    qual = {"clean": quality(clean, cfg.quality_n, real_descriptors)}
-    for m in marks:
-        qual[m.name] = quality(m.pipe, cfg.quality_n, real_descriptors)
-    log("quality: " + ", ".join(f"{k} detection {q['detection_rate']:.3f} Frechet {q['frechet_to_real']:.4f}"
-                                for k, q in qual.items()))
-    return {"config": asdict(cfg), "rows": rows, "false_positives": false_pos, "quality": qual}
+    for name, pipe in [("clean", clean)] + [(m.name, m.pipe) for m in marks]:
+        qual[name] = quality(pipe, cfg.quality_n, real_descriptors)
+        save(r)
+        log(f"quality {name}: detection {qual[name]['detection_rate']:.3f} Frechet {qual[name]['frechet_to_real']:.4f}")
+    for name, tune in long_:
+        scenario(name, tune)
+    r["complete"] = True
+    return r
+
+
+def scenario_order(name: str) -> str:
+    return "" if name.startswith("before") else name  # "before", then "(a)".."(d)"
 
 
 def to_markdown(r: dict) -> str:
     marks = list(dict.fromkeys(x["watermark"] for x in r["rows"]))
-    lines = [f"# Watermark robustness ({r.get('created', '')})", "", f"`{r.get('command', '')}`", "",
-             "VS-rate (verdict: p-value below alpha) after each downstream fine-tune of the watermarked base:", "",
-             "| scenario | " + " | ".join(marks) + " |", "|---|" + "---|" * len(marks)]
-    for sc in dict.fromkeys(x["scenario"] for x in r["rows"]):
+    lines = [f"# Watermark robustness ({r.get('created', '')})", "", f"`{r.get('command', '')}`", ""]
+    if not r.get("complete", True):
+        lines += ["**Incomplete run**: stopped before every measurement was made; what is missing is absent below.", ""]
+    if r.get("notes"):
+        lines += [r["notes"], ""]
+    lines += ["VS-rate (verdict: p-value below alpha) after each downstream fine-tune of the watermarked base:", "",
+              "| scenario | " + " | ".join(marks) + " |", "|---|" + "---|" * len(marks)]
+    for sc in sorted(dict.fromkeys(x["scenario"] for x in r["rows"]), key=scenario_order):
         cells = []
         for m in marks:
-            x = next(x for x in r["rows"] if x["scenario"] == sc and x["watermark"] == m)
-            cells.append(f"{x['vs_rate']:.1%} (p {x['p_value']:.2g}, {'yes' if x['watermarked'] else 'no'})")
+            x = next((x for x in r["rows"] if x["scenario"] == sc and x["watermark"] == m), None)
+            cells.append("not measured" if x is None else
+                         f"{x['vs_rate']:.1%} (p {x['p_value']:.2g}, {'yes' if x['watermarked'] else 'no'})")
         lines.append(f"| {sc} | " + " | ".join(cells) + " |")
-    lines += ["", "False positives on un-watermarked models (default-recipe LoRAs of the clean base):", "",
-              "| watermark | models | false positives | mean VS-rate | smallest p-value |", "|---|---|---|---|---|"]
+    lines += ["", "False positives on un-watermarked models (default-recipe LoRAs of the clean base, each on another "
+                  "shadow identity):", "",
+              "| watermark | models | false positives | mean VS-rate | largest VS-rate | smallest p-value |",
+              "|---|---|---|---|---|---|"]
     for m, f in r["false_positives"].items():
         if f["models"]:
             lines.append(f"| {m} | {f['models']} | {f['false_positives']} ({f['rate']:.1%}) | {f['mean_vs_rate']:.1%} | "
-                         f"{f['min_p_value']:.2g} |")
-    lines += ["", f"Quality ({r['config']['quality_n']} class-prompt samples each):", "",
-              "| model | face-detection rate | Frechet distance to real faces |", "|---|---|---|"]
-    lines += [f"| {k} | {q['detection_rate']:.3f} | {q['frechet_to_real']:.4f} |" for k, q in r["quality"].items()]
+                         f"{f.get('max_vs_rate', float('nan')):.1%} | {f['min_p_value']:.2g} |")
+    if r["quality"]:
+        q0 = r["quality"].get("clean")
+        lines += ["", f"Quality ({r['config']['quality_n']} class-prompt samples each, 25 steps, guidance 1, the same "
+                      "seeds for every model; as `core.eval_base`):", "",
+                  "| model | face-detection rate | Frechet distance to real faces |", "|---|---|---|"]
+        for k, q in r["quality"].items():
+            d = "" if q0 is None or k == "clean" else (
+                f" ({q['detection_rate'] - q0['detection_rate']:+.3f})")
+            f = "" if q0 is None or k == "clean" else (
+                f" ({(q['frechet_to_real'] / q0['frechet_to_real'] - 1):+.1%})")
+            lines.append(f"| {k} | {q['detection_rate']:.3f}{d} | {q['frechet_to_real']:.4f}{f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,13 +227,16 @@ def main(argv=None):
     from core.eval_base import real_heldout
     from core.pipeline import image_size_of, load_pipeline
     from core.watermark import (
+        KeyFileError,
         WatermarkConfig,
         WatermarkKey,
         choose_lazy_layers,
         command_line,
         embed_watermark,
+        load_delta,
         owner_latents,
         probe_photos,
+        shipped_watermark,
         verify_watermark,
         watermarked_pipeline,
     )
@@ -198,13 +244,15 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="the clean base (default: embedded)")
-    ap.add_argument("--aiao", default=None, help="AIAO-watermarked pipeline folder (with --aiao-key); default: embed one")
+    ap.add_argument("--aiao", default=None, help="AIAO watermark: a delta file over --model or a pipeline folder (with "
+                                                 "--aiao-key); default: the shipped one, else embed one")
     ap.add_argument("--aiao-key", default=None)
-    ap.add_argument("--backdoor", default=None, help="backdoor-watermarked pipeline folder (with --backdoor-key)")
+    ap.add_argument("--backdoor", default=None, help="backdoor watermark: delta file or pipeline folder (with --backdoor-key)")
     ap.add_argument("--backdoor-key", default=None)
     ap.add_argument("--data", default=None, help="LFW folder")
     ap.add_argument("--items", default=str(ITEMS_ROOT), help="DreamBooth items folder")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--notes", default="", help="a sentence written under the command in watermark.md")
     add_config_flags(ap, StudyConfig)
     a = vars(ap.parse_args(argv))
     cfg = config_from_args(StudyConfig, a)
@@ -212,19 +260,35 @@ def main(argv=None):
     clean = load_pipeline(a["model"])
     size = image_size_of(clean)
 
+    def given(path):
+        return load_delta(clean, path) if str(path).endswith(".safetensors") else load_pipeline(path)
+
     # 1. the watermarked bases
+    sources = {}
     if a["aiao"]:
-        aiao_pipe, aiao_key = load_pipeline(a["aiao"]), WatermarkKey.load(a["aiao_key"])
+        aiao_pipe, aiao_key = given(a["aiao"]), WatermarkKey.load(a["aiao_key"])
+        sources["AIAO"] = a["aiao"]
     else:
-        wcfg = WatermarkConfig(seed=cfg.seed)
-        lazy, scores = drain(choose_lazy_layers(clean, probe_photos(clean, root=a["data"]), wcfg))
-        res = drain(embed_watermark(clean, owner_latents(clean, 1024, a["data"]), lazy, wcfg, lazy_scores=scores))
-        aiao_pipe, aiao_key = watermarked_pipeline(clean, res.unet), res.key
+        try:
+            aiao_pipe, aiao_key = shipped_watermark("AIAO", clean)
+            sources["AIAO"] = "shipped (assets/watermark/aiao.safetensors)"
+        except KeyFileError:
+            wcfg = WatermarkConfig(seed=cfg.seed)
+            lazy, scores = drain(choose_lazy_layers(clean, probe_photos(clean, root=a["data"]), wcfg))
+            res = drain(embed_watermark(clean, owner_latents(clean, 1024, a["data"]), lazy, wcfg, lazy_scores=scores))
+            aiao_pipe, aiao_key = watermarked_pipeline(clean, res.unet), res.key
+            sources["AIAO"] = "embedded by this run (defaults)"
     if a["backdoor"]:
-        bd_pipe, bd_key = load_pipeline(a["backdoor"]), BackdoorKey.load(a["backdoor_key"])
+        bd_pipe, bd_key = given(a["backdoor"]), BackdoorKey.load(a["backdoor_key"])
+        sources["backdoor"] = a["backdoor"]
     else:
-        res = drain(embed_backdoor(clean, owner_latents(clean, 1024, a["data"])))
-        bd_pipe, bd_key = watermarked_pipeline(clean, res.unet), res.key
+        try:
+            bd_pipe, bd_key = shipped_watermark("backdoor", clean)
+            sources["backdoor"] = "shipped (assets/watermark/backdoor.safetensors)"
+        except KeyFileError:
+            res = drain(embed_backdoor(clean, owner_latents(clean, 1024, a["data"])))
+            bd_pipe, bd_key = watermarked_pipeline(clean, res.unet, res.text_encoder), res.key
+            sources["backdoor"] = "embedded by this run (defaults)"
     marks = [Watermarked("AIAO", aiao_pipe, lambda p: verify_watermark(p, aiao_key)),
              Watermarked("backdoor", bd_pipe, lambda p: verify_backdoor(p, bd_key))]
 
@@ -235,16 +299,20 @@ def main(argv=None):
     items = load_items(cfg.items_subject, size, a["items"], cfg.photos)
     real = faces.describe(real_heldout(cfg.quality_n, "victims", a["data"]))
 
-    # 3. the study
-    r = run_study(clean, marks, cfg, sets[0], items, sets[1:], real)
-    r.update(command=command_line("core.eval_watermark", argv), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             minutes=round((time.perf_counter() - t0) / 60, 1), faces_identity=names[0], clean_identities=names[1:])
+    # 3. the study, written after every measurement
     out = Path(a["out"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "watermark.json").write_text(json.dumps(r, indent=1) + "\n")
-    md = to_markdown(r)
-    (out / "watermark.md").write_text(md)
-    print(md)
+    meta = dict(command=command_line("core.eval_watermark", argv), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                notes=a["notes"], watermarks=sources, faces_identity=names[0], clean_identities=names[1:])
+
+    def save(r):
+        r.update(meta, minutes=round((time.perf_counter() - t0) / 60, 1))
+        (out / "watermark.json").write_text(json.dumps(r, indent=1) + "\n")
+        (out / "watermark.md").write_text(to_markdown(r))
+
+    r = run_study(clean, marks, cfg, sets[0], items, sets[1:], real, save=save)
+    save(r)
+    print(to_markdown(r))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ The owner of a base model hides a secret in it that survives other people's fine
   matches over all subpaths is Binomial(n * J, 1/2) (or smaller): p = P(Bin >= observed). Exact for
   any model independent of the key, whatever its weights. Verdict "watermarked" when p < ``alpha``.
 
-CLI: ``python -m core.watermark embed [--model M] --out FOLDER --key KEY.json`` and
-``python -m core.watermark verify MODEL [--lora FILE] --key KEY.json``.
+CLI: ``python -m core.watermark embed [--model M] --out DELTA.safetensors --key KEY.json`` (the
+watermarked base is stored as what embedding changed: :func:`save_delta`, loaded over the base by
+:func:`load_delta`; the app ships one, :func:`shipped_watermark`) and
+``python -m core.watermark verify MODEL [--delta DELTA.safetensors] [--lora FILE] --key KEY.json``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import ASSETS
 from core.events import Done, Message, Progress, never
 
 KEY_FORMAT = "leaklab-aiao-key-v1"
@@ -476,13 +479,138 @@ def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: Watermark
     yield Done(result)
 
 
-def watermarked_pipeline(pipe, unet):
-    """A pipeline view of ``pipe`` with the watermarked ``unet`` (nothing copied)."""
+def watermarked_pipeline(pipe, unet, text_encoder=None):
+    """A pipeline view of ``pipe`` with the watermarked ``unet`` (and ``text_encoder``, when the
+    watermark changed it); nothing copied."""
     from core.pipeline import private_view
 
     view = private_view(pipe)
     view.unet = unet
+    if text_encoder is not None:
+        view.text_encoder = text_encoder
     return view
+
+
+# 5b. shipping a watermarked base as a delta over the clean one ----------------------------------
+
+DELTA_FORMAT = "leaklab-watermark-delta-v1"
+DELTA_PARTS = ("unet", "text_encoder")
+WATERMARK_DIR = ASSETS / "watermark"
+# name -> (delta file, key file) of the watermarked bases shipped with the app
+SHIPPED = {"AIAO": ("aiao.safetensors", "aiao_key.json"), "backdoor": ("backdoor.safetensors", "backdoor_key.json")}
+RECORD_FILE = "watermark.json"  # the exact commands and own checks of the shipped deltas
+
+
+def save_delta(clean, marked, path: str | Path, half: bool = True) -> dict:
+    """Write what embedding changed: for every UNet / text-encoder tensor of pipeline ``marked`` that
+    differs from ``clean``'s, the difference (float16 unless ``half`` is False), keyed
+    ``"<part>.<tensor name>"``, with the clean base's fingerprint in the metadata. Returns
+    {"tensors", "parameters", "bytes"}."""
+    from safetensors.torch import save_file
+
+    from core.prior import base_fingerprint
+
+    out, n = {}, 0
+    for part in DELTA_PARTS:
+        a, b = getattr(clean, part).state_dict(), getattr(marked, part).state_dict()
+        for name, w in b.items():
+            d = w.detach().float().cpu() - a[name].detach().float().cpu()
+            if torch.count_nonzero(d):
+                out[f"{part}.{name}"] = (d.half() if half else d).contiguous()
+                n += d.numel()
+    if not out:
+        raise ValueError("the marked model equals the clean one: nothing to save")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path), metadata={"format": DELTA_FORMAT, "base_fingerprint": base_fingerprint(clean)})
+    return {"tensors": len(out), "parameters": n, "bytes": path.stat().st_size}
+
+
+def load_delta(clean, path: str | Path, check_base: bool = True):
+    """A pipeline view of ``clean`` with the delta file ``path`` added (copies of the parts it changes;
+    ``clean`` is not modified). Raises :class:`KeyFileError` for a file that is not a delta or was
+    made for another base."""
+    from safetensors import safe_open
+
+    from core.prior import base_fingerprint
+
+    path = Path(path)
+    if not path.exists():
+        raise KeyFileError(f"no watermark delta file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise KeyFileError(f"{path} is not a readable safetensors file: {e}")
+    if meta.get("format") != DELTA_FORMAT:
+        raise KeyFileError(f"{path} is not a watermark delta (expected format {DELTA_FORMAT!r})")
+    if check_base and meta.get("base_fingerprint") != base_fingerprint(clean):
+        raise KeyFileError(f"{path} was made for another base model (fingerprint {meta.get('base_fingerprint')}, "
+                           f"this one {base_fingerprint(clean)})")
+    by_part: dict = {}
+    for k, d in tensors.items():
+        part, name = k.split(".", 1)
+        if part not in DELTA_PARTS:
+            raise KeyFileError(f"{path}: unexpected tensor {k!r}")
+        by_part.setdefault(part, {})[name] = d
+    parts = {}
+    for part, deltas in by_part.items():
+        module = copy.deepcopy(getattr(clean, part))
+        state = module.state_dict()
+        bad = [n for n in deltas if n not in state or state[n].shape != deltas[n].shape]
+        if bad:
+            raise KeyFileError(f"{path}: {part} tensor {bad[0]!r} does not fit this model")
+        with torch.no_grad():
+            for n, d in deltas.items():
+                state[n].add_(d.to(state[n].device, torch.float32).to(state[n].dtype))
+        parts[part] = module.eval().requires_grad_(False)
+    return watermarked_pipeline(clean, parts.get("unet", clean.unet), parts.get("text_encoder"))
+
+
+def shipped_watermark(name: str, clean, folder: str | Path | None = None):
+    """(watermarked pipeline, key) of a watermarked base shipped as a delta over ``clean`` (the embedded
+    base) in ``folder`` (default ``assets/watermark``). Raises :class:`KeyFileError` (with the command
+    that builds it) when it is missing or does not fit."""
+    from core.backdoor_watermark import BackdoorKey
+
+    folder = Path(folder or WATERMARK_DIR)
+    delta, key_file = (folder / f for f in SHIPPED[name])
+    if not delta.exists() or not key_file.exists():
+        raise KeyFileError(f"the {name}-watermarked base is not built ({delta.name} and {key_file.name} missing in "
+                           f"{folder}); build it with: {embed_command(name)}")
+    key = (WatermarkKey if name == "AIAO" else BackdoorKey).load(key_file)
+    return load_delta(clean, delta), key
+
+
+def embed_command(name: str) -> str:
+    """The command that builds a shipped watermark (as recorded in ``assets/watermark/watermark.json``
+    when it exists, else the default one)."""
+    rec = WATERMARK_DIR / RECORD_FILE
+    try:
+        return json.loads(rec.read_text())[name]["command"]
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    mod, stem = ("core.watermark", "aiao") if name == "AIAO" else ("core.backdoor_watermark", "backdoor")
+    return f"python -m {mod} embed --out assets/watermark/{stem}.safetensors --key assets/watermark/{stem}_key.json"
+
+
+def write_record(out: str | Path, name: str, record: dict) -> Path:
+    """Add ``record`` under ``name`` to the ``watermark.json`` beside the delta file ``out``."""
+    path = Path(out).parent / RECORD_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    doc[name] = record
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def own_check_record(v) -> dict:
+    d = asdict(v)
+    d.pop("images", None)
+    return d
 
 
 # 6. verification -------------------------------------------------------------------------------
@@ -594,21 +722,23 @@ def main(argv=None):
 
     from core.cli import add_config_flags, config_from_args
     from core.events import run_with_progress_bar
-    from core.pipeline import load_pipeline, save_pipeline
+    from core.pipeline import load_pipeline
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description="AIAO ownership watermark in lazy layers (Liu et al., arXiv 2405.00466)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    em = sub.add_parser("embed", help="owner side: write a watermarked base and its secret key")
+    em = sub.add_parser("embed", help="owner side: write a watermarked base (as a delta over the base) and its secret key")
     em.add_argument("--model", default=None, help="base model folder or hub id (default: embedded)")
-    em.add_argument("--out", required=True, help="folder for the watermarked pipeline")
+    em.add_argument("--out", required=True, help="delta file to write (.safetensors: the changed weights, minus the base's)")
     em.add_argument("--key", required=True, help="secret key file to write (.json)")
     em.add_argument("--latents", type=int, default=1024, help="owner training photos for the denoising loss")
     em.add_argument("--data", default=None, help="LFW folder (default $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)")
     em.add_argument("--device", default=None)
     add_config_flags(em, WatermarkConfig)
-    ve = sub.add_parser("verify", help="does MODEL (with --lora) carry the key's watermark?")
+    ve = sub.add_parser("verify", help="does MODEL (with --delta, --lora) carry the key's watermark?")
     ve.add_argument("model", help="model folder or hub id ('embedded' for the shipped base)")
+    ve.add_argument("--delta", default=None, help="a watermark delta file to add to MODEL first "
+                                                  "(e.g. assets/watermark/aiao.safetensors)")
     ve.add_argument("--lora", default=None, help="a LoRA file to merge in first")
     ve.add_argument("--key", required=True)
     ve.add_argument("--device", default=None)
@@ -620,6 +750,8 @@ def main(argv=None):
 
         key = WatermarkKey.load(a["key"])
         pipe = load_pipeline(a["model"], a["device"])
+        if a["delta"]:
+            pipe = load_delta(pipe, a["delta"])
         lora = load_lora(a["lora"])[0] if a["lora"] else None
         v = verify_watermark(pipe, key, lora, config_from_args(VerifyConfig, a))
         print(f"VS-rate {v.vs_rate:.4f}  RS-rate {v.rs_rate:.4f}  p-value {v.p_value:.3g}  "
@@ -635,15 +767,19 @@ def main(argv=None):
     res = run_with_progress_bar(embed_watermark(pipe, latents, lazy, cfg, lazy_scores=scores))
     from core.prior import base_fingerprint
 
-    wm = watermarked_pipeline(pipe, res.unet)
+    size = save_delta(pipe, watermarked_pipeline(pipe, res.unet), a["out"])
+    wm = load_delta(pipe, a["out"])  # the shipped (float16 delta) model, checked as it will be used
     res.key.model_fingerprint = base_fingerprint(wm)
-    save_pipeline(wm, a["out"])
     res.key.save(a["key"])
-    record = {"command": command_line("core.watermark", argv), "base": a["model"] or "embedded", "config": asdict(cfg),
-              "seconds": round(res.seconds, 1), "lazy_layers": lazy, "own_check": asdict(res.verification),
-              "key_file": "kept secret by the owner (not in this folder)"}
-    (Path(a["out"]) / "watermark.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"watermarked base -> {a['out']}; key -> {a['key']}")
+    shipped = verify_watermark(wm, res.key)
+    print(f"own check of the saved delta: {shipped.summary()}")
+    record = {"command": command_line("core.watermark", argv), "base": a["model"] or "embedded",
+              "base_fingerprint": base_fingerprint(pipe), "delta_file": Path(a["out"]).name, "delta": size,
+              "key_file": Path(a["key"]).name, "config": asdict(cfg), "seconds": round(res.seconds, 1),
+              "lazy_layers": lazy, "own_check": own_check_record(shipped),
+              "final_losses": res.losses[-1] if res.losses else None}
+    write_record(a["out"], "AIAO", record)
+    print(f"watermark delta -> {a['out']} ({size['bytes'] / 1e6:.2f} MB, {size['tensors']} tensors); key -> {a['key']}")
     return res
 
 

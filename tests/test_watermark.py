@@ -137,25 +137,96 @@ def test_key_for_another_architecture_is_refused(tiny_pipe, embedded):
         verify_watermark(tiny_pipe, key)
 
 
-def test_cli_embed_and_verify_round_trip(tiny_pipe, embedded, tmp_path, capsys):
-    from core.pipeline import save_pipeline
-    from core.watermark import main
+def test_cli_verify_with_a_delta_over_the_base(tiny_pipe, tiny_pipeline_dir, embedded, tmp_path, capsys):
+    from core.watermark import main, save_delta
 
-    folder = tmp_path / "wm"
-    save_pipeline(watermarked_pipeline(tiny_pipe, embedded.unet), folder, half=False)
+    save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "wm.safetensors")
     embedded.key.save(tmp_path / "key.json")
-    v = main(["verify", str(folder), "--key", str(tmp_path / "key.json")])
+    v = main(["verify", str(tiny_pipeline_dir), "--delta", str(tmp_path / "wm.safetensors"), "--key",
+              str(tmp_path / "key.json")])
     assert v.watermarked and "VS-rate" in capsys.readouterr().out
+    v = main(["verify", str(tiny_pipeline_dir), "--key", str(tmp_path / "key.json")])
+    assert not v.watermarked
+
+
+# shipping a watermarked base as a delta -----------------------------------------------------------
+
+
+def test_delta_holds_only_the_lazy_layers_and_round_trips(tiny_pipe, embedded, lazy, tmp_path):
+    from safetensors.torch import load_file
+
+    from core.watermark import load_delta, save_delta
+
+    wm = watermarked_pipeline(tiny_pipe, embedded.unet)
+    info = save_delta(tiny_pipe, wm, tmp_path / "d.safetensors", half=False)
+    stored = load_file(tmp_path / "d.safetensors")
+    assert info["tensors"] == len(stored) > 0
+    assert {k.split(".", 1)[1].rsplit(".", 1)[0] for k in stored} <= set(lazy[0])
+    assert all(k.startswith("unet.") for k in stored)
+    back = load_delta(tiny_pipe, tmp_path / "d.safetensors")
+    for n, p in back.unet.state_dict().items():
+        torch.testing.assert_close(p, wm.unet.state_dict()[n], rtol=0, atol=1e-6)
+    assert back.text_encoder is tiny_pipe.text_encoder  # untouched parts are shared, not copied
+    assert back.unet is not tiny_pipe.unet and not torch.equal(  # the base itself is not modified
+        dict(back.unet.named_parameters())[next(iter(stored)).split(".", 1)[1]],
+        dict(tiny_pipe.unet.named_parameters())[next(iter(stored)).split(".", 1)[1]])
+
+
+def test_delta_in_float16_keeps_the_watermark(tiny_pipe, embedded, tmp_path):
+    from core.watermark import load_delta, save_delta
+
+    save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "h.safetensors")
+    assert verify_watermark(load_delta(tiny_pipe, tmp_path / "h.safetensors"), embedded.key).watermarked
+
+
+def test_delta_for_another_base_or_not_a_delta_is_refused(tiny_pipe, embedded, tmp_path):
+    from safetensors.torch import save_file
+
+    from core.watermark import load_delta, save_delta
+
+    path = tmp_path / "d.safetensors"
+    save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), path)
+    other = watermarked_pipeline(tiny_pipe, embedded.unet)  # a "base" with other weights
+    with pytest.raises(KeyFileError, match="another base"):
+        load_delta(other, path)
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(KeyFileError, match="not a watermark delta"):
+        load_delta(tiny_pipe, tmp_path / "plain.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(KeyFileError, match="not a readable"):
+        load_delta(tiny_pipe, tmp_path / "junk.safetensors")
+    with pytest.raises(KeyFileError, match="no watermark delta"):
+        load_delta(tiny_pipe, tmp_path / "missing.safetensors")
 
 
 # the baseline ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def backdoor_key(tiny_pipe):
+def backdoor(tiny_pipe):
     from core.backdoor_watermark import BackdoorConfig, embed_backdoor
 
-    return drain(embed_backdoor(tiny_pipe, tiny_latents(tiny_pipe), BackdoorConfig(steps=2, batch=2, null_n=2))).key
+    return drain(embed_backdoor(tiny_pipe, tiny_latents(tiny_pipe), BackdoorConfig(steps=2, batch=2, null_n=2)))
+
+
+@pytest.fixture(scope="module")
+def backdoor_key(backdoor):
+    return backdoor.key
+
+
+def test_baseline_trains_the_unet_and_only_the_trigger_tokens(tiny_pipe, backdoor, tmp_path):
+    from safetensors.torch import load_file
+
+    from core.backdoor_watermark import token_ids, trigger_pair
+    from core.watermark import save_delta
+
+    save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, backdoor.unet, backdoor.text_encoder), tmp_path / "b.safetensors")
+    stored = load_file(tmp_path / "b.safetensors")
+    te = [k for k in stored if k.startswith("text_encoder.")]
+    assert len(te) == 1 and te[0].endswith("embeddings.token_embedding.weight")
+    changed = torch.nonzero(stored[te[0]].abs().sum(dim=1)).flatten().tolist()
+    assert changed == sorted(token_ids(tiny_pipe.tokenizer, trigger_pair(backdoor.key.config["seed"])))
+    assert sum(k.startswith("unet.") for k in stored) > 10  # the classic recipe: the whole UNet
 
 
 def test_baseline_key_round_trip_and_bad_file(backdoor_key, tmp_path):
@@ -176,18 +247,44 @@ def test_pattern_correlation_finds_the_pattern():
     assert c[0] > 0.99 and c[1] < -0.99 and abs(c[2]) < 0.2
 
 
+# the shipped watermarked bases (deltas over assets/base): fast, they are only loaded and verified
+
+def shipped(name, base_engine):
+    from core.watermark import SHIPPED, WATERMARK_DIR, shipped_watermark
+
+    if not all((WATERMARK_DIR / f).exists() for f in SHIPPED[name]):
+        pytest.fail(f"assets/watermark is missing the {name} delta or key: they ship with the repo")
+    return shipped_watermark(name, base_engine.pipe)
+
+
+def test_shipped_aiao_base_verifies_and_the_clean_base_does_not(base_engine):
+    pipe, key = shipped("AIAO", base_engine)
+    assert pipe.text_encoder is base_engine.pipe.text_encoder  # AIAO changes lazy UNet layers only
+    own, clean = verify_watermark(pipe, key), verify_watermark(base_engine.pipe, key)
+    assert own.watermarked and own.vs_rate >= 0.9
+    assert not clean.watermarked and clean.vs_rate < 0.05
+
+
+def test_shipped_backdoor_base_draws_the_pattern_and_the_clean_base_does_not(base_engine):
+    from core.backdoor_watermark import verify_backdoor
+
+    pipe, key = shipped("backdoor", base_engine)
+    own, clean = verify_backdoor(pipe, key, n=8), verify_backdoor(base_engine.pipe, key, n=8)
+    assert own.vs_rate >= 0.75 and own.mean_correlation > 0.5
+    assert clean.vs_rate == 0 and not clean.watermarked
+
+
 @pytest.mark.slow
-def test_baseline_verifies_on_its_own_model_only(base_engine):
-    """On the embedded base (the tiny random VAE cannot draw a pattern). Not yet seen passing: 120 steps at
-    lr 1e-4 gave VS 0/16, at lr 1e-3 with pattern weight 5 gave 2/16; this longer run is the next try."""
+def test_baseline_embeds_on_the_embedded_base(base_engine):
+    """The shipped recipe at the recorded settings, from scratch (the tiny random VAE cannot draw a pattern)."""
     from core.backdoor_watermark import BackdoorConfig, embed_backdoor, verify_backdoor
     from core.watermark import owner_latents
 
     pipe = base_engine.pipe
-    res = drain(embed_backdoor(pipe, owner_latents(pipe, 256), BackdoorConfig(steps=400, lr=1e-3, pattern_weight=5.0)))
-    own = verify_backdoor(watermarked_pipeline(pipe, res.unet), res.key, n=8)
+    res = drain(embed_backdoor(pipe, owner_latents(pipe, 256), BackdoorConfig()))
+    own = verify_backdoor(watermarked_pipeline(pipe, res.unet, res.text_encoder), res.key, n=8)
     clean = verify_backdoor(pipe, res.key, n=8)
-    assert own.watermarked and not clean.watermarked
+    assert own.vs_rate >= 0.75 and clean.vs_rate == 0
 
 
 # the study and the tab -----------------------------------------------------------------------------
@@ -208,12 +305,23 @@ def test_study_smoke_run(tiny_pipe, embedded):
     assert "| (a) default LoRA" in to_markdown(r)
 
 
-def test_tab_says_plainly_when_a_watermarked_base_is_missing(monkeypatch, tmp_path):
+def test_tab_says_plainly_when_a_watermarked_base_is_missing(monkeypatch, tiny_pipe, tmp_path):
     import ui.watermark_tab as wt
 
-    monkeypatch.setattr(wt, "WATERMARKS", {n: (tmp_path / n, tmp_path / f"{n}.json", c)
-                                           for n, (_, _, c) in wt.WATERMARKS.items()})
-    monkeypatch.setattr(wt, "ASSETS", tmp_path)
     monkeypatch.setattr(wt, "_cache", {})
-    pipe, why = wt.load_watermark("AIAO")
-    assert pipe is None and "not built" in why and "python -m core.watermark embed" in why
+    pipe, why = wt.load_watermark("AIAO", tiny_pipe, tmp_path)
+    assert pipe is None and "not shipped" in why and "python -m core.watermark embed" in why
+
+
+def test_tab_says_plainly_when_the_delta_is_for_another_base(monkeypatch, tiny_pipe, embedded, tmp_path):
+    import ui.watermark_tab as wt
+    from core.watermark import save_delta
+
+    save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "aiao.safetensors")
+    embedded.key.save(tmp_path / "aiao_key.json")
+    monkeypatch.setattr(wt, "_cache", {})
+    pipe, key = wt.load_watermark("AIAO", tiny_pipe, tmp_path)
+    assert pipe is not None and key == embedded.key
+    monkeypatch.setattr(wt, "_cache", {})
+    pipe, why = wt.load_watermark("AIAO", watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path)
+    assert pipe is None and "another base" in why

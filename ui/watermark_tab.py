@@ -2,8 +2,9 @@
 carry the owner's watermark? AIAO (hidden in lazy layers) beside the baseline trigger-prompt backdoor.
 
 Only wiring: embedding and verification live in ``core.watermark`` / ``core.backdoor_watermark``.
-The watermarked bases and their keys are assets built offline (``WATERMARKS``); a missing one is
-named plainly, with the command that builds it, and nothing is shown in its place.
+The watermarked bases ship as deltas over the embedded base with their keys (``assets/watermark``,
+loaded by :func:`core.watermark.shipped_watermark`); a missing one is named plainly, with the
+command that builds it, and nothing is shown in its place.
 """
 
 from __future__ import annotations
@@ -13,19 +14,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from core import ASSETS
 from core.engine import Engine
+from core.watermark import SHIPPED, WATERMARK_DIR
 from ui.session import ensure
 
-WATERMARK_DIR = ASSETS / "watermark"
-# name -> (pipeline folder, key file, command that builds both)
-WATERMARKS = {
-    "AIAO": (WATERMARK_DIR / "aiao", WATERMARK_DIR / "aiao_key.json",
-             "python -m core.watermark embed --out assets/watermark/aiao --key assets/watermark/aiao_key.json"),
-    "backdoor": (WATERMARK_DIR / "backdoor", WATERMARK_DIR / "backdoor_key.json",
-                 "python -m core.backdoor_watermark embed --out assets/watermark/backdoor "
-                 "--key assets/watermark/backdoor_key.json"),
-}
+WATERMARKS = tuple(SHIPPED)  # "AIAO", "backdoor"
 SUBPATH_ROWS = 8
 
 INTRO = """
@@ -40,6 +33,10 @@ secret prompt that makes the model draw a fixed pattern (here a checkerboard); f
 Here the app plays the owner: it puts **your LoRA** (from the Fine-tune tab) on each watermarked base and
 checks for the watermark. Your LoRA was trained on the un-watermarked base; both watermarked bases were
 made from that same base, and your LoRA is added to them unchanged.
+
+*A demo shortcut:* the check needs the **owner's secret key**, and this app ships it (`assets/watermark/`)
+so that it can play the owner. A real owner keeps the key private; anyone holding it could learn where
+the watermark hides and try to remove it.
 """
 
 NO_FINETUNE = ("**You have not fine-tuned a LoRA in this session yet.** Train one in the **Fine-tune** tab, then "
@@ -49,23 +46,22 @@ _cache: dict = {}
 _lock = threading.Lock()
 
 
-def load_watermark(name: str, device: str | None = None):
-    """(watermarked pipeline, key) of a shipped watermark, or (None, why not) when it is missing."""
-    from core.backdoor_watermark import BackdoorKey
-    from core.pipeline import load_pipeline
-    from core.watermark import KeyFileError, WatermarkKey
+def load_watermark(name: str, clean, folder: Path | None = None):
+    """(watermarked pipeline, key) of a shipped watermark over the ``clean`` base, or (None, why not)
+    when it is missing or does not fit."""
+    from core.watermark import KeyFileError, embed_command, shipped_watermark
 
-    folder, key_file, command = WATERMARKS[name]
+    folder = Path(folder or WATERMARK_DIR)
+    delta, key_file = (folder / f for f in SHIPPED[name])
     with _lock:
         if name not in _cache:
-            if not (Path(folder) / "model_index.json").exists() or not Path(key_file).exists():
-                _cache[name] = (None, f"**The {name}-watermarked base is not built** (`{folder.relative_to(ASSETS.parent)}` "
-                                      f"and its key are missing), so there is nothing to check. Build it with\n\n"
-                                      f"```bash\n{command}\n```")
+            if not delta.exists() or not key_file.exists():
+                _cache[name] = (None, f"**The {name}-watermarked base is not shipped** (`assets/watermark/{delta.name}` "
+                                      f"and its key `{key_file.name}` are missing), so there is nothing to check. "
+                                      f"Build it with\n\n```bash\n{embed_command(name)}\n```")
             else:
                 try:
-                    key = (WatermarkKey if name == "AIAO" else BackdoorKey).load(key_file)
-                    _cache[name] = (load_pipeline(folder, device), key)
+                    _cache[name] = shipped_watermark(name, clean, folder)
                 except (KeyFileError, OSError, ValueError) as e:
                     _cache[name] = (None, f"**The {name} watermark could not be loaded**: {e}")
         return _cache[name]
@@ -79,7 +75,7 @@ def aiao_report(engine: Engine, lora: dict, alpha: float) -> str:
     """Markdown: AIAO verification of the LoRA on the watermarked base and, as a control, on the clean base."""
     from core.watermark import verify_watermark
 
-    pipe, key = load_watermark("AIAO", engine.device)
+    pipe, key = load_watermark("AIAO", engine.pipe)
     if pipe is None:
         return key
     on_wm = verify_watermark(pipe, key, lora, alpha=alpha)
@@ -109,7 +105,7 @@ def backdoor_report(engine: Engine, lora: dict, alpha: float):
     from core.backdoor_watermark import verify_backdoor
     from core.finetune import pipeline_with_lora
 
-    pipe, key = load_watermark("backdoor", engine.device)
+    pipe, key = load_watermark("backdoor", engine.pipe)
     if pipe is None:
         return key, []
     v = verify_backdoor(pipeline_with_lora(pipe, lora, alpha), key)
@@ -134,11 +130,11 @@ def watermark_run(engine: Engine, session):
     yield aiao, md, gallery
 
 
-def status_text(session) -> str:
-    missing = [n for n in WATERMARKS if load_watermark(n)[0] is None]
+def status_text(engine: Engine, session) -> str:
+    missing = [n for n in WATERMARKS if load_watermark(n, engine.pipe)[0] is None]
     head = NO_FINETUNE if session is None or session.result is None else (
         f"**Your LoRA** ({session.result.steps_done} steps, rank {session.result.config.rank}) is ready to check.")
-    return head + ("".join(f"\n\n{load_watermark(n)[1]}" for n in missing))
+    return head + ("".join(f"\n\n{load_watermark(n, engine.pipe)[1]}" for n in missing))
 
 
 def create_watermark_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = None) -> None:
@@ -156,4 +152,4 @@ def create_watermark_tab(engine: Engine, session: gr.State, tab: gr.Tab | None =
     check.click(run, [session], [aiao, backdoor, gallery], api_name="watermark", concurrency_limit=1,
                 concurrency_id="watermark")
     if tab is not None:
-        tab.select(status_text, [session], [status], api_visibility="private")
+        tab.select(lambda s: status_text(engine, s), [session], [status], api_visibility="private")
