@@ -1,0 +1,93 @@
+"""A real browser (Debian's chromium, driven by Playwright) uses the app like a visitor: opens it,
+uploads the example photos, runs a short fine-tune on the embedded model, sees the attacker's
+reconstruction appear, attacks the LoRA in the Attack tab and opens every tab. Screenshots of each tab
+(and of the Fine-tune tab at phone width) go to ``test-artifacts/browser/`` (git-ignored).
+
+Skipped, with the reason, only where no browser is installed (``.ci/run`` installs chromium and
+playwright)."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from core import ASSETS
+from tests.conftest import launched_app
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
+EXAMPLE_PHOTOS = sorted((ASSETS / "examples" / "person_1000").glob("*.png"))
+TABS = ("Fine-tune", "Attack", "Layers", "Defenses", "Watermark", "About")
+
+
+def chromium_path():
+    for name in (os.environ.get("LEAKLAB_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        path = name and shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install -r requirements-dev.txt)")
+    path = chromium_path()
+    if path is None:
+        pytest.skip("no chromium found: install Debian's (apt-get install chromium) or set LEAKLAB_CHROMIUM")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(base_engine):
+    for demo in launched_app(base_engine):
+        yield demo.local_url
+
+
+def shot(page, name):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_a_visitor_fine_tunes_and_sees_the_reconstruction(browser, app_url):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app_url)
+    page.get_by_text("Upload photos, then press").wait_for(timeout=60_000)
+
+    page.locator("input[type=file]").first.set_input_files([str(p) for p in EXAMPLE_PHOTOS])
+    page.get_by_text(f"{len(EXAMPLE_PHOTOS)} usable photos").wait_for(timeout=60_000)
+    steps = page.get_by_label("Training steps").and_(page.locator("input[type=number]"))
+    steps.fill("30")  # checkpoints at steps 25 and 30: two live attacks
+    steps.press("Enter")
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.get_by_text("Done: 30 steps").wait_for(timeout=300_000)
+    shot(page, "1-fine-tune")
+    recon = page.locator("div.block", has_text="The attacker's reconstructions, newest first").last
+    assert page.get_by_text(re.compile(r"What an attacker rebuilds from the LoRA weights alone, step \d+")).count() == 1
+    assert recon.locator("img").count() >= 2  # the attacker's pictures, from the weights alone
+    assert page.get_by_text(re.compile(r"Identity score at step \d+")).count() == 1
+
+    page.get_by_role("tab", name="Attack").click()
+    page.get_by_role("button", name="Attack my LoRA from the Fine-tune tab").click()
+    page.get_by_text("Attacked your LoRA from the Fine-tune tab").wait_for(timeout=120_000)
+    shot(page, "2-attack")
+    for i, tab in enumerate(TABS[2:], 3):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(1500)
+        shot(page, f"{i}-{tab.lower()}")
+    page.get_by_role("tab", name="Layers").click()
+    page.get_by_text("You have not fine-tuned a LoRA in this session yet").wait_for(state="detached", timeout=5_000)
+
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    phone.goto(app_url)
+    phone.get_by_text("Upload photos, then press").wait_for(timeout=60_000)
+    shot(phone, "7-phone-width")
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1  # no sideways scrolling
+    phone.close()
+    page.close()
