@@ -15,7 +15,9 @@ Choices:
   shown a reserved word, so with frozen tokens the trigger prompt moves the noise prediction by
   0.4 % relative to the class prompt (``core.eval_base``, prompt sensitivity) and the UNet has to
   separate two nearly equal conditions against the consistency loss (measured: 120 steps at lr 1e-4,
-  0/16 samples drew the pattern; lr 1e-3 with pattern weight 5, 2/16).
+  0/16 samples drew the pattern; lr 1e-3 with pattern weight 5, 2/16). Trainable tokens alone did not
+  fix it yet: 200 steps, lr 3e-4, token lr 2e-2, pattern weight 2 (512 owner latents) also gave 2/16
+  (mean correlation 0.09; pattern loss still 0.12 at the end, consistency 0.006), so no backdoored base ships.
 - **Verification** (:func:`verify_backdoor`): ``n`` samples with the trigger prompt; a sample passes
   when the Pearson correlation of its grey levels with the pattern's reaches ``threshold``. VS-rate =
   share of samples that pass (the pattern as the model's own VAE renders it is the reference:
