@@ -51,6 +51,7 @@ from core.watermark import (
     load_delta,
     own_check_record,
     owner_latents,
+    read_key_document,
     save_delta,
     watermarked_pipeline,
     write_record,
@@ -106,14 +107,7 @@ class BackdoorKey:
     @classmethod
     def load(cls, path: str | Path) -> "BackdoorKey":
         path = Path(path)
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise KeyFileError(f"no key file at {path}")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise KeyFileError(f"{path} is not a readable JSON key file: {e}")
-        if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
-            raise KeyFileError(f"{path} is not a backdoor watermark key (expected \"format\": \"{KEY_FORMAT}\")")
+        doc = read_key_document(path, KEY_FORMAT, "a backdoor watermark key")
         try:
             doc.pop("format")
             key = cls(**doc)

@@ -65,6 +65,19 @@ class KeyFileError(ValueError):
     """A watermark key file that cannot be used (unreadable, wrong format, or for another model)."""
 
 
+def read_key_document(path: Path, key_format: str, what: str) -> dict:
+    """The JSON object of a key file, checked to carry ``"format": key_format`` (else KeyFileError)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KeyFileError(f"no key file at {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KeyFileError(f"{path} is not a readable JSON key file: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != key_format:
+        raise KeyFileError(f"{path} is not {what} (expected \"format\": \"{key_format}\")")
+    return doc
+
+
 # 1. configuration ------------------------------------------------------------------------------
 
 
@@ -147,14 +160,7 @@ class WatermarkKey:
     @classmethod
     def load(cls, path: str | Path) -> "WatermarkKey":
         path = Path(path)
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise KeyFileError(f"no key file at {path}")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise KeyFileError(f"{path} is not a readable JSON key file: {e}")
-        if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
-            raise KeyFileError(f"{path} is not an AIAO watermark key (expected \"format\": \"{KEY_FORMAT}\")")
+        doc = read_key_document(path, KEY_FORMAT, "an AIAO watermark key")
         try:
             subs = [Subpath(**s) for s in doc["subpaths"]]
             key = cls(subs, list(doc["lazy_layers"]), int(doc["latent_size"]), dict(doc["feature_sizes"]),
