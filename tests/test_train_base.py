@@ -69,7 +69,7 @@ def test_vae_from_reuses_a_saved_vae_and_time_budget_stops_early(tiny_cfg, tmp_p
 
     from core.pipeline import load_pipeline
 
-    first = drain(train_base(tiny_cfg)).result
+    first = drain(train_base(tiny_cfg))
     cfg = BaseTrainConfig(**{**tiny_cfg.__dict__, "work": str(tmp_path / "w2"), "out": str(tmp_path / "b2"),
                              "vae_from": str(first), "unet_steps": 1000, "unet_minutes": 1e-4})
     events = list(train_base(cfg))
