@@ -49,6 +49,7 @@ from core.watermark import (
     KeyFileError,
     command_line,
     load_delta,
+    load_model,
     own_check_record,
     owner_latents,
     read_key_document,
@@ -351,9 +352,7 @@ def main(argv=None):
         from core.finetune import load_lora
 
         key = BackdoorKey.load(a["key"])
-        pipe = load_pipeline(a["model"], a["device"])
-        if a["delta"]:
-            pipe = load_delta(pipe, a["delta"])
+        pipe = load_model(a["model"], a["device"], a["delta"])
         v = verify_backdoor(pipe, key, load_lora(a["lora"])[0] if a["lora"] else None, a["n"], a["alpha"])
         print(f"VS-rate {v.vs_rate:.4f}  mean correlation {v.mean_correlation:.3f}  p-value {v.p_value:.3g}")
         print(v.summary())

@@ -227,6 +227,7 @@ def main(argv=None):
     from core.eval_base import real_heldout
     from core.pipeline import image_size_of, load_pipeline
     from core.watermark import (
+        SHIPPED,
         KeyFileError,
         WatermarkConfig,
         WatermarkKey,
@@ -263,32 +264,33 @@ def main(argv=None):
     def given(path):
         return load_delta(clean, path) if str(path).endswith(".safetensors") else load_pipeline(path)
 
-    # 1. the watermarked bases
+    # 1. the watermarked bases: given by flags, else shipped, else embedded by this run
     sources = {}
-    if a["aiao"]:
-        aiao_pipe, aiao_key = given(a["aiao"]), WatermarkKey.load(a["aiao_key"])
-        sources["AIAO"] = a["aiao"]
-    else:
+
+    def base(name, path, key_file, key_cls, embed):
+        if path:
+            sources[name] = path
+            return given(path), key_cls.load(key_file)
         try:
-            aiao_pipe, aiao_key = shipped_watermark("AIAO", clean)
-            sources["AIAO"] = "shipped (assets/watermark/aiao.safetensors)"
+            pipe, key = shipped_watermark(name, clean)
+            sources[name] = f"shipped (assets/watermark/{SHIPPED[name][0]})"
         except KeyFileError:
-            wcfg = WatermarkConfig(seed=cfg.seed)
-            lazy, scores = drain(choose_lazy_layers(clean, probe_photos(clean, root=a["data"]), wcfg))
-            res = drain(embed_watermark(clean, owner_latents(clean, 1024, a["data"]), lazy, wcfg, lazy_scores=scores))
-            aiao_pipe, aiao_key = watermarked_pipeline(clean, res.unet), res.key
-            sources["AIAO"] = "embedded by this run (defaults)"
-    if a["backdoor"]:
-        bd_pipe, bd_key = given(a["backdoor"]), BackdoorKey.load(a["backdoor_key"])
-        sources["backdoor"] = a["backdoor"]
-    else:
-        try:
-            bd_pipe, bd_key = shipped_watermark("backdoor", clean)
-            sources["backdoor"] = "shipped (assets/watermark/backdoor.safetensors)"
-        except KeyFileError:
-            res = drain(embed_backdoor(clean, owner_latents(clean, 1024, a["data"])))
-            bd_pipe, bd_key = watermarked_pipeline(clean, res.unet, res.text_encoder), res.key
-            sources["backdoor"] = "embedded by this run (defaults)"
+            pipe, key = embed()
+            sources[name] = "embedded by this run (defaults)"
+        return pipe, key
+
+    def embed_aiao():
+        wcfg = WatermarkConfig(seed=cfg.seed)
+        lazy, scores = drain(choose_lazy_layers(clean, probe_photos(clean, root=a["data"]), wcfg))
+        res = drain(embed_watermark(clean, owner_latents(clean, 1024, a["data"]), lazy, wcfg, lazy_scores=scores))
+        return watermarked_pipeline(clean, res.unet), res.key
+
+    def embed_bd():
+        res = drain(embed_backdoor(clean, owner_latents(clean, 1024, a["data"])))
+        return watermarked_pipeline(clean, res.unet, res.text_encoder), res.key
+
+    aiao_pipe, aiao_key = base("AIAO", a["aiao"], a["aiao_key"], WatermarkKey, embed_aiao)
+    bd_pipe, bd_key = base("backdoor", a["backdoor"], a["backdoor_key"], BackdoorKey, embed_bd)
     marks = [Watermarked("AIAO", aiao_pipe, lambda p: verify_watermark(p, aiao_key)),
              Watermarked("backdoor", bd_pipe, lambda p: verify_backdoor(p, bd_key))]
 

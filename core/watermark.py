@@ -238,20 +238,27 @@ def feature_stats(unet, layers, x, t, emb) -> tuple[dict, dict]:
 
 
 @contextlib.contextmanager
+def forward_hooks(unet, hooks: dict):
+    """Register ``hooks[name]`` as a forward hook of each named module for the ``with`` block."""
+    mods = dict(unet.named_modules())
+    handles = [mods[name].register_forward_hook(hook) for name, hook in hooks.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def record_features(unet, layers, store: dict):
     """Forward hooks that put each layer's output (batch x elements) in ``store``."""
-    mods = dict(unet.named_modules())
-    hooks = []
-    for name in set(layers):
-        def hook(_m, _i, out, name=name):
+    def recorder(name):
+        def hook(_m, _i, out):
             store[name] = out.reshape(out.shape[0], -1)
+        return hook
 
-        hooks.append(mods[name].register_forward_hook(hook))
-    try:
+    with forward_hooks(unet, {name: recorder(name) for name in set(layers)}):
         yield store
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 class _Stop(Exception):
@@ -263,16 +270,15 @@ def triggered(unet, subpaths: list, rows: list[int], store: dict, stop_early: bo
     """Apply the trigger of subpath ``subpaths[rows[b]]`` to input b of the batch, and record every
     response layer's output (batch x elements) in ``store``. With ``stop_early`` the forward is cut
     short (:class:`_Stop`, caught by :func:`run_until`) once every response layer has run."""
-    mods = dict(unet.named_modules())
     by_layer: dict[str, list] = {}
     for b, j in enumerate(rows):
         by_layer.setdefault(subpaths[j].trigger_layer, []).append((b, j))
     responses = {subpaths[j].response_layer for j in rows}
     masks = {j: (torch.as_tensor(subpaths[j].trigger_index), torch.as_tensor(subpaths[j].trigger_signs, dtype=torch.float32))
              for j in set(rows)}
-    hooks = []
-    for name in set(by_layer) | responses:
-        def hook(_m, _i, out, name=name):
+
+    def hook_of(name):
+        def hook(_m, _i, out):
             flat = out.reshape(out.shape[0], -1)
             if name in by_layer:
                 flat = flat.clone()
@@ -285,13 +291,10 @@ def triggered(unet, subpaths: list, rows: list[int], store: dict, stop_early: bo
                 if stop_early and responses <= set(store):
                     raise _Stop
             return flat.view_as(out) if name in by_layer else None
+        return hook
 
-        hooks.append(mods[name].register_forward_hook(hook))
-    try:
+    with forward_hooks(unet, {name: hook_of(name) for name in set(by_layer) | responses}):
         yield store
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def run_until(unet, x, t, emb, ctx) -> None:
@@ -574,6 +577,14 @@ def load_delta(clean, path: str | Path, check_base: bool = True):
     return watermarked_pipeline(clean, parts.get("unet", clean.unet), parts.get("text_encoder"))
 
 
+def load_model(model, device=None, delta: str | Path | None = None):
+    """A pipeline (:func:`core.pipeline.load_pipeline`), with a watermark ``delta`` file added if given."""
+    from core.pipeline import load_pipeline
+
+    pipe = load_pipeline(model, device)
+    return load_delta(pipe, delta) if delta else pipe
+
+
 def shipped_watermark(name: str, clean, folder: str | Path | None = None):
     """(watermarked pipeline, key) of a watermarked base shipped as a delta over ``clean`` (the embedded
     base) in ``folder`` (default ``assets/watermark``). Raises :class:`KeyFileError` (with the command
@@ -755,9 +766,7 @@ def main(argv=None):
         from core.finetune import load_lora
 
         key = WatermarkKey.load(a["key"])
-        pipe = load_pipeline(a["model"], a["device"])
-        if a["delta"]:
-            pipe = load_delta(pipe, a["delta"])
+        pipe = load_model(a["model"], a["device"], a["delta"])
         lora = load_lora(a["lora"])[0] if a["lora"] else None
         v = verify_watermark(pipe, key, lora, config_from_args(VerifyConfig, a))
         print(f"VS-rate {v.vs_rate:.4f}  RS-rate {v.rs_rate:.4f}  p-value {v.p_value:.3g}  "
