@@ -77,9 +77,13 @@ def _check_size(path: Path) -> int:
     if st.st_size == 0:
         raise LoRAFileError("empty", f"{_the_file(path.name)} is empty (0 bytes); expected a .safetensors LoRA file.")
     if st.st_size > MAX_BYTES:
-        raise LoRAFileError("too_large", f"{_the_file(path.name)} is {_size(st.st_size)}; LoRA files up to "
-                                         f"{_size(MAX_BYTES)} are accepted.")
+        raise too_large(path.name, st.st_size)
     return st.st_size
+
+
+def too_large(name: str, size: int) -> LoRAFileError:
+    """The refusal of a file over :data:`MAX_BYTES` (also raised before such an upload is read)."""
+    return LoRAFileError("too_large", f"{_the_file(name)} is {_size(size)}; LoRA files up to {_size(MAX_BYTES)} are accepted.")
 
 
 def _size(n: int) -> str:

@@ -111,6 +111,35 @@ def test_two_concurrent_sessions_never_see_each_other(app_url, gradio_cache, tmp
         c.close()
 
 
+def test_byte_identical_uploads_at_the_same_moment_both_work(app_url, gradio_cache, tmp_path):
+    """Gradio stores both uploads at one content-addressed path; the first handler deletes it, the
+    second still gets its photos (ui.uploads), and no copy is left in Gradio's cache."""
+    from gradio_client import handle_file
+
+    before = files_in(gradio_cache)
+    photos = private_photos(tmp_path, 0, tag="twin")  # both visitors upload these very files
+    visitors = [client(app_url) for _ in range(4)]
+    out = {}
+    start = threading.Barrier(len(visitors))
+
+    def visit(i):
+        start.wait()
+        out[i] = visitors[i].predict([handle_file(str(p)) for p in photos], api_name="/ingest")
+
+    threads = [threading.Thread(target=visit, args=(i,)) for i in range(len(visitors))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(out) == set(range(len(visitors)))
+    for crops, report in out.values():
+        assert len(crops) == 3 and "3 usable photos" in report, report
+    assert len({session_dir(server_path(crops[0])) for crops, _ in out.values()}) == len(visitors)
+    assert files_in(gradio_cache) - before == set()
+    for c in visitors:
+        c.close()
+
+
 def test_closing_a_session_deletes_its_files(app_url, tmp_path):
     c = client(app_url)
     crops, report, status, previews, lora = ingest_and_train(c, private_photos(tmp_path, 0, tag="close"))

@@ -6,7 +6,7 @@ metric (``core.utility``) live in ``core``. Uploaded files are deleted once read
 
 from __future__ import annotations
 
-import os
+import secrets
 from pathlib import Path
 
 import gradio as gr
@@ -15,11 +15,13 @@ from core.attack_report import attack_lora, distances, recorded_steps
 from core.baselines import FINEXTRACT_W
 from core.engine import Engine
 from core.finetune import FinetuneConfig, MAX_PHOTOS
-from core.lora_file import LoRAFileError, validate_lora_file
+from core.lora_file import MAX_BYTES as MAX_LORA_BYTES
+from core.lora_file import LoRAFileError, too_large, validate_lora_file
 from core.metrics import SAME_PERSON
 from core.prompts import CLASS_PROMPT
 from ui.finetune_tab import read_faces
 from ui.session import ensure, media
+from ui.uploads import UploadTooLarge, read_upload
 
 INTRO = f"""
 ### Attack a shared LoRA
@@ -45,12 +47,24 @@ its person whatever the prompt, and the attacker's learned prompt adds nothing t
 """
 
 
-def _delete(path) -> None:
+def read_lora_upload(engine: Engine, lora_path, session):
+    """Validate an uploaded LoRA file: Gradio's copy is read once and deleted (:mod:`ui.uploads`), the
+    bytes are checked from a file in the visitor's own session dir, which is removed right after."""
+    name = Path(lora_path).name
     try:
-        if path and Path(path).is_file():
-            os.remove(path)
+        raw = read_upload(lora_path, MAX_LORA_BYTES)
+    except UploadTooLarge as e:
+        raise too_large(name, e.size) from None
     except OSError:
-        pass
+        raise LoRAFileError("missing", "The LoRA file could not be found; please upload it again.") from None
+    folder = ensure(session).dir / "uploads"
+    folder.mkdir(exist_ok=True)
+    private = folder / f"{secrets.token_hex(8)}-{name}"
+    try:
+        private.write_bytes(raw)
+        return validate_lora_file(private, engine.pipe)
+    finally:
+        private.unlink(missing_ok=True)
 
 
 def _gallery(images, seeds):
@@ -112,11 +126,9 @@ def attack_file(engine: Engine, lora_path, steps, ref_files, session):
     if not lora_path:
         raise gr.Error("Upload a LoRA .safetensors file first.")
     try:
-        lora = validate_lora_file(lora_path, engine.pipe)
+        lora = read_lora_upload(engine, lora_path, session)
     except LoRAFileError as e:
         return refused(str(e))
-    finally:
-        _delete(lora_path)  # the upload copy is not needed once read
     step = recorded_steps(lora.meta)
     if step is not None:
         step_from = "recorded in the file"
@@ -196,8 +208,12 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
         s = ensure(s)
         return (*(media(s, v) for v in out), s)
 
-    attack_btn.click(lambda f, n, r, s: shown(attack_file(engine, f, n, r, s), s), [lora_file, steps, refs, session],
-                     outputs, api_name="attack", concurrency_limit=1, concurrency_id="attack")
+    def attack_upload(f, n, r, s):
+        s = ensure(s)  # the upload is checked in this visitor's session dir
+        return shown(attack_file(engine, f, n, r, s), s)
+
+    attack_btn.click(attack_upload, [lora_file, steps, refs, session], outputs, api_name="attack", concurrency_limit=1,
+                     concurrency_id="attack")
     mine_btn.click(lambda s: shown(attack_mine(engine, s), s), [session], outputs, api_name="attack_mine",
                    concurrency_limit=1, concurrency_id="attack")
     if tab is not None:  # the button appears once the visitor has fine-tuned a LoRA in this session

@@ -6,7 +6,6 @@ Only wiring: ingestion, fine-tuning, scoring and plotting all live in ``core``.
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from core.finetune import (
     pipeline_with_lora,
     save_lora,
 )
+from core.ingest import MAX_BYTES as MAX_UPLOAD_BYTES
 from core.ingest import IngestError, ingest_face
 from core.metrics import SAME_PERSON
 from core.pipeline import sample_images
@@ -35,6 +35,7 @@ from core.prompts import CLASS_PROMPT, instance_prompt
 from core.utility import identity_distance, lora_utility
 from ui.layers_tab import record_checkpoint
 from ui.session import SESSION_TTL, close_session, ensure, media
+from ui.uploads import UploadTooLarge, read_upload
 
 EXAMPLES = ASSETS / "examples"
 
@@ -56,22 +57,20 @@ def example_sets() -> dict[str, list[str]]:
 
 def read_faces(files, size: int = 64) -> tuple[list, list[str]]:
     """Uploaded image files -> aligned face crops, and a line per refused photo. Each upload copy is
-    deleted once read (the bundled examples are kept)."""
+    deleted once read (the bundled examples are kept): :func:`ui.uploads.read_upload`."""
     crops, lines = [], []
     for i, f in enumerate(files or [], 1):
         path = Path(f if isinstance(f, str) else f.name)
         try:
-            crops.append(ingest_face(path.read_bytes(), size=size).crop)
+            raw = read_upload(path, MAX_UPLOAD_BYTES, keep=str(path).startswith(str(EXAMPLES)))
+            crops.append(ingest_face(raw, size=size).crop)
         except IngestError as e:
             lines.append(f"- photo {i} (`{path.name}`): {e}")
+        except UploadTooLarge:
+            lines.append(f"- photo {i} (`{path.name}`): the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB; "
+                         "please upload a smaller photo.")
         except OSError:
             lines.append(f"- photo {i}: could not be read; please upload it again.")
-        finally:
-            if path.is_file() and not str(path).startswith(str(EXAMPLES)):
-                try:
-                    os.remove(path)  # the upload copy is not needed once read
-                except OSError:
-                    pass
     return crops, lines
 
 
