@@ -202,15 +202,24 @@ def load_attacker(path: str | Path | None = None, device="cpu") -> tuple[Attacke
 
 # the attack ----------------------------------------------------------------------------------
 
-ATTACK_SAMPLER_STEPS = 20  # sampler steps of a reconstruction (bench/attack_speed.py: <= 1 s for 4 images)
+# How the attack samples (chosen on the tuning group, shadow people the attacker never saw:
+# docs/results/attack_tuning.md): each step is extrapolated 2x away from the base model's prediction
+# for the same z (w = 2 gave the smallest identity distance of w = 1, 1.5, 2, 3, 4), and 8
+# DPM-Solver++ steps draw as well as 20 there (0.401 vs 0.403) in under 1 s for 4 images.
+ATTACK_W = 2.0
+ATTACK_SAMPLER_STEPS = 8
 
 
 @torch.no_grad()
 def reconstruct(pipe, attacker: Attacker, lora: dict, step: int, seeds=(0, 1, 2, 3), steps: int = ATTACK_SAMPLER_STEPS,
-                model=None):
+                model=None, w: float = ATTACK_W):
     """The attack on one LoRA: z = attacker(LoRA, step), then the LoRA's own model (base + LoRA;
-    pass ``model`` if it is already built) samples with z as its prompt embedding. Returns
-    (images, z). Only the weights are used: no trigger, no photos."""
+    pass ``model`` if it is already built) samples with z as its prompt embedding. With ``w`` > 1 (the
+    default, :data:`ATTACK_W`) each sampler step is extrapolated away from the base model's prediction
+    for the same z (:func:`core.baselines.extrapolate`: FineXtract's guidance applied to the attacker's
+    prompt); ``w = 1`` is the paper's attack, the fine-tuned model alone.
+    Returns (images, z). Only the weights are used: no trigger, no photos."""
+    from core.baselines import extrapolate
     from core.finetune import pipeline_with_lora
     from core.pipeline import sample_images
 
@@ -219,4 +228,6 @@ def reconstruct(pipe, attacker: Attacker, lora: dict, step: int, seeds=(0, 1, 2,
     attacker.to(p.device)
     view = model if model is not None else pipeline_with_lora(pipe, lora, attacker.cfg.alpha)
     emb = z.to(pipe.device, pipe.unet.dtype).expand(len(seeds), -1, -1)
+    if w != 1:
+        return extrapolate(pipe, view, emb, w, list(seeds), steps), z[0].cpu()
     return sample_images(view, n=len(seeds), seed=list(seeds), steps=steps, prompt_embeds=emb), z[0].cpu()

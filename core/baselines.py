@@ -35,21 +35,30 @@ def ceiling(pipe, lora: dict, trigger: str, seeds=SEEDS, steps: int = 25, model=
     return sample_images(model or pipeline_with_lora(pipe, lora), instance_prompt(trigger), seed=list(seeds), steps=steps)
 
 
-@torch.no_grad()
 def finextract(pipe, lora: dict, w: float = FINEXTRACT_W, prompt: str = CLASS_PROMPT, seeds=SEEDS, steps: int = 25,
                model=None) -> list[np.ndarray]:
-    """FineXtract-style extrapolated sampling with the pipeline's own scheduler."""
+    """FineXtract-style extrapolated sampling with the pipeline's own scheduler (``prompt`` for both models)."""
     ft = model or pipeline_with_lora(pipe, lora)
+    with torch.no_grad():
+        emb = encode_prompt(pipe, prompt)
+    return extrapolate(pipe, ft, emb, w, seeds, steps)
+
+
+@torch.no_grad()
+def extrapolate(pipe, ft, emb: torch.Tensor, w: float, seeds=SEEDS, steps: int = 25) -> list[np.ndarray]:
+    """Sample with eps = eps_base + w (eps_ft - eps_base), both models conditioned on the prompt
+    embedding ``emb`` (1 x L x D, or one per seed): w = 1 is the fine-tuned model ``ft`` itself, w > 1
+    pushes each step further away from what the base model would draw, toward what the fine-tune added."""
     view = private_view(pipe)
     sched = view.scheduler
     sched.set_timesteps(steps, device=pipe.device)
     lat = initial_latents(pipe, seeds) * sched.init_noise_sigma
-    emb = encode_prompt(pipe, prompt).expand(len(seeds), -1, -1).to(pipe.unet.dtype)
+    emb = emb.to(pipe.device, pipe.unet.dtype).expand(len(seeds), -1, -1)
     for t in sched.timesteps:
         x = sched.scale_model_input(lat, t)
-        e_base = pipe.unet(x, t, emb).sample
         e_ft = ft.unet(x, t, emb).sample
-        lat = sched.step(e_base + w * (e_ft - e_base), t, lat).prev_sample
+        e = e_ft if w == 1 else pipe.unet(x, t, emb).sample
+        lat = sched.step(e + w * (e_ft - e), t, lat).prev_sample
     img = pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample
     img = (img.float().clamp(-1, 1) + 1) / 2
     return [(im.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for im in img]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -32,32 +33,63 @@ from core.prior import base_fingerprint, cache_dir
 from core.utility import describe_set
 
 STEP_REPORT = (25, 50, 80)  # trajectory checkpoints kept per victim LoRA (80 = the default recipe's end)
+VICTIM_SEED0 = 500_000  # victim i's LoRA is trained with seed VICTIM_SEED0 + i
+ATTACKER_SHADOW_N = 128  # the shipped attacker's shadow population: the first 128 identities of the plan (attacker.json)
 
 
-def victim_loras(pipe, names, private, cfg: FinetuneConfig, log=print, group: int = 16) -> list[dict]:
-    """Per victim {"trigger", "checkpoints": {step: lora}}: trained once, cached per base model."""
+def victim_loras(pipe, names, private, cfg: FinetuneConfig, log=print, group: int = 16, folder: str = "victims") -> list[dict]:
+    """Per victim {"trigger", "checkpoints": {step: lora}}: trained once, cached per base model (under
+    ``folder``: one per identity group); a cached file of another identity is retrained."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from core.shadow import read_trajectory, train_many, trajectory_tensors
 
-    folder = cache_dir() / "victims" / base_fingerprint(pipe)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = [folder / f"{i:03d}.safetensors" for i in range(len(names))]
-    todo = [i for i, f in enumerate(files) if not f.exists()]
+    root = cache_dir() / folder / base_fingerprint(pipe)
+    root.mkdir(parents=True, exist_ok=True)
+    files = [root / f"{i:03d}.safetensors" for i in range(len(names))]
+
+    def cached(i):
+        if not files[i].exists():
+            return False
+        with safe_open(str(files[i]), "pt") as h:
+            meta = h.metadata() or {}
+        return meta.get("identity") == names[i] and meta.get("steps") == str(cfg.steps)
+
+    todo = [i for i in range(len(names)) if not cached(i)]
     for s in range(0, len(todo), group):
         g = todo[s:s + group]
         t0 = time.perf_counter()
-        res = drain(train_many(pipe, [private[i] for i in g], cfg, seeds=[500_000 + i for i in g], record_every=25))
+        res = drain(train_many(pipe, [private[i] for i in g], cfg, seeds=[VICTIM_SEED0 + i for i in g], record_every=25))
         for k, i in enumerate(g):
-            save_file(trajectory_tensors(res["trajectory"], k), str(files[i]), metadata={"identity": names[i], "trigger": res["triggers"][k],
-                                                        "seed": str(500_000 + i), "steps": str(cfg.steps)})
-        log(f"victim LoRAs {g[0]}..{g[-1]}: {time.perf_counter() - t0:.0f} s")
+            save_file(trajectory_tensors(res["trajectory"], k), str(files[i]), metadata={
+                "identity": names[i], "trigger": res["triggers"][k], "seed": str(VICTIM_SEED0 + i), "steps": str(cfg.steps)})
+        log(f"{folder} LoRAs {g[0]}..{g[-1]}: {time.perf_counter() - t0:.0f} s")
     out = []
     for f in files:
         with safe_open(str(f), "pt") as h:
             out.append({"trigger": h.metadata()["trigger"], "checkpoints": read_trajectory(h)})
     return out
+
+
+def identities(group: str = "victims", n: int = 50, root=None) -> tuple[list[str], dict]:
+    """(the first ``n`` identities of ``group`` with >= 5 photos, {identity: photo paths}).
+
+    ``victims``: the victim split, in its order (never seen by the base model, the shadow population
+    or the attacker): every reported number. ``tuning``: shadow identities the shipped attacker never
+    saw (after the first :data:`ATTACKER_SHADOW_N` of the shadow plan's order): where the attack's
+    settings are chosen, so that no victim is looked at before the evaluation."""
+    from core.shadow import shadow_order
+
+    split = data.Split.load()
+    if group == "victims":
+        people, order = split.paths("victims", root), split.victims
+    elif group == "tuning":
+        people = split.paths("shadow", root)
+        order = shadow_order(0, people)[ATTACKER_SHADOW_N:]
+    else:
+        raise ValueError(f"group must be 'victims' or 'tuning', got {group!r}")
+    return [v for v in order if len(people.get(v, [])) >= 5][:n], people
 
 
 def summarize(desc: np.ndarray, gallery: np.ndarray) -> dict:
@@ -71,21 +103,30 @@ def summarize(desc: np.ndarray, gallery: np.ndarray) -> dict:
 
 
 def evaluate(n: int = 50, attackers: dict | None = None, model=None, root=None, log=print, grid: Path | None = None,
-             sampler_steps: int = 25, with_baselines: bool = True) -> dict:
+             sampler_steps: int = 25, with_baselines: bool = True, group: str = "victims", extrapolate=(),
+             attack_steps: int | None = None) -> dict:
+    """Every method's rows on ``n`` identities of ``group``. Each attacker's row is the attack as the app
+    runs it (:func:`core.attacker.reconstruct`'s defaults: z, then sampling extrapolated with w =
+    ``ATTACK_W``); for the first attacker also its checkpoints at steps 25 and 50, its z alone (w = 1,
+    the paper's attack) and one row per w in ``extrapolate`` (a sweep). ``attack_steps``: sampler steps of
+    every attacker row (default ``ATTACK_SAMPLER_STEPS``); ``sampler_steps``: of the baselines."""
     from core import baselines
-    from core.attacker import load_attacker, reconstruct
+    from core.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W, load_attacker, reconstruct
     from core.pipeline import load_pipeline
     from core.prompts import CLASS_PROMPT
 
     pipe = load_pipeline(model)
-    split = data.Split.load()
-    people = split.paths("victims", root)
-    names = [v for v in split.victims if len(people.get(v, [])) >= 5][:n]
+    names, people = identities(group, n, root)
     private = [list(data.load_crops(people[v][:5])) for v in names]
     cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
-    loras = victim_loras(pipe, names, private, cfg, log)
+    loras = victim_loras(pipe, names, private, cfg, log, folder=group)
     attackers = attackers or {"attacker": None}
     models = {k: load_attacker(p)[0] for k, p in attackers.items()}
+    first = next(iter(models))
+    a_steps = attack_steps or ATTACK_SAMPLER_STEPS
+
+    def attack(att, lora, step, view=None, w=ATTACK_W):
+        return reconstruct(pipe, att, lora, step, model=view, w=w, steps=a_steps)[0]
 
     gallery = np.stack([describe_set(p) for p in private])
     floor_desc = describe_set(baselines.floor(pipe, steps=sampler_steps))
@@ -98,11 +139,14 @@ def evaluate(n: int = 50, attackers: dict | None = None, model=None, root=None, 
         ims = {}
         for label, att in models.items():
             t0 = time.perf_counter()
-            ims[label] = reconstruct(pipe, att, final, cfg.steps, model=view)[0]
+            ims[label] = attack(att, final, cfg.steps, view)
             t_attack.append(time.perf_counter() - t0)
             for st in STEP_REPORT[:-1]:
-                if label == next(iter(models)) and st in lo["checkpoints"]:
-                    ims[f"{label} @ step {st}"] = reconstruct(pipe, att, lo["checkpoints"][st], st)[0]
+                if label == first and st in lo["checkpoints"]:
+                    ims[f"{label} @ step {st}"] = attack(att, lo["checkpoints"][st], st)
+        ims[f"{first}: prompt only (w=1)"] = attack(models[first], final, cfg.steps, view, w=1.0)
+        for w in extrapolate:
+            ims[f"{first}, w={w:g}"] = attack(models[first], final, cfg.steps, view, w=w)
         if with_baselines:
             ims["naive (class prompt)"] = baselines.naive(pipe, final, CLASS_PROMPT, steps=sampler_steps, model=view)
             ims["naive (empty prompt)"] = baselines.naive(pipe, final, "", steps=sampler_steps, model=view)
@@ -136,7 +180,26 @@ def evaluate(n: int = 50, attackers: dict | None = None, model=None, root=None, 
     return dict(n=len(names), chance_top1=1 / len(names), chance_top5=min(1.0, 5 / len(names)), rows=results,
                 rows_unseen=unseen, n_unseen=len(unseen_idx),
                 attack_seconds_mean=float(np.mean(t_attack)), recipe=vars(cfg) | {"unet_targets": list(cfg.unet_targets)},
-                attackers={k: str(v) for k, v in attackers.items()}, base=base_fingerprint(pipe))
+                attackers={k: str(v) for k, v in attackers.items()}, base=base_fingerprint(pipe), group=group,
+                attack_sampling=dict(w=ATTACK_W, sampler_steps=a_steps))
+
+
+def load_report(path: str | Path | None = None) -> dict | None:
+    """The last evaluation's results (``docs/results/attack.json``), or None where none was run."""
+    path = Path(path) if path else PROJECT_ROOT / "docs" / "results" / "attack.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def attack_words(r: dict) -> str:
+    a = r.get("attack_sampling")
+    if not a:
+        return ""
+    return (f" The attacker rows are the attack as the app runs it: the encoder's prompt z, then {a['sampler_steps']} "
+            f"sampler steps of the LoRA's model extrapolated w = {a['w']:g} away from the base model's prediction for "
+            "the same z; \"prompt only (w=1)\" is the paper's attack (the LoRA's model alone with z).")
 
 
 def save_grid(rows, path: Path) -> None:
@@ -152,9 +215,10 @@ def save_grid(rows, path: Path) -> None:
 
 
 def to_markdown(r: dict) -> str:
-    lines = [f"Attack evaluation on {r['n']} victims (chance: top-1 {r['chance_top1']:.0%}, top-5 {r['chance_top5']:.0%}); "
+    who = "victims" if r.get("group", "victims") == "victims" else "tuning identities (shadow people the attacker never saw)"
+    lines = [f"Attack evaluation on {r['n']} {who} (chance: top-1 {r['chance_top1']:.0%}, top-5 {r['chance_top5']:.0%}); "
              f"base {r['base']}. Distances are dlib descriptor distances to the victim's private photos "
-             "(lower = more alike; same person < 0.6). 95 % bootstrap intervals over victims.", "",
+             "(lower = more alike; same person < 0.6). 95 % bootstrap intervals over victims." + attack_words(r), "",
              "| method | mean distance | top-1 | top-5 | within 0.6 |", "|---|---|---|---|---|"]
     for k, v in r["rows"].items():
         lines.append(f"| {k} | {v['distance']:.3f} [{v['distance_ci'][0]:.3f}, {v['distance_ci'][1]:.3f}] | "
@@ -180,20 +244,26 @@ def main(argv=None):
     ap.add_argument("--data", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--no-baselines", action="store_true", help="attacker rows only (ablations)")
+    ap.add_argument("--group", default="victims", choices=("victims", "tuning"),
+                    help="victims: the reported evaluation; tuning: unseen shadow people, to choose settings on")
+    ap.add_argument("--attack-steps", type=int, default=None, help="sampler steps of the attacker rows (default: the app's)")
+    ap.add_argument("--extrapolate", type=float, nargs="*", default=[],
+                    help="extra rows: the first attacker sampled with each of these extrapolation weights w")
     ap.add_argument("--prepare-only", action="store_true", help="only train (and cache) the victims' LoRAs")
     a = ap.parse_args(argv)
     if a.prepare_only:
         from core.pipeline import load_pipeline
 
         pipe = load_pipeline(a.model)
-        split = data.Split.load()
-        people = split.paths("victims", a.data)
-        names = [v for v in split.victims if len(people.get(v, [])) >= 5][: a.n]
-        victim_loras(pipe, names, [list(data.load_crops(people[v][:5])) for v in names], FinetuneConfig(checkpoint_every=0, preview_n=0))
+        names, people = identities(a.group, a.n, a.data)
+        victim_loras(pipe, names, [list(data.load_crops(people[v][:5])) for v in names],
+                     FinetuneConfig(checkpoint_every=0, preview_n=0), folder=a.group)
         return
     torch.manual_seed(0)
     atts = dict(x.split("=", 1) for x in a.attacker) if a.attacker else None
-    r = evaluate(a.n, atts, a.model, a.data, grid=Path(a.grid), with_baselines=not a.no_baselines)
+    r = evaluate(a.n, atts, a.model, a.data, grid=Path(a.grid), with_baselines=not a.no_baselines, group=a.group,
+                 extrapolate=tuple(a.extrapolate), attack_steps=a.attack_steps)
+    r["command"] = "python -m core.eval_attack " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.name}.json").write_text(json.dumps(r, indent=1) + "\n")

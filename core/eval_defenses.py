@@ -43,7 +43,7 @@ import torch
 from core import PROJECT_ROOT, data, metrics
 from core.attack_report import attacker_mismatch, reconstruct_lora
 from core.defenses import DEFENSES, DPConfig, apply_defense, dp_finetune
-from core.eval_attack import summarize, victim_loras
+from core.eval_attack import VICTIM_SEED0, identities, summarize, victim_loras
 from core.events import drain
 from core.finetune import FinetuneConfig
 from core.prior import base_fingerprint, cache_dir
@@ -51,7 +51,6 @@ from core.utility import describe_set, floor_images, lora_utility
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
 DP_NOISE = (1.0, 2.0, 4.0, 8.0)  # DP-SGD noise multipliers of the study (5 photos, 80 steps: epsilon ~29, 10, 4.4, 2.0)
-VICTIM_SEED0 = 500_000  # victim i's LoRA seed, as core.eval_attack.victim_loras trains them
 PHOTOS = 5  # private photos per victim (eval_attack's protocol)
 UNDEFENDED, FLOOR, DP = "none", "floor", "dp_sgd"
 TITLES = {"weight_noise": "weight noise", "prune": "pruning", "quantize": "quantization",
@@ -97,10 +96,9 @@ def victim_recipe() -> FinetuneConfig:
 
 def load_victims(pipe, n: int, root=None, log=print) -> Victims:
     """The first ``n`` victims with >= 5 photos, their 5 private photos and cached LoRAs (as eval_attack)."""
-    split = data.Split.load()
-    people = split.paths("victims", root)
-    names = [v for v in split.victims if len(people.get(v, [])) >= PHOTOS][:n]
     from core.pipeline import image_size_of
+
+    names, people = identities("victims", n, root)
 
     # at the model's resolution: 64 px for the embedded model, as eval_attack loads them
     private = [list(data.load_crops(people[v][:PHOTOS], size=image_size_of(pipe))) for v in names]

@@ -176,9 +176,8 @@ def plan_jobs(n: int, seed: int = 0, photos: int = 5, root=None) -> list[ShadowJ
     from core.data import Split
 
     people = Split.load().paths("shadow", root)
-    names = sorted(people)
     rng = random.Random(seed)
-    rng.shuffle(names)
+    names = shadow_order(rng, people)
     jobs = []
     for i in range(n):
         name = names[i % len(names)]
@@ -186,6 +185,17 @@ def plan_jobs(n: int, seed: int = 0, photos: int = 5, root=None) -> list[ShadowJ
         pick = sorted(rng.sample(range(len(paths)), min(photos, len(paths))))
         jobs.append(ShadowJob(name, [paths[j].name for j in pick], seed=1_000_000 + seed * 100_000 + i))
     return jobs
+
+
+def shadow_order(rng: random.Random | int = 0, people: dict | None = None) -> list[str]:
+    """The shadow identities in the plan's seeded order (job i of a plan is identity i of this list):
+    a plan of n jobs uses the first n; identities after them are ones its attacker never saw."""
+    from core.data import Split
+
+    rng = random.Random(rng) if isinstance(rng, int) else rng
+    names = sorted(people if people is not None else Split.load().shadow)
+    rng.shuffle(names)
+    return names
 
 
 def job_file(out: Path, i: int) -> Path:

@@ -45,3 +45,35 @@ def test_finetune_through_the_client(running_app, lfw_root, tmp_path, monkeypatc
     from core.finetune import load_lora
     lora, meta = load_lora(lora_file)
     assert meta["leaklab_steps"] == "20"
+
+
+def test_handlers_run_under_spaces_gpu_where_the_package_exists(monkeypatch, tiny_engine):
+    """On a ZeroGPU Space (the ``spaces`` package present) every model-running handler is wrapped in
+    ``spaces.GPU``; without the package nothing is wrapped (this machine, a plain GPU Space)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import app
+    from ui import gpu
+
+    wrapped = []
+
+    def GPU(duration=60):
+        def deco(fn):
+            def inner(*a, **k):
+                return fn(*a, **k)
+
+            wrapped.append((fn, duration))
+            return inner
+        return deco
+
+    assert gpu.on_gpu(len) is len  # no spaces package here
+    fake = types.ModuleType("spaces")
+    fake.GPU = GPU
+    fake.__spec__ = importlib.machinery.ModuleSpec("spaces", None)
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    app.build_demo(tiny_engine)
+    names = {getattr(fn, "__name__", "") for fn, _ in wrapped}
+    assert {"run", "sample", "swap", "attack_upload"} <= names and len(wrapped) >= 6
+    assert all(0 < d <= 300 for _, d in wrapped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from core.engine import Engine
+from ui.session import SESSION_TTL
 
 ABOUT = """
 ## What this is
@@ -26,14 +27,42 @@ A real Stable Diffusion pipeline in miniature (64 px faces, {size} px here, on `
 project from scratch on Labeled Faces in the Wild, on people who are **not** used anywhere else in the
 lab. It runs on a laptop CPU; the same code runs Stable Diffusion 1.x on a GPU.
 
+## The tabs
+- **Fine-tune**: your photos become a LoRA; beside it, live, the attacker's picture of you from the
+  LoRA's weights at each checkpoint. Defense switches (DP-SGD, noise, pruning, quantization) are under
+  "Defenses" there.
+- **Attack**: attack any LoRA file made for this app's base model, or the one you just trained.
+- **Layers**: which layers of the model your fine-tune moved ("busy") and which it left alone ("lazy").
+- **Defenses**: the measured price of each defense: how much it hides you against how much it breaks the LoRA.
+- **Watermark**: the model owner's view: a watermark hidden in lazy layers, checked on your LoRA.
+
 ## How identity is measured
 With dlib's face-recognition network: two photos whose descriptors are closer than 0.6 are
 "the same person" by dlib's rule (93 % right on LFW pairs at 64 px, measured by `python -m core.metrics`).
+Every score in the app is shown next to a **baseline**: the same score for a random face drawn by
+the base model (the "floor"), and where it exists, for the LoRA used with its secret trigger word
+(the "ceiling": what the LoRA's owner gets). Averaging several faces pulls any set toward the
+average face, so compare with the floor, not with 0.6.
+
+## Limits, plainly
+- The model here is tiny (64 px faces, trained in minutes). A face it draws is a blurry likeness,
+  not a photo; attacks on real Stable Diffusion LoRAs work at far higher resolution.
+- The attacker is trained on LoRAs made with **this app's recipe**. A LoRA made very differently
+  (other rank, other layers, many more steps) is attacked less well; the Attack tab says when a file
+  does not fit.
+- The numbers quoted in the tabs are measured on 64 px LFW faces of people the models never saw
+  (see README, *Measured results*); on your photos the result can be better or worse.
+- A defense that "hides" you here is measured against this attacker only. Differential privacy's
+  epsilon is a guarantee per photo; a person with 5 photos in the set is protected about 5 times
+  less.
+- The watermark proves which base model a LoRA came from; it does not protect your photos.
 
 ## Your photos
-Nothing you upload is stored beyond your session, logged, or shown to anyone else.
+Your photos, crops, LoRA and reconstructions live in memory and in a temporary folder of your own
+session; they are deleted when you close the page, or after {hours:g} hours without use. They are never
+logged, never used to train anything shared, and never shown to anyone else.
 """
 
 
 def create_about_tab(engine: Engine) -> None:
-    gr.Markdown(ABOUT.format(size=engine.image_size, device=engine.device))
+    gr.Markdown(ABOUT.format(size=engine.image_size, device=engine.device, hours=SESSION_TTL / 3600))

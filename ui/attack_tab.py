@@ -12,6 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from core.attack_report import attack_lora, distances, recorded_steps
+from core.eval_attack import load_report
 from core.baselines import FINEXTRACT_W
 from core.engine import Engine
 from core.finetune import FinetuneConfig, MAX_PHOTOS
@@ -21,6 +22,7 @@ from core.metrics import SAME_PERSON
 from core.prompts import CLASS_PROMPT
 from ui.finetune_tab import read_faces
 from ui.session import ensure, media
+from ui.gpu import on_gpu
 from ui.uploads import UploadTooLarge, read_upload
 
 INTRO = f"""
@@ -39,12 +41,34 @@ ordinary prompt "{CLASS_PROMPT}") and **FineXtract-style** (the base model's pre
 toward the LoRA's, Wu et al. 2024). With reference photos of the person, each set of images is scored
 by dlib identity distance, next to the **floor**: a random face from the base model.
 
-*Measured on 50 people the models never saw (README, `python -m core.eval_attack`):* picking the
-right person among 50 from 4 images, the FineXtract-style images succeed 26 % of the time, the
-naive ones 12 %, the trained attacker 10 % (a random face: 2 %). On this small embedded model the
-secret trigger hides nothing: the base model pays little attention to prompts, so the LoRA draws
-its person whatever the prompt, and the attacker's learned prompt adds nothing to that.
 """
+
+
+def measured_text(report: dict | None = None) -> str:
+    """What the attack evaluation measured, in words, from ``docs/results/attack.json`` (so the tab
+    never quotes numbers the repository's own evaluation did not produce)."""
+    r = load_report() if report is None else report
+    if not r or not r.get("rows"):
+        return ("*Not measured yet on this base model:* `python -m core.eval_attack` writes the numbers this tab "
+                "quotes.")
+    rows, n = r["rows"], r["n"]
+
+    def pick(prefix):
+        if prefix in rows:
+            return prefix, rows[prefix]
+        return next(((k, v) for k, v in rows.items() if k.startswith(prefix) and "@ step" not in k), (None, None))
+
+    said = []
+    for prefix, words in (("attacker + extrapolation", "the attacker's prompt with extrapolation (as shown here)"),
+                          ("attacker", "the trained attacker's prompt alone"),
+                          ("FineXtract", "FineXtract-style"), ("naive (class", "naive"),
+                          ("ceiling", "the LoRA with its secret trigger (which the attacker does not have)"),
+                          ("floor", "a random face from the base model")):
+        k, v = pick(prefix)
+        if v is not None and k not in {x[0] for x in said}:
+            said.append((k, f"{words}: **{v['top1']:.0%}**"))
+    return (f"*Measured on {n} people the models never saw (README, `python -m core.eval_attack`):* how often 4 images "
+            f"pick the right person out of {n} (chance {1 / n:.0%}): " + "; ".join(w for _, w in said) + ".")
 
 
 def read_lora_upload(engine: Engine, lora_path, session):
@@ -179,7 +203,7 @@ def attack_mine(engine: Engine, session):
 
 
 def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = None) -> None:
-    gr.Markdown(INTRO)
+    gr.Markdown(INTRO + "\n" + measured_text())
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             lora_file = gr.File(label="A LoRA file (.safetensors) fine-tuned from this app's base model", type="filepath")
@@ -212,9 +236,9 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
         s = ensure(s)  # the upload is checked in this visitor's session dir
         return shown(attack_file(engine, f, n, r, s), s)
 
-    attack_btn.click(attack_upload, [lora_file, steps, refs, session], outputs, api_name="attack", concurrency_limit=1,
+    attack_btn.click(on_gpu(attack_upload, 60), [lora_file, steps, refs, session], outputs, api_name="attack", concurrency_limit=1,
                      concurrency_id="attack")
-    mine_btn.click(lambda s: shown(attack_mine(engine, s), s), [session], outputs, api_name="attack_mine",
+    mine_btn.click(on_gpu(lambda s: shown(attack_mine(engine, s), s), 60), [session], outputs, api_name="attack_mine",
                    concurrency_limit=1, concurrency_id="attack")
     if tab is not None:  # the button appears once the visitor has fine-tuned a LoRA in this session
         tab.select(lambda s: gr.Button(visible=s is not None and s.result is not None), [session], [mine_btn],

@@ -35,6 +35,7 @@ from core.prompts import CLASS_PROMPT, instance_prompt
 from core.utility import identity_distance, lora_utility
 from ui.layers_tab import record_checkpoint
 from ui.session import SESSION_TTL, close_session, ensure, media
+from ui.gpu import on_gpu
 from ui.uploads import UploadTooLarge, read_upload
 
 EXAMPLES = ASSETS / "examples"
@@ -388,7 +389,7 @@ def create_finetune_tab(engine: Engine) -> gr.State:
             session = update.get("session", session)  # every image shown is a file in the visitor's session dir
             yield tuple(media(session, update.get(k, gr.skip())) for k in FINETUNE_OUTPUTS)
 
-    ev = train.click(run, [session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength],
+    ev = train.click(on_gpu(run, 300), [session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength],
                      [outputs[k] for k in FINETUNE_OUTPUTS],
                      concurrency_limit=1, concurrency_id="finetune", api_name="train")
     stop.click(lambda: "Stopped.", None, status, cancels=[ev])
@@ -413,5 +414,5 @@ def create_finetune_tab(engine: Engine) -> gr.State:
                 raise gr.Error(str(e))
             return engine.sample(req)
 
-        draw.click(sample, [s_seed, s_n, s_steps, s_guid], base_gallery, api_name="sample", concurrency_limit=2)
+        draw.click(on_gpu(sample, 60), [s_seed, s_n, s_steps, s_guid], base_gallery, api_name="sample", concurrency_limit=2)
     return session

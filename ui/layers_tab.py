@@ -21,6 +21,7 @@ from core.layers import (DEFAULT_KS, KIND_LABELS, TAU, concentration, iter_swap_
 from core.metrics import SAME_PERSON
 from core.plots import layer_heatmap, swap_curve_plot
 from core.prompts import CLASS_PROMPT
+from ui.gpu import on_gpu
 from ui.session import ensure
 
 TOP = 10  # rows of each ranking table
@@ -170,7 +171,7 @@ def create_layers_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
     def swap(s):
         yield from swap_run(engine, s)
 
-    swap_btn.click(swap, [session], [swap_status, swap_plot], api_name="swap_curve", concurrency_limit=1,
+    swap_btn.click(on_gpu(swap, 300), [session], [swap_status, swap_plot], api_name="swap_curve", concurrency_limit=1,
                    concurrency_id="swap")
     if tab is not None:  # refreshed each time the visitor opens the tab
         tab.select(lambda s: layers_view(engine, s), [session], [status, heatmap, table], api_visibility="private")

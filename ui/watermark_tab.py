@@ -16,6 +16,7 @@ import gradio as gr
 
 from core.engine import Engine
 from core.watermark import SHIPPED, WATERMARK_DIR
+from ui.gpu import on_gpu
 from ui.session import ensure
 
 WATERMARKS = tuple(SHIPPED)  # "AIAO", "backdoor"
@@ -149,7 +150,7 @@ def create_watermark_tab(engine: Engine, session: gr.State, tab: gr.Tab | None =
     def run(s):
         yield from watermark_run(engine, s)
 
-    check.click(run, [session], [aiao, backdoor, gallery], api_name="watermark", concurrency_limit=1,
+    check.click(on_gpu(run, 120), [session], [aiao, backdoor, gallery], api_name="watermark", concurrency_limit=1,
                 concurrency_id="watermark")
     if tab is not None:
         tab.select(lambda s: status_text(engine, s), [session], [status], api_visibility="private")
