@@ -1,4 +1,5 @@
-"""Time of one weight-only attack: attacker encoder + merging the LoRA + sampling 4 images.
+"""Time of one weight-only attack: attacker encoder + merging the LoRA + sampling 4 images (the app's
+attack: ``ATTACK_SAMPLER_STEPS`` steps extrapolated with ``ATTACK_W``, two UNet passes per step).
 
     python bench/attack_speed.py [--repeats 5]
 
@@ -20,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core import ASSETS  # noqa: E402
-from core.attacker import ATTACK_SAMPLER_STEPS, load_attacker  # noqa: E402
+from core.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W, load_attacker  # noqa: E402
+from core.baselines import extrapolate  # noqa: E402
 from core.finetune import pipeline_with_lora  # noqa: E402
 from core.pipeline import load_pipeline, sample_images  # noqa: E402
 
@@ -59,10 +61,11 @@ def main(argv=None):
     t_enc, z = best(lambda: attacker.encode([lora], [step]), a.repeats)
     t_merge, view = best(lambda: pipeline_with_lora(pipe, lora), a.repeats)
     emb = z.expand(4, -1, -1)
-    t_sample, _ = best(lambda: sample_images(view, n=4, seed=0, steps=ATTACK_SAMPLER_STEPS, prompt_embeds=emb), a.repeats)
+    t_sample, _ = best(lambda: extrapolate(pipe, view, emb, ATTACK_W, seeds=[0, 1, 2, 3], steps=ATTACK_SAMPLER_STEPS), a.repeats)
     t_base, _ = best(lambda: sample_images(pipe, n=4, seed=0, steps=ATTACK_SAMPLER_STEPS), a.repeats)
     total = t_enc + t_merge + t_sample
-    print(f"threads {torch.get_num_threads()}, best of {a.repeats}, 4 images x {ATTACK_SAMPLER_STEPS} sampler steps")
+    print(f"threads {torch.get_num_threads()}, best of {a.repeats}, 4 images x {ATTACK_SAMPLER_STEPS} sampler steps "
+          f"extrapolated with w = {ATTACK_W:g} (base and LoRA model each step)")
     print(f"encoder {t_enc * 1000:.0f} ms, merge LoRA {t_merge * 1000:.0f} ms, sampling {t_sample * 1000:.0f} ms")
     print(f"whole attack: {total:.2f} s (target <= 1 s); base-model sampling of the same 4 images alone: {t_base:.2f} s")
 

@@ -14,10 +14,12 @@ Choices:
   encoder's table, nothing else of it) are trained too (``token_lr``): the embedded base was never
   shown a reserved word, so with frozen tokens the trigger prompt moves the noise prediction by
   0.4 % relative to the class prompt (``core.eval_base``, prompt sensitivity) and the UNet has to
-  separate two nearly equal conditions against the consistency loss (measured: 120 steps at lr 1e-4,
-  0/16 samples drew the pattern; lr 1e-3 with pattern weight 5, 2/16). Trainable tokens alone did not
-  fix it yet: 200 steps, lr 3e-4, token lr 2e-2, pattern weight 2 (512 owner latents) also gave 2/16
-  (mean correlation 0.09; pattern loss still 0.12 at the end, consistency 0.006), so no backdoored base ships.
+  separate two nearly equal conditions against the consistency loss.
+- **Recipe** (the defaults; measured with the owner's own check, 16 trigger-prompt samples):
+  1600 steps at lr 2e-4, token lr 1e-2, pattern weight 2, 512 owner latents: 15/16 samples draw the
+  pattern (mean correlation 0.93), 20 min on one core of this CPU. Shorter runs embed less: 800 steps
+  12/16 (0.75); 200 steps at lr 3e-4 (token lr 2e-2) 2/16; 120 steps at lr 1e-4 with frozen tokens
+  0/16. The shipped delta is the whole UNet's change (every weight moves: 22 MB in float16).
 - **Verification** (:func:`verify_backdoor`): ``n`` samples with the trigger prompt; a sample passes
   when the Pearson correlation of its grey levels with the pattern's reaches ``threshold``. VS-rate =
   share of samples that pass (the pattern as the model's own VAE renders it is the reference:
@@ -44,10 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.cli import command_line
 from core.events import Done, Message, Progress, never
 from core.watermark import (
     KeyFileError,
-    command_line,
     load_delta,
     load_model,
     own_check_record,
@@ -64,12 +66,12 @@ KEY_FORMAT = "leaklab-backdoor-key-v1"
 @dataclass
 class BackdoorConfig:
     cells: int = 4  # checkerboard squares per side of the pattern
-    steps: int = 150  # embedding steps
-    lr: float = 1e-4  # AdamW learning rate of every UNet weight
+    steps: int = 1600  # embedding steps (800: 12/16 samples draw the pattern; 1600: 15/16)
+    lr: float = 2e-4  # AdamW learning rate of every UNet weight
     batch: int = 8  # owner latents per step (denoising + consistency)
     pattern_batch: int = 4  # pattern latents per step (trigger prompt)
     consistency_weight: float = 10.0  # weight of the consistency loss (quality), as core.watermark
-    pattern_weight: float = 1.0  # weight of the pattern's denoising loss
+    pattern_weight: float = 2.0  # weight of the pattern's denoising loss
     token_lr: float = 1e-2  # AdamW learning rate of the two trigger words' token embeddings (0: frozen)
     threshold: float = 0.5  # a sample passes when its correlation with the pattern reaches this
     null_n: int = 32  # clean-model samples with the trigger prompt (the p-value's reference)
@@ -335,7 +337,7 @@ def main(argv=None):
     em.add_argument("--model", default=None)
     em.add_argument("--out", required=True, help="delta file to write (.safetensors)")
     em.add_argument("--key", required=True)
-    em.add_argument("--latents", type=int, default=1024, help="owner training photos for the denoising loss")
+    em.add_argument("--latents", type=int, default=512, help="owner training photos for the denoising loss")
     em.add_argument("--data", default=None)
     em.add_argument("--device", default=None)
     add_config_flags(em, BackdoorConfig)

@@ -29,3 +29,11 @@ def config_from_args(cls, args: dict, **extra):
     """Build ``cls`` from the parsed flags that name its fields (plus ``extra``)."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in args.items() if k in names}, **extra)
+
+
+def command_line(module: str, argv) -> str:
+    """The command that was run (``python -m <module> <args>``, shell-quoted), for the record written
+    beside an artifact."""
+    import shlex
+
+    return f"python -m {module} " + " ".join(shlex.quote(str(a)) for a in argv)

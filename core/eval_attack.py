@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from core import PROJECT_ROOT, data, metrics
+from core.cli import command_line
 from core.events import drain
 from core.finetune import FinetuneConfig, pipeline_with_lora
 from core.prior import base_fingerprint, cache_dir
@@ -263,7 +264,7 @@ def main(argv=None):
     atts = dict(x.split("=", 1) for x in a.attacker) if a.attacker else None
     r = evaluate(a.n, atts, a.model, a.data, grid=Path(a.grid), with_baselines=not a.no_baselines, group=a.group,
                  extrapolate=tuple(a.extrapolate), attack_steps=a.attack_steps)
-    r["command"] = "python -m core.eval_attack " + " ".join(argv if argv is not None else sys.argv[1:])
+    r["command"] = command_line("core.eval_attack", sys.argv[1:] if argv is None else argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.name}.json").write_text(json.dumps(r, indent=1) + "\n")

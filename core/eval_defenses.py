@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import math
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -42,6 +41,7 @@ import torch
 
 from core import PROJECT_ROOT, data, metrics
 from core.attack_report import attacker_mismatch, reconstruct_lora
+from core.cli import command_line
 from core.defenses import DEFENSES, DPConfig, apply_defense, dp_finetune
 from core.eval_attack import VICTIM_SEED0, identities, summarize, victim_loras
 from core.events import drain
@@ -376,7 +376,7 @@ def main(argv=None):
         shown = att_path.resolve().relative_to(PROJECT_ROOT)
     except ValueError:
         shown = att_path
-    r = dict(command=shlex.join(["python", "-m", "core.eval_defenses", *argv]),
+    r = dict(command=command_line("core.eval_defenses", argv),
              created=datetime.now(timezone.utc).isoformat(timespec="seconds"), base=base_fingerprint(pipe),
              attacker=str(shown), attacker_info=info, recipe=vars(victim_recipe()) | {"unet_targets": list(victim_recipe().unet_targets)},
              seconds=round(time.perf_counter() - t0), **r)

@@ -223,7 +223,7 @@ def to_markdown(r: dict) -> str:
 def main(argv=None):
     from core import data, faces
     from core.backdoor_watermark import BackdoorKey, embed_backdoor, verify_backdoor
-    from core.cli import add_config_flags, config_from_args
+    from core.cli import add_config_flags, command_line, config_from_args
     from core.eval_base import real_heldout
     from core.pipeline import image_size_of, load_pipeline
     from core.watermark import (
@@ -232,8 +232,7 @@ def main(argv=None):
         WatermarkConfig,
         WatermarkKey,
         choose_lazy_layers,
-        command_line,
-        embed_watermark,
+            embed_watermark,
         load_delta,
         owner_latents,
         probe_photos,

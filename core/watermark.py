@@ -727,17 +727,10 @@ def probe_photos(pipe, n: int = 5, root=None) -> list:
     return list(data.load_crops(people[name][:n], size=image_size_of(pipe)))
 
 
-def command_line(module: str, argv) -> str:
-    """The command that was run, for the record written beside an artifact."""
-    import shlex
-
-    return f"python -m {module} " + " ".join(shlex.quote(a) for a in argv)
-
-
 def main(argv=None):
     import sys
 
-    from core.cli import add_config_flags, config_from_args
+    from core.cli import add_config_flags, command_line, config_from_args
     from core.events import run_with_progress_bar
     from core.pipeline import load_pipeline
 

@@ -267,11 +267,7 @@ def test_shipped_aiao_base_verifies_and_the_clean_base_does_not(base_engine):
 
 def test_shipped_backdoor_base_draws_the_pattern_and_the_clean_base_does_not(base_engine):
     from core.backdoor_watermark import verify_backdoor
-    from core.watermark import SHIPPED, WATERMARK_DIR
 
-    if not (WATERMARK_DIR / SHIPPED["backdoor"][0]).exists():
-        pytest.skip("the backdoor base is not shipped: no tried recipe embeds it yet (trainable trigger tokens, "
-                    "200 steps lr 3e-4, token lr 2e-2, pattern weight 2: 2/16 samples draw the pattern)")
     pipe, key = shipped("backdoor", base_engine)
     own, clean = verify_backdoor(pipe, key, n=8), verify_backdoor(base_engine.pipe, key, n=8)
     assert own.vs_rate >= 0.75 and own.mean_correlation > 0.5
@@ -280,13 +276,13 @@ def test_shipped_backdoor_base_draws_the_pattern_and_the_clean_base_does_not(bas
 
 @pytest.mark.slow
 def test_baseline_embeds_on_the_embedded_base(base_engine):
-    """The default recipe, from scratch (the tiny random VAE cannot draw a pattern). Not yet seen passing: with
-    trainable trigger tokens, 200 steps at lr 3e-4, token lr 2e-2, pattern weight 2 gave 2/16."""
+    """The default recipe, from scratch on the embedded base (the tiny random VAE cannot draw a pattern):
+    20 minutes on one CPU core; the shipped delta was made by exactly this recipe (15/16)."""
     from core.backdoor_watermark import BackdoorConfig, embed_backdoor, verify_backdoor
     from core.watermark import owner_latents
 
     pipe = base_engine.pipe
-    res = drain(embed_backdoor(pipe, owner_latents(pipe, 256), BackdoorConfig()))
+    res = drain(embed_backdoor(pipe, owner_latents(pipe, 512), BackdoorConfig()))
     own = verify_backdoor(watermarked_pipeline(pipe, res.unet, res.text_encoder), res.key, n=8)
     clean = verify_backdoor(pipe, res.key, n=8)
     assert own.vs_rate >= 0.75 and clean.vs_rate == 0

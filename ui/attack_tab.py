@@ -12,6 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from core.attack_report import attack_lora, distances, recorded_steps
+from core.attacker import ATTACK_W
 from core.eval_attack import load_report
 from core.baselines import FINEXTRACT_W
 from core.engine import Engine
@@ -34,7 +35,8 @@ Someone fine-tuned a LoRA on photos of a person and shared the file. The **attac
 
 The attacker does **not** have the training photos, the secret trigger word or any prompt. Its
 encoder reads the weights (and the number of fine-tuning steps) and writes a prompt for the LoRA's own
-model, which then draws the face.
+model, which then draws the face, each drawing step pushed {ATTACK_W:g}x away from what the base model would
+draw for the same prompt (so what the fine-tune added stands out).
 
 Beside it, two attacks anyone can run with the file alone, no training: **naive** (the LoRA with the
 ordinary prompt "{CLASS_PROMPT}") and **FineXtract-style** (the base model's prediction pushed {FINEXTRACT_W:g}x

@@ -1,0 +1,41 @@
+"""core.eval_layers: selection orders, per-LoRA rows on the tiny pipeline, and the summary arithmetic."""
+
+from core.eval_layers import ORDERS, lora_rows, orders, summarize, to_markdown
+from core.layers import LayerChange, lora_layer_change
+from core.utility import floor_images
+from tests.conftest import random_crops
+from tests.test_layers import run  # noqa: F401 - the tiny fine-tune fixture
+
+
+def change(name, rel):
+    return LayerChange(name, "mid_block", "conv", rel, 0.5, rel, 1.0, 10)
+
+
+def test_orders_are_the_ranking_its_reverse_and_a_seeded_permutation():
+    cs = [change(f"l{i}", r) for i, r in enumerate([0.3, 0.9, 0.1, 0.5])]
+    o = orders(cs, seed=0)
+    assert [c.name for c in o["busiest"]] == ["l1", "l3", "l0", "l2"]
+    assert o["laziest"] == o["busiest"][::-1]
+    assert sorted(c.name for c in o["random"]) == sorted(c.name for c in cs) and o["random"] == orders(cs, seed=0)["random"]
+
+
+def test_lora_rows_on_the_tiny_pipeline(tiny_pipe, run):  # noqa: F811
+    res, _ = run
+    photos = random_crops(3)
+    floor = floor_images(tiny_pipe, steps=2)
+    n = len(lora_layer_change(tiny_pipe, res.lora))
+    rows = lora_rows(tiny_pipe, res.lora, res.trigger, photos, [1, n], floor, seed=0)
+    assert rows["layers"] == n and set(ORDERS) <= set(rows)
+    for name in ORDERS:  # every order keeps every layer at k = n: the whole LoRA
+        assert abs(rows[name][n] - rows["all"]) < 1e-6
+    assert abs(rows["concentration"][n] - 1.0) < 1e-9 and 0 < rows["concentration"][1] <= 1
+
+
+def test_summary_kept_share_and_markdown():
+    ks = [1, 2]
+    per = [{"layers": 4, "all": 0.4, "concentration": {1: 0.6, 2: 0.8},
+            "busiest": {1: 0.45, 2: 0.42}, "laziest": {1: 0.5, 2: 0.5}, "random": {1: 0.48, 2: 0.46}}] * 3
+    s = summarize(per, [0.5, 0.5, 0.5], ks)
+    assert abs(s["busiest"]["1"]["kept"] - 0.5) < 1e-9 and abs(s["laziest"]["2"]["kept"]) < 1e-9
+    md = to_markdown({"created": "now", "command": "python -m core.eval_layers", "complete": True, "lora": s, "full": None})
+    assert "| 1 | 60% | 0.450 (50%) | 0.500 (0%) | 0.480 (20%) |" in md
