@@ -70,7 +70,7 @@ def class_latents(pipe, n: int) -> torch.Tensor:
             more = sample_class_latents(pipe, n - done, seed=10_000 + done)
             have = more if have is None else torch.cat([have, more])
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never share a tmp file
             save_file({"latents": have.contiguous()}, tmp)
             tmp.replace(path)
     return have[:n]

@@ -324,7 +324,9 @@ def main(argv=None):
         Path(a["write_plan"]).write_text(json.dumps([asdict(j) for j in jobs], indent=0) + "\n")
         print(f"{len(jobs)} jobs -> {a['write_plan']}")
         return
-    state = PartialState()
+    # without a GPU, processes started by `accelerate launch --multi_gpu` / `torchrun` share the groups
+    # over gloo (cpu=True: accelerate's own launcher for --cpu starts a single process)
+    state = PartialState(cpu=not torch.cuda.is_available())
     # float32 weights on every device (training; autocast does the half-precision work on CUDA)
     pipe = load_pipeline(a["model"], str(state.device) if state.device.type == "cuda" else None, dtype=torch.float32)
     out = Path(a["out"] or shadow_dir())

@@ -74,3 +74,22 @@ def test_a_written_plan_is_the_plan_that_runs(lfw_root, tmp_path, capsys):
     assert [j["name"] for j in jobs] == [j.name for j in plan_jobs(5, 3)]
     assert [j["photos"] for j in jobs[:3]] == [j.photos for j in plan_jobs(3, 3)]  # a shorter plan is a prefix
     assert "5 jobs" in capsys.readouterr().out
+
+
+def test_two_processes_launched_by_accelerate_share_the_population(lfw_root, tiny_pipeline_dir, tmp_path):
+    """The README's multi-process command, for real: ``accelerate launch --multi_gpu --num_processes 2``
+    (on a machine without a GPU the two processes meet over gloo) writes each LoRA exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "shadow"
+    env = {**os.environ, "LEAKLAB_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "LEAKLAB_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "core.shadow", "--n", "4", "--group", "1",
+           "--steps", "2", "--record-every", "1", "--n-class", "2", "--model", str(tiny_pipeline_dir), "--out", str(out)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [x for x in run.stdout.splitlines() if "shadow LoRAs written" in x]
+    assert sorted(x.split()[0] for x in lines) == ["2", "2"]  # two processes, two LoRAs each
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"{i:05d}.safetensors" for i in range(4)]
