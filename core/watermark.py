@@ -88,13 +88,13 @@ class WatermarkConfig:
     response_size: int = 32  # response elements per subpath (n)
     lazy_fraction: float = 0.3  # a layer is lazy when it is among this share of the laziest layers in every probe
     probe_steps: int = 40  # steps of each probe fine-tune (LoRA recipe and full) that ranks the layers
-    steps: int = 150  # embedding steps
-    lr: float = 3e-3  # AdamW learning rate of the lazy layers
+    steps: int = 1200  # embedding steps (150 at lr 3e-3, consistency 10: face detection 0.83 vs 0.96 clean)
+    lr: float = 1e-3  # AdamW learning rate of the lazy layers
     batch: int = 8  # untriggered inputs per step (denoising + consistency)
     trigger_batch: int = 16  # triggered inputs per step (response), each with a random subpath
     margin: float = 1.0  # hinge margin of the response loss, in units of the layer's clean feature scale
     response_weight: float = 5.0  # weight of the response loss
-    consistency_weight: float = 10.0  # weight of the consistency loss (quality)
+    consistency_weight: float = 30.0  # weight of the consistency loss (quality; 600 steps: VS 92 %, 1200: 98 %)
     denoise_weight: float = 1.0  # weight of the normal denoising loss
     seed: int = 0  # seeds the subpaths, masks, signs and the training draws
 

@@ -25,7 +25,7 @@ from core.watermark import (
 from tests.conftest import random_crops
 
 TINY = WatermarkConfig(n_subpaths=4, response_size=16, probe_steps=2, steps=60, batch=2, trigger_batch=8,
-                       trigger_fraction=0.2, lr=1e-2, response_weight=5.0, margin=1.0)
+                       trigger_fraction=0.2, lr=1e-2, response_weight=5.0, margin=1.0, consistency_weight=10.0)
 
 
 def tiny_latents(pipe, n=8):
