@@ -9,6 +9,8 @@ the base model, the shadow population or the attacker), each with its 5 private 
 - DP-SGD: a fresh fine-tune of each victim with :func:`core.defenses.dp_finetune` (same recipe, seed
   and photos) per noise multiplier; epsilon is its RDP accountant's, per photo (cached per base model,
   so reruns reuse them);
+- the scores of every point are cached (keyed by everything scored: base, attacker, victims, recipe,
+  defense and the LoRAs themselves), so a rerun with more points, or after a stop, scores only what is new;
 - each point is scored twice, per victim:
   *attack*: the shipped weight-only attacker (``assets/attacker/attacker.safetensors``) reads the
   (defended) LoRA and its model draws 4 images (:func:`core.attack_report.reconstruct_lora`); mean
@@ -50,7 +52,9 @@ from core.prior import base_fingerprint, cache_dir
 from core.utility import describe_set, floor_images, lora_utility
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
-DP_NOISE = (1.0, 2.0, 4.0, 8.0)  # DP-SGD noise multipliers of the study (5 photos, 80 steps: epsilon ~29, 10, 4.4, 2.0)
+# DP-SGD noise multipliers of the study (5 photos, 80 steps: epsilon inf, 412, 101, 29, 10.5, 4.4, 2.0 per photo);
+# sigma 0 clips each photo's gradient without noise (no privacy): it separates what clipping costs from what noise costs
+DP_NOISE = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 PHOTOS = 5  # private photos per victim (eval_attack's protocol)
 UNDEFENDED, FLOOR, DP = "none", "floor", "dp_sgd"
 TITLES = {"weight_noise": "weight noise", "prune": "pruning", "quantize": "quantization",
@@ -69,7 +73,7 @@ def strength_text(name: str, s) -> str:
     if name == "rank_truncate":
         return f"keep {int(s)}"
     if name == DP:
-        return f"sigma {s:g}"
+        return f"sigma {s:g}" + (" (clipping only)" if s == 0 else "")
     return ""
 
 
@@ -152,6 +156,25 @@ def dp_victim_lora(pipe, photos, name: str, seed: int, cfg: FinetuneConfig, dp: 
 # scoring ------------------------------------------------------------------------------------------
 
 
+def point_cache(pipe, attacker, victims: Victims, cfg: FinetuneConfig, defense: str, strength, loras) -> Path:
+    """Where one point's per-victim scores are cached: keyed by the base model, the attacker's weights
+    and sampling, the victims and their photos, the recipe, the defense and the exact LoRAs scored, so
+    a rerun with more points (or after a stop) scores only what is new."""
+    from core.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W
+
+    h = hashlib.sha256(json.dumps([base_fingerprint(pipe), victims.names, asdict(cfg), defense, strength,
+                                   ATTACK_W, ATTACK_SAMPLER_STEPS], sort_keys=True, default=str).encode())
+    for t in attacker.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for photos, lora in zip(victims.private, loras):
+        for p in photos:
+            h.update(np.ascontiguousarray(p, np.uint8).tobytes())
+        for k in sorted(lora):
+            h.update(k.encode())
+            h.update(lora[k].detach().cpu().float().contiguous().numpy().tobytes())
+    return cache_dir() / "defense_points" / f"{h.hexdigest()[:32]}.json"
+
+
 def score_lora(pipe, attacker, lora: dict, step: int, alpha: float, trigger: str, photos, floor_ims) -> tuple[np.ndarray, float]:
     """(mean descriptor of the attacker's 4 reconstructions, utility distance) of one LoRA."""
     attack = describe_set(reconstruct_lora(pipe, attacker, lora, step, alpha))
@@ -207,12 +230,21 @@ def run_study(pipe, attacker, victims: Victims, cfg: FinetuneConfig | None = Non
 
     def point(defense, strength, loras, steps, triggers, **extra):
         t0 = time.perf_counter()
-        descs, util = [], []
-        for i in range(n):
-            d, u = score_lora(pipe, attacker, loras[i], steps[i], cfg.alpha, triggers[i], victims.private[i], floor_ims)
-            descs.append(d)
-            util.append(u)
-        row = make_row(defense, strength, np.stack(descs), util, gallery, floor_d, time.perf_counter() - t0, **extra)
+        path = point_cache(pipe, attacker, victims, cfg, defense, strength, loras)
+        if path.exists():  # this very point (same LoRAs, attacker, victims, recipe) was scored by an earlier run
+            hit = json.loads(path.read_text())
+            descs, util, secs = np.asarray(hit["attack_desc"]), hit["utility_distance"], hit["seconds"]
+        else:
+            descs, util = [], []
+            for i in range(n):
+                d, u = score_lora(pipe, attacker, loras[i], steps[i], cfg.alpha, triggers[i], victims.private[i], floor_ims)
+                descs.append(d)
+                util.append(u)
+            descs, secs = np.stack(descs), time.perf_counter() - t0
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"attack_desc": descs.tolist(), "utility_distance": [float(u) for u in util],
+                                        "seconds": secs}))
+        row = make_row(defense, strength, descs, util, gallery, floor_d, secs, **extra)
         rows.append(row)
         log(f"{row['label']:<38} attack {row['attack']['distance']:.3f} (top-1 {row['attack']['top1']:.0%}, "
             f"gain over floor {row['attack_gain']['mean']:+.3f})   utility {row['utility']['distance']:.3f} "

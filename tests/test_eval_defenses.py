@@ -117,6 +117,24 @@ def test_undefended_row_is_the_plain_attack_and_defended_rows_score_defended_lor
         assert int((pruned[k] == 0).sum()) >= round(0.9 * pruned[k].numel())
 
 
+def test_a_rerun_scores_only_new_points(study, victims, tiny_pipe, attacker, monkeypatch):
+    """Every point is cached by what it scored: the same study again scores nothing and gives the same
+    rows; one new point is the only thing scored."""
+    import core.eval_defenses as ed
+
+    r, _ = study
+    scored = []
+    real = ed.score_lora
+    monkeypatch.setattr(ed, "score_lora", lambda pipe, att, lora, *a: (scored.append(lora), real(pipe, att, lora, *a))[1])
+    again = ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS, dp_noise=(1.0,), log=lambda *a: None)
+    assert scored == []
+    strip = lambda rows: [{k: v for k, v in x.items() if k != "seconds"} for x in rows]  # noqa: E731
+    assert strip(again["rows"]) == strip(r["rows"])
+    more = ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS + [("prune", 0.5)], dp_noise=(1.0,),
+                        log=lambda *a: None)
+    assert len(scored) == len(victims.names) and len(more["rows"]) == len(r["rows"]) + 1
+
+
 def test_dp_loras_are_cached(tiny_pipe, victims):
     from core.defenses import DPConfig
     from core.eval_defenses import dp_victim_lora
