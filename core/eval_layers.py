@@ -133,6 +133,14 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def load_report(path: str | Path | None = None) -> dict | None:
+    """The last run's results (``docs/results/layers.json``), or None where none was run."""
+    try:
+        return json.loads(Path(path or RESULTS / "layers.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def conclusion(r: dict) -> str:
     parts = []
     for part, title in (("lora", "LoRA"), ("full", "full fine-tune")):

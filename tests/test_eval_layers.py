@@ -39,3 +39,14 @@ def test_summary_kept_share_and_markdown():
     assert abs(s["busiest"]["1"]["kept"] - 0.5) < 1e-9 and abs(s["laziest"]["2"]["kept"]) < 1e-9
     md = to_markdown({"created": "now", "command": "python -m core.eval_layers", "complete": True, "lora": s, "full": None})
     assert "| 1 | 60% | 0.450 (50%) | 0.500 (0%) | 0.480 (20%) |" in md
+
+
+def test_layers_tab_quotes_the_study_or_says_it_was_not_run():
+    from ui.layers_tab import measured_text
+
+    per = [{"layers": 4, "all": 0.4, "concentration": {1: 0.6, 2: 0.8},
+            "busiest": {1: 0.47, 2: 0.42}, "laziest": {1: 0.5, 2: 0.5}, "random": {1: 0.48, 2: 0.46}}] * 3
+    s = summarize(per, [0.5] * 3, [1, 2])
+    text = measured_text({"lora": s})
+    assert "**2 busiest** of a LoRA's 4 layers keeps **80%**" in text and "2 laziest keep 0%" in text
+    assert "Not measured" in measured_text({})

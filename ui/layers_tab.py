@@ -47,6 +47,24 @@ same person). About 2 seconds per point.
 """
 
 
+def measured_text(report: dict | None = None) -> str:
+    """What ``python -m core.eval_layers`` measured over many people, in words (or that it was not run)."""
+    from core.eval_layers import load_report
+
+    r = load_report() if report is None else report
+    s = (r or {}).get("lora")
+    if not s or not s.get("n"):
+        return "*Not measured over many people yet:* `python -m core.eval_layers` writes the numbers quoted here."
+    ks = [k for k in s["concentration"] if s["busiest"][k]["kept"] is not None]
+    if not ks:
+        return ""
+    k = next((k for k in ks if s["busiest"][k]["kept"] >= 0.5), ks[-1])
+    b, lz, rnd = (s[o][k]["kept"] for o in ("busiest", "laziest", "random"))
+    return (f"*Measured on {s['n']} people the models never saw (`python -m core.eval_layers`):* keeping only the "
+            f"**{k} busiest** of a LoRA's {s['layers']} layers keeps **{b:.0%}** of what it does to the face (its gain "
+            f"over a random face); the {k} laziest keep {lz:.0%}, {k} layers picked at random {rnd:.0%}.")
+
+
 def _fine_tuned(session):
     return session is not None and session.result is not None
 
@@ -162,7 +180,7 @@ def create_layers_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
     status = gr.Markdown(NO_FINETUNE)
     heatmap = gr.Plot(label="Change of every layer")
     table = gr.Markdown()
-    gr.Markdown(SWAP_INTRO)
+    gr.Markdown(SWAP_INTRO + "\n" + measured_text())
     swap_btn = gr.Button(f"Measure what survives (k = {', '.join('all' if k is None else str(k) for k in DEFAULT_KS)})",
                          variant="primary")
     swap_status = gr.Markdown()
