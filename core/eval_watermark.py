@@ -17,13 +17,16 @@ Protocol (issue 5, ``METHODS.md`` section 2):
    :mod:`core.eval_base`): face-detection rate and Frechet distance of dlib descriptors to as many
    real unseen faces (victim identities).
 Writes ``<out>/watermark.json`` and ``watermark.md``, rewritten after every measurement (``"complete":
-false`` until the end), so a run stopped early keeps what it measured. Order: before fine-tuning,
+false`` until the end), so a run stopped early keeps what it measured. Every measurement is also
+cached under a hash of what it depends on (weights, key, scenario, photos, settings): a rerun after
+one watermark was re-embedded measures that watermark again and reuses the other's numbers. Order: before fine-tuning,
 (a), (d), the false positives, quality, then the long runs (b) and (c).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -60,11 +63,58 @@ class StudyConfig:
 
 @dataclass
 class Watermarked:
-    """One watermark under study: its name, its watermarked pipeline and a verify(pipe) -> result."""
+    """One watermark under study: its name, its watermarked pipeline and a verify(pipe) -> result;
+    ``key``: the owner's key object (part of what the study's cache is keyed by)."""
 
     name: str
     pipe: object
     verify: object  # callable: pipeline view -> Verification / BackdoorVerification
+    key: object = None
+
+
+# the study's cache: every measurement is stored under a hash of everything it depends on (the
+# weights, the key, the scenario, the photos, the settings), so a rerun after one watermark was
+# re-embedded, or after a stop, measures only what changed
+
+
+def weights_digest(pipe) -> str:
+    """A hash of every UNet and text-encoder weight of ``pipe`` (a watermark changes some of them)."""
+    h = hashlib.sha256()
+    for mod in (pipe.unet, pipe.text_encoder):
+        for name, t in sorted(mod.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(np.ascontiguousarray(p).tobytes())
+        elif isinstance(p, (list, tuple)) and p and isinstance(p[0], np.ndarray):
+            for a in p:
+                h.update(np.ascontiguousarray(a).tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def cached(parts, compute):
+    """``compute()`` (a JSON-able dict), stored in the cache dir under ``digest(*parts)``."""
+    from core.prior import cache_dir
+
+    path = cache_dir() / "watermark_study" / f"{digest(*parts)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, default=float))
+    return value
+
+
+def key_digest(key) -> str:
+    return digest(asdict(key)) if key is not None else "no key"
 
 
 def load_items(subject: str, size: int, root: str | Path = ITEMS_ROOT, n: int = 5) -> list[np.ndarray]:
@@ -146,27 +196,43 @@ def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, i
     items = list(scenarios(cfg, faces_photos, items_photos).items())
     short, long_ = [items[i] for i in SHORT_FIRST[:3]], [items[i] for i in SHORT_FIRST[3:]]
 
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("n_clean", "quality_n")}
+    ids = {m.name: (weights_digest(m.pipe), key_digest(m.key)) for m in marks}
+    faces_d, items_d = digest(list(faces_photos)), digest(list(items_photos))
+
     def scenario(name, tune):
         for m in marks:
-            t0 = time.perf_counter()
-            v = m.verify(tune(m.pipe))
-            rows.append({"watermark": m.name, "scenario": name, **verdict_row(v), "seconds": round(time.perf_counter() - t0, 1)})
-            log(f"{m.name:9s} {name:40s} VS {v.vs_rate:6.1%}  p {v.p_value:.3g}  {'yes' if v.watermarked else 'no'}  "
-                f"({rows[-1]['seconds']:.0f} s)")
+            def measure():
+                t0 = time.perf_counter()
+                return {**verdict_row(m.verify(tune(m.pipe))), "seconds": round(time.perf_counter() - t0, 1)}
+
+            row = cached(["scenario", name, ids[m.name], settings, faces_d, items_d], measure)
+            rows.append({"watermark": m.name, "scenario": name, **row})
+            log(f"{m.name:9s} {name:40s} VS {row['vs_rate']:6.1%}  p {row['p_value']:.3g}  "
+                f"{'yes' if row['watermarked'] else 'no'}  ({row['seconds']:.0f} s)")
             save(r)
 
     for name, tune in short:
         scenario(name, tune)
+    clean_id = weights_digest(clean)
     for i, photos in enumerate(clean_photos):
-        model = lora_finetune(clean, photos, seed=CLEAN_SEED0 + i)
+        model = None
         for m in marks:
-            fps[m.name].append(verdict_row(m.verify(model)))
+            def measure():
+                nonlocal model
+                model = model or lora_finetune(clean, photos, seed=CLEAN_SEED0 + i)
+                return verdict_row(m.verify(model))
+
+            fps[m.name].append(cached(["clean model", clean_id, digest(list(photos)), CLEAN_SEED0 + i, ids[m.name][1]],
+                                      measure))
         r["false_positives"] = false_positive_summary(fps)
         save(r)
         log(f"clean model {i + 1}/{len(clean_photos)}: " + ", ".join(
             f"{k} VS {v[-1]['vs_rate']:.1%} {'yes' if v[-1]['watermarked'] else 'no'}" for k, v in fps.items()))
+    real_d = digest(np.asarray(real_descriptors))
     for name, pipe in [("clean", clean)] + [(m.name, m.pipe) for m in marks]:
-        qual[name] = quality(pipe, cfg.quality_n, real_descriptors)
+        qual[name] = cached(["quality", weights_digest(pipe), cfg.quality_n, real_d],
+                            lambda: quality(pipe, cfg.quality_n, real_descriptors))
         save(r)
         log(f"quality {name}: detection {qual[name]['detection_rate']:.3f} Frechet {qual[name]['frechet_to_real']:.4f}")
     for name, tune in long_:
@@ -290,8 +356,8 @@ def main(argv=None):
 
     aiao_pipe, aiao_key = base("AIAO", a["aiao"], a["aiao_key"], WatermarkKey, embed_aiao)
     bd_pipe, bd_key = base("backdoor", a["backdoor"], a["backdoor_key"], BackdoorKey, embed_bd)
-    marks = [Watermarked("AIAO", aiao_pipe, lambda p: verify_watermark(p, aiao_key)),
-             Watermarked("backdoor", bd_pipe, lambda p: verify_backdoor(p, bd_key))]
+    marks = [Watermarked("AIAO", aiao_pipe, lambda p: verify_watermark(p, aiao_key), aiao_key),
+             Watermarked("backdoor", bd_pipe, lambda p: verify_backdoor(p, bd_key), bd_key)]
 
     # 2. photos: shadow identities (public faces), an items subject, real unseen faces
     people = data.Split.load().paths("shadow", a["data"])

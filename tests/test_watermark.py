@@ -306,6 +306,39 @@ def test_study_smoke_run(tiny_pipe, embedded):
     assert "| (a) default LoRA" in to_markdown(r)
 
 
+def test_study_rerun_measures_only_what_changed(tiny_pipe, embedded):
+    """A second run reuses every cached measurement; changing one watermark's weights re-measures that
+    watermark only."""
+    import copy
+
+    from core.eval_watermark import StudyConfig, Watermarked, run_study
+
+    cfg = StudyConfig(long_steps=2, n_clean=1, quality_n=4, photos=3)
+    calls = []
+
+    def mark(name, unet):
+        def verify(p):
+            calls.append(name)
+            return verify_watermark(p, embedded.key)
+        return Watermarked(name, watermarked_pipeline(tiny_pipe, unet), verify, embedded.key)
+
+    def nudged(by):
+        unet = copy.deepcopy(embedded.unet)
+        with torch.no_grad():
+            next(unet.parameters()).add_(by)
+        return unet
+
+    args = (cfg, random_crops(3), random_crops(3), [random_crops(3)], np.random.default_rng(0).normal(size=(8, 128)))
+    b1, b2 = nudged(0.01), nudged(0.02)
+    first = run_study(tiny_pipe, [mark("A", embedded.unet), mark("B", b1)], *args, log=lambda *_: None)
+    assert calls.count("A") == 6 and calls.count("B") == 5  # 5 scenarios each + 1 clean model (same key: measured once)
+    calls.clear()
+    again = run_study(tiny_pipe, [mark("A", embedded.unet), mark("B", b1)], *args, log=lambda *_: None)
+    assert calls == [] and again["rows"] == first["rows"] and again["quality"] == first["quality"]
+    run_study(tiny_pipe, [mark("A", embedded.unet), mark("B", b2)], *args, log=lambda *_: None)
+    assert calls == ["B"] * 5  # only the changed watermark's scenarios
+
+
 def test_tab_says_plainly_when_a_watermarked_base_is_missing(monkeypatch, tiny_pipe, tmp_path):
     import ui.watermark_tab as wt
 
