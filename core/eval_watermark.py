@@ -8,8 +8,9 @@ Protocol (issue 5, ``METHODS.md`` section 2):
 2. each watermarked base is verified as it is, then after each downstream fine-tune *of that base*:
    (a) the default LoRA recipe (:mod:`core.finetune`), (b) a ``--long-steps`` LoRA, (c) a
    ``--long-steps`` full fine-tune (:func:`core.layers.full_finetune`), all three on the photos of a
-   shadow identity (public faces), and (d) the default LoRA recipe on a subject of the DreamBooth
-   items set (``../shared/data/dreambooth``: centre square crop at the model's resolution);
+   shadow identity (public faces) other than the one the owner's lazy-layer probe used, and (d)
+   the default LoRA recipe on a subject of the DreamBooth items set (``../shared/data/dreambooth``:
+   centre square crop at the model's resolution);
 3. false positives: ``--n-clean`` un-watermarked models, fresh default-recipe LoRAs of the *clean*
    base on other shadow identities (one each, its own seed); a false positive is a "watermarked"
    verdict of either key on one of them;
@@ -298,9 +299,10 @@ def main(argv=None):
         WatermarkConfig,
         WatermarkKey,
         choose_lazy_layers,
-            embed_watermark,
+        embed_watermark,
         load_delta,
         owner_latents,
+        probe_identity,
         probe_photos,
         shipped_watermark,
         verify_watermark,
@@ -361,7 +363,8 @@ def main(argv=None):
 
     # 2. photos: shadow identities (public faces), an items subject, real unseen faces
     people = data.Split.load().paths("shadow", a["data"])
-    names = [k for k, v in people.items() if len(v) >= cfg.photos][: cfg.n_clean + 1]
+    probe = probe_identity(people)  # the owner's probe saw these: no downstream fine-tune uses them
+    names = [k for k, v in people.items() if len(v) >= cfg.photos and k != probe][: cfg.n_clean + 1]
     sets = [list(data.load_crops(people[k][: cfg.photos], size=size)) for k in names]
     items = load_items(cfg.items_subject, size, a["items"], cfg.photos)
     real = faces.describe(real_heldout(cfg.quality_n, "victims", a["data"]))

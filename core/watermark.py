@@ -96,6 +96,9 @@ class WatermarkConfig:
     response_weight: float = 5.0  # weight of the response loss
     consistency_weight: float = 30.0  # weight of the consistency loss (quality; 600 steps: VS 92 %, 1200: 98 %)
     denoise_weight: float = 1.0  # weight of the normal denoising loss
+    drift: float = 0.0  # the response is trained under simulated fine-tunes: each step every UNet layer moves by a
+    #                     random rank-`drift_rank` update of relative norm uniform in [0, drift] (0: off)
+    drift_rank: int = 4  # rank of each simulated update (LoRA-like)
     seed: int = 0  # seeds the subpaths, masks, signs and the training draws
 
     def __post_init__(self):
@@ -110,6 +113,8 @@ class WatermarkConfig:
                              f"{self.probe_steps!r}, {self.batch!r}, {self.trigger_batch!r}")
         if not 0 < self.lr < 1 or self.margin < 0:
             raise ValueError(f"lr must be in (0, 1) and margin >= 0, got {self.lr!r}, {self.margin!r}")
+        if self.drift < 0 or self.drift_rank < 1:
+            raise ValueError(f"drift >= 0 and drift_rank >= 1, got {self.drift!r}, {self.drift_rank!r}")
 
 
 @dataclass
@@ -404,6 +409,29 @@ def response_hinge(store: dict, subpaths: list, rows: list[int], margin: float) 
     return torch.stack(losses).mean()
 
 
+@contextlib.contextmanager
+def simulated_finetune(weights: list, drift: float, rank: int, generator: torch.Generator):
+    """Move each weight in place by a random rank-``rank`` update of relative norm uniform in
+    [0, ``drift``] for the ``with`` block (a stand-in for the unknown downstream fine-tune), then put
+    back exactly. Autograd must be done with the moved weights before the block ends."""
+    saved = []
+    with torch.no_grad():
+        for w in weights:
+            saved.append(w.detach().clone())
+            m = w.reshape(w.shape[0], -1)
+            k = min(rank, *m.shape)
+            d = torch.randn(m.shape[0], k, generator=generator) @ torch.randn(k, m.shape[1], generator=generator)
+            d = d.to(w.device, w.dtype)
+            d *= float(torch.rand((), generator=generator)) * drift * m.norm() / d.norm().clamp_min(1e-12)
+            w.add_(d.view_as(w))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for w, w0 in zip(weights, saved):
+                w.copy_(w0)
+
+
 def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: WatermarkConfig | None = None,
                     should_stop=never, lazy_scores: dict | None = None):
     """Generator: embed the AIAO watermark into a copy of ``pipe.unet`` (``latents``: the owner's clean
@@ -445,6 +473,7 @@ def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: Watermark
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     alphas = torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float32).to(dev)
     resp_layers = sorted({s.response_layer for s in subpaths}, key=order.index)
+    drifting = [mods[n].weight for n in order]  # every layer a downstream fine-tune may move
     latents = latents.float().to(dev)
 
     # 3. steps: denoising + consistency on untriggered inputs, response on triggered ones
@@ -467,14 +496,15 @@ def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: Watermark
         l_con = (eps - eps_clean).pow(2).mean() + torch.stack([
             ((got[s.response_layer][:, s.response_index] - ref[s.response_layer][:, s.response_index]) / s.response_scale)
             .pow(2).mean() for s in subpaths]).mean()
+        opt.zero_grad(set_to_none=True)
+        (cfg.denoise_weight * l_den + cfg.consistency_weight * l_con).backward()
         rows = torch.randint(0, len(subpaths), (cfg.trigger_batch,), generator=g).tolist()
         xr, tr, er = unet_inputs(unet, cfg.trigger_batch, emb, g)
         store: dict = {}
-        run_until(unet, xr.to(dev), tr.to(dev), er.to(dev), triggered(unet, subpaths, rows, store))
-        l_resp = response_hinge(store, subpaths, rows, cfg.margin)
-        loss = cfg.denoise_weight * l_den + cfg.response_weight * l_resp + cfg.consistency_weight * l_con
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with simulated_finetune(drifting, cfg.drift, cfg.drift_rank, g) if cfg.drift else contextlib.nullcontext():
+            run_until(unet, xr.to(dev), tr.to(dev), er.to(dev), triggered(unet, subpaths, rows, store))
+            l_resp = response_hinge(store, subpaths, rows, cfg.margin)
+            (cfg.response_weight * l_resp).backward()  # the gradient at the moved weights, applied to the unmoved
         opt.step()
         losses.append({"denoise": float(l_den.detach()), "response": float(l_resp.detach()), "consistency": float(l_con.detach())})
         yield Progress("embed", step, cfg.steps, time.perf_counter() - t0, losses[-1])
@@ -723,8 +753,13 @@ def probe_photos(pipe, n: int = 5, root=None) -> list:
     from core.pipeline import image_size_of
 
     people = data.Split.load().paths("shadow", root)
-    name = next(k for k, v in people.items() if len(v) >= n)
+    name = probe_identity(people, n)
     return list(data.load_crops(people[name][:n], size=image_size_of(pipe)))
+
+
+def probe_identity(people: dict, n: int = 5) -> str:
+    """The shadow identity whose photos the owner's probe fine-tunes use (the first with >= ``n``)."""
+    return next(k for k, v in people.items() if len(v) >= n)
 
 
 def main(argv=None):

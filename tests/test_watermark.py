@@ -19,6 +19,7 @@ from core.watermark import (
     laziness_scores,
     rs_threshold,
     sample_subpaths,
+    simulated_finetune,
     verify_watermark,
     watermarked_pipeline,
 )
@@ -92,6 +93,27 @@ def test_verify_says_yes_on_the_watermarked_model_and_no_on_the_clean_one(tiny_p
     assert wm.watermarked and wm.p_value < 1e-6 and wm.vs_rate > clean.vs_rate
     assert not clean.watermarked and clean.p_value > 1e-3
     assert wm.trials == clean.trials == len(embedded.key.subpaths) * 8
+
+
+def test_simulated_finetune_moves_each_weight_by_a_low_rank_update_and_puts_it_back():
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(16, 12), torch.randn(8, 4, 3, 3)]
+    before = [w.clone() for w in ws]
+    with simulated_finetune(ws, 0.5, 2, g):
+        for w, w0 in zip(ws, before):
+            d = (w - w0).reshape(w.shape[0], -1)
+            assert 0 < d.norm() <= 0.5 * w0.norm() + 1e-5
+            assert torch.linalg.matrix_rank(d) <= 2
+    assert all(torch.equal(w, w0) for w, w0 in zip(ws, before))
+
+
+def test_embedding_under_simulated_finetunes_changes_only_lazy_layers_and_verifies(tiny_pipe, lazy):
+    layers, scores = lazy
+    res = drain(embed_watermark(tiny_pipe, tiny_latents(tiny_pipe), layers, replace(TINY, drift=0.1, steps=120), lazy_scores=scores))
+    clean = dict(tiny_pipe.unet.named_parameters())
+    moved = {n.rsplit(".", 1)[0] for n, p in res.unet.named_parameters() if not torch.equal(p, clean[n])}
+    assert moved and moved <= set(layers)
+    assert verify_watermark(watermarked_pipeline(tiny_pipe, res.unet), res.key).watermarked
 
 
 def test_rs_threshold_is_the_binomial_tail():
