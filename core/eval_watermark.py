@@ -242,6 +242,14 @@ def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, i
     return r
 
 
+def load_report(path: str | Path | None = None) -> dict | None:
+    """The last study's results (``docs/results/watermark.json``), or None where none was run."""
+    try:
+        return json.loads(Path(path or RESULTS / "watermark.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def scenario_order(name: str) -> str:
     return "" if name.startswith("before") else name  # "before", then "(a)".."(d)"
 

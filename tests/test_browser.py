@@ -1,6 +1,7 @@
 """A real browser (Debian's chromium, driven by Playwright) uses the app like a visitor: opens it,
 uploads the example photos, runs a short fine-tune on the embedded model, sees the attacker's
-reconstruction appear, attacks the LoRA in the Attack tab and opens every tab. Screenshots of each tab
+reconstruction appear, attacks the LoRA in the Attack tab, checks it for both watermarks in the
+Watermark tab and opens every tab. Screenshots of each tab
 (and of the Fine-tune tab at phone width) go to ``test-artifacts/browser/`` (git-ignored).
 
 Skipped, with the reason, only where no browser is installed (``.ci/run`` installs chromium and
@@ -80,6 +81,10 @@ def test_a_visitor_fine_tunes_and_sees_the_reconstruction(browser, app_url):
     for i, tab in enumerate(TABS[2:], 3):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_timeout(1500)
+        if tab == "Watermark":  # the owner checks the visitor's LoRA for both shipped watermarks
+            page.get_by_role("button", name="Check my LoRA for both watermarks").click()
+            page.get_by_text(re.compile(r"AIAO \(lazy layers\): (yes|no)")).wait_for(timeout=180_000)
+            page.get_by_text(re.compile(r"Baseline backdoor \(trigger prompt\): (yes|no)")).wait_for(timeout=180_000)
         shot(page, f"{i}-{tab.lower()}")
     page.get_by_role("tab", name="Layers").click()
     page.get_by_text("You have not fine-tuned a LoRA in this session yet").wait_for(state="detached", timeout=5_000)

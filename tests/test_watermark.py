@@ -381,3 +381,17 @@ def test_tab_says_plainly_when_the_delta_is_for_another_base(monkeypatch, tiny_p
     monkeypatch.setattr(wt, "_cache", {})
     pipe, why = wt.load_watermark("AIAO", watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path)
     assert pipe is None and "another base" in why
+
+
+def test_tab_quotes_the_study_or_says_it_was_not_run():
+    from ui.watermark_tab import measured_text
+
+    row = {"vs_rate": 0.97, "p_value": 1e-100, "watermarked": True}
+    r = {"complete": True, "rows": [{"watermark": "AIAO", "scenario": "before fine-tuning", **row},
+                                    {"watermark": "AIAO", "scenario": "(b) 2000-step LoRA", **row, "vs_rate": 0.5,
+                                     "watermarked": False}],
+         "false_positives": {"AIAO": {"models": 20, "false_positives": 1}}}
+    text = measured_text(r)
+    assert text.index("before fine-tuning") < text.index("(b) 2000-step LoRA")
+    assert "97% (found)" in text and "50% (not found)" in text and "1 of 20" in text and "incomplete" not in text
+    assert "not been run" in measured_text({})

@@ -118,6 +118,33 @@ def backdoor_report(engine: Engine, lora: dict, alpha: float):
     return md, [(im, f"correlation {c:.2f}") for im, c in zip(v.images, v.correlations)]
 
 
+def measured_text(report: dict | None = None) -> str:
+    """What ``python -m core.eval_watermark`` measured, as a short table (or that it was not run)."""
+    from core.eval_watermark import load_report, scenario_order
+
+    r = load_report() if report is None else report
+    rows = (r or {}).get("rows") or []
+    if not rows:
+        return "*The robustness study has not been run yet:* `python -m core.eval_watermark` writes the numbers quoted here."
+    marks = list(dict.fromkeys(x["watermark"] for x in rows))
+    cell = {(x["watermark"], x["scenario"]): x for x in rows}
+    lines = ["*Measured by the robustness study* (`python -m core.eval_watermark`"
+             + ("" if r.get("complete", True) else "; an incomplete run: what is missing was not measured")
+             + "): the share of verification trials that find the watermark (VS-rate), on the watermarked base and "
+               "after someone fine-tunes it.", "",
+             "| fine-tune of the watermarked base | " + " | ".join(marks) + " |", "|---|" + "---|" * len(marks)]
+    for sc in sorted(dict.fromkeys(x["scenario"] for x in rows), key=scenario_order):
+        lines.append(f"| {sc} | " + " | ".join(
+            "not measured" if (m, sc) not in cell else
+            f"{cell[m, sc]['vs_rate']:.0%} ({'found' if cell[m, sc]['watermarked'] else 'not found'})" for m in marks) + " |")
+    fps = [f"{m}: {f['false_positives']} of {f['models']}" for m, f in (r.get("false_positives") or {}).items()
+           if f.get("models")]
+    if fps:
+        lines += ["", "False alarms on LoRAs of the *un-watermarked* base (the baseline any verdict must beat): "
+                  + ", ".join(fps) + "."]
+    return "\n".join(lines)
+
+
 def watermark_run(engine: Engine, session):
     """The Check button: yields (AIAO markdown, backdoor markdown, backdoor gallery)."""
     session = ensure(session)
@@ -140,6 +167,8 @@ def status_text(engine: Engine, session) -> str:
 
 def create_watermark_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = None) -> None:
     gr.Markdown(INTRO)
+    with gr.Accordion("What the robustness study measured", open=False):
+        gr.Markdown(measured_text())
     status = gr.Markdown(NO_FINETUNE)
     check = gr.Button("Check my LoRA for both watermarks", variant="primary")
     aiao = gr.Markdown()
