@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import PROJECT_ROOT, data, metrics
+from core import RESULTS, data, metrics
 from core.cli import command_line
 from core.events import drain
 from core.finetune import FinetuneConfig, pipeline_with_lora
@@ -187,11 +187,9 @@ def evaluate(n: int = 50, attackers: dict | None = None, model=None, root=None, 
 
 def load_report(path: str | Path | None = None) -> dict | None:
     """The last evaluation's results (``docs/results/attack.json``), or None where none was run."""
-    path = Path(path) if path else PROJECT_ROOT / "docs" / "results" / "attack.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    from core import load_report as read
+
+    return read("attack", path)
 
 
 def attack_words(r: dict) -> str:
@@ -239,7 +237,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--attacker", nargs="*", default=None,
                     help="LABEL=PATH pairs (default: attacker=assets/attacker/attacker.safetensors)")
-    ap.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="attack", help="file stem of the report")
     ap.add_argument("--grid", default=str(cache_dir() / "attack_grid.png"), help="image grid (real people: keep out of the repo)")
     ap.add_argument("--data", default=None)

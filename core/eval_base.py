@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core import PROJECT_ROOT, data, faces, metrics
+from core import RESULTS, data, faces, metrics
 from core.pipeline import load_pipeline, sample_images, time_sampling
 from core.prompts import APPEARANCE_WORDS, CLASS_PROMPT, appearance_caption, instance_prompt, trigger_words
 
@@ -144,7 +144,7 @@ def main(argv=None):
     ap.add_argument("--guidance", default="1.0", help="comma-separated guidance scales")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--data", default=None)
-    ap.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
     r = evaluate(a.model, a.n, [float(g) for g in a.guidance.split(",")], a.steps, a.data)
     out = Path(a.out)

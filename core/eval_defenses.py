@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import PROJECT_ROOT, data, metrics
+from core import PROJECT_ROOT, RESULTS, data, metrics
 from core.attack_report import attacker_mismatch, reconstruct_lora
 from core.cli import command_line
 from core.defenses import DEFENSES, DPConfig, apply_defense, dp_finetune
@@ -51,7 +51,6 @@ from core.finetune import FinetuneConfig
 from core.prior import base_fingerprint, cache_dir
 from core.utility import describe_set, floor_images, lora_utility
 
-RESULTS = PROJECT_ROOT / "docs" / "results"
 # DP-SGD noise multipliers of the study (5 photos, 80 steps: epsilon inf, 412, 101, 29, 10.5, 4.4, 2.0 per photo);
 # sigma 0 clips each photo's gradient without noise (no privacy): it separates what clipping costs from what noise costs
 DP_NOISE = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)

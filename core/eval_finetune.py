@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core import PROJECT_ROOT, data, metrics
+from core import RESULTS, data, metrics
 from core.events import drain
 from core.finetune import FinetuneConfig, finetune
 from core.pipeline import load_pipeline
@@ -92,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--rank", type=int, default=None)
-    ap.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="eval_finetune")
     a = ap.parse_args(argv)
     cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)

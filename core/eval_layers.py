@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core import PROJECT_ROOT, data, metrics
+from core import RESULTS, data, metrics
 
-RESULTS = PROJECT_ROOT / "docs" / "results"
 ORDERS = ("busiest", "laziest", "random")
 LORA_KS = (1, 3, 10, 30)
 FULL_KS = (1, 10, 50, 150)
@@ -135,10 +134,9 @@ def to_markdown(r: dict) -> str:
 
 def load_report(path: str | Path | None = None) -> dict | None:
     """The last run's results (``docs/results/layers.json``), or None where none was run."""
-    try:
-        return json.loads(Path(path or RESULTS / "layers.json").read_text())
-    except (OSError, ValueError):
-        return None
+    from core import load_report as read
+
+    return read("layers", path)
 
 
 def conclusion(r: dict) -> str:

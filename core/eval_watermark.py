@@ -38,11 +38,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core import PROJECT_ROOT
+from core import PROJECT_ROOT, RESULTS
 from core.events import drain
 from core.finetune import FinetuneConfig, finetune, pipeline_with_lora
 
-RESULTS = PROJECT_ROOT / "docs" / "results"
 ITEMS_ROOT = PROJECT_ROOT.parent / "shared" / "data" / "dreambooth"
 CLEAN_SEED0 = 700_000  # seed of clean model i's LoRA
 
@@ -244,10 +243,9 @@ def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, i
 
 def load_report(path: str | Path | None = None) -> dict | None:
     """The last study's results (``docs/results/watermark.json``), or None where none was run."""
-    try:
-        return json.loads(Path(path or RESULTS / "watermark.json").read_text())
-    except (OSError, ValueError):
-        return None
+    from core import load_report as read
+
+    return read("watermark", path)
 
 
 def scenario_order(name: str) -> str:

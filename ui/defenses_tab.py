@@ -12,11 +12,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from core import PROJECT_ROOT
+from core import RESULTS
 from core.eval_defenses import DP_NOISE, table_markdown
 from core.plots import privacy_utility_plot
 
-RESULTS_JSON = PROJECT_ROOT / "docs" / "results" / "defenses.json"
+RESULTS_JSON = RESULTS / "defenses.json"
 COMMAND = "python -m core.eval_defenses"
 
 INTRO = """
