@@ -145,13 +145,16 @@ def conclusion(r: dict) -> str:
         s = r.get(part)
         if not s or not s["n"]:
             continue
-        ks = list(s["concentration"])
-        k = next((k for k in ks if (s["busiest"][k]["kept"] or 0) >= 0.5), None)
-        if k is None:
-            parts.append(f"For the {title}, no k tried keeps half of the fine-tune's gain with the busiest layers alone.")
+        ks = [k for k in s["concentration"] if s["busiest"][k]["kept"] is not None and int(k) < s["layers"]]
+        if not ks:
             continue
+        k = next((k for k in ks if s["busiest"][k]["kept"] >= 0.5), None)
+        head = f"For the {title} ({s['n']} victims), "
+        if k is None:
+            k = ks[-1]
+            head += f"no k tried keeps half of the fine-tune's gain with the busiest layers alone; at the largest, "
         b, l_, rnd = s["busiest"][k], s["laziest"][k], s["random"][k]
-        parts.append(f"For the {title} ({s['n']} victims), the {k} busiest of {s['layers']} layers (holding "
+        parts.append(head + f"the {k} busiest of {s['layers']} layers (holding "
                      f"{s['concentration'][k]:.0%} of the change) keep {b['kept']:.0%} of its gain over the floor "
                      f"(distance {b['distance']:.3f} vs {s['all']:.3f} for every layer and {s['floor']:.3f} for the floor); "
                      f"the {k} laziest keep {l_['kept']:.0%}, {k} random layers {rnd['kept']:.0%}.")
