@@ -93,6 +93,7 @@ class WatermarkConfig:
     batch: int = 8  # untriggered inputs per step (denoising + consistency)
     trigger_batch: int = 16  # triggered inputs per step (response), each with a random subpath
     margin: float = 1.0  # hinge margin of the response loss, in units of the layer's clean feature scale
+    max_gap: int = 0  # a subpath's response layer is at most this many lazy layers after its trigger layer (0: any)
     response_weight: float = 5.0  # weight of the response loss
     consistency_weight: float = 30.0  # weight of the consistency loss (quality; 600 steps: VS 92 %, 1200: 98 %)
     denoise_weight: float = 1.0  # weight of the normal denoising loss
@@ -113,6 +114,8 @@ class WatermarkConfig:
                              f"{self.probe_steps!r}, {self.batch!r}, {self.trigger_batch!r}")
         if not 0 < self.lr < 1 or self.margin < 0:
             raise ValueError(f"lr must be in (0, 1) and margin >= 0, got {self.lr!r}, {self.margin!r}")
+        if self.max_gap < 0:
+            raise ValueError(f"max_gap must be >= 0 (0: any), got {self.max_gap!r}")
         if self.drift < 0 or self.drift_rank < 1:
             raise ValueError(f"drift >= 0 and drift_rank >= 1, got {self.drift!r}, {self.drift_rank!r}")
 
@@ -370,12 +373,14 @@ def choose_lazy_layers(pipe, photos, cfg: WatermarkConfig, should_stop=never):
 def sample_subpaths(lazy: list[str], feature_sizes: dict, scales: dict, cfg: WatermarkConfig,
                     rng: np.random.Generator) -> list[Subpath]:
     """``cfg.n_subpaths`` random subpaths: a trigger layer before a response layer, both from ``lazy``
-    (in forward order), with random masks and sign patterns."""
+    (in forward order; at most ``cfg.max_gap`` lazy layers apart when it is set), with random masks and
+    sign patterns."""
     if len(lazy) < 2:
         raise ValueError(f"a subpath needs 2 lazy layers, got {len(lazy)}")
+    near = [(a, b) for a in range(len(lazy)) for b in range(a + 1, min(len(lazy), a + cfg.max_gap + 1))]
     out = []
     for _ in range(cfg.n_subpaths):
-        a, b = sorted(rng.choice(len(lazy), 2, replace=False))
+        a, b = near[rng.integers(len(near))] if cfg.max_gap else sorted(rng.choice(len(lazy), 2, replace=False))
         ta, rb = lazy[a], lazy[b]
         n_trig = max(1, int(round(cfg.trigger_fraction * feature_sizes[ta])))
         n_resp = min(cfg.response_size, feature_sizes[rb])

@@ -95,6 +95,14 @@ def test_verify_says_yes_on_the_watermarked_model_and_no_on_the_clean_one(tiny_p
     assert wm.trials == clean.trials == len(embedded.key.subpaths) * 8
 
 
+def test_subpaths_with_a_max_gap_stay_close():
+    lazy = [f"l{i}" for i in range(10)]
+    sizes, scales = {n: 100 for n in lazy}, {n: 1.0 for n in lazy}
+    subs = sample_subpaths(lazy, sizes, scales, replace(TINY, n_subpaths=200, max_gap=2), np.random.default_rng(0))
+    gaps = {lazy.index(sp.response_layer) - lazy.index(sp.trigger_layer) for sp in subs}
+    assert gaps == {1, 2}
+
+
 def test_simulated_finetune_moves_each_weight_by_a_low_rank_update_and_puts_it_back():
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(16, 12), torch.randn(8, 4, 3, 3)]
