@@ -78,7 +78,7 @@ def to_markdown(r: dict) -> str:
         f"- trigger samples closer than the floor: **{s['fraction_beats_floor']:.0%}** of victims",
         f"- within 0.6 (same person by dlib's rule): {s['fraction_within_0_6']:.0%}",
         f"- identification among these {s['n']} victims: top-1 {s['top1']:.0%}, top-5 {s['top5']:.0%} (chance {1 / s['n']:.0%}, {min(1, 5 / s['n']):.0%})",
-        f"- mean fine-tune time {s['mean_seconds']:.1f} s per LoRA (this machine, evaluation running alone)",
+        f"- mean fine-tune time {s['mean_seconds']:.1f} s per LoRA (wall time of this run; timings belong to bench/finetune_speed.py)",
         "",
         "Rebuild: `python -m core.eval_finetune`.",
     ]) + "\n"
