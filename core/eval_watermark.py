@@ -46,19 +46,30 @@ ITEMS_ROOT = PROJECT_ROOT.parent / "shared" / "data" / "dreambooth"
 CLEAN_SEED0 = 700_000  # seed of clean model i's LoRA
 
 
+SCENARIO_KEYS = ("before", "a", "b", "c", "d")  # the order of scenarios()
+
+
 @dataclass
 class StudyConfig:
     long_steps: int = 2000  # steps of the long LoRA and of the full fine-tune
     n_clean: int = 20  # un-watermarked models for the false-positive rate
-    quality_n: int = 256  # samples per base for the quality measures
+    quality_n: int = 256  # samples per base for the quality measures (0: no quality measures)
+    only: str = ""  # comma-separated scenarios to run, of before, a, b, c, d ("": all); e.g. "before,b" for a candidate
     photos: int = 5  # photos per fine-tune
     items_subject: str = "dog"  # DreamBooth items subject of fine-tune (d)
     seed: int = 0
 
     def __post_init__(self):
-        if self.long_steps < 1 or self.n_clean < 0 or self.quality_n < 2 or not 3 <= self.photos <= 10:
-            raise ValueError(f"long_steps >= 1, n_clean >= 0, quality_n >= 2, photos 3..10; got {self.long_steps!r}, "
+        if self.long_steps < 1 or self.n_clean < 0 or self.quality_n == 1 or self.quality_n < 0 or not 3 <= self.photos <= 10:
+            raise ValueError(f"long_steps >= 1, n_clean >= 0, quality_n 0 or >= 2, photos 3..10; got {self.long_steps!r}, "
                              f"{self.n_clean!r}, {self.quality_n!r}, {self.photos!r}")
+        bad = set(self.chosen()) - set(SCENARIO_KEYS)
+        if bad:
+            raise ValueError(f"only: unknown scenario(s) {sorted(bad)}; choose from {', '.join(SCENARIO_KEYS)}")
+
+    def chosen(self) -> list[str]:
+        """The scenario keys to run (all when ``only`` is empty)."""
+        return [k.strip() for k in self.only.split(",") if k.strip()] or list(SCENARIO_KEYS)
 
 
 @dataclass
@@ -194,9 +205,11 @@ def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, i
     r = {"config": asdict(cfg), "rows": rows, "false_positives": false_positive_summary(fps), "quality": qual,
          "complete": False}
     items = list(scenarios(cfg, faces_photos, items_photos).items())
-    short, long_ = [items[i] for i in SHORT_FIRST[:3]], [items[i] for i in SHORT_FIRST[3:]]
+    keep = {SCENARIO_KEYS.index(k) for k in cfg.chosen()}
+    short = [items[i] for i in SHORT_FIRST[:3] if i in keep]
+    long_ = [items[i] for i in SHORT_FIRST[3:] if i in keep]
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("n_clean", "quality_n")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("n_clean", "quality_n", "only")}
     ids = {m.name: (weights_digest(m.pipe), key_digest(m.key)) for m in marks}
     faces_d, items_d = digest(list(faces_photos)), digest(list(items_photos))
 
@@ -230,7 +243,7 @@ def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, i
         log(f"clean model {i + 1}/{len(clean_photos)}: " + ", ".join(
             f"{k} VS {v[-1]['vs_rate']:.1%} {'yes' if v[-1]['watermarked'] else 'no'}" for k, v in fps.items()))
     real_d = digest(np.asarray(real_descriptors))
-    for name, pipe in [("clean", clean)] + [(m.name, m.pipe) for m in marks]:
+    for name, pipe in ([("clean", clean)] + [(m.name, m.pipe) for m in marks]) if cfg.quality_n else []:
         qual[name] = cached(["quality", weights_digest(pipe), cfg.quality_n, real_d],
                             lambda: quality(pipe, cfg.quality_n, real_descriptors))
         save(r)
@@ -373,7 +386,7 @@ def main(argv=None):
     names = [k for k, v in people.items() if len(v) >= cfg.photos and k != probe][: cfg.n_clean + 1]
     sets = [list(data.load_crops(people[k][: cfg.photos], size=size)) for k in names]
     items = load_items(cfg.items_subject, size, a["items"], cfg.photos)
-    real = faces.describe(real_heldout(cfg.quality_n, "victims", a["data"]))
+    real = faces.describe(real_heldout(cfg.quality_n, "victims", a["data"])) if cfg.quality_n else np.zeros((0, 128))
 
     # 3. the study, written after every measurement
     out = Path(a["out"])

@@ -336,6 +336,19 @@ def test_study_smoke_run(tiny_pipe, embedded):
     assert "| (a) default LoRA" in to_markdown(r)
 
 
+def test_study_of_a_candidate_runs_only_the_chosen_scenarios(tiny_pipe, embedded):
+    from core.eval_watermark import StudyConfig, Watermarked, run_study
+
+    with pytest.raises(ValueError, match="unknown scenario"):
+        StudyConfig(only="before,e")
+    cfg = StudyConfig(long_steps=2, n_clean=0, quality_n=0, photos=3, only="before, b")
+    mark = Watermarked("AIAO", watermarked_pipeline(tiny_pipe, embedded.unet),
+                       lambda p: verify_watermark(p, embedded.key))
+    r = run_study(tiny_pipe, [mark], cfg, random_crops(3), random_crops(3), [], np.zeros((0, 128)), log=lambda *_: None)
+    assert [x["scenario"] for x in r["rows"]] == ["before fine-tuning", "(b) 2-step LoRA"]
+    assert r["quality"] == {} and r["false_positives"]["AIAO"]["models"] == 0
+
+
 def test_study_rerun_measures_only_what_changed(tiny_pipe, embedded):
     """A second run reuses every cached measurement; changing one watermark's weights re-measures that
     watermark only."""
