@@ -60,7 +60,7 @@ class StudyConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.long_steps < 1 or self.n_clean < 0 or self.quality_n == 1 or self.quality_n < 0 or not 3 <= self.photos <= 10:
+        if self.long_steps < 1 or self.n_clean < 0 or 0 != self.quality_n < 2 or not 3 <= self.photos <= 10:
             raise ValueError(f"long_steps >= 1, n_clean >= 0, quality_n 0 or >= 2, photos 3..10; got {self.long_steps!r}, "
                              f"{self.n_clean!r}, {self.quality_n!r}, {self.photos!r}")
         bad = set(self.chosen()) - set(SCENARIO_KEYS)
