@@ -139,20 +139,26 @@ def load_report(path: str | Path | None = None) -> dict | None:
     return read("layers", path)
 
 
+def headline_k(s: dict) -> tuple[str | None, bool]:
+    """(the k to quote of one part's summary: the smallest whose busiest layers keep half the gain, else
+    the largest below every layer; whether it keeps half). (None, False) when nothing was measured."""
+    ks = [k for k in s["concentration"] if s["busiest"][k]["kept"] is not None and int(k) < s["layers"]]
+    k = next((k for k in ks if s["busiest"][k]["kept"] >= 0.5), None)
+    return (k, True) if k is not None else (ks[-1] if ks else None, False)
+
+
 def conclusion(r: dict) -> str:
     parts = []
     for part, title in (("lora", "LoRA"), ("full", "full fine-tune")):
         s = r.get(part)
         if not s or not s["n"]:
             continue
-        ks = [k for k in s["concentration"] if s["busiest"][k]["kept"] is not None and int(k) < s["layers"]]
-        if not ks:
-            continue
-        k = next((k for k in ks if s["busiest"][k]["kept"] >= 0.5), None)
-        head = f"For the {title} ({s['n']} victims), "
+        k, half = headline_k(s)
         if k is None:
-            k = ks[-1]
-            head += f"no k tried keeps half of the fine-tune's gain with the busiest layers alone; at the largest, "
+            continue
+        head = f"For the {title} ({s['n']} victims), "
+        if not half:
+            head += "no k tried keeps half of the fine-tune's gain with the busiest layers alone; at the largest, "
         b, l_, rnd = s["busiest"][k], s["laziest"][k], s["random"][k]
         parts.append(head + f"the {k} busiest of {s['layers']} layers (holding "
                      f"{s['concentration'][k]:.0%} of the change) keep {b['kept']:.0%} of its gain over the floor "

@@ -49,16 +49,15 @@ same person). About 2 seconds per point.
 
 def measured_text(report: dict | None = None) -> str:
     """What ``python -m core.eval_layers`` measured over many people, in words (or that it was not run)."""
-    from core.eval_layers import load_report
+    from core.eval_layers import headline_k, load_report
 
     r = load_report() if report is None else report
     s = (r or {}).get("lora")
     if not s or not s.get("n"):
         return "*Not measured over many people yet:* `python -m core.eval_layers` writes the numbers quoted here."
-    ks = [k for k in s["concentration"] if s["busiest"][k]["kept"] is not None]
-    if not ks:
+    k, _ = headline_k(s)
+    if k is None:
         return ""
-    k = next((k for k in ks if s["busiest"][k]["kept"] >= 0.5), ks[-1])
     b, lz, rnd = (s[o][k]["kept"] for o in ("busiest", "laziest", "random"))
     return (f"*Measured on {s['n']} people the models never saw (`python -m core.eval_layers`):* keeping only the "
             f"**{k} busiest** of a LoRA's {s['layers']} layers keeps **{b:.0%}** of what it does to the face (its gain "
