@@ -43,6 +43,8 @@ import torch
 
 from core import PROJECT_ROOT, RESULTS, data, metrics
 from core.attack_report import attacker_mismatch, reconstruct_lora
+from core.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W
+from core.cache import cached
 from core.cli import command_line
 from core.defenses import DEFENSES, DPConfig, apply_defense, dp_finetune
 from core.eval_attack import VICTIM_SEED0, identities, summarize, victim_loras
@@ -156,25 +158,6 @@ def dp_victim_lora(pipe, photos, name: str, seed: int, cfg: FinetuneConfig, dp: 
 # scoring ------------------------------------------------------------------------------------------
 
 
-def point_cache(pipe, attacker, victims: Victims, cfg: FinetuneConfig, defense: str, strength, loras) -> Path:
-    """Where one point's per-victim scores are cached: keyed by the base model, the attacker's weights
-    and sampling, the victims and their photos, the recipe, the defense and the exact LoRAs scored, so
-    a rerun with more points (or after a stop) scores only what is new."""
-    from core.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W
-
-    h = hashlib.sha256(json.dumps([base_fingerprint(pipe), victims.names, asdict(cfg), defense, strength,
-                                   ATTACK_W, ATTACK_SAMPLER_STEPS], sort_keys=True, default=str).encode())
-    for t in attacker.state_dict().values():
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    for photos, lora in zip(victims.private, loras):
-        for p in photos:
-            h.update(np.ascontiguousarray(p, np.uint8).tobytes())
-        for k in sorted(lora):
-            h.update(k.encode())
-            h.update(lora[k].detach().cpu().float().contiguous().numpy().tobytes())
-    return cache_dir() / "defense_points" / f"{h.hexdigest()[:32]}.json"
-
-
 def score_lora(pipe, attacker, lora: dict, step: int, alpha: float, trigger: str, photos, floor_ims) -> tuple[np.ndarray, float]:
     """(mean descriptor of the attacker's 4 reconstructions, utility distance) of one LoRA."""
     attack = describe_set(reconstruct_lora(pipe, attacker, lora, step, alpha))
@@ -230,20 +213,20 @@ def run_study(pipe, attacker, victims: Victims, cfg: FinetuneConfig | None = Non
 
     def point(defense, strength, loras, steps, triggers, **extra):
         t0 = time.perf_counter()
-        path = point_cache(pipe, attacker, victims, cfg, defense, strength, loras)
-        if path.exists():  # this very point (same LoRAs, attacker, victims, recipe) was scored by an earlier run
-            hit = json.loads(path.read_text())
-            descs, util, secs = np.asarray(hit["attack_desc"]), hit["utility_distance"], hit["seconds"]
-        else:
+
+        def measure():
             descs, util = [], []
             for i in range(n):
                 d, u = score_lora(pipe, attacker, loras[i], steps[i], cfg.alpha, triggers[i], victims.private[i], floor_ims)
                 descs.append(d)
                 util.append(u)
-            descs, secs = np.stack(descs), time.perf_counter() - t0
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"attack_desc": descs.tolist(), "utility_distance": [float(u) for u in util],
-                                        "seconds": secs}))
+            return {"attack_desc": np.stack(descs).tolist(), "utility_distance": [float(u) for u in util],
+                    "seconds": time.perf_counter() - t0}
+
+        # keyed by everything scored, so a rerun with more points (or after a stop) scores only what is new
+        hit = cached("defense_points", [base_fingerprint(pipe), victims.names, asdict(cfg), defense, strength, ATTACK_W,
+                                        ATTACK_SAMPLER_STEPS, attacker.state_dict(), victims.private, loras], measure)
+        descs, util, secs = np.asarray(hit["attack_desc"]), hit["utility_distance"], hit["seconds"]
         row = make_row(defense, strength, descs, util, gallery, floor_d, secs, **extra)
         rows.append(row)
         log(f"{row['label']:<38} attack {row['attack']['distance']:.3f} (top-1 {row['attack']['top1']:.0%}, "

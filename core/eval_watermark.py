@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from core import PROJECT_ROOT, RESULTS
+from core.cache import cached, digest
 from core.events import drain
 from core.finetune import FinetuneConfig, finetune, pipeline_with_lora
 
@@ -96,32 +97,6 @@ def weights_digest(pipe) -> str:
             h.update(name.encode())
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:24]
-
-
-def digest(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, np.ndarray):
-            h.update(np.ascontiguousarray(p).tobytes())
-        elif isinstance(p, (list, tuple)) and p and isinstance(p[0], np.ndarray):
-            for a in p:
-                h.update(np.ascontiguousarray(a).tobytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:32]
-
-
-def cached(parts, compute):
-    """``compute()`` (a JSON-able dict), stored in the cache dir under ``digest(*parts)``."""
-    from core.prior import cache_dir
-
-    path = cache_dir() / "watermark_study" / f"{digest(*parts)}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, default=float))
-    return value
 
 
 def key_digest(key) -> str:
@@ -219,7 +194,7 @@ def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, i
                 t0 = time.perf_counter()
                 return {**verdict_row(m.verify(tune(m.pipe))), "seconds": round(time.perf_counter() - t0, 1)}
 
-            row = cached(["scenario", name, ids[m.name], settings, faces_d, items_d], measure)
+            row = cached("watermark_study", ["scenario", name, ids[m.name], settings, faces_d, items_d], measure)
             rows.append({"watermark": m.name, "scenario": name, **row})
             log(f"{m.name:9s} {name:40s} VS {row['vs_rate']:6.1%}  p {row['p_value']:.3g}  "
                 f"{'yes' if row['watermarked'] else 'no'}  ({row['seconds']:.0f} s)")
@@ -236,15 +211,15 @@ def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, i
                 model = model or lora_finetune(clean, photos, seed=CLEAN_SEED0 + i)
                 return verdict_row(m.verify(model))
 
-            fps[m.name].append(cached(["clean model", clean_id, digest(list(photos)), CLEAN_SEED0 + i, ids[m.name][1]],
-                                      measure))
+            fps[m.name].append(cached("watermark_study", ["clean model", clean_id, digest(list(photos)),
+                                                          CLEAN_SEED0 + i, ids[m.name][1]], measure))
         r["false_positives"] = false_positive_summary(fps)
         save(r)
         log(f"clean model {i + 1}/{len(clean_photos)}: " + ", ".join(
             f"{k} VS {v[-1]['vs_rate']:.1%} {'yes' if v[-1]['watermarked'] else 'no'}" for k, v in fps.items()))
     real_d = digest(np.asarray(real_descriptors))
     for name, pipe in ([("clean", clean)] + [(m.name, m.pipe) for m in marks]) if cfg.quality_n else []:
-        qual[name] = cached(["quality", weights_digest(pipe), cfg.quality_n, real_d],
+        qual[name] = cached("watermark_study", ["quality", weights_digest(pipe), cfg.quality_n, real_d],
                             lambda: quality(pipe, cfg.quality_n, real_descriptors))
         save(r)
         log(f"quality {name}: detection {qual[name]['detection_rate']:.3f} Frechet {qual[name]['frechet_to_real']:.4f}")

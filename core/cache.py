@@ -1,0 +1,57 @@
+"""Results cached by content: a JSON file under the cache dir named by a hash of everything the result
+depends on (weights, photos, settings), so a rerun of a long study measures only what changed.
+Used by the watermark and defenses studies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+
+
+def _has_data(p) -> bool:
+    if isinstance(p, (np.ndarray, torch.Tensor)):
+        return True
+    if isinstance(p, dict):
+        return any(_has_data(v) for v in p.values())
+    return isinstance(p, (list, tuple)) and any(_has_data(v) for v in p)
+
+
+def _feed(h, p) -> None:
+    if isinstance(p, torch.Tensor):
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(p, np.ndarray):
+        h.update(np.ascontiguousarray(p).tobytes())
+    elif isinstance(p, dict) and _has_data(p):
+        for k in sorted(p):
+            h.update(str(k).encode())
+            _feed(h, p[k])
+    elif isinstance(p, (list, tuple)) and _has_data(p):
+        for v in p:
+            _feed(h, v)
+    else:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+
+
+def digest(*parts) -> str:
+    """A hash of ``parts``: arrays and tensors by their bytes (also inside lists and dicts), everything
+    else by its JSON text."""
+    h = hashlib.sha256()
+    for p in parts:
+        _feed(h, p)
+    return h.hexdigest()[:32]
+
+
+def cached(folder: str, parts, compute):
+    """``compute()`` (a JSON-able dict), stored in ``<cache dir>/<folder>`` under ``digest(*parts)``."""
+    from core.prior import cache_dir
+
+    path = cache_dir() / folder / f"{digest(*parts)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, default=float))
+    return value
