@@ -8,6 +8,10 @@ per-run random streams: tests/test_shadow.py checks that each LoRA matches its o
 twin). Both use the same photos (5 LFW shadow photos per LoRA) and warm class-image cache.
 Prints LoRA-steps per second of each, the ratio (= LoRAs per CPU-hour ratio) and the projected
 LoRAs per CPU-hour for the default step count.
+
+Bound (same run): the frozen base UNet alone, no LoRA, forward + backward to its input on all K
+LoRAs' images in one plain batch. Every LoRA-step must at least push its images through the
+frozen UNet and back, so single / bound is the most any batching of LoRAs can give on this device.
 """
 
 from __future__ import annotations
@@ -28,6 +32,23 @@ from core.finetune import FinetuneConfig, finetune  # noqa: E402
 from core.pipeline import load_pipeline  # noqa: E402
 from core.prior import class_latents  # noqa: E402
 from core.shadow import train_many  # noqa: E402
+
+
+def frozen_unet_time(pipe, n: int, steps: int) -> float:
+    """Seconds per step of the frozen base UNet's forward + backward (to its input) on ``n`` images."""
+    unet, dev = pipe.unet, pipe.device
+    unet.requires_grad_(False)
+    c = unet.config
+    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+    x = torch.randn(n, c.in_channels, size, size, device=dev)
+    emb = torch.randn(n, pipe.tokenizer.model_max_length, c.cross_attention_dim, device=dev)
+    t = torch.randint(0, 1000, (n,), device=dev)
+    for i in range(steps + 1):
+        if i == 1:  # the first step warms up
+            t0 = time.perf_counter()
+        xi = x.clone().requires_grad_(True)
+        unet(xi, t, emb).sample.pow(2).mean().backward()
+    return (time.perf_counter() - t0) / steps
 
 
 def main(argv=None):
@@ -52,11 +73,15 @@ def main(argv=None):
     drain(train_many(pipe, crops, cfg, seeds=range(a.k)))
     many = (time.perf_counter() - t0) / (a.k * a.steps)
 
+    bound = frozen_unet_time(pipe, a.k * 2 * cfg.batch, min(a.steps, 10)) / a.k
+
     default_steps = FinetuneConfig().steps
     print(f"device {pipe.device}, threads {torch.get_num_threads()}, {a.steps} steps per LoRA, batch {cfg.batch}+{cfg.batch}")
     print(f"one at a time (finetune):   {1000 * single:7.1f} ms per LoRA-step -> {3600 / (single * default_steps):6.0f} LoRAs/CPU-hour at {default_steps} steps")
     print(f"{a.k} at once (train_many):  {1000 * many:7.1f} ms per LoRA-step -> {3600 / (many * default_steps):6.0f} LoRAs/CPU-hour at {default_steps} steps")
     print(f"speed-up: {single / many:.2f}x")
+    print(f"bound: the frozen UNet alone (forward + backward, no LoRA) on the same {a.k} x {2 * cfg.batch} images: "
+          f"{1000 * bound:.1f} ms per LoRA-step -> no batching of LoRAs can beat {single / bound:.2f}x here")
 
 
 if __name__ == "__main__":

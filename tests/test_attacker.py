@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from core.attacker import canonical_factors, load_attacker, reconstruct, save_attacker
+from core.attacker import AttackerConfig, canonical_factors, load_attacker, lora_inputs, reconstruct, save_attacker
 from core.events import Done, drain
 from core.finetune import FinetuneConfig
 from core.shadow import ShadowJob, build_population, list_shadows
@@ -20,6 +20,21 @@ def test_canonical_factors_depend_on_the_product_only():
     torch.testing.assert_close(u1, u2, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(v1, v2, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(u1 @ v1.transpose(-1, -2), 0.5 * b @ a, rtol=1e-4, atol=1e-4)
+
+
+def test_only_canonical_inputs_ignore_how_a_lora_was_factored():
+    """The ablation's two input forms: the same update dW = B A factored two ways reaches the
+    encoder identically through canonical inputs, differently through raw B and A."""
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(20, 4, generator=g), torch.randn(4, 36, generator=g)
+    m = torch.randn(4, 4, generator=g) + 3 * torch.eye(4)
+    lo1 = {"unet.x.lora_A.weight": a, "unet.x.lora_B.weight": b}
+    lo2 = {"unet.x.lora_A.weight": torch.linalg.solve(m, a), "unet.x.lora_B.weight": b @ m}
+    for form, same in (("canonical", True), ("raw", False)):
+        cfg = AttackerConfig(modules=["x"], shapes=[(20, 36)], inputs=form)
+        (u, v), = lora_inputs([lo1, lo2], cfg)
+        assert u.shape == (2, 4, 20) and v.shape == (2, 4, 36)
+        assert torch.allclose(u[0], u[1], atol=1e-4) == same and torch.allclose(v[0], v[1], atol=1e-4) == same
 
 
 def test_attacker_trains_on_shadows_and_reconstructs(tiny_pipe, tmp_path):

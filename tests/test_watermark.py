@@ -103,6 +103,33 @@ def test_subpaths_with_a_max_gap_stay_close():
     assert gaps == {1, 2}
 
 
+def test_encoder_side_subpaths_answer_before_the_decoder():
+    lazy = ["conv_in", "down_blocks.0.a", "down_blocks.1.b", "mid_block.c", "up_blocks.0.d", "up_blocks.1.e", "conv_out"]
+    sizes, scales = {n: 100 for n in lazy}, {n: 1.0 for n in lazy}
+    subs = sample_subpaths(lazy, sizes, scales, replace(TINY, n_subpaths=300, response_side="encoder"),
+                           np.random.default_rng(0))
+    assert {sp.response_layer for sp in subs} == {"down_blocks.0.a", "down_blocks.1.b", "mid_block.c"}
+    assert all(lazy.index(sp.trigger_layer) < lazy.index(sp.response_layer) for sp in subs)
+    with pytest.raises(ValueError, match="no trigger/response pair"):
+        sample_subpaths(lazy[4:], sizes, scales, replace(TINY, response_side="encoder"), np.random.default_rng(0))
+
+
+def test_reachable_pairs_know_that_a_query_never_reaches_its_key(tiny_pipe):
+    from core.watermark import reachable_pairs, unet_inputs
+
+    unet = tiny_pipe.unet
+    attn = next(n for n in candidate_layers(unet) if n.endswith("attn1.to_q"))[: -len("to_q")]
+    layers = [attn + "to_q", attn + "to_k", attn + "to_v", attn + "to_out.0"]
+    emb = torch.zeros(1, tiny_pipe.tokenizer.model_max_length, unet.config.cross_attention_dim)
+    x, t, e = unet_inputs(unet, 2, emb, torch.Generator().manual_seed(0))
+    pairs = reachable_pairs(unet, layers, x, t, e)
+    assert pairs == {(layers[0], layers[3]), (layers[1], layers[3]), (layers[2], layers[3])}
+    lazy_sizes = {n: 50 for n in layers}
+    subs = sample_subpaths(layers, lazy_sizes, {n: 1.0 for n in layers}, replace(TINY, n_subpaths=100),
+                           np.random.default_rng(0), pairs)
+    assert {(sp.trigger_layer, sp.response_layer) for sp in subs} == pairs
+
+
 def test_simulated_finetune_moves_each_weight_by_a_low_rank_update_and_puts_it_back():
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(16, 12), torch.randn(8, 4, 3, 3)]
