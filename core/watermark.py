@@ -94,9 +94,9 @@ class WatermarkConfig:
     trigger_batch: int = 16  # triggered inputs per step (response), each with a random subpath
     margin: float = 1.0  # hinge margin of the response loss, in units of the layer's clean feature scale
     max_gap: int = 0  # a subpath's response layer is at most this many lazy layers after its trigger layer (0: any)
-    response_side: str = "any"  # "encoder": response layers only before the decoder (conv_in, down blocks, mid
+    response_side: str = "encoder"  # "encoder": response layers only before the decoder (conv_in, down blocks, mid
     #                              block), where a downstream fine-tune moves the features least; "any": every lazy layer
-    causal_only: bool = False  # draw only pairs whose response output depends on the trigger layer's output (a
+    causal_only: bool = True  # draw only pairs whose response output depends on the trigger layer's output (a
     #                            probe forward per lazy layer; e.g. attn1.to_q -> attn1.to_k come in forward order
     #                            but the key never sees the query)
     response_weight: float = 5.0  # weight of the response loss

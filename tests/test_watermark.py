@@ -74,7 +74,8 @@ def test_subpaths_land_only_in_lazy_layers(embedded, lazy):
 def test_sampled_subpaths_stay_in_the_given_layers():
     lazy = ["l0", "l1", "l2"]
     sizes, scales = {n: 100 for n in lazy}, {n: 1.0 for n in lazy}
-    subs = sample_subpaths(lazy, sizes, scales, replace(TINY, n_subpaths=50), np.random.default_rng(0))
+    subs = sample_subpaths(lazy, sizes, scales, replace(TINY, n_subpaths=50, response_side="any"),
+                           np.random.default_rng(0))
     assert {s.trigger_layer for s in subs} <= {"l0", "l1"} and {s.response_layer for s in subs} <= {"l1", "l2"}
     with pytest.raises(ValueError, match="2 lazy layers"):
         sample_subpaths(["l0"], sizes, scales, TINY, np.random.default_rng(0))
@@ -98,7 +99,8 @@ def test_verify_says_yes_on_the_watermarked_model_and_no_on_the_clean_one(tiny_p
 def test_subpaths_with_a_max_gap_stay_close():
     lazy = [f"l{i}" for i in range(10)]
     sizes, scales = {n: 100 for n in lazy}, {n: 1.0 for n in lazy}
-    subs = sample_subpaths(lazy, sizes, scales, replace(TINY, n_subpaths=200, max_gap=2), np.random.default_rng(0))
+    subs = sample_subpaths(lazy, sizes, scales, replace(TINY, n_subpaths=200, max_gap=2, response_side="any"),
+                           np.random.default_rng(0))
     gaps = {lazy.index(sp.response_layer) - lazy.index(sp.trigger_layer) for sp in subs}
     assert gaps == {1, 2}
 
