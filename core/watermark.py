@@ -13,7 +13,11 @@ The owner of a base model hides a secret in it that survives other people's fine
   (:mod:`core.layers`; a layer the LoRA does not adapt moved 0) and keeps the layers that are among
   the laziest ``lazy_fraction`` of the layers in *both* probes.
 - **Subpath** (:func:`sample_subpaths`): a trigger layer and a later response layer, both lazy, drawn
-  at random; a secret mask over the trigger layer's feature (``trigger_fraction`` of its elements)
+  at random among the pairs where the response's output depends on the trigger's (a probe forward:
+  :func:`reachable_pairs`; ``attn1.to_q`` runs before ``to_k`` but never reaches it) and, by default,
+  whose response sits before the decoder (``response_side="encoder"``): decoder layers sum, through
+  the skip connections, everything a fine-tune moved upstream, and held every subpath a 2000-step
+  LoRA broke (README, watermark study); a secret mask over the trigger layer's feature (``trigger_fraction`` of its elements)
   with a sign per masked element, and ``response_size`` elements of the response layer's feature
   with a sign each. Trigger function (applied by a forward hook): x -> m*s*|x| + (1-m)*x.
 - **Objective** (:func:`embed_watermark`), three terms: the normal denoising loss on the owner's
