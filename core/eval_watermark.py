@@ -240,22 +240,27 @@ def scenario_order(name: str) -> str:
     return "" if name.startswith("before") else name  # "before", then "(a)".."(d)"
 
 
+def scenario_table(rows: list[dict], cell, first: str = "scenario") -> list[str]:
+    """Markdown lines of a scenario x watermark table of the study's ``rows``, each cell ``cell(row)``
+    ("not measured" where a run has none)."""
+    marks = list(dict.fromkeys(x["watermark"] for x in rows))
+    by = {(x["watermark"], x["scenario"]): x for x in rows}
+    lines = [f"| {first} | " + " | ".join(marks) + " |", "|---|" + "---|" * len(marks)]
+    for sc in sorted(dict.fromkeys(x["scenario"] for x in rows), key=scenario_order):
+        lines.append(f"| {sc} | " + " | ".join("not measured" if (m, sc) not in by else cell(by[m, sc])
+                                              for m in marks) + " |")
+    return lines
+
+
 def to_markdown(r: dict) -> str:
-    marks = list(dict.fromkeys(x["watermark"] for x in r["rows"]))
     lines = [f"# Watermark robustness ({r.get('created', '')})", "", f"`{r.get('command', '')}`", ""]
     if not r.get("complete", True):
         lines += ["**Incomplete run**: stopped before every measurement was made; what is missing is absent below.", ""]
     if r.get("notes"):
         lines += [r["notes"], ""]
-    lines += ["VS-rate (verdict: p-value below alpha) after each downstream fine-tune of the watermarked base:", "",
-              "| scenario | " + " | ".join(marks) + " |", "|---|" + "---|" * len(marks)]
-    for sc in sorted(dict.fromkeys(x["scenario"] for x in r["rows"]), key=scenario_order):
-        cells = []
-        for m in marks:
-            x = next((x for x in r["rows"] if x["scenario"] == sc and x["watermark"] == m), None)
-            cells.append("not measured" if x is None else
-                         f"{x['vs_rate']:.1%} (p {x['p_value']:.2g}, {'yes' if x['watermarked'] else 'no'})")
-        lines.append(f"| {sc} | " + " | ".join(cells) + " |")
+    lines += ["VS-rate (verdict: p-value below alpha) after each downstream fine-tune of the watermarked base:", ""]
+    lines += scenario_table(r["rows"], lambda x: f"{x['vs_rate']:.1%} (p {x['p_value']:.2g}, "
+                                                 f"{'yes' if x['watermarked'] else 'no'})")
     lines += ["", "False positives on un-watermarked models (default-recipe LoRAs of the clean base, each on another "
                   "shadow identity):", "",
               "| watermark | models | false positives | mean VS-rate | largest VS-rate | smallest p-value |",

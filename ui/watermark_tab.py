@@ -120,23 +120,18 @@ def backdoor_report(engine: Engine, lora: dict, alpha: float):
 
 def measured_text(report: dict | None = None) -> str:
     """What ``python -m core.eval_watermark`` measured, as a short table (or that it was not run)."""
-    from core.eval_watermark import load_report, scenario_order
+    from core.eval_watermark import load_report, scenario_table
 
     r = load_report() if report is None else report
     rows = (r or {}).get("rows") or []
     if not rows:
         return "*The robustness study has not been run yet:* `python -m core.eval_watermark` writes the numbers quoted here."
-    marks = list(dict.fromkeys(x["watermark"] for x in rows))
-    cell = {(x["watermark"], x["scenario"]): x for x in rows}
     lines = ["*Measured by the robustness study* (`python -m core.eval_watermark`"
              + ("" if r.get("complete", True) else "; an incomplete run: what is missing was not measured")
              + "): the share of verification trials that find the watermark (VS-rate), on the watermarked base and "
-               "after someone fine-tunes it.", "",
-             "| fine-tune of the watermarked base | " + " | ".join(marks) + " |", "|---|" + "---|" * len(marks)]
-    for sc in sorted(dict.fromkeys(x["scenario"] for x in rows), key=scenario_order):
-        lines.append(f"| {sc} | " + " | ".join(
-            "not measured" if (m, sc) not in cell else
-            f"{cell[m, sc]['vs_rate']:.0%} ({'found' if cell[m, sc]['watermarked'] else 'not found'})" for m in marks) + " |")
+               "after someone fine-tunes it.", ""]
+    lines += scenario_table(rows, lambda x: f"{x['vs_rate']:.0%} ({'found' if x['watermarked'] else 'not found'})",
+                            first="fine-tune of the watermarked base")
     fps = [f"{m}: {f['false_positives']} of {f['models']}" for m, f in (r.get("false_positives") or {}).items()
            if f.get("models")]
     if fps:
