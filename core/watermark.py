@@ -17,9 +17,9 @@ The owner of a base model hides a secret in it that survives other people's fine
   :func:`reachable_pairs`; ``attn1.to_q`` runs before ``to_k`` but never reaches it) and, by default,
   whose response sits before the decoder (``response_side="encoder"``): decoder layers sum, through
   the skip connections, everything a fine-tune moved upstream, and held every subpath a 2000-step
-  LoRA broke (README, watermark study); a secret mask over the trigger layer's feature (``trigger_fraction`` of its elements)
-  with a sign per masked element, and ``response_size`` elements of the response layer's feature
-  with a sign each. Trigger function (applied by a forward hook): x -> m*s*|x| + (1-m)*x.
+  LoRA broke (README, watermark study). A secret mask over the trigger layer's feature
+  (``trigger_fraction`` of its elements) with a sign per masked element, and ``response_size``
+  elements of the response layer's feature with a sign each. Trigger function (applied by a forward hook): x -> m*s*|x| + (1-m)*x.
 - **Objective** (:func:`embed_watermark`), three terms: the normal denoising loss on the owner's
   latents; the response loss on triggered passes, a hinge max(0, margin - s * f / sigma) on each
   response element f (sigma: that layer's feature scale in the clean model), so each sign is held with
@@ -425,9 +425,11 @@ def sample_subpaths(lazy: list[str], feature_sizes: dict, scales: dict, cfg: Wat
                          f"response_side {cfg.response_side!r}" + (" and causal_only" if reachable is not None else "")
                          + f": {lazy}")
     out = []
+    unrestricted = not cfg.max_gap and cfg.response_side == "any" and reachable is None
     for _ in range(cfg.n_subpaths):
-        a, b = pairs[rng.integers(len(pairs))] if cfg.max_gap or cfg.response_side != "any" or reachable is not None \
-            else sorted(rng.choice(len(lazy), 2, replace=False))
+        # unrestricted: the paper's draw of two lazy layers (the random stream that keys made before the
+        # restrictions existed were drawn with, so their embedding commands still rebuild them)
+        a, b = sorted(rng.choice(len(lazy), 2, replace=False)) if unrestricted else pairs[rng.integers(len(pairs))]
         ta, rb = lazy[a], lazy[b]
         n_trig = max(1, int(round(cfg.trigger_fraction * feature_sizes[ta])))
         n_resp = min(cfg.response_size, feature_sizes[rb])
