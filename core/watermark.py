@@ -593,15 +593,15 @@ WATERMARK_DIR = ASSETS / "watermark"
 # name -> (delta file, key file) of the watermarked bases shipped with the app
 SHIPPED = {"AIAO": ("aiao.safetensors", "aiao_key.json"), "backdoor": ("backdoor.safetensors", "backdoor_key.json")}
 RECORD_FILE = "watermark.json"  # the exact commands and own checks of the shipped deltas
+SHARD_BYTES = 16_000_000  # a larger delta is written as several files; the first one names the others
 
 
 def save_delta(clean, marked, path: str | Path, half: bool = True) -> dict:
     """Write what embedding changed: for every UNet / text-encoder tensor of pipeline ``marked`` that
     differs from ``clean``'s, the difference (float16 unless ``half`` is False), keyed
-    ``"<part>.<tensor name>"``, with the clean base's fingerprint in the metadata. Returns
-    {"tensors", "parameters", "bytes"}."""
-    from safetensors.torch import save_file
-
+    ``"<part>.<tensor name>"``, with the clean base's fingerprint in the metadata, in shards beside
+    ``path`` when it is over ``SHARD_BYTES`` (:func:`write_delta_files`; load ``path``). Returns
+    {"tensors", "parameters", "bytes", "files"}."""
     from core.prior import base_fingerprint
 
     out, n = {}, 0
@@ -614,31 +614,76 @@ def save_delta(clean, marked, path: str | Path, half: bool = True) -> dict:
                 n += d.numel()
     if not out:
         raise ValueError("the marked model equals the clean one: nothing to save")
+    files = write_delta_files(out, path, {"format": DELTA_FORMAT, "base_fingerprint": base_fingerprint(clean)})
+    return {"tensors": len(out), "parameters": n, "bytes": sum(f.stat().st_size for f in files),
+            "files": [f.name for f in files]}
+
+
+def write_delta_files(tensors: dict, path: str | Path, metadata: dict, shard_bytes: int = SHARD_BYTES) -> list[Path]:
+    """Write ``tensors`` to ``path``, in shards of at most ``shard_bytes`` (a larger tensor alone) when
+    they do not fit in one: ``<stem>-2.safetensors``, ... beside it, listed in the first file's
+    metadata (``"shards"``), which is the one to load. Returns the files written."""
+    from safetensors.torch import save_file
+
+    groups, size = [{}], 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][k] = t
+        size += nbytes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(path), metadata={"format": DELTA_FORMAT, "base_fingerprint": base_fingerprint(clean)})
-    return {"tensors": len(out), "parameters": n, "bytes": path.stat().st_size}
+    files = [path] + [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(2, len(groups) + 1)]
+    for i, (group, f) in enumerate(zip(groups, files)):
+        meta = dict(metadata, shards=json.dumps([g.name for g in files[1:]])) if i == 0 and len(files) > 1 else metadata
+        save_file(group, str(f), metadata=meta)
+    return files
+
+
+def read_delta_files(path: str | Path) -> tuple[dict, dict]:
+    """(metadata of the first file, every tensor of it and of the shards it names). Raises
+    :class:`KeyFileError` for a missing, unreadable or foreign file."""
+    from safetensors import safe_open
+
+    def read(f: Path):
+        if not f.exists():
+            raise KeyFileError(f"no watermark delta file at {f}")
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                return h.metadata() or {}, {k: h.get_tensor(k) for k in h.keys()}
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise KeyFileError(f"{f} is not a readable safetensors file: {e}")
+
+    path = Path(path)
+    meta, tensors = read(path)
+    if meta.get("format") != DELTA_FORMAT:
+        raise KeyFileError(f"{path} is not a watermark delta (expected format {DELTA_FORMAT!r})")
+    try:
+        shards = json.loads(meta.get("shards", "[]"))
+    except ValueError:
+        shards = None
+    if not isinstance(shards, list) or not all(isinstance(n, str) and Path(n).name == n for n in shards):
+        raise KeyFileError(f"{path}: its list of shards is not a list of file names beside it")
+    for name in shards:
+        sub_meta, sub = read(path.with_name(name))
+        if sub_meta.get("format") != DELTA_FORMAT or sub_meta.get("base_fingerprint") != meta.get("base_fingerprint"):
+            raise KeyFileError(f"{path.with_name(name)} is not a shard of {path.name}")
+        if set(sub) & set(tensors):
+            raise KeyFileError(f"{path.with_name(name)} repeats tensors of {path.name}")
+        tensors.update(sub)
+    return meta, tensors
 
 
 def load_delta(clean, path: str | Path, check_base: bool = True):
     """A pipeline view of ``clean`` with the delta file ``path`` added (copies of the parts it changes;
     ``clean`` is not modified). Raises :class:`KeyFileError` for a file that is not a delta or was
     made for another base."""
-    from safetensors import safe_open
-
     from core.prior import base_fingerprint
 
     path = Path(path)
-    if not path.exists():
-        raise KeyFileError(f"no watermark delta file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise KeyFileError(f"{path} is not a readable safetensors file: {e}")
-    if meta.get("format") != DELTA_FORMAT:
-        raise KeyFileError(f"{path} is not a watermark delta (expected format {DELTA_FORMAT!r})")
+    meta, tensors = read_delta_files(path)
     if check_base and meta.get("base_fingerprint") != base_fingerprint(clean):
         raise KeyFileError(f"{path} was made for another base model (fingerprint {meta.get('base_fingerprint')}, "
                            f"this one {base_fingerprint(clean)})")

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from core.events import drain
+from core.prior import base_fingerprint
 from core.watermark import (
+    DELTA_FORMAT,
     KeyFileError,
     WatermarkConfig,
     WatermarkKey,
@@ -19,6 +21,7 @@ from core.watermark import (
     laziness_scores,
     rs_threshold,
     sample_subpaths,
+    save_delta,
     simulated_finetune,
     verify_watermark,
     watermarked_pipeline,
@@ -236,6 +239,28 @@ def test_delta_in_float16_keeps_the_watermark(tiny_pipe, embedded, tmp_path):
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "h.safetensors")
     assert verify_watermark(load_delta(tiny_pipe, tmp_path / "h.safetensors"), embedded.key).watermarked
+
+
+def test_a_sharded_delta_loads_as_one_and_a_missing_shard_is_refused(tiny_pipe, embedded, tmp_path):
+    from safetensors.torch import load_file
+
+    from core.watermark import load_delta, read_delta_files, write_delta_files
+
+    wm = watermarked_pipeline(tiny_pipe, embedded.unet)
+    save_delta(tiny_pipe, wm, tmp_path / "one.safetensors", half=False)
+    _, whole = read_delta_files(tmp_path / "one.safetensors")
+    meta = {"format": DELTA_FORMAT, "base_fingerprint": base_fingerprint(tiny_pipe)}
+    limit = max(t.numel() * t.element_size() for t in whole.values())
+    files = write_delta_files(whole, tmp_path / "many.safetensors", meta, shard_bytes=limit)
+    assert len(files) > 1 and files[1].name == "many-2.safetensors"
+    assert all(sum(t.numel() * t.element_size() for t in load_file(f).values()) <= limit for f in files)
+    _, back = read_delta_files(tmp_path / "many.safetensors")
+    assert back.keys() == whole.keys() and all(torch.equal(back[k], whole[k]) for k in whole)
+    a, b = load_delta(tiny_pipe, tmp_path / "one.safetensors"), load_delta(tiny_pipe, tmp_path / "many.safetensors")
+    assert all(torch.equal(p, b.unet.state_dict()[n]) for n, p in a.unet.state_dict().items())
+    files[-1].unlink()
+    with pytest.raises(KeyFileError, match="no watermark delta file"):
+        load_delta(tiny_pipe, tmp_path / "many.safetensors")
 
 
 def test_delta_for_another_base_or_not_a_delta_is_refused(tiny_pipe, embedded, tmp_path):
