@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core import ASSETS  # noqa: E402
-from core.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W, load_attacker  # noqa: E402
-from core.baselines import extrapolate  # noqa: E402
-from core.finetune import pipeline_with_lora  # noqa: E402
-from core.pipeline import load_pipeline, sample_images  # noqa: E402
+from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W, load_attacker  # noqa: E402
+from core.attack.baselines import extrapolate  # noqa: E402
+from core.finetune.lora import pipeline_with_lora  # noqa: E402
+from core.model.pipeline import load_pipeline, sample_images  # noqa: E402
 
 
 def best(fn, n):
@@ -37,15 +37,15 @@ def best(fn, n):
 
 
 def a_lora(pipe):
-    from core.shadow import list_shadows, load_shadow
+    from core.attack.shadow import list_shadows, load_shadow
 
     files = list_shadows()
     if files:
         s = load_shadow(files[-1])
         return s.checkpoints[max(s.checkpoints)], max(s.checkpoints)
     from core.events import drain
-    from core.finetune import FinetuneConfig, finetune
-    from core.ingest import ingest_face
+    from core.finetune.lora import FinetuneConfig, finetune
+    from core.faces.ingest import ingest_face
 
     photos = [ingest_face(p.read_bytes()).crop for p in sorted((ASSETS / "examples" / "person_1000").glob("*.png"))[:5]]
     return drain(finetune(pipe, photos, FinetuneConfig(checkpoint_every=0, preview_n=0))).lora, 80

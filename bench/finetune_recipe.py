@@ -1,7 +1,7 @@
 """How the fine-tune defaults were chosen: ``python bench/finetune_recipe.py``.
 
 Runs a small grid of recipes (steps x learning rate x rank) on the *last* ``--n`` victim identities
-(the evaluation in ``core.eval_finetune`` uses the first 20, so tuning never sees them) and prints,
+(the evaluation in ``core.studies.finetune`` uses the first 20, so tuning never sees them) and prints,
 per recipe: mean dlib distance of the trigger samples to the private photos, the share of victims
 that beat the base-model floor, and the mean fine-tune time on this machine.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import data  # noqa: E402
-from core.eval_finetune import evaluate  # noqa: E402
-from core.finetune import FinetuneConfig  # noqa: E402
+from core.faces import data  # noqa: E402
+from core.studies.finetune import evaluate  # noqa: E402
+from core.finetune.lora import FinetuneConfig  # noqa: E402
 
 
 def main(argv=None):

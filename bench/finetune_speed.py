@@ -27,12 +27,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import data  # noqa: E402
+from core.faces import aligned, data  # noqa: E402
 from core.events import drain  # noqa: E402
-from core.finetune import FinetuneConfig, finetune, lora_config  # noqa: E402
-from core.pipeline import load_pipeline, mixed_precision  # noqa: E402
-from core.prior import class_latents, decode_latents  # noqa: E402
-from core.prompts import CLASS_PROMPT, instance_prompt, random_trigger  # noqa: E402
+from core.finetune.lora import FinetuneConfig, finetune, lora_config  # noqa: E402
+from core.model.pipeline import load_pipeline, mixed_precision  # noqa: E402
+from core.model.prior import class_latents, decode_latents  # noqa: E402
+from core.model.prompts import CLASS_PROMPT, instance_prompt, random_trigger  # noqa: E402
 
 
 def plain_loop(pipe, crops, class_images, cfg: FinetuneConfig, trigger: str, inputs_only: bool = False) -> list[float]:
@@ -93,7 +93,7 @@ def main(argv=None):
     pipe = load_pipeline(dtype=torch.float32)  # float32 weights on every device; the recipe autocasts on CUDA
     people = data.Split.load().paths(a.group)
     name = sorted(n for n in people if len(people[n]) >= 5)[a.victim]
-    crops = list(data.load_crops(people[name][:5]))
+    crops = list(aligned.load_crops(people[name][:5]))
     cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
     if a.steps:
         cfg.steps = a.steps
@@ -116,7 +116,7 @@ def main(argv=None):
         inputs.append(time.perf_counter() - t0)
     o, p, i = min(ours), min(plain), min(inputs)
     print(f"device {pipe.device}, torch threads {torch.get_num_threads()}, {cfg.steps} steps, batch {cfg.batch}+{cfg.batch}, 5 photos, warm prior cache")
-    print(f"default recipe (core.finetune): {o:6.2f} s   final loss {np.mean(res.losses[-10:]):.4f}")
+    print(f"default recipe (core.finetune.lora): {o:6.2f} s   final loss {np.mean(res.losses[-10:]):.4f}")
     print(f"plain diffusers-style loop:     {p:6.2f} s   final loss {np.mean(pl[-10:]):.4f}")
     print(f"speed-up: {p / o:.2f}x (best of {a.repeats} each)")
     print(f"of the plain loop's {p:.2f} s, {i:.2f} s is what caching removes (batches, VAE, tokenizer, text encoder, noising); "

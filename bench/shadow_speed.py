@@ -2,8 +2,8 @@
 
     python bench/shadow_speed.py [--k 16] [--steps 40]
 
-Baseline (measured in the same run): ``core.finetune.finetune``, the visitor's recipe, one LoRA
-after another. Batched: ``core.shadow.train_many`` with K LoRAs at once (same recipe, same
+Baseline (measured in the same run): ``core.finetune.lora.finetune``, the visitor's recipe, one LoRA
+after another. Batched: ``core.attack.shadow.train_many`` with K LoRAs at once (same recipe, same
 per-run random streams: tests/test_shadow.py checks that each LoRA matches its one-at-a-time
 twin). Both use the same photos (5 LFW shadow photos per LoRA) and warm class-image cache.
 Prints LoRA-steps per second of each, the ratio (= LoRAs per CPU-hour ratio) and the projected
@@ -28,19 +28,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import data  # noqa: E402
+from core.faces import aligned, data  # noqa: E402
 from core.events import drain  # noqa: E402
-from core.finetune import FinetuneConfig, finetune  # noqa: E402
-from core.pipeline import load_pipeline  # noqa: E402
-from core.prior import class_latents  # noqa: E402
-from core.shadow import train_many  # noqa: E402
+from core.finetune.lora import FinetuneConfig, finetune  # noqa: E402
+from core.model.pipeline import load_pipeline  # noqa: E402
+from core.model.prior import class_latents  # noqa: E402
+from core.attack.shadow import train_many  # noqa: E402
 
 
 def batch_time(pipe, n: int, steps: int, cfg: FinetuneConfig | None = None) -> float:
     """Seconds per step of forward + backward through the base UNet on ``n`` images in one plain batch:
     frozen, backward to its input (``cfg`` None), or carrying one LoRA (peft's layers, ``cfg``'s targets),
     backward to that LoRA's weights."""
-    from core.shadow import adapter_unet
+    from core.attack.shadow import adapter_unet
 
     if cfg is None:
         unet = copy.deepcopy(pipe.unet).requires_grad_(False)
@@ -67,12 +67,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=40, help="steps per LoRA in this measurement")
     ap.add_argument("--single", type=int, default=3, help="one-at-a-time runs timed (the baseline)")
     a = ap.parse_args(argv)
-    pipe = load_pipeline(None, dtype=torch.float32)  # as core.shadow trains
+    pipe = load_pipeline(None, dtype=torch.float32)  # as core.attack.shadow trains
     cfg = FinetuneConfig(steps=a.steps, checkpoint_every=0, preview_n=0)
     class_latents(pipe, cfg.n_class)  # warm cache for both
     people = data.Split.load().paths("shadow")
     names = [n for n in sorted(people) if len(people[n]) >= 5][: a.k]
-    crops = [list(data.load_crops(people[n][:5])) for n in names]
+    crops = [list(aligned.load_crops(people[n][:5])) for n in names]
 
     t0 = time.perf_counter()
     for i in range(a.single):

@@ -46,7 +46,7 @@ def digest(*parts) -> str:
 
 def cached(folder: str, parts, compute):
     """``compute()`` (a JSON-able dict), stored in ``<cache dir>/<folder>`` under ``digest(*parts)``."""
-    from core.prior import cache_dir
+    from core.model.prior import cache_dir
 
     path = cache_dir() / folder / f"{digest(*parts)}.json"
     if path.exists():

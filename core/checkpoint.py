@@ -37,10 +37,14 @@ def load_training_state(path: str | Path, modules: dict, optimizer: torch.optim.
         pre = f"{name}."
         m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
     if optimizer is not None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
+        # through load_state_dict, which moves each moment to its parameter's device and dtype
+        # (assigning CPU tensors into optimizer.state breaks AdamW's foreach path on CUDA)
+        sd = optimizer.state_dict()
+        state = {}
+        for i in range(sum(len(g["params"]) for g in optimizer.param_groups)):
             pre = f"opt.{i}."
             st = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
             if st:
-                optimizer.state[p] = st
+                state[i] = st
+        optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
     return int(meta["step"]), json.loads(meta.get("extra", "{}"))

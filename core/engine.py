@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.pipeline import EMBEDDED_NAME, image_size_of, load_pipeline, sample_images
-from core.prompts import CLASS_PROMPT
+from core.model.pipeline import EMBEDDED_NAME, image_size_of, load_pipeline, sample_images
+from core.model.prompts import CLASS_PROMPT
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class Engine:
 
     def attacker(self):
         """(the weight-only attacker for this base model, or None, and a sentence saying why not)."""
-        from core.attacker import ATTACKER_DIR, load_attacker
-        from core.prior import base_fingerprint
+        from core.attack.attacker import ATTACKER_DIR, load_attacker
+        from core.model.prior import base_fingerprint
 
         with self._lock:
             if self._attacker is None:
@@ -58,21 +58,21 @@ class Engine:
 
                 path = Path(self._attacker_path or ATTACKER_DIR / "attacker.safetensors")
                 if not path.exists():
-                    self._attacker = (None, f"No trained attacker found at `{path}`: run `python -m core.train_attacker`.")
+                    self._attacker = (None, f"No trained attacker found at `{path}`: run `python -m core.attack.train`.")
                 else:
                     model, info = load_attacker(path, self.pipe.device)
                     if model.cfg.base != base_fingerprint(self.pipe):
                         self._attacker = (None, f"The shipped attacker was trained for another base model "
                                                 f"(fingerprint {model.cfg.base}; this app runs `{self.model_name}`, "
                                                 f"{base_fingerprint(self.pipe)}). Train one for this model with "
-                                                "`python -m core.shadow` and `python -m core.train_attacker`.")
+                                                "`python -m core.attack.shadow` and `python -m core.attack.train`.")
                     else:
                         self._attacker = (model, "")
             return self._attacker
 
     def floor_images(self) -> list[np.ndarray]:
         """The base model's class-prompt samples of the identity protocol (cached: the floor of every score)."""
-        from core.utility import floor_images
+        from core.faces.utility import floor_images
 
         with self._lock:
             if self._floor is None:

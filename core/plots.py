@@ -104,7 +104,7 @@ def layer_heatmap(matrix, layer_names: list[str], steps: list[int], groups: list
 
 def swap_curve_plot(rows, title: str | None = None, threshold: float = 0.6) -> go.Figure:
     """Utility with only the k busiest layers kept: rows (k, n_layers, distance, floor) as
-    ``core.layers.SwapRow`` or dicts; dlib distance of the samples with the true trigger to the
+    ``core.layers.change.SwapRow`` or dicts; dlib distance of the samples with the true trigger to the
     private photos, beside the base model's floor and dlib's same-person threshold."""
     def get(r, key):
         return r[key] if isinstance(r, dict) else getattr(r, key)
@@ -134,7 +134,7 @@ DEFENSE_COLORS = {"weight_noise": "#1971c2", "prune": "#e8590c", "quantize": "#2
 
 
 def privacy_utility_plot(rows, title: str | None = None) -> go.Figure:
-    """The privacy-utility study (rows as written by :mod:`core.eval_defenses`): one line per defense
+    """The privacy-utility study (rows as written by :mod:`core.studies.defenses`): one line per defense
     through its strengths (weakest first, starting at the undefended LoRA); x = dlib distance of the
     LoRA's own samples with its true trigger to the private photos (its utility: lower = it still draws
     the person), y = dlib distance of the attacker's reconstruction to them (higher = more private);

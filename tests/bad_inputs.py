@@ -112,10 +112,10 @@ def exif_rotated() -> bytes:
 
 
 def random_lora(pipe, rank: int = 4, alpha: float = 2.0, text_encoder: bool = True, seed: int = 0):
-    """A :class:`core.finetune.FinetuneResult` holding a random (untrained) LoRA for ``pipe``'s base model,
+    """A :class:`core.finetune.lora.FinetuneResult` holding a random (untrained) LoRA for ``pipe``'s base model,
     made from peft adapters exactly as a fine-tune makes them."""
-    from core.finetune import TEXT_TARGETS, FinetuneConfig, FinetuneResult, lora_config, lora_state_dict
-    from core.prior import base_fingerprint
+    from core.finetune.lora import TEXT_TARGETS, FinetuneConfig, FinetuneResult, lora_config, lora_state_dict
+    from core.model.prior import base_fingerprint
 
     cfg = FinetuneConfig(rank=rank, alpha=alpha, text_encoder=text_encoder)
     torch.manual_seed(seed)
@@ -133,7 +133,7 @@ def lora_file(folder: Path, pipe, name: str, edit: Callable | None = None) -> li
     """A valid LoRA file for ``pipe`` written by the app's own exporter, then changed by ``edit(tensors, meta)``."""
     from safetensors import safe_open
 
-    from core.finetune import save_lora
+    from core.finetune.lora import save_lora
 
     path = save_lora(Path(folder) / name, random_lora(pipe, text_encoder=False))
     if edit is not None:

@@ -10,8 +10,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np
 import pytest
 
-from core import data
-from core.pipeline import DEFAULT_BASE
+from core.faces import data
+from core.model.pipeline import DEFAULT_BASE
 
 
 @pytest.fixture(scope="session")
@@ -31,15 +31,16 @@ def lfw_photo(lfw_root):
 
 @pytest.fixture(scope="session")
 def tiny_components():
-    from core.pipeline import build_components
+    from core.model.pipeline import build_components
 
-    return build_components(unet_channels=(32, 32), vae_channels=(16, 16, 32), text_width=32, text_layers=1, image_size=32, seed=0)
+    return build_components(unet_channels=(32, 32), vae_channels=(16, 16, 32), text_width=32, text_layers=1, image_size=64, seed=0,
+                            latent_channels=4)
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory, tiny_components):
     """A tiny random StableDiffusionPipeline saved with save_pretrained (stands in for a hub model)."""
-    from core.pipeline import assemble_pipeline, save_pipeline
+    from core.model.pipeline import assemble_pipeline, save_pipeline
 
     out = tmp_path_factory.mktemp("tiny_sd")
     save_pipeline(assemble_pipeline(tiny_components), out, half=False)
@@ -56,7 +57,7 @@ def monkeypatch_module():
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_pipeline_dir, tmp_path_factory, monkeypatch_module):
     """The tiny pipeline loaded on CPU, with a private cache folder (class images etc.)."""
-    from core.pipeline import load_pipeline
+    from core.model.pipeline import load_pipeline
 
     monkeypatch_module.setenv("LEAKLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
     return load_pipeline(tiny_pipeline_dir, device="cpu")
@@ -77,7 +78,7 @@ def launched_app(engine):
     demo.close()
 
 
-def random_crops(n, size=32):
+def random_crops(n, size=64):
     return [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(n)]
 
 

@@ -30,7 +30,7 @@ def test_every_tab_is_there(running_app):
 def test_finetune_through_the_client(running_app, lfw_root, tmp_path, monkeypatch):
     """Upload 3 real photos + 1 bad file, train a short LoRA, get the file back (one client = one session)."""
     from gradio_client import Client, handle_file
-    from core import data
+    from core.faces import data
 
     split = data.Split.load()
     photos = [str(p) for p in split.paths("victims", lfw_root)[split.victims[2]][:3]]
@@ -42,7 +42,7 @@ def test_finetune_through_the_client(running_app, lfw_root, tmp_path, monkeypatc
     status, plot, previews, score, lora_file, *live_attack = client.predict(20, 4, 2e-3, 0, False, api_name="/train")
     assert "Done: 20 steps" in status and "trigger word" in status.lower()
     assert "random face from the base model" in score
-    from core.finetune import load_lora
+    from core.finetune.lora import load_lora
     lora, meta = load_lora(lora_file)
     assert meta["leaklab_steps"] == "20"
 

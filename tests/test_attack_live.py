@@ -4,11 +4,11 @@ photos as the LoRA learns (a fixed small case: the first example face, 5 photos,
 from pathlib import Path
 
 from core import ASSETS
-from core.attacker import reconstruct
+from core.attack.attacker import reconstruct
 from core.events import Checkpoint
-from core.finetune import FinetuneConfig, finetune
-from core.ingest import ingest_face
-from core.utility import identity_distance
+from core.finetune.lora import FinetuneConfig, finetune
+from core.faces.ingest import ingest_face
+from core.faces.utility import identity_distance
 
 
 def test_reconstruction_improves_over_a_live_finetune(base_engine):

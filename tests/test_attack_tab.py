@@ -15,7 +15,7 @@ EXAMPLES = sorted((ASSETS / "examples" / "person_1000").glob("*.png"))
 
 @pytest.fixture(scope="module")
 def example_crops():
-    from core.ingest import ingest_face
+    from core.faces.ingest import ingest_face
 
     return [ingest_face(p.read_bytes(), size=64).crop for p in EXAMPLES[:3]]
 
@@ -23,7 +23,7 @@ def example_crops():
 @pytest.fixture(scope="module")
 def tiny_result(base_engine, example_crops):
     from core.events import drain
-    from core.finetune import FinetuneConfig, finetune
+    from core.finetune.lora import FinetuneConfig, finetune
 
     return drain(finetune(base_engine.pipe, example_crops, FinetuneConfig(steps=2, checkpoint_every=0, preview_n=0)))
 
@@ -31,10 +31,10 @@ def tiny_result(base_engine, example_crops):
 @pytest.fixture(scope="module")
 def attack_engine(base_engine, tiny_result, tmp_path_factory):
     """An Engine whose attacker is an untrained one for the embedded base (saved and loaded like the asset)."""
-    from core.attacker import Attacker, config_for, save_attacker
+    from core.attack.attacker import Attacker, config_for, save_attacker
     from core.engine import Engine
-    from core.finetune import encode_prompt
-    from core.prompts import CLASS_PROMPT
+    from core.finetune.lora import encode_prompt
+    from core.model.prompts import CLASS_PROMPT
 
     pipe = base_engine.pipe
     cfg = config_for(pipe, tiny_result.lora, rank=4, alpha=4.0)
@@ -53,7 +53,7 @@ def running_attack_app(attack_engine):
 def test_attack_tab_refuses_bad_files_then_attacks_a_good_one(running_attack_app, tiny_result, tmp_path):
     from gradio_client import Client, handle_file
 
-    from core.finetune import save_lora
+    from core.finetune.lora import save_lora
 
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"lora": [1.0, 2.0]}))
@@ -84,7 +84,7 @@ def test_attack_tab_refuses_bad_files_then_attacks_a_good_one(running_attack_app
 def test_attack_file_deletes_uploads_and_works_without_attacker(attack_engine, tiny_result, tmp_path, monkeypatch):
     import gradio as gr
 
-    from core.finetune import save_lora
+    from core.finetune.lora import save_lora
     from ui.attack_tab import attack_file
 
     evil = tmp_path / "upload.bin"

@@ -3,11 +3,11 @@
 import numpy as np
 import torch
 
-from core.attacker import AttackerConfig, canonical_factors, load_attacker, lora_inputs, reconstruct, save_attacker
+from core.attack.attacker import AttackerConfig, canonical_factors, load_attacker, lora_inputs, reconstruct, save_attacker
 from core.events import Done, drain
-from core.finetune import FinetuneConfig
-from core.shadow import ShadowJob, build_population, list_shadows
-from core.train_attacker import TrainConfig, train
+from core.finetune.lora import FinetuneConfig
+from core.attack.shadow import ShadowJob, build_population, list_shadows
+from core.attack.train import TrainConfig, train
 from tests.conftest import random_crops
 
 
@@ -58,16 +58,16 @@ def test_attacker_trains_on_shadows_and_reconstructs(tiny_pipe, tmp_path):
     path = save_attacker(model, tmp_path / "att.safetensors", {"note": "test"})
     again, info = load_attacker(path)
     assert info == {"note": "test"}
-    from core.shadow import load_shadow
+    from core.attack.shadow import load_shadow
 
     lora = load_shadow(list_shadows(tmp_path / "shadow")[0]).checkpoints[4]
     ims, z = reconstruct(tiny_pipe, again, lora, 4, seeds=(0, 1), steps=2)
-    assert len(ims) == 2 and ims[0].shape == (32, 32, 3) and z.shape == model.class_embedding.shape
+    assert len(ims) == 2 and ims[0].shape == (64, 64, 3) and z.shape == model.class_embedding.shape
     torch.testing.assert_close(again.encode([lora], [4]), model.encode([lora], [4]), rtol=1e-2, atol=1e-2)  # stored in float16
 
 
 def test_learning_rate_schedule_follows_the_shortened_horizon():
-    from core.train_attacker import lr_at
+    from core.attack.train import lr_at
 
     cfg = TrainConfig(steps=1000, warmup=10, lr=1.0)
     assert lr_at(4, cfg) == lr_at(4, cfg, 100) == 0.5  # warm-up does not depend on the horizon

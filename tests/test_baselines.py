@@ -4,9 +4,9 @@ model itself, w > 1 follows eps_base + w (eps_ft - eps_base) step by step."""
 import numpy as np
 import torch
 
-from core.baselines import extrapolate
-from core.finetune import encode_prompt, pipeline_with_lora
-from core.pipeline import sample_images
+from core.attack.baselines import extrapolate
+from core.finetune.lora import encode_prompt, pipeline_with_lora
+from core.model.pipeline import sample_images
 
 
 def a_lora(pipe, scale=0.05, seed=0):

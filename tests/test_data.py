@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import data
+from core.faces import data
 
 
 def _fake_lfw(root, counts):
@@ -50,9 +50,9 @@ def test_cap_and_sorting(tmp_path):
 
 def test_crop_is_the_central_box():
     img = Image.new("RGB", (250, 250), (0, 0, 0))
-    img.paste((255, 255, 255), (61, 61, 189, 189))
+    img.paste((255, 255, 255), data.CROP_BOX)
     crop = np.asarray(data.crop_face(img))
-    assert crop.shape == (64, 64, 3)
+    assert crop.shape == (data.IMAGE_SIZE, data.IMAGE_SIZE, 3)
     assert crop[2:-2, 2:-2].min() > 240  # the box fills the crop
 
 

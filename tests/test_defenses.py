@@ -8,10 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core.defenses import (
+from core.defenses.posthoc import (
     DEFENSES,
     DPConfig,
-    NoisedBatch,
     apply_defense,
     clipped_per_sample_grads,
     dp_finetune,
@@ -23,9 +22,10 @@ from core.defenses import (
     resolve_noise_multiplier,
     weight_noise,
 )
+from core.model.denoising import Denoiser
 from core.events import Checkpoint, Done, Preview, Progress, drain
-from core.finetune import FinetuneConfig, finetune, lora_config, lora_state_dict
-from core.shadow import adapter_unet
+from core.finetune.lora import FinetuneConfig, finetune, lora_config, lora_state_dict
+from core.attack.shadow import adapter_unet
 from tests.conftest import random_crops
 
 TINY = FinetuneConfig(steps=2, checkpoint_every=0, preview_n=0, n_class=4, batch=2)
@@ -220,7 +220,7 @@ def test_cancel_between_steps(tiny_pipe):
 def dp_setup(tiny_pipe):
     """The functional UNet, LoRA weights with B made non-zero (so A has gradients too), a noised
     batch of 3 photo latents and 2 class latents, and the prompt embeddings."""
-    from core.finetune import encode_prompt
+    from core.finetune.lora import encode_prompt
 
     cfg = TINY
     unet = adapter_unet(tiny_pipe, cfg)
@@ -228,11 +228,8 @@ def dp_setup(tiny_pipe):
     params = {n: (p.detach().clone() + 0.05 * torch.randn_like(p)) for n, p in unet.named_parameters() if "lora_" in n}
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(5, 4, 4, 4, generator=g)
-    noise = torch.randn(x0.shape, generator=g)
-    t = torch.tensor([10, 300, 600, 200, 900])
-    a = torch.as_tensor(tiny_pipe.scheduler.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
-    batch = NoisedBatch(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise)
-    inst, cls = NoisedBatch(*(v[:3] for v in batch)), NoisedBatch(*(v[3:] for v in batch))
+    batch = Denoiser(tiny_pipe.scheduler.config).noise(x0, g, t=torch.tensor([10, 300, 600, 200, 900]))
+    inst, cls = batch[:3], batch[3:]
     with torch.no_grad():
         emb_inst, emb_cls = encode_prompt(tiny_pipe, "a photo of zorp face"), encode_prompt(tiny_pipe, "a photo of a face")
     return cfg, unet, params, inst, cls, emb_inst, emb_cls
@@ -250,7 +247,7 @@ def test_per_sample_grads_are_clipped_to_max_grad_norm(dp_setup):
     loose = clipped_per_sample_grads(unet, params, inst, emb, 1e6)  # above every norm: untouched
     assert all(close(loose[n], raw[n], 1e-6) for n in raw)
     # sample i's gradient is the gradient of sample i's loss alone
-    one = NoisedBatch(*(v[1:2] for v in inst))
+    one = inst[1:2]
     single, _ = per_sample_grads(unet, params, one, emb)
     assert all(close(single[n][0], raw[n][1]) for n in raw)
 
@@ -269,9 +266,9 @@ def test_no_noise_and_no_clipping_is_plain_gradient_descent(tiny_pipe, dp_setup)
         for n, v in params.items():
             named[n].copy_(v)
     opt = torch.optim.SGD([named[n] for n in params], lr=lr)
-    xt, t, noise = (torch.cat([u, w]) for u, w in zip(inst, cls))
+    xt, t, target = (torch.cat([getattr(inst, k), getattr(cls, k)]) for k in ("noisy", "t", "target"))
     emb = torch.cat([emb_inst.expand(len(inst), -1, -1), emb_cls.expand(len(cls), -1, -1)])
-    err = (ref(xt, t, emb).sample - noise).pow(2).mean(dim=(1, 2, 3))
+    err = (ref(xt, t, emb).sample - target).pow(2).mean(dim=(1, 2, 3))
     loss = err[: len(inst)].sum() / expected + cfg.prior_weight * err[len(inst):].mean()
     loss.backward()
     opt.step()

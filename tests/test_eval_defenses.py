@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.events import drain
-from core.finetune import FinetuneConfig, finetune, load_lora
+from core.finetune.lora import FinetuneConfig, finetune, load_lora
 from tests.conftest import random_crops
 
 TINY = FinetuneConfig(steps=2, checkpoint_every=0, preview_n=0, n_class=4, batch=2)
@@ -27,7 +27,7 @@ def factor_keys(sd):
 
 @pytest.fixture(scope="module")
 def victims(tiny_pipe):
-    from core.eval_defenses import Victims
+    from core.studies.defenses import Victims
 
     private, loras, triggers, seeds = [], [], [], [11, 12]
     for i, seed in enumerate(seeds):
@@ -42,9 +42,9 @@ def victims(tiny_pipe):
 @pytest.fixture(scope="module")
 def attacker(tiny_pipe, victims, tmp_path_factory):
     """An untrained attacker for the tiny base, saved and loaded like the shipped asset: (path, model)."""
-    from core.attacker import Attacker, config_for, load_attacker, save_attacker
-    from core.finetune import encode_prompt
-    from core.prompts import CLASS_PROMPT
+    from core.attack.attacker import Attacker, config_for, load_attacker, save_attacker
+    from core.finetune.lora import encode_prompt
+    from core.model.prompts import CLASS_PROMPT
 
     cfg = config_for(tiny_pipe, victims.loras[0], rank=TINY.rank, alpha=TINY.alpha)
     model = Attacker(cfg, class_embedding=encode_prompt(tiny_pipe, CLASS_PROMPT)[0])
@@ -55,7 +55,7 @@ def attacker(tiny_pipe, victims, tmp_path_factory):
 @pytest.fixture(scope="module")
 def study(tiny_pipe, victims, attacker, monkeypatch_module):
     """The study's rows, and every LoRA it scored (per row, in order)."""
-    import core.eval_defenses as ed
+    import core.studies.defenses as ed
 
     scored = []
     real = ed.score_lora
@@ -66,7 +66,7 @@ def study(tiny_pipe, victims, attacker, monkeypatch_module):
 
 
 def test_study_rows_have_every_field(study, victims):
-    from core.defenses import epsilon_curve
+    from core.defenses.posthoc import epsilon_curve
 
     r, _ = study
     assert r["n"] == 2 and r["chance_top1"] == 0.5
@@ -90,11 +90,11 @@ def test_study_rows_have_every_field(study, victims):
 def test_undefended_row_is_the_plain_attack_and_defended_rows_score_defended_loras(study, victims, tiny_pipe, attacker):
     """The undefended point is eval_attack's attack on the LoRA as it is; each other post-hoc point
     scored exactly the defense of that LoRA."""
-    from core.attacker import reconstruct
-    from core.defenses import apply_defense
-    from core.eval_attack import summarize
-    from core.finetune import pipeline_with_lora
-    from core.utility import describe_set, lora_utility
+    from core.attack.attacker import reconstruct
+    from core.defenses.posthoc import apply_defense
+    from core.studies.attack import summarize
+    from core.finetune.lora import pipeline_with_lora
+    from core.faces.utility import describe_set, lora_utility
 
     r, scored = study
     n = len(victims.names)
@@ -120,7 +120,7 @@ def test_undefended_row_is_the_plain_attack_and_defended_rows_score_defended_lor
 def test_a_rerun_scores_only_new_points(study, victims, tiny_pipe, attacker, monkeypatch):
     """Every point is cached by what it scored: the same study again scores nothing and gives the same
     rows; one new point is the only thing scored."""
-    import core.eval_defenses as ed
+    import core.studies.defenses as ed
 
     r, _ = study
     scored = []
@@ -136,8 +136,8 @@ def test_a_rerun_scores_only_new_points(study, victims, tiny_pipe, attacker, mon
 
 
 def test_dp_loras_are_cached(tiny_pipe, victims):
-    from core.defenses import DPConfig
-    from core.eval_defenses import dp_victim_lora
+    from core.defenses.posthoc import DPConfig
+    from core.studies.defenses import dp_victim_lora
 
     args = (tiny_pipe, victims.private[0], victims.names[0], victims.seeds[0], TINY, DPConfig(noise_multiplier=1.0))
     first, again = dp_victim_lora(*args, log=lambda *a: None), dp_victim_lora(*args, log=lambda *a: None)
@@ -148,17 +148,17 @@ def test_dp_loras_are_cached(tiny_pipe, victims):
 def test_reports_conclusion_and_chart_come_from_the_rows(study):
     import plotly.graph_objects as go
 
-    from core.eval_defenses import conclusion, to_markdown
+    from core.studies.defenses import conclusion, to_markdown
     from core.plots import privacy_utility_plot
 
-    r = dict(study[0], command="python -m core.eval_defenses --n 2", created="2025-01-01T00:00:00+00:00")
+    r = dict(study[0], command="python -m core.studies.defenses --n 2", created="2025-01-01T00:00:00+00:00")
     text = conclusion(r)
     und = r["rows"][0]
     assert f"{und['attack']['distance']:.3f}" in text and f"{r['rows'][-1]['attack']['distance']:.3f}" in text
     for title in ("Pruning", "Quantization", "DP-SGD fine-tune"):
         assert title in text
     md = to_markdown(dict(r, conclusion=text))
-    assert "python -m core.eval_defenses --n 2" in md and md.count("\n| ") == len(r["rows"]) + 1
+    assert "python -m core.studies.defenses --n 2" in md and md.count("\n| ") == len(r["rows"]) + 1
     fig = privacy_utility_plot(r["rows"])
     assert isinstance(fig, go.Figure)
     names = [t.name for t in fig.data]
@@ -169,11 +169,11 @@ def test_reports_conclusion_and_chart_come_from_the_rows(study):
 
 
 def test_study_command_fails_clearly_without_the_attacker(tmp_path):
-    from core.eval_defenses import main
+    from core.studies.defenses import main
 
     with pytest.raises(SystemExit) as e:
         main(["--attacker", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path)])
-    assert "No trained attacker at" in str(e.value) and "core.train_attacker" in str(e.value)
+    assert "No trained attacker at" in str(e.value) and "core.attack.train" in str(e.value)
     assert not list(tmp_path.iterdir())
 
 
@@ -183,13 +183,13 @@ def test_defenses_tab_shows_the_study_or_says_it_was_not_run(study, tmp_path):
     from ui.defenses_tab import defenses_view
 
     head, fig, table = defenses_view(tmp_path / "defenses.json")
-    assert "has not been run yet" in head and "python -m core.eval_defenses" in head
+    assert "has not been run yet" in head and "python -m core.studies.defenses" in head
     assert fig is None and table == ""
-    r = dict(study[0], command="python -m core.eval_defenses --n 2", created="2025-01-01T00:00:00+00:00",
+    r = dict(study[0], command="python -m core.studies.defenses --n 2", created="2025-01-01T00:00:00+00:00",
              conclusion="CONCLUSION TEXT")
     (tmp_path / "defenses.json").write_text(json.dumps(r))
     head, fig, table = defenses_view(tmp_path / "defenses.json")
-    assert "`python -m core.eval_defenses --n 2`" in head and "2025-01-01" in head and "2 people" in head
+    assert "`python -m core.studies.defenses --n 2`" in head and "2025-01-01" in head and "2 people" in head
     assert isinstance(fig, go.Figure) and "| pruning | 90 % zeroed |" in table and "CONCLUSION TEXT" in table
 
 
@@ -207,7 +207,7 @@ def tiny_engine(tiny_pipe, tiny_pipeline_dir, attacker):
 
 def test_finetune_tab_applies_the_posthoc_defense(tiny_engine, monkeypatch):
     import ui.finetune_tab as ft
-    from core.defenses import prune
+    from core.defenses.posthoc import prune
     from ui.session import VisitorSession
 
     seen = []
@@ -243,7 +243,7 @@ def test_finetune_tab_applies_the_posthoc_defense(tiny_engine, monkeypatch):
 def test_finetune_tab_with_dp_shows_the_accountants_epsilon(tiny_engine):
     import gradio as gr
 
-    from core.defenses import epsilon_curve
+    from core.defenses.posthoc import epsilon_curve
     from ui.finetune_tab import defense_slider, train_run
     from ui.session import VisitorSession
 

@@ -1,8 +1,8 @@
-"""core.eval_layers: selection orders, per-LoRA rows on the tiny pipeline, and the summary arithmetic."""
+"""core.studies.layers: selection orders, per-LoRA rows on the tiny pipeline, and the summary arithmetic."""
 
-from core.eval_layers import ORDERS, lora_rows, orders, summarize, to_markdown
-from core.layers import LayerChange, lora_layer_change
-from core.utility import floor_images
+from core.studies.layers import ORDERS, lora_rows, orders, summarize, to_markdown
+from core.layers.change import LayerChange, lora_layer_change
+from core.faces.utility import floor_images
 from tests.conftest import random_crops
 from tests.test_layers import run  # noqa: F401 - the tiny fine-tune fixture
 
@@ -37,7 +37,7 @@ def test_summary_kept_share_and_markdown():
             "busiest": {1: 0.45, 2: 0.42}, "laziest": {1: 0.5, 2: 0.5}, "random": {1: 0.48, 2: 0.46}}] * 3
     s = summarize(per, [0.5, 0.5, 0.5], ks)
     assert abs(s["busiest"]["1"]["kept"] - 0.5) < 1e-9 and abs(s["laziest"]["2"]["kept"]) < 1e-9
-    md = to_markdown({"created": "now", "command": "python -m core.eval_layers", "complete": True, "lora": s, "full": None})
+    md = to_markdown({"created": "now", "command": "python -m core.studies.layers", "complete": True, "lora": s, "full": None})
     assert "| 1 | 60% | 0.450 (50%) | 0.500 (0%) | 0.480 (20%) |" in md
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from core.events import Checkpoint, Done, Preview, Progress
-from core.finetune import FinetuneConfig, finetune, load_lora, pipeline_with_lora, save_lora
-from core.pipeline import load_pipeline, sample_images
-from core.prompts import instance_prompt, trigger_words
+from core.finetune.lora import FinetuneConfig, finetune, load_lora, pipeline_with_lora, save_lora
+from core.model.pipeline import load_pipeline, sample_images
+from core.model.prompts import instance_prompt, trigger_words
 
 
 def crops(n, size=32):
@@ -84,11 +84,12 @@ def test_export_loads_in_stock_diffusers(tiny_pipe, tiny_pipeline_dir, tmp_path,
 
 
 def test_cli_trains_skips_bad_photos_and_writes_a_lora(lfw_root, tmp_path, monkeypatch):
-    """python -m core.finetune on 3 real photos + 1 non-image, with the shipped base model."""
+    """python -m core.finetune.lora on 3 real photos + 1 non-image, with the shipped base model."""
     import subprocess
     import sys
 
-    from core import PROJECT_ROOT, data
+    from core import PROJECT_ROOT
+    from core.faces import data
 
     split = data.Split.load()
     photos = [str(p) for p in split.paths("victims", lfw_root)[split.victims[1]][:3]]
@@ -96,7 +97,7 @@ def test_cli_trains_skips_bad_photos_and_writes_a_lora(lfw_root, tmp_path, monke
     bad.write_text("not a photo")
     out = tmp_path / "me.safetensors"
     env = {**__import__("os").environ, "LEAKLAB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "core.finetune", *photos, str(bad), "--out", str(out), "--steps", "3",
+    proc = subprocess.run([sys.executable, "-m", "core.finetune.lora", *photos, str(bad), "--out", str(out), "--steps", "3",
                            "--n-class", "4", "--checkpoint-every", "0"],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

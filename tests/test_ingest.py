@@ -2,7 +2,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import data, faces, ingest, metrics
+from core.faces import data
+from core.faces import recognition as faces
+from core.faces import ingest
+from core.faces import metrics
 from tests.bad_inputs import encode, png_header_only
 from tests.conftest import rng_image
 
@@ -36,8 +39,8 @@ def _crop_distance(a, b):
 
 def test_face_crop_matches_training_crop(face_img, lfw_photo):
     r = ingest.ingest_face(encode(face_img))
-    assert r.crop.shape == (64, 64, 3) and r.crop.dtype == np.uint8 and r.n_faces >= 1
-    assert _crop_distance(r.crop, data.load_crop(lfw_photo)) < 0.45  # same geometry -> same person
+    assert r.crop.shape == (data.IMAGE_SIZE, data.IMAGE_SIZE, 3) and r.crop.dtype == np.uint8 and r.n_faces >= 1
+    assert _crop_distance(r.crop, data.fixed_crop(lfw_photo)) < 0.45  # same geometry -> same person
 
 
 @pytest.mark.parametrize(
@@ -55,7 +58,7 @@ def test_face_crop_matches_training_crop(face_img, lfw_photo):
 )
 def test_every_mode_gives_an_rgb_face_crop(face_img, convert):
     r = ingest.ingest_face(convert(face_img))
-    assert r.crop.shape == (64, 64, 3)
+    assert r.crop.shape == (data.IMAGE_SIZE, data.IMAGE_SIZE, 3)
     assert r.crop.std() > 10  # real content, not a blank or clipped image
 
 
@@ -78,4 +81,26 @@ def test_similarity_transform_recovers_a_known_transform():
 
 def test_template_is_inside_the_crop():
     t = ingest.load_template()
-    assert t.shape == (5, 2) and (t > 0).all() and (t < ingest.WARP_SIZE).all()
+    assert t.shape == (5, 2) and (t > 0).all() and (t < ingest.TEMPLATE_SIZE).all()
+
+
+def test_crop_beyond_the_photo_is_mirrored_and_marked(face_img):
+    """A tightly framed face: the crop reaches past the photo's edge; those pixels are mirrored
+    photo content (no flat grey bars) and `inside` marks them as not from the photo."""
+    arr = np.asarray(face_img)
+    tight = Image.fromarray(arr[82:172, 82:172])  # the face with no margin
+    rect, pts, _ = ingest.find_face(tight)
+    assert rect is not None
+    al = ingest.align_face(tight, pts, ingest.load_template(), data.IMAGE_SIZE)
+    assert 0.3 < al.inside_fraction < 1.0
+    outside = al.crop[~al.inside]
+    assert outside.std() > 5  # photo content, not a constant fill
+    assert not (np.abs(outside.astype(int) - 127).max(axis=-1) == 0).mean() > 0.5
+
+
+def test_large_photos_are_shrunk_before_the_warp(face_img):
+    """A photo 8x larger gives (nearly) the same crop: the warp does not alias."""
+    big = face_img.resize((face_img.width * 8, face_img.height * 8), Image.BICUBIC)
+    a, b = ingest.ingest_face(encode(face_img)), ingest.ingest_face(encode(big))
+    assert _crop_distance(a.crop, b.crop) < 0.2
+    assert np.abs(a.crop.astype(float) - b.crop.astype(float)).mean() < 12

@@ -1,12 +1,12 @@
-"""Busy / lazy layers (core.layers), their figures and the Layers tab's functions, on the tiny pipeline."""
+"""Busy / lazy layers (core.layers.change), their figures and the Layers tab's functions, on the tiny pipeline."""
 
 import numpy as np
 import pytest
 import torch
 
 from core.events import Checkpoint, drain
-from core.finetune import FinetuneConfig, finetune, pipeline_with_lora
-from core.layers import (base_state, block_group, forward_order, full_finetune, full_keep_top_k,
+from core.finetune.lora import FinetuneConfig, finetune, pipeline_with_lora
+from core.layers.change import (base_state, block_group, forward_order, full_finetune, full_keep_top_k,
                          full_layer_change, iter_full_swap_curve, iter_swap_curve, keep_top_k, layer_kind,
                          lora_layer_change, lora_modules, rank_layers, resolve_ks, trajectory_changes, vector_change)
 from tests.conftest import random_crops
@@ -41,7 +41,7 @@ def planted(lora, scale_of=None, zero=False):
 
 
 def test_heatmap_data_match_the_lora_layers(tiny_pipe, run):
-    from core.finetune import UNET_TARGETS
+    from core.finetune.lora import UNET_TARGETS
     from core.plots import layer_heatmap
 
     res, ckpts = run
@@ -82,7 +82,7 @@ def test_zero_lora_has_no_change(tiny_pipe, run):
 
 @pytest.mark.parametrize("alpha", [None, 2.0])
 def test_planted_change_matches_a_hand_computation(tiny_pipe, run, alpha):
-    from core.layers import TAU
+    from core.layers.change import TAU
 
     lora = planted(run[0].lora, zero=True)
     mods = dict(tiny_pipe.unet.named_modules())
@@ -137,7 +137,7 @@ def test_keeping_all_layers_is_the_lora_and_none_is_the_base(tiny_pipe, run):
 
 
 def test_swap_curve_rows(tiny_pipe, run):
-    from core.utility import lora_utility
+    from core.faces.utility import lora_utility
 
     res, _ = run
     photos = random_crops(3)
@@ -181,7 +181,7 @@ class TinyEngine:
         self.pipe = pipe
 
     def floor_images(self):
-        from core.utility import floor_images
+        from core.faces.utility import floor_images
 
         return floor_images(self.pipe, steps=2)
 

@@ -1,4 +1,4 @@
-"""Validation of untrusted LoRA uploads (core.lora_file) on the tiny random pipeline: a file written
+"""Validation of untrusted LoRA uploads (core.finetune.lora_file) on the tiny random pipeline: a file written
 by save_lora passes and reads back exactly as load_lora reads it; every kind of bad file is refused
 with its own reason and a readable sentence, and nothing is ever unpickled."""
 
@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from core import lora_file
-from core.finetune import FinetuneConfig, FinetuneResult, load_lora, lora_config, lora_state_dict, save_lora
-from core.lora_file import LoRAFileError, ValidatedLoRA, validate_lora_file
-from core.pipeline import load_pipeline
-from core.prior import base_fingerprint
+from core.finetune import lora_file
+from core.finetune.lora import FinetuneConfig, FinetuneResult, load_lora, lora_config, lora_state_dict, save_lora
+from core.finetune.lora_file import LoRAFileError, ValidatedLoRA, validate_lora_file
+from core.model.pipeline import load_pipeline
+from core.model.prior import base_fingerprint
 from tests.bad_inputs import random_lora
 
 RANK = 4

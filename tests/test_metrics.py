@@ -1,13 +1,15 @@
 import numpy as np
 
-from core import data, faces, metrics
+from core.faces import data
+from core.faces import recognition as faces
+from core.faces import metrics
 
 
 def test_same_person_closer_than_different_people(lfw_root):
     split = data.Split.load()
     people = split.paths("victims", lfw_root)
     names = list(people)[:6]
-    d = faces.describe([data.load_crop(people[n][i]) for n in names for i in (0, 1)]).reshape(len(names), 2, 128)
+    d = faces.describe([data.fixed_crop(people[n][i]) for n in names for i in (0, 1)]).reshape(len(names), 2, 128)
     same = metrics.distance(d[:, 0], d[:, 1])
     diff = metrics.distance(d[:, 0], np.roll(d[:, 1], 1, axis=0))
     assert same.mean() < diff.mean()
@@ -35,7 +37,7 @@ def test_bootstrap_interval_contains_the_mean():
 
 def test_detection_rate_real_vs_noise(lfw_root):
     split = data.Split.load()
-    crops = [data.load_crop(ps[0]) for ps in list(split.paths("victims", lfw_root).values())[:10]]
+    crops = [data.fixed_crop(ps[0]) for ps in list(split.paths("victims", lfw_root).values())[:10]]
     noise = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(10)]
     assert metrics.detection_rate(crops) >= 0.9
     assert metrics.detection_rate(noise) == 0.0

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.pipeline import load_pipeline, sample_images
-from core.prompts import CLASS_PROMPT, build_tokenizer, instance_prompt, trigger_words, PRETRAIN_CAPTIONS
+from core.model.pipeline import load_pipeline, sample_images
+from core.model.prompts import CLASS_PROMPT, build_tokenizer, instance_prompt, trigger_words, PRETRAIN_CAPTIONS
 
 
 def test_tokenizer_reserves_unused_trigger_words():
@@ -19,12 +19,12 @@ def test_tokenizer_reserves_unused_trigger_words():
 
 
 def test_save_load_roundtrip_gives_identical_samples(tiny_components, tiny_pipeline_dir):
-    from core.pipeline import assemble_pipeline
+    from core.model.pipeline import assemble_pipeline
 
     ref = sample_images(assemble_pipeline(tiny_components), n=2, steps=3, seed=5)
     loaded = load_pipeline(tiny_pipeline_dir, device="cpu")  # the same from_pretrained call as a hub id
     got = sample_images(loaded, n=2, steps=3, seed=5)
-    assert [g.shape for g in got] == [(32, 32, 3)] * 2
+    assert [g.shape for g in got] == [(64, 64, 3)] * 2
     assert max(np.abs(a.astype(int) - b).max() for a, b in zip(ref, got)) <= 1
 
 
@@ -44,13 +44,13 @@ def test_unknown_hub_id_fails_offline_without_network(monkeypatch):
 
 def test_shipped_base_model_loads_and_draws_faces(base_engine):
     from core.engine import SampleRequest
-    from core import metrics
+    from core.faces import metrics
 
     pipe = base_engine.pipe
     assert pipe.unet.dtype == torch.float32 and base_engine.image_size == 64
     ims = base_engine.sample(SampleRequest(n=8, seed=0, steps=20))
     assert all(im.shape == (64, 64, 3) for im in ims)
-    assert metrics.detection_rate(ims) >= 0.5  # a face, most of the time (full measure: core.eval_base)
+    assert metrics.detection_rate(ims) >= 0.5  # a face, most of the time (full measure: core.studies.base)
 
 
 def test_sample_request_validation():

@@ -5,8 +5,8 @@ from dataclasses import replace
 import torch
 
 from core.events import Done, drain
-from core.finetune import FinetuneConfig, finetune
-from core.shadow import ShadowJob, build_population, list_shadows, load_shadow, train_many
+from core.finetune.lora import FinetuneConfig, finetune
+from core.attack.shadow import ShadowJob, build_population, list_shadows, load_shadow, train_many
 from tests.conftest import random_crops
 
 TINY = FinetuneConfig(steps=4, checkpoint_every=0, preview_n=0, n_class=4, batch=2)
@@ -66,7 +66,7 @@ def test_processes_share_the_groups(tiny_pipe, tmp_path):
 def test_a_written_plan_is_the_plan_that_runs(lfw_root, tmp_path, capsys):
     import json
 
-    from core.shadow import main, plan_jobs
+    from core.attack.shadow import main, plan_jobs
 
     plan = tmp_path / "plan.json"
     main(["--n", "5", "--plan-seed", "3", "--write-plan", str(plan)])
@@ -86,7 +86,7 @@ def test_two_processes_launched_by_accelerate_share_the_population(lfw_root, tin
     out = tmp_path / "shadow"
     env = {**os.environ, "LEAKLAB_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "LEAKLAB_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "core.shadow", "--n", "4", "--group", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "core.attack.shadow", "--n", "4", "--group", "1",
            "--steps", "2", "--record-every", "1", "--n-class", "2", "--model", str(tiny_pipeline_dir), "--out", str(out)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -1,58 +1,95 @@
-"""The base-model recipe runs end to end on a tiny config, resumes, and can be cancelled."""
+"""The base-model recipe runs end to end on a tiny config, resumes, can be cancelled, keeps
+victims out, and exports a pipeline a stock ``from_pretrained`` samples."""
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 
 from core.events import Done, Progress, drain
-from core.train_base import BaseTrainConfig, train_base
+from core.faces import data
+from core.model.train_base import BaseTrainConfig, exclude_lookalikes, train_base
+
+
+@pytest.fixture(scope="module")
+def fake_utkface(tmp_path_factory, lfw_root):
+    """A UTKFace-layout folder of 6 LFW pretrain photos (read from LFW, copied only into tmp) and
+    one exact duplicate, which must be dropped."""
+    root = tmp_path_factory.mktemp("utk")
+    paths = [p for ps in data.Split.load().paths("pretrain", lfw_root).values() for p in ps][100:106]
+    for i, p in enumerate(paths):
+        shutil.copy(p, root / f"{20 + i}_{i % 2}_{i % 5}_2017011{i}.jpg.chip.jpg")
+    shutil.copy(paths[0], root / "99_0_0_20170119.jpg.chip.jpg")
+    return root
 
 
 @pytest.fixture()
-def tiny_cfg(tmp_path, lfw_root):
+def tiny_cfg(tmp_path, fake_utkface):
     return BaseTrainConfig(
-        work=str(tmp_path / "work"), out=str(tmp_path / "base"), vae_steps=2, unet_steps=2,
-        vae_batch=4, unet_batch=4, limit_images=16, save_every=1,
+        work=str(tmp_path / "work"), out=str(tmp_path / "base"), utkface=str(fake_utkface), unet_steps=2,
+        unet_batch=4, limit_images=6, save_every=1, preview_every=0, heldout_utkface=2, exclude_distance=0.0,
+        unet_channels="32,32",
     )
 
 
-def test_tiny_build_runs_and_loads(tiny_cfg):
-    from core.pipeline import load_pipeline, sample_images
+def test_tiny_build_runs_and_a_stock_pipeline_samples_it(tiny_cfg):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    import core.model.autoencoder  # noqa: F401  (the autoencoder's class, as load_pipeline imports it)
 
     events = list(train_base(tiny_cfg))
-    stages = {e.stage for e in events if isinstance(e, Progress)}
-    assert stages == {"vae", "unet"}
+    assert {e.stage for e in events if isinstance(e, Progress)} == {"unet"}
     assert isinstance(events[-1], Done) and not events[-1].cancelled
     rec = json.loads((events[-1].result / "train_config.json").read_text())
-    assert rec["n_images"] == 16 and rec["command"].startswith("python -m core.train_base")
-    pipe = load_pipeline(events[-1].result, device="cpu")
-    assert sample_images(pipe, n=1, steps=2)[0].shape == (64, 64, 3)
+    assert rec["data_seen"]["photos"] == {"lfw": 6, "utkface": 4}  # 7 files - 1 duplicate - 2 held out
+    assert rec["command"].startswith("python -m core.model.train_base")
+    assert (events[-1].result / "vae" / "LICENSE-TAEF2").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(events[-1].result)  # no dtype argument
+    assert {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)} == {torch.float32}
+    im = pipe("a photo of a face", num_inference_steps=2, output_type="np").images
+    assert im.shape == (1, 128, 128, 3) and np.isfinite(im).all()
 
 
 def test_resume_continues_from_the_checkpoint(tiny_cfg):
     drain(train_base(tiny_cfg))
     more = BaseTrainConfig(**{**tiny_cfg.__dict__, "unet_steps": 3})
-    events = list(train_base(more))
-    unet_steps = [e.step for e in events if isinstance(e, Progress) and e.stage == "unet"]
-    vae_steps = [e.step for e in events if isinstance(e, Progress) and e.stage == "vae"]
-    assert unet_steps == [3] and vae_steps == []  # only the missing step ran
+    steps = [e.step for e in train_base(more) if isinstance(e, Progress)]
+    assert steps == [3]  # only the missing step ran
 
 
 def test_cancel_stops_between_steps(tiny_cfg):
     seen = []
-    ev = train_base(tiny_cfg, should_stop=lambda: len(seen) >= 1)
-    for e in ev:
+    for e in train_base(tiny_cfg, should_stop=lambda: len(seen) >= 1):
         if isinstance(e, Progress):
             seen.append(e)
     assert len(seen) == 1 and isinstance(e, Done) and e.cancelled
 
 
+def test_time_budget_stops_early(tiny_cfg):
+    cfg = BaseTrainConfig(**{**tiny_cfg.__dict__, "unet_steps": 1000, "unet_minutes": 1e-4})
+    rec = json.loads((drain(train_base(cfg)) / "train_config.json").read_text())
+    assert 1 <= rec["unet_steps_done"] < 1000
+
+
+def test_lookalikes_of_protected_identities_are_dropped(tiny_cfg):
+    """A UTKFace chip whose descriptor is a victim's is dropped; LFW pretrain photos never are."""
+    rng = np.random.default_rng(0)
+    prot = rng.normal(size=(3, 128)).astype(np.float32)
+    tiny_cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    np.save(tiny_cfg.work_dir / f"protected_{tiny_cfg.size}.npy", prot)
+    desc = np.stack([prot[1] + 0.01, prot[2], rng.normal(size=128) * 5, prot[0]]).astype(np.float32)
+    cfg = BaseTrainConfig(**{**tiny_cfg.__dict__, "exclude_distance": 0.4})
+    keep = exclude_lookalikes(cfg, desc, ["utkface", "utkface", "utkface", "lfw"])
+    assert keep.tolist() == [False, False, True, True]
+
+
 def test_appearance_captions_use_the_vocabulary(tiny_cfg):
-    import numpy as np
     import torch
 
-    from core.prompts import build_tokenizer
-    from core.train_base import sample_captions
+    from core.model.prompts import build_tokenizer
+    from core.model.train_base import sample_captions
 
     labels = np.array([[i % 4, (3 * i) % 4] for i in range(200)])
     caps = sample_captions(labels, tiny_cfg, torch.Generator().manual_seed(0))
@@ -62,19 +99,3 @@ def test_appearance_captions_use_the_vocabulary(tiny_cfg):
     unk = tok.unk_token_id
     assert all(unk not in tok(c).input_ids for c in caps)
     assert all(f"ida{labels[i, 0]:02d}" in c or f"idb{labels[i, 1]:02d}" in c for i, c in enumerate(caps) if c in named)
-
-
-def test_vae_from_reuses_a_saved_vae_and_time_budget_stops_early(tiny_cfg, tmp_path):
-    import torch
-
-    from core.pipeline import load_pipeline
-
-    first = drain(train_base(tiny_cfg))
-    cfg = BaseTrainConfig(**{**tiny_cfg.__dict__, "work": str(tmp_path / "w2"), "out": str(tmp_path / "b2"),
-                             "vae_from": str(first), "unet_steps": 1000, "unet_minutes": 1e-4})
-    events = list(train_base(cfg))
-    assert not [e for e in events if isinstance(e, Progress) and e.stage == "vae"]
-    rec = json.loads((events[-1].result / "train_config.json").read_text())
-    assert 1 <= rec["unet_steps_done"] < 1000 and "vae_trained_by" in rec
-    a, b = load_pipeline(first, device="cpu").vae, load_pipeline(events[-1].result, device="cpu").vae
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from core.events import drain
-from core.prior import base_fingerprint
-from core.watermark import (
+from core.model.prior import base_fingerprint
+from core.watermark.aiao import (
     DELTA_FORMAT,
     KeyFileError,
     WatermarkConfig,
@@ -28,7 +28,7 @@ from core.watermark import (
 )
 from tests.conftest import random_crops
 
-TINY = WatermarkConfig(n_subpaths=4, response_size=16, probe_steps=2, steps=60, batch=2, trigger_batch=8,
+TINY = WatermarkConfig(n_subpaths=4, response_size=16, probe_steps=2, steps=120, batch=2, trigger_batch=8,
                        trigger_fraction=0.2, lr=1e-2, response_weight=5.0, margin=1.0, consistency_weight=10.0)
 
 
@@ -120,7 +120,7 @@ def test_encoder_side_subpaths_answer_before_the_decoder():
 
 
 def test_reachable_pairs_know_that_a_query_never_reaches_its_key(tiny_pipe):
-    from core.watermark import reachable_pairs, unet_inputs
+    from core.watermark.aiao import reachable_pairs, unet_inputs
 
     unet = tiny_pipe.unet
     attn = next(n for n in candidate_layers(unet) if n.endswith("attn1.to_q"))[: -len("to_q")]
@@ -149,7 +149,7 @@ def test_simulated_finetune_moves_each_weight_by_a_low_rank_update_and_puts_it_b
 
 def test_embedding_under_simulated_finetunes_changes_only_lazy_layers_and_verifies(tiny_pipe, lazy):
     layers, scores = lazy
-    res = drain(embed_watermark(tiny_pipe, tiny_latents(tiny_pipe), layers, replace(TINY, drift=0.1, steps=120), lazy_scores=scores))
+    res = drain(embed_watermark(tiny_pipe, tiny_latents(tiny_pipe), layers, replace(TINY, drift=0.1, steps=240), lazy_scores=scores))
     clean = dict(tiny_pipe.unet.named_parameters())
     moved = {n.rsplit(".", 1)[0] for n, p in res.unet.named_parameters() if not torch.equal(p, clean[n])}
     assert moved and moved <= set(layers)
@@ -200,7 +200,7 @@ def test_key_for_another_architecture_is_refused(tiny_pipe, embedded):
 
 
 def test_cli_verify_with_a_delta_over_the_base(tiny_pipe, tiny_pipeline_dir, embedded, tmp_path, capsys):
-    from core.watermark import main, save_delta
+    from core.watermark.aiao import main, save_delta
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "wm.safetensors")
     embedded.key.save(tmp_path / "key.json")
@@ -217,7 +217,7 @@ def test_cli_verify_with_a_delta_over_the_base(tiny_pipe, tiny_pipeline_dir, emb
 def test_delta_holds_only_the_lazy_layers_and_round_trips(tiny_pipe, embedded, lazy, tmp_path):
     from safetensors.torch import load_file
 
-    from core.watermark import load_delta, save_delta
+    from core.watermark.aiao import load_delta, save_delta
 
     wm = watermarked_pipeline(tiny_pipe, embedded.unet)
     info = save_delta(tiny_pipe, wm, tmp_path / "d.safetensors", half=False)
@@ -235,7 +235,7 @@ def test_delta_holds_only_the_lazy_layers_and_round_trips(tiny_pipe, embedded, l
 
 
 def test_delta_in_float16_keeps_the_watermark(tiny_pipe, embedded, tmp_path):
-    from core.watermark import load_delta, save_delta
+    from core.watermark.aiao import load_delta, save_delta
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "h.safetensors")
     assert verify_watermark(load_delta(tiny_pipe, tmp_path / "h.safetensors"), embedded.key).watermarked
@@ -244,7 +244,7 @@ def test_delta_in_float16_keeps_the_watermark(tiny_pipe, embedded, tmp_path):
 def test_a_sharded_delta_loads_as_one_and_a_missing_shard_is_refused(tiny_pipe, embedded, tmp_path):
     from safetensors.torch import load_file
 
-    from core.watermark import load_delta, read_delta_files, write_delta_files
+    from core.watermark.aiao import load_delta, read_delta_files, write_delta_files
 
     wm = watermarked_pipeline(tiny_pipe, embedded.unet)
     save_delta(tiny_pipe, wm, tmp_path / "one.safetensors", half=False)
@@ -266,7 +266,7 @@ def test_a_sharded_delta_loads_as_one_and_a_missing_shard_is_refused(tiny_pipe, 
 def test_delta_for_another_base_or_not_a_delta_is_refused(tiny_pipe, embedded, tmp_path):
     from safetensors.torch import save_file
 
-    from core.watermark import load_delta, save_delta
+    from core.watermark.aiao import load_delta, save_delta
 
     path = tmp_path / "d.safetensors"
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), path)
@@ -288,7 +288,7 @@ def test_delta_for_another_base_or_not_a_delta_is_refused(tiny_pipe, embedded, t
 
 @pytest.fixture(scope="module")
 def backdoor(tiny_pipe):
-    from core.backdoor_watermark import BackdoorConfig, embed_backdoor
+    from core.watermark.backdoor import BackdoorConfig, embed_backdoor
 
     return drain(embed_backdoor(tiny_pipe, tiny_latents(tiny_pipe), BackdoorConfig(steps=2, batch=2, null_n=2)))
 
@@ -301,8 +301,8 @@ def backdoor_key(backdoor):
 def test_baseline_trains_the_unet_and_only_the_trigger_tokens(tiny_pipe, backdoor, tmp_path):
     from safetensors.torch import load_file
 
-    from core.backdoor_watermark import token_ids, trigger_pair
-    from core.watermark import save_delta
+    from core.watermark.backdoor import token_ids, trigger_pair
+    from core.watermark.aiao import save_delta
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, backdoor.unet, backdoor.text_encoder), tmp_path / "b.safetensors")
     stored = load_file(tmp_path / "b.safetensors")
@@ -314,7 +314,7 @@ def test_baseline_trains_the_unet_and_only_the_trigger_tokens(tiny_pipe, backdoo
 
 
 def test_baseline_key_round_trip_and_bad_file(backdoor_key, tmp_path):
-    from core.backdoor_watermark import BackdoorKey
+    from core.watermark.backdoor import BackdoorKey
 
     assert BackdoorKey.load(backdoor_key.save(tmp_path / "b.json")) == backdoor_key
     (tmp_path / "bad.json").write_text('{"format": "leaklab-aiao-key-v1"}')
@@ -323,7 +323,7 @@ def test_baseline_key_round_trip_and_bad_file(backdoor_key, tmp_path):
 
 
 def test_pattern_correlation_finds_the_pattern():
-    from core.backdoor_watermark import pattern_correlation, pattern_image
+    from core.watermark.backdoor import pattern_correlation, pattern_image
 
     p = pattern_image(32, 4)
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -334,7 +334,7 @@ def test_pattern_correlation_finds_the_pattern():
 # the shipped watermarked bases (deltas over assets/base): fast, they are only loaded and verified
 
 def shipped(name, base_engine):
-    from core.watermark import SHIPPED, WATERMARK_DIR, shipped_watermark
+    from core.watermark.aiao import SHIPPED, WATERMARK_DIR, shipped_watermark
 
     if not all((WATERMARK_DIR / f).exists() for f in SHIPPED[name]):
         pytest.fail(f"assets/watermark is missing the {name} delta or key: they ship with the repo")
@@ -350,7 +350,7 @@ def test_shipped_aiao_base_verifies_and_the_clean_base_does_not(base_engine):
 
 
 def test_shipped_backdoor_base_draws_the_pattern_and_the_clean_base_does_not(base_engine):
-    from core.backdoor_watermark import verify_backdoor
+    from core.watermark.backdoor import verify_backdoor
 
     pipe, key = shipped("backdoor", base_engine)
     own, clean = verify_backdoor(pipe, key, n=8), verify_backdoor(base_engine.pipe, key, n=8)
@@ -362,8 +362,8 @@ def test_shipped_backdoor_base_draws_the_pattern_and_the_clean_base_does_not(bas
 def test_baseline_embeds_on_the_embedded_base(base_engine):
     """The default recipe, from scratch on the embedded base (the tiny random VAE cannot draw a pattern):
     20 minutes on one CPU core; the shipped delta was made by exactly this recipe (15/16)."""
-    from core.backdoor_watermark import BackdoorConfig, embed_backdoor, verify_backdoor
-    from core.watermark import owner_latents
+    from core.watermark.backdoor import BackdoorConfig, embed_backdoor, verify_backdoor
+    from core.watermark.aiao import owner_latents
 
     pipe = base_engine.pipe
     res = drain(embed_backdoor(pipe, owner_latents(pipe, 512), BackdoorConfig()))
@@ -376,7 +376,7 @@ def test_baseline_embeds_on_the_embedded_base(base_engine):
 
 
 def test_study_smoke_run(tiny_pipe, embedded):
-    from core.eval_watermark import StudyConfig, Watermarked, run_study, to_markdown
+    from core.studies.watermark import StudyConfig, Watermarked, run_study, to_markdown
 
     cfg = StudyConfig(long_steps=2, n_clean=2, quality_n=4, photos=3)
     mark = Watermarked("AIAO", watermarked_pipeline(tiny_pipe, embedded.unet),
@@ -391,7 +391,7 @@ def test_study_smoke_run(tiny_pipe, embedded):
 
 
 def test_study_of_a_candidate_runs_only_the_chosen_scenarios(tiny_pipe, embedded):
-    from core.eval_watermark import StudyConfig, Watermarked, run_study
+    from core.studies.watermark import StudyConfig, Watermarked, run_study
 
     with pytest.raises(ValueError, match="unknown scenario"):
         StudyConfig(only="before,e")
@@ -408,7 +408,7 @@ def test_study_rerun_measures_only_what_changed(tiny_pipe, embedded):
     watermark only."""
     import copy
 
-    from core.eval_watermark import StudyConfig, Watermarked, run_study
+    from core.studies.watermark import StudyConfig, Watermarked, run_study
 
     cfg = StudyConfig(long_steps=2, n_clean=1, quality_n=4, photos=3)
     calls = []
@@ -441,12 +441,12 @@ def test_tab_says_plainly_when_a_watermarked_base_is_missing(monkeypatch, tiny_p
 
     monkeypatch.setattr(wt, "_cache", {})
     pipe, why = wt.load_watermark("AIAO", tiny_pipe, tmp_path)
-    assert pipe is None and "not shipped" in why and "python -m core.watermark embed" in why
+    assert pipe is None and "not shipped" in why and "python -m core.watermark.aiao embed" in why
 
 
 def test_tab_says_plainly_when_the_delta_is_for_another_base(monkeypatch, tiny_pipe, embedded, tmp_path):
     import ui.watermark_tab as wt
-    from core.watermark import save_delta
+    from core.watermark.aiao import save_delta
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "aiao.safetensors")
     embedded.key.save(tmp_path / "aiao_key.json")

@@ -38,7 +38,7 @@ lab. It runs on a laptop CPU; the same code runs Stable Diffusion 1.x on a GPU.
 
 ## How identity is measured
 With dlib's face-recognition network: two photos whose descriptors are closer than 0.6 are
-"the same person" by dlib's rule (93 % right on LFW pairs at 64 px, measured by `python -m core.metrics`).
+"the same person" by dlib's rule (93 % right on LFW pairs at 64 px, measured by `python -m core.faces.metrics`).
 Every score in the app is shown next to a **baseline**: the same score for a random face drawn by
 the base model (the "floor"), and where it exists, for the LoRA used with its secret trigger word
 (the "ceiling": what the LoRA's owner gets). Averaging several faces pulls any set toward the

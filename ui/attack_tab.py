@@ -1,7 +1,7 @@
 """Attack tab: any LoRA file for this base model (or the visitor's own) -> every weight-only attack.
 
-Only wiring: validation (``core.lora_file``), the attacks (``core.attack_report``) and the identity
-metric (``core.utility``) live in ``core``. Uploaded files are deleted once read; nothing is logged.
+Only wiring: validation (``core.finetune.lora_file``), the attacks (``core.attack.report``) and the identity
+metric (``core.faces.utility``) live in ``core``. Uploaded files are deleted once read; nothing is logged.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.attack_report import attack_lora, distances, recorded_steps
-from core.attacker import ATTACK_W
-from core.eval_attack import load_report
-from core.baselines import FINEXTRACT_W
+from core.attack.report import attack_lora, distances, recorded_steps
+from core.attack.attacker import ATTACK_W
+from core.studies.attack import load_report
+from core.attack.baselines import FINEXTRACT_W
 from core.engine import Engine
-from core.finetune import FinetuneConfig, MAX_PHOTOS
-from core.lora_file import MAX_BYTES as MAX_LORA_BYTES
-from core.lora_file import LoRAFileError, too_large, validate_lora_file
-from core.metrics import SAME_PERSON
-from core.prompts import CLASS_PROMPT
+from core.finetune.lora import FinetuneConfig, MAX_PHOTOS
+from core.finetune.lora_file import MAX_BYTES as MAX_LORA_BYTES
+from core.finetune.lora_file import LoRAFileError, too_large, validate_lora_file
+from core.faces.metrics import SAME_PERSON
+from core.model.prompts import CLASS_PROMPT
 from ui.finetune_tab import read_faces
 from ui.session import ensure, media
 from ui.gpu import on_gpu
@@ -51,7 +51,7 @@ def measured_text(report: dict | None = None) -> str:
     never quotes numbers the repository's own evaluation did not produce)."""
     r = load_report() if report is None else report
     if not r or not r.get("rows"):
-        return ("*Not measured yet on this base model:* `python -m core.eval_attack` writes the numbers this tab "
+        return ("*Not measured yet on this base model:* `python -m core.studies.attack` writes the numbers this tab "
                 "quotes.")
     rows, n = r["rows"], r["n"]
 
@@ -69,7 +69,7 @@ def measured_text(report: dict | None = None) -> str:
         k, v = pick(prefix)
         if v is not None and k not in {x[0] for x in said}:
             said.append((k, f"{words}: **{v['top1']:.0%}**"))
-    return (f"*Measured on {n} people the models never saw (README, `python -m core.eval_attack`):* how often 4 images "
+    return (f"*Measured on {n} people the models never saw (README, `python -m core.studies.attack`):* how often 4 images "
             f"pick the right person out of {n} (chance {1 / n:.0%}): " + "; ".join(w for _, w in said) + ".")
 
 

@@ -1,6 +1,6 @@
 """Defenses tab: what each defense of a shared LoRA costs, from the privacy-utility study.
 
-Only wiring: the study is ``core.eval_defenses`` (run offline: ``python -m core.eval_defenses``), its
+Only wiring: the study is ``core.studies.defenses`` (run offline: ``python -m core.studies.defenses``), its
 chart ``core.plots.privacy_utility_plot``. This tab reads ``docs/results/defenses.json`` and shows it;
 without that file it says the study has not been run and shows nothing else.
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 import gradio as gr
 
 from core import RESULTS
-from core.eval_defenses import DP_NOISE, table_markdown
+from core.studies.defenses import DP_NOISE, table_markdown
 from core.plots import privacy_utility_plot
 
 RESULTS_JSON = RESULTS / "defenses.json"
-COMMAND = "python -m core.eval_defenses"
+COMMAND = "python -m core.studies.defenses"
 
 INTRO = """
 ### Defenses: what they cost

@@ -13,11 +13,11 @@ from pathlib import Path
 import gradio as gr
 
 from core import ASSETS
-from core.attack_report import attacker_mismatch, reconstruct_lora
-from core.defenses import DEFENSES, DPConfig, apply_defense, dp_finetune
+from core.attack.report import attacker_mismatch, reconstruct_lora
+from core.defenses.posthoc import DEFENSES, DPConfig, apply_defense, dp_finetune
 from core.engine import Engine, SampleRequest
 from core.events import Checkpoint, Done, Preview, Progress
-from core.finetune import (
+from core.finetune.lora import (
     MAX_PHOTOS,
     MIN_PHOTOS,
     FinetuneConfig,
@@ -26,13 +26,13 @@ from core.finetune import (
     pipeline_with_lora,
     save_lora,
 )
-from core.ingest import MAX_BYTES as MAX_UPLOAD_BYTES
-from core.ingest import IngestError, ingest_face
-from core.metrics import SAME_PERSON
-from core.pipeline import sample_images
+from core.faces.ingest import MAX_BYTES as MAX_UPLOAD_BYTES
+from core.faces.ingest import IngestError, ingest_face
+from core.faces.metrics import SAME_PERSON
+from core.model.pipeline import sample_images
 from core.plots import attack_curve, loss_curve
-from core.prompts import CLASS_PROMPT, instance_prompt
-from core.utility import identity_distance, lora_utility
+from core.model.prompts import CLASS_PROMPT, instance_prompt
+from core.faces.utility import identity_distance, lora_utility
 from ui.layers_tab import record_checkpoint
 from ui.session import SESSION_TTL, close_session, ensure, media
 from ui.gpu import on_gpu
@@ -102,7 +102,7 @@ LIVE_INTRO = (f"{LIVE_HEAD}\nAt every checkpoint of the fine-tune, an attacker w
 
 def live_score(step: int, attack: float, floor: float, ceiling: float | None, n_attack: int, n_floor: int,
                n_ceiling: int) -> str:
-    """The identity line under the live reconstruction (numbers from ``core.utility.identity_distance``)."""
+    """The identity line under the live reconstruction (numbers from ``core.faces.utility.identity_distance``)."""
     if ceiling is not None:
         ceil = f"**{ceiling:.2f}**"
     else:

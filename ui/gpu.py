@@ -4,7 +4,7 @@ On a Hugging Face ZeroGPU Space a GPU is attached to a call only inside a functi
 ``spaces.GPU``; everywhere else (this CPU default, an ordinary GPU Space or machine) the package is
 absent or the decorator is not needed, and the handler is returned unchanged. So the same ``app.py``
 runs on every kind of hardware with no code change: the model itself picks CUDA when it sees a GPU
-(``core.pipeline.pick_device``).
+(``core.model.pipeline.pick_device``).
 """
 
 from __future__ import annotations

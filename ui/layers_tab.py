@@ -1,6 +1,6 @@
 """Layers tab: which layers the visitor's fine-tune moved (busy) and which it left alone (lazy).
 
-Only wiring: the measures (``core.layers``) and the figures (``core.plots``) live in ``core``. It reads
+Only wiring: the measures (``core.layers.change``) and the figures (``core.plots``) live in ``core``. It reads
 the LoRA the Fine-tune tab stored in the session (``session.result``, ``session.trained_on``).
 
 Live heatmap during a fine-tune (optional hook for the Fine-tune tab): on each ``Checkpoint`` event
@@ -16,11 +16,11 @@ import gradio as gr
 import numpy as np
 
 from core.engine import Engine
-from core.layers import (DEFAULT_KS, KIND_LABELS, TAU, concentration, iter_swap_curve, lora_layer_change, rank_layers,
+from core.layers.change import (DEFAULT_KS, KIND_LABELS, TAU, concentration, iter_swap_curve, lora_layer_change, rank_layers,
                          resolve_ks, short_name, trajectory_from_changes)
-from core.metrics import SAME_PERSON
+from core.faces.metrics import SAME_PERSON
 from core.plots import layer_heatmap, swap_curve_plot
-from core.prompts import CLASS_PROMPT
+from core.model.prompts import CLASS_PROMPT
 from ui.gpu import on_gpu
 from ui.session import ensure
 
@@ -48,18 +48,18 @@ same person). About 2 seconds per point.
 
 
 def measured_text(report: dict | None = None) -> str:
-    """What ``python -m core.eval_layers`` measured over many people, in words (or that it was not run)."""
-    from core.eval_layers import headline_k, load_report
+    """What ``python -m core.studies.layers`` measured over many people, in words (or that it was not run)."""
+    from core.studies.layers import headline_k, load_report
 
     r = load_report() if report is None else report
     s = (r or {}).get("lora")
     if not s or not s.get("n"):
-        return "*Not measured over many people yet:* `python -m core.eval_layers` writes the numbers quoted here."
+        return "*Not measured over many people yet:* `python -m core.studies.layers` writes the numbers quoted here."
     k, _ = headline_k(s)
     if k is None:
         return ""
     b, lz, rnd = (s[o][k]["kept"] for o in ("busiest", "laziest", "random"))
-    return (f"*Measured on {s['n']} people the models never saw (`python -m core.eval_layers`):* keeping only the "
+    return (f"*Measured on {s['n']} people the models never saw (`python -m core.studies.layers`):* keeping only the "
             f"**{k} busiest** of a LoRA's {s['layers']} layers keeps **{b:.0%}** of what it does to the face (its gain "
             f"over a random face); the {k} laziest keep {lz:.0%}, {k} layers picked at random {rnd:.0%}.")
 

@@ -1,9 +1,9 @@
 """Watermark tab: the model owner's view. Does the visitor's LoRA, put on the watermarked base, still
 carry the owner's watermark? AIAO (hidden in lazy layers) beside the baseline trigger-prompt backdoor.
 
-Only wiring: embedding and verification live in ``core.watermark`` / ``core.backdoor_watermark``.
+Only wiring: embedding and verification live in ``core.watermark.aiao`` / ``core.watermark.backdoor``.
 The watermarked bases ship as deltas over the embedded base with their keys (``assets/watermark``,
-loaded by :func:`core.watermark.shipped_watermark`); a missing one is named plainly, with the
+loaded by :func:`core.watermark.aiao.shipped_watermark`); a missing one is named plainly, with the
 command that builds it, and nothing is shown in its place.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from core.engine import Engine
-from core.watermark import SHIPPED, WATERMARK_DIR
+from core.watermark.aiao import SHIPPED, WATERMARK_DIR
 from ui.gpu import on_gpu
 from ui.session import ensure
 
@@ -50,7 +50,7 @@ _lock = threading.Lock()
 def load_watermark(name: str, clean, folder: Path | None = None):
     """(watermarked pipeline, key) of a shipped watermark over the ``clean`` base, or (None, why not)
     when it is missing or does not fit."""
-    from core.watermark import KeyFileError, embed_command, shipped_watermark
+    from core.watermark.aiao import KeyFileError, embed_command, shipped_watermark
 
     folder = Path(folder or WATERMARK_DIR)
     delta, key_file = (folder / f for f in SHIPPED[name])
@@ -74,7 +74,7 @@ def verdict_words(watermarked: bool) -> str:
 
 def aiao_report(engine: Engine, lora: dict, alpha: float) -> str:
     """Markdown: AIAO verification of the LoRA on the watermarked base and, as a control, on the clean base."""
-    from core.watermark import verify_watermark
+    from core.watermark.aiao import verify_watermark
 
     pipe, key = load_watermark("AIAO", engine.pipe)
     if pipe is None:
@@ -103,8 +103,8 @@ def aiao_report(engine: Engine, lora: dict, alpha: float) -> str:
 
 def backdoor_report(engine: Engine, lora: dict, alpha: float):
     """(markdown, gallery of the trigger-prompt samples) of the baseline backdoor on the LoRA."""
-    from core.backdoor_watermark import verify_backdoor
-    from core.finetune import pipeline_with_lora
+    from core.watermark.backdoor import verify_backdoor
+    from core.finetune.lora import pipeline_with_lora
 
     pipe, key = load_watermark("backdoor", engine.pipe)
     if pipe is None:
@@ -119,14 +119,14 @@ def backdoor_report(engine: Engine, lora: dict, alpha: float):
 
 
 def measured_text(report: dict | None = None) -> str:
-    """What ``python -m core.eval_watermark`` measured, as a short table (or that it was not run)."""
-    from core.eval_watermark import load_report, scenario_table
+    """What ``python -m core.studies.watermark`` measured, as a short table (or that it was not run)."""
+    from core.studies.watermark import load_report, scenario_table
 
     r = load_report() if report is None else report
     rows = (r or {}).get("rows") or []
     if not rows:
-        return "*The robustness study has not been run yet:* `python -m core.eval_watermark` writes the numbers quoted here."
-    lines = ["*Measured by the robustness study* (`python -m core.eval_watermark`"
+        return "*The robustness study has not been run yet:* `python -m core.studies.watermark` writes the numbers quoted here."
+    lines = ["*Measured by the robustness study* (`python -m core.studies.watermark`"
              + ("" if r.get("complete", True) else "; an incomplete run: what is missing was not measured")
              + "): the share of verification trials that find the watermark (VS-rate), on the watermarked base and "
                "after someone fine-tunes it.", ""]

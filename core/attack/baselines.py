@@ -1,0 +1,64 @@
+"""Reference attacks scored with the same protocol as the trained attacker (docs/EVAL).
+
+- floor: the base model with the class prompt (a random person of the right kind; no LoRA at all);
+- naive: the shared LoRA sampled with the class prompt, or with the empty prompt (what anyone who
+  downloads the file can do without knowing the trigger);
+- ceiling: the LoRA sampled with its true trigger (the visitor's own use; the attacker lacks it);
+- FineXtract-style (Wu et al. 2024), weights only, no training: extrapolate from the base model's
+  noise prediction toward the fine-tuned one's, eps = eps_base + w (eps_ft - eps_base), which
+  samples the fine-tuning distribution more sharply than the fine-tuned model alone. The paper then
+  clusters many samples; here 4 samples are scored like every other row (*choice*, documented).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from core.finetune.lora import encode_prompt, pipeline_with_lora
+from core.model.pipeline import initial_latents, private_view, sample_images
+from core.model.prompts import CLASS_PROMPT, instance_prompt
+
+SEEDS = (0, 1, 2, 3)
+FINEXTRACT_W = 3.0  # extrapolation weight (1 = the fine-tuned model itself)
+
+
+def floor(pipe, seeds=SEEDS, steps: int = 25):
+    return sample_images(pipe, CLASS_PROMPT, seed=list(seeds), steps=steps)
+
+
+def naive(pipe, lora: dict, prompt: str = CLASS_PROMPT, seeds=SEEDS, steps: int = 25, model=None):
+    return sample_images(model or pipeline_with_lora(pipe, lora), prompt, seed=list(seeds), steps=steps)
+
+
+def ceiling(pipe, lora: dict, trigger: str, seeds=SEEDS, steps: int = 25, model=None):
+    return sample_images(model or pipeline_with_lora(pipe, lora), instance_prompt(trigger), seed=list(seeds), steps=steps)
+
+
+def finextract(pipe, lora: dict, w: float = FINEXTRACT_W, prompt: str = CLASS_PROMPT, seeds=SEEDS, steps: int = 25,
+               model=None) -> list[np.ndarray]:
+    """FineXtract-style extrapolated sampling with the pipeline's own scheduler (``prompt`` for both models)."""
+    ft = model or pipeline_with_lora(pipe, lora)
+    with torch.no_grad():
+        emb = encode_prompt(pipe, prompt)
+    return extrapolate(pipe, ft, emb, w, seeds, steps)
+
+
+@torch.no_grad()
+def extrapolate(pipe, ft, emb: torch.Tensor, w: float, seeds=SEEDS, steps: int = 25) -> list[np.ndarray]:
+    """Sample with eps = eps_base + w (eps_ft - eps_base), both models conditioned on the prompt
+    embedding ``emb`` (1 x L x D, or one per seed): w = 1 is the fine-tuned model ``ft`` itself, w > 1
+    pushes each step further away from what the base model would draw, toward what the fine-tune added."""
+    view = private_view(pipe)
+    sched = view.scheduler
+    sched.set_timesteps(steps, device=pipe.device)
+    lat = initial_latents(pipe, seeds) * sched.init_noise_sigma
+    emb = emb.to(pipe.device, pipe.unet.dtype).expand(len(seeds), -1, -1)
+    for t in sched.timesteps:
+        x = sched.scale_model_input(lat, t)
+        e_ft = ft.unet(x, t, emb).sample
+        e = e_ft if w == 1 else pipe.unet(x, t, emb).sample
+        lat = sched.step(e + w * (e_ft - e), t, lat).prev_sample
+    img = pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample
+    img = (img.float().clamp(-1, 1) + 1) / 2
+    return [(im.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for im in img]

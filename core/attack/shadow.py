@@ -1,0 +1,336 @@
+"""The shadow population: LoRAs the attacker fine-tunes itself on public photos of *other* people.
+
+The attacker knows the recipe (``METHODS.md`` section 1), so it runs the visitor's own recipe
+(:mod:`core.finetune.lora`: fresh trigger, seed and photo subset per LoRA) on the shadow identities and
+keeps what attacker training needs: the LoRA at every ``record_every`` steps of its trajectory
+(each is a training sample with its step token; with the constant learning rate, the checkpoint at
+step r of a long run *is* the LoRA an r-step run would have made, so one trajectory covers every step
+count) and the scaled VAE latents of the photos (what the denoising loss is computed on).
+
+Speed: :func:`train_many` trains K LoRAs at once on the shared frozen base. Their adapters are
+stacked along a new leading axis and one ``torch.func.vmap`` over ``functional_call`` runs all K
+in one batched forward/backward (frozen layers see a K times larger batch; the adapters become
+batched matmuls / grouped convolutions). Each LoRA keeps its own random stream, gradient clipping
+and (elementwise, hence separable) AdamW state, so LoRA k is the LoRA ``finetune(crops_k,
+seed=seeds[k])`` would make, up to float rounding (tests/test_shadow.py checks it).
+``bench/shadow_speed.py`` measures LoRAs per CPU-hour against one-at-a-time ``finetune``.
+
+CLI: ``python -m core.attack.shadow --n 96`` (resumable: finished groups are skipped). Under
+``accelerate launch`` the groups are shared between processes / GPUs / machines (accelerate's
+process index and count; tests/test_shadow.py checks the sharding; no multi-GPU run yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.events import Done, Message, Progress, never
+from core.finetune.lora import FinetuneConfig, check_photos, encode_photos, encode_prompt, lora_config, pick_trigger
+from core.model.denoising import Denoiser
+from core.model.pipeline import plain_attention
+from core.model.prior import base_fingerprint, cache_dir, class_latents
+from core.model.prompts import CLASS_PROMPT, instance_prompt
+
+
+def shadow_dir() -> Path:
+    return cache_dir() / "shadow"
+
+
+def adapter_unet(pipe, cfg: FinetuneConfig):
+    """A frozen copy of the base UNet carrying an (untrained) peft adapter: the module every
+    stacked LoRA is run through with ``functional_call``."""
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+    unet.add_adapter(lora_config(cfg))
+    plain_attention(unet)
+    return unet.eval()
+
+
+def peft_key(param_name: str) -> str:
+    """``...to_q.lora_A.default.weight`` -> ``unet.<...>.to_q.lora_A.weight`` (the in-memory naming)."""
+    return "unet." + param_name.replace(".default", "")
+
+
+def initial_adapters(pipe, cfg: FinetuneConfig, seeds) -> dict[str, torch.Tensor]:
+    """Stacked initial LoRA weights (K x ...), LoRA k initialised exactly as ``finetune`` does with
+    seed ``seeds[k]`` (seed the global RNG, then let peft inject and initialise the adapter)."""
+    per = []
+    for s in seeds:
+        torch.manual_seed(int(s))
+        u = copy.deepcopy(pipe.unet).requires_grad_(False)
+        u.add_adapter(lora_config(cfg))
+        per.append({n: p.detach().float().clone() for n, p in u.named_parameters() if "lora_" in n})
+        del u
+    return {n: torch.stack([p[n] for p in per]) for n in per[0]}
+
+
+def unstack(params: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """LoRA ``k`` of a stack, in the in-memory naming of :func:`core.finetune.lora.lora_state_dict`."""
+    return {peft_key(n): v[k].detach().float().cpu().clone() for n, v in params.items()}
+
+
+def train_many(pipe, crops_list, cfg: FinetuneConfig | None = None, seeds=None, record_every: int = 0,
+               should_stop=never):
+    """Generator: fine-tune ``len(crops_list)`` LoRAs at once (``cfg`` is every run's recipe, seed
+    ``seeds[k]`` for run k). Yields ``Progress`` per step and ``Done(dict)`` with ``triggers``,
+    ``losses`` (steps x K) and ``trajectory``: ``{step: [lora_0, ..., lora_{K-1}]}`` at every
+    ``record_every`` steps and the last step."""
+    from torch.func import functional_call, vmap
+
+    cfg = cfg or FinetuneConfig()
+    if cfg.text_encoder:
+        raise ValueError("train_many trains UNet LoRAs only (text_encoder=False)")
+    crops_list = [check_photos(c) for c in crops_list]
+    k_runs = len(crops_list)
+    seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(k_runs)]
+    if len(seeds) != k_runs:
+        raise ValueError(f"{k_runs} photo sets but {len(seeds)} seeds")
+    t0 = time.perf_counter()
+    dev = pipe.device
+    b = cfg.batch
+
+    # inputs computed once (as finetune does, per run)
+    inst = [encode_photos(pipe, c) for c in crops_list]
+    cls = class_latents(pipe, cfg.n_class).to(dev) if cfg.prior_weight > 0 and cfg.n_class > 0 else None
+    triggers = [pick_trigger(replace(cfg, seed=s, trigger=None)) for s in seeds]
+    with torch.no_grad():
+        emb_cls = encode_prompt(pipe, CLASS_PROMPT)
+        embs = []
+        for trig in triggers:
+            e = [encode_prompt(pipe, instance_prompt(trig)).expand(b, -1, -1)]
+            if cls is not None:
+                e.append(emb_cls.expand(b, -1, -1))
+            embs.append(torch.cat(e))
+        embs = torch.stack(embs)  # K x (2b) x L x D
+    yield Message(f"{k_runs} LoRAs at once; triggers {', '.join(triggers)}")
+
+    unet = adapter_unet(pipe, cfg)
+    params = {n: v.to(dev).requires_grad_(True) for n, v in initial_adapters(pipe, cfg, seeds).items()}
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
+    den = Denoiser(pipe.scheduler.config)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def one(p, x, t, e):
+        return functional_call(unet, p, (x, t, e)).sample
+
+    batched = vmap(one)
+    losses, trajectory = [], {}
+    for step in range(1, cfg.steps + 1):
+        if should_stop():
+            break
+        noised = []
+        for k, g in enumerate(gens):  # the same draws, in the same order, as finetune's loop
+            x0 = inst[k][torch.randint(0, len(inst[k]), (b,), generator=g)]
+            if cls is not None:
+                x0 = torch.cat([x0, cls[torch.randint(0, len(cls), (b,), generator=g)]])
+            noised.append(den.noise(x0, g))
+        pred = batched(params, torch.stack([n.noisy for n in noised]), torch.stack([n.t for n in noised]), embs)
+        err = torch.stack([den.errors(pred[k], n) for k, n in enumerate(noised)])  # K x 2b
+        loss_k = err[:, :b].mean(1)
+        if cls is not None:
+            loss_k = loss_k + cfg.prior_weight * err[:, b:].mean(1)
+        opt.zero_grad(set_to_none=True)
+        loss_k.sum().backward()
+        if cfg.grad_clip:  # per run, as torch.nn.utils.clip_grad_norm_ does for one run
+            with torch.no_grad():
+                norms = torch.stack([p.grad.flatten(1).pow(2).sum(1) for p in params.values()]).sum(0).sqrt()
+                coef = (cfg.grad_clip / (norms + 1e-6)).clamp(max=1.0)
+                for p in params.values():
+                    p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
+        opt.step()
+        losses.append(loss_k.detach().cpu().tolist())
+        yield Progress("shadow LoRAs", step, cfg.steps, time.perf_counter() - t0,
+                       {"mean loss": float(np.mean(losses[-1]))})
+        if (record_every and step % record_every == 0) or step == cfg.steps:
+            trajectory[step] = [unstack(params, k) for k in range(k_runs)]
+    yield Done({"triggers": triggers, "losses": losses, "trajectory": trajectory, "seeds": seeds,
+                "base": base_fingerprint(pipe), "seconds": time.perf_counter() - t0},
+               cancelled=len(losses) < cfg.steps)
+
+
+# the population on disk -----------------------------------------------------------------------
+
+
+@dataclass
+class ShadowJob:
+    name: str  # identity
+    photos: list[str]  # the photo subset this LoRA saw (file names)
+    seed: int
+
+
+def plan_jobs(n: int, seed: int = 0, photos: int = 5, root=None) -> list[ShadowJob]:
+    """``n`` shadow LoRAs: identities of the shadow split in a seeded order (cycling if n exceeds
+    them), each with a random subset of up to ``photos`` of its photos and a fresh seed."""
+    from core.faces.data import Split
+
+    people = Split.load().paths("shadow", root)
+    rng = random.Random(seed)
+    names = shadow_order(rng, people)
+    jobs = []
+    for i in range(n):
+        name = names[i % len(names)]
+        paths = people[name]
+        pick = sorted(rng.sample(range(len(paths)), min(photos, len(paths))))
+        jobs.append(ShadowJob(name, [paths[j].name for j in pick], seed=1_000_000 + seed * 100_000 + i))
+    return jobs
+
+
+def shadow_order(rng: random.Random | int = 0, people: dict | None = None) -> list[str]:
+    """The shadow identities in the plan's seeded order (job i of a plan is identity i of this list):
+    a plan of n jobs uses the first n; identities after them are ones its attacker never saw."""
+    from core.faces.data import Split
+
+    rng = random.Random(rng) if isinstance(rng, int) else rng
+    names = sorted(people if people is not None else Split.load().shadow)
+    rng.shuffle(names)
+    return names
+
+
+def job_file(out: Path, i: int) -> Path:
+    return out / f"{i:05d}.safetensors"
+
+
+def trajectory_tensors(trajectory: dict, k: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Run ``k``'s checkpoints of a :func:`train_many` trajectory as ``step<r>.<key>`` file tensors."""
+    return {f"step{step}.{key}": v.to(dtype).contiguous() for step, loras in trajectory.items() for key, v in loras[k].items()}
+
+
+def read_trajectory(handle) -> dict[int, dict]:
+    """``{step: peft-named state dict (float32)}`` from an open ``safe_open`` handle of such a file."""
+    ck: dict[int, dict] = {}
+    for key in handle.keys():
+        if key.startswith("step"):
+            head, rest = key.split(".", 1)
+            ck.setdefault(int(head[4:]), {})[rest] = handle.get_tensor(key).float()
+    return ck
+
+
+def save_shadow(path: Path, job: ShadowJob, trigger: str, latents: torch.Tensor, trajectory: dict, k: int,
+                cfg: FinetuneConfig, base: str) -> None:
+    """One shadow LoRA: photo latents and every recorded checkpoint (fp16), metadata as JSON."""
+    from safetensors.torch import save_file
+
+    tensors = {"latents": latents.half().contiguous(), **trajectory_tensors(trajectory, k, torch.float16)}
+    meta = {"identity": job.name, "photos": json.dumps(job.photos), "seed": str(job.seed), "trigger": trigger,
+            "steps": json.dumps(sorted(trajectory)), "rank": str(cfg.rank), "alpha": str(cfg.alpha),
+            "base": base, "config": json.dumps({k2: v for k2, v in vars(cfg).items() if k2 != "unet_targets"})}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+@dataclass
+class ShadowLoRA:
+    """A shadow LoRA read back: ``checkpoints[step]`` is a peft-named state dict (float32)."""
+
+    identity: str
+    trigger: str
+    seed: int
+    latents: torch.Tensor
+    checkpoints: dict
+    meta: dict
+
+
+def load_shadow(path: str | Path) -> ShadowLoRA:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        latents = f.get_tensor("latents").float()
+        ck = read_trajectory(f)
+    return ShadowLoRA(meta["identity"], meta["trigger"], int(meta["seed"]), latents, ck, meta)
+
+
+def list_shadows(out: str | Path | None = None) -> list[Path]:
+    return sorted(Path(out or shadow_dir()).glob("*.safetensors"))
+
+
+def build_population(pipe, jobs: list[ShadowJob], cfg: FinetuneConfig, out: Path, group: int = 16,
+                     record_every: int = 5, root=None, process_index: int = 0, num_processes: int = 1,
+                     should_stop=never):
+    """Generator: train every job not yet on disk, ``group`` at a time; this process takes every
+    ``num_processes``-th group. Yields the groups' events and ``Done(list of files written)``."""
+    from core.faces.aligned import load_crops
+    from core.faces.data import default_lfw_root
+    from core.model.pipeline import image_size_of
+
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(root or default_lfw_root())
+    groups = [list(range(s, min(s + group, len(jobs)))) for s in range(0, len(jobs), group)]
+    mine = [g for gi, g in enumerate(groups) if gi % num_processes == process_index]
+    written = []
+    for gi, g in enumerate(mine):
+        todo = [i for i in g if not job_file(out, i).exists()]
+        if not todo:
+            continue
+        if should_stop():
+            break
+        yield Message(f"group {gi + 1}/{len(mine)}: shadow LoRAs {todo[0]}..{todo[-1]}")
+        crops = [load_crops([root / jobs[i].name / p for p in jobs[i].photos], size=image_size_of(pipe)) for i in todo]
+        res = None
+        for ev in train_many(pipe, crops, cfg, [jobs[i].seed for i in todo], record_every, should_stop):
+            if isinstance(ev, Done):
+                res = ev
+            else:
+                yield ev
+        if res is None or res.cancelled:
+            break
+        r = res.result
+        for k, i in enumerate(todo):
+            save_shadow(job_file(out, i), jobs[i], r["triggers"][k], encode_photos(pipe, crops[k]).cpu(),
+                        r["trajectory"], k, cfg, r["base"])
+            written.append(job_file(out, i))
+    yield Done(written)
+
+
+def main(argv=None):
+    from accelerate import PartialState
+
+    from core.cli import add_config_flags, config_from_args
+    from core.events import run_with_progress_bar
+    from core.model.pipeline import load_pipeline
+
+    ap = argparse.ArgumentParser(description="Train the shadow LoRA population (resumable)")
+    ap.add_argument("--n", type=int, default=96, help="number of shadow LoRAs")
+    ap.add_argument("--out", default=None, help=f"folder (default: {shadow_dir()})")
+    ap.add_argument("--group", type=int, default=16, help="LoRAs trained at once")
+    ap.add_argument("--record-every", type=int, default=5, help="steps between trajectory checkpoints")
+    ap.add_argument("--plan-seed", type=int, default=0)
+    ap.add_argument("--data", default=None, help="LFW root (default: $LEAKLAB_LFW or ../shared/data/lfw)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--write-plan", default=None, metavar="JSON", help="only write the job plan (identities, photos, seeds) here")
+    ap.add_argument("--plan", default=None, metavar="JSON", help="train the jobs of this plan (from --write-plan) instead of planning")
+    add_config_flags(ap, FinetuneConfig, skip=("trigger", "seed", "checkpoint_every", "preview_n", "preview_steps"))
+    # shadow trajectories run past the default recipe's length, so every step count up to it is covered
+    ap.set_defaults(steps=100)
+    a = vars(ap.parse_args(argv))
+    cfg = config_from_args(FinetuneConfig, a, checkpoint_every=0, preview_n=0)
+    if a["plan"]:
+        jobs = [ShadowJob(**j) for j in json.loads(Path(a["plan"]).read_text())]
+    else:
+        jobs = plan_jobs(a["n"], a["plan_seed"], root=a["data"])
+    if a["write_plan"]:
+        Path(a["write_plan"]).write_text(json.dumps([asdict(j) for j in jobs], indent=0) + "\n")
+        print(f"{len(jobs)} jobs -> {a['write_plan']}")
+        return
+    # without a GPU, processes started by `accelerate launch --multi_gpu` / `torchrun` share the groups
+    # over gloo (cpu=True: accelerate's own launcher for --cpu starts a single process)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    # float32 weights on every device (training; autocast does the half-precision work on CUDA)
+    pipe = load_pipeline(a["model"], str(state.device) if state.device.type == "cuda" else None, dtype=torch.float32)
+    out = Path(a["out"] or shadow_dir())
+    files = run_with_progress_bar(build_population(pipe, jobs, cfg, out, a["group"], a["record_every"], a["data"],
+                                                   state.process_index, state.num_processes))
+    print(f"{len(files)} shadow LoRAs written to {out} ({len(list_shadows(out))} there in all)")
+
+
+if __name__ == "__main__":
+    main()

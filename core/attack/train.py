@@ -1,0 +1,213 @@
+"""Train the weight-only attacker on the shadow population: ``python -m core.attack.train``.
+
+Objective (the paper's): the denoising loss of each shadow LoRA's own model (base + that LoRA)
+on that shadow identity's photo latents, conditioned on z = attacker(LoRA, step); only the
+attacker learns (base and LoRAs frozen). Step-token paradigm (the paper's Algorithm 2): every
+recorded checkpoint of a shadow trajectory is a sample, with its step index as the step token, so
+a population of LoRAs gives ~20 samples each and the attacker works at any step of a live fine-tune.
+
+Speed: K LoRAs per optimisation step run as one ``vmap``-ed forward over their stacked adapters
+(:mod:`core.attack.shadow`). A held-out tail of the population is scored every ``--eval-every`` steps:
+the same fixed-noise denoising loss for z = attacker's mean, for the class prompt (the naive
+attack's prompt) and for the true trigger's prompt (what the LoRA was trained with; the attacker
+never sees it). The final attacker and a JSON log go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from core.attack.attacker import ATTACKER_DIR, Attacker, config_for, lora_inputs, save_attacker
+from core.events import Done, Message, Progress, never
+from core.finetune.lora import FinetuneConfig, encode_prompt
+from core.model.denoising import Denoiser
+from core.model.prompts import CLASS_PROMPT, instance_prompt
+from core.attack.shadow import adapter_unet, list_shadows, load_shadow
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1200
+    loras_per_step: int = 8  # K LoRAs per optimisation step
+    latents_per_lora: int = 4  # photo latents (with mirrors) per LoRA per step
+    lr: float = 5e-4
+    warmup: int = 50
+    kl_weight: float = 0.0  # the paper's public code: 0
+    grad_clip: float = 1.0
+    holdout: int = 16  # last shadow LoRAs kept out of training, scored every eval_every steps
+    eval_every: int = 100
+    min_step: int = 5  # trajectory checkpoints used: step >= min_step
+    inputs: str = "canonical"
+    width: int = 128
+    layers: int = 3
+    seed: int = 0
+    minutes: float = 0.0  # time budget (0 = none): after 20 steps the schedule is shortened to fit it
+
+
+def to_param_names(lora: dict) -> dict[str, torch.Tensor]:
+    """In-memory naming (``unet.<m>.lora_A.weight``) -> the adapter UNet's parameter names."""
+    return {k[len("unet."):].replace(".lora_A.weight", ".lora_A.default.weight").replace(
+        ".lora_B.weight", ".lora_B.default.weight"): v for k, v in lora.items() if k.startswith("unet.")}
+
+
+class DenoisingLoss:
+    """Denoising loss of K (LoRA, z) pairs on their latents, in one vmap-ed forward."""
+
+    def __init__(self, pipe, rank: int, alpha: float, targets):
+        from torch.func import functional_call, vmap
+
+        self.unet = adapter_unet(pipe, FinetuneConfig(rank=rank, alpha=alpha, unet_targets=tuple(targets)))
+        self.device = pipe.device
+        self.den = Denoiser(pipe.scheduler.config)
+        unet = self.unet
+        self.batched = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
+
+    def __call__(self, loras: list[dict], z: torch.Tensor, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Per-LoRA loss (K,). ``x0``: K x b x C x H x W latents; ``z``: K x L x D."""
+        names = [to_param_names(lo) for lo in loras]
+        dev = self.device
+        params = {n: torch.stack([p[n] for p in names]).to(dev) for n in names[0]}
+        k, b = x0.shape[:2]
+        noised = self.den.noise(x0.flatten(0, 1).to(dev), g)  # draws on the CPU: same numbers on every device
+        emb = z.to(dev).unsqueeze(1).expand(k, b, *z.shape[1:])
+        pred = self.batched(params, noised.noisy.unflatten(0, (k, b)), noised.t.unflatten(0, (k, b)), emb)
+        return self.den.errors(pred.flatten(0, 1), noised).unflatten(0, (k, b)).mean(1)
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to 0 at ``total`` steps (default ``cfg.steps``)."""
+    total = total or cfg.steps
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
+
+
+def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
+    """Generator: train an attacker on shadow LoRA files. ``Done((attacker, log))``."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    shadows = [load_shadow(f) for f in files]
+    for s in shadows:  # keep the population compact in memory
+        s.checkpoints = {r: {k: v.half() for k, v in ck.items()} for r, ck in s.checkpoints.items() if r >= cfg.min_step}
+    if len(shadows) <= cfg.holdout:
+        raise ValueError(f"need more than {cfg.holdout} shadow LoRAs, found {len(shadows)}")
+    train_set, held = shadows[: -cfg.holdout] if cfg.holdout else shadows, shadows[-cfg.holdout:] if cfg.holdout else []
+    first = shadows[0]
+    rank, alpha = int(first.meta["rank"]), float(first.meta["alpha"])
+    any_lora = next(iter(first.checkpoints.values()))
+    targets = json.loads(first.meta["config"]).get("unet_targets") or FinetuneConfig().unet_targets
+    with torch.no_grad():
+        cls_emb = encode_prompt(pipe, CLASS_PROMPT)[0].float()
+    acfg = config_for(pipe, any_lora, rank, alpha, inputs=cfg.inputs, width=cfg.width, layers=cfg.layers)
+    dev = pipe.device
+    model = Attacker(acfg, cls_emb).to(dev)
+    loss_fn = DenoisingLoss(pipe, rank, alpha, targets)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    yield Message(f"{len(train_set)} training LoRAs x {len(first.checkpoints)} checkpoints, {len(held)} held out; "
+                  f"attacker {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+
+    def batch(pool, k, step=None):
+        picks = [rng.choice(pool) for _ in range(k)]
+        steps = [step or rng.choice(sorted(s.checkpoints)) for s in picks]
+        loras = [{n: v.float() for n, v in s.checkpoints[r].items()} for s, r in zip(picks, steps)]
+        x0 = torch.stack([s.latents[torch.randint(0, len(s.latents), (cfg.latents_per_lora,), generator=g)] for s in picks])
+        return picks, steps, loras, x0
+
+    log = {"config": asdict(cfg), "train": [], "eval": []}
+
+    def evaluate():
+        """Fixed-noise loss on the held-out LoRAs at their last step: attacker vs class prompt vs true trigger."""
+        if not held:
+            return None
+        eg = torch.Generator().manual_seed(12345)
+        last = max(held[0].checkpoints)
+        loras = [{n: v.float() for n, v in s.checkpoints[last].items()} for s in held]
+        x0 = torch.stack([s.latents[:cfg.latents_per_lora] for s in held])
+        with torch.no_grad():
+            z = model.encode(loras, [last] * len(held))
+            trig = torch.stack([encode_prompt(pipe, instance_prompt(s.trigger))[0].float() for s in held])
+            out = {}
+            for name, zz in (("attacker", z), ("class prompt", cls_emb.expand_as(z)), ("true trigger", trig)):
+                vals = []
+                for rep in range(4):
+                    eg.manual_seed(12345 + rep)
+                    vals.append(loss_fn(loras, zz, x0, eg))
+                out[name] = float(torch.stack(vals).mean())
+        return out
+
+    total = cfg.steps
+    t_loop = time.perf_counter()
+    for step in range(cfg.steps):
+        if should_stop() or step >= total:
+            break
+        if cfg.minutes and step == 20:
+            per_step = (time.perf_counter() - t_loop) / 20
+            total = max(21, min(cfg.steps, int(60 * cfg.minutes / per_step)))
+            yield Message(f"time budget {cfg.minutes} min: {total} steps at {per_step:.3f} s/step")
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, cfg, total)
+        model.train()
+        _, steps, loras, x0 = batch(train_set, cfg.loras_per_step)
+        inputs = [(u.to(dev), v.to(dev)) for u, v in lora_inputs(loras, acfg)]
+        mu, logvar = model(inputs, torch.as_tensor(steps, device=dev))
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        rec = loss_fn(loras, z, x0.float(), g).mean()
+        kl = 0.5 * (mu.sub(model.class_embedding).pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        log["train"].append([step + 1, float(rec.detach()), float(kl.detach())])
+        yield Progress("attacker", step + 1, total, time.perf_counter() - t0, {"loss": float(rec.detach())})
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+            model.eval()
+            ev = evaluate()
+            if ev:
+                log["eval"].append({"step": step + 1, **ev})
+                yield Message(f"step {step + 1}: held-out denoising loss " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+    model.eval()
+    log["steps_done"] = len(log["train"])
+    log["seconds"] = time.perf_counter() - t0
+    log["shadow_loras"] = len(train_set)
+    yield Done((model, log))
+
+
+def main(argv=None):
+    from core.cli import add_config_flags, config_from_args
+    from core.events import run_with_progress_bar
+    from core.model.pipeline import load_pipeline
+    from core.attack.shadow import shadow_dir
+
+    ap = argparse.ArgumentParser(description="Train the weight-only attacker on the shadow LoRAs")
+    ap.add_argument("--shadow", default=None, help=f"shadow LoRA folder (default: {shadow_dir()})")
+    ap.add_argument("--out", default=str(ATTACKER_DIR / "attacker.safetensors"))
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N shadow LoRAs (0 = all)")
+    ap.add_argument("--model", default=None)
+    add_config_flags(ap, TrainConfig)
+    a = vars(ap.parse_args(argv))
+    cfg = config_from_args(TrainConfig, a)
+    pipe = load_pipeline(a["model"], dtype=torch.float32)  # float32 weights on CUDA too (training)
+    files = list_shadows(a["shadow"])
+    if a["limit"]:
+        files = files[: a["limit"]]
+    model, log = run_with_progress_bar(train(pipe, files, cfg))
+    info = {"command": "python -m core.attack.train " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+            "shadow_loras": log["shadow_loras"], "seconds": round(log["seconds"], 1), "final_eval": log["eval"][-1] if log["eval"] else None}
+    out = save_attacker(model, a["out"], info)
+    Path(out).with_suffix(".json").write_text(json.dumps({**info, "log": log}, indent=1) + "\n")
+    print(f"attacker -> {out}")
+
+
+if __name__ == "__main__":
+    main()

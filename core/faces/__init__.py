@@ -1,0 +1,9 @@
+"""Faces: the data the project reads, dlib's models, visitor photos, and the identity protocol.
+
+- ``data``: identity-grouped face folders (LFW layout), UTKFace, the identity split;
+- ``recognition``: dlib's detector, 5-point landmarks and face-recognition ResNet, loaded once;
+- ``ingest``: a visitor's photo (or any training photo) -> an aligned face crop, or a sentence
+  saying why not;
+- ``metrics``: the identity numbers of docs (distance, top-k, Frechet distance, bootstrap);
+- ``utility``: does a LoRA draw its person (the fine-tune's own score).
+"""

@@ -1,0 +1,359 @@
+"""Validation of an uploaded LoRA file before anything uses it.
+
+A LoRA file a visitor uploads is untrusted input. The classic danger is pickle: ``.pt`` / ``.bin`` /
+``.ckpt`` files are pickles (often inside a zip), and unpickling one runs whatever code its author
+put in it. So only ``.safetensors`` is accepted, recognised by its bytes rather than its name, and
+this module never calls ``torch.load`` or ``pickle``. A safetensors file is plain data, but its
+content can still be hostile or simply wrong: a huge file or header, thousands of tensors, integer
+or NaN weights, names that do not exist in the base model, shapes that would fail (or silently
+broadcast) when merged, a rank that makes merging expensive, or a LoRA trained for another base
+model. :func:`validate_lora_file` checks all of that, cheapest checks first, and either returns a
+:class:`ValidatedLoRA` (float32 CPU tensors in the peft naming :func:`core.finetune.lora.load_lora`
+returns) or raises :class:`LoRAFileError`, whose message is written for the visitor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MAX_BYTES = 64 * 1024 * 1024  # largest file accepted
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # largest safetensors JSON header accepted
+MAX_TENSORS = 4096
+MAX_RANK = 256
+ALLOWED_DTYPES = ("F16", "BF16", "F32")
+COMPONENTS = ("unet", "text_encoder")
+PART_NAMES = {"unet": "UNet", "text_encoder": "text encoder"}
+SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = 0x80
+
+
+class LoRAFileError(ValueError):
+    """A refused LoRA file: ``str(err)`` is a sentence for the visitor, ``reason`` a short code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class ValidatedLoRA:
+    lora: dict  # "unet.<module>.lora_A.weight" / "...lora_B.weight" (and "text_encoder...."), CPU float32
+    meta: dict  # the file's safetensors metadata (str -> str)
+    rank: int
+    alpha: float
+    modules: list[str] = field(default_factory=list)  # UNet module names with a LoRA
+    notes: list[str] = field(default_factory=list)  # non-fatal remarks for the visitor
+
+
+def _the_file(name: str) -> str:
+    return f"The file {_show(name)}"
+
+
+def _show(text: str, limit: int = 80) -> str:
+    """An untrusted string made safe to quote in a message: printable, quoted, truncated."""
+    text = "".join(c if c.isprintable() else "?" for c in str(text))
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+# 1-3. the bytes -------------------------------------------------------------------------------
+
+
+def _check_size(path: Path) -> int:
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise LoRAFileError("missing", "The LoRA file could not be found; please upload it again.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LoRAFileError("missing", f"{_the_file(path.name)} is not a regular file; please upload a .safetensors file.")
+    if st.st_size == 0:
+        raise LoRAFileError("empty", f"{_the_file(path.name)} is empty (0 bytes); expected a .safetensors LoRA file.")
+    if st.st_size > MAX_BYTES:
+        raise too_large(path.name, st.st_size)
+    return st.st_size
+
+
+def too_large(name: str, size: int) -> LoRAFileError:
+    """The refusal of a file over :data:`MAX_BYTES` (also raised before such an upload is read)."""
+    return LoRAFileError("too_large", f"{_the_file(name)} is {_size(size)}; LoRA files up to {_size(MAX_BYTES)} are accepted.")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def _header_length(head: bytes, size: int) -> int | None:
+    """The safetensors header length if the first bytes look like one (sane length, then '{')."""
+    if len(head) < 9:
+        return None
+    n = struct.unpack("<Q", head[:8])[0]
+    if n < 2 or n > MAX_HEADER_BYTES or n > size - 8 or head[8:9] != b"{":
+        return None
+    return n
+
+
+def _refuse_pickle(head: bytes, name: str, looks_safetensors: bool) -> None:
+    # A safetensors header length can itself start with byte 0x80 (e.g. 640 = 0x280), hence the guard.
+    is_zip = head.startswith(ZIP_MAGIC)
+    is_pickle = head[:1] == bytes([PICKLE_PROTO]) and not looks_safetensors
+    if is_zip or is_pickle:
+        kind = "a zip archive (a PyTorch .pt/.bin/.ckpt checkpoint)" if is_zip else "a Python pickle (.pt/.bin/.ckpt)"
+        raise LoRAFileError("pickle", f"{_the_file(name)} is {kind}. Only .safetensors LoRA files are accepted, because "
+                                      "loading a pickled file can run arbitrary code; please convert it to .safetensors.")
+
+
+def _check_header(path: Path, size: int) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+        n = _header_length(head, size)
+        _refuse_pickle(head, path.name, n is not None)
+        if n is None:
+            raise _not_safetensors(path.name, "its first bytes are not a valid safetensors header")
+        fh.seek(8)
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _not_safetensors(path.name, "its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors(path.name, "its header is not a JSON object")
+
+
+def _not_safetensors(name: str, why: str) -> LoRAFileError:
+    return LoRAFileError("not_safetensors", f"{_the_file(name)} is not a readable .safetensors file: {why}. "
+                                            "Expected a LoRA saved with safetensors (for example by diffusers).")
+
+
+# 4-5. tensors ---------------------------------------------------------------------------------
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Keys, dtypes and then data through safetensors itself (count and dtype checked before data)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            keys = list(f.keys())
+            if len(keys) > MAX_TENSORS:
+                raise LoRAFileError("too_many_tensors", f"{_the_file(path.name)} holds {len(keys)} tensors; a LoRA for "
+                                                        f"this model has far fewer (at most {MAX_TENSORS} accepted).")
+            for k in keys:
+                dt = f.get_slice(k).get_dtype()
+                if dt not in ALLOWED_DTYPES:
+                    raise LoRAFileError("dtype", f"Tensor {_show(k)} is stored as {_show(dt)}; LoRA weights must be "
+                                                 f"floating point ({', '.join(ALLOWED_DTYPES)}).")
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except LoRAFileError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise _not_safetensors(path.name, f"safetensors could not open it ({type(e).__name__})") from None
+    return tensors, meta
+
+
+# 6-7. names -----------------------------------------------------------------------------------
+
+
+def _convert_names(raw: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the file's tensors in peft naming, converted exactly as :func:`core.finetune.lora.load_lora`
+    does, keys diffusers could not convert) -- the latter keep their original names."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    parts: dict[str, dict] = {}
+    unknown: list[str] = []
+    for k in raw:
+        part, _, rest = k.partition(".")
+        if part in COMPONENTS and rest:
+            parts.setdefault(part, {})[rest] = raw[k]
+        else:
+            unknown.append(k)
+    out: dict[str, torch.Tensor] = {}
+    for part, sub in parts.items():
+        convert = convert_unet_state_dict_to_peft if part == "unet" else convert_state_dict_to_peft
+        try:
+            conv = convert(sub)
+        except ValueError:  # diffusers could not infer the naming scheme of this part
+            unknown.extend(f"{part}.{k}" for k in sub)
+            continue
+        if len(conv) != len(sub):
+            raise LoRAFileError("duplicate_key", f"Two tensors of the {part} part map to the same LoRA weight; "
+                                                 "each adapted layer must appear once.")
+        out.update({f"{part}.{k}": v for k, v in conv.items()})
+    return out, unknown
+
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+def _check_names(lora: dict[str, torch.Tensor], unknown: list[str]) -> None:
+    bad = unknown + [k for k in lora if not k.endswith(SUFFIXES)]
+    if bad and all(k.startswith(KOHYA_PREFIXES) for k in bad):
+        raise LoRAFileError("kohya_naming", f"This LoRA uses the kohya-ss / AUTOMATIC1111 naming (for example "
+                                            f"{_show(bad[0])}), which this app does not read. Save it in the "
+                                            "diffusers format (diffusers' load_lora_weights, then save_lora_weights) "
+                                            "and upload that file.")
+    if len(bad) == len(lora) + len(unknown):
+        example = f", found for example {_show(bad[0])}" if bad else ", found no tensors at all"
+        raise LoRAFileError("no_lora_keys", "The file contains no LoRA weights: expected tensors named like "
+                                            "'unet.<layer>.lora_A.weight' / '...lora_B.weight' (diffusers or peft "
+                                            f"naming){example}.")
+    if bad:
+        raise LoRAFileError("unknown_module", f"Tensor {_show(bad[0])} is not a LoRA weight this app understands: "
+                                              "every tensor must be a lora_A or lora_B weight of a layer of the UNet "
+                                              "or the text encoder.")
+
+
+def _module_name(key: str) -> tuple[str, str]:
+    part, rest = key.split(".", 1)
+    for suffix in SUFFIXES:
+        if rest.endswith(suffix):
+            return part, rest[: -len(suffix)]
+    raise AssertionError(key)
+
+
+def _check_modules(lora: dict, pipe) -> dict[tuple[str, str], torch.nn.Module]:
+    """{(part, module name): base layer} for every adapted layer, each with both A and B."""
+    tables = {p: dict(getattr(pipe, p).named_modules()) for p in COMPONENTS if getattr(pipe, p, None) is not None}
+    layers: dict[tuple[str, str], torch.nn.Module] = {}
+    for key in lora:
+        part, name = _module_name(key)
+        mod = tables.get(part, {}).get(name) if name else None
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            raise LoRAFileError("unknown_module", f"Tensor {_show(key)} adapts a layer that is not a linear or "
+                                                  f"convolution layer of this base model's {PART_NAMES.get(part, part)}; the LoRA was "
+                                                  "probably made for a different model architecture.")
+        layers[(part, name)] = mod
+    for part, name in layers:
+        for suffix in SUFFIXES:
+            if f"{part}.{name}{suffix}" not in lora:
+                raise LoRAFileError("missing_pair", f"Layer {_show(f'{part}.{name}')} has only one of its two LoRA "
+                                                    f"matrices: {_show(suffix.strip('.'))} is missing; every layer "
+                                                    "needs both lora_A and lora_B. The file is incomplete: export "
+                                                    "the whole LoRA again and upload that.")
+    return layers
+
+
+# 8. shapes ------------------------------------------------------------------------------------
+
+
+def _expected_shapes(mod: torch.nn.Module, r: int) -> tuple[tuple, tuple]:
+    w = mod.weight
+    if isinstance(mod, torch.nn.Conv2d):  # A: (r, in / groups, kh, kw) like the conv, B: (out, r, 1, 1)
+        return (r, *w.shape[1:]), (w.shape[0], r, 1, 1)
+    return (r, w.shape[1]), (w.shape[0], r)
+
+
+def _check_shapes(lora: dict, layers: dict) -> int:
+    ranks: dict[int, str] = {}
+    for part, name in layers:
+        a = lora[f"{part}.{name}.lora_A.weight"]
+        ranks.setdefault(int(a.shape[0]) if a.ndim else 0, f"{part}.{name}")
+    if len(ranks) > 1:
+        found = ", ".join(f"{r} ({_show(n, 50)})" for r, n in sorted(ranks.items()))
+        raise LoRAFileError("rank", f"The LoRA layers do not share one rank (found ranks {found}); "
+                                    "expected the same rank r for every layer.")
+    r = next(iter(ranks))
+    if not 1 <= r <= MAX_RANK:
+        raise LoRAFileError("rank", f"The LoRA rank is {r}; ranks from 1 to {MAX_RANK} are accepted.")
+    for (part, name), mod in layers.items():
+        want_a, want_b = _expected_shapes(mod, r)
+        for suffix, want in ((".lora_A.weight", want_a), (".lora_B.weight", want_b)):
+            got = tuple(lora[f"{part}.{name}{suffix}"].shape)
+            if got != tuple(want):
+                raise LoRAFileError("shape", f"Tensor {_show(f'{part}.{name}{suffix}')} has shape {list(got)}, but "
+                                             f"this base model's layer needs {list(want)} at rank {r}; the LoRA does "
+                                             "not fit this model. Upload a LoRA fine-tuned from this app's base "
+                                             "model (the Fine-tune tab makes one).")
+    return r
+
+
+# 9-11. values and metadata --------------------------------------------------------------------
+
+
+def _check_finite(lora: dict) -> None:
+    for k, v in lora.items():
+        if not torch.isfinite(v).all():
+            raise LoRAFileError("non_finite", f"Tensor {_show(k)} contains NaN or infinite values; "
+                                              "all LoRA weights must be finite numbers.")
+
+
+def _check_base(meta: dict, pipe, notes: list[str]) -> None:
+    from core.model.prior import base_fingerprint
+
+    theirs = meta.get("leaklab_base_fingerprint")
+    ours = base_fingerprint(pipe)
+    if theirs is None:
+        notes.append("no base fingerprint in the file's metadata; its shapes match this base model")
+    elif theirs != ours:
+        made_for = f" ({_show(meta['leaklab_base_model'])})" if "leaklab_base_model" in meta else ""
+        raise LoRAFileError("base_mismatch", f"This LoRA was made for a different base model{made_for}: its base "
+                                             f"fingerprint is {_show(theirs, 40)}, this app's base model is "
+                                             f"{ours!r}. Upload a LoRA fine-tuned from this app's base model.")
+
+
+def _adapter_meta(meta: dict) -> dict:
+    text = meta.get("lora_adapter_metadata")
+    if text is None:
+        return {}
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise LoRAFileError("metadata", "The file's 'lora_adapter_metadata' entry is not a valid JSON object; "
+                                        "expected the adapter settings diffusers writes (rank, alpha, targets).")
+    return parsed
+
+
+def _alpha(meta: dict, rank: int, notes: list[str]) -> float:
+    adapter = _adapter_meta(meta)
+    for source, value in (("lora_adapter_metadata", adapter.get("unet.lora_alpha")),
+                          ("lora_adapter_metadata", adapter.get("text_encoder.lora_alpha")),
+                          ("leaklab_alpha", meta.get("leaklab_alpha"))):
+        if value is not None:
+            break
+    else:
+        notes.append(f"no LoRA alpha in the file's metadata; using alpha = rank = {rank}")
+        return float(rank)
+    try:
+        alpha = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        alpha = math.nan
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise LoRAFileError("alpha", f"The LoRA alpha in the file's {source} is {_show(value, 40)}; "
+                                     "expected a positive finite number.")
+    declared = adapter.get("unet.r")
+    if declared is not None and declared != rank:
+        notes.append(f"the metadata declares rank {_show(declared, 20)} but the weights have rank {rank}")
+    return alpha
+
+
+# the entry point ------------------------------------------------------------------------------
+
+
+def validate_lora_file(path: str | os.PathLike, pipe) -> ValidatedLoRA:
+    """Check an untrusted LoRA file against ``pipe``'s base model; raise :class:`LoRAFileError` if
+    anything is wrong, else return its weights (peft naming, CPU float32) and settings."""
+    path = Path(path)
+    size = _check_size(path)
+    _check_header(path, size)
+    raw, meta = _read_tensors(path)
+    converted, unknown = _convert_names(raw)
+    _check_names(converted, unknown)
+    lora = {k: v.float() for k, v in converted.items()}
+    layers = _check_modules(lora, pipe)
+    rank = _check_shapes(lora, layers)
+    _check_finite(lora)
+    notes: list[str] = []
+    _check_base(meta, pipe, notes)
+    alpha = _alpha(meta, rank, notes)
+    modules = sorted(name for part, name in layers if part == "unet")
+    return ValidatedLoRA(lora=lora, meta=meta, rank=rank, alpha=alpha, modules=modules, notes=notes)

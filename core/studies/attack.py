@@ -1,0 +1,276 @@
+"""How much does a shared LoRA give away? ``python -m core.studies.attack``.
+
+Protocol (docs/EVAL), on the first ``--n`` victim identities (never seen by the base model, the
+shadow population or the attacker):
+- each victim gets a fresh LoRA from the default recipe on its 5 private photos (trained with
+  :func:`core.attack.shadow.train_many`, which reproduces ``core.finetune.lora.finetune`` run by run; cached
+  per base model, so reruns reuse them);
+- every method under test makes 4 images (seeds 0..3) from the LoRA file's contents only
+  (except the ceiling, which uses the true trigger, and the floor, which uses no LoRA);
+- score: mean dlib descriptor of the 4 images -> distance to the victim's gallery entry (mean of
+  the private photos), rank of the victim's entry among all N victims' (top-1 / top-5), within 0.6;
+  means with 95 % bootstrap intervals over victims; "real" row = a held-out photo of the victim.
+
+Writes ``<out>/attack.json`` and ``attack.md``; an image grid of the first victims goes to
+``--grid`` (outside the repo by default: LFW photos are real people, never committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import RESULTS
+from core.faces import aligned, data
+from core.faces import metrics
+from core.cli import command_line
+from core.events import drain
+from core.finetune.lora import FinetuneConfig, pipeline_with_lora
+from core.model.prior import base_fingerprint, cache_dir
+from core.faces.utility import describe_set
+
+STEP_REPORT = (25, 50, 80)  # trajectory checkpoints kept per victim LoRA (80 = the default recipe's end)
+VICTIM_SEED0 = 500_000  # victim i's LoRA is trained with seed VICTIM_SEED0 + i
+ATTACKER_SHADOW_N = 128  # the shipped attacker's shadow population: the first 128 identities of the plan (attacker.json)
+
+
+def victim_loras(pipe, names, private, cfg: FinetuneConfig, log=print, group: int = 16, folder: str = "victims") -> list[dict]:
+    """Per victim {"trigger", "checkpoints": {step: lora}}: trained once, cached per base model (under
+    ``folder``: one per identity group); a cached file of another identity is retrained."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from core.attack.shadow import read_trajectory, train_many, trajectory_tensors
+
+    root = cache_dir() / folder / base_fingerprint(pipe)
+    root.mkdir(parents=True, exist_ok=True)
+    files = [root / f"{i:03d}.safetensors" for i in range(len(names))]
+
+    def cached(i):
+        if not files[i].exists():
+            return False
+        with safe_open(str(files[i]), "pt") as h:
+            meta = h.metadata() or {}
+        return meta.get("identity") == names[i] and meta.get("steps") == str(cfg.steps)
+
+    todo = [i for i in range(len(names)) if not cached(i)]
+    for s in range(0, len(todo), group):
+        g = todo[s:s + group]
+        t0 = time.perf_counter()
+        res = drain(train_many(pipe, [private[i] for i in g], cfg, seeds=[VICTIM_SEED0 + i for i in g], record_every=25))
+        for k, i in enumerate(g):
+            save_file(trajectory_tensors(res["trajectory"], k), str(files[i]), metadata={
+                "identity": names[i], "trigger": res["triggers"][k], "seed": str(VICTIM_SEED0 + i), "steps": str(cfg.steps)})
+        log(f"{folder} LoRAs {g[0]}..{g[-1]}: {time.perf_counter() - t0:.0f} s")
+    out = []
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            out.append({"trigger": h.metadata()["trigger"], "checkpoints": read_trajectory(h)})
+    return out
+
+
+def identities(group: str = "victims", n: int = 50, root=None) -> tuple[list[str], dict]:
+    """(the first ``n`` identities of ``group`` with >= 5 photos, {identity: photo paths}).
+
+    ``victims``: the victim split, in its order (never seen by the base model, the shadow population
+    or the attacker): every reported number. ``tuning``: shadow identities the shipped attacker never
+    saw (after the first :data:`ATTACKER_SHADOW_N` of the shadow plan's order): where the attack's
+    settings are chosen, so that no victim is looked at before the evaluation."""
+    from core.attack.shadow import shadow_order
+
+    split = data.Split.load()
+    if group == "victims":
+        people, order = split.paths("victims", root), split.victims
+    elif group == "tuning":
+        people = split.paths("shadow", root)
+        order = shadow_order(0, people)[ATTACKER_SHADOW_N:]
+    else:
+        raise ValueError(f"group must be 'victims' or 'tuning', got {group!r}")
+    return [v for v in order if len(people.get(v, [])) >= 5][:n], people
+
+
+def summarize(desc: np.ndarray, gallery: np.ndarray) -> dict:
+    d = metrics.distance(desc, gallery)
+    rk = metrics.ranks(desc, gallery, np.arange(len(gallery)))
+    top1, top5, within = (rk == 1).astype(float), (rk <= 5).astype(float), (d < metrics.SAME_PERSON).astype(float)
+    return dict(n=len(d), distance=float(d.mean()), distance_ci=metrics.bootstrap_ci(d),
+                top1=float(top1.mean()), top1_ci=metrics.bootstrap_ci(top1), top5=float(top5.mean()),
+                top5_ci=metrics.bootstrap_ci(top5), within_0_6=float(within.mean()), within_ci=metrics.bootstrap_ci(within),
+                per_victim_distance=[round(float(x), 4) for x in d])
+
+
+def evaluate(n: int = 50, attackers: dict | None = None, model=None, root=None, log=print, grid: Path | None = None,
+             sampler_steps: int = 25, with_baselines: bool = True, group: str = "victims", extrapolate=(),
+             attack_steps: int | None = None) -> dict:
+    """Every method's rows on ``n`` identities of ``group``. Each attacker's row is the attack as the app
+    runs it (:func:`core.attack.attacker.reconstruct`'s defaults: z, then sampling extrapolated with w =
+    ``ATTACK_W``); for the first attacker also its checkpoints at steps 25 and 50, its z alone (w = 1,
+    the paper's attack) and one row per w in ``extrapolate`` (a sweep). ``attack_steps``: sampler steps of
+    every attacker row (default ``ATTACK_SAMPLER_STEPS``); ``sampler_steps``: of the baselines."""
+    from core.attack import baselines
+    from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W, load_attacker, reconstruct
+    from core.model.pipeline import load_pipeline
+    from core.model.prompts import CLASS_PROMPT
+
+    pipe = load_pipeline(model)
+    names, people = identities(group, n, root)
+    private = [list(aligned.load_crops(people[v][:5])) for v in names]
+    cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
+    loras = victim_loras(pipe, names, private, cfg, log, folder=group)
+    attackers = attackers or {"attacker": None}
+    models = {k: load_attacker(p)[0] for k, p in attackers.items()}
+    first = next(iter(models))
+    a_steps = attack_steps or ATTACK_SAMPLER_STEPS
+
+    def attack(att, lora, step, view=None, w=ATTACK_W):
+        return reconstruct(pipe, att, lora, step, model=view, w=w, steps=a_steps)[0]
+
+    gallery = np.stack([describe_set(p) for p in private])
+    floor_desc = describe_set(baselines.floor(pipe, steps=sampler_steps))
+    rows: dict[str, list] = {}
+    grid_rows = []
+    t_attack = []
+    for i, (name, lo) in enumerate(zip(names, loras)):
+        final = lo["checkpoints"][cfg.steps]
+        view = pipeline_with_lora(pipe, final)
+        ims = {}
+        for label, att in models.items():
+            t0 = time.perf_counter()
+            ims[label] = attack(att, final, cfg.steps, view)
+            t_attack.append(time.perf_counter() - t0)
+            for st in STEP_REPORT[:-1]:
+                if label == first and st in lo["checkpoints"]:
+                    ims[f"{label} @ step {st}"] = attack(att, lo["checkpoints"][st], st)
+        ims[f"{first}: prompt only (w=1)"] = attack(models[first], final, cfg.steps, view, w=1.0)
+        for w in extrapolate:
+            ims[f"{first}, w={w:g}"] = attack(models[first], final, cfg.steps, view, w=w)
+        if with_baselines:
+            ims["naive (class prompt)"] = baselines.naive(pipe, final, CLASS_PROMPT, steps=sampler_steps, model=view)
+            ims["naive (empty prompt)"] = baselines.naive(pipe, final, "", steps=sampler_steps, model=view)
+            ims["FineXtract-style (w=3)"] = baselines.finextract(pipe, final, steps=sampler_steps, model=view)
+            ims["ceiling (true trigger)"] = baselines.ceiling(pipe, final, lo["trigger"], steps=sampler_steps, model=view)
+        for label, im in ims.items():
+            rows.setdefault(label, []).append(describe_set(im))
+        rows.setdefault("floor (base, class prompt)", []).append(floor_desc)
+        if with_baselines and len(grid_rows) < 8:
+            grid_rows.append([*private[i][:2], *ims[next(iter(models))][:2], ims["naive (class prompt)"][0],
+                              ims["FineXtract-style (w=3)"][0], ims["ceiling (true trigger)"][0]])
+        d = {k: float(metrics.distance(v[-1], gallery[i])) for k, v in rows.items()}
+        log(f"{i + 1:>3}/{len(names)} {name:<26} " + "  ".join(f"{k.split(' ')[0]} {v:.3f}" for k, v in d.items()))
+    # the "real" reference row: a held-out photo (victims with a 6th photo)
+    real_idx = [i for i, v in enumerate(names) if len(people[v]) >= 6]
+    real = {}
+    if real_idx:
+        probes = np.stack([describe_set(aligned.load_crops(people[names[i]][5:6])) for i in real_idx])
+        real = summarize(probes, gallery[real_idx]) | {"note": f"a held-out photo, {len(real_idx)} victims with >= 6 photos"}
+    results = {k: summarize(np.stack(v), gallery) for k, v in rows.items()}
+    if real:
+        results["real (held-out photo)"] = real
+    # identity, not memorised pixels: the same scores against the victims' unseen photos (>= 2 of them)
+    unseen_idx = [i for i, v in enumerate(names) if len(people[v]) >= 7]
+    unseen = {}
+    if len(unseen_idx) >= 5:
+        ug = np.stack([describe_set(aligned.load_crops(people[names[i]][5:])) for i in unseen_idx])
+        unseen = {k: summarize(np.stack(v)[unseen_idx], ug) for k, v in rows.items()}
+    if grid is not None and grid_rows:
+        save_grid(grid_rows, grid)
+    return dict(n=len(names), chance_top1=1 / len(names), chance_top5=min(1.0, 5 / len(names)), rows=results,
+                rows_unseen=unseen, n_unseen=len(unseen_idx),
+                attack_seconds_mean=float(np.mean(t_attack)), recipe=vars(cfg) | {"unet_targets": list(cfg.unet_targets)},
+                attackers={k: str(v) for k, v in attackers.items()}, base=base_fingerprint(pipe), group=group,
+                attack_sampling=dict(w=ATTACK_W, sampler_steps=a_steps))
+
+
+def load_report(path: str | Path | None = None) -> dict | None:
+    """The last evaluation's results (``docs/results/attack.json``), or None where none was run."""
+    from core import load_report as read
+
+    return read("attack", path)
+
+
+def attack_words(r: dict) -> str:
+    a = r.get("attack_sampling")
+    if not a:
+        return ""
+    return (f" The attacker rows are the attack as the app runs it: the encoder's prompt z, then {a['sampler_steps']} "
+            f"sampler steps of the LoRA's model extrapolated w = {a['w']:g} away from the base model's prediction for "
+            "the same z; \"prompt only (w=1)\" is the paper's attack (the LoRA's model alone with z).")
+
+
+def save_grid(rows, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = rows[0][0].shape[:2]
+    canvas = Image.new("RGB", (w * len(rows[0]), h * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            canvas.paste(Image.fromarray(np.asarray(im, np.uint8)), (c * w, r * h))
+    canvas.save(path)
+
+
+def to_markdown(r: dict) -> str:
+    who = "victims" if r.get("group", "victims") == "victims" else "tuning identities (shadow people the attacker never saw)"
+    lines = [f"Attack evaluation on {r['n']} {who} (chance: top-1 {r['chance_top1']:.0%}, top-5 {r['chance_top5']:.0%}); "
+             f"base {r['base']}. Distances are dlib descriptor distances to the victim's private photos "
+             "(lower = more alike; same person < 0.6). 95 % bootstrap intervals over victims." + attack_words(r), "",
+             "| method | mean distance | top-1 | top-5 | within 0.6 |", "|---|---|---|---|---|"]
+    for k, v in r["rows"].items():
+        lines.append(f"| {k} | {v['distance']:.3f} [{v['distance_ci'][0]:.3f}, {v['distance_ci'][1]:.3f}] | "
+                     f"{v['top1']:.0%} [{v['top1_ci'][0]:.0%}, {v['top1_ci'][1]:.0%}] | {v['top5']:.0%} | "
+                     f"{v['within_0_6']:.0%} |")
+    if r.get("rows_unseen"):
+        lines += ["", f"Against the victims' *unseen* photos (not in the LoRA's training set; {r['n_unseen']} victims with >= 2 of them; "
+                  f"ranks among those {r['n_unseen']}):", "", "| method | mean distance | top-1 | top-5 |", "|---|---|---|---|"]
+        for k, v in r["rows_unseen"].items():
+            lines.append(f"| {k} | {v['distance']:.3f} | {v['top1']:.0%} | {v['top5']:.0%} |")
+    lines += ["", f"Mean attack time per LoRA (encoder + 4 images, {r['attack_seconds_mean']:.2f} s on this machine)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate the weight-only attack and its baselines on victims")
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--attacker", nargs="*", default=None,
+                    help="LABEL=PATH pairs (default: attacker=assets/attacker/attacker.safetensors)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="attack", help="file stem of the report")
+    ap.add_argument("--grid", default=str(cache_dir() / "attack_grid.png"), help="image grid (real people: keep out of the repo)")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--no-baselines", action="store_true", help="attacker rows only (ablations)")
+    ap.add_argument("--group", default="victims", choices=("victims", "tuning"),
+                    help="victims: the reported evaluation; tuning: unseen shadow people, to choose settings on")
+    ap.add_argument("--attack-steps", type=int, default=None, help="sampler steps of the attacker rows (default: the app's)")
+    ap.add_argument("--extrapolate", type=float, nargs="*", default=[],
+                    help="extra rows: the first attacker sampled with each of these extrapolation weights w")
+    ap.add_argument("--prepare-only", action="store_true", help="only train (and cache) the victims' LoRAs")
+    a = ap.parse_args(argv)
+    if a.prepare_only:
+        from core.model.pipeline import load_pipeline
+
+        pipe = load_pipeline(a.model)
+        names, people = identities(a.group, a.n, a.data)
+        victim_loras(pipe, names, [list(aligned.load_crops(people[v][:5])) for v in names],
+                     FinetuneConfig(checkpoint_every=0, preview_n=0), folder=a.group)
+        return
+    torch.manual_seed(0)
+    atts = dict(x.split("=", 1) for x in a.attacker) if a.attacker else None
+    r = evaluate(a.n, atts, a.model, a.data, grid=Path(a.grid), with_baselines=not a.no_baselines, group=a.group,
+                 extrapolate=tuple(a.extrapolate), attack_steps=a.attack_steps)
+    r["command"] = command_line("core.studies.attack", sys.argv[1:] if argv is None else argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.name}.json").write_text(json.dumps(r, indent=1) + "\n")
+    (out / f"{a.name}.md").write_text(to_markdown(r))
+    print(to_markdown(r))
+
+
+if __name__ == "__main__":
+    main()

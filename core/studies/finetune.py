@@ -1,0 +1,116 @@
+"""Does the default LoRA recipe carry the person? ``python -m core.studies.finetune``.
+
+For each of the first ``--n`` victim identities (never seen by the base model; the recipe was tuned
+on the *last* victims, see ``bench/finetune_recipe.py``): a fresh LoRA on its first 5
+photos (docs/EVAL "private photos") with the recipe under test; 4 samples with the true trigger
+(seeds 0..3) against 4 base-model class-prompt samples (the floor). Reports per victim and overall:
+distances to the private gallery entry, the fraction of victims whose trigger samples beat the
+floor, the fraction within 0.6, identification top-1 among the evaluated victims, and the
+fine-tune time. Writes ``<out>/eval_finetune.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from core import RESULTS
+from core.faces import aligned, data
+from core.faces import metrics
+from core.events import drain
+from core.finetune.lora import FinetuneConfig, finetune
+from core.model.pipeline import load_pipeline
+from core.faces.utility import describe_set, floor_images, lora_utility
+
+
+def evaluate(n: int = 20, cfg: FinetuneConfig | None = None, model=None, root=None, log=print, offset: int = 0) -> dict:
+    cfg = cfg or FinetuneConfig(checkpoint_every=0, preview_n=0)
+    pipe = load_pipeline(model)
+    split = data.Split.load()
+    people = split.paths("victims", root)
+    names = split.victims[offset:offset + n]
+    floor = floor_images(pipe)
+    rows, gen_desc, gallery = [], [], []
+    for i, name in enumerate(names):
+        private = list(aligned.load_crops(people[name][:5]))
+        t0 = time.perf_counter()
+        res = drain(finetune(pipe, private, FinetuneConfig(**{**asdict(cfg), "seed": cfg.seed + i})))
+        secs = time.perf_counter() - t0
+        u = lora_utility(pipe, res.lora, res.trigger, private, alpha=cfg.alpha, floor=floor)
+        gen_desc.append(describe_set(u.images))
+        gallery.append(describe_set(private))
+        rows.append(dict(name=name, distance=u.distance, floor=u.floor, beats_floor=u.beats_floor,
+                         same_person=u.same_person, seconds=round(secs, 1)))
+        log(f"{i + 1:>3}/{len(names)} {name:<28} trigger {u.distance:.3f}  floor {u.floor:.3f}  {secs:5.1f} s")
+    rk = metrics.ranks(np.stack(gen_desc), np.stack(gallery), np.arange(len(names)))
+    d = np.array([r["distance"] for r in rows])
+    f = np.array([r["floor"] for r in rows])
+    beats = d < f
+    summary = dict(
+        n=len(rows),
+        mean_distance_trigger=float(d.mean()), ci_trigger=metrics.bootstrap_ci(d),
+        mean_distance_floor=float(f.mean()), ci_floor=metrics.bootstrap_ci(f),
+        fraction_beats_floor=float(beats.mean()),
+        fraction_within_0_6=float((d < metrics.SAME_PERSON).mean()),
+        top1=float((rk == 1).mean()), top5=float((rk <= 5).mean()),
+        mean_seconds=float(np.mean([r["seconds"] for r in rows])),
+    )
+    return dict(config=asdict(cfg), summary=summary, victims=rows)
+
+
+def to_markdown(r: dict) -> str:
+    s, c = r["summary"], r["config"]
+    return "\n".join([
+        f"# LoRA utility: default recipe on {s['n']} victims",
+        "",
+        f"Recipe: rank {c['rank']}, alpha {c['alpha']}, {c['steps']} steps, lr {c['lr']}, batch {c['batch']}+{c['batch']} "
+        f"(photos + class images), {c['n_class']} cached class images, LoRA on UNet {', '.join(c['unet_targets'])}"
+        f"{' + text encoder' if c['text_encoder'] else ''}.",
+        "",
+        "| images scored against the victim's 5 private photos | mean dlib distance [95 % CI] |",
+        "|---|---|",
+        f"| LoRA + true trigger (4 samples) | {s['mean_distance_trigger']:.3f} [{s['ci_trigger'][0]:.3f}, {s['ci_trigger'][1]:.3f}] |",
+        f"| floor: base model + class prompt (4 samples) | {s['mean_distance_floor']:.3f} [{s['ci_floor'][0]:.3f}, {s['ci_floor'][1]:.3f}] |",
+        "",
+        f"- trigger samples closer than the floor: **{s['fraction_beats_floor']:.0%}** of victims",
+        f"- within 0.6 (same person by dlib's rule): {s['fraction_within_0_6']:.0%}",
+        f"- identification among these {s['n']} victims: top-1 {s['top1']:.0%}, top-5 {s['top5']:.0%} (chance {1 / s['n']:.0%}, {min(1, 5 / s['n']):.0%})",
+        f"- mean fine-tune time {s['mean_seconds']:.1f} s per LoRA (wall time of this run; timings belong to bench/finetune_speed.py)",
+        "",
+        "Rebuild: `python -m core.studies.finetune`.",
+    ]) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="eval_finetune")
+    a = ap.parse_args(argv)
+    cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
+    for k in ("steps", "lr", "rank"):
+        if getattr(a, k) is not None:
+            setattr(cfg, k, getattr(a, k))
+    if a.rank is not None:
+        cfg.alpha = float(a.rank)
+    r = evaluate(a.n, cfg, a.model, a.data)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.name}.json").write_text(json.dumps(r, indent=1) + "\n")
+    md = to_markdown(r)
+    (out / f"{a.name}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
