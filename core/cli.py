@@ -1,39 +1,83 @@
-"""Command-line plumbing shared by the ``python -m core.<task>`` entry points: one flag per field
-of a config dataclass, so flags, defaults and validation never drift from the config."""
+"""Command-line plumbing shared by the ``python -m core.<...>`` entry points.
+
+Flags come from dataclasses through `tyro <https://brentyi.github.io/tyro/>`_: one flag per field,
+every type (tuples, optionals, booleans as ``--flag True``), the field's trailing comment as its
+help text, ``__post_init__`` validating the values. An entry point's arguments are a dataclass that
+inherits the task's config and adds its own (paths, device), so flags, defaults and validation
+never drift from the config the library functions take::
+
+    @dataclass
+    class Args(FinetuneConfig):
+        photos: tuple[str, ...] = ()  # photo files of one person
+        out: str = "lora.safetensors"  # where the LoRA is written
+
+    args = parse(Args, argv)
+    cfg = config_of(args, FinetuneConfig)
+
+Sub-commands: :func:`parse_commands` with a mapping of name -> dataclass.
+"""
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import fields
+import dataclasses
+import shlex
+import sys
 
 
-def _bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+def _tyro_config():
+    import tyro
+
+    return (tyro.conf.FlagConversionOff, tyro.conf.OmitArgPrefixes)
 
 
-def add_config_flags(ap: argparse.ArgumentParser, cls, skip=()) -> None:
-    """``--field-name`` for every scalar field of dataclass ``cls`` (default: the field's default)."""
+def parse(cls, argv=None, description: str | None = None, prog: str | None = None):
+    """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of dataclass ``cls``."""
+    import tyro
+
+    return tyro.cli(cls, args=list(sys.argv[1:] if argv is None else argv), description=description, prog=prog,
+                    config=_tyro_config())
+
+
+def parse_commands(commands: dict, argv=None, description: str | None = None, prog: str | None = None):
+    """``prog <command> [flags]``: returns (command name, its dataclass instance)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = ", ".join(commands)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {prog or 'python -m ...'} {{{names}}} [flags]\n\n{description or ''}\n\ncommands:")
+        for name, cls in commands.items():
+            print(f"  {name:10s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        raise SystemExit(0 if argv else 2)
+    if argv[0] not in commands:
+        raise SystemExit(f"unknown command {argv[0]!r}; choose one of: {names}")
+    return argv[0], parse(commands[argv[0]], argv[1:], prog=f"{prog or ''} {argv[0]}".strip())
+
+
+def config_of(args, cls, **overrides):
+    """The ``cls`` config made of the fields of ``args`` (an instance of a subclass of ``cls``)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **overrides})
+
+
+def command_line(module: str, argv=None) -> str:
+    """The command that was run (``python -m <module> <args>``, shell-quoted), for the record written
+    beside an artifact."""
+    argv = sys.argv[1:] if argv is None else argv
+    return f"python -m {module} " + " ".join(shlex.quote(str(a)) for a in argv)
+
+
+# legacy argparse helpers, until every entry point is on parse() --------------------------------
+
+
+def add_config_flags(ap, cls, skip=()) -> None:
     inst = cls()
-    for f in fields(cls):
+    for f in dataclasses.fields(cls):
         v = getattr(inst, f.name)
         if f.name in skip or not isinstance(v, (bool, int, float, str)):
             continue
-        ap.add_argument("--" + f.name.replace("_", "-"), type=_bool if isinstance(v, bool) else type(v), default=v)
+        conv = (lambda s: s.lower() in ("1", "true", "yes", "on")) if isinstance(v, bool) else type(v)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=conv, default=v)
 
 
 def config_from_args(cls, args: dict, **extra):
-    """Build ``cls`` from the parsed flags that name its fields (plus ``extra``)."""
-    names = {f.name for f in fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in args.items() if k in names}, **extra)
-
-
-def command_line(module: str, argv) -> str:
-    """The command that was run (``python -m <module> <args>``, shell-quoted), for the record written
-    beside an artifact."""
-    import shlex
-
-    return f"python -m {module} " + " ".join(shlex.quote(str(a)) for a in argv)
