@@ -44,8 +44,9 @@ def parse_commands(commands: dict, argv=None, description: str | None = None, pr
     names = ", ".join(commands)
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: {prog or 'python -m ...'} {{{names}}} [flags]\n\n{description or ''}\n\ncommands:")
+        width = max(len(n) for n in commands)
         for name, cls in commands.items():
-            print(f"  {name:10s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+            print(f"  {name:{width}s}  {(cls.__doc__ or '').strip().splitlines()[0]}")
         raise SystemExit(0 if argv else 2)
     if argv[0] not in commands:
         raise SystemExit(f"unknown command {argv[0]!r}; choose one of: {names}")

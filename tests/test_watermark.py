@@ -11,8 +11,6 @@ import torch
 from core.events import drain
 from core.model.prior import base_fingerprint
 from core.watermark.aiao import (
-    DELTA_FORMAT,
-    KeyFileError,
     WatermarkConfig,
     WatermarkKey,
     candidate_layers,
@@ -21,11 +19,10 @@ from core.watermark.aiao import (
     laziness_scores,
     rs_threshold,
     sample_subpaths,
-    save_delta,
     simulated_finetune,
     verify_watermark,
-    watermarked_pipeline,
 )
+from core.watermark.formats import DELTA_FORMAT, KeyFileError, save_delta, watermarked_pipeline
 from tests.conftest import random_crops
 
 TINY = WatermarkConfig(n_subpaths=4, response_size=16, probe_steps=2, steps=120, batch=2, trigger_batch=8,
@@ -200,14 +197,14 @@ def test_key_for_another_architecture_is_refused(tiny_pipe, embedded):
 
 
 def test_cli_verify_with_a_delta_over_the_base(tiny_pipe, tiny_pipeline_dir, embedded, tmp_path, capsys):
-    from core.watermark.aiao import main, save_delta
+    from core.watermark.__main__ import main
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "wm.safetensors")
     embedded.key.save(tmp_path / "key.json")
-    v = main(["verify", str(tiny_pipeline_dir), "--delta", str(tmp_path / "wm.safetensors"), "--key",
+    v = main(["verify-aiao", str(tiny_pipeline_dir), "--delta", str(tmp_path / "wm.safetensors"), "--key",
               str(tmp_path / "key.json")])
     assert v.watermarked and "VS-rate" in capsys.readouterr().out
-    v = main(["verify", str(tiny_pipeline_dir), "--key", str(tmp_path / "key.json")])
+    v = main(["verify-aiao", str(tiny_pipeline_dir), "--key", str(tmp_path / "key.json")])
     assert not v.watermarked
 
 
@@ -217,7 +214,7 @@ def test_cli_verify_with_a_delta_over_the_base(tiny_pipe, tiny_pipeline_dir, emb
 def test_delta_holds_only_the_lazy_layers_and_round_trips(tiny_pipe, embedded, lazy, tmp_path):
     from safetensors.torch import load_file
 
-    from core.watermark.aiao import load_delta, save_delta
+    from core.watermark.formats import load_delta, save_delta
 
     wm = watermarked_pipeline(tiny_pipe, embedded.unet)
     info = save_delta(tiny_pipe, wm, tmp_path / "d.safetensors", half=False)
@@ -235,7 +232,7 @@ def test_delta_holds_only_the_lazy_layers_and_round_trips(tiny_pipe, embedded, l
 
 
 def test_delta_in_float16_keeps_the_watermark(tiny_pipe, embedded, tmp_path):
-    from core.watermark.aiao import load_delta, save_delta
+    from core.watermark.formats import load_delta, save_delta
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "h.safetensors")
     assert verify_watermark(load_delta(tiny_pipe, tmp_path / "h.safetensors"), embedded.key).watermarked
@@ -244,7 +241,7 @@ def test_delta_in_float16_keeps_the_watermark(tiny_pipe, embedded, tmp_path):
 def test_a_sharded_delta_loads_as_one_and_a_missing_shard_is_refused(tiny_pipe, embedded, tmp_path):
     from safetensors.torch import load_file
 
-    from core.watermark.aiao import load_delta, read_delta_files, write_delta_files
+    from core.watermark.formats import load_delta, read_delta_files, write_delta_files
 
     wm = watermarked_pipeline(tiny_pipe, embedded.unet)
     save_delta(tiny_pipe, wm, tmp_path / "one.safetensors", half=False)
@@ -266,7 +263,7 @@ def test_a_sharded_delta_loads_as_one_and_a_missing_shard_is_refused(tiny_pipe, 
 def test_delta_for_another_base_or_not_a_delta_is_refused(tiny_pipe, embedded, tmp_path):
     from safetensors.torch import save_file
 
-    from core.watermark.aiao import load_delta, save_delta
+    from core.watermark.formats import load_delta, save_delta
 
     path = tmp_path / "d.safetensors"
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), path)
@@ -302,7 +299,7 @@ def test_baseline_trains_the_unet_and_only_the_trigger_tokens(tiny_pipe, backdoo
     from safetensors.torch import load_file
 
     from core.watermark.backdoor import token_ids, trigger_pair
-    from core.watermark.aiao import save_delta
+    from core.watermark.formats import save_delta
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, backdoor.unet, backdoor.text_encoder), tmp_path / "b.safetensors")
     stored = load_file(tmp_path / "b.safetensors")
@@ -334,7 +331,8 @@ def test_pattern_correlation_finds_the_pattern():
 # the shipped watermarked bases (deltas over assets/base): fast, they are only loaded and verified
 
 def shipped(name, base_engine):
-    from core.watermark.aiao import SHIPPED, WATERMARK_DIR, shipped_watermark
+    from core.watermark.formats import SHIPPED, WATERMARK_DIR
+    from core.watermark.shipped import shipped_watermark
 
     if not all((WATERMARK_DIR / f).exists() for f in SHIPPED[name]):
         pytest.fail(f"assets/watermark is missing the {name} delta or key: they ship with the repo")
@@ -363,7 +361,7 @@ def test_baseline_embeds_on_the_embedded_base(base_engine):
     """The default recipe, from scratch on the embedded base (the tiny random VAE cannot draw a pattern):
     20 minutes on one CPU core; the shipped delta was made by exactly this recipe (15/16)."""
     from core.watermark.backdoor import BackdoorConfig, embed_backdoor, verify_backdoor
-    from core.watermark.aiao import owner_latents
+    from core.watermark.owner import owner_latents
 
     pipe = base_engine.pipe
     res = drain(embed_backdoor(pipe, owner_latents(pipe, 512), BackdoorConfig()))
@@ -440,13 +438,15 @@ def test_tab_says_plainly_when_a_watermarked_base_is_missing(monkeypatch, tiny_p
     import ui.watermark_tab as wt
 
     monkeypatch.setattr(wt, "_cache", {})
+    from core.watermark.shipped import embed_command
+
     pipe, why = wt.load_watermark("AIAO", tiny_pipe, tmp_path)
-    assert pipe is None and "not shipped" in why and "python -m core.watermark.aiao embed" in why
+    assert pipe is None and "not shipped" in why and embed_command("AIAO") in why
 
 
 def test_tab_says_plainly_when_the_delta_is_for_another_base(monkeypatch, tiny_pipe, embedded, tmp_path):
     import ui.watermark_tab as wt
-    from core.watermark.aiao import save_delta
+    from core.watermark.formats import save_delta
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "aiao.safetensors")
     embedded.key.save(tmp_path / "aiao_key.json")

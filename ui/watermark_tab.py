@@ -3,7 +3,7 @@ carry the owner's watermark? AIAO (hidden in lazy layers) beside the baseline tr
 
 Only wiring: embedding and verification live in ``core.watermark.aiao`` / ``core.watermark.backdoor``.
 The watermarked bases ship as deltas over the embedded base with their keys (``assets/watermark``,
-loaded by :func:`core.watermark.aiao.shipped_watermark`); a missing one is named plainly, with the
+loaded by :func:`core.watermark.shipped.shipped_watermark`); a missing one is named plainly, with the
 command that builds it, and nothing is shown in its place.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from core.engine import Engine
-from core.watermark.aiao import SHIPPED, WATERMARK_DIR
+from core.watermark.formats import SHIPPED, WATERMARK_DIR
 from ui.gpu import on_gpu
 from ui.session import ensure
 
@@ -50,7 +50,8 @@ _lock = threading.Lock()
 def load_watermark(name: str, clean, folder: Path | None = None):
     """(watermarked pipeline, key) of a shipped watermark over the ``clean`` base, or (None, why not)
     when it is missing or does not fit."""
-    from core.watermark.aiao import KeyFileError, embed_command, shipped_watermark
+    from core.watermark.formats import KeyFileError
+    from core.watermark.shipped import embed_command, shipped_watermark
 
     folder = Path(folder or WATERMARK_DIR)
     delta, key_file = (folder / f for f in SHIPPED[name])

@@ -22,7 +22,6 @@ process index and count; tests/test_shadow.py checks the sharding; no multi-GPU 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import tyro
 
 from core.events import Done, Message, Progress, never
 from core.finetune.lora import FinetuneConfig, check_photos, encode_photos, encode_prompt, lora_config, pick_trigger
@@ -291,43 +291,52 @@ def build_population(pipe, jobs: list[ShadowJob], cfg: FinetuneConfig, out: Path
     yield Done(written)
 
 
+@dataclass
+class Args(FinetuneConfig):
+    """Train the shadow LoRA population (resumable; several processes under accelerate share it)."""
+
+    steps: int = 100  # fine-tuning steps of each shadow LoRA (past the default recipe's 80, so every step count up to it is covered)
+    n: int = 96  # number of shadow LoRAs
+    out: str | None = None  # folder of the population (default: core.attack.shadow.shadow_dir())
+    group: int = 16  # LoRAs trained at once (one batched forward)
+    record_every: int = 5  # steps between trajectory checkpoints kept for the attacker
+    plan_seed: int = 0  # seed of the plan (which identities, photos and LoRA seeds)
+    data: str | None = None  # LFW root (default: $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
+    model: str | None = None  # base model folder or hub id (default: the embedded base)
+    write_plan: str | None = None  # only write the job plan (identities, photos, seeds) to this JSON file
+    plan: str | None = None  # train the jobs of this plan (from --write-plan) instead of planning
+    # fixed per job or meaningless here
+    seed: tyro.conf.Suppress[int] = 0
+    trigger: tyro.conf.Suppress[str | None] = None
+    checkpoint_every: tyro.conf.Suppress[int] = 0
+    preview_n: tyro.conf.Suppress[int] = 0
+    preview_steps: tyro.conf.Suppress[int] = 15
+
+
 def main(argv=None):
     from accelerate import PartialState
 
-    from core.cli import add_config_flags, config_from_args
+    from core.cli import config_of, parse
     from core.events import run_with_progress_bar
     from core.model.pipeline import load_pipeline
 
-    ap = argparse.ArgumentParser(description="Train the shadow LoRA population (resumable)")
-    ap.add_argument("--n", type=int, default=96, help="number of shadow LoRAs")
-    ap.add_argument("--out", default=None, help=f"folder (default: {shadow_dir()})")
-    ap.add_argument("--group", type=int, default=16, help="LoRAs trained at once")
-    ap.add_argument("--record-every", type=int, default=5, help="steps between trajectory checkpoints")
-    ap.add_argument("--plan-seed", type=int, default=0)
-    ap.add_argument("--data", default=None, help="LFW root (default: $LEAKLAB_LFW or ../shared/data/lfw)")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--write-plan", default=None, metavar="JSON", help="only write the job plan (identities, photos, seeds) here")
-    ap.add_argument("--plan", default=None, metavar="JSON", help="train the jobs of this plan (from --write-plan) instead of planning")
-    add_config_flags(ap, FinetuneConfig, skip=("trigger", "seed", "checkpoint_every", "preview_n", "preview_steps"))
-    # shadow trajectories run past the default recipe's length, so every step count up to it is covered
-    ap.set_defaults(steps=100)
-    a = vars(ap.parse_args(argv))
-    cfg = config_from_args(FinetuneConfig, a, checkpoint_every=0, preview_n=0)
-    if a["plan"]:
-        jobs = [ShadowJob(**j) for j in json.loads(Path(a["plan"]).read_text())]
+    a = parse(Args, argv)
+    cfg = config_of(a, FinetuneConfig)
+    if a.plan:
+        jobs = [ShadowJob(**j) for j in json.loads(Path(a.plan).read_text())]
     else:
-        jobs = plan_jobs(a["n"], a["plan_seed"], root=a["data"])
-    if a["write_plan"]:
-        Path(a["write_plan"]).write_text(json.dumps([asdict(j) for j in jobs], indent=0) + "\n")
-        print(f"{len(jobs)} jobs -> {a['write_plan']}")
+        jobs = plan_jobs(a.n, a.plan_seed, root=a.data)
+    if a.write_plan:
+        Path(a.write_plan).write_text(json.dumps([asdict(j) for j in jobs], indent=0) + "\n")
+        print(f"{len(jobs)} jobs -> {a.write_plan}")
         return
     # without a GPU, processes started by `accelerate launch --multi_gpu` / `torchrun` share the groups
     # over gloo (cpu=True: accelerate's own launcher for --cpu starts a single process)
     state = PartialState(cpu=not torch.cuda.is_available())
     # float32 weights on every device (training; autocast does the half-precision work on CUDA)
-    pipe = load_pipeline(a["model"], str(state.device) if state.device.type == "cuda" else None, dtype=torch.float32)
-    out = Path(a["out"] or shadow_dir())
-    files = run_with_progress_bar(build_population(pipe, jobs, cfg, out, a["group"], a["record_every"], a["data"],
+    pipe = load_pipeline(a.model, str(state.device) if state.device.type == "cuda" else None, dtype=torch.float32)
+    out = Path(a.out or shadow_dir())
+    files = run_with_progress_bar(build_population(pipe, jobs, cfg, out, a.group, a.record_every, a.data,
                                                    state.process_index, state.num_processes))
     print(f"{len(files)} shadow LoRAs written to {out} ({len(list_shadows(out))} there in all)")
 

@@ -15,7 +15,6 @@ never sees it). The final attacker and a JSON log go to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -35,20 +34,20 @@ from core.attack.shadow import adapter_unet, list_shadows, load_shadow
 
 @dataclass
 class TrainConfig:
-    steps: int = 1200
+    steps: int = 1200  # optimisation steps of the attacker
     loras_per_step: int = 8  # K LoRAs per optimisation step
     latents_per_lora: int = 4  # photo latents (with mirrors) per LoRA per step
-    lr: float = 5e-4
-    warmup: int = 50
+    lr: float = 5e-4  # AdamW peak learning rate (warm-up, then cosine decay to 0)
+    warmup: int = 50  # linear warm-up steps
     kl_weight: float = 0.0  # the paper's public code: 0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # clip the gradient's L2 norm to this
     holdout: int = 16  # last shadow LoRAs kept out of training, scored every eval_every steps
-    eval_every: int = 100
+    eval_every: int = 100  # steps between held-out evaluations
     min_step: int = 5  # trajectory checkpoints used: step >= min_step
-    inputs: str = "canonical"
-    width: int = 128
-    layers: int = 3
-    seed: int = 0
+    inputs: str = "canonical"  # what the encoder reads per LoRA module: "canonical" (balanced SVD factors of B A, invariant to refactoring) | "raw" (B and A as stored)
+    width: int = 128  # token width of the weight encoder's transformer
+    layers: int = 3  # transformer layers of the weight encoder
+    seed: int = 0  # seed of initialisation, LoRA order and noise draws
     minutes: float = 0.0  # time budget (0 = none): after 20 steps the schedule is shortened to fit it
 
 
@@ -183,28 +182,31 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
     yield Done((model, log))
 
 
+@dataclass
+class Args(TrainConfig):
+    """Train the weight-only attacker on the shadow LoRA population."""
+
+    shadow: str | None = None  # shadow LoRA folder (default: core.attack.shadow.shadow_dir())
+    out: str = str(ATTACKER_DIR / "attacker.safetensors")  # attacker weights to write (.safetensors; a .json log beside it)
+    limit: int = 0  # use only the first N shadow LoRAs (0 = all)
+    model: str | None = None  # base model folder or hub id (default: the embedded base)
+
+
 def main(argv=None):
-    from core.cli import add_config_flags, config_from_args
+    from core.cli import command_line, config_of, parse
     from core.events import run_with_progress_bar
     from core.model.pipeline import load_pipeline
-    from core.attack.shadow import shadow_dir
 
-    ap = argparse.ArgumentParser(description="Train the weight-only attacker on the shadow LoRAs")
-    ap.add_argument("--shadow", default=None, help=f"shadow LoRA folder (default: {shadow_dir()})")
-    ap.add_argument("--out", default=str(ATTACKER_DIR / "attacker.safetensors"))
-    ap.add_argument("--limit", type=int, default=0, help="use only the first N shadow LoRAs (0 = all)")
-    ap.add_argument("--model", default=None)
-    add_config_flags(ap, TrainConfig)
-    a = vars(ap.parse_args(argv))
-    cfg = config_from_args(TrainConfig, a)
-    pipe = load_pipeline(a["model"], dtype=torch.float32)  # float32 weights on CUDA too (training)
-    files = list_shadows(a["shadow"])
-    if a["limit"]:
-        files = files[: a["limit"]]
+    a = parse(Args, argv)
+    cfg = config_of(a, TrainConfig)
+    pipe = load_pipeline(a.model, dtype=torch.float32)  # float32 weights on CUDA too (training)
+    files = list_shadows(a.shadow)
+    if a.limit:
+        files = files[: a.limit]
     model, log = run_with_progress_bar(train(pipe, files, cfg))
-    info = {"command": "python -m core.attack.train " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-            "shadow_loras": log["shadow_loras"], "seconds": round(log["seconds"], 1), "final_eval": log["eval"][-1] if log["eval"] else None}
-    out = save_attacker(model, a["out"], info)
+    info = {"command": command_line("core.attack.train", argv), "shadow_loras": log["shadow_loras"],
+            "seconds": round(log["seconds"], 1), "final_eval": log["eval"][-1] if log["eval"] else None}
+    out = save_attacker(model, a.out, info)
     Path(out).with_suffix(".json").write_text(json.dumps({**info, "log": log}, indent=1) + "\n")
     print(f"attacker -> {out}")
 

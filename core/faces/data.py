@@ -158,16 +158,21 @@ def make_split(root: str | Path | None = None, seed: int = 0, victim_fraction: f
     return Split(seed, victim_fraction, cap, victims, shadow, pretrain, _fingerprint(counts))
 
 
-def main(argv=None):
-    import argparse
+@dataclass
+class SplitArgs:
+    """Make (or check) the identity split in assets/split.json."""
 
-    ap = argparse.ArgumentParser(description="Make (or check) the identity split in assets/split.json")
-    ap.add_argument("--data", default=None, help="LFW-layout folder (default $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--victim-fraction", type=float, default=0.2)
-    ap.add_argument("--cap", type=int, default=20, help="max photos used per identity")
-    ap.add_argument("--out", default=str(SPLIT_FILE))
-    a = ap.parse_args(argv)
+    data: str | None = None  # LFW-layout folder (default $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
+    seed: int = 0  # seed of the victim draw
+    victim_fraction: float = 0.2  # share of the identities with >= 5 photos that become victims
+    cap: int = 20  # max photos used per identity
+    out: str = str(SPLIT_FILE)  # where the split is written
+
+
+def main(argv=None):
+    from core.cli import parse
+
+    a = parse(SplitArgs, argv)
     s = make_split(a.data, a.seed, a.victim_fraction, a.cap)
     s.save(a.out)
     print(f"victims {len(s.victims)}  shadow {len(s.shadow)}  pretrain {len(s.pretrain)} identities -> {a.out}")

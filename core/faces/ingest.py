@@ -16,7 +16,6 @@ Every refusal is a subclass of :class:`IngestError` whose message a visitor can 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import warnings
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tyro
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core import ASSETS
@@ -297,21 +297,29 @@ def build_template(root=None, n: int = 600, seed: int = 0, zoom: float = TEMPLAT
     )
 
 
+@dataclass
+class IngestArgs:
+    """Align photos into face crops as the app does, or rebuild the face template."""
+
+    photos: tyro.conf.Positional[tuple[str, ...]] = ()  # photo files to align
+    out: str = "."  # folder for the crops
+    size: int = data.IMAGE_SIZE  # crop size in px (the model's resolution)
+    build_template: bool = False  # rebuild assets/face_template.json from LFW instead
+    zoom: float = TEMPLATE_ZOOM  # with --build-template: face size relative to LFW's central 128 px box
+    data: str | None = None  # LFW folder for --build-template (default $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Ingest photos into 64 px face crops, or rebuild the face template")
-    ap.add_argument("photos", nargs="*")
-    ap.add_argument("--out", default=".", help="folder for the crops")
-    ap.add_argument("--build-template", action="store_true", help="rebuild assets/face_template.json from LFW")
-    ap.add_argument("--zoom", type=float, default=TEMPLATE_ZOOM, help="face size relative to LFW's central 128 px box")
-    ap.add_argument("--data", default=None)
-    a = ap.parse_args(argv)
+    from core.cli import parse
+
+    a = parse(IngestArgs, argv)
     if a.build_template:
         t = build_template(a.data, zoom=a.zoom)
         TEMPLATE_FILE.write_text(json.dumps(t, indent=1) + "\n")
         print(f"template from {t['n_images']} images -> {TEMPLATE_FILE}")
     for p in a.photos:
         try:
-            r = ingest_face(p)
+            r = ingest_face(p, size=a.size)
             out = Path(a.out) / (Path(p).stem + "_crop.png")
             Image.fromarray(r.crop).save(out)
             print(f"{p}: face {r.box} ({r.n_faces} found) -> {out}")

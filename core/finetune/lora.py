@@ -21,7 +21,6 @@ CLI: ``python -m core.finetune.lora PHOTOS... --out lora.safetensors``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import tyro
 
 from core.events import Checkpoint, Done, Message, Preview, Progress, never
 from core.model.denoising import Denoiser
@@ -62,7 +62,7 @@ class FinetuneConfig:
     preview_n: int = 2  # preview images per checkpoint (0 = no previews)
     preview_steps: int = 15  # sampler steps of the previews
     trigger: str | None = None  # None = a fresh random reserved word
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # clip the gradient's L2 norm to this (0 = no clipping)
     mixed_precision: bool | None = None  # None = half-precision autocast on CUDA only (bf16 on this CPU was slower: 194 vs 171 ms/step)
 
     def __post_init__(self):
@@ -328,30 +328,34 @@ def load_lora(path: str | Path) -> tuple[dict, dict]:
 # 5. CLI ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class Args(FinetuneConfig):
+    """Fine-tune a DreamBooth LoRA on 3-10 photos of one face and write it as a LoRA file."""
+
+    photos: tyro.conf.Positional[tuple[str, ...]] = ()  # 3-10 photo files of one face
+    out: str = "lora.safetensors"  # LoRA file to write (.safetensors, loadable by diffusers' load_lora_weights)
+    model: str | None = None  # base model folder or hub id (default: the embedded base)
+    device: str | None = None  # torch device (default: CUDA when present)
+
+
 def main(argv=None):
-    from core.cli import add_config_flags, config_from_args
+    from core.cli import config_of, parse
     from core.events import run_with_progress_bar
     from core.faces.ingest import IngestError, ingest_face
-    from core.model.pipeline import image_size_of, load_pipeline
+    from core.model.pipeline import load_pipeline
 
-    ap = argparse.ArgumentParser(description="Fine-tune a DreamBooth LoRA on 3-10 face photos")
-    ap.add_argument("photos", nargs="+")
-    ap.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
-    ap.add_argument("--model", default=None, help="base model folder or hub id (default: embedded)")
-    ap.add_argument("--device", default=None)
-    add_config_flags(ap, FinetuneConfig, skip=("trigger",))
-    a = vars(ap.parse_args(argv))
-    cfg = config_from_args(FinetuneConfig, a)
-    pipe = load_pipeline(a["model"], a["device"])
+    a = parse(Args, argv)
+    cfg = config_of(a, FinetuneConfig)
+    pipe = load_pipeline(a.model, a.device)
     crops = []
-    for p in a["photos"]:
+    for p in a.photos:
         try:
             crops.append(ingest_face(p, size=image_size_of(pipe)).crop)
         except IngestError as e:
             print(f"skipped {p}: {e}")
     result = run_with_progress_bar(finetune(pipe, crops, cfg))
-    save_lora(a["out"], result, base_name=a["model"] or "embedded")
-    print(f"LoRA -> {a['out']}  (trigger word, kept out of the file: {result.trigger})")
+    save_lora(a.out, result, base_name=a.model or "embedded")
+    print(f"LoRA -> {a.out}  (trigger word, kept out of the file: {result.trigger})")
     print(f"prompt to use it: \"{instance_prompt(result.trigger)}\"")
 
 

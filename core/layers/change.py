@@ -37,7 +37,6 @@ CLI: ``python -m core.layers.change PHOTOS... [--steps N] [--full] [--out docs/r
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import re
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import tyro
 
 from core.events import Done, Message, Progress, never
 
@@ -463,25 +463,57 @@ def format_swap(rows: list[SwapRow]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    from core.events import run_with_progress_bar
+@dataclass
+class Args:
+    """Busy and lazy layers of a fine-tune on photos of one face (Liu et al., arXiv 2405.00466)."""
+
+    photos: tyro.conf.Positional[tuple[str, ...]] = ()  # 3-10 photos of one face
+    steps: int | None = None  # fine-tuning steps (default: the LoRA recipe's, 80)
+    full: bool = False  # full fine-tune of the UNet instead of the default LoRA
+    lr: float | None = None  # learning rate (default: the LoRA recipe's, or FULL_LR with --full)
+    seed: int = 0  # seed of the fine-tune
+    snapshots: int = 8  # checkpoints recorded for the trajectory
+    ks: tuple[str, ...] = ("1", "3", "10", "30", "all")  # swap-curve layer counts ("all" = every layer; none given = no swap curve)
+    out: str | None = None  # JSON file to write (e.g. docs/results/layers.json)
+    model: str | None = None  # base model folder or hub id (default: the embedded base)
+    device: str | None = None  # torch device (default: CUDA when present)
+
+
+def lora_run(pipe, crops, steps: int, seed: int, every: int, lr: float | None):
+    """LoRA fine-tune with its checkpoints: (result, changes, trajectory, extra record)."""
+    from core.events import Checkpoint, run_with_progress_bar
     from core.finetune.lora import FinetuneConfig, finetune
-    from core.events import Checkpoint
+
+    cfg = FinetuneConfig(steps=steps, seed=seed, checkpoint_every=every, preview_n=0, **({"lr": lr} if lr else {}))
+    ckpts = {}
+
+    def events():
+        for ev in finetune(pipe, crops, cfg):
+            if isinstance(ev, Checkpoint):
+                ckpts[ev.step] = ev.lora
+            yield ev
+
+    res = run_with_progress_bar(events())
+    extra = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr}
+    return res, lora_layer_change(pipe, res.lora, cfg.alpha), trajectory_changes(pipe, ckpts, cfg.alpha), extra
+
+
+def full_run(pipe, crops, steps: int, seed: int, every: int, lr: float | None):
+    """Full UNet fine-tune: (result, changes, trajectory, extra record)."""
+    from core.events import run_with_progress_bar
+
+    res = run_with_progress_bar(full_finetune(pipe, crops, steps, lr or FULL_LR, seed, checkpoint_every=every))
+    extra = {"vector_change": vector_change(base_state(pipe), res.state), "lr": lr or FULL_LR}
+    return res, full_layer_change(base_state(pipe), res.state), trajectory_from_changes(res.trajectory), extra
+
+
+def main(argv=None):
+    from core.cli import parse
     from core.faces.ingest import IngestError, ingest_face
+    from core.finetune.lora import FinetuneConfig
     from core.model.pipeline import image_size_of, load_pipeline
 
-    ap = argparse.ArgumentParser(description="Busy and lazy layers of a fine-tune (Liu et al., arXiv 2405.00466)")
-    ap.add_argument("photos", nargs="+", help="3-10 photos of one face")
-    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the LoRA recipe's, 80)")
-    ap.add_argument("--full", action="store_true", help="full fine-tune of the UNet instead of the default LoRA")
-    ap.add_argument("--lr", type=float, default=None, help=f"learning rate (default: LoRA recipe's, or {FULL_LR:g} with --full)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--snapshots", type=int, default=8, help="checkpoints recorded for the trajectory")
-    ap.add_argument("--ks", default="1,3,10,30,all", help="swap-curve layer counts ('all' = every layer; '' = no swap curve)")
-    ap.add_argument("--out", default=None, help="JSON file to write (e.g. docs/results/layers.json)")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device", default=None)
-    a = ap.parse_args(argv)
+    a = parse(Args, argv)
     pipe = load_pipeline(a.model, a.device)
     crops = []
     for p in a.photos:
@@ -491,37 +523,16 @@ def main(argv=None):
             print(f"skipped {p}: {e}")
     steps = a.steps or FinetuneConfig.steps
     every = max(1, steps // max(1, a.snapshots))
-    ks = [None if k.strip() == "all" else int(k) for k in a.ks.split(",") if k.strip()]
+    ks = [None if k.strip() == "all" else int(k) for k in a.ks if k.strip()]
     t0 = time.perf_counter()
-    if a.full:
-        res = run_with_progress_bar(full_finetune(pipe, crops, steps, a.lr or FULL_LR, a.seed, checkpoint_every=every))
-        changes, trigger, alpha = full_layer_change(base_state(pipe), res.state), res.trigger, None
-        traj = trajectory_from_changes(res.trajectory)
-        extra = {"vector_change": vector_change(base_state(pipe), res.state), "lr": a.lr or FULL_LR}
-    else:
-        cfg = FinetuneConfig(steps=steps, seed=a.seed, checkpoint_every=every, preview_n=0,
-                             **({"lr": a.lr} if a.lr else {}))
-        ckpts = {}
-
-        def events():
-            for ev in finetune(pipe, crops, cfg):
-                if isinstance(ev, Checkpoint):
-                    ckpts[ev.step] = ev.lora
-                yield ev
-
-        res = run_with_progress_bar(events())
-        changes, trigger, alpha = lora_layer_change(pipe, res.lora, cfg.alpha), res.trigger, cfg.alpha
-        traj = trajectory_changes(pipe, ckpts, cfg.alpha)
-        extra = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr}
+    res, changes, traj, extra = (full_run if a.full else lora_run)(pipe, crops, steps, a.seed, every, a.lr)
     print(f"fine-tuned {'the full UNet' if a.full else 'a LoRA'}: {res.steps_done} steps in {time.perf_counter() - t0:.1f} s")
     print(format_ranking(changes))
     rows = []
     if ks:
-        t1 = time.perf_counter()
-        rows = (full_swap_curve(pipe, res.state, trigger, crops, ks, changes=changes) if a.full
-                else swap_curve(pipe, res.lora, trigger, crops, ks, alpha, changes=changes))
+        rows = (full_swap_curve(pipe, res.state, res.trigger, crops, ks, changes=changes) if a.full
+                else swap_curve(pipe, res.lora, res.trigger, crops, ks, extra["alpha"], changes=changes))
         print(format_swap(rows))
-        print(f"swap curve: {time.perf_counter() - t1:.1f} s")
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -531,7 +542,6 @@ def main(argv=None):
                "swap": [asdict(r) for r in rows]}
         out.write_text(json.dumps(doc, indent=1))
         print(f"-> {out}")
-
 
 if __name__ == "__main__":
     main()

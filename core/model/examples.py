@@ -9,8 +9,8 @@ under ``assets/examples/<name>/``.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,13 +53,21 @@ def make_person(pipe, seed: int, n: int = 6, strength: float = 0.45):
     return ims, d
 
 
+@dataclass
+class Args:
+    """Draw the app's example "people" with the embedded base model (nobody real)."""
+
+    people: int = 2  # example people to make
+    photos: int = 6  # photos per person
+    first_seed: int = 1000  # base-model seed of the first candidate face (candidates are tried in order)
+    model: str | None = None  # base model folder (default: the embedded base)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--people", type=int, default=2)
-    ap.add_argument("--photos", type=int, default=6)
-    ap.add_argument("--first-seed", type=int, default=1000)
-    a = ap.parse_args(argv)
-    pipe = load_pipeline()
+    from core.cli import parse
+
+    a = parse(Args, argv)
+    pipe = load_pipeline(a.model)
     OUT.mkdir(parents=True, exist_ok=True)
     seed, made = a.first_seed, 0
     while made < a.people and seed < a.first_seed + 200:
@@ -69,7 +77,7 @@ def main(argv=None):
             folder = OUT / f"person_{seed}"
             folder.mkdir(exist_ok=True)
             for i, im in enumerate(ims):
-                Image.fromarray(im).resize((128, 128), Image.BICUBIC).save(folder / f"{i:02d}.png", optimize=True)
+                Image.fromarray(im).save(folder / f"{i:02d}.png", optimize=True)
             (folder / "about.json").write_text(json.dumps(dict(
                 made_by="python -m core.model.examples", base_seed=seed, photos=len(ims),
                 dlib_distance_to_first=[round(float(x), 3) for x in d],

@@ -58,7 +58,7 @@ class BaseTrainConfig:
     autoencoder: str = str(TAEF2_DIR)  # folder with TAEF2's taef2_{encoder,decoder}.safetensors
     work: str = ""  # checkpoints and caches, outside the repo ("" = $LEAKLAB_WORK or ~/.cache/lora-leak-lab/train_base)
     out: str = str(DEFAULT_BASE)  # final pipeline folder
-    seed: int = 0
+    seed: int = 0  # seed of every random draw (crops, captions, noise, initial weights)
     size: int = 128  # image resolution (latents are size / 8)
     unet_channels: str = "64,128,192"  # UNet block widths (comma-separated)
     unet_steps: int = 20000  # batch unet_batch; ~2.3 s/step on one CPU core, ~1.3 s on two
@@ -70,7 +70,7 @@ class BaseTrainConfig:
     prediction: str = "v_prediction"  # "v_prediction" | "epsilon"
     uncond_prob: float = 0.1  # caption dropped -> empty prompt, for classifier-free guidance
     bf16: bool = True  # bf16 autocast on CPU (AVX512-BF16) / on CUDA GPUs that have it
-    save_every: int = 250
+    save_every: int = 250  # steps between checkpoints of the UNet stage (resumable)
     preview_every: int = 1000  # write a 16-sample grid and its face-detection rate (0 = never)
     limit_images: int = 0  # 0 = all; small values for tests
     captions: str = "appearance"  # "appearance" (captions name descriptor clusters) | "fixed" (generic only)
@@ -510,16 +510,18 @@ def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = Non
     yield Done(out)
 
 
+@dataclass
+class Args(BaseTrainConfig):
+    """Train the embedded miniature Stable Diffusion (see the module docstring for the stages)."""
+
+    device: str | None = None  # torch device ("cuda", "cpu"; default: CUDA when present)
+
+
 def main(argv=None):
-    import argparse
+    from core.cli import config_of, parse
 
-    from core.cli import add_config_flags, config_from_args
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_flags(ap, BaseTrainConfig)
-    ap.add_argument("--device", default=None)
-    a = vars(ap.parse_args(argv))
-    run_with_progress_bar(train_base(config_from_args(BaseTrainConfig, a), device=a["device"]))
+    a = parse(Args, argv, description=__doc__)
+    run_with_progress_bar(train_base(config_of(a, BaseTrainConfig), device=a.device))
 
 
 if __name__ == "__main__":

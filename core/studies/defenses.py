@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from core import PROJECT_ROOT, RESULTS
-from core.faces import aligned, data
+from core.faces import aligned
 from core.faces import metrics
 from core.attack.report import attacker_mismatch, reconstruct_lora
 from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from core import RESULTS
-from core.faces import aligned, data
+from core.faces import aligned
 from core.faces import metrics
 
 ORDERS = ("busiest", "laziest", "random")

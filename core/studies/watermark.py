@@ -3,7 +3,7 @@
 Protocol (issue 5, ``METHODS.md`` section 2):
 1. the clean base, the AIAO-watermarked base (:mod:`core.watermark.aiao`) and the backdoor-watermarked base
    (:mod:`core.watermark.backdoor`), each with its key: by default the deltas the app ships
-   (``assets/watermark``, :func:`core.watermark.aiao.shipped_watermark`), else given with ``--aiao`` /
+   (``assets/watermark``, :func:`core.watermark.shipped.shipped_watermark`), else given with ``--aiao`` /
    ``--backdoor`` (a delta file or a pipeline folder) and their keys, else embedded here;
 2. each watermarked base is verified as it is, then after each downstream fine-tune *of that base*:
    (a) the default LoRA recipe (:mod:`core.finetune.lora`), (b) a ``--long-steps`` LoRA, (c) a
@@ -294,21 +294,10 @@ def main(argv=None):
     from core.cli import add_config_flags, command_line, config_from_args
     from core.studies.base import real_heldout
     from core.model.pipeline import image_size_of, load_pipeline
-    from core.watermark.aiao import (
-        SHIPPED,
-        KeyFileError,
-        WatermarkConfig,
-        WatermarkKey,
-        choose_lazy_layers,
-        embed_watermark,
-        load_delta,
-        owner_latents,
-        probe_identity,
-        probe_photos,
-        shipped_watermark,
-        verify_watermark,
-        watermarked_pipeline,
-    )
+    from core.watermark.aiao import WatermarkConfig, WatermarkKey, choose_lazy_layers, embed_watermark, verify_watermark
+    from core.watermark.formats import SHIPPED, KeyFileError, load_delta, watermarked_pipeline
+    from core.watermark.owner import owner_latents, probe_identity, probe_photos
+    from core.watermark.shipped import shipped_watermark
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -38,15 +38,14 @@ The owner of a base model hides a secret in it that survives other people's fine
   matches over all subpaths is Binomial(n * J, 1/2) (or smaller): p = P(Bin >= observed). Exact for
   any model independent of the key, whatever its weights. Verdict "watermarked" when p < ``alpha``.
 
-CLI: ``python -m core.watermark.aiao embed [--model M] --out DELTA.safetensors --key KEY.json`` (the
-watermarked base is stored as what embedding changed: :func:`save_delta`, loaded over the base by
-:func:`load_delta`; the app ships one, :func:`shipped_watermark`) and
-``python -m core.watermark.aiao verify MODEL [--delta DELTA.safetensors] [--lora FILE] --key KEY.json``.
+CLI: ``python -m core.watermark embed-aiao [--model M] [--out DELTA.safetensors] [--key KEY.json]``
+(the watermarked base is stored as what embedding changed, :mod:`core.watermark.formats`; the app
+ships one, :mod:`core.watermark.shipped`) and
+``python -m core.watermark verify-aiao MODEL [--delta DELTA.safetensors] [--lora FILE] --key KEY.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -57,30 +56,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import ASSETS
 from core.events import Done, Message, Progress, never
 from core.model.denoising import Denoiser
+from core.watermark.formats import KeyFileError, read_key_document
 
 KEY_FORMAT = "leaklab-aiao-key-v1"
 TRIAL_ALPHA = 1e-3  # a trial of a model unrelated to the key passes with at most this probability
 IMAGE_FREE_KINDS = ("time",)  # layer kinds whose output ignores the image (core.layers.change.layer_kind)
-
-
-class KeyFileError(ValueError):
-    """A watermark key file that cannot be used (unreadable, wrong format, or for another model)."""
-
-
-def read_key_document(path: Path, key_format: str, what: str) -> dict:
-    """The JSON object of a key file, checked to carry ``"format": key_format`` (else KeyFileError)."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise KeyFileError(f"no key file at {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KeyFileError(f"{path} is not a readable JSON key file: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != key_format:
-        raise KeyFileError(f"{path} is not {what} (expected \"format\": \"{key_format}\")")
-    return doc
 
 
 # 1. configuration ------------------------------------------------------------------------------
@@ -571,192 +553,7 @@ def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: Watermark
     yield Done(result)
 
 
-def watermarked_pipeline(pipe, unet, text_encoder=None):
-    """A pipeline view of ``pipe`` with the watermarked ``unet`` (and ``text_encoder``, when the
-    watermark changed it); nothing copied."""
-    from core.model.pipeline import private_view
-
-    view = private_view(pipe)
-    view.unet = unet
-    if text_encoder is not None:
-        view.text_encoder = text_encoder
-    return view
-
-
 # 5b. shipping a watermarked base as a delta over the clean one ----------------------------------
-
-DELTA_FORMAT = "leaklab-watermark-delta-v1"
-DELTA_PARTS = ("unet", "text_encoder")
-WATERMARK_DIR = ASSETS / "watermark"
-# name -> (delta file, key file) of the watermarked bases shipped with the app
-SHIPPED = {"AIAO": ("aiao.safetensors", "aiao_key.json"), "backdoor": ("backdoor.safetensors", "backdoor_key.json")}
-RECORD_FILE = "watermark.json"  # the exact commands and own checks of the shipped deltas
-SHARD_BYTES = 16_000_000  # a larger delta is written as several files; the first one names the others
-
-
-def save_delta(clean, marked, path: str | Path, half: bool = True) -> dict:
-    """Write what embedding changed: for every UNet / text-encoder tensor of pipeline ``marked`` that
-    differs from ``clean``'s, the difference (float16 unless ``half`` is False), keyed
-    ``"<part>.<tensor name>"``, with the clean base's fingerprint in the metadata, in shards beside
-    ``path`` when it is over ``SHARD_BYTES`` (:func:`write_delta_files`; load ``path``). Returns
-    {"tensors", "parameters", "bytes", "files"}."""
-    from core.model.prior import base_fingerprint
-
-    out, n = {}, 0
-    for part in DELTA_PARTS:
-        a, b = getattr(clean, part).state_dict(), getattr(marked, part).state_dict()
-        for name, w in b.items():
-            d = w.detach().float().cpu() - a[name].detach().float().cpu()
-            if torch.count_nonzero(d):
-                out[f"{part}.{name}"] = (d.half() if half else d).contiguous()
-                n += d.numel()
-    if not out:
-        raise ValueError("the marked model equals the clean one: nothing to save")
-    files = write_delta_files(out, path, {"format": DELTA_FORMAT, "base_fingerprint": base_fingerprint(clean)})
-    return {"tensors": len(out), "parameters": n, "bytes": sum(f.stat().st_size for f in files),
-            "files": [f.name for f in files]}
-
-
-def write_delta_files(tensors: dict, path: str | Path, metadata: dict, shard_bytes: int = SHARD_BYTES) -> list[Path]:
-    """Write ``tensors`` to ``path``, in shards of at most ``shard_bytes`` (a larger tensor alone) when
-    they do not fit in one: ``<stem>-2.safetensors``, ... beside it, listed in the first file's
-    metadata (``"shards"``), which is the one to load. Returns the files written."""
-    from safetensors.torch import save_file
-
-    groups, size = [{}], 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append({})
-            size = 0
-        groups[-1][k] = t
-        size += nbytes
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files = [path] + [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(2, len(groups) + 1)]
-    for i, (group, f) in enumerate(zip(groups, files)):
-        meta = dict(metadata, shards=json.dumps([g.name for g in files[1:]])) if i == 0 and len(files) > 1 else metadata
-        save_file(group, str(f), metadata=meta)
-    return files
-
-
-def read_delta_files(path: str | Path) -> tuple[dict, dict]:
-    """(metadata of the first file, every tensor of it and of the shards it names). Raises
-    :class:`KeyFileError` for a missing, unreadable or foreign file."""
-    from safetensors import safe_open
-
-    def read(f: Path):
-        if not f.exists():
-            raise KeyFileError(f"no watermark delta file at {f}")
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                return h.metadata() or {}, {k: h.get_tensor(k) for k in h.keys()}
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise KeyFileError(f"{f} is not a readable safetensors file: {e}")
-
-    path = Path(path)
-    meta, tensors = read(path)
-    if meta.get("format") != DELTA_FORMAT:
-        raise KeyFileError(f"{path} is not a watermark delta (expected format {DELTA_FORMAT!r})")
-    try:
-        shards = json.loads(meta.get("shards", "[]"))
-    except ValueError:
-        shards = None
-    if not isinstance(shards, list) or not all(isinstance(n, str) and Path(n).name == n for n in shards):
-        raise KeyFileError(f"{path}: its list of shards is not a list of file names beside it")
-    for name in shards:
-        sub_meta, sub = read(path.with_name(name))
-        if sub_meta.get("format") != DELTA_FORMAT or sub_meta.get("base_fingerprint") != meta.get("base_fingerprint"):
-            raise KeyFileError(f"{path.with_name(name)} is not a shard of {path.name}")
-        if set(sub) & set(tensors):
-            raise KeyFileError(f"{path.with_name(name)} repeats tensors of {path.name}")
-        tensors.update(sub)
-    return meta, tensors
-
-
-def load_delta(clean, path: str | Path, check_base: bool = True):
-    """A pipeline view of ``clean`` with the delta file ``path`` added (copies of the parts it changes;
-    ``clean`` is not modified). Raises :class:`KeyFileError` for a file that is not a delta or was
-    made for another base."""
-    from core.model.prior import base_fingerprint
-
-    path = Path(path)
-    meta, tensors = read_delta_files(path)
-    if check_base and meta.get("base_fingerprint") != base_fingerprint(clean):
-        raise KeyFileError(f"{path} was made for another base model (fingerprint {meta.get('base_fingerprint')}, "
-                           f"this one {base_fingerprint(clean)})")
-    by_part: dict = {}
-    for k, d in tensors.items():
-        part, name = k.split(".", 1)
-        if part not in DELTA_PARTS:
-            raise KeyFileError(f"{path}: unexpected tensor {k!r}")
-        by_part.setdefault(part, {})[name] = d
-    parts = {}
-    for part, deltas in by_part.items():
-        module = copy.deepcopy(getattr(clean, part))
-        state = module.state_dict()
-        bad = [n for n in deltas if n not in state or state[n].shape != deltas[n].shape]
-        if bad:
-            raise KeyFileError(f"{path}: {part} tensor {bad[0]!r} does not fit this model")
-        with torch.no_grad():
-            for n, d in deltas.items():
-                state[n].add_(d.to(state[n].device, torch.float32).to(state[n].dtype))
-        parts[part] = module.eval().requires_grad_(False)
-    return watermarked_pipeline(clean, parts.get("unet", clean.unet), parts.get("text_encoder"))
-
-
-def load_model(model, device=None, delta: str | Path | None = None):
-    """A pipeline (:func:`core.model.pipeline.load_pipeline`), with a watermark ``delta`` file added if given."""
-    from core.model.pipeline import load_pipeline
-
-    pipe = load_pipeline(model, device)
-    return load_delta(pipe, delta) if delta else pipe
-
-
-def shipped_watermark(name: str, clean, folder: str | Path | None = None):
-    """(watermarked pipeline, key) of a watermarked base shipped as a delta over ``clean`` (the embedded
-    base) in ``folder`` (default ``assets/watermark``). Raises :class:`KeyFileError` (with the command
-    that builds it) when it is missing or does not fit."""
-    from core.watermark.backdoor import BackdoorKey
-
-    folder = Path(folder or WATERMARK_DIR)
-    delta, key_file = (folder / f for f in SHIPPED[name])
-    if not delta.exists() or not key_file.exists():
-        raise KeyFileError(f"the {name}-watermarked base is not built ({delta.name} and {key_file.name} missing in "
-                           f"{folder}); build it with: {embed_command(name)}")
-    key = (WatermarkKey if name == "AIAO" else BackdoorKey).load(key_file)
-    return load_delta(clean, delta), key
-
-
-def embed_command(name: str) -> str:
-    """The command that builds a shipped watermark (as recorded in ``assets/watermark/watermark.json``
-    when it exists, else the default one)."""
-    rec = WATERMARK_DIR / RECORD_FILE
-    try:
-        return json.loads(rec.read_text())[name]["command"]
-    except (OSError, KeyError, ValueError, TypeError):
-        pass
-    mod, stem = ("core.watermark.aiao", "aiao") if name == "AIAO" else ("core.watermark.backdoor", "backdoor")
-    return f"python -m {mod} embed --out assets/watermark/{stem}.safetensors --key assets/watermark/{stem}_key.json"
-
-
-def write_record(out: str | Path, name: str, record: dict) -> Path:
-    """Add ``record`` under ``name`` to the ``watermark.json`` beside the delta file ``out``."""
-    path = Path(out).parent / RECORD_FILE
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        doc = {}
-    doc[name] = record
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    return path
-
-
-def own_check_record(v) -> dict:
-    d = asdict(v)
-    d.pop("images", None)
-    return d
-
 
 # 6. verification -------------------------------------------------------------------------------
 
@@ -826,103 +623,3 @@ def verify_watermark(pipe, key: WatermarkKey, lora: dict | None = None, cfg: Ver
     view = pipeline_with_lora(pipe, lora, alpha) if lora else pipe
     emb = encode_prompt(view, CLASS_PROMPT)
     return verify_unet(view.unet, key, emb, cfg)
-
-
-# 7. CLI ----------------------------------------------------------------------------------------
-
-
-def owner_latents(pipe, n: int, root=None) -> torch.Tensor:
-    """Scaled VAE latents of ``n`` of the owner's own training photos (pretrain identities; the
-    denoising loss of the embedding), at the model's resolution."""
-    from core.faces import aligned, data
-    from core.finetune.lora import encode_photos
-    from core.model.pipeline import image_size_of
-
-    paths = [p for ps in data.Split.load().paths("pretrain", root).values() for p in ps]
-    rng = np.random.default_rng(0)
-    pick = [paths[i] for i in rng.choice(len(paths), min(n, len(paths)), replace=False)]
-    crops = aligned.load_crops(pick, size=image_size_of(pipe))
-    return torch.cat([encode_photos(pipe, crops[i: i + 64]) for i in range(0, len(crops), 64)])
-
-
-def probe_photos(pipe, n: int = 5, root=None) -> list:
-    """The owner's public probe faces: the first shadow identity with >= ``n`` photos."""
-    from core.faces import data
-    from core.model.pipeline import image_size_of
-
-    people = data.Split.load().paths("shadow", root)
-    name = probe_identity(people, n)
-    return list(aligned.load_crops(people[name][:n], size=image_size_of(pipe)))
-
-
-def probe_identity(people: dict, n: int = 5) -> str:
-    """The shadow identity whose photos the owner's probe fine-tunes use (the first with >= ``n``)."""
-    return next(k for k, v in people.items() if len(v) >= n)
-
-
-def main(argv=None):
-    import sys
-
-    from core.cli import add_config_flags, command_line, config_from_args
-    from core.events import run_with_progress_bar
-    from core.model.pipeline import load_pipeline
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description="AIAO ownership watermark in lazy layers (Liu et al., arXiv 2405.00466)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    em = sub.add_parser("embed", help="owner side: write a watermarked base (as a delta over the base) and its secret key")
-    em.add_argument("--model", default=None, help="base model folder or hub id (default: embedded)")
-    em.add_argument("--out", required=True, help="delta file to write (.safetensors: the changed weights, minus the base's)")
-    em.add_argument("--key", required=True, help="secret key file to write (.json)")
-    em.add_argument("--latents", type=int, default=1024, help="owner training photos for the denoising loss")
-    em.add_argument("--data", default=None, help="LFW folder (default $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)")
-    em.add_argument("--device", default=None)
-    add_config_flags(em, WatermarkConfig)
-    ve = sub.add_parser("verify", help="does MODEL (with --delta, --lora) carry the key's watermark?")
-    ve.add_argument("model", help="model folder or hub id ('embedded' for the shipped base)")
-    ve.add_argument("--delta", default=None, help="a watermark delta file to add to MODEL first "
-                                                  "(e.g. assets/watermark/aiao.safetensors)")
-    ve.add_argument("--lora", default=None, help="a LoRA file to merge in first")
-    ve.add_argument("--key", required=True)
-    ve.add_argument("--device", default=None)
-    add_config_flags(ve, VerifyConfig)
-    a = vars(ap.parse_args(argv))
-
-    if a["cmd"] == "verify":
-        from core.finetune.lora import load_lora
-
-        key = WatermarkKey.load(a["key"])
-        pipe = load_model(a["model"], a["device"], a["delta"])
-        lora = load_lora(a["lora"])[0] if a["lora"] else None
-        v = verify_watermark(pipe, key, lora, config_from_args(VerifyConfig, a))
-        print(f"VS-rate {v.vs_rate:.4f}  RS-rate {v.rs_rate:.4f}  p-value {v.p_value:.3g}  "
-              f"(trials {v.trials}, RS threshold {v.rs_threshold:.3f})")
-        print(v.summary())
-        return v
-
-    cfg = config_from_args(WatermarkConfig, a)
-    pipe = load_pipeline(a["model"], a["device"])
-    photos = probe_photos(pipe, root=a["data"])
-    lazy, scores = run_with_progress_bar(choose_lazy_layers(pipe, photos, cfg))
-    latents = owner_latents(pipe, a["latents"], a["data"])
-    res = run_with_progress_bar(embed_watermark(pipe, latents, lazy, cfg, lazy_scores=scores))
-    from core.model.prior import base_fingerprint
-
-    size = save_delta(pipe, watermarked_pipeline(pipe, res.unet), a["out"])
-    wm = load_delta(pipe, a["out"])  # the shipped (float16 delta) model, checked as it will be used
-    res.key.model_fingerprint = base_fingerprint(wm)
-    res.key.save(a["key"])
-    shipped = verify_watermark(wm, res.key)
-    print(f"own check of the saved delta: {shipped.summary()}")
-    record = {"command": command_line("core.watermark.aiao", argv), "base": a["model"] or "embedded",
-              "base_fingerprint": base_fingerprint(pipe), "delta_file": Path(a["out"]).name, "delta": size,
-              "key_file": Path(a["key"]).name, "config": asdict(cfg), "seconds": round(res.seconds, 1),
-              "lazy_layers": lazy, "own_check": own_check_record(shipped),
-              "final_losses": res.losses[-1] if res.losses else None}
-    write_record(a["out"], "AIAO", record)
-    print(f"watermark delta -> {a['out']} ({size['bytes'] / 1e6:.2f} MB, {size['tensors']} tensors); key -> {a['key']}")
-    return res
-
-
-if __name__ == "__main__":
-    main()

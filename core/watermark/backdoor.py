@@ -28,14 +28,13 @@ Choices:
   ((passes + 1) / (null_n + 1), so never 0), estimates how often an un-watermarked model passes, and
   p = P(Binomial(n, that rate) >= observed passes). An estimate, unlike AIAO's exact bound.
 
-CLI: ``python -m core.watermark.backdoor embed [--model M] --out DELTA.safetensors --key KEY.json``
-(the changed weights minus the base's, :func:`core.watermark.aiao.save_delta`) and
-``python -m core.watermark.backdoor verify MODEL [--delta DELTA.safetensors] [--lora FILE] --key KEY.json``.
+CLI: ``python -m core.watermark embed-backdoor [--model M] [--out DELTA.safetensors] [--key KEY.json]``
+(the changed weights minus the base's, :mod:`core.watermark.formats`) and
+``python -m core.watermark verify-backdoor MODEL [--delta DELTA.safetensors] [--lora FILE] --key KEY.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
@@ -46,20 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.cli import command_line
 from core.events import Done, Message, Progress, never
 from core.model.denoising import Denoiser
-from core.watermark.aiao import (
-    KeyFileError,
-    load_delta,
-    load_model,
-    own_check_record,
-    owner_latents,
-    read_key_document,
-    save_delta,
-    watermarked_pipeline,
-    write_record,
-)
+from core.watermark.formats import KeyFileError, read_key_document, watermarked_pipeline
 
 KEY_FORMAT = "leaklab-backdoor-key-v1"
 
@@ -318,63 +306,3 @@ def verify_backdoor(pipe, key: BackdoorKey, lora: dict | None = None, n: int = 1
                                 [float(c) for c in corr], ims)
 
 
-# CLI -------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    import sys
-
-    from core.cli import add_config_flags, config_from_args
-    from core.events import run_with_progress_bar
-    from core.model.pipeline import load_pipeline
-    from core.model.prior import base_fingerprint
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description="Baseline watermark: a trigger prompt that draws a fixed pattern")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    em = sub.add_parser("embed")
-    em.add_argument("--model", default=None)
-    em.add_argument("--out", required=True, help="delta file to write (.safetensors)")
-    em.add_argument("--key", required=True)
-    em.add_argument("--latents", type=int, default=512, help="owner training photos for the denoising loss")
-    em.add_argument("--data", default=None)
-    em.add_argument("--device", default=None)
-    add_config_flags(em, BackdoorConfig)
-    ve = sub.add_parser("verify")
-    ve.add_argument("model")
-    ve.add_argument("--delta", default=None, help="a watermark delta file to add to MODEL first")
-    ve.add_argument("--lora", default=None)
-    ve.add_argument("--key", required=True)
-    ve.add_argument("--n", type=int, default=16)
-    ve.add_argument("--alpha", type=float, default=1e-6)
-    ve.add_argument("--device", default=None)
-    a = vars(ap.parse_args(argv))
-    if a["cmd"] == "verify":
-        from core.finetune.lora import load_lora
-
-        key = BackdoorKey.load(a["key"])
-        pipe = load_model(a["model"], a["device"], a["delta"])
-        v = verify_backdoor(pipe, key, load_lora(a["lora"])[0] if a["lora"] else None, a["n"], a["alpha"])
-        print(f"VS-rate {v.vs_rate:.4f}  mean correlation {v.mean_correlation:.3f}  p-value {v.p_value:.3g}")
-        print(v.summary())
-        return v
-    cfg = config_from_args(BackdoorConfig, a)
-    pipe = load_pipeline(a["model"], a["device"])
-    res = run_with_progress_bar(embed_backdoor(pipe, owner_latents(pipe, a["latents"], a["data"]), cfg))
-    size = save_delta(pipe, watermarked_pipeline(pipe, res.unet, res.text_encoder), a["out"])
-    wm = load_delta(pipe, a["out"])  # the shipped (float16 delta) model, checked as it will be used
-    res.key.model_fingerprint = base_fingerprint(wm)
-    res.key.save(a["key"])
-    shipped = verify_backdoor(wm, res.key)
-    print(f"own check of the saved delta: {shipped.summary()}")
-    write_record(a["out"], "backdoor", {
-        "command": command_line("core.watermark.backdoor", argv), "base": a["model"] or "embedded",
-        "base_fingerprint": base_fingerprint(pipe), "delta_file": Path(a["out"]).name, "delta": size,
-        "key_file": Path(a["key"]).name, "config": asdict(cfg), "seconds": round(res.seconds, 1),
-        "own_check": own_check_record(shipped), "final_losses": res.losses[-1] if res.losses else None})
-    print(f"watermark delta -> {a['out']} ({size['bytes'] / 1e6:.2f} MB, {size['tensors']} tensors); key -> {a['key']}")
-    return res
-
-
-if __name__ == "__main__":
-    main()
