@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 
 import numpy as np
 import torch
@@ -20,9 +22,12 @@ def _has_data(p) -> bool:
 
 
 def _feed(h, p) -> None:
-    if isinstance(p, torch.Tensor):
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    if isinstance(p, torch.Tensor):  # shape and dtype too: zeros(2, 3) and zeros(3, 2) have the same bytes
+        t = p.detach().cpu().contiguous()
+        h.update(f"tensor{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(p, np.ndarray):
+        h.update(f"array{p.shape}{p.dtype.str}".encode())
         h.update(np.ascontiguousarray(p).tobytes())
     elif isinstance(p, dict) and _has_data(p):
         for k in sorted(p):
@@ -45,13 +50,20 @@ def digest(*parts) -> str:
 
 
 def cached(folder: str, parts, compute):
-    """``compute()`` (a JSON-able dict), stored in ``<cache dir>/<folder>`` under ``digest(*parts)``."""
+    """``compute()`` (a JSON-able dict), stored in ``<cache dir>/<folder>`` under ``digest(*parts)``.
+    Written atomically (a temp file, then a rename); an unreadable entry (e.g. a file truncated by a
+    crash of an older version) is recomputed, not fatal."""
     from core.model.prior import cache_dir
 
     path = cache_dir() / folder / f"{digest(*parts)}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, default=float))
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(value, default=float))
+    os.replace(tmp, path)
     return value

@@ -28,3 +28,19 @@ def test_cached_computes_once(monkeypatch, tmp_path):
     assert cached("t", ["k", np.arange(3)], compute) == {"x": 1.5} and len(calls) == 1
     cached("t", ["k", np.arange(4)], compute)
     assert len(calls) == 2
+
+
+def test_digest_sees_shape_and_dtype():
+    assert digest(torch.zeros(2, 3)) != digest(torch.zeros(3, 2))
+    assert digest(np.zeros((2, 3))) != digest(np.zeros((3, 2)))
+    assert digest(torch.zeros(4, dtype=torch.float16)) != digest(torch.zeros(2, dtype=torch.float32))
+    assert digest(torch.zeros(2, 3)) == digest(torch.zeros(2, 3))
+
+
+def test_a_truncated_cache_entry_is_recomputed_and_writes_are_atomic(monkeypatch, tmp_path):
+    monkeypatch.setenv("LEAKLAB_CACHE", str(tmp_path))
+    path = tmp_path / "t" / f"{digest('k')}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"x": 1.')  # what a crash mid-write used to leave
+    assert cached("t", ["k"], lambda: {"x": 2.0}) == {"x": 2.0}
+    assert path.read_text() == '{"x": 2.0}' and not list(path.parent.glob("*.tmp"))
