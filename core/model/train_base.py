@@ -45,7 +45,7 @@ import torch
 
 from core.checkpoint import load_training_state, save_training_state
 from core.events import Done, Message, Progress, never, run_with_progress_bar
-from core.faces import aligned, data
+from core.faces import aligned, data, ingest
 from core.model.autoencoder import TAEF2_DIR, latent_stats
 from core.model.pipeline import DEFAULT_BASE, assemble_pipeline, build_components, configure_threads, mixed_precision, save_pipeline
 from core.model.prompts import N_APPEARANCE, PRETRAIN_CAPTIONS, appearance_caption
@@ -494,6 +494,7 @@ def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = Non
         data_seen=data_record(photos, keep),
         data_terms="LFW (research and education; images stay with their photographers) and UTKFace "
         "(non-commercial research only); no image of either ships in this repository",
+        template_zoom=float(json.loads(ingest.TEMPLATE_FILE.read_text()).get("zoom", ingest.TEMPLATE_ZOOM)),
         autoencoder_source="TAEF2 (madebyollin/taesd at 5cccb12, MIT licence, see vae/LICENSE-TAEF2)",
         minutes=round((time.time() - t_start) / 60, 1),
         device=str(dev),

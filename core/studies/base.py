@@ -1,23 +1,26 @@
-"""Quality report of a base model: ``python -m core.studies.base``.
+"""Quality of a base model, and of another one on the same protocol: ``python -m core.studies.base``.
 
-Measures, for the class prompt:
-- face-detection rate (dlib frontal detector, :func:`core.faces.recognition.has_face`) on ``--n`` samples,
-  next to the same rate on as many real held-out crops (victim identities: never seen in training);
-- Frechet distance between dlib descriptors of the samples and of real held-out faces (set A:
-  victim identities), next to the same distance between set A and another set of real faces of
-  different people (set B: shadow identities), for scale; neither set was seen in training;
-- prompt sensitivity (:func:`prompt_sensitivity`): how much the UNet's noise prediction moves when
-  only the prompt changes; a DreamBooth trigger can only bind a subject if this is well above 0;
-- the wall time to sample 4 images at 64 px with 25 steps;
-- a sample grid (the model's own faces, no real person) written beside the report.
-Writes ``<out>/eval_base.json`` and ``eval_base.md``.
+For the class prompt, per base model (``--model``, and each ``--compare`` model in the same run):
+- face-detection rate (dlib frontal detector, :func:`core.faces.recognition.has_face`) of ``--n``
+  samples;
+- Frechet distance between dlib descriptors of the samples and of ``--n`` real faces the base model
+  never saw, for two sources: LFW *victims* (set A; the reference set B is as many photos of shadow
+  identities) and held-out UTKFace chips (set A: the first ``--n`` of the held-out chips; B: the
+  next ``--n``). Each source's real-vs-real distance (B to A) is printed beside it, for scale;
+- prompt sensitivity (:func:`prompt_sensitivity`): how much the UNet's prediction moves when only
+  the prompt changes (a DreamBooth trigger can only bind a subject if this is well above 0);
+- the wall time to sample 4 images with 25 steps (the same run, the same machine);
+- a sample grid (the model's own faces, no real person) beside the report.
+Real faces are aligned like a visitor's photo, in *each model's own crop geometry* (its resolution;
+the template zoom it was trained with), so every model is compared with the same photos cropped as it
+draws them. Writes ``<out>/eval_base.json``, ``eval_base.md`` and ``base_samples.png``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,33 +28,97 @@ import torch
 from PIL import Image
 
 from core import RESULTS
-from core.faces import aligned, data
+from core.events import Done, Message, Progress, never, run_with_progress_bar
+from core.faces import aligned, data, ingest, metrics
 from core.faces import recognition as faces
-from core.faces import metrics
-from core.model.pipeline import load_pipeline, sample_images, time_sampling
+from core.model.pipeline import image_size_of, load_pipeline, sample_images, time_sampling
 from core.model.prompts import APPEARANCE_WORDS, CLASS_PROMPT, appearance_caption, instance_prompt, trigger_words
 
+# crop geometry of bases trained before the 128 px base (LFW's central 128 px box, 64 px)
+LEGACY_ZOOM = 1.0
 
-def real_heldout(n: int, group: str = "victims", root=None) -> np.ndarray:
-    """``n`` real crops of one identity group that the base model never saw (round-robin over
-    its identities: every identity's 1st photo, then every 2nd photo, ...)."""
-    groups = data.Split.load().paths(group, root)
-    paths, k = [], 0
-    while len(paths) < n and k < 20:
-        paths += [ps[k] for ps in groups.values() if len(ps) > k]
-        k += 1
-    if len(paths) < n:
-        raise ValueError(f"only {len(paths)} held-out photos in {group}, need {n}")
-    return aligned.load_crops(paths[:n])
+
+@dataclass
+class BaseStudyConfig:
+    n: int = 256  # samples per model, and real faces per set
+    steps: int = 25  # sampler steps (DPM-Solver++)
+    guidance: float = 1.0  # classifier-free guidance scale of the samples
+    data: str | None = None  # LFW folder (default $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
+    utkface: str | None = None  # UTKFace folder (default $LEAKLAB_UTKFACE or ../data/UTKFace); "none" = LFW only
+
+
+@dataclass
+class ModelReport:
+    """One base model's row set."""
+
+    model: str
+    size: int
+    zoom: float
+    detection_rate: float
+    frechet: dict  # source -> Frechet distance of the samples to that source's set A
+    real: dict  # source -> {"frechet_b_to_a", "detection_rate_a"}
+    prompt_sensitivity: dict
+    seconds_4_images: float
+    grid: list = field(default_factory=list, repr=False)  # 32 samples (uint8), not saved in the JSON
+
+
+def template_for(zoom: float) -> np.ndarray:
+    """The face template at a given zoom (the shipped template re-spread about the crop centre)."""
+    shipped = json.loads(ingest.TEMPLATE_FILE.read_text())
+    t = np.asarray(shipped["landmarks_128"], np.float64)
+    c = ingest.TEMPLATE_SIZE / 2
+    return (t - c) / float(shipped.get("zoom", 1.0)) * zoom + c
+
+
+def model_zoom(pipe) -> float:
+    """The crop zoom a base was trained with: recorded in its ``train_config.json`` (a base of this
+    project without the record predates the zoom: 1.0); any other model: the current template's."""
+    rec = Path(pipe.config.get("_name_or_path") or "") / "train_config.json"
+    try:
+        return float(json.loads(rec.read_text()).get("template_zoom", LEGACY_ZOOM))
+    except (OSError, ValueError):
+        return ingest.TEMPLATE_ZOOM
+
+
+def real_paths(n: int, cfg: BaseStudyConfig) -> dict[str, tuple[list, list]]:
+    """Source -> (set A paths, set B paths) of real faces no base model saw (2n candidates each,
+    so photos where dlib finds no face can be skipped)."""
+    split = data.Split.load()
+
+    def round_robin(group):
+        groups = split.paths(group, cfg.data)
+        out, k = [], 0
+        while len(out) < 2 * n and k < 20:
+            out += [ps[k] for ps in groups.values() if len(ps) > k]
+            k += 1
+        return out
+
+    sets = {"LFW": (round_robin("victims"), round_robin("shadow"))}
+    if cfg.utkface != "none":
+        files = data.utkface_files(cfg.utkface)
+        held = sorted(f for f in files if f.name in data.utkface_heldout(files))
+        sets["UTKFace"] = (held[: len(held) // 2], held[len(held) // 2:])
+    return sets
+
+
+def aligned_set(paths, n: int, size: int, template: np.ndarray) -> np.ndarray:
+    """The first ``n`` of ``paths`` where dlib finds a face, aligned at ``size`` px."""
+    out = []
+    for p in paths:
+        a = aligned.align_file(p, size, template)
+        if a is not None:
+            out.append(a.crop)
+        if len(out) == n:
+            break
+    return np.stack(out)
 
 
 @torch.no_grad()
 def prompt_sensitivity(pipe, n: int = 32, timesteps=(900, 500, 200), seed: int = 0) -> dict:
-    """Relative change ||eps(prompt A) - eps(prompt B)|| / ||eps(prompt A)|| of the UNet's noise
-    prediction on the same noisy latents, averaged over ``timesteps``, for three prompt pairs:
-    two different appearance captions ("a photo of ida03 idb17 face" vs another pair of words),
-    the class prompt vs an appearance caption, and the class prompt vs a fresh trigger's instance
-    prompt (a reserved word pre-training never saw). A model that ignores its prompt gives ~0."""
+    """Relative change ||f(prompt A) - f(prompt B)|| / ||f(prompt A)|| of the UNet's prediction on the
+    same noisy latents, averaged over ``timesteps``, for three prompt pairs: two different appearance
+    captions, the class prompt vs an appearance caption, and the class prompt vs a fresh trigger's
+    instance prompt (a reserved word pre-training never saw). A model that ignores its prompt gives ~0."""
     from core.finetune.lora import encode_prompt
 
     g = torch.Generator().manual_seed(seed)
@@ -79,85 +146,101 @@ def prompt_sensitivity(pipe, n: int = 32, timesteps=(900, 500, 200), seed: int =
     return out
 
 
+def evaluate_model(model, cfg: BaseStudyConfig, should_stop=never):
+    """Generator of one base model's progress events; returns its ModelReport (None if stopped)."""
+    pipe = load_pipeline(model)
+    size, zoom = image_size_of(pipe), model_zoom(pipe)
+    name = str(model or "embedded")
+    yield Message(f"{name}: {size} px, crop zoom {zoom}")
+    ims, batch = [], 16
+    for s in range(0, cfg.n, batch):
+        if should_stop():
+            return None
+        ims += sample_images(pipe, CLASS_PROMPT, n=min(batch, cfg.n - s), seed=s, steps=cfg.steps, guidance=cfg.guidance)
+        yield Progress(f"sampling {name}", len(ims), cfg.n, 0.0)
+    desc = faces.describe(ims)
+    template = template_for(zoom)
+    frechet, real = {}, {}
+    for source, (pa, pb) in real_paths(cfg.n, cfg).items():
+        a, b = aligned_set(pa, cfg.n, size, template), aligned_set(pb, cfg.n, size, template)
+        da, db = faces.describe(a), faces.describe(b)
+        frechet[source] = metrics.frechet_distance(desc, da)
+        real[source] = dict(frechet_b_to_a=metrics.frechet_distance(db, da), detection_rate_a=metrics.detection_rate(a),
+                            n_a=len(a), n_b=len(b))
+    return ModelReport(name, size, zoom, metrics.detection_rate(ims), frechet, real, prompt_sensitivity(pipe),
+                       round(time_sampling(pipe, 4, 25, cfg.guidance), 3), ims[:32])
+
+
+@dataclass
+class BaseStudyResult:
+    models: list  # ModelReport per model, in the order given
+
+
+def run(models, cfg: BaseStudyConfig, should_stop=never):
+    """The study as a job: progress events, then Done(BaseStudyResult)."""
+    reports = []
+    for m in models:
+        rep = yield from evaluate_model(m, cfg, should_stop)
+        if rep is None:
+            yield Done(BaseStudyResult(reports), cancelled=True)
+            return
+        reports.append(rep)
+    yield Done(BaseStudyResult(reports))
+
+
 def grid(images, cols: int = 8) -> Image.Image:
     rows = [np.concatenate(images[i : i + cols], axis=1) for i in range(0, len(images) - cols + 1, cols)]
     return Image.fromarray(np.concatenate(rows, axis=0))
 
 
-def sample_many(pipe, n, guidance, steps=25, batch=16, seed0=0):
-    out = []
-    for s in range(seed0, seed0 + n, batch):
-        out += sample_images(pipe, CLASS_PROMPT, n=min(batch, seed0 + n - s), seed=s, steps=steps, guidance=guidance)
-    return out
-
-
-def evaluate(model=None, n=256, guidances=(1.0,), steps=25, root=None) -> dict:
-    pipe = load_pipeline(model)
-    real_a, real_b = real_heldout(n, "victims", root), real_heldout(n, "shadow", root)
-    da, db = faces.describe(real_a), faces.describe(real_b)
-    report = dict(
-        model=str(model or "embedded"),
-        prompt=CLASS_PROMPT,
-        n_samples=n,
-        steps=steps,
-        real=dict(n=n, detection_rate=metrics.detection_rate(real_b), detection_rate_set_a=metrics.detection_rate(real_a),
-                  frechet_real_vs_real=metrics.frechet_distance(db, da)),
-        samples={},
-    )
-    for g in guidances:
-        t0 = time.time()
-        ims = sample_many(pipe, n, g, steps)
-        report["samples"][str(g)] = dict(
-            guidance=g,
-            detection_rate=metrics.detection_rate(ims),
-            frechet_to_real=metrics.frechet_distance(faces.describe(ims), da),
-            seconds_for_all=round(time.time() - t0, 1),
-        )
-        report["samples"][str(g)]["_images"] = ims[:32]
-    report["prompt_sensitivity"] = prompt_sensitivity(pipe)
-    report["seconds_4_images_25_steps"] = {str(g): round(time_sampling(pipe, 4, 25, g), 3) for g in guidances}
-    return report
-
-
-def to_markdown(r: dict) -> str:
-    lines = [
-        f"# Base model quality ({r['model']}, prompt \"{r['prompt']}\", {r['steps']} steps)",
-        "",
-        "| images | guidance | face-detection rate | Frechet distance (dlib descriptors) to real set A | 4 images, 25 steps |",
-        "|---|---|---|---|---|",
-        f"| real crops, set B: other unseen people (n={r['real']['n']}) | - | {r['real']['detection_rate']:.3f} | {r['real']['frechet_real_vs_real']:.4f} (real vs real) | - |",
-    ]
-    for g, s in r["samples"].items():
-        lines.append(
-            f"| samples (n={r['n_samples']}) | {s['guidance']} | {s['detection_rate']:.3f} | {s['frechet_to_real']:.4f} | {r['seconds_4_images_25_steps'][g]:.2f} s |"
-        )
-    lines += ["", "Prompt sensitivity (relative change of the UNet's noise prediction when only the prompt changes; "
-              "mean over t = 900, 500, 200; ~0 means the model ignores its prompt):", ""]
-    lines += [f"- {k}: {v:.4f}" for k, v in r.get("prompt_sensitivity", {}).items()]
-    lines += ["", f"Real set A: {r['real']['n']} photos of victim identities, set B: {r['real']['n']} photos of shadow identities "
-              f"(`assets/split.json`; the base model saw neither). Face-detection rate on set A: {r['real']['detection_rate_set_a']:.3f}.",
-              "Rebuild: `python -m core.studies.base`."]
+def to_markdown(doc: dict) -> str:
+    reps = doc["models"]
+    sources = list(reps[0]["frechet"])
+    head = "| base model | px | face-detection rate | " + " | ".join(f"Frechet to {s} (real vs real)" for s in sources)
+    lines = [f"# Base model quality (prompt \"{CLASS_PROMPT}\", {doc['config']['steps']} steps, guidance "
+             f"{doc['config']['guidance']}, {doc['config']['n']} samples per model)", "", head + " | 4 images, 25 steps |",
+             "|---" * (4 + len(sources)) + "|"]
+    for r in reps:
+        cells = [f"{r['frechet'][s]:.4f} ({r['real'][s]['frechet_b_to_a']:.4f})" for s in sources]
+        lines.append(f"| {r['model']} | {r['size']} | {r['detection_rate']:.3f} | " + " | ".join(cells)
+                     + f" | {r['seconds_4_images']:.2f} s |")
+    lines += ["", "Real faces: LFW set A = photos of victim identities, set B = photos of shadow identities; UTKFace set "
+              "A / B = two halves of the held-out chips; the base models saw none of them. Each model is compared "
+              "with the same photos aligned in its own crop geometry. Face detection on the real sets A: "
+              + ", ".join(f"{s} {reps[0]['real'][s]['detection_rate_a']:.3f}" for s in sources) + ".", "",
+              "Prompt sensitivity (relative change of the UNet's prediction when only the prompt changes; mean over "
+              "t = 900, 500, 200; ~0 means the model ignores its prompt):", ""]
+    for r in reps:
+        lines.append(f"- {r['model']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["prompt_sensitivity"].items()))
+    lines += ["", f"Rebuild: `{doc['command']}`."]
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class Args(BaseStudyConfig):
+    """Measure base models' quality on the same protocol (the first is the one the report is about)."""
+
+    model: str | None = None  # the base model (default: the embedded base)
+    compare: tuple[str, ...] = ()  # other base models measured in the same run (folders or hub ids)
+    out: str = str(RESULTS)  # folder of eval_base.json / .md / base_samples.png
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="model folder or hub id (default: the embedded base)")
-    ap.add_argument("--n", type=int, default=256)
-    ap.add_argument("--guidance", default="1.0", help="comma-separated guidance scales")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--out", default=str(RESULTS))
-    a = ap.parse_args(argv)
-    r = evaluate(a.model, a.n, [float(g) for g in a.guidance.split(",")], a.steps, a.data)
+    from dataclasses import asdict
+
+    from core.cli import command_line, config_of, parse
+
+    a = parse(Args, argv)
+    cfg = config_of(a, BaseStudyConfig)
+    t0 = time.time()
+    reps = run_with_progress_bar(run([a.model, *a.compare], cfg)).models
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    first = next(iter(r["samples"].values()))
-    grid(first["_images"]).save(out / "base_samples.png")
-    for s in r["samples"].values():
-        s.pop("_images")
-    (out / "eval_base.json").write_text(json.dumps(r, indent=1) + "\n")
-    md = to_markdown(r)
+    grid(reps[0].grid).save(out / "base_samples.png")
+    doc = dict(command=command_line("core.studies.base", argv), config=asdict(cfg), seconds=round(time.time() - t0),
+               models=[{k: v for k, v in asdict(r).items() if k != "grid"} for r in reps])
+    (out / "eval_base.json").write_text(json.dumps(doc, indent=1) + "\n")
+    md = to_markdown(doc)
     (out / "eval_base.md").write_text(md)
     print(md)
 
