@@ -25,7 +25,7 @@ def _feed(h, p) -> None:
     if isinstance(p, torch.Tensor):  # shape and dtype too: zeros(2, 3) and zeros(3, 2) have the same bytes
         t = p.detach().cpu().contiguous()
         h.update(f"tensor{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(p, np.ndarray):
         h.update(f"array{p.shape}{p.dtype.str}".encode())
         h.update(np.ascontiguousarray(p).tobytes())

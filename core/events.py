@@ -88,11 +88,34 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Preview:
-    """Images drawn at ``step`` (e.g. the LoRA's own samples with the trigger)."""
+    """Images drawn at ``step`` (e.g. the LoRA's own samples with the trigger); ``distance``: their
+    identity distance to the subject's photos, where it was measured."""
 
     step: int
     images: list
     caption: str = ""
+    distance: float | None = None
 
 
-Event = Progress | Message | Done | Checkpoint | Preview
+@dataclass(frozen=True)
+class Reconstruction:
+    """The attacker's images of the subject at checkpoint ``step``, from the LoRA weights alone, with
+    their identity distance to the subject's photos and the floor (the base model's class-prompt
+    samples, ``n_floor`` of them, at the same distance measure)."""
+
+    step: int
+    images: list
+    distance: float
+    floor: float
+    n_floor: int
+
+
+@dataclass(frozen=True)
+class LayerChanges:
+    """Per-layer change (:class:`core.layers.change.LayerChange` list) of the LoRA at ``step``."""
+
+    step: int
+    changes: list
+
+
+Event = Progress | Message | Done | Checkpoint | Preview | Reconstruction | LayerChanges

@@ -8,20 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core.defenses.posthoc import (
-    DEFENSES,
+from core.defenses.dp import (
     DPConfig,
-    apply_defense,
     clipped_per_sample_grads,
     dp_finetune,
     per_sample_grads,
     private_gradient,
-    prune,
-    quantize,
-    rank_truncate,
     resolve_noise_multiplier,
-    weight_noise,
 )
+from core.defenses.posthoc import DEFENSES, apply_defense, prune, quantize, rank_truncate, weight_noise
 from core.model.denoising import Denoiser
 from core.events import Checkpoint, Done, Preview, Progress, drain
 from core.finetune.lora import FinetuneConfig, finetune, lora_config, lora_state_dict

@@ -17,7 +17,7 @@ TINY = FinetuneConfig(steps=2, checkpoint_every=0, preview_n=0, n_class=4, batch
 POINTS = [("prune", 0.9), ("quantize", 3)]
 
 
-def photos(seed0, n=4, size=32):
+def photos(seed0, n=4, size=64):
     return [np.random.default_rng(seed0 + i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(n)]
 
 
@@ -66,7 +66,7 @@ def study(tiny_pipe, victims, attacker, monkeypatch_module):
 
 
 def test_study_rows_have_every_field(study, victims):
-    from core.defenses.posthoc import epsilon_curve
+    from core.defenses.dp import epsilon_curve
 
     r, _ = study
     assert r["n"] == 2 and r["chance_top1"] == 0.5
@@ -136,7 +136,7 @@ def test_a_rerun_scores_only_new_points(study, victims, tiny_pipe, attacker, mon
 
 
 def test_dp_loras_are_cached(tiny_pipe, victims):
-    from core.defenses.posthoc import DPConfig
+    from core.defenses.dp import DPConfig
     from core.studies.defenses import dp_victim_lora
 
     args = (tiny_pipe, victims.private[0], victims.names[0], victims.seeds[0], TINY, DPConfig(noise_multiplier=1.0))
@@ -243,7 +243,7 @@ def test_finetune_tab_applies_the_posthoc_defense(tiny_engine, monkeypatch):
 def test_finetune_tab_with_dp_shows_the_accountants_epsilon(tiny_engine):
     import gradio as gr
 
-    from core.defenses.posthoc import epsilon_curve
+    from core.defenses.dp import epsilon_curve
     from ui.finetune_tab import defense_slider, train_run
     from ui.session import VisitorSession
 

@@ -10,7 +10,7 @@ from core.model.pipeline import load_pipeline, sample_images
 from core.model.prompts import instance_prompt, trigger_words
 
 
-def crops(n, size=32):
+def crops(n, size=64):
     return [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(n)]
 
 

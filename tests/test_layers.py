@@ -189,7 +189,7 @@ class TinyEngine:
 def test_layers_tab_without_and_with_a_finetune(tiny_pipe, run):
     import gradio as gr
 
-    from ui.layers_tab import NO_FINETUNE, layers_view, record_checkpoint, swap_run
+    from ui.layers_tab import NO_FINETUNE, layers_view, swap_run
     from ui.session import VisitorSession
 
     engine = TinyEngine(tiny_pipe)
@@ -203,8 +203,8 @@ def test_layers_tab_without_and_with_a_finetune(tiny_pipe, run):
         n = len(lora_modules(res.lora))
         assert f"{n} layers" in status and np.asarray(fig.data[0].z).shape == (1, n)
         assert "Busiest" in table and "Laziest" in table and "‖ΔW‖ / ‖W‖" in table
-        for step, lora in sorted(ckpts.items()):  # the Fine-tune tab's optional live hook
-            record_checkpoint(engine, session, step, lora, res.config.alpha)
+        for step, lora in sorted(ckpts.items()):  # what the Fine-tune tab keeps of the live job's LayerChanges
+            session.layer_steps[step] = lora_layer_change(tiny_pipe, lora, res.config.alpha)
         status, fig, _ = layers_view(engine, session)
         assert np.asarray(fig.data[0].z).shape == (3, n) and "1, 2, 3" in status
         outs = list(swap_run(engine, session, ks=(None,), steps=2))

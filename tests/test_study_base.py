@@ -3,7 +3,7 @@ given per source, and the study can be cancelled."""
 
 import json
 
-from core.events import Done, drain
+from core.events import Done
 from core.studies.base import BaseStudyConfig, main, run, template_for
 
 

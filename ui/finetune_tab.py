@@ -7,33 +7,20 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 
 from core import ASSETS
-from core.attack.report import attacker_mismatch, reconstruct_lora
-from core.defenses.posthoc import DEFENSES, DPConfig, apply_defense, dp_finetune
 from core.engine import Engine, SampleRequest
-from core.events import Checkpoint, Done, Preview, Progress
-from core.finetune.lora import (
-    MAX_PHOTOS,
-    MIN_PHOTOS,
-    FinetuneConfig,
-    finetune,
-    pick_trigger,
-    pipeline_with_lora,
-    save_lora,
-)
+from core.events import Done, LayerChanges, Message, Preview, Progress, Reconstruction
+from core.finetune.live import AttackUnavailable, LiveConfig, LiveResult, live_finetune
+from core.finetune.lora import MAX_PHOTOS, MIN_PHOTOS, FinetuneConfig, pick_trigger, save_lora
 from core.faces.ingest import MAX_BYTES as MAX_UPLOAD_BYTES
 from core.faces.ingest import IngestError, ingest_face
 from core.faces.metrics import SAME_PERSON
-from core.model.pipeline import sample_images
 from core.plots import attack_curve, loss_curve
 from core.model.prompts import CLASS_PROMPT, instance_prompt
-from core.faces.utility import identity_distance, lora_utility
-from ui.layers_tab import record_checkpoint
 from ui.session import SESSION_TTL, close_session, ensure, media
 from ui.gpu import on_gpu
 from ui.uploads import UploadTooLarge, read_upload
@@ -168,22 +155,6 @@ def defense_words(name: str, strength) -> str:
     return name
 
 
-def resolve_defense(defense, strength):
-    """(defense name or None, strength of the right type), validated; gr.Error when unusable."""
-    if defense in (None, "", NO_DEFENSE):
-        return None, None
-    if defense not in DEFENSES:
-        raise gr.Error(f"Unknown defense {defense!r}; choose one of: {', '.join(c for _, c in DEFENSE_CHOICES)}.")
-    try:
-        s = float(DEFENSE_SLIDERS[defense][3] if strength in (None, "") else strength)
-        if defense in ("quantize", "rank_truncate"):
-            s = int(round(s))
-        apply_defense({}, defense, s)  # the defense's own check of its strength
-    except (TypeError, ValueError) as e:
-        raise gr.Error(f"Bad strength for {defense}: {e}")
-    return defense, s
-
-
 def epsilon_words(epsilon: float, n_photos: int) -> str:
     """The accountant's epsilon in plain words (per photo; roughly n x for a person with n photos)."""
     if not math.isfinite(epsilon):
@@ -192,128 +163,140 @@ def epsilon_words(epsilon: float, n_photos: int) -> str:
             f"roughly 5x that; with your {n_photos} photos, about {n_photos * epsilon:.3g})")
 
 
+def live_config(steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength) -> LiveConfig:
+    """The widgets' values -> the live job's config (gr.Error with the config's own sentence)."""
+    try:
+        seed = int(seed) if seed not in (None, "") else random.randrange(2**31)
+        ft = FinetuneConfig(steps=int(steps), rank=int(rank), alpha=float(rank), lr=float(lr), seed=seed,
+                            text_encoder=bool(text_encoder))
+        if defense in (None, "", NO_DEFENSE):
+            defense, strength = None, None
+        elif defense in DEFENSE_SLIDERS and strength in (None, ""):
+            strength = DEFENSE_SLIDERS[defense][3]
+        noise = (DP_DEFAULT_NOISE if dp_noise in (None, "") else float(dp_noise)) if dp else None
+        return LiveConfig(ft, dp_noise=noise, defense=defense, strength=None if strength is None else float(strength))
+    except (TypeError, ValueError) as e:
+        raise gr.Error(f"{str(e)[:1].upper()}{str(e)[1:]}.")
+
+
+class LiveView:
+    """What the tab shows of one run, updated event by event (no model work here)."""
+
+    def __init__(self, cfg: LiveConfig, photos, n_floor: int):
+        self.cfg, self.photos, self.n_floor = cfg, photos, n_floor
+        self.tag = f" ({defense_words(cfg.defense, cfg.strength)})" if cfg.defense else ""
+        self.steps, self.losses, self.inst, self.epsilon = [], [], [], None
+        self.gallery, self.recon = [], []
+        self.a_steps, self.a_dist, self.c_dist, self.floor = [], [], [], None
+
+    def progress(self, ev: Progress) -> dict | None:
+        self.steps.append(ev.step)
+        self.losses.append(ev.metrics["loss"])
+        self.inst.append(ev.metrics["instance_loss"])
+        self.epsilon = ev.metrics.get("epsilon", self.epsilon)
+        if ev.step % 5 and ev.step != ev.total:
+            return None
+        eps = f" DP-SGD: {epsilon_words(self.epsilon, len(self.photos))}." if self.epsilon is not None else ""
+        return dict(status=f"Training step **{ev.step}/{ev.total}** ({ev.elapsed:.0f} s). Trigger word: "
+                           f"**{self.cfg.finetune.trigger}**.{eps}",
+                    loss=loss_curve(self.steps, self.losses, self.inst, ev.total))
+
+    def scores(self) -> dict:
+        return dict(attack_score=live_score(self.a_steps[-1], self.a_dist[-1], self.floor, self.c_dist[-1],
+                                            len(self.cfg.attack_seeds), self.n_floor, self.cfg.finetune.preview_n),
+                    attack_plot=attack_curve(self.a_steps, self.a_dist, self.c_dist, self.floor, self.cfg.finetune.steps))
+
+    def reconstruction(self, ev: Reconstruction) -> dict:
+        self.recon = [(im, f"step {ev.step}") for im in ev.images] + self.recon  # newest first
+        self.a_steps.append(ev.step)
+        self.a_dist.append(ev.distance)
+        self.c_dist.append(None)
+        self.floor = ev.floor
+        return dict(attack_head=f"{LIVE_HEAD}{self.tag}, step {ev.step}", attack_gallery=self.recon, **self.scores())
+
+    def preview(self, ev: Preview) -> dict:
+        self.gallery = (self.gallery + [(im, f"step {ev.step}{self.tag}") for im in ev.images])[-12:]
+        out = dict(previews=self.gallery)
+        if ev.distance is not None and self.a_steps and self.a_steps[-1] == ev.step:
+            self.c_dist[-1] = ev.distance  # the ceiling at the step just attacked
+            out.update(self.scores())
+        return out
+
+
+def done_text(r: LiveResult, cfg: LiveConfig, photos) -> tuple[str, str]:
+    """(status, score) lines of a finished run."""
+    res, u = r.result, r.utility
+    words = defense_words(cfg.defense, cfg.strength) if cfg.defense else ""
+    done = [f"Done: {res.steps_done} steps in {res.seconds:.0f} s. Trigger word: **{res.trigger}** "
+            f"(prompt: *{instance_prompt(res.trigger)}*). Keep it to yourself: it is not in the file."]
+    if r.epsilon is not None:
+        done.append(f"Trained with DP-SGD (noise multiplier {r.noise_multiplier:.3g}): {epsilon_words(r.epsilon, len(photos))}.")
+    if cfg.defense:
+        done.append(f"The file holds your LoRA after {words}; the Attack and Layers tabs look at this defended LoRA.")
+    done.append("The **Attack** tab runs every weight-only attack on this LoRA.")
+    verdict = ("the same person by dlib's rule (< 0.6)" if u.same_person
+               else "not close enough to count as the same person (>= 0.6)")
+    score = ("**How well your LoRA draws you** (dlib identity distance of its 4 samples to your photos; lower is closer):\n"
+             f"- your LoRA with the trigger word{' after ' + words if cfg.defense else ''}: **{u.distance:.2f}**, {verdict}\n")
+    if r.utility_before_defense is not None:
+        score += f"- the same LoRA before the defense: **{r.utility_before_defense.distance:.2f}**\n"
+    score += f"- a random face from the base model (\"{CLASS_PROMPT}\"), for comparison: **{u.floor:.2f}**"
+    return " ".join(done), score
+
+
+def plan_text(cfg: LiveConfig) -> str:
+    plan = []
+    if cfg.dp_noise is not None:
+        plan.append(f"training with DP-SGD (noise multiplier {cfg.dp_noise:g})")
+    if cfg.defense:
+        plan.append(f"{defense_words(cfg.defense, cfg.strength)} applied to the LoRA file you download and to every "
+                    "checkpoint the attacker reads")
+    return (" Defenses: " + "; ".join(plan) + ".") if plan else ""
+
+
 def train_run(engine: Engine, session, steps, rank, lr, seed, text_encoder, dp=False, dp_noise=DP_DEFAULT_NOISE,
               defense=NO_DEFENSE, strength=None):
-    """The Train button: fine-tune (with DP-SGD when ``dp``) with the live attack; a post-hoc
-    ``defense`` at ``strength`` is applied to every checkpoint the attacker reads, to the previews and to
-    the exported LoRA. Yields dicts {output name: value} (names of ``FINETUNE_OUTPUTS``; missing ones
-    stay as they are)."""
+    """The Train button: runs :func:`core.finetune.live.live_finetune` and maps its events to the
+    tab's outputs. Yields dicts {output name: value} (names of ``FINETUNE_OUTPUTS``; missing ones stay)."""
     session = ensure(session)
     if len(session.crops) < MIN_PHOTOS:
         raise gr.Error(f"Add at least {MIN_PHOTOS} usable photos of one face first (you have {len(session.crops)}).")
-    try:
-        seed = int(seed) if seed not in (None, "") else random.randrange(2**31)
-        cfg = FinetuneConfig(steps=int(steps), rank=int(rank), alpha=float(rank), lr=float(lr), seed=seed,
-                             text_encoder=bool(text_encoder))
-        dpc = DPConfig(noise_multiplier=float(DP_DEFAULT_NOISE if dp_noise in (None, "") else dp_noise)) if dp else None
-    except (TypeError, ValueError) as e:
-        raise gr.Error(str(e))
-    if dp and cfg.text_encoder:
-        raise gr.Error("DP-SGD trains the UNet LoRA only: untick \"Also train a LoRA on the text encoder\" to use it.")
-    defense, strength = resolve_defense(defense, strength)
+    cfg = live_config(steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength)
+    cfg.finetune.trigger = pick_trigger(cfg.finetune)
     photos = session.crops[:MAX_PHOTOS]
-    trigger = pick_trigger(cfg)
     attacker, why = engine.attacker()
-    # with a post-hoc defense the previews are drawn here, from the defended LoRA (the core's would show the raw one)
-    run_cfg = replace(cfg, preview_n=0) if defense else cfg
-    events = dp_finetune(engine.pipe, photos, run_cfg, dpc) if dp else finetune(engine.pipe, photos, run_cfg)
-    tag = f" ({defense_words(defense, strength)})" if defense else ""
-
-    def shared(lora):
-        return apply_defense(lora, defense, strength) if defense else lora
-
-    plan = []
-    if dp:
-        plan.append(f"training with DP-SGD (noise multiplier {dpc.noise_multiplier:g})")
-    if defense:
-        plan.append(f"{defense_words(defense, strength)} applied to the LoRA file you download and to every "
-                    "checkpoint the attacker reads")
-    plan_text = (" Defenses: " + "; ".join(plan) + ".") if plan else ""
-    steps_seen, losses, inst, gallery = [], [], [], []
-    recon, a_steps, a_dist, c_dist, floor = [], [], [], [], None
-    epsilon = None
-    yield dict(status=f"Preparing... your secret trigger word is **{trigger}** (prompt: *{instance_prompt(trigger)}*).{plan_text}",
+    view = LiveView(cfg, photos, len(engine.floor_images()))
+    trigger = cfg.finetune.trigger
+    yield dict(status=f"Preparing... your secret trigger word is **{trigger}** (prompt: *{instance_prompt(trigger)}*)."
+                      f"{plan_text(cfg)}",
                loss=None, previews=[], score="", download=None, session=session,
                attack_head=LIVE_INTRO if attacker is not None else
                f"{LIVE_HEAD}\n**The live attack is not available:** {why} The fine-tune works without it.",
                attack_photos=gr.update(value=list(photos), visible=attacker is not None),
                attack_gallery=gr.Gallery(value=[], visible=attacker is not None), attack_score="",
                attack_plot=gr.Plot(value=None, visible=attacker is not None))
-
-    def scores():
-        return dict(attack_score=live_score(a_steps[-1], a_dist[-1], floor, c_dist[-1], len(LIVE_SEEDS),
-                                            len(engine.floor_images()), cfg.preview_n),
-                    attack_plot=attack_curve(a_steps, a_dist, c_dist, floor, cfg.steps), session=session)
-
-    def on_preview(step, images):
-        nonlocal gallery
-        gallery = (gallery + [(im, f"step {step}{tag}") for im in images])[-12:]
-        yield dict(previews=gallery, session=session)
-        if a_steps and a_steps[-1] == step:  # the ceiling at the step just attacked
-            c_dist[-1] = identity_distance(images, photos)
-            yield scores()
-
-    for ev in events:
-        if isinstance(ev, Checkpoint):
-            lora = shared(ev.lora)  # what would be shared at this step
-            # per-layer change for the Layers tab's heatmap over the steps
-            record_checkpoint(engine, session, ev.step, lora, cfg.alpha)
+    session.layer_steps.clear()
+    for ev in live_finetune(engine.pipe, photos, cfg, attacker, engine.floor_images()):
+        update = None
         if isinstance(ev, Progress):
-            steps_seen.append(ev.step)
-            losses.append(ev.metrics["loss"])
-            inst.append(ev.metrics["instance_loss"])
-            epsilon = ev.metrics.get("epsilon", epsilon)
-            if ev.step % 5 == 0 or ev.step == ev.total:
-                eps = f" DP-SGD: {epsilon_words(epsilon, len(photos))}." if epsilon is not None else ""
-                yield dict(status=f"Training step **{ev.step}/{ev.total}** ({ev.elapsed:.0f} s). Trigger word: **{trigger}**.{eps}",
-                           loss=loss_curve(steps_seen, losses, inst, ev.total), session=session)
-        elif isinstance(ev, Checkpoint):
-            if attacker is not None:
-                mismatch = attacker_mismatch(attacker, lora)
-                if mismatch:
-                    attacker = None
-                    yield dict(attack_head=f"{LIVE_HEAD}\n**The attacker cannot read this LoRA:** {mismatch} "
-                                           "The fine-tune goes on without the live attack.", session=session)
-                else:
-                    ims = reconstruct_lora(engine.pipe, attacker, lora, ev.step, cfg.alpha, seeds=LIVE_SEEDS)
-                    if floor is None:
-                        floor = identity_distance(engine.floor_images(), photos)
-                    recon = [(im, f"step {ev.step}") for im in ims] + recon  # newest first, earlier steps kept
-                    a_steps.append(ev.step)
-                    a_dist.append(identity_distance(ims, photos))
-                    c_dist.append(None)
-                    yield dict(attack_head=f"{LIVE_HEAD}{tag}, step {ev.step}", attack_gallery=recon, **scores())
-            if defense and cfg.preview_n:  # the defended LoRA's own samples, drawn as the fine-tune draws its previews
-                ims = sample_images(pipeline_with_lora(engine.pipe, lora, cfg.alpha), instance_prompt(trigger),
-                                    n=cfg.preview_n, seed=0, steps=cfg.preview_steps)
-                yield from on_preview(ev.step, ims)
+            update = view.progress(ev)
+        elif isinstance(ev, LayerChanges):
+            session.layer_steps[ev.step] = ev.changes  # the Layers tab's heatmap over the steps
+        elif isinstance(ev, Reconstruction):
+            update = view.reconstruction(ev)
+        elif isinstance(ev, AttackUnavailable):
+            update = dict(attack_head=f"{LIVE_HEAD}\n**{ev.reason}**")
         elif isinstance(ev, Preview):
-            yield from on_preview(ev.step, ev.images)
-        elif isinstance(ev, Done):
-            res = replace(ev.result, lora=shared(ev.result.lora))  # the LoRA as shared: what every other tab sees
-            session.result = res
-            session.trained_on = list(photos)
-            path = save_lora(session.dir / "lora.safetensors", res, base_name=engine.model_name)
-            yield dict(status="Scoring the LoRA against your photos...", download=str(path), session=session)
-            u = lora_utility(engine.pipe, res.lora, res.trigger, photos, alpha=cfg.alpha, floor=engine.floor_images())
-            verdict = "the same person by dlib's rule (< 0.6)" if u.same_person else "not close enough to count as the same person (>= 0.6)"
-            done = [f"Done: {res.steps_done} steps in {res.seconds:.0f} s. Trigger word: **{res.trigger}** "
-                    f"(prompt: *{instance_prompt(res.trigger)}*). Keep it to yourself: it is not in the file."]
-            if dp:
-                done.append(f"Trained with DP-SGD (noise multiplier {res.noise_multiplier:.3g}): "
-                            f"{epsilon_words(res.epsilon, len(photos))}.")
-            if defense:
-                done.append(f"The file holds your LoRA after {defense_words(defense, strength)}; the Attack and "
-                            "Layers tabs look at this defended LoRA.")
-            done.append("The **Attack** tab runs every weight-only attack on this LoRA.")
-            score = (f"**How well your LoRA draws you** (dlib identity distance of its 4 samples to your photos; lower is closer):\n"
-                     f"- your LoRA with the trigger word{' after ' + defense_words(defense, strength) if defense else ''}: "
-                     f"**{u.distance:.2f}**, {verdict}\n")
-            if defense:
-                u0 = lora_utility(engine.pipe, ev.result.lora, res.trigger, photos, alpha=cfg.alpha, floor=engine.floor_images())
-                score += f"- the same LoRA before the defense: **{u0.distance:.2f}**\n"
-            score += f"- a random face from the base model (\"{CLASS_PROMPT}\"), for comparison: **{u.floor:.2f}**"
-            yield dict(status=" ".join(done), score=score, download=str(path), session=session)
+            update = view.preview(ev)
+        elif isinstance(ev, Message) and ev.text.startswith("scoring"):
+            update = dict(status="Scoring the LoRA against your photos...")
+        elif isinstance(ev, Done) and ev.result is not None:
+            session.result, session.trained_on = ev.result.result, list(photos)
+            path = save_lora(session.dir / "lora.safetensors", ev.result.result, base_name=engine.model_name)
+            status, score = done_text(ev.result, cfg, photos)
+            update = dict(status=status, score=score, download=str(path))
+        if update:
+            yield {**update, "session": session}
 
 
 # outputs of the Train button, in the order of its event (the API returns all but the session)

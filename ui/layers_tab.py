@@ -3,11 +3,10 @@
 Only wiring: the measures (``core.layers.change``) and the figures (``core.plots``) live in ``core``. It reads
 the LoRA the Fine-tune tab stored in the session (``session.result``, ``session.trained_on``).
 
-Live heatmap during a fine-tune (optional hook for the Fine-tune tab): on each ``Checkpoint`` event
-call ``record_checkpoint(engine, session, ev.step, ev.lora, cfg.alpha)``; it stores the per-layer
-change of that step in the session (a few hundred numbers, not the weights) and returns the heatmap
-over the steps so far. This tab then shows the change over the training steps instead of the final
-LoRA alone.
+During a fine-tune the live job (:func:`core.finetune.live.live_finetune`) yields the per-layer change
+of every checkpoint (``LayerChanges``); the Fine-tune tab keeps them in ``session.layer_steps`` (a few
+hundred numbers per step, not the weights), and this tab then shows the change over the training
+steps instead of the final LoRA alone.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from core.faces.metrics import SAME_PERSON
 from core.plots import layer_heatmap, swap_curve_plot
 from core.model.prompts import CLASS_PROMPT
 from ui.gpu import on_gpu
-from ui.session import ensure
 
 TOP = 10  # rows of each ranking table
 
@@ -66,17 +64,6 @@ def measured_text(report: dict | None = None) -> str:
 
 def _fine_tuned(session):
     return session is not None and session.result is not None
-
-
-def record_checkpoint(engine: Engine, session, step: int, lora: dict, alpha: float | None = None):
-    """Hook for the Fine-tune tab: store one checkpoint's per-layer change in the session and return
-    the heatmap of the steps recorded so far (a step not after the last one starts a new record)."""
-    session = ensure(session)
-    if session.layer_steps and step <= max(session.layer_steps):
-        session.layer_steps.clear()
-    session.layer_steps[int(step)] = lora_layer_change(engine.pipe, lora, alpha)
-    t = trajectory_from_changes(session.layer_steps)
-    return layer_heatmap(t.matrix, t.names, t.steps, t.groups, title="How much each layer has changed so far")
 
 
 def _recorded_trajectory(session, final):

@@ -34,6 +34,7 @@ import torch
 import tyro
 
 from core.events import Done, Message, Progress, never
+from core.finetune.clipping import clip_per_sample
 from core.finetune.lora import FinetuneConfig, check_photos, encode_photos, encode_prompt, lora_config, pick_trigger
 from core.model.denoising import Denoiser
 from core.model.pipeline import plain_attention
@@ -141,10 +142,9 @@ def train_many(pipe, crops_list, cfg: FinetuneConfig | None = None, seeds=None, 
         loss_k.sum().backward()
         if cfg.grad_clip:  # per run, as torch.nn.utils.clip_grad_norm_ does for one run
             with torch.no_grad():
-                norms = torch.stack([p.grad.flatten(1).pow(2).sum(1) for p in params.values()]).sum(0).sqrt()
-                coef = (cfg.grad_clip / (norms + 1e-6)).clamp(max=1.0)
-                for p in params.values():
-                    p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
+                clipped, _ = clip_per_sample({n: p.grad for n, p in params.items()}, cfg.grad_clip)
+                for n, p in params.items():
+                    p.grad.copy_(clipped[n])
         opt.step()
         losses.append(loss_k.detach().cpu().tolist())
         yield Progress("shadow LoRAs", step, cfg.steps, time.perf_counter() - t0,

@@ -6,7 +6,7 @@ the base model, the shadow population or the attacker), each with its 5 private 
   the same cached LoRAs as the attack evaluation);
 - post-hoc defenses: every defense of :data:`core.defenses.posthoc.DEFENSES` at each of its strengths,
   applied to that LoRA (:func:`core.defenses.posthoc.apply_defense`);
-- DP-SGD: a fresh fine-tune of each victim with :func:`core.defenses.posthoc.dp_finetune` (same recipe, seed
+- DP-SGD: a fresh fine-tune of each victim with :func:`core.defenses.dp.dp_finetune` (same recipe, seed
   and photos) per noise multiplier; epsilon is its RDP accountant's, per photo (cached per base model,
   so reruns reuse them);
 - the scores of every point are cached (keyed by everything scored: base, attacker, victims, recipe,
@@ -48,7 +48,8 @@ from core.attack.report import attacker_mismatch, reconstruct_lora
 from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W
 from core.cache import cached
 from core.cli import command_line
-from core.defenses.posthoc import DEFENSES, DPConfig, apply_defense, dp_finetune
+from core.defenses.dp import DPConfig, dp_finetune
+from core.defenses.posthoc import DEFENSES, apply_defense
 from core.studies.attack import VICTIM_SEED0, identities, summarize, victim_loras
 from core.events import drain
 from core.finetune.lora import FinetuneConfig
