@@ -51,8 +51,8 @@ def test_attacker_trains_on_shadows_and_reconstructs(tiny_pipe, tmp_path):
     drain(build_population(tiny_pipe, jobs, cfg, tmp_path / "shadow", group=4, record_every=2, root=root))
     tcfg = TrainConfig(steps=3, loras_per_step=2, latents_per_lora=2, holdout=1, eval_every=3, warmup=1, min_step=2, width=32, layers=1)
     events = list(train(tiny_pipe, list_shadows(tmp_path / "shadow"), tcfg))
-    assert isinstance(events[-1], Done)
-    model, log = events[-1].result
+    assert isinstance(events[-1], Done) and not events[-1].cancelled
+    model, log = events[-1].result.model, events[-1].result.log
     assert len(log["train"]) == 3 and all(np.isfinite(r[1]) for r in log["train"])
     assert set(log["eval"][-1]) >= {"attacker", "class prompt", "true trigger"}
     path = save_attacker(model, tmp_path / "att.safetensors", {"note": "test"})
@@ -64,6 +64,27 @@ def test_attacker_trains_on_shadows_and_reconstructs(tiny_pipe, tmp_path):
     ims, z = reconstruct(tiny_pipe, again, lora, 4, seeds=(0, 1), steps=2)
     assert len(ims) == 2 and ims[0].shape == (64, 64, 3) and z.shape == model.class_embedding.shape
     torch.testing.assert_close(again.encode([lora], [4]), model.encode([lora], [4]), rtol=1e-2, atol=1e-2)  # stored in float16
+
+
+def test_training_can_be_cancelled(tiny_pipe, tmp_path):
+    from core.attack.shadow import build_population
+
+    from PIL import Image
+
+    root = tmp_path / "lfw"
+    jobs = []
+    for i in range(3):
+        (root / f"P{i}").mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(random_crops(1, 250)[0]).save(root / f"P{i}" / f"{j}.jpg")
+        jobs.append(ShadowJob(f"P{i}", [f"{j}.jpg" for j in range(3)], seed=i))
+    cfg = FinetuneConfig(steps=2, checkpoint_every=0, preview_n=0, n_class=2, batch=1)
+    drain(build_population(tiny_pipe, jobs, cfg, tmp_path / "shadow", group=3, record_every=1, root=root))
+    tcfg = TrainConfig(steps=10, loras_per_step=1, latents_per_lora=1, holdout=1, eval_every=0, warmup=1, min_step=1,
+                       width=32, layers=1)
+    n = []
+    events = list(train(tiny_pipe, list_shadows(tmp_path / "shadow"), tcfg, should_stop=lambda: len(n) > 2 or n.append(1)))
+    assert isinstance(events[-1], Done) and events[-1].cancelled and events[-1].result.log["steps_done"] < 10
 
 
 def test_learning_rate_schedule_follows_the_shortened_horizon():

@@ -42,11 +42,11 @@ def test_tiny_build_runs_and_a_stock_pipeline_samples_it(tiny_cfg):
     events = list(train_base(tiny_cfg))
     assert {e.stage for e in events if isinstance(e, Progress)} == {"unet"}
     assert isinstance(events[-1], Done) and not events[-1].cancelled
-    rec = json.loads((events[-1].result / "train_config.json").read_text())
+    rec = json.loads((events[-1].result.folder / "train_config.json").read_text())
     assert rec["data_seen"]["photos"] == {"lfw": 6, "utkface": 4}  # 7 files - 1 duplicate - 2 held out
     assert rec["command"].startswith("python -m core.model.train_base")
-    assert (events[-1].result / "vae" / "LICENSE-TAEF2").exists()
-    pipe = StableDiffusionPipeline.from_pretrained(events[-1].result)  # no dtype argument
+    assert (events[-1].result.folder / "vae" / "LICENSE-TAEF2").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(events[-1].result.folder)  # no dtype argument
     assert {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)} == {torch.float32}
     im = pipe("a photo of a face", num_inference_steps=2, output_type="np").images
     assert im.shape == (1, 128, 128, 3) and np.isfinite(im).all()
@@ -69,7 +69,7 @@ def test_cancel_stops_between_steps(tiny_cfg):
 
 def test_time_budget_stops_early(tiny_cfg):
     cfg = BaseTrainConfig(**{**tiny_cfg.__dict__, "unet_steps": 1000, "unet_minutes": 1e-4})
-    rec = json.loads((drain(train_base(cfg)) / "train_config.json").read_text())
+    rec = json.loads((drain(train_base(cfg)).folder / "train_config.json").read_text())
     assert 1 <= rec["unet_steps_done"] < 1000
 
 

@@ -89,63 +89,96 @@ def lr_at(step: int, cfg: TrainConfig, total: int | None = None) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
 
 
+class ShadowSet:
+    """The shadow LoRAs in memory (trajectory checkpoints from ``cfg.min_step`` on, float16), the last
+    ``cfg.holdout`` of them held out."""
+
+    def __init__(self, files: list[Path], cfg: TrainConfig):
+        shadows = [load_shadow(f) for f in files]
+        for s in shadows:  # keep the population compact in memory
+            s.checkpoints = {r: {k: v.half() for k, v in ck.items()} for r, ck in s.checkpoints.items() if r >= cfg.min_step}
+        if len(shadows) <= cfg.holdout:
+            raise ValueError(f"need more than {cfg.holdout} shadow LoRAs, found {len(shadows)}")
+        self.train = shadows[: -cfg.holdout] if cfg.holdout else shadows
+        self.held = shadows[-cfg.holdout:] if cfg.holdout else []
+        self.first = shadows[0]
+        self.cfg = cfg
+
+    def batch(self, rng: random.Random, g: torch.Generator):
+        """``loras_per_step`` random (LoRA, checkpoint) pairs: (steps, LoRAs float32, their photo latents)."""
+        picks = [rng.choice(self.train) for _ in range(self.cfg.loras_per_step)]
+        steps = [rng.choice(sorted(s.checkpoints)) for s in picks]
+        loras = [{n: v.float() for n, v in s.checkpoints[r].items()} for s, r in zip(picks, steps)]
+        x0 = torch.stack([s.latents[torch.randint(0, len(s.latents), (self.cfg.latents_per_lora,), generator=g)]
+                          for s in picks])
+        return steps, loras, x0
+
+
+@torch.no_grad()
+def held_out_losses(pipe, model, loss_fn, data: ShadowSet, cls_emb) -> dict | None:
+    """Fixed-noise loss on the held-out LoRAs at their last step: attacker vs class prompt vs true trigger."""
+    held = data.held
+    if not held:
+        return None
+    eg = torch.Generator().manual_seed(12345)
+    last = max(held[0].checkpoints)
+    loras = [{n: v.float() for n, v in s.checkpoints[last].items()} for s in held]
+    x0 = torch.stack([s.latents[: data.cfg.latents_per_lora] for s in held])
+    z = model.encode(loras, [last] * len(held))
+    trig = torch.stack([encode_prompt(pipe, instance_prompt(s.trigger))[0].float() for s in held])
+    out = {}
+    for name, zz in (("attacker", z), ("class prompt", cls_emb.expand_as(z)), ("true trigger", trig)):
+        vals = []
+        for rep in range(4):
+            eg.manual_seed(12345 + rep)
+            vals.append(loss_fn(loras, zz, x0, eg))
+        out[name] = float(torch.stack(vals).mean())
+    return out
+
+
+def attacker_step(model, opt, loss_fn, data: ShadowSet, cfg: TrainConfig, rng, g) -> tuple[float, float]:
+    """One optimisation step on a random batch of shadow checkpoints: (reconstruction loss, KL)."""
+    dev = next(model.parameters()).device
+    model.train()
+    steps, loras, x0 = data.batch(rng, g)
+    inputs = [(u.to(dev), v.to(dev)) for u, v in lora_inputs(loras, model.cfg)]
+    mu, logvar = model(inputs, torch.as_tensor(steps, device=dev))
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    rec = loss_fn(loras, z, x0.float(), g).mean()
+    kl = 0.5 * (mu.sub(model.class_embedding).pow(2) + logvar.exp() - 1 - logvar).mean()
+    opt.zero_grad(set_to_none=True)
+    (rec + cfg.kl_weight * kl).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return float(rec.detach()), float(kl.detach())
+
+
+@dataclass
+class AttackerTrainResult:
+    model: Attacker  # the trained attacker (eval mode)
+    log: dict  # config, per-step losses, held-out evaluations, steps done, seconds, shadow LoRAs used
+
+
 def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
-    """Generator: train an attacker on shadow LoRA files. ``Done((attacker, log))``."""
+    """Generator: train an attacker on shadow LoRA files; ``Done(AttackerTrainResult, cancelled)``."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    shadows = [load_shadow(f) for f in files]
-    for s in shadows:  # keep the population compact in memory
-        s.checkpoints = {r: {k: v.half() for k, v in ck.items()} for r, ck in s.checkpoints.items() if r >= cfg.min_step}
-    if len(shadows) <= cfg.holdout:
-        raise ValueError(f"need more than {cfg.holdout} shadow LoRAs, found {len(shadows)}")
-    train_set, held = shadows[: -cfg.holdout] if cfg.holdout else shadows, shadows[-cfg.holdout:] if cfg.holdout else []
-    first = shadows[0]
+    rng, g = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    data = ShadowSet(files, cfg)
+    first = data.first
     rank, alpha = int(first.meta["rank"]), float(first.meta["alpha"])
-    any_lora = next(iter(first.checkpoints.values()))
     targets = json.loads(first.meta["config"]).get("unet_targets") or FinetuneConfig().unet_targets
     with torch.no_grad():
         cls_emb = encode_prompt(pipe, CLASS_PROMPT)[0].float()
-    acfg = config_for(pipe, any_lora, rank, alpha, inputs=cfg.inputs, width=cfg.width, layers=cfg.layers)
-    dev = pipe.device
-    model = Attacker(acfg, cls_emb).to(dev)
+    acfg = config_for(pipe, next(iter(first.checkpoints.values())), rank, alpha, inputs=cfg.inputs, width=cfg.width,
+                      layers=cfg.layers)
+    model = Attacker(acfg, cls_emb).to(pipe.device)
     loss_fn = DenoisingLoss(pipe, rank, alpha, targets)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    yield Message(f"{len(train_set)} training LoRAs x {len(first.checkpoints)} checkpoints, {len(held)} held out; "
+    yield Message(f"{len(data.train)} training LoRAs x {len(first.checkpoints)} checkpoints, {len(data.held)} held out; "
                   f"attacker {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-
-    def batch(pool, k, step=None):
-        picks = [rng.choice(pool) for _ in range(k)]
-        steps = [step or rng.choice(sorted(s.checkpoints)) for s in picks]
-        loras = [{n: v.float() for n, v in s.checkpoints[r].items()} for s, r in zip(picks, steps)]
-        x0 = torch.stack([s.latents[torch.randint(0, len(s.latents), (cfg.latents_per_lora,), generator=g)] for s in picks])
-        return picks, steps, loras, x0
-
     log = {"config": asdict(cfg), "train": [], "eval": []}
-
-    def evaluate():
-        """Fixed-noise loss on the held-out LoRAs at their last step: attacker vs class prompt vs true trigger."""
-        if not held:
-            return None
-        eg = torch.Generator().manual_seed(12345)
-        last = max(held[0].checkpoints)
-        loras = [{n: v.float() for n, v in s.checkpoints[last].items()} for s in held]
-        x0 = torch.stack([s.latents[:cfg.latents_per_lora] for s in held])
-        with torch.no_grad():
-            z = model.encode(loras, [last] * len(held))
-            trig = torch.stack([encode_prompt(pipe, instance_prompt(s.trigger))[0].float() for s in held])
-            out = {}
-            for name, zz in (("attacker", z), ("class prompt", cls_emb.expand_as(z)), ("true trigger", trig)):
-                vals = []
-                for rep in range(4):
-                    eg.manual_seed(12345 + rep)
-                    vals.append(loss_fn(loras, zz, x0, eg))
-                out[name] = float(torch.stack(vals).mean())
-        return out
-
-    total = cfg.steps
-    t_loop = time.perf_counter()
+    total, t_loop = cfg.steps, time.perf_counter()
     for step in range(cfg.steps):
         if should_stop() or step >= total:
             break
@@ -155,31 +188,18 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
             yield Message(f"time budget {cfg.minutes} min: {total} steps at {per_step:.3f} s/step")
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, cfg, total)
-        model.train()
-        _, steps, loras, x0 = batch(train_set, cfg.loras_per_step)
-        inputs = [(u.to(dev), v.to(dev)) for u, v in lora_inputs(loras, acfg)]
-        mu, logvar = model(inputs, torch.as_tensor(steps, device=dev))
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        rec = loss_fn(loras, z, x0.float(), g).mean()
-        kl = 0.5 * (mu.sub(model.class_embedding).pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = rec + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        log["train"].append([step + 1, float(rec.detach()), float(kl.detach())])
-        yield Progress("attacker", step + 1, total, time.perf_counter() - t0, {"loss": float(rec.detach())})
+        rec, kl = attacker_step(model, opt, loss_fn, data, cfg, rng, g)
+        log["train"].append([step + 1, rec, kl])
+        yield Progress("attacker", step + 1, total, time.perf_counter() - t0, {"loss": rec})
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
             model.eval()
-            ev = evaluate()
+            ev = held_out_losses(pipe, model, loss_fn, data, cls_emb)
             if ev:
                 log["eval"].append({"step": step + 1, **ev})
                 yield Message(f"step {step + 1}: held-out denoising loss " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     model.eval()
-    log["steps_done"] = len(log["train"])
-    log["seconds"] = time.perf_counter() - t0
-    log["shadow_loras"] = len(train_set)
-    yield Done((model, log))
+    log.update(steps_done=len(log["train"]), seconds=time.perf_counter() - t0, shadow_loras=len(data.train))
+    yield Done(AttackerTrainResult(model, log), cancelled=len(log["train"]) < total)
 
 
 @dataclass
@@ -203,7 +223,8 @@ def main(argv=None):
     files = list_shadows(a.shadow)
     if a.limit:
         files = files[: a.limit]
-    model, log = run_with_progress_bar(train(pipe, files, cfg))
+    res = run_with_progress_bar(train(pipe, files, cfg))
+    model, log = res.model, res.log
     info = {"command": command_line("core.attack.train", argv), "shadow_loras": log["shadow_loras"],
             "seconds": round(log["seconds"], 1), "final_eval": log["eval"][-1] if log["eval"] else None}
     out = save_attacker(model, a.out, info)

@@ -1,7 +1,33 @@
-"""DP-SGD fine-tuning: the training-time defense (:func:`dp_finetune`; its docstring says what the
-epsilon it reports does and does not promise). Per-photo gradients (``vmap(grad)`` over the LoRA
+"""DP-SGD fine-tuning, the training-time defense (:func:`dp_finetune`). Per-photo gradients (``vmap(grad)`` over the LoRA
 weights as plain tensors), clipped (:func:`core.finetune.clipping.clip_per_sample`), summed, noised;
 epsilon from Opacus' RDP accountant.
+
+What is private: the visitor's photos (the class images are public). Each step:
+1. Poisson sampling: every photo joins the batch independently with probability
+   q = cfg.batch / n_photos (the batch size varies; q <= 1 needs cfg.batch <= n_photos); a
+   joining photo is used as itself or its mirror image (coin flip), at a random timestep.
+2. Per-photo gradients of the LoRA weights (``torch.func``: ``functional_call`` + ``vmap(grad)``),
+   each clipped to L2 norm C = ``dp.max_grad_norm`` over all LoRA tensors together.
+3. Their sum plus Gaussian noise of std sigma * C (sigma = ``dp.noise_multiplier``, or the sigma
+   Opacus' ``get_noise_multiplier`` finds for ``dp.target_epsilon`` over cfg.steps), divided by
+   the *expected* batch size cfg.batch.
+4. Plus the prior-preservation gradient of cfg.batch class images (public, so neither clipped nor
+   noised), then the recipe's AdamW step and global gradient clip (post-processing: no cost).
+Epsilon is Opacus' RDP accountant (:func:`epsilon_curve`: the sampled Gaussian mechanism, whose
+analysis assumes exactly this Poisson sampling at rate q) after the steps done, at ``dp.delta``;
+never typed in. An upper bound: the true privacy loss may be smaller.
+The seeded generator makes runs reproducible; it is not a cryptographically secure source
+(like Opacus without ``secure_mode``).
+
+What epsilon promises: it is **per photo** (sample-level DP). The LoRA hides whether any single
+photo was in the set; it does not hide the person: a person with 5 photos in the set gets group
+privacy of roughly 5 x epsilon (and a larger delta), and the LoRA's whole job is to learn that
+person's face. Only the weights (and what is computed from them: checkpoints, previews) are
+covered; the losses in ``Progress`` are computed from the photos without noise and are for the
+visitor's eyes only.
+
+UNet LoRA only (``cfg.text_encoder`` must be False); float32 (no autocast). The LoRA starts from
+exactly the initialisation ``finetune`` uses with the same seed; the base pipeline is not modified.
 """
 
 from __future__ import annotations
@@ -162,37 +188,34 @@ def poisson_sample(n: int, rate: float, g: torch.Generator) -> torch.Tensor:
     return (torch.rand(n, generator=g) < rate).nonzero().flatten()
 
 
+def dp_step(unet, params: dict, opt, den: Denoiser, inst: torch.Tensor, cls: torch.Tensor | None, embs, q: float,
+            sigma: float, dp: DPConfig, cfg: FinetuneConfig, g: torch.Generator) -> dict:
+    """One DP-SGD step (steps 1-4 of the module docstring); returns its statistics."""
+    n = len(inst) // 2  # photo i's latent is inst[i], its mirror image's inst[i + n]
+    pick = poisson_sample(n, q, g)
+    x_inst = inst[pick + n * torch.randint(0, 2, (len(pick),), generator=g)]
+    x_cls = cls[torch.randint(0, len(cls), (cfg.batch,), generator=g)] if cls is not None else x_inst[:0]
+    noised = den.noise(torch.cat([x_inst, x_cls]), g)
+    m = len(pick)
+    b_inst, b_cls = noised[:m], (noised[m:] if cls is not None else None)
+    grads, stats = private_gradient(unet, params, b_inst, embs[0], b_cls, embs[1], noise_multiplier=sigma,
+                                    max_grad_norm=dp.max_grad_norm, expected_batch=cfg.batch,
+                                    prior_weight=cfg.prior_weight, generator=g)
+    for k, p in params.items():
+        p.grad = grads[k]
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {**stats, "photos in batch": m}
+
+
 def dp_finetune(pipe, crops, cfg: FinetuneConfig | None = None, dp: DPConfig | None = None, should_stop=never):
     """Generator: :func:`core.finetune.lora.finetune`'s recipe trained with DP-SGD; same events
     (``Message``, ``Progress`` per step with ``loss`` and the current ``epsilon``, ``Checkpoint`` /
     ``Preview`` every ``cfg.checkpoint_every`` steps, ``Done(DPFinetuneResult)``).
 
-    What is private: the visitor's photos (the class images are public). Each step:
-    1. Poisson sampling: every photo joins the batch independently with probability
-       q = cfg.batch / n_photos (the batch size varies; q <= 1 needs cfg.batch <= n_photos); a
-       joining photo is used as itself or its mirror image (coin flip), at a random timestep.
-    2. Per-photo gradients of the LoRA weights (``torch.func``: ``functional_call`` + ``vmap(grad)``),
-       each clipped to L2 norm C = ``dp.max_grad_norm`` over all LoRA tensors together.
-    3. Their sum plus Gaussian noise of std sigma * C (sigma = ``dp.noise_multiplier``, or the sigma
-       Opacus' ``get_noise_multiplier`` finds for ``dp.target_epsilon`` over cfg.steps), divided by
-       the *expected* batch size cfg.batch.
-    4. Plus the prior-preservation gradient of cfg.batch class images (public, so neither clipped nor
-       noised), then the recipe's AdamW step and global gradient clip (post-processing: no cost).
-    Epsilon is Opacus' RDP accountant (:func:`epsilon_curve`: the sampled Gaussian mechanism, whose
-    analysis assumes exactly this Poisson sampling at rate q) after the steps done, at ``dp.delta``;
-    never typed in. An upper bound: the true privacy loss may be smaller.
-    The seeded generator makes runs reproducible; it is not a cryptographically secure source
-    (like Opacus without ``secure_mode``).
-
-    What epsilon promises: it is **per photo** (sample-level DP). The LoRA hides whether any single
-    photo was in the set; it does not hide the person: a person with 5 photos in the set gets group
-    privacy of roughly 5 x epsilon (and a larger delta), and the LoRA's whole job is to learn that
-    person's face. Only the weights (and what is computed from them: checkpoints, previews) are
-    covered; the losses in ``Progress`` are computed from the photos without noise and are for the
-    visitor's eyes only.
-
-    UNet LoRA only (``cfg.text_encoder`` must be False); float32 (no autocast). The LoRA starts from
-    exactly the initialisation ``finetune`` uses with the same seed; the base pipeline is not modified.
+    The recipe, and what epsilon promises: the module docstring.
     """
     cfg = cfg or FinetuneConfig()
     dp = dp or DPConfig()
@@ -235,21 +258,8 @@ def dp_finetune(pipe, crops, cfg: FinetuneConfig | None = None, dp: DPConfig | N
     for step in range(1, cfg.steps + 1):
         if should_stop():
             break
-        pick = poisson_sample(n, q, g)
-        x_inst = inst[pick + n * torch.randint(0, 2, (len(pick),), generator=g)]
-        x_cls = cls[torch.randint(0, len(cls), (cfg.batch,), generator=g)] if cls is not None else x_inst[:0]
-        noised = den.noise(torch.cat([x_inst, x_cls]), g)
-        m = len(pick)
-        b_inst, b_cls = noised[:m], (noised[m:] if cls is not None else None)
-        grads, stats = private_gradient(unet, params, b_inst, emb_inst, b_cls, emb_cls, noise_multiplier=sigma,
-                                        max_grad_norm=dp.max_grad_norm, expected_batch=cfg.batch,
-                                        prior_weight=cfg.prior_weight, generator=g)
-        for k, p in params.items():
-            p.grad = grads[k]
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        stats = dp_step(unet, params, opt, den, inst, cls, (emb_inst, emb_cls), q, sigma, dp, cfg, g)
+        m = stats.pop("photos in batch")
         epsilon = epsilons[step - 1]  # the accountant after `step` steps at rate q and noise sigma
         losses.append(stats["loss"])
         yield Progress("DP fine-tune", step, cfg.steps, time.perf_counter() - t0,

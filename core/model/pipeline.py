@@ -60,6 +60,35 @@ def mixed_precision(device: torch.device, enabled: bool = True):
 # 1. Components of the miniature model --------------------------------------------------------
 
 
+def build_autoencoder(kind: str, vae_channels, image_size: int, latent_channels: int | None):
+    """(autoencoder, downsampling factor, latent channels) of :func:`build_components`."""
+    from diffusers import AutoencoderKL
+
+    from core.model.autoencoder import TinyAutoencoder
+
+    if kind == "tiny":
+        latent_channels = latent_channels or 32
+        width = 64 if tuple(vae_channels) == (32, 64, 128) else vae_channels[0]
+        ae = TinyAutoencoder(width=width, latent_channels=latent_channels, sample_size=image_size,
+                             block_out_channels=(width,) * 4)
+        return ae, 8, latent_channels
+    if kind == "kl":
+        latent_channels = latent_channels or 4
+        ae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+            block_out_channels=tuple(vae_channels),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=16,
+            sample_size=image_size,
+        )
+        return ae, 2 ** (len(vae_channels) - 1), latent_channels
+    raise ValueError(f"vae must be 'tiny' or 'kl', got {kind!r}")
+
+
 def build_components(
     unet_channels=(64, 128, 192),
     vae_channels=(32, 64, 128),
@@ -78,35 +107,12 @@ def build_components(
     narrower one with ``vae_channels[0]`` as its width for tests). ``vae="kl"``: an
     ``AutoencoderKL`` with ``vae_channels`` (the SD 1.x layout, 4 latent channels).
     """
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from core.model.autoencoder import TinyAutoencoder
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    if vae == "tiny":
-        latent_channels = latent_channels or 32
-        width = 64 if tuple(vae_channels) == (32, 64, 128) else vae_channels[0]
-        autoencoder = TinyAutoencoder(width=width, latent_channels=latent_channels, sample_size=image_size,
-                                      block_out_channels=(width,) * 4)
-        down = 8
-    elif vae == "kl":
-        latent_channels = latent_channels or 4
-        autoencoder = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-            block_out_channels=tuple(vae_channels),
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=16,
-            sample_size=image_size,
-        )
-        down = 2 ** (len(vae_channels) - 1)
-    else:
-        raise ValueError(f"vae must be 'tiny' or 'kl', got {vae!r}")
+    autoencoder, down, latent_channels = build_autoencoder(vae, vae_channels, image_size, latent_channels)
     n = len(unet_channels)
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(

@@ -425,10 +425,84 @@ def data_record(photos: Photos, keep: np.ndarray) -> dict:
     )
 
 
-def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = None):
-    """Generator: the whole build, stage by stage; ends with Done(out folder)."""
+@dataclass
+class TrainingSet:
+    """Stages 1-4's output: standardised latents with their masks and caption words."""
+
+    latents: torch.Tensor  # float16 L x C x h x w (crops and mirrors, lookalikes dropped)
+    inside: torch.Tensor  # float16 L x h x w: share of each latent pixel inside its photo
+    words: np.ndarray | None  # L x 2 appearance-word indices (None: generic captions)
+    photos: Photos
+    keep: np.ndarray  # per crop: kept (not a lookalike of a protected identity)
+    autoencoder: object  # the TinyAutoencoder with its latent statistics set
+
+
+def prepare_training_set(cfg: BaseTrainConfig, dev, log):
+    """Stages 1-4 (each cached in the work dir); yields Messages, returns a :class:`TrainingSet`."""
     from core.model.autoencoder import load_taef2
 
+    photos = prepare_photos(cfg, log)
+    yield Message(f"photos: {len(photos.crops)} aligned crops; no face found in {photos.skipped}")
+    tag = f"{cfg.size}_{cfg.limit_images or 'all'}"
+    desc = describe_all(photos.crops, cfg.work_dir / f"descriptors_{tag}.npy")
+    keep = exclude_lookalikes(cfg, desc, photos.sources) if cfg.exclude_distance > 0 else np.ones(len(desc), bool)
+    yield Message(f"descriptors: {int((~keep).sum())} UTKFace chips dropped as lookalikes of LFW victims/shadows")
+    labels = appearance_labels(desc[keep], cfg.seed) if cfg.captions == "appearance" else None
+    if labels is not None:
+        yield Message(f"appearance words: {len(set(labels[:, 0]))} x {len(set(labels[:, 1]))} clusters")
+    ae = load_taef2(cfg.autoencoder).to(dev)
+    raw = encode_latents(ae, photos.crops, cfg.work_dir / f"latents_{tag}", dev, cfg.bf16, log=log)
+    order, mirrored = latent_order(len(photos.crops)), latent_mirrored(len(photos.crops))
+    sel = keep[order]
+    raw, order, mirrored = raw[torch.from_numpy(sel)], order[sel], mirrored[sel]
+    mean, std = latent_stats(raw)
+    ae.set_latent_stats(mean, std)
+    latents = ((raw.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).half()
+    inside = torch.from_numpy(photos.inside[order].astype(np.float16))
+    inside[torch.from_numpy(mirrored)] = inside[torch.from_numpy(mirrored)].flip(-1)
+    words = None
+    if labels is not None:
+        word_of_crop = np.full((len(photos.crops), 2), -1, np.int64)
+        word_of_crop[np.flatnonzero(keep)] = labels
+        words = word_of_crop[order]
+    yield Message(f"latents: {tuple(latents.shape)}, standardised per channel")
+    return TrainingSet(latents, inside, words, photos, keep, ae)
+
+
+@dataclass
+class BaseTrainResult:
+    folder: Path  # the exported pipeline
+    steps_done: int  # UNet steps behind the exported EMA weights
+
+
+def export_base(cfg: BaseTrainConfig, comps, ts: TrainingSet, steps_done: int, minutes: float, dev) -> Path:
+    """Stage 6: the pipeline (float16 safetensors) with ``train_config.json`` and TAEF2's licence."""
+    pipe = assemble_pipeline(comps)
+    out = Path(cfg.out)
+    save_pipeline(pipe.to("cpu"), out)
+    record = dict(
+        asdict(cfg),
+        data_seen=data_record(ts.photos, ts.keep),
+        data_terms="LFW (research and education; images stay with their photographers) and UTKFace "
+        "(non-commercial research only); no image of either ships in this repository",
+        template_zoom=float(json.loads(ingest.TEMPLATE_FILE.read_text()).get("zoom", ingest.TEMPLATE_ZOOM)),
+        autoencoder_source="TAEF2 (madebyollin/taesd at 5cccb12, MIT licence, see vae/LICENSE-TAEF2)",
+        minutes=round(minutes, 1),
+        device=str(dev),
+        command=command_line(cfg),
+        unet_steps_done=steps_done,
+    )
+    record.pop("work")
+    (out / "train_config.json").write_text(json.dumps(record, indent=1) + "\n")
+    ae_dir = Path(cfg.autoencoder)
+    for name, dest in (("LICENSE", "LICENSE-TAEF2"), ("README.md", "PROVENANCE-TAEF2.md")):
+        if (ae_dir / name).exists():
+            (out / "vae" / dest).write_text((ae_dir / name).read_text())
+    return out
+
+
+def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = None):
+    """Generator: the whole build, stage by stage; ends with Done(BaseTrainResult)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configure_threads()
     random.seed(cfg.seed)
@@ -437,78 +511,19 @@ def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = Non
     (cfg.work_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     t_start = time.time()
     msgs: list[str] = []
-    log = msgs.append
-
-    # 1. photos
-    photos = prepare_photos(cfg, log)
+    ts = yield from prepare_training_set(cfg, dev, msgs.append)  # 1.-4.
     yield from (Message(m) for m in msgs)
-    yield Message(f"photos: {len(photos.crops)} aligned crops; no face found in {photos.skipped}")
-
-    # 2. descriptors (and lookalikes of protected identities dropped)
-    tag = f"{cfg.size}_{cfg.limit_images or 'all'}"
-    desc = describe_all(photos.crops, cfg.work_dir / f"descriptors_{tag}.npy")
-    keep = exclude_lookalikes(cfg, desc, photos.sources) if cfg.exclude_distance > 0 else np.ones(len(desc), bool)
-    yield Message(f"descriptors: {int((~keep).sum())} UTKFace chips dropped as lookalikes of LFW victims/shadows")
-
-    # 3. words
-    labels = None
-    if cfg.captions == "appearance":
-        labels = appearance_labels(desc[keep], cfg.seed)
-        yield Message(f"appearance words: {len(set(labels[:, 0]))} x {len(set(labels[:, 1]))} clusters")
-
-    # 4. latents
     comps = build_components(unet_channels=cfg.channels, image_size=cfg.size, seed=cfg.seed, prediction_type=cfg.prediction)
-    ae = load_taef2(cfg.autoencoder).to(dev)
-    msgs.clear()
-    raw = encode_latents(ae, photos.crops, cfg.work_dir / f"latents_{tag}", dev, cfg.bf16, log=log)
-    yield from (Message(m) for m in msgs)
-    order, mirrored = latent_order(len(photos.crops)), latent_mirrored(len(photos.crops))
-    sel = keep[order]
-    raw, order, mirrored = raw[torch.from_numpy(sel)], order[sel], mirrored[sel]
-    mean, std = latent_stats(raw)
-    ae.set_latent_stats(mean, std)
-    comps["vae"] = ae
-    latents = ((raw.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).half()
-    inside = torch.from_numpy(photos.inside[order].astype(np.float16))
-    inside[torch.from_numpy(mirrored)] = inside[torch.from_numpy(mirrored)].flip(-1)
-    word_of_crop = np.full((len(photos.crops), 2), -1, np.int64)
-    if labels is not None:
-        word_of_crop[np.flatnonzero(keep)] = labels
-    yield Message(f"latents: {tuple(latents.shape)}, standardised per channel")
-    del raw
-
-    # 5. unet + text encoder
+    comps["vae"] = ts.autoencoder
     comps["unet"].to(dev)
     comps["text_encoder"].to(dev)
-    steps_done = yield from train_unet(cfg, comps, latents, inside, word_of_crop[order] if labels is not None else None, dev, should_stop)
+    steps_done = yield from train_unet(cfg, comps, ts.latents, ts.inside, ts.words, dev, should_stop)  # 5.
     if should_stop():
         yield Done(None, cancelled=True)
         return
-
-    # 6. export
-    pipe = assemble_pipeline(comps)
-    out = Path(cfg.out)
-    save_pipeline(pipe.to("cpu"), out)
-    record = dict(
-        asdict(cfg),
-        data_seen=data_record(photos, keep),
-        data_terms="LFW (research and education; images stay with their photographers) and UTKFace "
-        "(non-commercial research only); no image of either ships in this repository",
-        template_zoom=float(json.loads(ingest.TEMPLATE_FILE.read_text()).get("zoom", ingest.TEMPLATE_ZOOM)),
-        autoencoder_source="TAEF2 (madebyollin/taesd at 5cccb12, MIT licence, see vae/LICENSE-TAEF2)",
-        minutes=round((time.time() - t_start) / 60, 1),
-        device=str(dev),
-        command=command_line(cfg),
-    )
-    record.pop("work")
-    record["unet_steps_done"] = steps_done
-    (out / "train_config.json").write_text(json.dumps(record, indent=1) + "\n")
-    ae_dir = Path(cfg.autoencoder)
-    for name, dest in (("LICENSE", "LICENSE-TAEF2"), ("README.md", "PROVENANCE-TAEF2.md")):
-        if (ae_dir / name).exists():
-            (out / "vae" / dest).write_text((ae_dir / name).read_text())
+    out = export_base(cfg, comps, ts, steps_done, (time.time() - t_start) / 60, dev)  # 6.
     yield Message(f"saved {out}")
-    yield Done(out)
+    yield Done(BaseTrainResult(out, steps_done))
 
 
 @dataclass
