@@ -295,3 +295,54 @@ def flux(pipe):
     name = "lora_unet_double_blocks_0_img_attn_qkv"
     return {f"{name}.lora_down.weight": torch.randn(4, 3072, generator=g).half(),
             f"{name}.lora_up.weight": torch.randn(9216, 4, generator=g).half(), f"{name}.alpha": torch.tensor(4.0).half()}
+
+
+# metadata as kohya's sd-scripts writes it (train_network.py), every kind of leaking entry included --------
+
+
+def kohya_metadata(user: str = "alice", trigger: str = "sks woman") -> dict[str, str]:
+    """What sd-scripts writes into a LoRA (a realistic subset, values made up): ``LEAKS`` names the entries
+    that give something away and of which kind; the others are settings or what loading needs."""
+    import json
+
+    folder = f"10_{trigger}"
+    tags = {folder: {trigger: 23, "smiling": 9, "red scarf": 4, "beach": 3, "holding a dog": 2}}
+    return {
+        "ss_session_id": "1834520981", "ss_training_started_at": "1714553600.25", "ss_output_name": "anna_lora_v2",
+        "ss_learning_rate": "0.0001", "ss_text_encoder_lr": "5e-05", "ss_unet_lr": "0.0001", "ss_num_train_images": "230",
+        "ss_num_reg_images": "0", "ss_num_batches_per_epoch": "115", "ss_num_epochs": "10", "ss_epoch": "10",
+        "ss_batch_size_per_device": "2", "ss_max_train_steps": "1150", "ss_steps": "1150", "ss_network_module": "networks.lora",
+        "ss_network_dim": "8", "ss_network_alpha": "4.0", "ss_mixed_precision": "fp16", "ss_v2": "False",
+        "ss_base_model_version": "sd_v1", "ss_clip_skip": "2", "ss_seed": "42", "ss_optimizer": "bitsandbytes.optim.adamw.AdamW8bit",
+        "ss_resolution": "(512, 512)", "ss_lr_scheduler": "cosine", "ss_noise_offset": "None",
+        "ss_training_comment": "for anna's birthday, photos from our trip to lisbon",
+        "ss_sd_model_name": f"/home/{user}/stable-diffusion-webui/models/Stable-diffusion/v1-5-pruned-emaonly.safetensors",
+        "ss_sd_model_hash": "e1441589", "ss_new_sd_model_hash": "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
+        "ss_vae_name": "None", "ss_sd_scripts_commit_hash": "(unknown)",
+        "ss_dataset_dirs": json.dumps({folder: {"n_repeats": 10, "img_count": 23}}),
+        "ss_tag_frequency": json.dumps(tags),
+        "ss_datasets": json.dumps([{"is_dreambooth": True, "batch_size_per_device": 2, "num_train_images": 230,
+                                    "subsets": [{"img_count": 23, "num_repeats": 10, "class_tokens": trigger,
+                                                 "image_dir": f"C:\\Users\\{user}\\Pictures\\lora\\{folder}"}]}]),
+        "ss_bucket_info": json.dumps({"buckets": {"0": {"resolution": [512, 512], "count": 230}}, "mean_img_ar_error": 0.0}),
+        "ss_training_finished_at": "1714557200.5",
+        "sshs_model_hash": "9a2b8c1d0e3f4a5b6c7d8e9f0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b",
+        "sshs_legacy_hash": "5f3a9c21",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers", "modelspec.title": "Anna (my sister)", "modelspec.author": "alice_k",
+        "modelspec.date": "2024-05-01T09:13:20", "modelspec.resolution": "512x512", "modelspec.prediction_type": "epsilon",
+        "modelspec.thumbnail": "data:image/jpeg;base64,/9j/4AAQSkZJRgABAQ", "modelspec.trigger_phrase": trigger,
+        "notes_from_gui": "contact me: alice.k@example.com",
+    }
+
+
+LEAKS = {  # entry -> the kind the scanner must flag it as
+    "ss_session_id": "hash", "ss_training_started_at": "date", "ss_training_finished_at": "date",
+    "ss_output_name": "name", "ss_num_train_images": "dataset", "ss_num_reg_images": "dataset",
+    "ss_num_batches_per_epoch": "dataset", "ss_epoch": "steps", "ss_max_train_steps": "steps", "ss_steps": "steps",
+    "ss_training_comment": "comment", "ss_sd_model_name": "name", "ss_sd_model_hash": "hash",
+    "ss_new_sd_model_hash": "hash", "ss_dataset_dirs": "dataset", "ss_tag_frequency": "captions",
+    "ss_datasets": "dataset", "ss_bucket_info": "dataset", "sshs_model_hash": "hash", "sshs_legacy_hash": "hash",
+    "modelspec.title": "name", "modelspec.author": "name", "modelspec.date": "date", "modelspec.thumbnail": "image",
+    "modelspec.trigger_phrase": "trigger", "notes_from_gui": "contact",
+}
