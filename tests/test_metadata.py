@@ -47,9 +47,9 @@ def test_the_big_entries_are_decoded_into_what_they_say(kohya_file):
     assert "'sks woman' x23" in tags and "'holding a dog' x2" in tags
     assert by_key["ss_dataset_dirs"].details == ("folder '10_sks woman': 23 photos, repeated 10x",)
     assert "class_tokens 'sks woman'" in by_key["ss_datasets"].details[0] and "Pictures" in by_key["ss_datasets"].details[0]
-    assert "path" in by_key["ss_datasets"].why
+    assert "user name ('alice')" in by_key["ss_datasets"].why
     assert by_key["ss_training_started_at"].details == ("2024-05-01 08:53 UTC",)
-    assert "'alice'" in by_key["ss_sd_model_name"].why or "path" in by_key["ss_sd_model_name"].why
+    assert "user name ('alice')" in by_key["ss_sd_model_name"].why
     assert by_key["ss_learning_rate"].kind == "" and "setting" in by_key["ss_learning_rate"].why
 
 

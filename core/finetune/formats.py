@@ -113,7 +113,7 @@ class LoRAWeights:
 
     def described(self) -> str:
         name = FORMAT_NAMES[self.format]
-        return name + (" with convolution layers (LoCon)" if self.has_conv_kernels else "")
+        return name + " file" + (" with convolution layers (LoCon)" if self.has_conv_kernels else "")
 
 
 # 1. what cannot be read ------------------------------------------------------------------------

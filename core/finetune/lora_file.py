@@ -58,7 +58,7 @@ class ValidatedLoRA:
     format: str = "diffusers"  # the file's naming: a key of core.finetune.formats.FORMAT_NAMES
     ranks: dict = field(default_factory=dict)  # "<part>.<module>" -> its rank
     alphas: dict = field(default_factory=dict)  # "<part>.<module>" -> its alpha, as the file gives it
-    described: str = "diffusers"  # the naming in words (e.g. "kohya-ss / AUTOMATIC1111 with convolution layers (LoCon)")
+    described: str = "diffusers file"  # the naming in words (e.g. "kohya-ss / AUTOMATIC1111 file with convolution layers (LoCon)")
 
 
 def _the_file(name: str) -> str:

@@ -266,7 +266,7 @@ def classify(key: str, value: str) -> Finding:
             details = tuple(decode(value)) if decode else ()
             extra = _value_rule(key, value)
             if extra and extra[0] == "path" and kind != "path":
-                why += " It also contains a path on the trainer's computer."
+                why += " It also holds " + extra[1][0].lower() + extra[1][1:]
             return Finding(key, shown, kind, why, details)
     extra = _value_rule(key, value)
     if key in NEEDED:
