@@ -177,8 +177,9 @@ def _loha(t, meta):
     for k in [k for k in t if k.endswith("lora_A.weight")]:
         name = k.replace("unet.", "lora_unet_", 1).removesuffix(".lora_A.weight").replace(".", "_")
         a, b = t.pop(k), t.pop(k.replace("lora_A", "lora_B"))
-        t.update({f"{name}.hada_w1_a": b.flatten(1), f"{name}.hada_w1_b": a.flatten(1), f"{name}.hada_w2_a": b.flatten(1),
-                  f"{name}.hada_w2_b": a.flatten(1), f"{name}.alpha": torch.tensor(4.0)})
+        t.update({f"{name}.hada_w1_a": b.flatten(1), f"{name}.hada_w1_b": a.flatten(1),
+                  f"{name}.hada_w2_a": b.flatten(1).clone(), f"{name}.hada_w2_b": a.flatten(1).clone(),
+                  f"{name}.alpha": torch.tensor(4.0)})
 
 
 def _dora(t, meta):
