@@ -11,6 +11,12 @@ Speed: K LoRAs per optimisation step run as one ``vmap``-ed forward over their s
 the same fixed-noise denoising loss for z = attacker's mean, for the class prompt (the naive
 attack's prompt) and for the true trigger's prompt (what the LoRA was trained with; the attacker
 never sees it). The final attacker and a JSON log go to ``--out``.
+
+Several GPUs: ``accelerate launch --multi_gpu --num_processes N -m core.attack.train ...`` trains one
+attacker data-parallel (accelerate's DistributedDataParallel: each process draws its own K LoRAs per
+step from its own random stream, gradients are averaged, so a step sees N x K LoRAs); the held-out
+score and the file are made by the main process. Any base works by model id (``--model``): the
+attacker's inputs follow the shadow LoRAs' layers and its output the base's prompt-embedding shape.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from core.attack.attacker import ATTACKER_DIR, Attacker, config_for, lora_inputs
 from core.events import Done, Message, Progress, never
 from core.finetune.lora import FinetuneConfig, encode_prompt
 from core.model.denoising import Denoiser
+from core.model.pipeline import mixed_precision
 from core.model.prompts import CLASS_PROMPT, instance_prompt
 from core.attack.shadow import adapter_unet, list_shadows, load_shadow
 
@@ -59,13 +66,15 @@ def to_param_names(lora: dict) -> dict[str, torch.Tensor]:
 
 
 class DenoisingLoss:
-    """Denoising loss of K (LoRA, z) pairs on their latents, in one vmap-ed forward."""
+    """Denoising loss of K (LoRA, z) pairs on their latents, in one vmap-ed forward (half-precision
+    autocast on CUDA, as the shadow LoRAs were trained)."""
 
     def __init__(self, pipe, rank: int, alpha: float, targets):
         from torch.func import functional_call, vmap
 
         self.unet = adapter_unet(pipe, FinetuneConfig(rank=rank, alpha=alpha, unet_targets=tuple(targets)))
         self.device = pipe.device
+        self.amp = pipe.device.type == "cuda"
         self.den = Denoiser(pipe.scheduler.config)
         unet = self.unet
         self.batched = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
@@ -78,7 +87,8 @@ class DenoisingLoss:
         k, b = x0.shape[:2]
         noised = self.den.noise(x0.flatten(0, 1).to(dev), g)  # draws on the CPU: same numbers on every device
         emb = z.to(dev).unsqueeze(1).expand(k, b, *z.shape[1:])
-        pred = self.batched(params, noised.noisy.unflatten(0, (k, b)), noised.t.unflatten(0, (k, b)), emb)
+        with mixed_precision(dev, self.amp):
+            pred = self.batched(params, noised.noisy.unflatten(0, (k, b)), noised.t.unflatten(0, (k, b)), emb)
         return self.den.errors(pred.flatten(0, 1), noised).unflatten(0, (k, b)).mean(1)
 
 
@@ -90,12 +100,15 @@ def lr_at(step: int, cfg: TrainConfig, total: int | None = None) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
 
 
-def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
-    """Generator: train an attacker on shadow LoRA files. ``Done((attacker, log))``."""
+def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never, accelerator=None):
+    """Generator: train an attacker on shadow LoRA files. ``Done((attacker, log))``. ``accelerator``: an
+    ``accelerate.Accelerator`` when several processes train it together (process i draws from seed +
+    i; process 0 draws what a single process draws)."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
+    me = accelerator.process_index if accelerator is not None else 0
+    rng = random.Random(cfg.seed + me)
+    g = torch.Generator().manual_seed(cfg.seed + me)
     shadows = [load_shadow(f) for f in files]
     for s in shadows:  # keep the population compact in memory
         s.checkpoints = {r: {k: v.half() for k, v in ck.items()} for r, ck in s.checkpoints.items() if r >= cfg.min_step}
@@ -110,9 +123,11 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
         cls_emb = encode_prompt(pipe, CLASS_PROMPT)[0].float()
     acfg = config_for(pipe, any_lora, rank, alpha, inputs=cfg.inputs, width=cfg.width, layers=cfg.layers)
     dev = pipe.device
-    model = Attacker(acfg, cls_emb).to(dev)
+    model = core = Attacker(acfg, cls_emb).to(dev)  # core: the attacker itself, model: what the steps run
     loss_fn = DenoisingLoss(pipe, rank, alpha, targets)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    if accelerator is not None:
+        model, opt = accelerator.prepare(model, opt)
     yield Message(f"{len(train_set)} training LoRAs x {len(first.checkpoints)} checkpoints, {len(held)} held out; "
                   f"attacker {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
 
@@ -127,14 +142,14 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
 
     def evaluate():
         """Fixed-noise loss on the held-out LoRAs at their last step: attacker vs class prompt vs true trigger."""
-        if not held:
+        if not held or (accelerator is not None and not accelerator.is_main_process):
             return None
         eg = torch.Generator().manual_seed(12345)
         last = max(held[0].checkpoints)
         loras = [{n: v.float() for n, v in s.checkpoints[last].items()} for s in held]
         x0 = torch.stack([s.latents[:cfg.latents_per_lora] for s in held])
         with torch.no_grad():
-            z = model.encode(loras, [last] * len(held))
+            z = core.encode(loras, [last] * len(held))
             trig = torch.stack([encode_prompt(pipe, instance_prompt(s.trigger))[0].float() for s in held])
             out = {}
             for name, zz in (("attacker", z), ("class prompt", cls_emb.expand_as(z)), ("true trigger", trig)):
@@ -152,7 +167,7 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
             break
         if cfg.minutes and step == 20:
             per_step = (time.perf_counter() - t_loop) / 20
-            total = max(21, min(cfg.steps, int(60 * cfg.minutes / per_step)))
+            total = _agreed(max(21, min(cfg.steps, int(60 * cfg.minutes / per_step))), accelerator)
             yield Message(f"time budget {cfg.minutes} min: {total} steps at {per_step:.3f} s/step")
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, cfg, total)
@@ -162,10 +177,10 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
         mu, logvar = model(inputs, torch.as_tensor(steps, device=dev))
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         rec = loss_fn(loras, z, x0.float(), g).mean()
-        kl = 0.5 * (mu.sub(model.class_embedding).pow(2) + logvar.exp() - 1 - logvar).mean()
+        kl = 0.5 * (mu.sub(core.class_embedding).pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss) if accelerator is not None else loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         log["train"].append([step + 1, float(rec.detach()), float(kl.detach())])
@@ -176,11 +191,21 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
             if ev:
                 log["eval"].append({"step": step + 1, **ev})
                 yield Message(f"step {step + 1}: held-out denoising loss " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-    model.eval()
+    core.eval()
     log["steps_done"] = len(log["train"])
     log["seconds"] = time.perf_counter() - t0
     log["shadow_loras"] = len(train_set)
-    yield Done((model, log))
+    log["processes"] = accelerator.num_processes if accelerator is not None else 1
+    yield Done((core, log))
+
+
+def _agreed(value, accelerator):
+    """The main process's ``value`` in every process (a step count every process must stop at)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 def main(argv=None):
@@ -197,16 +222,32 @@ def main(argv=None):
     add_config_flags(ap, TrainConfig)
     a = vars(ap.parse_args(argv))
     cfg = config_from_args(TrainConfig, a)
-    pipe = load_pipeline(a["model"], dtype=torch.float32)  # float32 weights on CUDA too (training)
+    acc = _accelerator()
+    # float32 weights on CUDA too (training); each process on its own device
+    pipe = load_pipeline(a["model"], str(acc.device) if acc is not None else None, dtype=torch.float32)
     files = list_shadows(a["shadow"])
     if a["limit"]:
         files = files[: a["limit"]]
-    model, log = run_with_progress_bar(train(pipe, files, cfg))
+    model, log = run_with_progress_bar(train(pipe, files, cfg, accelerator=acc))
+    if acc is not None and not acc.is_main_process:
+        return
     info = {"command": "python -m core.attack.train " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
             "shadow_loras": log["shadow_loras"], "seconds": round(log["seconds"], 1), "final_eval": log["eval"][-1] if log["eval"] else None}
     out = save_attacker(model, a["out"], info)
     Path(out).with_suffix(".json").write_text(json.dumps({**info, "log": log}, indent=1) + "\n")
     print(f"attacker -> {out}")
+
+
+def _accelerator():
+    """accelerate's Accelerator when this process is one of several (``accelerate launch`` / ``torchrun``;
+    gloo without a GPU), else None: a single process trains exactly as before."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 if __name__ == "__main__":
