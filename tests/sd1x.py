@@ -42,25 +42,32 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def sd1_components(width: int = 16, text_width: int = 32, image_size: int = 64, seed: int = 0) -> dict:
+SD15_SIZES = dict(unet_channels=(320, 640, 1280, 1280), vae_channels=(128, 256, 512, 512), text_width=768,
+                  text_layers=12, text_heads=12, image_size=512, groups=32)  # Stable Diffusion 1.5's own widths
+
+
+def sd1_components(unet_channels=(16, 16, 32, 32), vae_channels=(16, 16, 16, 16), text_width: int = 32,
+                   text_layers: int = 2, text_heads: int = 4, image_size: int = 64, groups: int = 8, seed: int = 0) -> dict:
     """Random components with SD 1.x's layout: UNet (4 blocks, 2 layers each, cross-attention in the
-    first three down and last three up blocks, 1x1-conv proj_in/out), 4-level AutoencoderKL (8x),
-    CLIPTextModel, PNDM with SD 1.x's betas, epsilon prediction."""
+    first three down and last three up blocks, 1x1-conv proj_in/out, 8 heads), 4-level AutoencoderKL
+    (8x), CLIPTextModel, PNDM with SD 1.x's betas, epsilon prediction. ``**SD15_SIZES``: SD 1.5's widths
+    (860 M UNet parameters; for timing on a GPU, bench/sd1_cost.py)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = clip_tokenizer()
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(width,) * 4, layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=image_size)
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=tuple(vae_channels),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=groups, sample_size=image_size)
     unet = UNet2DConditionModel(sample_size=image_size // 8, in_channels=4, out_channels=4,
-                                down_block_types=SD1_DOWN, up_block_types=SD1_UP,
-                                block_out_channels=(width, width, 2 * width, 2 * width), layers_per_block=2,
-                                cross_attention_dim=text_width, attention_head_dim=8, norm_num_groups=8)
+                                down_block_types=SD1_DOWN, up_block_types=SD1_UP, block_out_channels=tuple(unet_channels),
+                                layers_per_block=2, cross_attention_dim=text_width, attention_head_dim=8,
+                                norm_num_groups=groups)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        vocab_size=len(tok), hidden_size=text_width, intermediate_size=4 * text_width if text_width >= 768 else 2 * text_width,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads, max_position_embeddings=77, bos_token_id=0,
+        eos_token_id=1, pad_token_id=1))
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                               skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tok, scheduler=scheduler)
