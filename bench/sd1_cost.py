@@ -71,9 +71,9 @@ def peak_memory_cpu(cfg: FinetuneConfig) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before
 
 
-def time_gpu(k: int, steps: int) -> tuple[float, float]:
+def time_gpu(k: int, steps: int, sizes: dict = SD15_SIZES, device: str = "cuda") -> tuple[float, float]:
     """(seconds per shadow LoRA-step with k LoRAs at once, seconds per attacker step with k LoRAs x 4 latents)
-    on a random-weight pipeline with SD 1.5's widths."""
+    on a random-weight pipeline with SD 1.5's widths (``sizes``: other widths, for a dry run on the CPU)."""
     import numpy as np
 
     from core.attack.shadow import train_many
@@ -82,30 +82,36 @@ def time_gpu(k: int, steps: int) -> tuple[float, float]:
     from core.model.pipeline import assemble_pipeline
     from tests.sd1x import sd1_components
 
-    pipe = assemble_pipeline(sd1_components(**SD15_SIZES)).to("cuda")
-    crops = [list(np.random.default_rng(i).integers(0, 256, (5, 512, 512, 3), dtype=np.uint8)) for i in range(k)]
+    pipe = assemble_pipeline(sd1_components(**sizes)).to(device)
+    side = sizes.get("image_size", 64)
+    crops = [list(np.random.default_rng(i).integers(0, 256, (5, side, side, 3), dtype=np.uint8)) for i in range(k)]
     cfg = FinetuneConfig(steps=1, checkpoint_every=0, preview_n=0, n_class=2 * k)
     drain(train_many(pipe, crops, cfg))  # warm-up (class images, kernels)
-    torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     drain(train_many(pipe, crops, FinetuneConfig(steps=steps, checkpoint_every=0, preview_n=0, n_class=2 * k)))
-    torch.cuda.synchronize()
+    sync(device)
     shadow = (time.perf_counter() - t0) / (k * steps)
     loss = DenoisingLoss(pipe, cfg.rank, cfg.alpha, cfg.unet_targets)
     from core.attack.shadow import initial_adapters, unstack
 
     stack = initial_adapters(pipe, cfg, range(k))
     loras = [unstack(stack, i) for i in range(k)]
-    z = torch.randn(k, 77, 768, device="cuda", requires_grad=True)
-    x0 = torch.randn(k, LATENTS_PER_LORA, 4, 64, 64)
+    z = torch.randn(k, 77, pipe.text_encoder.config.hidden_size, device=device, requires_grad=True)
+    x0 = torch.randn(k, LATENTS_PER_LORA, 4, side // 8, side // 8)
     g = torch.Generator().manual_seed(0)
     for i in range(steps + 1):
         if i == 1:
-            torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
         loss(loras, z, x0, g).mean().backward()
-    torch.cuda.synchronize()
+    sync(device)
     return shadow, (time.perf_counter() - t0) / steps
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def main(argv=None):
