@@ -55,11 +55,12 @@ def test_metadata_panel_flags_the_leaks_and_hands_out_a_cleaned_copy(client, koh
     from safetensors import safe_open
 
     path, _ = kohya
-    report, cleaned = client.predict(handle_file(str(path)), api_name="/scan_metadata")
+    report, rest, cleaned = client.predict(handle_file(str(path)), api_name="/scan_metadata")
     assert f"{len(sd1x.kohya_metadata())} metadata entries, {len(LEAKS)} of them give something away" in report
     for words in ("the captions of the training photos", "'sks woman' x23", "The trigger word is written in the file",
-                  "`sks woman`", "user name ('alice')", "a picture"):
+                  "`sks woman`", "user name \\('alice'\\)", "a picture"):
         assert words in report, words
+    assert "| `ss_learning_rate` | `0.0001` | A training setting" in rest
     assert data_section(cleaned) == data_section(path)
     with safe_open(cleaned, "pt") as f:
         assert not set(f.metadata() or {}) & set(LEAKS)

@@ -240,7 +240,6 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
                            file_count="multiple", type="filepath")
             attack_btn = gr.Button("Attack this LoRA file", variant="primary")
             mine_btn = gr.Button("Attack my LoRA from the Fine-tune tab", visible=False)
-            create_metadata_panel(lora_file, session)
         with gr.Column(scale=2):
             status = gr.Markdown("Upload a LoRA file, then press **Attack this LoRA file**.")
             attack_gal = gr.Gallery(label="What the attacker rebuilds from the weights alone", columns=4, height=180,
@@ -252,6 +251,7 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
             ref_gal = gr.Gallery(label="Reference photos the images are scored against", columns=6, height=120,
                                  object_fit="contain")
             table = gr.Markdown()
+    create_metadata_panel(lora_file, session)
     outputs = [status, attack_gal, naive_gal, fx_gal, ref_gal, table, session]
 
     def shown(out, s):

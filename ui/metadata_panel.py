@@ -9,6 +9,7 @@ code spans, cut short, so no value can format the page or carry a link.
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 
@@ -34,11 +35,16 @@ def code(text, limit: int = SHOWN) -> str:
     return f"`{text}`" if text.strip() else "*(empty)*"
 
 
-def scan_markdown(scan: Scan, name: str) -> str:
-    """The scan in words: the leaks with what each says, then every other entry."""
+def plain(text) -> str:
+    """Text that may quote the file (a user name in a sentence) with markdown's special characters escaped."""
+    return re.sub(r"([\\`*_{}\[\]()<>#|!~])", r"\\\1", str(text))
+
+
+def scan_markdown(scan: Scan, name: str) -> tuple[str, str]:
+    """(the leaks in words with what each says, a table of every other entry)."""
     leaks = scan.leaks
     if not scan.findings:
-        return f"**{code(name, 60)} has no metadata** beyond its {scan.tensors} tensors: nothing to remove."
+        return f"**{code(name, 60)} has no metadata** beyond its {scan.tensors} tensors: nothing to remove.", ""
     head = (f"**{code(name, 60)}: {len(scan.findings)} metadata entries, {len(leaks)} of them give something away**"
             if leaks else f"**{code(name, 60)}: {len(scan.findings)} metadata entries; none of them gives anything away "
                           "that this scanner knows of.**")
@@ -49,28 +55,28 @@ def scan_markdown(scan: Scan, name: str) -> str:
     if leaks:
         lines.append("")
     for f in leaks:
-        lines.append(f"- **{KINDS[f.kind]}**, {code(f.key, 60)} = {code(f.value, 80)}: {f.why}")
+        lines.append(f"- **{KINDS[f.kind]}**, {code(f.key, 60)} = {code(f.value, 80)}: {plain(f.why)}")
         lines += [f"    - {code(d, 200)}" for d in f.details]
     rest = [f for f in scan.findings if not f.leaks]
-    if rest:
-        lines += ["", "| entry | value | what it is | in the cleaned copy |", "|---|---|---|---|"]
-        lines += [f"| {code(f.key, 60)} | {code(f.value)} | {f.why} | {'kept' if f.keep else 'removed'} |" for f in rest]
-    lines.append("\nThe cleaned copy below has the same weights, byte for byte, and keeps only the entries marked *kept*.")
-    return "\n".join(lines)
+    lines.append(f"\nThe cleaned copy has the same weights, byte for byte, and keeps only what loading needs "
+                 f"({', '.join(code(f.key, 40) for f in rest if f.keep) or 'no entry at all'}).")
+    table = ["| entry | value | what it is | in the cleaned copy |", "|---|---|---|---|"]
+    table += [f"| {code(f.key, 60)} | {code(f.value)} | {plain(f.why)} | {'kept' if f.keep else 'removed'} |" for f in rest]
+    return "\n".join(lines), "\n".join(table) if rest else "No other entries."
 
 
 def scan_upload(lora_path, session):
-    """(scan markdown, path of the cleaned copy in the session dir, or None)."""
+    """(the leaks in markdown, every other entry in markdown, path of the cleaned copy in the session dir or None)."""
     if not lora_path:
-        return "Upload a LoRA .safetensors file first, then press **Check its metadata**.", None
+        return "Upload a LoRA .safetensors file first, then press **Check its metadata**.", "", None
     session = ensure(session)
     name = Path(lora_path).name
     try:
         raw = read_upload(lora_path, MAX_BYTES)
     except UploadTooLarge as e:
-        return f"**This file was refused.** {too_large(name, e.size)}", None
+        return f"**This file was refused.** {too_large(name, e.size)}", "", None
     except OSError:
-        return "**The LoRA file could not be found;** please upload it again.", None
+        return "**The LoRA file could not be found;** please upload it again.", "", None
     folder = session.dir / "uploads"
     folder.mkdir(exist_ok=True)
     private = folder / f"{secrets.token_hex(8)}-{Path(name).name}"
@@ -81,23 +87,25 @@ def scan_upload(lora_path, session):
         out.mkdir(exist_ok=True)
         cleaned = clean_file(private, out / f"{Path(name).stem}-clean.safetensors")
     except (MetadataError, LoRAFileError) as e:
-        return f"**This file was refused.** {e}", None
+        return f"**This file was refused.** {e}", "", None
     finally:
         private.unlink(missing_ok=True)
-    return scan_markdown(scan, name), str(cleaned)
+    return (*scan_markdown(scan, name), str(cleaned))
 
 
 def create_metadata_panel(lora_file: gr.File, session: gr.State) -> None:
-    """The panel, under the Attack tab's file input (``lora_file``)."""
+    """The panel (full width, under the Attack tab's results), reading the tab's file input ``lora_file``."""
     gr.Markdown(INTRO)
-    btn = gr.Button("Check its metadata")
+    with gr.Row():
+        btn = gr.Button("Check its metadata", scale=1)
+        download = gr.File(label="Cleaned copy: same weights, metadata removed", interactive=False, scale=2)
     report = gr.Markdown()
-    download = gr.File(label="Cleaned copy: same weights, metadata removed", interactive=False)
+    with gr.Accordion("Every other entry of the metadata", open=False):
+        rest = gr.Markdown()
 
     def run(f, s):
         s = ensure(s)
-        md, path = scan_upload(f, s)
-        return md, path, s
+        return (*scan_upload(f, s), s)
 
-    btn.click(run, [lora_file, session], [report, download, session], api_name="scan_metadata", concurrency_limit=4,
-              concurrency_id="scan_metadata")
+    btn.click(run, [lora_file, session], [report, rest, download, session], api_name="scan_metadata",
+              concurrency_limit=4, concurrency_id="scan_metadata")

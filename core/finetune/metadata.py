@@ -177,8 +177,8 @@ KEY_RULES: list[tuple[tuple[str, ...], str, str, Callable | None]] = [
      "photos themselves (who is in them, what they wear, where they were taken). A folder's most frequent tag is "
      "usually the trigger word.", decode_tags),
     (("ss_dataset_dirs", "ss_reg_dataset_dirs"), "dataset",
-     "The training folders by name, with how many photos each held. kohya names them '<repeats>_<trigger> <class>', "
-     "so the names spell out the trigger word.", decode_dirs),
+     "The training folders by name, with how many photos each held. kohya names a folder by its repeat count, "
+     "trigger word and class (for example '10_sks woman'), so the names spell out the trigger word.", decode_dirs),
     (("ss_datasets",), "dataset",
      "The training set's description: its folders (often full paths), the trigger words ('class_tokens') and how many "
      "photos each part held.", decode_datasets),
