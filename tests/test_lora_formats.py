@@ -32,7 +32,7 @@ READABLE = {
     "diffusers-attn-procs": (dict(unet=UNET_ATTN, ranks=(4,), alphas=(4.0,)),
                              lambda ref: (sd1x.attn_procs_tensors(ref), {}), "diffusers", ("alpha = rank",)),
     "peft": (dict(unet=UNET_ALL + ("conv1", "conv2"), ranks=(8,), alphas=(8.0,)),
-             lambda ref: (sd1x.peft_tensors(ref), {}), "peft", ("alpha = rank",)),
+             lambda ref: (sd1x.peft_tensors(ref), {}), "peft", ("alpha = rank", "adapter_config.json")),
     "peft-text-encoder": (dict(unet=(), text=("fc1", "fc2"), ranks=(2,), alphas=(2.0,)),
                           lambda ref: (sd1x.peft_tensors(ref), {}), "peft", ()),
     "kohya-alphas": (dict(unet=UNET_ALL, ranks=(4, 2, 8), alphas=ODD_ALPHAS, dtype=torch.float16),

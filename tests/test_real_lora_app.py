@@ -46,7 +46,8 @@ def kohya(sd1_engine, tmp_path_factory):
 
 
 def data_section(path):
-    raw = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        raw = fh.read()
     return raw[8 + struct.unpack("<Q", raw[:8])[0]:]
 
 

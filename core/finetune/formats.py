@@ -32,6 +32,7 @@ What fits the running model (layers exist, shapes fit, values finite) is then ch
 from __future__ import annotations
 
 import collections
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -223,7 +224,9 @@ def read_lora_state(raw: dict[str, torch.Tensor], text_encoder=None) -> LoRAWeig
         left += [f"{part}.{k}" for k in bad]
         peft.update({f"{part}.{_drop_text_model(k, part, flat)}": v for k, v in conv.items()})
     modules, lone = _pairs(peft, {_drop_text_model(k, k.split(".", 1)[0], flat, prefixed=True): a for k, a in alphas.items()})
-    return LoRAWeights(modules, fmt, left, lone=lone)
+    notes = ["a peft adapter file: peft keeps its alpha in adapter_config.json, which is not part of the upload"] \
+        if fmt == "peft" else []
+    return LoRAWeights(modules, fmt, left, lone=lone, notes=notes)
 
 
 def _drop_text_model(key: str, part: str, flat: bool, prefixed: bool = False) -> str:
@@ -359,7 +362,7 @@ def _positive(value, key: str) -> float:
         a = float(value) if not isinstance(value, bool) else float("nan")
     except (TypeError, ValueError):
         a = float("nan")
-    if not (a == a and abs(a) != float("inf") and a > 0):
+    if not (math.isfinite(a) and a > 0):
         raise LoRAFileError("alpha", f"The LoRA alpha of layer {_show(key)} is {_show(value, 40)}; expected a positive "
                                      "finite number.")
     return a

@@ -321,7 +321,7 @@ def _alphas(meta: dict, weights, ranks: dict[str, int], notes: list[str]) -> tup
     (kohya ``.alpha``, peft ``alpha_pattern``), else the file's, else its rank (scale 1)."""
     from core.finetune import formats
 
-    rank = collections.Counter(ranks.values()).most_common(1)[0][0]
+    rank = _most_common(ranks)
     own = all(m.alpha is not None for m in weights.modules.values())
     default = None if own else _alpha(meta, rank, notes)
     if default is None and not own:

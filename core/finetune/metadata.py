@@ -30,7 +30,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from tyro.conf import Positional
 
@@ -152,7 +152,7 @@ def decode_time(value: str) -> list[str]:
     except ValueError:
         return []
     if 946_684_800 <= t <= 4_102_444_800:  # 2000 .. 2100
-        return [dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")]
+        return [dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")]
     return []
 
 
