@@ -57,6 +57,7 @@ OTHER_ADAPTERS = (
     ((".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight"), "a LyCORIS GLoRA adapter"),
     ((".diff", ".diff_b"), "a LyCORIS full-difference file (whole changed weights, not a low-rank pair)"),
     ((".w_norm", ".b_norm"), "a LyCORIS adapter of normalisation layers"),
+    (("bundle_emb",), "a LoRA with bundled textual-inversion embeddings (new words for its text encoder)"),
 )
 DORA_KEYS = ("dora_scale", "lora_magnitude_vector")
 
@@ -134,7 +135,7 @@ def refuse_unreadable(raw: dict[str, torch.Tensor], meta: dict, pipe=None) -> No
     for marks, what in OTHER_ADAPTERS:
         hit = next((k for k in keys if any(_has_mark(k, m) for m in marks)), None)
         if hit is not None:
-            raise LoRAFileError("lycoris", f"This file is {what} (for example tensor {_show(hit)}), which this app "
+            raise LoRAFileError("lycoris" if "LyCORIS" in what else "other_adapter", f"This file is {what} (for example tensor {_show(hit)}), which this app "
                                            "does not read: it reads plain LoRA files (down/up pairs with an alpha per "
                                            "layer, LoCon convolution layers included). Upload a plain LoRA, or "
                                            "convert this one to a plain LoRA first.")
