@@ -135,10 +135,11 @@ def refuse_unreadable(raw: dict[str, torch.Tensor], meta: dict, pipe=None) -> No
     for marks, what in OTHER_ADAPTERS:
         hit = next((k for k in keys if any(_has_mark(k, m) for m in marks)), None)
         if hit is not None:
-            raise LoRAFileError("lycoris" if "LyCORIS" in what else "other_adapter", f"This file is {what} (for example tensor {_show(hit)}), which this app "
-                                           "does not read: it reads plain LoRA files (down/up pairs with an alpha per "
-                                           "layer, LoCon convolution layers included). Upload a plain LoRA, or "
-                                           "convert this one to a plain LoRA first.")
+            reason = "lycoris" if "LyCORIS" in what else "other_adapter"
+            raise LoRAFileError(reason, f"This file is {what} (for example tensor {_show(hit)}), which this app does "
+                                        "not read: it reads plain LoRA files (down/up pairs with an alpha per layer, "
+                                        "LoCon convolution layers included). Upload a plain LoRA, or convert this one "
+                                        "to a plain LoRA first.")
     family = file_family(raw, meta)
     ours = pipe_family(pipe) if pipe is not None else None
     if family is not None and family not in RUNNABLE:
