@@ -168,23 +168,24 @@ def _int_weights(t, meta):
     t[k] = t[k].to(torch.int32)
 
 
-def _mixed_ranks(t, meta):
-    a = _first(t)
-    b = a.replace("lora_A", "lora_B")
-    t[a] = torch.cat([t[a], t[a][:1]])
-    t[b] = torch.cat([t[b], t[b][:, :1]], dim=1)
-
-
 def _drop_b(t, meta):
     del t[_first(t, "lora_B.weight")]
 
 
-def _kohya_names(t, meta):
-    """The same weights under kohya-ss / AUTOMATIC1111 names (lora_unet_..._lora_down.weight)."""
-    for k in list(t):
-        name = k.replace("unet.", "lora_unet_", 1).replace(".lora_A.weight", "").replace(".lora_B.weight", "")
-        kind = "lora_down" if k.endswith("lora_A.weight") else "lora_up"
-        t[f"{name.replace('.', '_')}.{kind}.weight"] = t.pop(k)
+def _loha(t, meta):
+    """A LyCORIS LoHa under kohya names (hada_w1_a ...): another adapter kind than LoRA."""
+    for k in [k for k in t if k.endswith("lora_A.weight")]:
+        name = k.replace("unet.", "lora_unet_", 1).removesuffix(".lora_A.weight").replace(".", "_")
+        a, b = t.pop(k), t.pop(k.replace("lora_A", "lora_B"))
+        t.update({f"{name}.hada_w1_a": b.flatten(1), f"{name}.hada_w1_b": a.flatten(1),
+                  f"{name}.hada_w2_a": b.flatten(1).clone(), f"{name}.hada_w2_b": a.flatten(1).clone(),
+                  f"{name}.alpha": torch.tensor(4.0)})
+
+
+def _dora(t, meta):
+    """A DoRA in diffusers / peft naming: a magnitude vector beside every A and B."""
+    for k in [k for k in t if k.endswith("lora_B.weight")]:
+        t[k.replace("lora_B.weight", "lora_magnitude_vector")] = torch.ones(t[k].shape[0])
 
 
 def unet_weights(folder: Path, pipe) -> list[Path]:
@@ -311,12 +312,12 @@ CASES = [
              ("different base model", "stable-diffusion-v1-5", "fine-tuned from this app's base model")),
     BadInput("integer-weights", "lora", lambda folder, pipe: lora_file(folder, pipe, "int.safetensors", _int_weights),
              ("floating point",)),
-    BadInput("mixed-ranks", "lora", lambda folder, pipe: lora_file(folder, pipe, "ranks.safetensors", _mixed_ranks),
-             ("do not share one rank",)),
     BadInput("half-a-layer", "lora", lambda folder, pipe: lora_file(folder, pipe, "half.safetensors", _drop_b),
              ("lora_b", "missing")),
-    BadInput("kohya-webui-lora", "lora", lambda folder, pipe: lora_file(folder, pipe, "webui.safetensors", _kohya_names),
-             ("kohya", "diffusers")),
+    BadInput("lycoris-loha", "lora", lambda folder, pipe: lora_file(folder, pipe, "loha.safetensors", _loha),
+             ("loha", "plain lora")),
+    BadInput("dora", "lora", lambda folder, pipe: lora_file(folder, pipe, "dora.safetensors", _dora),
+             ("dora", "magnitude vector", "plain lora")),
     BadInput("full-checkpoint", "lora", unet_weights, ("no lora weights",)),
 ]
 

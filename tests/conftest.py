@@ -103,3 +103,20 @@ def base_engine():
 
 def rng_image(seed=0, size=(64, 64)):
     return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def sd1_pipeline_dir(tmp_path_factory):
+    """A tiny random pipeline with Stable Diffusion 1.x's layout (tests/sd1x.py), saved like a hub model."""
+    from tests.sd1x import save_sd1_pipeline
+
+    return save_sd1_pipeline(tmp_path_factory.mktemp("tiny_sd1"))
+
+
+@pytest.fixture(scope="module")
+def sd1_pipe(sd1_pipeline_dir, tmp_path_factory, monkeypatch_module):
+    """The SD 1.x-layout pipeline loaded on CPU, with a private cache folder."""
+    from core.model.pipeline import load_pipeline
+
+    monkeypatch_module.setenv("LEAKLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return load_pipeline(sd1_pipeline_dir, device="cpu")

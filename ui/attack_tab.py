@@ -20,8 +20,10 @@ from core.finetune.lora import FinetuneConfig, MAX_PHOTOS
 from core.finetune.lora_file import MAX_BYTES as MAX_LORA_BYTES
 from core.finetune.lora_file import LoRAFileError, too_large, validate_lora_file
 from core.faces.metrics import SAME_PERSON
+from core.model.pipeline import EMBEDDED_NAME
 from core.model.prompts import CLASS_PROMPT
 from ui.finetune_tab import read_faces
+from ui.metadata_panel import create_metadata_panel
 from ui.session import ensure, media
 from ui.gpu import on_gpu
 from ui.uploads import UploadTooLarge, read_upload
@@ -91,6 +93,28 @@ def read_lora_upload(engine: Engine, lora_path, session):
         return validate_lora_file(private, engine.pipe)
     finally:
         private.unlink(missing_ok=True)
+
+
+def attacker_for(engine: Engine):
+    """(the trained attacker or None, why not): on another base than the embedded one, the sentence says
+    plainly that the trained attacker exists only for the embedded base."""
+    attacker, why = engine.attacker()
+    if attacker is None and engine.model_name != EMBEDDED_NAME:
+        why = (f"The trained attacker exists only for the embedded base model (the miniature model it was trained "
+               f"on); none has been trained for `{engine.model_name}`. Train one for it with `python -m "
+               f"core.attack.shadow --model {engine.model_name}` and `python -m core.attack.train --model "
+               f"{engine.model_name}` (README: *Training the attacker for another base*).")
+    return attacker, why
+
+
+def describe_lora(lora) -> str:
+    """The uploaded LoRA in a few words: its format, rank(s), alpha(s) and layers."""
+    ranks, alphas = sorted(set(lora.ranks.values())), sorted(set(lora.alphas.values()))
+    rank = f"rank {lora.rank}" if len(ranks) < 2 else f"ranks {ranks[0]}-{ranks[-1]} per layer (mostly {lora.rank})"
+    alpha = f"alpha {lora.alpha:g}" if len(alphas) < 2 else f"alpha {alphas[0]:g}-{alphas[-1]:g} per layer"
+    te = sum(1 for k in lora.ranks if k.startswith("text_encoder."))
+    layers = f"{len(lora.modules)} UNet layers" + (f" and {te} text-encoder layers" if te else "")
+    return f"{lora.described}, {rank}, {alpha}, {layers}"
 
 
 def _gallery(images, seeds):
@@ -179,10 +203,9 @@ def attack_file(engine: Engine, lora_path, steps, ref_files, session):
                                              "this LoRA was trained on them)")
     else:
         photos, label = [], ""
-    attacker, why = engine.attacker()
+    attacker, why = attacker_for(engine)
     images = attack_lora(engine.pipe, attacker, lora.lora, step, lora.alpha, attacker_note=why)
-    head = (f"**Attacked the uploaded LoRA**: rank {lora.rank}, alpha {lora.alpha:g}, {len(lora.modules)} UNet layers; "
-            f"fine-tuning step {step} ({step_from}).")
+    head = f"**Attacked the uploaded LoRA**: {describe_lora(lora)}; fine-tuning step {step} ({step_from})."
     if notes:
         head += "\n" + "\n".join(f"- {n}" for n in notes)
     return render(engine, images, head, photos, label)
@@ -196,7 +219,7 @@ def attack_mine(engine: Engine, session):
                        "or upload a LoRA file.")
     res = session.result
     photos = list(session.trained_on or session.crops[:MAX_PHOTOS])
-    attacker, why = engine.attacker()
+    attacker, why = attacker_for(engine)
     images = attack_lora(engine.pipe, attacker, res.lora, res.steps_done, res.config.alpha, trigger=res.trigger,
                          attacker_note=why)
     head = (f"**Attacked your LoRA from the Fine-tune tab** ({res.steps_done} steps, rank {res.config.rank}). "
@@ -208,7 +231,8 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
     gr.Markdown(INTRO + "\n" + measured_text())
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
-            lora_file = gr.File(label="A LoRA file (.safetensors) fine-tuned from this app's base model", type="filepath")
+            lora_file = gr.File(label="A LoRA file (.safetensors; diffusers, peft or kohya / A1111) fine-tuned from this app's base "
+                                      "model", type="filepath")
             steps = gr.Number(value=FinetuneConfig.steps, precision=0, label="Fine-tuning steps of this LoRA",
                               info="read from the file when it records them (files from the Fine-tune tab do); "
                                    "otherwise this number is used")
@@ -227,6 +251,7 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
             ref_gal = gr.Gallery(label="Reference photos the images are scored against", columns=6, height=120,
                                  object_fit="contain")
             table = gr.Markdown()
+    create_metadata_panel(lora_file, session)
     outputs = [status, attack_gal, naive_gal, fx_gal, ref_gal, table, session]
 
     def shown(out, s):

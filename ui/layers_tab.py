@@ -78,7 +78,7 @@ def _recorded_trajectory(session, final):
     return trajectory_from_changes(rec)
 
 
-def ranking_table(changes) -> str:
+def ranking_table(changes, whose: str = "your LoRA's") -> str:
     """Markdown: the busiest and the laziest layers with what each number measures."""
     n = len(changes)
     top = min(TOP, n)
@@ -92,7 +92,7 @@ def ranking_table(changes) -> str:
                          f"**{100 * c.relative:.3g} %** | {100 * c.moved:.0f} % |" for i, c in enumerate(items, 1))
 
     ratio = busy[0].relative / lazy[0].relative if lazy and lazy[0].relative > 0 else float("inf")
-    return (f"**The {top} busiest of your LoRA's {n} layers hold {100 * share:.0f} % of its whole change** "
+    return (f"**The {top} busiest of {whose} {n} layers hold {100 * share:.0f} % of its whole change** "
             f"(their share of the total squared change Σ‖ΔW‖²; {100 * top / n:.0f} % of the layers). The busiest "
             f"layer moved {ratio:.1f} times as much as the laziest, relative to its size.\n\n"
             f"*change*: size of the LoRA's change of the layer's weights, as a share of the weights' own size "
@@ -127,6 +127,43 @@ def layers_view(engine: Engine, session):
               "The colour is how much your fine-tune changed the layer's weights, relative to their size "
               "(‖ΔW‖ / ‖W‖, log scale); hover a column for the layer's name and the exact value.")
     return status, fig, ranking_table(changes)
+
+
+FILE_INTRO = """
+#### Or look at any LoRA file
+A LoRA file for this base model (diffusers, peft or kohya / AUTOMATIC1111, LoCon convolution layers included):
+its layers, busiest to laziest, read from the weights alone. The swap curve below needs the trigger word, so it
+runs on the LoRA you fine-tuned here only.
+"""
+
+
+def file_view(engine: Engine, lora_path, session):
+    """(status markdown, heatmap figure or None, ranking markdown) of an uploaded LoRA file (checked as the
+    Attack tab checks it; the file is deleted once read, only the per-layer numbers are kept for the page)."""
+    from core.finetune.lora_file import LoRAFileError
+    from ui.attack_tab import describe_lora, read_lora_upload
+
+    if not lora_path:
+        return "Upload a LoRA .safetensors file first.", None, ""
+    try:
+        lora = read_lora_upload(engine, lora_path, ensure(session))
+    except LoRAFileError as e:
+        return f"**This file was refused.** {e}", None, ""
+    changes = lora_layer_change(engine.pipe, lora.lora, lora.alpha)
+    if not changes:
+        return "This LoRA has no adapted UNet layers (only text-encoder ones): nothing to show here.", None, ""
+    te = any(k.startswith("text_encoder.") for k in lora.ranks)
+    from core.attack.report import recorded_steps
+
+    fig = layer_heatmap(np.array([[c.relative] for c in changes]), [c.name for c in changes],
+                        [recorded_steps(lora.meta) or "last"],
+                        [c.group for c in changes], title="How much each layer of the uploaded LoRA changes the model")
+    status = (f"**The uploaded LoRA**: {describe_lora(lora)}"
+              f"{' (its text-encoder layers are not shown: this tab looks at the UNet)' if te else ''}. Each column is "
+              "one layer, in the order the model uses them (input on the left, output on the right); the colour is how "
+              "much the LoRA changes the layer's weights, relative to their size (‖ΔW‖ / ‖W‖ with each layer's own "
+              "alpha and rank, log scale).")
+    return status, fig, ranking_table(changes, "the uploaded LoRA's")
 
 
 def swap_run(engine: Engine, session, ks=DEFAULT_KS, steps: int = 25):
@@ -166,6 +203,10 @@ def create_layers_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
     status = gr.Markdown(NO_FINETUNE)
     heatmap = gr.Plot(label="Change of every layer")
     table = gr.Markdown()
+    gr.Markdown(FILE_INTRO)
+    with gr.Row():
+        lora_file = gr.File(label="A LoRA file (.safetensors) for this app's base model", type="filepath", scale=2)
+        file_btn = gr.Button("Show this file's layers", scale=1)
     gr.Markdown(SWAP_INTRO + "\n" + measured_text())
     swap_btn = gr.Button(f"Measure what survives (k = {', '.join('all' if k is None else str(k) for k in DEFAULT_KS)})",
                          variant="primary")
@@ -175,6 +216,12 @@ def create_layers_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
     def swap(s):
         yield from swap_run(engine, s)
 
+    def from_file(f, s):
+        s = ensure(s)  # the upload is checked in this visitor's session dir
+        return (*file_view(engine, f, s), s)
+
+    file_btn.click(on_gpu(from_file, 60), [lora_file, session], [status, heatmap, table, session], api_name="layers_file",
+                   concurrency_limit=2, concurrency_id="layers_file")
     swap_btn.click(on_gpu(swap, 300), [session], [swap_status, swap_plot], api_name="swap_curve", concurrency_limit=1,
                    concurrency_id="swap")
     if tab is not None:  # refreshed each time the visitor opens the tab

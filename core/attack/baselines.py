@@ -37,26 +37,31 @@ def ceiling(pipe, lora: dict, trigger: str, seeds=SEEDS, steps: int = 25, model=
 
 def finextract(pipe, lora: dict, w: float = FINEXTRACT_W, prompt: str = CLASS_PROMPT, seeds=SEEDS, steps: int = 25,
                model=None) -> list[np.ndarray]:
-    """FineXtract-style extrapolated sampling with the pipeline's own scheduler (``prompt`` for both models)."""
+    """FineXtract-style extrapolated sampling with the pipeline's own scheduler (``prompt`` for both models,
+    each encoded by its own text encoder: a LoRA with text-encoder layers changes the fine-tuned side's)."""
     ft = model or pipeline_with_lora(pipe, lora)
     with torch.no_grad():
         emb = encode_prompt(pipe, prompt)
-    return extrapolate(pipe, ft, emb, w, seeds, steps)
+        emb_ft = encode_prompt(ft, prompt) if ft.text_encoder is not pipe.text_encoder else None
+    return extrapolate(pipe, ft, emb, w, seeds, steps, emb_ft=emb_ft)
 
 
 @torch.no_grad()
-def extrapolate(pipe, ft, emb: torch.Tensor, w: float, seeds=SEEDS, steps: int = 25) -> list[np.ndarray]:
+def extrapolate(pipe, ft, emb: torch.Tensor, w: float, seeds=SEEDS, steps: int = 25,
+                emb_ft: torch.Tensor | None = None) -> list[np.ndarray]:
     """Sample with eps = eps_base + w (eps_ft - eps_base), both models conditioned on the prompt
-    embedding ``emb`` (1 x L x D, or one per seed): w = 1 is the fine-tuned model ``ft`` itself, w > 1
-    pushes each step further away from what the base model would draw, toward what the fine-tune added."""
+    embedding ``emb`` (1 x L x D, or one per seed; ``emb_ft``: the fine-tuned side's own, when its text
+    encoder differs): w = 1 is the fine-tuned model ``ft`` itself, w > 1 pushes each step further away
+    from what the base model would draw, toward what the fine-tune added."""
     view = private_view(pipe)
     sched = view.scheduler
     sched.set_timesteps(steps, device=pipe.device)
     lat = initial_latents(pipe, seeds) * sched.init_noise_sigma
     emb = emb.to(pipe.device, pipe.unet.dtype).expand(len(seeds), -1, -1)
+    emb_ft = emb if emb_ft is None else emb_ft.to(pipe.device, pipe.unet.dtype).expand(len(seeds), -1, -1)
     for t in sched.timesteps:
         x = sched.scale_model_input(lat, t)
-        e_ft = ft.unet(x, t, emb).sample
+        e_ft = ft.unet(x, t, emb_ft).sample
         e = e_ft if w == 1 else pipe.unet(x, t, emb).sample
         lat = sched.step(e + w * (e_ft - e), t, lat).prev_sample
     img = pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample

@@ -37,7 +37,7 @@ from core.events import Done, Message, Progress, never
 from core.finetune.clipping import clip_per_sample
 from core.finetune.lora import FinetuneConfig, check_photos, encode_photos, encode_prompt, lora_config, pick_trigger
 from core.model.denoising import Denoiser
-from core.model.pipeline import plain_attention
+from core.model.pipeline import mixed_precision, plain_attention
 from core.model.prior import base_fingerprint, cache_dir, class_latents
 from core.model.prompts import CLASS_PROMPT, instance_prompt
 
@@ -46,12 +46,20 @@ def shadow_dir() -> Path:
     return cache_dir() / "shadow"
 
 
+PLAIN_ATTENTION_MAX_LATENT = 32  # latent side up to which the plain (bmm) attention is used on a GPU
+
+
 def adapter_unet(pipe, cfg: FinetuneConfig):
     """A frozen copy of the base UNet carrying an (untrained) peft adapter: the module every
-    stacked LoRA is run through with ``functional_call``."""
+    stacked LoRA is run through with ``functional_call``. Attention: the plain (bmm) processor on the
+    CPU (``vmap`` has no batching rule for CPU SDPA) and on a GPU for latents up to 32x32 (the
+    embedded model's path, measured in ``docs/results/bench_shadow_gpu.txt``); PyTorch's SDPA for
+    larger latents (SD 1.x's 64x64: plain attention would keep a 4096 x 4096 score matrix per head and
+    sample for the backward pass, ~4 GB per attention layer at 16 samples in half precision)."""
     unet = copy.deepcopy(pipe.unet).requires_grad_(False)
     unet.add_adapter(lora_config(cfg))
-    plain_attention(unet)
+    if pipe.device.type == "cpu" or unet.config.sample_size <= PLAIN_ATTENTION_MAX_LATENT:
+        plain_attention(unet)
     return unet.eval()
 
 
@@ -123,6 +131,7 @@ def train_many(pipe, crops_list, cfg: FinetuneConfig | None = None, seeds=None, 
         return functional_call(unet, p, (x, t, e)).sample
 
     batched = vmap(one)
+    amp = cfg.mixed_precision if cfg.mixed_precision is not None else dev.type == "cuda"  # as finetune decides
     losses, trajectory = [], {}
     for step in range(1, cfg.steps + 1):
         if should_stop():
@@ -133,7 +142,8 @@ def train_many(pipe, crops_list, cfg: FinetuneConfig | None = None, seeds=None, 
             if cls is not None:
                 x0 = torch.cat([x0, cls[torch.randint(0, len(cls), (b,), generator=g)]])
             noised.append(den.noise(x0, g))
-        pred = batched(params, torch.stack([n.noisy for n in noised]), torch.stack([n.t for n in noised]), embs)
+        with mixed_precision(dev, amp):
+            pred = batched(params, torch.stack([n.noisy for n in noised]), torch.stack([n.t for n in noised]), embs)
         err = torch.stack([den.errors(pred[k], n) for k, n in enumerate(noised)])  # K x 2b
         loss_k = err[:, :b].mean(1)
         if cls is not None:

@@ -11,6 +11,12 @@ Speed: K LoRAs per optimisation step run as one ``vmap``-ed forward over their s
 the same fixed-noise denoising loss for z = attacker's mean, for the class prompt (the naive
 attack's prompt) and for the true trigger's prompt (what the LoRA was trained with; the attacker
 never sees it). The final attacker and a JSON log go to ``--out``.
+
+Several GPUs: ``accelerate launch --multi_gpu --num_processes N -m core.attack.train ...`` trains one
+attacker data-parallel (accelerate's DistributedDataParallel: each process draws its own K LoRAs per
+step from its own random stream, gradients are averaged, so a step sees N x K LoRAs); the held-out
+score and the file are made by the main process. Any base works by model id (``--model``): the
+attacker's inputs follow the shadow LoRAs' layers and its output the base's prompt-embedding shape.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from core.attack.attacker import ATTACKER_DIR, Attacker, config_for, lora_inputs
 from core.events import Done, Message, Progress, never
 from core.finetune.lora import FinetuneConfig, encode_prompt
 from core.model.denoising import Denoiser
+from core.model.pipeline import mixed_precision
 from core.model.prompts import CLASS_PROMPT, instance_prompt
 from core.attack.shadow import adapter_unet, list_shadows, load_shadow
 
@@ -58,13 +65,15 @@ def to_param_names(lora: dict) -> dict[str, torch.Tensor]:
 
 
 class DenoisingLoss:
-    """Denoising loss of K (LoRA, z) pairs on their latents, in one vmap-ed forward."""
+    """Denoising loss of K (LoRA, z) pairs on their latents, in one vmap-ed forward (half-precision
+    autocast on CUDA, as the shadow LoRAs were trained)."""
 
     def __init__(self, pipe, rank: int, alpha: float, targets):
         from torch.func import functional_call, vmap
 
         self.unet = adapter_unet(pipe, FinetuneConfig(rank=rank, alpha=alpha, unet_targets=tuple(targets)))
         self.device = pipe.device
+        self.amp = pipe.device.type == "cuda"
         self.den = Denoiser(pipe.scheduler.config)
         unet = self.unet
         self.batched = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
@@ -77,7 +86,8 @@ class DenoisingLoss:
         k, b = x0.shape[:2]
         noised = self.den.noise(x0.flatten(0, 1).to(dev), g)  # draws on the CPU: same numbers on every device
         emb = z.to(dev).unsqueeze(1).expand(k, b, *z.shape[1:])
-        pred = self.batched(params, noised.noisy.unflatten(0, (k, b)), noised.t.unflatten(0, (k, b)), emb)
+        with mixed_precision(dev, self.amp):
+            pred = self.batched(params, noised.noisy.unflatten(0, (k, b)), noised.t.unflatten(0, (k, b)), emb)
         return self.den.errors(pred.flatten(0, 1), noised).unflatten(0, (k, b)).mean(1)
 
 
@@ -136,18 +146,20 @@ def held_out_losses(pipe, model, loss_fn, data: ShadowSet, cls_emb) -> dict | No
     return out
 
 
-def attacker_step(model, opt, loss_fn, data: ShadowSet, cfg: TrainConfig, rng, g) -> tuple[float, float]:
-    """One optimisation step on a random batch of shadow checkpoints: (reconstruction loss, KL)."""
-    dev = next(model.parameters()).device
+def attacker_step(model, core, opt, loss_fn, data: ShadowSet, cfg: TrainConfig, rng, g, accelerator=None) -> tuple[float, float]:
+    """One optimisation step on a random batch of shadow checkpoints: (reconstruction loss, KL).
+    ``model``: what the step runs (the attacker, or accelerate's wrapper of it); ``core``: the attacker."""
+    dev = next(core.parameters()).device
     model.train()
     steps, loras, x0 = data.batch(rng, g)
-    inputs = [(u.to(dev), v.to(dev)) for u, v in lora_inputs(loras, model.cfg)]
+    inputs = [(u.to(dev), v.to(dev)) for u, v in lora_inputs(loras, core.cfg)]
     mu, logvar = model(inputs, torch.as_tensor(steps, device=dev))
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
     rec = loss_fn(loras, z, x0.float(), g).mean()
-    kl = 0.5 * (mu.sub(model.class_embedding).pow(2) + logvar.exp() - 1 - logvar).mean()
+    kl = 0.5 * (mu.sub(core.class_embedding).pow(2) + logvar.exp() - 1 - logvar).mean()
     opt.zero_grad(set_to_none=True)
-    (rec + cfg.kl_weight * kl).backward()
+    loss = rec + cfg.kl_weight * kl
+    accelerator.backward(loss) if accelerator is not None else loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     return float(rec.detach()), float(kl.detach())
@@ -159,11 +171,14 @@ class AttackerTrainResult:
     log: dict  # config, per-step losses, held-out evaluations, steps done, seconds, shadow LoRAs used
 
 
-def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
-    """Generator: train an attacker on shadow LoRA files; ``Done(AttackerTrainResult, cancelled)``."""
+def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never, accelerator=None):
+    """Generator: train an attacker on shadow LoRA files; ``Done(AttackerTrainResult, cancelled)``.
+    ``accelerator``: an ``accelerate.Accelerator`` when several processes train it together (process
+    i draws from seed + i; process 0 draws what a single process draws; only it evaluates)."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    rng, g = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    me = accelerator.process_index if accelerator is not None else 0
+    rng, g = random.Random(cfg.seed + me), torch.Generator().manual_seed(cfg.seed + me)
     data = ShadowSet(files, cfg)
     first = data.first
     rank, alpha = int(first.meta["rank"]), float(first.meta["alpha"])
@@ -172,9 +187,12 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
         cls_emb = encode_prompt(pipe, CLASS_PROMPT)[0].float()
     acfg = config_for(pipe, next(iter(first.checkpoints.values())), rank, alpha, inputs=cfg.inputs, width=cfg.width,
                       layers=cfg.layers)
-    model = Attacker(acfg, cls_emb).to(pipe.device)
+    model = core = Attacker(acfg, cls_emb).to(pipe.device)  # core: the attacker itself, model: what the steps run
     loss_fn = DenoisingLoss(pipe, rank, alpha, targets)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    if accelerator is not None:
+        model, opt = accelerator.prepare(model, opt)
+    main_process = accelerator is None or accelerator.is_main_process
     yield Message(f"{len(data.train)} training LoRAs x {len(first.checkpoints)} checkpoints, {len(data.held)} held out; "
                   f"attacker {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     log = {"config": asdict(cfg), "train": [], "eval": []}
@@ -184,22 +202,32 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never):
             break
         if cfg.minutes and step == 20:
             per_step = (time.perf_counter() - t_loop) / 20
-            total = max(21, min(cfg.steps, int(60 * cfg.minutes / per_step)))
+            total = _agreed(max(21, min(cfg.steps, int(60 * cfg.minutes / per_step))), accelerator)
             yield Message(f"time budget {cfg.minutes} min: {total} steps at {per_step:.3f} s/step")
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, cfg, total)
-        rec, kl = attacker_step(model, opt, loss_fn, data, cfg, rng, g)
+        rec, kl = attacker_step(model, core, opt, loss_fn, data, cfg, rng, g, accelerator)
         log["train"].append([step + 1, rec, kl])
         yield Progress("attacker", step + 1, total, time.perf_counter() - t0, {"loss": rec})
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
-            model.eval()
-            ev = held_out_losses(pipe, model, loss_fn, data, cls_emb)
+        if main_process and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+            core.eval()
+            ev = held_out_losses(pipe, core, loss_fn, data, cls_emb)
             if ev:
                 log["eval"].append({"step": step + 1, **ev})
                 yield Message(f"step {step + 1}: held-out denoising loss " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-    model.eval()
-    log.update(steps_done=len(log["train"]), seconds=time.perf_counter() - t0, shadow_loras=len(data.train))
-    yield Done(AttackerTrainResult(model, log), cancelled=len(log["train"]) < total)
+    core.eval()
+    log.update(steps_done=len(log["train"]), seconds=time.perf_counter() - t0, shadow_loras=len(data.train),
+               processes=accelerator.num_processes if accelerator is not None else 1)
+    yield Done(AttackerTrainResult(core, log), cancelled=len(log["train"]) < total)
+
+
+def _agreed(value, accelerator):
+    """The main process's ``value`` in every process (a step count every process must stop at)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 @dataclass
@@ -219,17 +247,33 @@ def main(argv=None):
 
     a = parse(Args, argv)
     cfg = config_of(a, TrainConfig)
-    pipe = load_pipeline(a.model, dtype=torch.float32)  # float32 weights on CUDA too (training)
+    acc = _accelerator()
+    # float32 weights on CUDA too (training); each process on its own device
+    pipe = load_pipeline(a.model, str(acc.device) if acc is not None else None, dtype=torch.float32)
     files = list_shadows(a.shadow)
     if a.limit:
         files = files[: a.limit]
-    res = run_with_progress_bar(train(pipe, files, cfg))
+    res = run_with_progress_bar(train(pipe, files, cfg, accelerator=acc))
+    if acc is not None and not acc.is_main_process:
+        return
     model, log = res.model, res.log
     info = {"command": command_line("core.attack.train", argv), "shadow_loras": log["shadow_loras"],
             "seconds": round(log["seconds"], 1), "final_eval": log["eval"][-1] if log["eval"] else None}
     out = save_attacker(model, a.out, info)
     Path(out).with_suffix(".json").write_text(json.dumps({**info, "log": log}, indent=1) + "\n")
     print(f"attacker -> {out}")
+
+
+def _accelerator():
+    """accelerate's Accelerator when this process is one of several (``accelerate launch`` / ``torchrun``;
+    gloo without a GPU), else None: a single process trains exactly as before."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Fine-tuning on a person's photos: what the victim does, and the file they share.
 
 - ``lora``: the DreamBooth LoRA fine-tune (a generator of events), LoRA export and loading;
-- ``lora_file``: validation of an uploaded LoRA file (safetensors only, limits, shapes, finite).
+- ``lora_file``: validation of an uploaded LoRA file (safetensors only, limits, shapes, finite);
+- ``formats``: the namings people share LoRAs in (diffusers, peft, kohya-ss / A1111, LoCon) read into one
+  form, other adapters and model families refused by name;
+- ``metadata``: what a LoRA file's metadata gives away, and a cleaned copy (``python -m core.finetune.metadata``).
 """

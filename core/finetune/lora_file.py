@@ -9,11 +9,14 @@ or NaN weights, names that do not exist in the base model, shapes that would fai
 broadcast) when merged, a rank that makes merging expensive, or a LoRA trained for another base
 model. :func:`validate_lora_file` checks all of that, cheapest checks first, and either returns a
 :class:`ValidatedLoRA` (float32 CPU tensors in the peft naming :func:`core.finetune.lora.load_lora`
-returns) or raises :class:`LoRAFileError`, whose message is written for the visitor.
+returns) or raises :class:`LoRAFileError`, whose message is written for the visitor. The file's
+naming (diffusers, peft, kohya-ss / AUTOMATIC1111 with per-layer alpha and rank) is read by
+:mod:`core.finetune.formats`, which also refuses adapters other than LoRA and other model families.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -48,10 +51,14 @@ class LoRAFileError(ValueError):
 class ValidatedLoRA:
     lora: dict  # "unet.<module>.lora_A.weight" / "...lora_B.weight" (and "text_encoder...."), CPU float32
     meta: dict  # the file's safetensors metadata (str -> str)
-    rank: int
-    alpha: float
+    rank: int  # the rank most layers have
+    alpha: float  # merging ``lora`` with this alpha is the file's own merge (per-layer alphas folded into B)
     modules: list[str] = field(default_factory=list)  # UNet module names with a LoRA
     notes: list[str] = field(default_factory=list)  # non-fatal remarks for the visitor
+    format: str = "diffusers"  # the file's naming: a key of core.finetune.formats.FORMAT_NAMES
+    ranks: dict = field(default_factory=dict)  # "<part>.<module>" -> its rank
+    alphas: dict = field(default_factory=dict)  # "<part>.<module>" -> its alpha, as the file gives it
+    described: str = "diffusers file"  # the naming in words (e.g. "kohya-ss / AUTOMATIC1111 file with convolution layers (LoCon)")
 
 
 def _the_file(name: str) -> str:
@@ -162,44 +169,19 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 # 6-7. names -----------------------------------------------------------------------------------
 
 
-def _convert_names(raw: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(the file's tensors in peft naming, converted exactly as :func:`core.finetune.lora.load_lora`
-    does, keys diffusers could not convert) -- the latter keep their original names."""
-    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+def _read_weights(raw: dict[str, torch.Tensor], meta: dict, pipe):
+    """The file's LoRA in the internal form of :mod:`core.finetune.formats` (which refuses other adapter
+    kinds and model families), its names checked."""
+    from core.finetune import formats
 
-    parts: dict[str, dict] = {}
-    unknown: list[str] = []
-    for k in raw:
-        part, _, rest = k.partition(".")
-        if part in COMPONENTS and rest:
-            parts.setdefault(part, {})[rest] = raw[k]
-        else:
-            unknown.append(k)
-    out: dict[str, torch.Tensor] = {}
-    for part, sub in parts.items():
-        convert = convert_unet_state_dict_to_peft if part == "unet" else convert_state_dict_to_peft
-        try:
-            conv = convert(sub)
-        except ValueError:  # diffusers could not infer the naming scheme of this part
-            unknown.extend(f"{part}.{k}" for k in sub)
-            continue
-        if len(conv) != len(sub):
-            raise LoRAFileError("duplicate_key", f"Two tensors of the {part} part map to the same LoRA weight; "
-                                                 "each adapted layer must appear once.")
-        out.update({f"{part}.{k}": v for k, v in conv.items()})
-    return out, unknown
-
-
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+    formats.refuse_unreadable(raw, meta, pipe)
+    weights = formats.read_lora_state(raw, getattr(pipe, "text_encoder", None))
+    _check_names({**weights.peft(), **weights.lone}, weights.unknown)
+    return weights
 
 
 def _check_names(lora: dict[str, torch.Tensor], unknown: list[str]) -> None:
     bad = unknown + [k for k in lora if not k.endswith(SUFFIXES)]
-    if bad and all(k.startswith(KOHYA_PREFIXES) for k in bad):
-        raise LoRAFileError("kohya_naming", f"This LoRA uses the kohya-ss / AUTOMATIC1111 naming (for example "
-                                            f"{_show(bad[0])}), which this app does not read. Save it in the "
-                                            "diffusers format (diffusers' load_lora_weights, then save_lora_weights) "
-                                            "and upload that file.")
     if len(bad) == len(lora) + len(unknown):
         example = f", found for example {_show(bad[0])}" if bad else ", found no tensors at all"
         raise LoRAFileError("no_lora_keys", "The file contains no LoRA weights: expected tensors named like "
@@ -251,19 +233,16 @@ def _expected_shapes(mod: torch.nn.Module, r: int) -> tuple[tuple, tuple]:
     return (r, w.shape[1]), (w.shape[0], r)
 
 
-def _check_shapes(lora: dict, layers: dict) -> int:
-    ranks: dict[int, str] = {}
-    for part, name in layers:
-        a = lora[f"{part}.{name}.lora_A.weight"]
-        ranks.setdefault(int(a.shape[0]) if a.ndim else 0, f"{part}.{name}")
-    if len(ranks) > 1:
-        found = ", ".join(f"{r} ({_show(n, 50)})" for r, n in sorted(ranks.items()))
-        raise LoRAFileError("rank", f"The LoRA layers do not share one rank (found ranks {found}); "
-                                    "expected the same rank r for every layer.")
-    r = next(iter(ranks))
-    if not 1 <= r <= MAX_RANK:
-        raise LoRAFileError("rank", f"The LoRA rank is {r}; ranks from 1 to {MAX_RANK} are accepted.")
+def _check_shapes(lora: dict, layers: dict) -> dict[str, int]:
+    """{"<part>.<module>": rank}: each layer's rank (a file may give every layer its own, as kohya's
+    resized LoRAs do) within 1..MAX_RANK, its A and B shaped for the base layer at that rank."""
+    ranks = {}
     for (part, name), mod in layers.items():
+        a = lora[f"{part}.{name}.lora_A.weight"]
+        r = int(a.shape[0]) if a.ndim else 0
+        if not 1 <= r <= MAX_RANK:
+            raise LoRAFileError("rank", f"The LoRA rank of layer {_show(f'{part}.{name}', 60)} is {r}; ranks from 1 "
+                                        f"to {MAX_RANK} are accepted.")
         want_a, want_b = _expected_shapes(mod, r)
         for suffix, want in ((".lora_A.weight", want_a), (".lora_B.weight", want_b)):
             got = tuple(lora[f"{part}.{name}{suffix}"].shape)
@@ -272,7 +251,8 @@ def _check_shapes(lora: dict, layers: dict) -> int:
                                              f"this base model's layer needs {list(want)} at rank {r}; the LoRA does "
                                              "not fit this model. Upload a LoRA fine-tuned from this app's base "
                                              "model (the Fine-tune tab makes one).")
-    return r
+        ranks[f"{part}.{name}"] = r
+    return ranks
 
 
 # 9-11. values and metadata --------------------------------------------------------------------
@@ -313,7 +293,8 @@ def _adapter_meta(meta: dict) -> dict:
     return parsed
 
 
-def _alpha(meta: dict, rank: int, notes: list[str]) -> float:
+def _alpha(meta: dict, rank: int, notes: list[str]) -> float | None:
+    """The file-wide alpha its metadata names, or None when it names none."""
     adapter = _adapter_meta(meta)
     for source, value in (("lora_adapter_metadata", adapter.get("unet.lora_alpha")),
                           ("lora_adapter_metadata", adapter.get("text_encoder.lora_alpha")),
@@ -321,8 +302,7 @@ def _alpha(meta: dict, rank: int, notes: list[str]) -> float:
         if value is not None:
             break
     else:
-        notes.append(f"no LoRA alpha in the file's metadata; using alpha = rank = {rank}")
-        return float(rank)
+        return None
     try:
         alpha = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
@@ -336,6 +316,22 @@ def _alpha(meta: dict, rank: int, notes: list[str]) -> float:
     return alpha
 
 
+def _alphas(meta: dict, weights, ranks: dict[str, int], notes: list[str]) -> tuple[float, dict[str, float]]:
+    """(the one alpha to merge the folded LoRA with, every layer's own alpha). A layer's alpha is its own
+    (kohya ``.alpha``, peft ``alpha_pattern``), else the file's, else its rank (scale 1)."""
+    from core.finetune import formats
+
+    rank = _most_common(ranks)
+    own = all(m.alpha is not None for m in weights.modules.values())
+    default = None if own else _alpha(meta, rank, notes)
+    if default is None and not own:
+        same = len(set(ranks.values())) == 1
+        notes.append(f"no LoRA alpha in the file's metadata; using alpha = rank = {rank}" if same else
+                     "no LoRA alpha in the file's metadata; using alpha = rank for every layer (its own rank)")
+    alphas = formats.layer_alphas(weights, default, _adapter_meta(meta))
+    return (default if default is not None else formats.common_alpha(alphas)), alphas
+
+
 # the entry point ------------------------------------------------------------------------------
 
 
@@ -346,14 +342,24 @@ def validate_lora_file(path: str | os.PathLike, pipe) -> ValidatedLoRA:
     size = _check_size(path)
     _check_header(path, size)
     raw, meta = _read_tensors(path)
-    converted, unknown = _convert_names(raw)
-    _check_names(converted, unknown)
-    lora = {k: v.float() for k, v in converted.items()}
+    weights = _read_weights(raw, meta, pipe)
+    lora = {k: v.float() for k, v in {**weights.peft(), **weights.lone}.items()}
     layers = _check_modules(lora, pipe)
-    rank = _check_shapes(lora, layers)
+    ranks = _check_shapes(lora, layers)
     _check_finite(lora)
-    notes: list[str] = []
+    notes: list[str] = list(weights.notes)
     _check_base(meta, pipe, notes)
-    alpha = _alpha(meta, rank, notes)
-    modules = sorted(name for part, name in layers if part == "unet")
-    return ValidatedLoRA(lora=lora, meta=meta, rank=rank, alpha=alpha, modules=modules, notes=notes)
+    alpha, alphas = _alphas(meta, weights, ranks, notes)
+    return ValidatedLoRA(lora=_folded(weights, alphas, alpha), meta=meta, rank=_most_common(ranks), alpha=alpha,
+                         modules=sorted(name for part, name in layers if part == "unet"), notes=notes,
+                         format=weights.format, ranks=ranks, alphas=alphas, described=weights.described())
+
+
+def _folded(weights, alphas: dict, alpha: float) -> dict:
+    from core.finetune.formats import folded
+
+    return folded(weights, alphas, alpha)
+
+
+def _most_common(ranks: dict) -> int:
+    return collections.Counter(ranks.values()).most_common(1)[0][0]

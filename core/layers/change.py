@@ -180,8 +180,9 @@ def lora_layer_change(pipe, lora: dict, alpha: float | None = None, tau: float =
     """One :class:`LayerChange` per UNet module with a LoRA (text-encoder adapters are left out), in
     the UNet's forward order."""
     mods = dict(pipe.unet.named_modules())
+    index = {n: i for i, n in enumerate(mods)}  # registration order breaks forward_order's ties, not the file's key order
     out = []
-    for name in forward_order(lora_modules(lora)):
+    for name in forward_order(sorted(lora_modules(lora), key=lambda n: index.get(n, len(index)))):
         if name not in mods:
             raise KeyError(f"the LoRA adapts {name!r}, which this UNet does not have")
         out.append(layer_change(name, mods[name].weight, lora_delta(lora, name, alpha), tau))
