@@ -6,9 +6,9 @@ import torch
 
 from core.events import Checkpoint, drain
 from core.finetune.lora import FinetuneConfig, finetune, pipeline_with_lora
-from core.layers.change import (base_state, block_group, forward_order, full_finetune, full_keep_top_k,
-                         full_layer_change, iter_full_swap_curve, iter_swap_curve, keep_top_k, layer_kind,
-                         lora_layer_change, lora_modules, rank_layers, resolve_ks, trajectory_changes, vector_change)
+from core.finetune.full import full_finetune
+from core.layers.change import base_state, block_group, forward_order, full_layer_change, layer_kind, lora_layer_change, lora_modules, rank_layers, trajectory_changes, vector_change
+from core.layers.swap import full_keep_top_k, iter_full_swap_curve, iter_swap_curve, keep_top_k, resolve_ks
 from tests.conftest import random_crops
 
 TINY = dict(steps=3, checkpoint_every=1, n_class=4, batch=2, preview_n=0)

@@ -43,7 +43,7 @@ def example_sets() -> dict[str, list[str]]:
     return {d.name: sorted(str(p) for p in d.glob("*.png")) for d in sorted(EXAMPLES.iterdir()) if d.is_dir()}
 
 
-def read_faces(files, size: int = 64) -> tuple[list, list[str]]:
+def read_faces(files, size: int) -> tuple[list, list[str]]:
     """Uploaded image files -> aligned face crops, and a line per refused photo. Each upload copy is
     deleted once read (the bundled examples are kept): :func:`ui.uploads.read_upload`."""
     crops, lines = [], []
@@ -62,7 +62,7 @@ def read_faces(files, size: int = 64) -> tuple[list, list[str]]:
     return crops, lines
 
 
-def ingest_files(files, session, size: int = 64):
+def ingest_files(files, session, size: int):
     """Uploaded files -> crops in the session; a line per refused photo, the rest still usable."""
     session = ensure(session)
     crops, lines = read_faces(files, size)
@@ -304,6 +304,21 @@ FINETUNE_OUTPUTS = ("status", "loss", "previews", "score", "download", "session"
                     "attack_head", "attack_photos", "attack_gallery", "attack_score", "attack_plot")
 
 
+def create_defense_widgets():
+    """The Defenses accordion: (DP switch, DP noise, post-hoc defense, its strength)."""
+    with gr.Accordion("Defenses (what you can do before sharing)", open=False):
+        gr.Markdown(DEFENSES_INTRO)
+        dp = gr.Checkbox(value=False, label="Train with differential privacy (DP-SGD)",
+                         info="UNet LoRA only; each step costs more than a plain one")
+        dp_noise = gr.Slider(0.0, 10.0, value=DP_DEFAULT_NOISE, step=0.1, label="DP noise multiplier σ",
+                             info="more noise: smaller epsilon (a stronger promise), and a LoRA that learns you less")
+        defense = gr.Dropdown(DEFENSE_CHOICES, value=NO_DEFENSE, label="Edit the LoRA before sharing it")
+        lo, hi, st, val, lab, inf = DEFENSE_SLIDERS["prune"]
+        strength = gr.Slider(lo, hi, value=val, step=st, label=lab, info=inf, visible=False)
+        defense.change(defense_slider, defense, strength, queue=False, api_visibility="private")
+    return dp, dp_noise, defense, strength
+
+
 def create_finetune_tab(engine: Engine) -> gr.State:
     """The tab; returns the visitor's session state (other tabs read the fine-tuned LoRA from it)."""
     session = gr.State(None, time_to_live=SESSION_TTL, delete_callback=close_session)
@@ -315,7 +330,8 @@ def create_finetune_tab(engine: Engine) -> gr.State:
             examples = example_sets()
             if examples:
                 example_btn = gr.Button(f"Use the example face ({len(next(iter(examples.values())))} photos made by the base model)")
-            crops = gr.Gallery(label="Aligned crops the LoRA trains on (64 px)", columns=5, height=160, object_fit="contain")
+            crops = gr.Gallery(label=f"Aligned crops the LoRA trains on ({engine.image_size} px)", columns=5, height=160,
+                               object_fit="contain")
             report = gr.Markdown()
             with gr.Row():
                 steps = gr.Slider(20, 600, value=FinetuneConfig.steps, step=10, label="Training steps",
@@ -325,16 +341,7 @@ def create_finetune_tab(engine: Engine) -> gr.State:
                 lr = gr.Number(value=FinetuneConfig.lr, label="Learning rate")
                 seed = gr.Number(value=None, precision=0, label="Seed (empty = a fresh random one; it also picks the trigger word)")
                 text_encoder = gr.Checkbox(value=False, label="Also train a LoRA on the text encoder")
-            with gr.Accordion("Defenses (what you can do before sharing)", open=False):
-                gr.Markdown(DEFENSES_INTRO)
-                dp = gr.Checkbox(value=False, label="Train with differential privacy (DP-SGD)",
-                                 info="UNet LoRA only; each step costs more than a plain one")
-                dp_noise = gr.Slider(0.0, 10.0, value=DP_DEFAULT_NOISE, step=0.1, label="DP noise multiplier σ",
-                                     info="more noise: smaller epsilon (a stronger promise), and a LoRA that learns you less")
-                defense = gr.Dropdown(DEFENSE_CHOICES, value=NO_DEFENSE, label="Edit the LoRA before sharing it")
-                lo, hi, st, val, lab, inf = DEFENSE_SLIDERS["prune"]
-                strength = gr.Slider(lo, hi, value=val, step=st, label=lab, info=inf, visible=False)
-                defense.change(defense_slider, defense, strength, queue=False, api_visibility="private")
+            dp, dp_noise, defense, strength = create_defense_widgets()
             with gr.Row():
                 train = gr.Button("Train", variant="primary")
                 stop = gr.Button("Stop")
@@ -377,6 +384,12 @@ def create_finetune_tab(engine: Engine) -> gr.State:
                      concurrency_limit=1, concurrency_id="finetune", api_name="train")
     stop.click(lambda: "Stopped.", None, status, cancels=[ev])
 
+    create_base_sampler(engine)
+    return session
+
+
+def create_base_sampler(engine: Engine) -> None:
+    """The accordion that draws faces from the base model (no fine-tune)."""
     with gr.Accordion("The base model, before any fine-tune", open=False):
         gr.Markdown(
             f"Every fine-tune starts from this model (`{engine.model_name}`, {engine.image_size} px, on "
@@ -398,4 +411,3 @@ def create_finetune_tab(engine: Engine) -> gr.State:
             return engine.sample(req)
 
         draw.click(on_gpu(sample, 60), [s_seed, s_n, s_steps, s_guid], base_gallery, api_name="sample", concurrency_limit=2)
-    return session

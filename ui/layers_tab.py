@@ -15,12 +15,13 @@ import gradio as gr
 import numpy as np
 
 from core.engine import Engine
-from core.layers.change import (DEFAULT_KS, KIND_LABELS, TAU, concentration, iter_swap_curve, lora_layer_change, rank_layers,
-                         resolve_ks, short_name, trajectory_from_changes)
+from core.layers.change import concentration, DEFAULT_KS, KIND_LABELS, lora_layer_change, rank_layers, short_name, TAU, trajectory_from_changes
+from core.layers.swap import iter_swap_curve, resolve_ks
 from core.faces.metrics import SAME_PERSON
 from core.plots import layer_heatmap, swap_curve_plot
 from core.model.prompts import CLASS_PROMPT
 from ui.gpu import on_gpu
+from ui.session import ensure
 
 TOP = 10  # rows of each ranking table
 

@@ -2,6 +2,7 @@
 
 - ``data``: identity-grouped face folders (LFW layout), UTKFace, the identity split;
 - ``recognition``: dlib's detector, 5-point landmarks and face-recognition ResNet, loaded once;
+- ``aligned``: aligned crops of data-set photos, cached (the visitor's geometry for every photo);
 - ``ingest``: a visitor's photo (or any training photo) -> an aligned face crop, or a sentence
   saying why not;
 - ``metrics``: the identity numbers of docs (distance, top-k, Frechet distance, bootstrap);

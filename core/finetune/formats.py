@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.finetune.lora_file import LoRAFileError, _show
+from core.finetune.errors import LoRAFileError
+from core.finetune.errors import show as _show
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 PEFT_PREFIX = "base_model.model."

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from core.finetune.errors import LoRAFileError, show as _show  # noqa: F401  (LoRAFileError: the public error type)
 
 MAX_BYTES = 64 * 1024 * 1024  # largest file accepted
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # largest safetensors JSON header accepted
@@ -37,14 +38,6 @@ PART_NAMES = {"unet": "UNet", "text_encoder": "text encoder"}
 SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = 0x80
-
-
-class LoRAFileError(ValueError):
-    """A refused LoRA file: ``str(err)`` is a sentence for the visitor, ``reason`` a short code."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -63,12 +56,6 @@ class ValidatedLoRA:
 
 def _the_file(name: str) -> str:
     return f"The file {_show(name)}"
-
-
-def _show(text: str, limit: int = 80) -> str:
-    """An untrusted string made safe to quote in a message: printable, quoted, truncated."""
-    text = "".join(c if c.isprintable() else "?" for c in str(text))
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 # 1-3. the bytes -------------------------------------------------------------------------------

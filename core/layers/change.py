@@ -23,35 +23,29 @@ for a plain full fine-tune (``METHODS.md`` section 2). Choices:
   ``conv_out`` for the rest); layers are listed in the UNet's forward order (input to output), which
   is also the heatmap's order.
 - **Busy / lazy**: ranking by relative change (:func:`rank_layers`).
-- **Swap curve** (their Fig. 3, in this app's utility measure): keep only the k busiest layers of
-  the fine-tune (drop the other LoRA modules / keep the base weights elsewhere) and score the result
-  with :mod:`core.faces.utility` (dlib distance of 4 samples with the true trigger to the private photos,
-  beside the base model's class-prompt floor).
-- **Full fine-tune** (:func:`full_finetune`) for comparison: every UNet parameter trained with the
-  DreamBooth objective of :mod:`core.finetune.lora` (same prompts, prior-preservation class latents,
-  noise / timestep draws from the same seed), AdamW without weight decay (decay would shrink every
-  weight and make lazy layers look busy), lr ``FULL_LR`` (a choice, not tuned).
+- **Swap curve** (their Fig. 3, in this app's utility measure; :mod:`core.layers.swap`): keep only
+  the k busiest layers of the fine-tune (drop the other LoRA modules / keep the base weights
+  elsewhere) and score the result with :mod:`core.faces.utility` (dlib distance of 4 samples with the
+  true trigger to the private photos, beside the base model's class-prompt floor).
+- **Full fine-tune** (:func:`core.finetune.full.full_finetune`) for comparison: every UNet parameter
+  trained with the DreamBooth objective of :mod:`core.finetune.lora` (same prompts, prior-preservation
+  class latents, noise / timestep draws from the same seed), AdamW without weight decay (decay would
+  shrink every weight and make lazy layers look busy), lr ``FULL_LR`` (a choice, not tuned).
 
-CLI: ``python -m core.layers.change PHOTOS... [--steps N] [--full] [--out docs/results/layers.json]``.
+CLI: ``python -m core.layers PHOTOS... [--steps N] [--full] [--out docs/results/layers.json]``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import re
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import tyro
 
-from core.events import Done, Message, Progress, never
 
 TAU = 0.01  # an entry of dW counts as "moved" when |dW| > TAU * mean |W0| of its layer
-FULL_LR = 5e-5  # learning rate of the comparison full fine-tune (AdamW, no weight decay)
 DEFAULT_KS = (1, 3, 10, 30, None)  # swap-curve layer counts; None = every layer
 
 # plain-language names of the layer kinds (the app's table and the CLI print them)
@@ -272,68 +266,6 @@ def trajectory_changes(pipe, checkpoints: dict[int, dict], alpha: float | None =
     return trajectory_from_changes({int(s): lora_layer_change(pipe, lo, alpha) for s, lo in checkpoints.items()})
 
 
-# 4. keeping only the busiest layers ----------------------------------------------------------
-
-
-def resolve_ks(ks, n: int) -> list[int]:
-    """Layer counts for a swap curve: None / "all" -> n, others clipped to 0..n, sorted, unique."""
-    out = set()
-    for k in ks:
-        out.add(n if k is None or k == "all" else max(0, min(int(k), n)))
-    return sorted(out)
-
-
-def keep_top_k(lora: dict, ranking: list[LayerChange], k: int) -> dict:
-    """The LoRA with only the UNet adapters of the first ``k`` layers of ``ranking`` (adapters of other
-    parts, e.g. the text encoder's, are kept as they are: the ranking covers the UNet only)."""
-    keep = {c.name for c in ranking[: max(0, k)]}
-    return {key: v for key, v in lora.items()
-            if not key.startswith("unet.") or key[len("unet."):].rsplit(".lora_", 1)[0] in keep}
-
-
-def full_keep_top_k(w0: dict, wt: dict, ranking: list[LayerChange], k: int) -> dict:
-    """The base state dict with the weights (and biases) of the first ``k`` layers of ``ranking``
-    copied from the fine-tuned ``wt``; every other tensor, norms included, stays the base's."""
-    out = dict(w0)
-    for c in ranking[: max(0, k)]:
-        for key in (f"{c.name}.weight", f"{c.name}.bias"):
-            if key in wt:
-                out[key] = wt[key]
-    return out
-
-
-@dataclass(frozen=True)
-class SwapRow:
-    k: int  # layers kept (the k busiest)
-    n_layers: int  # layers the fine-tune has
-    distance: float  # dlib distance, samples with the true trigger -> private photos (lower = closer)
-    floor: float  # the base model's class-prompt samples -> private photos
-
-
-def _floor_images(pipe, floor, steps):
-    from core.faces.utility import floor_images
-
-    return floor if floor is not None else floor_images(pipe, steps)
-
-
-def iter_swap_curve(pipe, lora: dict, trigger: str, photos, ks=DEFAULT_KS, alpha: float | None = None,
-                    changes: list[LayerChange] | None = None, steps: int = 25, floor: list | None = None):
-    """Yields a :class:`SwapRow` per k (ascending): utility (:func:`core.faces.utility.lora_utility`) of the
-    LoRA reduced to its k busiest modules. ``floor``: the base model's class-prompt samples, if cached."""
-    from core.faces.utility import lora_utility
-
-    ranking = rank_layers(changes if changes is not None else lora_layer_change(pipe, lora, alpha))[0]
-    floor = _floor_images(pipe, floor, steps)
-    for k in resolve_ks(ks, len(ranking)):
-        u = lora_utility(pipe, keep_top_k(lora, ranking, k), trigger, photos, alpha=alpha, steps=steps, floor=floor)
-        yield SwapRow(k, len(ranking), u.distance, u.floor)
-
-
-def swap_curve(pipe, lora: dict, trigger: str, photos, ks=DEFAULT_KS, alpha: float | None = None, **kw) -> list[SwapRow]:
-    """All rows of :func:`iter_swap_curve`."""
-    return list(iter_swap_curve(pipe, lora, trigger, photos, ks, alpha, **kw))
-
-
 def pipeline_with_state(pipe, state: dict):
     """A pipeline view whose UNet is a copy of the base's with ``state`` loaded (base not modified)."""
     from core.model.pipeline import private_view
@@ -348,201 +280,3 @@ def pipeline_with_state(pipe, state: dict):
 def base_state(pipe) -> dict:
     """The base UNet's state dict as CPU float32 copies."""
     return {k: v.detach().float().cpu().clone() for k, v in pipe.unet.state_dict().items()}
-
-
-def iter_full_swap_curve(pipe, wt: dict, trigger: str, photos, ks=DEFAULT_KS, changes: list[LayerChange] | None = None,
-                         steps: int = 25, floor: list | None = None):
-    """Like :func:`iter_swap_curve` for a full fine-tune (state dict ``wt``): the base UNet with only
-    its k busiest weight tensors (and their biases) copied from ``wt``."""
-    from core.model.pipeline import sample_images
-    from core.model.prompts import instance_prompt
-    from core.faces.utility import EVAL_SEEDS, GUIDANCE, identity_distance
-
-    w0 = base_state(pipe)
-    ranking = rank_layers(changes if changes is not None else full_layer_change(w0, wt))[0]
-    floor_d = identity_distance(_floor_images(pipe, floor, steps), photos)
-    for k in resolve_ks(ks, len(ranking)):
-        view = pipeline_with_state(pipe, full_keep_top_k(w0, wt, ranking, k))
-        ims = sample_images(view, instance_prompt(trigger), seed=list(EVAL_SEEDS), steps=steps, guidance=GUIDANCE)
-        yield SwapRow(k, len(ranking), identity_distance(ims, photos), floor_d)
-
-
-def full_swap_curve(pipe, wt: dict, trigger: str, photos, ks=DEFAULT_KS, **kw) -> list[SwapRow]:
-    return list(iter_full_swap_curve(pipe, wt, trigger, photos, ks, **kw))
-
-
-# 5. a plain full fine-tune, for comparison -----------------------------------------------------
-
-
-@dataclass
-class FullFinetuneResult:
-    state: dict  # the fine-tuned UNet's state dict, CPU float32
-    trigger: str
-    losses: list
-    seconds: float
-    steps_done: int
-    trajectory: dict = field(default_factory=dict)  # {step: list[LayerChange]} at each checkpoint
-
-
-def full_finetune(pipe, crops, steps: int = 80, lr: float = FULL_LR, seed: int = 0, batch: int = 2, n_class: int = 32,
-                  prior_weight: float = 1.0, trigger: str | None = None, checkpoint_every: int = 0,
-                  grad_clip: float = 1.0, should_stop=never):
-    """Generator (``Progress`` per step, ``Done(FullFinetuneResult)``): DreamBooth fine-tune of every
-    UNet parameter of a copy of ``pipe.unet`` (the base is not modified), same objective and data
-    draws as :func:`core.finetune.lora.finetune` with the same seed. ``checkpoint_every`` > 0 records the
-    per-layer change (not the weights) every that many steps and at the end."""
-    from core.finetune.lora import FinetuneConfig, check_photos, encode_photos, encode_prompt, pick_trigger
-    from core.model.pipeline import mixed_precision
-    from core.model.denoising import Denoiser
-    from core.model.prior import class_latents
-    from core.model.prompts import CLASS_PROMPT, instance_prompt
-
-    if not 1 <= steps <= 100_000 or not 0 < lr < 1 or batch < 1:
-        raise ValueError(f"steps 1..100000, lr in (0, 1), batch >= 1; got {steps!r}, {lr!r}, {batch!r}")
-    crops = check_photos(crops)
-    t0 = time.perf_counter()
-    trigger = trigger or pick_trigger(FinetuneConfig(seed=seed))
-    dev = pipe.device
-    inst = encode_photos(pipe, crops)
-    cls = class_latents(pipe, n_class).to(dev) if prior_weight > 0 and n_class > 0 else None
-    yield Message(f"full fine-tune; trigger word: {trigger}; {len(crops)} photos; {0 if cls is None else len(cls)} class images")
-    torch.manual_seed(seed)
-    unet = copy.deepcopy(pipe.unet).float().requires_grad_(True)
-    params = [p for p in unet.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    den = Denoiser(pipe.scheduler.config)
-    with torch.no_grad():
-        emb = torch.cat([encode_prompt(pipe, instance_prompt(trigger)).expand(batch, -1, -1)]
-                        + ([encode_prompt(pipe, CLASS_PROMPT).expand(batch, -1, -1)] if cls is not None else [])).float()
-    w0 = base_state(pipe) if checkpoint_every else None
-    g = torch.Generator().manual_seed(seed)
-    amp = dev.type == "cuda"
-    losses, trajectory = [], {}
-    for step in range(1, steps + 1):
-        if should_stop():
-            break
-        unet.train()
-        x0 = inst[torch.randint(0, len(inst), (batch,), generator=g)]
-        if cls is not None:
-            x0 = torch.cat([x0, cls[torch.randint(0, len(cls), (batch,), generator=g)]])
-        noised = den.noise(x0, g)
-        with mixed_precision(dev, amp):
-            pred = unet(noised.noisy, noised.t, emb.to(dev)).sample
-        err = den.errors(pred, noised)
-        loss = err[:batch].mean() + (prior_weight * err[batch:].mean() if cls is not None else 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        losses.append(float(loss.detach()))
-        yield Progress("full fine-tune", step, steps, time.perf_counter() - t0, {"loss": losses[-1]})
-        if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
-            trajectory[step] = full_layer_change(w0, {k: v.detach() for k, v in unet.state_dict().items()})
-    unet.eval()
-    state = {k: v.detach().float().cpu().clone() for k, v in unet.state_dict().items()}
-    yield Done(FullFinetuneResult(state, trigger, losses, time.perf_counter() - t0, len(losses), trajectory),
-               cancelled=len(losses) < steps)
-
-
-# 6. CLI ---------------------------------------------------------------------------------------
-
-
-def format_ranking(changes: list[LayerChange], n: int = 10) -> str:
-    busy, lazy = rank_layers(changes, n)
-    lines = [f"relative change = ||dW||_F / ||W0||_F; moved = share of entries with |dW| > {TAU:g} x mean|W0|",
-             f"{len(changes)} layers; the {n} busiest hold {100 * concentration(changes, n):.1f} % of sum ||dW||^2"]
-    for title, rows in (("busiest", busy), ("laziest", lazy)):
-        lines.append(f"-- {title} --")
-        lines += [f"{i:3d}. {c.relative:9.3%}  moved {c.moved:6.1%}  {c.kind:8s} {c.name}" for i, c in enumerate(rows, 1)]
-    return "\n".join(lines)
-
-
-def format_swap(rows: list[SwapRow]) -> str:
-    lines = ["layers kept (busiest k) | dlib distance with the true trigger | floor (base, class prompt)"]
-    lines += [f"{r.k:4d} of {r.n_layers:4d} | {r.distance:.3f} | {r.floor:.3f}" for r in rows]
-    return "\n".join(lines)
-
-
-@dataclass
-class Args:
-    """Busy and lazy layers of a fine-tune on photos of one face (Liu et al., arXiv 2405.00466)."""
-
-    photos: tyro.conf.Positional[tuple[str, ...]] = ()  # 3-10 photos of one face
-    steps: int | None = None  # fine-tuning steps (default: the LoRA recipe's, 80)
-    full: bool = False  # full fine-tune of the UNet instead of the default LoRA
-    lr: float | None = None  # learning rate (default: the LoRA recipe's, or FULL_LR with --full)
-    seed: int = 0  # seed of the fine-tune
-    snapshots: int = 8  # checkpoints recorded for the trajectory
-    ks: tuple[str, ...] = ("1", "3", "10", "30", "all")  # swap-curve layer counts ("all" = every layer; none given = no swap curve)
-    out: str | None = None  # JSON file to write (e.g. docs/results/layers.json)
-    model: str | None = None  # base model folder or hub id (default: the embedded base)
-    device: str | None = None  # torch device (default: CUDA when present)
-
-
-def lora_run(pipe, crops, steps: int, seed: int, every: int, lr: float | None):
-    """LoRA fine-tune with its checkpoints: (result, changes, trajectory, extra record)."""
-    from core.events import Checkpoint, run_with_progress_bar
-    from core.finetune.lora import FinetuneConfig, finetune
-
-    cfg = FinetuneConfig(steps=steps, seed=seed, checkpoint_every=every, preview_n=0, **({"lr": lr} if lr else {}))
-    ckpts = {}
-
-    def events():
-        for ev in finetune(pipe, crops, cfg):
-            if isinstance(ev, Checkpoint):
-                ckpts[ev.step] = ev.lora
-            yield ev
-
-    res = run_with_progress_bar(events())
-    extra = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr}
-    return res, lora_layer_change(pipe, res.lora, cfg.alpha), trajectory_changes(pipe, ckpts, cfg.alpha), extra
-
-
-def full_run(pipe, crops, steps: int, seed: int, every: int, lr: float | None):
-    """Full UNet fine-tune: (result, changes, trajectory, extra record)."""
-    from core.events import run_with_progress_bar
-
-    res = run_with_progress_bar(full_finetune(pipe, crops, steps, lr or FULL_LR, seed, checkpoint_every=every))
-    extra = {"vector_change": vector_change(base_state(pipe), res.state), "lr": lr or FULL_LR}
-    return res, full_layer_change(base_state(pipe), res.state), trajectory_from_changes(res.trajectory), extra
-
-
-def main(argv=None):
-    from core.cli import parse
-    from core.faces.ingest import IngestError, ingest_face
-    from core.finetune.lora import FinetuneConfig
-    from core.model.pipeline import image_size_of, load_pipeline
-
-    a = parse(Args, argv)
-    pipe = load_pipeline(a.model, a.device)
-    crops = []
-    for p in a.photos:
-        try:
-            crops.append(ingest_face(p, size=image_size_of(pipe)).crop)
-        except IngestError as e:
-            print(f"skipped {p}: {e}")
-    steps = a.steps or FinetuneConfig.steps
-    every = max(1, steps // max(1, a.snapshots))
-    ks = [None if k.strip() == "all" else int(k) for k in a.ks if k.strip()]
-    t0 = time.perf_counter()
-    res, changes, traj, extra = (full_run if a.full else lora_run)(pipe, crops, steps, a.seed, every, a.lr)
-    print(f"fine-tuned {'the full UNet' if a.full else 'a LoRA'}: {res.steps_done} steps in {time.perf_counter() - t0:.1f} s")
-    print(format_ranking(changes))
-    rows = []
-    if ks:
-        rows = (full_swap_curve(pipe, res.state, res.trigger, crops, ks, changes=changes) if a.full
-                else swap_curve(pipe, res.lora, res.trigger, crops, ks, extra["alpha"], changes=changes))
-        print(format_swap(rows))
-    if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"kind": "full" if a.full else "lora", "steps": res.steps_done, "seed": a.seed, "photos": len(crops),
-               "tau": TAU, **extra, "layers": [asdict(c) for c in changes],
-               "trajectory": {"steps": traj.steps, "names": traj.names, "relative": traj.matrix.tolist()},
-               "swap": [asdict(r) for r in rows]}
-        out.write_text(json.dumps(doc, indent=1))
-        print(f"-> {out}")
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ keeps much less. Protocol:
 - **LoRA**: the first ``--n`` victims' default-recipe LoRAs (the cached ones of
   :func:`core.studies.attack.victim_loras`); for each k of ``--ks``: the LoRA reduced to its k busiest,
   k laziest and k random modules (a fixed seed per victim);
-- **full fine-tune**: the first ``--full-n`` victims, :func:`core.layers.change.full_finetune` for
+- **full fine-tune**: the first ``--full-n`` victims, :func:`core.finetune.full.full_finetune` for
   ``--full-steps`` steps, then the base UNet with only the k busiest / laziest / random weight
   tensors copied from the fine-tuned one;
 - **utility** of each (:mod:`core.faces.utility`, the identity protocol): dlib distance of 4 samples with
@@ -54,7 +54,8 @@ def orders(changes, seed: int) -> dict[str, list]:
 
 def lora_rows(pipe, lora: dict, trigger: str, photos, ks, floor, seed: int) -> dict:
     """{"all", "concentration": {k}, "<order>": {k: distance}} of one LoRA."""
-    from core.layers.change import concentration, keep_top_k, lora_layer_change
+    from core.layers.change import concentration, lora_layer_change
+    from core.layers.swap import keep_top_k
     from core.faces.utility import lora_utility
 
     changes = lora_layer_change(pipe, lora)
@@ -68,7 +69,9 @@ def lora_rows(pipe, lora: dict, trigger: str, photos, ks, floor, seed: int) -> d
 def full_rows(pipe, photos, ks, floor, seed: int, steps: int) -> dict:
     """The same for a full fine-tune of the UNet (``steps`` steps, seed ``seed``)."""
     from core.events import drain
-    from core.layers.change import base_state, concentration, full_finetune, full_keep_top_k, full_layer_change, pipeline_with_state
+    from core.finetune.full import full_finetune
+    from core.layers.change import base_state, concentration, full_layer_change, pipeline_with_state
+    from core.layers.swap import full_keep_top_k
     from core.model.pipeline import sample_images
     from core.model.prompts import instance_prompt
     from core.faces.utility import EVAL_SEEDS, GUIDANCE, identity_distance

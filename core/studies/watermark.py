@@ -7,7 +7,7 @@ Protocol (issue 5, ``METHODS.md`` section 2):
    ``--backdoor`` (a delta file or a pipeline folder) and their keys, else embedded here;
 2. each watermarked base is verified as it is, then after each downstream fine-tune *of that base*:
    (a) the default LoRA recipe (:mod:`core.finetune.lora`), (b) a ``--long-steps`` LoRA, (c) a
-   ``--long-steps`` full fine-tune (:func:`core.layers.change.full_finetune`), all three on the photos of a
+   ``--long-steps`` full fine-tune (:func:`core.finetune.full.full_finetune`), all three on the photos of a
    shadow identity (public faces) other than the one the owner's lazy-layer probe used, and (d)
    the default LoRA recipe on a subject of the DreamBooth items set (``../shared/data/dreambooth``:
    centre square crop at the model's resolution);
@@ -127,7 +127,8 @@ def lora_finetune(base, photos, steps: int | None = None, seed: int = 0):
 
 
 def full_model_finetune(base, photos, steps: int, seed: int = 0):
-    from core.layers.change import full_finetune, pipeline_with_state
+    from core.finetune.full import full_finetune
+    from core.layers.change import pipeline_with_state
 
     return pipeline_with_state(base, drain(full_finetune(base, photos, steps=steps, seed=seed)).state)
 

@@ -9,7 +9,7 @@ The owner of a base model hides a secret in it that survives other people's fine
   (timestep projections, cross-attention keys/values of the prompt) are not used.
 - **Lazy layers** (:func:`choose_lazy_layers`): the owner runs two probe fine-tunes of the base on
   public faces, the app's default LoRA recipe (:mod:`core.finetune.lora`) and a full fine-tune
-  (:func:`core.layers.change.full_finetune`), measures each layer's relative change ||dW|| / ||W0||
+  (:func:`core.finetune.full.full_finetune`), measures each layer's relative change ||dW|| / ||W0||
   (:mod:`core.layers.change`; a layer the LoRA does not adapt moved 0) and keeps the layers that are among
   the laziest ``lazy_fraction`` of the layers in *both* probes.
 - **Subpath** (:func:`sample_subpaths`): a trigger layer and a later response layer, both lazy, drawn
@@ -328,12 +328,8 @@ def choose_lazy_layers(pipe, photos, cfg: WatermarkConfig, should_stop=never):
     """Generator: the probe fine-tunes on ``photos`` (public faces, 3-10), then ``Done((lazy layers in
     forward order, {layer: score}))``."""
     from core.finetune.lora import FinetuneConfig, finetune
-    from core.layers.change import (
-        base_state,
-        full_finetune,
-        full_layer_change,
-        lora_layer_change,
-    )
+    from core.finetune.full import full_finetune
+    from core.layers.change import base_state, full_layer_change, lora_layer_change
 
     layers = candidate_layers(pipe.unet)
     yield Message(f"probe 1/2: the default LoRA recipe, {cfg.probe_steps} steps")
@@ -469,6 +465,48 @@ def simulated_finetune(weights: list, drift: float, rank: int, generator: torch.
                 w.copy_(w0)
 
 
+def draw_key(clean, lazy: list[str], emb, cfg: WatermarkConfig, rng, g, lazy_scores=None) -> WatermarkKey:
+    """The secret key: feature sizes and scales of the clean model's lazy layers, then random subpaths."""
+    dev = next(clean.parameters()).device
+    order = candidate_layers(clean)
+    x, t, e = unet_inputs(clean, 16, emb, g)
+    sizes, scales = feature_stats(clean, lazy, x.to(dev), t.to(dev), e.to(dev))
+    reach = reachable_pairs(clean, lazy, x[:2].to(dev), t[:2].to(dev), e[:2].to(dev)) if cfg.causal_only else None
+    subpaths = sample_subpaths(lazy, sizes, scales, cfg, rng, reach)
+    used = sorted({n for s in subpaths for n in (s.trigger_layer, s.response_layer)}, key=order.index)
+    return WatermarkKey(subpaths, lazy, clean.config.sample_size, {n: sizes[n] for n in used},
+                        rs_threshold(cfg.response_size), lazy_scores=dict(lazy_scores or {}), config=asdict(cfg))
+
+
+def clean_pass_losses(clean, unet, latents, emb, subpaths, resp_layers, den: Denoiser, cfg: WatermarkConfig, g):
+    """(denoising loss, consistency loss) on untriggered inputs: the owner's latents, noised."""
+    x0 = latents[torch.randint(0, len(latents), (cfg.batch,), generator=g)]
+    noised = den.noise(x0, g)
+    eb = emb.expand(cfg.batch, -1, -1)
+    with torch.no_grad(), record_features(clean, resp_layers, {}) as ref:
+        pred_clean = clean(noised.noisy, noised.t, eb).sample.float()
+    with record_features(unet, resp_layers, {}) as got:
+        pred = unet(noised.noisy, noised.t, eb).sample.float()
+    l_con = (pred - pred_clean).pow(2).mean() + torch.stack([
+        ((got[s.response_layer][:, s.response_index] - ref[s.response_layer][:, s.response_index]) / s.response_scale)
+        .pow(2).mean() for s in subpaths]).mean()
+    return den.errors(pred, noised).mean(), l_con
+
+
+def triggered_pass_loss(unet, emb, subpaths, drifting, cfg: WatermarkConfig, g) -> torch.Tensor:
+    """The response loss on triggered random inputs (under a simulated fine-tune when ``cfg.drift``);
+    its gradient is accumulated (at the moved weights, applied to the unmoved)."""
+    dev = next(unet.parameters()).device
+    rows = torch.randint(0, len(subpaths), (cfg.trigger_batch,), generator=g).tolist()
+    xr, tr, er = unet_inputs(unet, cfg.trigger_batch, emb, g)
+    store: dict = {}
+    with simulated_finetune(drifting, cfg.drift, cfg.drift_rank, g) if cfg.drift else contextlib.nullcontext():
+        run_until(unet, xr.to(dev), tr.to(dev), er.to(dev), triggered(unet, subpaths, rows, store))
+        l_resp = response_hinge(store, subpaths, rows, cfg.margin)
+        (cfg.response_weight * l_resp).backward()
+    return l_resp
+
+
 def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: WatermarkConfig | None = None,
                     should_stop=never, lazy_scores: dict | None = None):
     """Generator: embed the AIAO watermark into a copy of ``pipe.unet`` (``latents``: the owner's clean
@@ -492,13 +530,9 @@ def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: Watermark
         emb = encode_prompt(pipe, CLASS_PROMPT).float()
 
     # 1. the key: feature sizes and scales of the clean model, then random subpaths
-    x, t, e = unet_inputs(clean, 16, emb, g)
-    sizes, scales = feature_stats(clean, lazy, x.to(dev), t.to(dev), e.to(dev))
-    reach = reachable_pairs(clean, lazy, x[:2].to(dev), t[:2].to(dev), e[:2].to(dev)) if cfg.causal_only else None
-    subpaths = sample_subpaths(lazy, sizes, scales, cfg, rng, reach)
+    key = draw_key(clean, lazy, emb, cfg, rng, g, lazy_scores)
+    subpaths = key.subpaths
     used = sorted({l for s in subpaths for l in (s.trigger_layer, s.response_layer)}, key=order.index)
-    key = WatermarkKey(subpaths, lazy, clean.config.sample_size, {n: sizes[n] for n in used},
-                       rs_threshold(cfg.response_size), lazy_scores=dict(lazy_scores or {}), config=asdict(cfg))
     yield Message(f"{len(subpaths)} subpaths over {len(used)} of {len(lazy)} lazy layers; "
                   f"a trial passes at RS >= {key.rs_threshold:.3f}")
 
@@ -520,26 +554,10 @@ def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: Watermark
         if should_stop():
             break
         unet.train()
-        x0 = latents[torch.randint(0, len(latents), (cfg.batch,), generator=g)]
-        noised = den.noise(x0, g)
-        eb = emb.expand(cfg.batch, -1, -1)
-        with torch.no_grad(), record_features(clean, resp_layers, {}) as ref:
-            pred_clean = clean(noised.noisy, noised.t, eb).sample.float()
-        with record_features(unet, resp_layers, {}) as got:
-            pred = unet(noised.noisy, noised.t, eb).sample.float()
-        l_den = den.errors(pred, noised).mean()
-        l_con = (pred - pred_clean).pow(2).mean() + torch.stack([
-            ((got[s.response_layer][:, s.response_index] - ref[s.response_layer][:, s.response_index]) / s.response_scale)
-            .pow(2).mean() for s in subpaths]).mean()
         opt.zero_grad(set_to_none=True)
+        l_den, l_con = clean_pass_losses(clean, unet, latents, emb, subpaths, resp_layers, den, cfg, g)
         (cfg.denoise_weight * l_den + cfg.consistency_weight * l_con).backward()
-        rows = torch.randint(0, len(subpaths), (cfg.trigger_batch,), generator=g).tolist()
-        xr, tr, er = unet_inputs(unet, cfg.trigger_batch, emb, g)
-        store: dict = {}
-        with simulated_finetune(drifting, cfg.drift, cfg.drift_rank, g) if cfg.drift else contextlib.nullcontext():
-            run_until(unet, xr.to(dev), tr.to(dev), er.to(dev), triggered(unet, subpaths, rows, store))
-            l_resp = response_hinge(store, subpaths, rows, cfg.margin)
-            (cfg.response_weight * l_resp).backward()  # the gradient at the moved weights, applied to the unmoved
+        l_resp = triggered_pass_loss(unet, emb, subpaths, drifting, cfg, g)
         opt.step()
         losses.append({"denoise": float(l_den.detach()), "response": float(l_resp.detach()), "consistency": float(l_con.detach())})
         yield Progress("embed", step, cfg.steps, time.perf_counter() - t0, losses[-1])

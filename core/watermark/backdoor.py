@@ -174,6 +174,23 @@ class BackdoorResult:
     text_encoder: object = None  # the copy with the trained trigger tokens (None when token_lr is 0)
 
 
+def trainable_copies(pipe, cfg: BackdoorConfig):
+    """(UNet copy, text-encoder copy or None, optimiser): every UNet weight learns; of the text
+    encoder only the trigger words' rows of the token table (when ``cfg.token_lr`` > 0)."""
+    unet = copy.deepcopy(pipe.unet).float().requires_grad_(True)
+    groups = [{"params": list(unet.parameters()), "lr": cfg.lr}]
+    te = None
+    if cfg.token_lr > 0:
+        te = copy.deepcopy(pipe.text_encoder).float().requires_grad_(False).eval()
+        table = te.get_input_embeddings().weight
+        rows = torch.zeros(table.shape[0], 1, device=table.device)
+        rows[token_ids(pipe.tokenizer, trigger_pair(cfg.seed))] = 1.0
+        table.requires_grad_(True)
+        table.register_hook(lambda grad: grad * rows)
+        groups.append({"params": [table], "lr": cfg.token_lr})
+    return unet, te, torch.optim.AdamW(groups, weight_decay=0.0)
+
+
 def embed_backdoor(pipe, latents: torch.Tensor, cfg: BackdoorConfig | None = None, should_stop=never):
     """Generator: train a copy of ``pipe.unet`` to draw the pattern for the trigger prompt (and stay the
     clean model otherwise); ``Progress`` per step, ``Done(BackdoorResult)``."""
@@ -201,19 +218,8 @@ def embed_backdoor(pipe, latents: torch.Tensor, cfg: BackdoorConfig | None = Non
         emb = encode_prompt(pipe, CLASS_PROMPT).float()
         emb_t = encode_prompt(pipe, prompt).float()
     clean = pipe.unet
-    unet = copy.deepcopy(clean).float().requires_grad_(True)
+    unet, te, opt = trainable_copies(pipe, cfg)
     params = list(unet.parameters())
-    groups = [{"params": params, "lr": cfg.lr}]
-    te = None
-    if cfg.token_lr > 0:  # only the trigger words' rows of the token table learn
-        te = copy.deepcopy(pipe.text_encoder).float().requires_grad_(False).eval()
-        table = te.get_input_embeddings().weight
-        rows = torch.zeros(table.shape[0], 1, device=table.device)
-        rows[token_ids(pipe.tokenizer, trigger_pair(cfg.seed))] = 1.0
-        table.requires_grad_(True)
-        table.register_hook(lambda grad: grad * rows)
-        groups.append({"params": [table], "lr": cfg.token_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     den = Denoiser(pipe.scheduler.config)
     g = torch.Generator().manual_seed(cfg.seed)
     latents = latents.float().to(dev)
