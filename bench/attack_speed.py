@@ -1,7 +1,7 @@
 """Time of one weight-only attack: attacker encoder + merging the LoRA + sampling 4 images (the app's
 attack: ``ATTACK_SAMPLER_STEPS`` steps extrapolated with ``ATTACK_W``, two UNet passes per step).
 
-    python bench/attack_speed.py [--repeats 5]
+    python -m bench.attack_speed [--repeats 5]
 
 Uses the shipped attacker and base and a shadow LoRA from the population cache (or, if there is
 none, a LoRA fine-tuned on the first example face). Prints the best-of-N wall time of each part
@@ -12,19 +12,15 @@ the attack adds on top of plain sampling).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core import ASSETS  # noqa: E402
-from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W, load_attacker  # noqa: E402
-from core.attack.baselines import extrapolate  # noqa: E402
-from core.finetune.lora import pipeline_with_lora  # noqa: E402
-from core.model.pipeline import load_pipeline, sample_images  # noqa: E402
+from core import ASSETS
+from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W, load_attacker
+from core.attack.baselines import extrapolate
+from core.finetune.lora import pipeline_with_lora
+from core.model.pipeline import load_pipeline, sample_images
 
 
 def best(fn, n):
@@ -44,8 +40,8 @@ def a_lora(pipe):
         s = load_shadow(files[-1])
         return s.checkpoints[max(s.checkpoints)], max(s.checkpoints)
     from core.events import drain
-    from core.finetune.lora import FinetuneConfig, finetune
     from core.faces.ingest import ingest_face
+    from core.finetune.lora import FinetuneConfig, finetune
 
     photos = [ingest_face(p.read_bytes()).crop for p in sorted((ASSETS / "examples" / "person_1000").glob("*.png"))[:5]]
     return drain(finetune(pipe, photos, FinetuneConfig(checkpoint_every=0, preview_n=0))).lora, 80

@@ -1,4 +1,4 @@
-"""How the fine-tune defaults were chosen: ``python bench/finetune_recipe.py``.
+"""How the fine-tune defaults were chosen: ``python -m bench.finetune_recipe``.
 
 Runs a small grid of recipes (steps x learning rate x rank) on the *last* ``--n`` victim identities
 (the evaluation in ``core.studies.finetune`` uses the first 20, so tuning never sees them) and prints,
@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.faces import data  # noqa: E402
-from core.studies.finetune import evaluate  # noqa: E402
-from core.finetune.lora import FinetuneConfig  # noqa: E402
+from core.faces import data
+from core.finetune.lora import FinetuneConfig
+from core.studies.finetune import evaluate
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """Fine-tune speed: the project's default recipe vs. a plain loop written the way diffusers'
 ``train_dreambooth_lora.py`` does it, on the same pipeline, photos, steps and batch.
 
-    python bench/finetune_speed.py [--photos-from-victim 0] [--steps N]
+    python -m bench.finetune_speed [--photos-from-victim 0] [--steps N]
 
 The plain loop, per step: turns the pixel batch into latents with the VAE (``latent_dist.sample()``),
 runs the text encoder on the tokenised prompts, concatenates instance and class halves, runs the
@@ -17,22 +17,18 @@ from __future__ import annotations
 import argparse
 import copy
 import random
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.faces import aligned, data  # noqa: E402
-from core.events import drain  # noqa: E402
-from core.finetune.lora import FinetuneConfig, finetune, lora_config  # noqa: E402
-from core.model.pipeline import load_pipeline, mixed_precision  # noqa: E402
-from core.model.prior import class_latents, decode_latents  # noqa: E402
-from core.model.prompts import CLASS_PROMPT, instance_prompt, random_trigger  # noqa: E402
+from core.events import drain
+from core.faces import aligned, data
+from core.finetune.lora import FinetuneConfig, finetune, lora_config
+from core.model.pipeline import load_pipeline, mixed_precision
+from core.model.prior import class_latents, decode_latents
+from core.model.prompts import CLASS_PROMPT, instance_prompt, random_trigger
 
 
 def plain_loop(pipe, crops, class_images, cfg: FinetuneConfig, trigger: str, inputs_only: bool = False) -> list[float]:

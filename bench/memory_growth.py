@@ -1,6 +1,6 @@
 """Memory over many visitors: consecutive fine-tunes through the app's own Train handler, RSS after each.
 
-    python bench/memory_growth.py [--runs 30] [--steps 80] [--model FOLDER_OR_ID]
+    python -m bench.memory_growth [--runs 30] [--steps 80] [--model FOLDER_OR_ID]
 
 Each run is one visitor: a fresh session holding the example face's crops, the Fine-tune tab's
 ``train_run`` (fine-tune, live attack at every checkpoint, previews, export, utility score) consumed
@@ -16,15 +16,12 @@ import argparse
 import gc
 import sys
 import time
-from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.engine import Engine  # noqa: E402
-from ui.finetune_tab import MAX_PHOTOS, example_sets, read_faces, train_run  # noqa: E402
-from ui.session import VisitorSession  # noqa: E402
+from core.engine import Engine
+from ui.finetune_tab import MAX_PHOTOS, example_sets, read_faces, train_run
+from ui.session import VisitorSession
 
 TARGET = 10.0  # per cent
 

@@ -1,8 +1,8 @@
 """What training the attacker for Stable Diffusion 1.5 costs: counted FLOPs, and (on a GPU) measured time.
 
-    python bench/sd1_cost.py                 # FLOPs of SD 1.5's UNet, counted (no weights, no download, seconds)
-    python bench/sd1_cost.py --memory        # + peak memory of one training sample, measured on this CPU (fp32)
-    python bench/sd1_cost.py --gpu --k 4     # + shadow LoRA-steps and attacker steps timed on a GPU
+    python -m bench.sd1_cost                 # FLOPs of SD 1.5's UNet, counted (no weights, no download, seconds)
+    python -m bench.sd1_cost --memory        # + peak memory of one training sample, measured on this CPU (fp32)
+    python -m bench.sd1_cost --gpu --k 4     # + shadow LoRA-steps and attacker steps timed on a GPU
 
 The FLOPs are counted by ``torch.utils.flop_counter`` on SD 1.5's UNet built from its config on the
 "meta" device (shapes only): one sample's forward, and one training sample of the shadow recipe
@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.finetune.lora import FinetuneConfig, lora_config  # noqa: E402
-from tests.sd1x import SD1_DOWN, SD1_UP, SD15_SIZES  # noqa: E402
+from core.finetune.lora import FinetuneConfig, lora_config
+from tests.sd1x import SD1_DOWN, SD1_UP, SD15_SIZES
 
 SHADOW_STEPS = 100  # core.attack.shadow's default trajectory length
 SHADOW_LORAS = 128  # the shipped attacker's population size

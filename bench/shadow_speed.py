@@ -1,6 +1,6 @@
 """Shadow-population training speed: K LoRAs per batched forward vs one at a time.
 
-    python bench/shadow_speed.py [--k 16] [--steps 40]
+    python -m bench.shadow_speed [--k 16] [--steps 40]
 
 Baseline (measured in the same run): ``core.finetune.lora.finetune``, the visitor's recipe, one LoRA
 after another. Batched: ``core.attack.shadow.train_many`` with K LoRAs at once (same recipe, same
@@ -19,21 +19,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.faces import aligned, data  # noqa: E402
-from core.events import drain  # noqa: E402
-from core.finetune.lora import FinetuneConfig, finetune  # noqa: E402
-from core.model.pipeline import load_pipeline  # noqa: E402
-from core.model.prior import class_latents  # noqa: E402
-from core.attack.shadow import train_many  # noqa: E402
+from core.attack.shadow import train_many
+from core.events import drain
+from core.faces import aligned, data
+from core.finetune.lora import FinetuneConfig, finetune
+from core.model.pipeline import load_pipeline
+from core.model.prior import class_latents
 
 
 def batch_time(pipe, n: int, steps: int, cfg: FinetuneConfig | None = None) -> float:

@@ -1,12 +1,16 @@
-"""What the app shares between visitors: the base pipeline, loaded once and only read.
+"""What the app shares between visitors: the base pipeline and the read-only models built on it.
 
-Per-visitor work (photos, LoRAs, results) never lives here: the UI keeps it in per-session state.
+Loaded once and only read. Models built from files (the watermarked bases) are cached by *what they
+are built from*: the clean base's fingerprint and each file's path, size and modification time, so a
+rebuilt asset or another base is never served from a stale entry. Per-visitor work (photos, LoRAs,
+results) never lives here: the UI keeps it in per-session state.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -85,3 +89,47 @@ class Engine:
 
     def sample(self, req: SampleRequest) -> list[np.ndarray]:
         return sample_images(self.pipe, req.prompt, n=req.n, seed=req.seed, steps=req.steps, guidance=req.guidance)
+
+
+_shared: dict = {}
+_shared_lock = threading.Lock()
+
+
+def _file_key(path: Path) -> tuple:
+    try:
+        st = path.stat()
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return (str(path), None, None)
+
+
+def shared_model(key: tuple, build):
+    """``build()``, once per ``key`` (what the model is built from); every caller gets the same object."""
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = build()
+        return _shared[key]
+
+
+def watermarked_base(name: str, clean, folder: str | Path | None = None):
+    """(watermarked pipeline, key) of a shipped watermark over the ``clean`` base, or (None, a sentence
+    saying why not: missing, or made for another base). Cached by the base's fingerprint and the
+    delta and key files' identity."""
+    from core.model.prior import base_fingerprint
+    from core.watermark.formats import SHIPPED, WATERMARK_DIR, KeyFileError
+    from core.watermark.shipped import embed_command, shipped_watermark
+
+    folder = Path(folder or WATERMARK_DIR)
+    delta, key_file = (folder / f for f in SHIPPED[name])
+
+    def build():
+        if not delta.exists() or not key_file.exists():
+            return (None, f"**The {name}-watermarked base is not shipped** (`assets/watermark/{delta.name}` and its "
+                          f"key `{key_file.name}` are missing), so there is nothing to check. Build it with\n\n"
+                          f"```bash\n{embed_command(name)}\n```")
+        try:
+            return shipped_watermark(name, clean, folder)
+        except (KeyFileError, OSError, ValueError) as e:
+            return (None, f"**The {name} watermark could not be loaded**: {e}")
+
+    return shared_model(("watermark", name, base_fingerprint(clean), _file_key(delta), _file_key(key_file)), build)

@@ -437,7 +437,6 @@ def test_study_rerun_measures_only_what_changed(tiny_pipe, embedded):
 def test_tab_says_plainly_when_a_watermarked_base_is_missing(monkeypatch, tiny_pipe, tmp_path):
     import ui.watermark_tab as wt
 
-    monkeypatch.setattr(wt, "_cache", {})
     from core.watermark.shipped import embed_command
 
     pipe, why = wt.load_watermark("AIAO", tiny_pipe, tmp_path)
@@ -450,10 +449,8 @@ def test_tab_says_plainly_when_the_delta_is_for_another_base(monkeypatch, tiny_p
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "aiao.safetensors")
     embedded.key.save(tmp_path / "aiao_key.json")
-    monkeypatch.setattr(wt, "_cache", {})
     pipe, key = wt.load_watermark("AIAO", tiny_pipe, tmp_path)
     assert pipe is not None and key == embedded.key
-    monkeypatch.setattr(wt, "_cache", {})
     pipe, why = wt.load_watermark("AIAO", watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path)
     assert pipe is None and "another base" in why
 
@@ -470,3 +467,20 @@ def test_tab_quotes_the_study_or_says_it_was_not_run():
     assert text.index("before fine-tuning") < text.index("(b) 2000-step LoRA")
     assert "97% (found)" in text and "50% (not found)" in text and "1 of 20" in text and "incomplete" not in text
     assert "not been run" in measured_text({})
+
+
+def test_shared_watermarked_bases_are_keyed_by_what_they_are_built_from(tiny_pipe, embedded, tmp_path):
+    """The same files give the same object; a rebuilt delta (new bytes) gives a fresh one."""
+    import time
+
+    from core.engine import watermarked_base
+    from core.model.prior import base_fingerprint
+
+    embedded.key.model_fingerprint = base_fingerprint(tiny_pipe)
+    save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "aiao.safetensors")
+    embedded.key.save(tmp_path / "aiao_key.json")
+    first = watermarked_base("AIAO", tiny_pipe, tmp_path)
+    assert first[0] is not None and watermarked_base("AIAO", tiny_pipe, tmp_path) is first
+    time.sleep(0.01)
+    save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "aiao.safetensors")
+    assert watermarked_base("AIAO", tiny_pipe, tmp_path) is not first

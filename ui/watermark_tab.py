@@ -9,13 +9,12 @@ command that builds it, and nothing is shown in its place.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import gradio as gr
 
-from core.engine import Engine
-from core.watermark.formats import SHIPPED, WATERMARK_DIR
+from core.engine import Engine, watermarked_base
+from core.watermark.formats import SHIPPED
 from ui.gpu import on_gpu
 from ui.session import ensure
 
@@ -43,30 +42,9 @@ the watermark hides and try to remove it.
 NO_FINETUNE = ("**You have not fine-tuned a LoRA in this session yet.** Train one in the **Fine-tune** tab, then "
                "come back: this tab checks *your* LoRA.")
 
-_cache: dict = {}
-_lock = threading.Lock()
-
-
 def load_watermark(name: str, clean, folder: Path | None = None):
-    """(watermarked pipeline, key) of a shipped watermark over the ``clean`` base, or (None, why not)
-    when it is missing or does not fit."""
-    from core.watermark.formats import KeyFileError
-    from core.watermark.shipped import embed_command, shipped_watermark
-
-    folder = Path(folder or WATERMARK_DIR)
-    delta, key_file = (folder / f for f in SHIPPED[name])
-    with _lock:
-        if name not in _cache:
-            if not delta.exists() or not key_file.exists():
-                _cache[name] = (None, f"**The {name}-watermarked base is not shipped** (`assets/watermark/{delta.name}` "
-                                      f"and its key `{key_file.name}` are missing), so there is nothing to check. "
-                                      f"Build it with\n\n```bash\n{embed_command(name)}\n```")
-            else:
-                try:
-                    _cache[name] = shipped_watermark(name, clean, folder)
-                except (KeyFileError, OSError, ValueError) as e:
-                    _cache[name] = (None, f"**The {name} watermark could not be loaded**: {e}")
-        return _cache[name]
+    """(watermarked pipeline, key), or (None, why not): :func:`core.engine.watermarked_base`."""
+    return watermarked_base(name, clean, folder)
 
 
 def verdict_words(watermarked: bool) -> str:
