@@ -89,7 +89,7 @@ def time_gpu(k: int, steps: int, sizes: dict = SD15_SIZES, device: str = "cuda")
     sync(device)
     shadow = (time.perf_counter() - t0) / (k * steps)
     loss = DenoisingLoss(pipe, cfg.rank, cfg.alpha, cfg.unet_targets)
-    from core.attack.shadow import initial_adapters, unstack
+    from core.finetune.batch import initial_adapters, unstack
 
     stack = initial_adapters(pipe, cfg, range(k))
     loras = [unstack(stack, i) for i in range(k)]

@@ -36,7 +36,7 @@ def batch_time(pipe, n: int, steps: int, cfg: FinetuneConfig | None = None) -> f
     """Seconds per step of forward + backward through the base UNet on ``n`` images in one plain batch:
     frozen, backward to its input (``cfg`` None), or carrying one LoRA (peft's layers, ``cfg``'s targets),
     backward to that LoRA's weights."""
-    from core.attack.shadow import adapter_unet
+    from core.finetune.batch import adapter_unet
 
     if cfg is None:
         unet = copy.deepcopy(pipe.unet).requires_grad_(False)

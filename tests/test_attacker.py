@@ -6,7 +6,7 @@ import torch
 from core.attack.attacker import AttackerConfig, canonical_factors, load_attacker, lora_inputs, reconstruct, save_attacker
 from core.events import Done, drain
 from core.finetune.lora import FinetuneConfig
-from core.attack.shadow import ShadowJob, build_population, list_shadows
+from core.attack.shadow import build_population, list_shadows, ShadowJob
 from core.attack.train import TrainConfig, train
 from tests.conftest import random_crops
 

@@ -20,7 +20,7 @@ from core.defenses.posthoc import DEFENSES, apply_defense, prune, quantize, rank
 from core.model.denoising import Denoiser
 from core.events import Checkpoint, Done, Preview, Progress, drain
 from core.finetune.lora import FinetuneConfig, finetune, lora_config, lora_state_dict
-from core.attack.shadow import adapter_unet
+from core.finetune.batch import adapter_unet
 from tests.conftest import random_crops
 
 TINY = FinetuneConfig(steps=2, checkpoint_every=0, preview_n=0, n_class=4, batch=2)

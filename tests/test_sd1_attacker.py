@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.attack.shadow import ShadowJob, list_shadows, load_shadow
+from core.attack.shadow import list_shadows, load_shadow, ShadowJob
 
 SHADOW_ARGS = ["--steps", "4", "--record-every", "2", "--n-class", "2", "--group", "2", "--batch", "1"]
 TRAIN_ARGS = ["--steps", "3", "--loras-per-step", "2", "--latents-per-lora", "2", "--holdout", "1", "--eval-every", "3",

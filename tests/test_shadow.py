@@ -6,7 +6,7 @@ import torch
 
 from core.events import Done, drain
 from core.finetune.lora import FinetuneConfig, finetune
-from core.attack.shadow import ShadowJob, build_population, list_shadows, load_shadow, train_many
+from core.attack.shadow import build_population, list_shadows, load_shadow, ShadowJob, train_many
 from tests.conftest import random_crops
 
 TINY = FinetuneConfig(steps=4, checkpoint_every=0, preview_n=0, n_class=4, batch=2)

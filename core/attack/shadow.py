@@ -22,7 +22,6 @@ process index and count; tests/test_shadow.py checks the sharding; no multi-GPU 
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import time
@@ -34,133 +33,43 @@ import torch
 import tyro
 
 from core.events import Done, Message, Progress, never
-from core.finetune.clipping import clip_per_sample
-from core.finetune.lora import FinetuneConfig, check_photos, encode_photos, encode_prompt, lora_config, pick_trigger
-from core.model.denoising import Denoiser
-from core.model.pipeline import mixed_precision, plain_attention
-from core.model.prior import base_fingerprint, cache_dir, class_latents
-from core.model.prompts import CLASS_PROMPT, instance_prompt
+from core.finetune.lora import FinetuneConfig, check_photos, encode_photos
+from core.model.prior import base_fingerprint, cache_dir
 
 
 def shadow_dir() -> Path:
     return cache_dir() / "shadow"
 
 
-PLAIN_ATTENTION_MAX_LATENT = 32  # latent side up to which the plain (bmm) attention is used on a GPU
-
-
-def adapter_unet(pipe, cfg: FinetuneConfig):
-    """A frozen copy of the base UNet carrying an (untrained) peft adapter: the module every
-    stacked LoRA is run through with ``functional_call``. Attention: the plain (bmm) processor on the
-    CPU (``vmap`` has no batching rule for CPU SDPA) and on a GPU for latents up to 32x32 (the
-    embedded model's path, measured in ``docs/results/bench_shadow_gpu.txt``); PyTorch's SDPA for
-    larger latents (SD 1.x's 64x64: plain attention would keep a 4096 x 4096 score matrix per head and
-    sample for the backward pass, ~4 GB per attention layer at 16 samples in half precision)."""
-    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
-    unet.add_adapter(lora_config(cfg))
-    if pipe.device.type == "cpu" or unet.config.sample_size <= PLAIN_ATTENTION_MAX_LATENT:
-        plain_attention(unet)
-    return unet.eval()
-
-
-def peft_key(param_name: str) -> str:
-    """``...to_q.lora_A.default.weight`` -> ``unet.<...>.to_q.lora_A.weight`` (the in-memory naming)."""
-    return "unet." + param_name.replace(".default", "")
-
-
-def initial_adapters(pipe, cfg: FinetuneConfig, seeds) -> dict[str, torch.Tensor]:
-    """Stacked initial LoRA weights (K x ...), LoRA k initialised exactly as ``finetune`` does with
-    seed ``seeds[k]`` (seed the global RNG, then let peft inject and initialise the adapter)."""
-    per = []
-    for s in seeds:
-        torch.manual_seed(int(s))
-        u = copy.deepcopy(pipe.unet).requires_grad_(False)
-        u.add_adapter(lora_config(cfg))
-        per.append({n: p.detach().float().clone() for n, p in u.named_parameters() if "lora_" in n})
-        del u
-    return {n: torch.stack([p[n] for p in per]) for n in per[0]}
-
-
-def unstack(params: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """LoRA ``k`` of a stack, in the in-memory naming of :func:`core.finetune.lora.lora_state_dict`."""
-    return {peft_key(n): v[k].detach().float().cpu().clone() for n, v in params.items()}
-
-
 def train_many(pipe, crops_list, cfg: FinetuneConfig | None = None, seeds=None, record_every: int = 0,
                should_stop=never):
     """Generator: fine-tune ``len(crops_list)`` LoRAs at once (``cfg`` is every run's recipe, seed
-    ``seeds[k]`` for run k). Yields ``Progress`` per step and ``Done(dict)`` with ``triggers``,
-    ``losses`` (steps x K) and ``trajectory``: ``{step: [lora_0, ..., lora_{K-1}]}`` at every
-    ``record_every`` steps and the last step."""
-    from torch.func import functional_call, vmap
+    ``seeds[k]`` for run k) in one :class:`core.finetune.batch.LoRABatch`. Yields ``Progress`` per
+    step and ``Done(dict)`` with ``triggers``, ``losses`` (steps x K) and ``trajectory``:
+    ``{step: [lora_0, ..., lora_{K-1}]}`` at every ``record_every`` steps and the last step."""
+    from core.finetune.batch import LoRABatch
 
     cfg = cfg or FinetuneConfig()
     if cfg.text_encoder:
         raise ValueError("train_many trains UNet LoRAs only (text_encoder=False)")
     crops_list = [check_photos(c) for c in crops_list]
-    k_runs = len(crops_list)
-    seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(k_runs)]
-    if len(seeds) != k_runs:
-        raise ValueError(f"{k_runs} photo sets but {len(seeds)} seeds")
+    seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(len(crops_list))]
+    if len(seeds) != len(crops_list):
+        raise ValueError(f"{len(crops_list)} photo sets but {len(seeds)} seeds")
     t0 = time.perf_counter()
-    dev = pipe.device
-    b = cfg.batch
-
-    # inputs computed once (as finetune does, per run)
-    inst = [encode_photos(pipe, c) for c in crops_list]
-    cls = class_latents(pipe, cfg.n_class).to(dev) if cfg.prior_weight > 0 and cfg.n_class > 0 else None
-    triggers = [pick_trigger(replace(cfg, seed=s, trigger=None)) for s in seeds]
-    with torch.no_grad():
-        emb_cls = encode_prompt(pipe, CLASS_PROMPT)
-        embs = []
-        for trig in triggers:
-            e = [encode_prompt(pipe, instance_prompt(trig)).expand(b, -1, -1)]
-            if cls is not None:
-                e.append(emb_cls.expand(b, -1, -1))
-            embs.append(torch.cat(e))
-        embs = torch.stack(embs)  # K x (2b) x L x D
-    yield Message(f"{k_runs} LoRAs at once; triggers {', '.join(triggers)}")
-
-    unet = adapter_unet(pipe, cfg)
-    params = {n: v.to(dev).requires_grad_(True) for n, v in initial_adapters(pipe, cfg, seeds).items()}
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
-    den = Denoiser(pipe.scheduler.config)
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-    def one(p, x, t, e):
-        return functional_call(unet, p, (x, t, e)).sample
-
-    batched = vmap(one)
-    amp = cfg.mixed_precision if cfg.mixed_precision is not None else dev.type == "cuda"  # as finetune decides
+    batch = LoRABatch(pipe, cfg)
+    runs = [batch.add(k, c, replace(cfg, seed=int(s), trigger=None)) for k, (c, s) in enumerate(zip(crops_list, seeds))]
+    triggers = [r.trigger for r in runs]
+    yield Message(f"{len(runs)} LoRAs at once; triggers {', '.join(triggers)}")
     losses, trajectory = [], {}
     for step in range(1, cfg.steps + 1):
         if should_stop():
             break
-        noised = []
-        for k, g in enumerate(gens):  # the same draws, in the same order, as finetune's loop
-            x0 = inst[k][torch.randint(0, len(inst[k]), (b,), generator=g)]
-            if cls is not None:
-                x0 = torch.cat([x0, cls[torch.randint(0, len(cls), (b,), generator=g)]])
-            noised.append(den.noise(x0, g))
-        with mixed_precision(dev, amp):
-            pred = batched(params, torch.stack([n.noisy for n in noised]), torch.stack([n.t for n in noised]), embs)
-        err = torch.stack([den.errors(pred[k], n) for k, n in enumerate(noised)])  # K x 2b
-        loss_k = err[:, :b].mean(1)
-        if cls is not None:
-            loss_k = loss_k + cfg.prior_weight * err[:, b:].mean(1)
-        opt.zero_grad(set_to_none=True)
-        loss_k.sum().backward()
-        if cfg.grad_clip:  # per run, as torch.nn.utils.clip_grad_norm_ does for one run
-            with torch.no_grad():
-                clipped, _ = clip_per_sample({n: p.grad for n, p in params.items()}, cfg.grad_clip)
-                for n, p in params.items():
-                    p.grad.copy_(clipped[n])
-        opt.step()
-        losses.append(loss_k.detach().cpu().tolist())
-        yield Progress("shadow LoRAs", step, cfg.steps, time.perf_counter() - t0,
-                       {"mean loss": float(np.mean(losses[-1]))})
+        batch.step()
+        losses.append([r.losses[-1][0] for r in runs])
+        yield Progress("shadow LoRAs", step, cfg.steps, time.perf_counter() - t0, {"mean loss": float(np.mean(losses[-1]))})
         if (record_every and step % record_every == 0) or step == cfg.steps:
-            trajectory[step] = [unstack(params, k) for k in range(k_runs)]
+            trajectory[step] = [r.lora() for r in runs]
     yield Done({"triggers": triggers, "losses": losses, "trajectory": trajectory, "seeds": seeds,
                 "base": base_fingerprint(pipe), "seconds": time.perf_counter() - t0},
                cancelled=len(losses) < cfg.steps)

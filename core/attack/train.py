@@ -36,7 +36,8 @@ from core.finetune.lora import FinetuneConfig, encode_prompt
 from core.model.denoising import Denoiser
 from core.model.pipeline import mixed_precision
 from core.model.prompts import CLASS_PROMPT, instance_prompt
-from core.attack.shadow import adapter_unet, list_shadows, load_shadow
+from core.attack.shadow import list_shadows, load_shadow
+from core.finetune.batch import adapter_unet
 
 
 @dataclass

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.attack.shadow import adapter_unet, initial_adapters, peft_key
+from core.finetune.batch import adapter_unet, initial_adapters, peft_key
 from core.events import Checkpoint, Done, Message, Preview, Progress, never
 from core.finetune.clipping import clip_per_sample
 from core.finetune.lora import (

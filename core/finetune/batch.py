@@ -1,0 +1,183 @@
+"""Many LoRAs trained in one stacked forward per step, each exactly as :func:`core.finetune.lora.finetune`
+would train it alone; runs join and leave between steps (continuous batching).
+
+Why: one UNet forward on K x (photos + class images) costs far less than K forwards of (photos +
+class images) (the shadow population measured 2.03x per LoRA on this CPU, 11.1x on an H100), and
+a workshop is K visitors pressing Train within a minute. Each run keeps everything that is its own:
+its photos' latents, trigger word, random generator (the same draws, in the same order, as the
+single fine-tune), LoRA weights as leaf tensors, AdamW state and step count, so a run that joins late
+or leaves early (done, cancelled, disconnected) changes nothing for the others; their LoRAs equal
+a run without it up to float rounding (tests/test_batch.py). Each step the active runs' weights are
+stacked and run through one frozen adapter UNet with ``vmap(functional_call)``
+(:func:`adapter_unet`).
+
+What a batch shares: the recipe's hyper-parameters that shape the computation (rank, alpha, target
+layers, batch size, class images, learning rate, clipping); :meth:`LoRABatch.accepts` says whether
+a run's recipe fits. Text-encoder LoRAs and DP-SGD are not batched (they train alone).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from core.finetune.lora import FinetuneConfig, check_photos, encode_photos, encode_prompt, lora_config, pick_trigger
+from core.model.denoising import Denoiser
+from core.model.pipeline import mixed_precision, plain_attention
+from core.model.prior import class_latents
+from core.model.prompts import CLASS_PROMPT, instance_prompt
+
+PLAIN_ATTENTION_MAX_LATENT = 32  # latent side up to which the plain (bmm) attention is used on a GPU
+
+
+def adapter_unet(pipe, cfg: FinetuneConfig):
+    """A frozen copy of the base UNet carrying an (untrained) peft adapter: the module every
+    stacked LoRA is run through with ``functional_call``. Attention: the plain (bmm) processor on the
+    CPU (``vmap`` has no batching rule for CPU SDPA) and on a GPU for latents up to 32x32 (the
+    embedded model's path, measured in ``docs/results/bench_shadow_gpu.txt``); PyTorch's SDPA for
+    larger latents (SD 1.x's 64x64: plain attention would keep a 4096 x 4096 score matrix per head and
+    sample for the backward pass, ~4 GB per attention layer at 16 samples in half precision)."""
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+    unet.add_adapter(lora_config(cfg))
+    if pipe.device.type == "cpu" or unet.config.sample_size <= PLAIN_ATTENTION_MAX_LATENT:
+        plain_attention(unet)
+    return unet.eval()
+
+
+def peft_key(param_name: str) -> str:
+    """``...to_q.lora_A.default.weight`` -> ``unet.<...>.to_q.lora_A.weight`` (the in-memory naming)."""
+    return "unet." + param_name.replace(".default", "")
+
+
+def initial_adapters(pipe, cfg: FinetuneConfig, seeds) -> dict[str, torch.Tensor]:
+    """Stacked initial LoRA weights (K x ...), LoRA k initialised exactly as ``finetune`` does with
+    seed ``seeds[k]`` (seed the global RNG, then let peft inject and initialise the adapter)."""
+    per = []
+    for s in seeds:
+        torch.manual_seed(int(s))
+        u = copy.deepcopy(pipe.unet).requires_grad_(False)
+        u.add_adapter(lora_config(cfg))
+        per.append({n: p.detach().float().clone() for n, p in u.named_parameters() if "lora_" in n})
+        del u
+    return {n: torch.stack([p[n] for p in per]) for n in per[0]}
+
+
+def unstack(params: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """LoRA ``k`` of a stack, in the in-memory naming of :func:`core.finetune.lora.lora_state_dict`."""
+    return {peft_key(n): v[k].detach().float().cpu().clone() for n, v in params.items()}
+
+
+# what must be equal for two recipes to train in one batch
+SHARED_FIELDS = ("rank", "alpha", "unet_targets", "batch", "n_class", "prior_weight", "lr", "grad_clip", "mixed_precision")
+
+
+@dataclass
+class Run:
+    """One LoRA in a batch."""
+
+    key: object  # the caller's handle (a visitor's ticket, a shadow job)
+    cfg: FinetuneConfig  # its recipe (seed, trigger and steps its own)
+    trigger: str
+    inst: torch.Tensor  # latents of its photos and their mirror images
+    emb: torch.Tensor  # (2 batch) x L x D: instance prompt, then class prompt
+    g: torch.Generator
+    params: dict  # adapter parameter name -> leaf tensor (its LoRA)
+    opt: torch.optim.Optimizer
+    step: int = 0
+    losses: list = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.steps
+
+    def lora(self) -> dict:
+        """Its LoRA now, in the in-memory naming of :func:`core.finetune.lora.lora_state_dict`."""
+        return {peft_key(n): v.detach().float().cpu().clone() for n, v in self.params.items()}
+
+
+class LoRABatch:
+    """The runs being trained together on one base pipeline (see the module docstring)."""
+
+    def __init__(self, pipe, cfg: FinetuneConfig):
+        from torch.func import functional_call, vmap
+
+        if cfg.text_encoder:
+            raise ValueError("a batch trains UNet LoRAs only (text_encoder=False)")
+        self.pipe, self.cfg = pipe, cfg
+        self.dev = pipe.device
+        self.runs: list[Run] = []
+        self.unet = adapter_unet(pipe, cfg)
+        self.den = Denoiser(pipe.scheduler.config)
+        self.cls = class_latents(pipe, cfg.n_class).to(self.dev) if cfg.prior_weight > 0 and cfg.n_class > 0 else None
+        with torch.no_grad():
+            self.emb_cls = encode_prompt(pipe, CLASS_PROMPT)
+        unet = self.unet
+        self.forward = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
+        self.amp = cfg.mixed_precision if cfg.mixed_precision is not None else self.dev.type == "cuda"
+
+    def accepts(self, cfg: FinetuneConfig) -> bool:
+        """Can a run with recipe ``cfg`` train in this batch?"""
+        return not cfg.text_encoder and all(getattr(cfg, f) == getattr(self.cfg, f) for f in SHARED_FIELDS)
+
+    def add(self, key, crops, cfg: FinetuneConfig | None = None) -> Run:
+        """A new run on ``crops`` (its own seed, trigger and steps in ``cfg``), initialised exactly as
+        ``finetune`` initialises a LoRA with that seed; it trains from the next :meth:`step` on."""
+        cfg = cfg or self.cfg
+        if not self.accepts(cfg):
+            raise ValueError("this recipe cannot join the batch (rank, layers, batch size, class images, learning rate "
+                             "and clipping must be the batch's)")
+        trigger = cfg.trigger or pick_trigger(cfg)
+        inst = encode_photos(self.pipe, check_photos(crops))
+        b = cfg.batch
+        with torch.no_grad():
+            e = [encode_prompt(self.pipe, instance_prompt(trigger)).expand(b, -1, -1)]
+            if self.cls is not None:
+                e.append(self.emb_cls.expand(b, -1, -1))
+        params = {n: v[0].to(self.dev).requires_grad_(True) for n, v in initial_adapters(self.pipe, cfg, [cfg.seed]).items()}
+        opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
+        run = Run(key, replace(cfg, trigger=trigger), trigger, inst, torch.cat(e), torch.Generator().manual_seed(cfg.seed),
+                  params, opt)
+        self.runs.append(run)
+        return run
+
+    def remove(self, run: Run) -> None:
+        """Take a run out (done, cancelled or disconnected); the others go on unchanged."""
+        self.runs = [r for r in self.runs if r is not run]
+
+    def draw(self, run: Run):
+        """This step's noised batch of one run: the same draws, in the same order, as ``finetune``."""
+        b = run.cfg.batch
+        x0 = run.inst[torch.randint(0, len(run.inst), (b,), generator=run.g)]
+        if self.cls is not None:
+            x0 = torch.cat([x0, self.cls[torch.randint(0, len(self.cls), (b,), generator=run.g)]])
+        return self.den.noise(x0, run.g)
+
+    def step(self) -> list[Run]:
+        """One optimisation step of every active run (one stacked forward and backward); returns them."""
+        runs = [r for r in self.runs if not r.done]
+        if not runs:
+            return []
+        noised = [self.draw(r) for r in runs]
+        names = list(runs[0].params)
+        stacked = {n: torch.stack([r.params[n] for r in runs]) for n in names}
+        with mixed_precision(self.dev, self.amp):
+            pred = self.forward(stacked, torch.stack([n.noisy for n in noised]), torch.stack([n.t for n in noised]),
+                                torch.stack([r.emb for r in runs]))
+        b = self.cfg.batch
+        err = torch.stack([self.den.errors(pred[k], n) for k, n in enumerate(noised)])  # K x 2b
+        inst_loss = err[:, :b].mean(1)
+        loss = inst_loss + (self.cfg.prior_weight * err[:, b:].mean(1) if self.cls is not None else 0.0)
+        for r in runs:
+            r.opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        for k, r in enumerate(runs):
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(list(r.params.values()), self.cfg.grad_clip)
+            r.opt.step()
+            r.step += 1
+            r.losses.append((float(loss[k].detach()), float(inst_loss[k].detach())))
+        return runs
