@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from core.finetune.lora import encode_prompt, pipeline_with_lora
-from core.model.pipeline import initial_latents, private_view, sample_images
+from core.model.sampling import sample_with
+from core.model.pipeline import sample_images
 from core.model.prompts import CLASS_PROMPT, instance_prompt
 
 SEEDS = (0, 1, 2, 3)
@@ -53,17 +54,15 @@ def extrapolate(pipe, ft, emb: torch.Tensor, w: float, seeds=SEEDS, steps: int =
     embedding ``emb`` (1 x L x D, or one per seed; ``emb_ft``: the fine-tuned side's own, when its text
     encoder differs): w = 1 is the fine-tuned model ``ft`` itself, w > 1 pushes each step further away
     from what the base model would draw, toward what the fine-tune added."""
-    view = private_view(pipe)
-    sched = view.scheduler
-    sched.set_timesteps(steps, device=pipe.device)
-    lat = initial_latents(pipe, seeds) * sched.init_noise_sigma
-    emb = emb.to(pipe.device, pipe.unet.dtype).expand(len(seeds), -1, -1)
-    emb_ft = emb if emb_ft is None else emb_ft.to(pipe.device, pipe.unet.dtype).expand(len(seeds), -1, -1)
-    for t in sched.timesteps:
-        x = sched.scale_model_input(lat, t)
-        e_ft = ft.unet(x, t, emb_ft).sample
-        e = e_ft if w == 1 else pipe.unet(x, t, emb).sample
-        lat = sched.step(e + w * (e_ft - e), t, lat).prev_sample
-    img = pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample
-    img = (img.float().clamp(-1, 1) + 1) / 2
-    return [(im.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for im in img]
+    n = len(list(seeds))
+    emb = emb.to(pipe.device, pipe.unet.dtype).expand(n, -1, -1)
+    emb_ft = emb if emb_ft is None else emb_ft.to(pipe.device, pipe.unet.dtype).expand(n, -1, -1)
+
+    def predict(x, t):
+        f = ft.unet(x, t, emb_ft).sample
+        if w == 1:
+            return f
+        b = pipe.unet(x, t, emb).sample
+        return b + w * (f - b)
+
+    return sample_with(pipe, predict, seeds, steps)

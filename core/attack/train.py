@@ -37,7 +37,7 @@ from core.model.denoising import Denoiser
 from core.model.pipeline import mixed_precision
 from core.model.prompts import CLASS_PROMPT, instance_prompt
 from core.attack.shadow import list_shadows, load_shadow
-from core.finetune.batch import adapter_unet
+from core.finetune.batch import adapter_unet, to_param_names
 
 
 @dataclass
@@ -57,12 +57,6 @@ class TrainConfig:
     layers: int = 3  # transformer layers of the weight encoder
     seed: int = 0  # seed of initialisation, LoRA order and noise draws
     minutes: float = 0.0  # time budget (0 = none): after 20 steps the schedule is shortened to fit it
-
-
-def to_param_names(lora: dict) -> dict[str, torch.Tensor]:
-    """In-memory naming (``unet.<m>.lora_A.weight``) -> the adapter UNet's parameter names."""
-    return {k[len("unet."):].replace(".lora_A.weight", ".lora_A.default.weight").replace(
-        ".lora_B.weight", ".lora_B.default.weight"): v for k, v in lora.items() if k.startswith("unet.")}
 
 
 class DenoisingLoss:

@@ -52,6 +52,12 @@ def peft_key(param_name: str) -> str:
     return "unet." + param_name.replace(".default", "")
 
 
+def to_param_names(lora: dict) -> dict[str, torch.Tensor]:
+    """In-memory naming (``unet.<m>.lora_A.weight``) -> the adapter UNet's parameter names."""
+    return {k[len("unet."):].replace(".lora_A.weight", ".lora_A.default.weight").replace(
+        ".lora_B.weight", ".lora_B.default.weight"): v for k, v in lora.items() if k.startswith("unet.")}
+
+
 def initial_adapters(pipe, cfg: FinetuneConfig, seeds) -> dict[str, torch.Tensor]:
     """Stacked initial LoRA weights (K x ...), LoRA k initialised exactly as ``finetune`` does with
     seed ``seeds[k]`` (seed the global RNG, then let peft inject and initialise the adapter)."""
@@ -74,7 +80,7 @@ def unstack(params: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
 SHARED_FIELDS = ("rank", "alpha", "unet_targets", "batch", "n_class", "prior_weight", "lr", "grad_clip", "mixed_precision")
 
 
-@dataclass
+@dataclass(eq=False)  # a run is itself: hashable by identity
 class Run:
     """One LoRA in a batch."""
 

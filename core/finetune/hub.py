@@ -1,0 +1,303 @@
+"""A room of visitors pressing Train: one worker that trains them together and streams each their own events.
+
+:class:`TrainingHub` runs one worker thread over the shared base pipeline. A visitor's
+:meth:`TrainingHub.submit` is a generator of that visitor's events only (the same events as
+:func:`core.finetune.live.live_finetune`, plus :class:`Queued` while waiting and :class:`Training`
+saying with how many others). The worker, in rounds:
+
+1. admits waiting visitors: a recipe that fits the running :class:`core.finetune.batch.LoRABatch`
+   joins it at the next step (continuous batching, up to ``max_batch`` runs); DP-SGD and
+   text-encoder LoRAs train alone (per-photo gradients and a second adapted model do not stack),
+   interleaved step by step with the batch; a visitor whose photos fail never enters;
+2. one optimisation step for every run of the batch (one stacked forward), one step of each solo job;
+3. the runs at a checkpoint get their live work together (:mod:`core.finetune.live_batch`: one
+   stacked sampler call for all reconstructions, one for all previews);
+4. finished runs are scored (from their last previews), get ``Done`` and leave; a cancelled or
+   disconnected visitor leaves at the next step without disturbing the others.
+With one visitor it starts at once. ``gather_seconds`` > 0 lets an idle hub wait that long for more
+visitors before the first step. How many train at once (``max_batch``) and the wait are
+:class:`HubConfig` fields, set by the hardware by default (CPU: 8, GPU: 32).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from core.events import Done, Message, Progress, never
+from core.finetune.live import LiveConfig, LiveResult, shared_lora
+
+
+@dataclass
+class HubConfig:
+    max_batch: int = 0  # visitors trained in one batch (0 = by hardware: 8 on a CPU, 32 on a GPU)
+    gather_seconds: float = 0.0  # an idle hub waits this long for more visitors before starting (0 = at once)
+
+    def __post_init__(self):
+        if self.max_batch < 0 or self.gather_seconds < 0:
+            raise ValueError(f"max_batch and gather_seconds must be >= 0, got {self.max_batch!r}, {self.gather_seconds!r}")
+
+    def batch_size(self, device) -> int:
+        return self.max_batch or (32 if str(device).startswith("cuda") else 8)
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A visitor waits: ``position`` 1 = next to start; ``estimate_seconds``: until they start (None: unknown)."""
+
+    position: int
+    training: int  # visitors training now
+    estimate_seconds: float | None
+
+
+@dataclass(frozen=True)
+class Training:
+    """A visitor's fine-tune is running: with ``others`` other visitors in the same stacked batch, or
+    alone because of ``alone_because``."""
+
+    others: int
+    alone_because: str = ""
+
+
+class Failed(Exception):
+    """A visitor's run could not be done; ``str`` is a sentence for the visitor."""
+
+
+@dataclass
+class Ticket:
+    photos: list
+    cfg: LiveConfig
+    should_stop: object = never
+    events: queue.Queue = field(default_factory=queue.Queue)
+    left: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def stopped(self) -> bool:
+        return self.left.is_set() or bool(self.should_stop())
+
+
+def alone_reason(cfg: LiveConfig) -> str:
+    if cfg.dp_noise is not None:
+        return "DP-SGD computes a gradient per photo, so it trains alone"
+    if cfg.finetune.text_encoder:
+        return "a text-encoder LoRA adapts a second model, so it trains alone"
+    return ""
+
+
+class TrainingHub:
+    """See the module docstring. ``attacker``: the trained attacker for this base or None;
+    ``floor_images``: the base model's class-prompt samples (the floor of every identity score)."""
+
+    def __init__(self, pipe, attacker=None, floor_images=None, cfg: HubConfig | None = None):
+        from core.faces.utility import describe_set
+        from core.faces.utility import floor_images as make_floor
+
+        self.pipe, self.attacker, self.cfg = pipe, attacker, cfg or HubConfig()
+        self.floor = floor_images if floor_images is not None else make_floor(pipe)
+        self.floor_descriptor = describe_set(self.floor)
+        self.max_batch = self.cfg.batch_size(pipe.device)
+        self.waiting: list[Ticket] = []
+        self.batch = None  # the running LoRABatch
+        self.visits: dict = {}  # Run -> (Ticket, Visit)
+        self.solos: list = []  # (Ticket, generator) of runs that train alone
+        self.round_seconds = None  # moving average of one round (all runs one step)
+        self.lock = threading.Condition()
+        self.thread = threading.Thread(target=self._work, name="training-hub", daemon=True)
+        self.thread.start()
+
+    # the visitor's side ---------------------------------------------------------------------------
+
+    def submit(self, photos, cfg: LiveConfig, should_stop=never):
+        """Generator of this visitor's events, ending with ``Done(LiveResult)`` (or ``Done(None,
+        cancelled=True)``); raises :class:`Failed` with a sentence when the run cannot be done.
+        Closing the generator (the visitor pressed Stop or left) takes the run out."""
+        ticket = Ticket(list(photos), cfg, should_stop)
+        with self.lock:
+            self.waiting.append(ticket)
+            self.lock.notify_all()
+        try:
+            while True:
+                ev = ticket.events.get()
+                if isinstance(ev, Failed):
+                    raise ev
+                yield ev
+                if isinstance(ev, Done):
+                    return
+        finally:
+            ticket.left.set()
+
+    def status(self) -> dict:
+        with self.lock:
+            return {"training": len(self.visits) + len(self.solos), "waiting": len(self.waiting),
+                    "max_batch": self.max_batch, "round_seconds": self.round_seconds}
+
+    # the worker ----------------------------------------------------------------------------------
+
+    def _work(self):
+        while True:
+            with self.lock:
+                while not (self.waiting or self.visits or self.solos):
+                    self.lock.wait()
+                if not (self.visits or self.solos) and self.cfg.gather_seconds:
+                    self.lock.wait(self.cfg.gather_seconds)
+                admit = self._admissions()
+            t0 = time.perf_counter()
+            for ticket in admit:
+                self._start(ticket)
+            self._round()
+            dt = time.perf_counter() - t0
+            self.round_seconds = dt if self.round_seconds is None else 0.8 * self.round_seconds + 0.2 * dt
+            self._tell_waiting()
+
+    def _admissions(self) -> list[Ticket]:
+        """Waiting visitors that start now (called with the lock held)."""
+        live = [t for t in self.waiting if not t.stopped()]
+        for t in self.waiting:
+            if t.stopped():
+                t.events.put(Done(None, cancelled=True))
+        room = self.max_batch - len(self.visits) - len(self.solos)
+        admit = []
+        for t in live:
+            if room <= 0:
+                break
+            if alone_reason(t.cfg) or self.batch is None or self.batch.accepts(t.cfg.finetune) or not self.visits:
+                admit.append(t)
+                room -= 1
+        self.waiting = [t for t in live if t not in admit]
+        return admit
+
+    def _start(self, ticket: Ticket) -> None:
+        from core.finetune.batch import LoRABatch
+        from core.finetune.live import live_finetune
+        from core.finetune.live_batch import visit
+        from core.finetune.lora import pick_trigger
+
+        cfg = ticket.cfg
+        if cfg.finetune.trigger is None:
+            cfg = replace(cfg, finetune=replace(cfg.finetune, trigger=pick_trigger(cfg.finetune)))
+            ticket.cfg = cfg
+        why = alone_reason(cfg)
+        try:
+            if why:
+                gen = live_finetune(self.pipe, ticket.photos, cfg, self.attacker, self.floor, should_stop=ticket.stopped)
+                self.solos.append((ticket, gen))
+                ticket.events.put(Training(0, why))
+                return
+            if self.batch is None or not self.visits:
+                self.batch = LoRABatch(self.pipe, replace(cfg.finetune, seed=0, trigger=None))
+            run = self.batch.add(ticket, ticket.photos, cfg.finetune)
+        except (ValueError, OSError) as e:
+            ticket.events.put(Failed(f"{str(e)[:1].upper()}{str(e)[1:]}."))
+            return
+        self.visits[run] = (ticket, visit(run, ticket.photos, cfg, self.floor_descriptor))
+        ticket.events.put(Message(f"trigger word: {run.trigger}"))
+        self._tell_training()
+
+    def _tell_training(self) -> None:
+        n = len(self.visits)
+        for ticket, _ in self.visits.values():
+            ticket.events.put(Training(n - 1))
+
+    def _tell_waiting(self) -> None:
+        with self.lock:
+            waiting = list(self.waiting)
+            training = len(self.visits) + len(self.solos)
+        est = self.estimate_start()
+        for i, t in enumerate(waiting):
+            t.events.put(Queued(i + 1, training, est))
+
+    def estimate_start(self) -> float | None:
+        """Seconds until a place frees up: the run with the fewest steps left, at the current round time."""
+        left = [r.cfg.steps - r.step for r in self.visits]
+        if not left or self.round_seconds is None:
+            return None
+        return min(left) * self.round_seconds
+
+    def _round(self) -> None:
+        self._drop_leavers()
+        if self.batch is not None and self.visits:
+            try:
+                runs = self.batch.step()
+            except Exception as e:  # a crash of the shared step fails every run in it, not the app
+                for run in list(self.visits):
+                    self._fail(run, f"The training step failed ({type(e).__name__}); please press Train again.")
+                return
+            self._after_step(runs)
+        for ticket, gen in list(self.solos):
+            self._advance_solo(ticket, gen)
+
+    def _drop_leavers(self) -> None:
+        for run, (ticket, _) in list(self.visits.items()):
+            if ticket.stopped():
+                self.batch.remove(run)
+                del self.visits[run]
+                ticket.events.put(Done(None, cancelled=True))
+                self._tell_training()
+
+    def _fail(self, run, sentence: str) -> None:
+        ticket, _ = self.visits.pop(run)
+        self.batch.remove(run)
+        ticket.events.put(Failed(sentence))
+
+    def _after_step(self, runs) -> None:
+        from core.finetune.live_batch import checkpoint_work
+
+        due = []
+        for run in runs:
+            ticket, v = self.visits[run]
+            loss, inst = run.losses[-1]
+            ticket.events.put(Progress("fine-tune", run.step, run.cfg.steps, time.perf_counter() - run.t0,
+                                       {"loss": loss, "instance_loss": inst}))
+            every = run.cfg.checkpoint_every
+            if run.done or (every and run.step % every == 0):
+                due.append(run)
+        if not due:
+            return
+        visits = [self.visits[r][1] for r in due]
+        shared = [shared_lora(r.lora(), self.visits[r][0].cfg) for r in due]
+        try:
+            events = checkpoint_work(self.batch, self.attacker, visits, shared, len(self.floor))
+        except Exception as e:
+            for run in due:
+                self._fail(run, f"The live work at a checkpoint failed ({type(e).__name__}); please press Train again.")
+            return
+        for run, v, lora, evs in zip(due, visits, shared, events):
+            for ev in evs:
+                self.visits[run][0].events.put(ev)
+            if run.done:
+                self._finish(run, v, lora, evs[-1])
+
+    def _finish(self, run, v, lora: dict, last_preview) -> None:
+        from core.finetune.live_batch import final_utility
+        from core.finetune.lora import FinetuneResult
+        from core.model.prior import base_fingerprint
+
+        ticket, _ = self.visits.pop(run)
+        self.batch.remove(run)
+        raw = run.lora()
+        res = FinetuneResult(lora, run.trigger, run.cfg, base_fingerprint(self.pipe), [loss for loss, _ in run.losses],
+                             time.perf_counter() - run.t0, run.step)
+        ticket.events.put(Message("scoring the LoRA against the photos"))
+        u = final_utility(last_preview, v)
+        before = None
+        if ticket.cfg.defense:
+            from core.faces.utility import lora_utility
+
+            before = lora_utility(self.pipe, raw, run.trigger, v.photos, alpha=run.cfg.alpha, floor=self.floor)
+        ticket.events.put(Done(LiveResult(res, raw, u, before)))
+        self._tell_training()
+
+    def _advance_solo(self, ticket: Ticket, gen) -> None:
+        """Forward a solo run's events up to and including its next optimisation step."""
+        try:
+            for ev in gen:
+                ticket.events.put(ev)
+                if isinstance(ev, Done):
+                    break
+                if isinstance(ev, Progress):
+                    return
+        except (ValueError, OSError) as e:
+            ticket.events.put(Failed(f"{str(e)[:1].upper()}{str(e)[1:]}."))
+        self.solos = [(t, g) for t, g in self.solos if t is not ticket]
