@@ -183,3 +183,28 @@ def privacy_utility_plot(rows, title: str | None = None) -> go.Figure:
                   "attacker's reconstruction: distance to the photos (higher = more private)")
     fig.update_layout(height=560, margin=dict(l=60, r=20, t=50, b=130), legend=dict(orientation="h", y=-0.2, yanchor="top"))
     return fig
+
+
+def membership_roc_plot(r: dict, title: str | None = None) -> go.Figure:
+    """ROC curves of the membership study (``core.studies.membership`` report): for the default-recipe
+    LoRAs, the LoRA's training photos against unseen photos of the same person and against other
+    people's photos, with each AUC and its interval; the calibrated threshold as a marked point."""
+    c = r["calibration"]
+    row = r["rows"][str(c["steps"])]
+    fig = go.Figure()
+    for key, name, color in (("unseen", "vs unseen photos of the same person", "#c92a2a"),
+                             ("others", "vs other people's photos", "#1971c2")):
+        fpr, tpr = row[f"roc_{key}"]
+        a = row[f"auc_{key}"]
+        fig.add_scatter(x=fpr, y=tpr, mode="lines", line=dict(width=2.5, color=color, shape="hv"),
+                        name=f"training photos {name}: AUC {a['auc']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]")
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#adb5bd", dash="dot", width=1), name="chance (AUC 0.5)")
+    fig.add_scatter(x=[row["fpr_unseen"]["rate"]], y=[row["tpr"]["rate"]], mode="markers",
+                    marker=dict(symbol="star", size=14, color="#212529"),
+                    name=f"the app's threshold (calibrated at {c['fpr_target']:.0%} false positives on other people's LoRAs)")
+    fig = _layout(fig, title or f"Was this photo in the LoRA's training set? ({r['n_victims']} victims, {c['steps']}-step LoRAs)",
+                  "false-positive rate (photos not in the training set flagged)", "true-positive rate (training photos flagged)")
+    fig.update_layout(height=460, margin=dict(l=60, r=20, t=50, b=120), legend=dict(orientation="h", y=-0.2, yanchor="top"))
+    fig.update_xaxes(range=[0, 1])
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
