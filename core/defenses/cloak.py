@@ -11,9 +11,12 @@ Two surrogates (``CloakConfig.surrogate``):
 - ``"lora"`` (the default): ASPL-style alternation. A surrogate LoRA (the fine-tune's own recipe:
   rank, targets, instance prompt) is trained for a few steps on the *current* cloaked photos, then
   PGD ascends *its* loss, and so on: the cloak is aimed at a model that has already started to learn
-  the photos, as the thief's will have. ASPL also trains a copy on the clean photos before each PGD
-  round; that doubles the surrogate's cost and is left out (our "cheaper variant": what it costs and
-  buys is in ``bench/cloak_speed.py`` and ``core.studies.cloaking``).
+  the photos, as the thief's will have. ASPL (Anti-DreamBooth's ``attacks/aspl.py``) alternates
+  that model (its f, trained on the perturbed photos) with a copy f' trained on the *clean* photos
+  before each PGD round and attacks f'; it runs 50 rounds of 3 + 3 training and 6 PGD steps (300 PGD
+  steps, budget 0.05 on its [-1, 1] image scale, about 6.4/255) on a GPU. Ours drops f' (half the
+  surrogate's cost) and runs ``steps`` PGD steps in all: the "cheaper variant", whose time is in
+  ``bench/cloak_speed.py`` and whose effect is measured by ``core.studies.cloaking``.
 - ``"base"``: PGD against the frozen base model only (no surrogate training; the cheapest).
 
 Each PGD step draws fresh timesteps and noise (and mirrors a random half of the photos, as the
