@@ -24,6 +24,7 @@ from core.model.prompts import CLASS_PROMPT
 from ui.finetune_tab import read_faces
 from ui.session import ensure, media
 from ui.gpu import on_gpu
+from ui.membership_panel import create_membership_panel
 from ui.uploads import UploadTooLarge, read_upload
 
 INTRO = f"""
@@ -245,3 +246,5 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
     if tab is not None:  # the button appears once the visitor has fine-tuned a LoRA in this session
         tab.select(lambda s: gr.Button(visible=s is not None and s.result is not None), [session], [mine_btn],
                    queue=False, api_visibility="private")
+    with gr.Accordion("Was my photo used? (membership inference)", open=False):
+        create_membership_panel(engine, session)
