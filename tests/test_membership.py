@@ -146,3 +146,16 @@ def test_the_report_reads_off_the_numbers(scored):
     json.dumps(r, allow_nan=False)
     fig = membership_roc_plot(r)
     assert len(fig.data) == 4
+
+
+def test_a_rerun_scores_from_the_cache(tiny_pipe, scored, monkeypatch):
+    import core.studies.membership as sm
+
+    cfg, people, s = scored
+
+    def boom(*a, **k):
+        raise AssertionError("rescored")
+
+    monkeypatch.setattr(sm, "photo_losses", boom)
+    again = sm.score_people(tiny_pipe, people, cfg, [20, 40], log=lambda *a: None)
+    assert all(np.array_equal(a, b) for st in (20, 40) for kind in s[st] for a, b in zip(again[st][kind], s[st][kind]))

@@ -350,21 +350,32 @@ def conclusion(r: dict) -> str:
     strongest = max(cloaked, key=lambda x: x["budget"]) if cloaked else None
     out.append("Against the papers: " + PAPERS)
     if strongest:
-        works = strongest["utility_vs_clean"]["ci"][0] > 0
-        y = both.get(strongest["budget"])
-        undone = y is not None and y["utility_vs_clean"]["ci"][0] <= 0
-        out.append(("Here the cloak does push the LoRA away from the person at its largest budget"
-                    + (", and reaches the floor (the protection Anti-DreamBooth claims)" if strongest["utility_at_floor"] else
-                       ", but not to the floor: the LoRA still draws the person better than a random face")
-                    if works else "Here even the largest budget does not measurably protect the person: the LoRA trained on "
-                    "cloaked photos draws them as well as the clean one, short of Anti-DreamBooth's claim")
-                   + ("; purification takes the protection away, as Hönig et al. found." if works and undone else
-                      "; purification does not take it away here." if works and y is not None else "."))
+        out.append(paper_verdict(strongest, both.get(strongest["budget"])))
     out.append(f"Caveats: the cloak here is a cheaper variant ({r['cloak']['steps']} PGD steps, surrogate {r['cloak']['surrogate']}) "
                "on the project's miniature model, far from ASPL's 300 steps on Stable Diffusion; a null result means this cloak "
                f"at this cost, not that no cloak can work. With {r['n']} victims, \"not measurably\" means the 95 % interval of the "
                "per-victim change covers 0.")
     return " ".join(out)
+
+
+def paper_verdict(x: dict, y: dict | None) -> str:
+    """The strongest cloak (row ``x``) and its purified row ``y`` against the papers' two claims."""
+    works = x["utility_vs_clean"]["ci"][0] > 0
+    if not works:
+        return ("Here even the largest budget does not measurably protect the person: the LoRA trained on cloaked photos "
+                "draws them about as well as the clean one, short of Anti-DreamBooth's claim.")
+    text = ("Here the cloak does push the LoRA away from the person at its largest budget"
+            + (", down to the floor (the protection Anti-DreamBooth claims)" if x["utility_at_floor"] else
+               ", but not to the floor: the LoRA still draws the person better than a random face"))
+    if y is None:
+        return text + "."
+    shift, left = x["utility_vs_clean"]["mean"], y["utility_vs_clean"]["mean"]
+    if y["utility_vs_clean"]["ci"][0] <= 0:
+        return text + "; purification takes the protection away, as Hönig et al. found."
+    if left < 0.75 * shift:
+        return (text + f"; purification removes part of it ({left:+.3f} of the {shift:+.3f} shift remains), in the "
+                "direction of Hönig et al.'s finding.")
+    return text + "; purification does not take it away here, unlike Hönig et al.'s finding."
 
 
 def to_markdown(r: dict) -> str:
@@ -380,7 +391,10 @@ def to_markdown(r: dict) -> str:
             "person?); *attack*: the weight-only attacker's reconstruction. *vs clean*: per victim, this row's distance minus "
             "the clean row's (positive = further from the person), mean and 95 % bootstrap interval. PSNR/SSIM: the photos "
             "trained on against the originals.")
-    return "\n\n".join([head, expl, table_markdown(r), "**Conclusion.** " + r.get("conclusion", conclusion(r))]) + "\n"
+    parts = [head, expl, table_markdown(r), "**Conclusion.** " + r.get("conclusion", conclusion(r))]
+    if r["n"] < 20:
+        parts.insert(1, f"*Smoke run: {r['n']} victims (the protocol's is 20, `--n 20`); intervals over so few victims are rough.*")
+    return "\n\n".join(parts) + "\n"
 
 
 @dataclass
@@ -410,8 +424,18 @@ def load_checked_attacker(pipe, a: Args):
             raise SystemExit(f"The attacker at {path} was trained for another base model ({attacker.cfg.base}; this one is "
                              f"{base_fingerprint(pipe)}). Retrain it, or run with --attack False (or, for a smoke run, "
                              "--attacker-base-check False).")
-        return attacker, f"{path} (recorded for base {attacker.cfg.base}, run on {base_fingerprint(pipe)}: base check off)"
-    return attacker, str(path)
+        return attacker, f"{shown(path)} (recorded for base {attacker.cfg.base}, run on {base_fingerprint(pipe)}: base check off)"
+    return attacker, shown(path)
+
+
+def shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    from core import PROJECT_ROOT
+
+    try:
+        return str(path.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def main(argv=None):

@@ -15,7 +15,8 @@ Protocol (docs/EVAL's victims; score of :mod:`core.attack.membership`):
   pooled over LoRAs, each with a 95 % bootstrap interval over victims (resampling whole victims);
   the calibrated threshold's true-positive rate on members and false-positive rates on the victims'
   unseen and other people's photos (does the calibration carry over?); the same AUCs for the LoRAs'
-  checkpoints at steps 25 and 50 (memorisation grows with training).
+  checkpoints at steps 25 and 50 (memorisation grows with training). LoRAs and scores are cached, so a
+  rerun (or a run after a stop) computes only what is new.
 
 Writes ``<out>/membership.json`` (with the ``calibration`` block the app's membership check reads),
 ``membership.md`` and ``membership_chart.json`` (:func:`core.plots.membership_roc_plot`).
@@ -107,24 +108,39 @@ def load_people(pipe, group: str, n: int, cfg: MembershipStudyConfig, root=None,
 
 def score_people(pipe, people: People, cfg: MembershipStudyConfig, steps, log=print) -> dict:
     """{step: {"members" | "unseen" | "others": per person, an array of scores}} for every LoRA checkpoint
-    in ``steps``; the base model's losses are computed once per photo."""
+    in ``steps``; cached per (base, score settings, LoRA, photos), so a rerun scores only what is new. The
+    base model's losses are computed once per photo, when first needed."""
+    from functools import lru_cache
+
+    from core.cache import cached
     from core.finetune.lora import pipeline_with_lora
+    from core.model.prior import base_fingerprint
 
     mc = cfg.score_config()
     k = len(people.names)
-    base = {"members": [photo_losses(pipe, pipe.unet, p, mc) for p in people.private],
-            "unseen": [photo_losses(pipe, pipe.unet, u, mc) for u in people.unseen]}
+
+    @lru_cache(maxsize=None)
+    def base(kind: str, i: int):  # the base model's losses of person i's members or unseen photos
+        return photo_losses(pipe, pipe.unet, (people.private if kind == "members" else people.unseen)[i], mc)
+
     others_of = [[((i + j) % k, 0) for j in range(1, min(cfg.n_others, k - 1) + 1)] for i in range(k)]
     out = {s: {"members": [], "unseen": [], "others": []} for s in steps}
     t0 = time.perf_counter()
     for i in range(k):
         others = [people.private[a][b] for a, b in others_of[i]]
-        base_others = np.stack([base["members"][a][b] for a, b in others_of[i]])
+        sets = {"members": people.private[i], "unseen": people.unseen[i], "others": others}
         for s in steps:
-            unet = pipeline_with_lora(pipe, people.loras[i][s]).unet
-            for kind, photos, b in (("members", people.private[i], base["members"][i]),
-                                    ("unseen", people.unseen[i], base["unseen"][i]), ("others", others, base_others)):
-                out[s][kind].append(scores_from_losses(b, photo_losses(pipe, unet, photos, mc)) if len(photos) else np.zeros(0))
+            def compute(i=i, s=s):
+                unet = pipeline_with_lora(pipe, people.loras[i][s]).unet
+                bases = {"members": base("members", i), "unseen": base("unseen", i),
+                         "others": np.stack([base("members", a)[b] for a, b in others_of[i]])}
+                return {kind: (scores_from_losses(bases[kind], photo_losses(pipe, unet, ph, mc)).tolist() if len(ph) else [])
+                        for kind, ph in sets.items()}
+
+            hit = cached("membership_scores", [base_fingerprint(pipe), asdict(mc), people.loras[i][s],
+                                               [np.asarray(p) for ph in sets.values() for p in ph]], compute)
+            for kind in sets:
+                out[s][kind].append(np.asarray(hit[kind], np.float64))
         if (i + 1) % 5 == 0 or i + 1 == k:
             log(f"  scored {i + 1}/{k} LoRAs ({time.perf_counter() - t0:.0f} s)")
     return out
@@ -241,7 +257,11 @@ def to_markdown(r: dict) -> str:
             f"Threshold {c['threshold']:+.4f}: calibrated on {c['n_loras']} tuning people's LoRAs (never victims) at "
             f"{c['fpr_target']:.0%} false positives on their unseen photos (there: members above it {c['tpr']:.0%}, other "
             f"people {c['fpr_other']:.0%}; AUC members vs unseen {_auc_text(r['calibration_auc_unseen'])}).")
-    return "\n\n".join([head, expl, table_markdown(r), "**Conclusion.** " + r.get("conclusion", conclusion(r))]) + "\n"
+    parts = [head, expl, table_markdown(r), "**Conclusion.** " + r.get("conclusion", conclusion(r))]
+    if r["n_with_unseen"] < 20:
+        parts.insert(1, f"*Smoke run: {r['n_with_unseen']} victims with unseen photos (the protocol's is 20, `--n 20`); "
+                        "intervals over so few victims are rough.*")
+    return "\n\n".join(parts) + "\n"
 
 
 @dataclass
