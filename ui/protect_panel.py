@@ -86,13 +86,13 @@ def pairs(result) -> list:
     return out
 
 
-def summary(result) -> str:
+def summary(result, next_step: str = "what the fine-tune below shows") -> str:
     c = result.cloak
     psnrs = list(c.psnr)
     text = (f"**Cloaked {len(c.cloaked)} photos** in {c.seconds:.1f} s (budget {c.config.budget:g}/255, {c.steps_done} "
             f"steps): PSNR {min(psnrs):.1f}-{max(psnrs):.1f} dB against your originals. The cloak raised the model's "
             f"training loss on them by **{c.loss_cloaked / c.loss_clean - 1:+.0%}** (its own surrogate, fixed draws): "
-            "that is what it aims at; whether the LoRA still learns your face is what the fine-tune below shows.")
+            f"that is what it aims at; whether a LoRA still learns your face from them is {next_step}.")
     if result.purified is not None:
         text += f" Then purified as an attacker would: {result.purify_words}."
     return text
@@ -152,7 +152,8 @@ def cloak_preview(engine, session, budget, purify):
     for ev in protect_photos(engine.pipe, photos, *resolve(budget, purify)):
         if isinstance(ev, Done):
             result = ev.result
-    return summary(result), media(session, pairs(result)), session
+    words = "what the cloaking study above measured, and what the Fine-tune tab's *Protect my photos first* switch shows"
+    return summary(result, words), media(session, pairs(result)), session
 
 
 def create_cloak_preview(engine, session: gr.State) -> None:
