@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,7 +38,7 @@ import numpy as np
 from core import ASSETS, RESULTS
 from core.cache import cached, digest
 from core.defenses.cloak import SURROGATES, CloakConfig, cloak_photos, psnr, ssim
-from core.defenses.purify import PURIFIERS, PurifyConfig, purify
+from core.defenses.purify import PurifyConfig, purify
 from core.faces import aligned, metrics
 from core.faces.utility import describe_set, floor_images, lora_utility
 from core.finetune.lora import FinetuneConfig
