@@ -40,7 +40,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
         with gr.Tab("Layers") as layers:
             create_layers_tab(engine, session, layers)
         with gr.Tab("Defenses") as defenses:
-            create_defenses_tab(defenses)
+            create_defenses_tab(defenses, engine=engine, session=session)
         with gr.Tab("Watermark") as watermark:
             create_watermark_tab(engine, session, watermark)
         for name in PENDING:

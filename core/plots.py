@@ -183,3 +183,67 @@ def privacy_utility_plot(rows, title: str | None = None) -> go.Figure:
                   "attacker's reconstruction: distance to the photos (higher = more private)")
     fig.update_layout(height=560, margin=dict(l=60, r=20, t=50, b=130), legend=dict(orientation="h", y=-0.2, yanchor="top"))
     return fig
+
+
+def membership_roc_plot(r: dict, title: str | None = None) -> go.Figure:
+    """ROC curves of the membership study (``core.studies.membership`` report): for the default-recipe
+    LoRAs, the LoRA's training photos against unseen photos of the same person and against other
+    people's photos, with each AUC and its interval; the calibrated threshold as a marked point."""
+    c = r["calibration"]
+    row = r["rows"][str(c["steps"])]
+    fig = go.Figure()
+    for key, name, color in (("unseen", "vs unseen photos of the same person", "#c92a2a"),
+                             ("others", "vs other people's photos", "#1971c2")):
+        fpr, tpr = row[f"roc_{key}"]
+        a = row[f"auc_{key}"]
+        fig.add_scatter(x=fpr, y=tpr, mode="lines", line=dict(width=2.5, color=color, shape="hv"),
+                        name=f"training photos {name}: AUC {a['auc']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]")
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#adb5bd", dash="dot", width=1), name="chance (AUC 0.5)")
+    fig.add_scatter(x=[row["fpr_unseen"]["rate"]], y=[row["tpr"]["rate"]], mode="markers",
+                    marker=dict(symbol="star", size=14, color="#212529"),
+                    name=f"the app's threshold (calibrated at {c['fpr_target']:.0%} false positives on other people's LoRAs)")
+    fig = _layout(fig, title or f"Was this photo in the LoRA's training set? ({r['n_victims']} victims, {c['steps']}-step LoRAs)",
+                  "false-positive rate (photos not in the training set flagged)", "true-positive rate (training photos flagged)")
+    fig.update_layout(height=460, margin=dict(l=60, r=20, t=50, b=120), legend=dict(orientation="h", y=-0.2, yanchor="top"))
+    fig.update_xaxes(range=[0, 1])
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def cloaking_plot(r: dict, title: str | None = None) -> go.Figure:
+    """The cloaking study (``core.studies.cloaking`` report): x = the cloak's budget (0 = no cloak), y =
+    dlib distance to the victims' clean photos (higher = further from the person), with 95 % intervals;
+    the LoRA's own samples with its trigger (blue) and the attacker's reconstruction (red), trained on
+    cloaked photos (solid) and on cloaked-then-purified photos (dashed, starting at purification
+    alone); the floor (a random face) dotted."""
+    rows = r["rows"]
+    by = lambda kind: sorted((x for x in rows if x["kind"] == kind), key=lambda x: x["budget"])
+    clean = next(x for x in rows if x["kind"] == "clean")
+    pur = next((x for x in rows if x["kind"] == "purified"), None)
+    floor = next((x for x in rows if x["kind"] == "floor"), None)
+    fig = go.Figure()
+    series = [("utility", "#1971c2", "your LoRA with its trigger"), ("attack", "#c92a2a", "the attacker's reconstruction")]
+    for key, color, who in series:
+        if clean.get(key) is None:
+            continue
+        for kind, start, dash, how in (("cloaked", clean, "solid", "cloaked photos"),
+                                       ("cloaked+purified", pur, "dash", "cloaked, then purified photos")):
+            pts = ([start] if start else []) + by(kind)
+            if not pts:
+                continue
+            d = [p[key]["distance"] for p in pts]
+            fig.add_scatter(x=[p["budget"] or 0 for p in pts], y=d, mode="lines+markers", name=f"{who}: trained on {how}",
+                            line=dict(color=color, dash=dash, width=2.5 if dash == "solid" else 2),
+                            error_y=dict(type="data", symmetric=False, array=[p[key]["distance_ci"][1] - v for p, v in zip(pts, d)],
+                                         arrayminus=[v - p[key]["distance_ci"][0] for p, v in zip(pts, d)], thickness=1),
+                            hovertext=[p["label"] for p in pts], hoverinfo="text+y")
+    if floor:
+        fig.add_hline(y=floor["utility"]["distance"], line=dict(color="#868e96", width=2, dash="dot"),
+                      annotation_text="random face from the base model (floor)", annotation_position="top left")
+    budgets = sorted({x["budget"] for x in rows if x["budget"] is not None})
+    fig.update_xaxes(tickvals=[0] + budgets, ticktext=["no cloak"] + [f"{b:g}/255" for b in budgets])
+    fig = _layout(fig, title or f"Cloaked photos against a LoRA fine-tune ({r['n']} victims)",
+                  "cloak budget (largest change of any pixel value, 0-255 scale)",
+                  "dlib distance to the person's clean photos (higher = protected)")
+    fig.update_layout(height=480, margin=dict(l=60, r=20, t=50, b=130), legend=dict(orientation="h", y=-0.22, yanchor="top"))
+    return fig

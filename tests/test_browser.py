@@ -1,6 +1,7 @@
 """A real browser (Debian's chromium, driven by Playwright) uses the app like a visitor: opens it,
 uploads the example photos, runs a short fine-tune on the embedded model, sees the attacker's
-reconstruction appear, attacks the LoRA in the Attack tab, checks it for both watermarks in the
+reconstruction appear, attacks the LoRA in the Attack tab and asks whether a photo was used to train it
+(membership), cloaks the photos in the Defenses tab, checks the LoRA for both watermarks in the
 Watermark tab and opens every tab. Screenshots of each tab
 (and of the Fine-tune tab at phone width) go to ``test-artifacts/browser/`` (git-ignored).
 
@@ -78,9 +79,20 @@ def test_a_visitor_fine_tunes_and_sees_the_reconstruction(browser, app_url):
     page.get_by_role("button", name="Attack my LoRA from the Fine-tune tab").click()
     page.get_by_text("Attacked your LoRA from the Fine-tune tab").wait_for(timeout=120_000)
     shot(page, "2-attack")
+    page.get_by_text("Was my photo used? (membership inference)").click()  # one of the photos it trained on
+    page.locator("div.block", has_text="Your photo(s) (1-").last.locator("input[type=file]").set_input_files([str(EXAMPLE_PHOTOS[0])])
+    page.get_by_role("button", name="Was my photo used?", exact=True).click()
+    page.get_by_text("Membership check of 1 photo against your LoRA from the Fine-tune tab").wait_for(timeout=120_000)
+    assert page.locator("td", has_text=re.compile(r"^[+-]\d")).count() >= 1  # the photo's score in the verdict table
+    shot(page, "2b-membership-verdict")
     for i, tab in enumerate(TABS[2:], 3):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_timeout(1500)
+        if tab == "Defenses":  # the visitor's photos beside their cloaked versions
+            page.get_by_role("button", name="Cloak my photos").click()
+            page.get_by_text(re.compile(r"Cloaked \d+ photos")).wait_for(timeout=180_000)
+            assert page.locator("div.block", has_text="beside their cloaked versions").last.locator("img").count() >= 2
+            shot(page, f"{i}-defenses-cloaked")
         if tab == "Watermark":  # the owner checks the visitor's LoRA for both shipped watermarks
             page.get_by_role("button", name="Check my LoRA for both watermarks").click()
             page.get_by_text(re.compile(r"AIAO \(lazy layers\): (yes|no)")).wait_for(timeout=180_000)

@@ -26,6 +26,7 @@ from ui.finetune_tab import read_faces
 from ui.metadata_panel import create_metadata_panel
 from ui.session import ensure, media
 from ui.gpu import on_gpu
+from ui.membership_panel import create_membership_panel
 from ui.uploads import UploadTooLarge, read_upload
 
 INTRO = f"""
@@ -270,3 +271,5 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
     if tab is not None:  # the button appears once the visitor has fine-tuned a LoRA in this session
         tab.select(lambda s: gr.Button(visible=s is not None and s.result is not None), [session], [mine_btn],
                    queue=False, api_visibility="private")
+    with gr.Accordion("Was my photo used? (membership inference)", open=False):
+        create_membership_panel(engine, session)

@@ -1,8 +1,11 @@
-"""Defenses tab: what each defense of a shared LoRA costs, from the privacy-utility study.
+"""Defenses tab: what each defense of a shared LoRA costs, from the privacy-utility study; and what
+protecting the photos themselves (cloaking) does, from the cloaking study, with a try-it button.
 
-Only wiring: the study is ``core.studies.defenses`` (run offline: ``python -m core.studies.defenses``), its
-chart ``core.plots.privacy_utility_plot``. This tab reads ``docs/results/defenses.json`` and shows it;
-without that file it says the study has not been run and shows nothing else.
+Only wiring: the studies are ``core.studies.defenses`` and ``core.studies.cloaking`` (run offline), their
+charts ``core.plots.privacy_utility_plot`` and ``core.plots.cloaking_plot``. This tab reads
+``docs/results/defenses.json`` and ``docs/results/cloaking.json`` and shows them; without a file it says
+that study has not been run and shows nothing else for it. The try-it section (``ui.protect_panel``)
+cloaks the photos of the visitor's session.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import gradio as gr
 
 from core import RESULTS
 from core.studies.defenses import DP_NOISE, table_markdown
-from core.plots import privacy_utility_plot
+from core.plots import cloaking_plot, privacy_utility_plot
 
 RESULTS_JSON = RESULTS / "defenses.json"
+CLOAKING_JSON = RESULTS / "cloaking.json"
 COMMAND = "python -m core.studies.defenses"
+CLOAKING_COMMAND = "python -m core.studies.cloaking"
 
 INTRO = """
 ### Defenses: what they cost
@@ -84,12 +89,57 @@ def defenses_view(path: str | Path = RESULTS_JSON):
     return head, privacy_utility_plot(r["rows"]), table
 
 
-def create_defenses_tab(tab: gr.Tab | None = None, path: str | Path = RESULTS_JSON) -> None:
+CLOAKING_INTRO = """
+### Before sharing anything: protect the photos themselves
+The defenses above act on the LoRA, so they need the person who fine-tunes to care. What can *you* do before
+your photos are online? **Cloaking** (as in Anti-DreamBooth, Mist, PhotoGuard) adds a faint pattern to each
+photo, computed to make a fine-tune on them fail; **purification** (JPEG re-compression, a little noise,
+resizing down and up) is what a determined attacker, or an upload pipeline, does to photos anyway, and research
+found it often washes cloaks out. The study below trains the same LoRA recipe on each person's clean, cloaked
+and cloaked-then-purified photos and measures how well each LoRA (and the attacker) still gets the person.
+"""
+
+CLOAKING_NOT_RUN = (f"**The cloaking study has not been run yet**, so there are no measurements to show here. Run\n\n"
+                    f"```bash\n{CLOAKING_COMMAND}\n```\n\nwhich writes `docs/results/cloaking.json` (read by this tab), "
+                    f"`cloaking.md` and the chart (`--n`, `--budgets`, `--attack`: see `{CLOAKING_COMMAND} --help`).")
+
+
+def cloaking_view(path: str | Path = CLOAKING_JSON):
+    """(status markdown, chart or None, table and conclusion markdown) of the cloaking study at ``path``."""
+    from core.studies.cloaking import table_markdown as cloaking_table
+
+    try:
+        r = load_study(path)
+    except (OSError, ValueError) as e:
+        return f"**The cloaking study's results at `{path}` could not be read** ({e}). Run `{CLOAKING_COMMAND}` again.", None, ""
+    if r is None:
+        return CLOAKING_NOT_RUN, None, ""
+    head = (f"**Measured on {r['n']} people** (victims never seen by the base model or the attacker; chance top-1 "
+            f"{r['chance_top1']:.0%}). Produced by `{r.get('command', CLOAKING_COMMAND)}` on {r.get('created', '?')} (base "
+            f"model `{r.get('base', '?')}`; attacker: {r.get('attacker', '?')}). Distances are dlib identity distances to "
+            "the person's *clean* photos: higher = the LoRA (or the attacker) got the person less well.")
+    table = f"{cloaking_table(r)}\n\n**What the numbers say** (generated from them): {r.get('conclusion', '')}"
+    return head, cloaking_plot(r), table
+
+
+def create_defenses_tab(tab: gr.Tab | None = None, path: str | Path = RESULTS_JSON, engine=None, session: gr.State | None = None,
+                        cloaking_path: str | Path = CLOAKING_JSON) -> None:
+    """The tab; with ``engine`` and ``session`` also the "Cloak my photos" try-it section."""
     gr.Markdown(INTRO)
     head, fig, table_md = defenses_view(path)
     status = gr.Markdown(head)
     chart = gr.Plot(value=fig, label="Privacy against utility")
     table = gr.Markdown(table_md)
     gr.Markdown(EXPLAIN)
-    if tab is not None:  # re-read each time the tab is opened (the study may have finished meanwhile)
-        tab.select(lambda: defenses_view(path), None, [status, chart, table], api_visibility="private")
+    gr.Markdown(CLOAKING_INTRO)
+    c_head, c_fig, c_table = cloaking_view(cloaking_path)
+    c_status = gr.Markdown(c_head)
+    c_chart = gr.Plot(value=c_fig, label="Cloaked photos against a LoRA fine-tune")
+    c_table_md = gr.Markdown(c_table)
+    if engine is not None and session is not None:
+        from ui.protect_panel import create_cloak_preview
+
+        create_cloak_preview(engine, session)
+    if tab is not None:  # re-read each time the tab is opened (the studies may have finished meanwhile)
+        tab.select(lambda: (*defenses_view(path), *cloaking_view(cloaking_path)), None,
+                   [status, chart, table, c_status, c_chart, c_table_md], api_visibility="private")

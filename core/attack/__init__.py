@@ -4,5 +4,6 @@
 - ``attacker``: the variational network encoder that reads LoRA weights into a prompt embedding;
 - ``train``: training the attacker on the shadow population (``python -m core.attack.train``);
 - ``baselines``: floor, naive sampling, FineXtract-style extrapolation, the true-trigger ceiling;
-- ``report``: every weight-only attack on one LoRA, scored against reference photos.
+- ``report``: every weight-only attack on one LoRA, scored against reference photos;
+- ``membership``: was this photo in the LoRA's training set? (LoRA-vs-base loss gap, calibrated threshold).
 """

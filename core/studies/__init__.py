@@ -5,5 +5,7 @@
 - ``attack``: the attacker against its baselines over victims;
 - ``layers``: busiest vs laziest vs random layers over victims;
 - ``watermark``: robustness of AIAO and the backdoor to downstream fine-tunes;
-- ``defenses``: the privacy-utility curve of every defense.
+- ``defenses``: the privacy-utility curve of every defense;
+- ``cloaking``: clean vs cloaked vs cloaked-then-purified photos, against the LoRA and the attack;
+- ``membership``: ROC AUC of membership inference on victims, and the app's calibrated threshold.
 """

@@ -1,0 +1,118 @@
+"""Cloaking time for 5 photos (target <= 10 s on the app's CPU at the default budget), next to the
+fine-tune it protects against, measured in the same run on the same photos.
+
+    python bench/cloak_speed.py [--repeats 2] [--layout128 True]
+
+On the shipped base (``assets/base``) and the example face's 5 photos, best of ``--repeats``:
+- the default cloak (:class:`core.defenses.cloak.CloakConfig`: ASPL-style surrogate LoRA);
+- the cheaper variant, PGD against the frozen base alone (``surrogate="base"``), same steps;
+- the default with half the PGD steps and two noise draws per step (half the autoencoder passes);
+- the baseline: the default 80-step fine-tune on the same photos (class images cached first).
+``--layout128 True`` also times the cloak on the *new* base's layout (128 px, the TAEF2 autoencoder
+with its pretrained weights, 32 latent channels, v-prediction; the UNet has the shipped layout with
+random weights, which costs the same time): a forecast until the new base is shipped. Each line
+gives the mean PSNR of the cloaked photos and the surrogate's loss on them over its loss on the
+originals (what the cloak achieved for its time).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core import ASSETS  # noqa: E402
+from core.cli import parse  # noqa: E402
+from core.defenses.cloak import CloakConfig, cloak_photos  # noqa: E402
+from core.events import drain  # noqa: E402
+
+
+@dataclass
+class Args:
+    repeats: int = 2  # timed runs of each part (the best is reported)
+    layout128: bool = False  # also time the cloak on the new base's layout (random UNet, TAEF2 autoencoder)
+
+
+def best(fn, n: int) -> tuple[float, object]:
+    ts, out = [], None
+    for _ in range(n):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts), out
+
+
+def example_photos(size: int) -> list:
+    from core.faces.ingest import ingest_face
+
+    return [ingest_face(p.read_bytes(), size=size).crop for p in sorted((ASSETS / "examples" / "person_1000").glob("*.png"))[:5]]
+
+
+def variants() -> dict:
+    """The cloaks timed: the default, the cheaper base-only variant, and a shorter default (half the
+    PGD steps, two noise draws each: half the autoencoder passes, which dominate at 128 px)."""
+    cfg = CloakConfig()
+    return {"default (surrogate LoRA)": cfg, "base alone": replace(cfg, surrogate="base"),
+            f"{cfg.steps // 2} steps x 2 draws": replace(cfg, steps=cfg.steps // 2, noises=2, surrogate_every=cfg.steps // 2)}
+
+
+def time_cloaks(pipe, photos, repeats: int) -> dict:
+    """{variant: (seconds, mean PSNR, surrogate loss cloaked / clean)}."""
+    out = {}
+    for name, cfg in variants().items():
+        t, res = best(lambda: drain(cloak_photos(pipe, photos, cfg)), repeats)
+        out[name] = (t, sum(res.psnr) / len(res.psnr), res.loss_cloaked / res.loss_clean)
+    return out
+
+
+def report(title: str, times: dict, baseline: float | None = None) -> None:
+    print(title)
+    for name, (t, p, gain) in times.items():
+        base = f"; {t / baseline:.2f}x the fine-tune" if baseline else ""
+        print(f"  {name:<26} {t:6.2f} s (target <= 10 s: {'met' if t <= 10 else 'NOT met'}{base}); mean PSNR {p:.1f} dB; "
+              f"surrogate loss cloaked / clean {gain:.2f}x")
+
+
+def layout128_pipe():
+    from core.model.autoencoder import load_taef2
+    from core.model.pipeline import assemble_pipeline, build_components, configure_threads
+
+    comps = build_components()
+    comps["vae"] = load_taef2()
+    configure_threads()
+    pipe = assemble_pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv=None):
+    from core.finetune.lora import FinetuneConfig, finetune
+    from core.model.pipeline import image_size_of, load_pipeline
+    from core.model.prior import class_latents
+
+    a = parse(Args, argv, description=__doc__.split("\n")[0])
+    cfg = CloakConfig()
+    pipe = load_pipeline(None)
+    size = image_size_of(pipe)
+    photos = example_photos(size)
+    print(f"threads {torch.get_num_threads()}, best of {a.repeats}, 5 photos at {size} px; cloak: budget {cfg.budget:g}/255, "
+          f"{cfg.steps} PGD steps, surrogate LoRA trained {cfg.surrogate_steps} steps every {cfg.surrogate_every} PGD steps")
+    class_latents(pipe, FinetuneConfig().n_class)  # cached before timing, as in the app
+    t_ft, _ = best(lambda: drain(finetune(pipe, photos, FinetuneConfig(checkpoint_every=0, preview_n=0))), a.repeats)
+    print(f"baseline, the default 80-step fine-tune on the same photos: {t_ft:.2f} s")
+    report("shipped base:", time_cloaks(pipe, photos, a.repeats), t_ft)
+    if a.layout128:
+        os.environ["LEAKLAB_CACHE"] = tempfile.mkdtemp(prefix="leaklab-bench-")  # a random base's files stay out of the cache
+        pipe128 = layout128_pipe()
+        report("new base's layout (128 px, TAEF2 autoencoder; random UNet weights, same cost):",
+               time_cloaks(pipe128, example_photos(image_size_of(pipe128)), a.repeats))
+
+if __name__ == "__main__":
+    main()
