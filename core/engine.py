@@ -42,8 +42,10 @@ class SampleRequest:
 class Engine:
     """The base model the app serves (the embedded miniature SD unless a model id is given)."""
 
-    def __init__(self, model: str | None = None, device: str | None = None, attacker: str | None = None):
+    def __init__(self, model: str | None = None, device: str | None = None, attacker: str | None = None,
+                 hub_config=None):
         self.model_name = model or EMBEDDED_NAME
+        self.hub_config = hub_config
         self.pipe = load_pipeline(model, device)
         self.image_size = image_size_of(self.pipe)
         self._attacker_path = attacker
@@ -82,6 +84,21 @@ class Engine:
             if self._floor is None:
                 self._floor = floor_images(self.pipe)
             return self._floor
+
+    def hub(self):
+        """The training hub of this app (started on first use): every visitor's fine-tune goes through it."""
+        from core.finetune.hub import TrainingHub
+
+        with self._lock:
+            hub = getattr(self, "_hub", None)
+        if hub is None:
+            attacker, _ = self.attacker()
+            floor = self.floor_images()
+            with self._lock:
+                if getattr(self, "_hub", None) is None:
+                    self._hub = TrainingHub(self.pipe, attacker, floor, self.hub_config)
+                hub = self._hub
+        return hub
 
     @property
     def device(self) -> str:

@@ -14,6 +14,7 @@ import gradio as gr
 from core import ASSETS
 from core.engine import Engine, SampleRequest
 from core.events import Done, LayerChanges, Message, Preview, Progress, Reconstruction
+from core.finetune.hub import Failed, Queued, Training
 from core.finetune.live import AttackUnavailable, LiveConfig, LiveResult, live_finetune
 from core.finetune.lora import MAX_PHOTOS, MIN_PHOTOS, FinetuneConfig, pick_trigger, save_lora
 from core.faces.ingest import MAX_BYTES as MAX_UPLOAD_BYTES
@@ -22,10 +23,12 @@ from core.faces.metrics import SAME_PERSON
 from core.plots import attack_curve, loss_curve
 from core.model.prompts import CLASS_PROMPT, instance_prompt
 from ui.session import SESSION_TTL, close_session, ensure, media
-from ui.gpu import on_gpu
+from ui.gpu import on_gpu, zero_gpu
+from ui.protect_panel import create_protect_controls, protect_updates
 from ui.uploads import UploadTooLarge, read_upload
 
 EXAMPLES = ASSETS / "examples"
+TRAIN_HANDLERS = 64  # visitors whose Train handlers can wait on the training hub at once
 
 INTRO = f"""
 ### 1. Your photos  →  2. a LoRA  →  3. what it gives away
@@ -254,16 +257,33 @@ def plan_text(cfg: LiveConfig) -> str:
     return (" Defenses: " + "; ".join(plan) + ".") if plan else ""
 
 
+def queue_words(ev: Queued, max_batch: int) -> str:
+    est = f"about {ev.estimate_seconds:.0f} s" if ev.estimate_seconds is not None else "soon"
+    return (f"**Waiting for a place:** you are number **{ev.position}** in the queue; {ev.training} visitors are "
+            f"training now (up to {max_batch} train together on this machine). Your turn starts {est}.")
+
+
+def training_words(ev: Training) -> str:
+    if ev.alone_because:
+        return f"Training alone: {ev.alone_because}."
+    if ev.others:
+        return f"Training together with **{ev.others}** other visitor{'s' if ev.others != 1 else ''} (one shared model pass)."
+    return "Training."
+
+
 def train_run(engine: Engine, session, steps, rank, lr, seed, text_encoder, dp=False, dp_noise=DP_DEFAULT_NOISE,
-              defense=NO_DEFENSE, strength=None):
-    """The Train button: runs :func:`core.finetune.live.live_finetune` and maps its events to the
-    tab's outputs. Yields dicts {output name: value} (names of ``FINETUNE_OUTPUTS``; missing ones stay)."""
+              defense=NO_DEFENSE, strength=None, protect=False, protect_budget=None, protect_purify=False):
+    """The Train button: (optionally) protects the photos, submits the run to the app's training hub
+    (:class:`core.finetune.hub.TrainingHub`, shared by every visitor) and maps its events to the tab's
+    outputs. Yields dicts {output name: value} (names of ``FINETUNE_OUTPUTS``; missing ones stay)."""
     session = ensure(session)
     if len(session.crops) < MIN_PHOTOS:
         raise gr.Error(f"Add at least {MIN_PHOTOS} usable photos of one face first (you have {len(session.crops)}).")
     cfg = live_config(steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength)
     cfg.finetune.trigger = pick_trigger(cfg.finetune)
     photos = session.crops[:MAX_PHOTOS]
+    session.stop_requested = False
+    should_stop = lambda: session.stop_requested or session.closed
     attacker, why = engine.attacker()
     view = LiveView(cfg, photos, len(engine.floor_images()))
     trigger = cfg.finetune.trigger
@@ -275,33 +295,61 @@ def train_run(engine: Engine, session, steps, rank, lr, seed, text_encoder, dp=F
                attack_photos=gr.update(value=list(photos), visible=attacker is not None),
                attack_gallery=gr.Gallery(value=[], visible=attacker is not None), attack_score="",
                attack_plot=gr.Plot(value=None, visible=attacker is not None))
+    train_photos = yield from protect_updates(engine, photos, protect, protect_budget, protect_purify, should_stop)
+    if train_photos is None:
+        return
     session.layer_steps.clear()
-    for ev in live_finetune(engine.pipe, photos, cfg, attacker, engine.floor_images()):
-        update = None
-        if isinstance(ev, Progress):
-            update = view.progress(ev)
-        elif isinstance(ev, LayerChanges):
-            session.layer_steps[ev.step] = ev.changes  # the Layers tab's heatmap over the steps
-        elif isinstance(ev, Reconstruction):
-            update = view.reconstruction(ev)
-        elif isinstance(ev, AttackUnavailable):
-            update = dict(attack_head=f"{LIVE_HEAD}\n**{ev.reason}**")
-        elif isinstance(ev, Preview):
-            update = view.preview(ev)
-        elif isinstance(ev, Message) and ev.text.startswith("scoring"):
-            update = dict(status="Scoring the LoRA against your photos...")
-        elif isinstance(ev, Done) and ev.result is not None:
-            session.result, session.trained_on = ev.result.result, list(photos)
-            path = save_lora(session.dir / "lora.safetensors", ev.result.result, base_name=engine.model_name)
-            status, score = done_text(ev.result, cfg, photos)
-            update = dict(status=status, score=score, download=str(path))
-        if update:
-            yield {**update, "session": session}
+    if zero_gpu():  # no shared hub on ZeroGPU: this call holds the GPU (ui.gpu)
+        events, max_batch = live_finetune(engine.pipe, photos, cfg, attacker, engine.floor_images(), should_stop,
+                                          train_photos), 1
+    else:
+        hub = engine.hub()
+        events, max_batch = hub.submit(photos, cfg, should_stop, train_photos=train_photos), hub.max_batch
+    try:
+        for ev in events:
+            update = event_update(ev, view, session, engine, cfg, photos, max_batch, protected=protect)
+            if update:
+                yield {**update, "session": session}
+    except Failed as e:
+        raise gr.Error(str(e))
+
+
+def event_update(ev, view: LiveView, session, engine: Engine, cfg: LiveConfig, photos, max_batch: int,
+                 protected: bool = False) -> dict | None:
+    """One event of the visitor's run -> the outputs it changes."""
+    if isinstance(ev, Queued):
+        return dict(status=queue_words(ev, max_batch))
+    if isinstance(ev, Training):
+        return dict(status=training_words(ev))
+    if isinstance(ev, Progress):
+        return view.progress(ev)
+    if isinstance(ev, LayerChanges):
+        session.layer_steps[ev.step] = ev.changes  # the Layers tab's heatmap over the steps
+        return None
+    if isinstance(ev, Reconstruction):
+        return view.reconstruction(ev)
+    if isinstance(ev, AttackUnavailable):
+        return dict(attack_head=f"{LIVE_HEAD}\n**{ev.reason}**")
+    if isinstance(ev, Preview):
+        return view.preview(ev)
+    if isinstance(ev, Message) and ev.text.startswith("scoring"):
+        return dict(status="Scoring the LoRA against your photos...")
+    if isinstance(ev, Done) and ev.result is not None:
+        session.result, session.trained_on = ev.result.result, list(photos)
+        path = save_lora(session.dir / "lora.safetensors", ev.result.result, base_name=engine.model_name)
+        status, score = done_text(ev.result, cfg, photos)
+        if protected:
+            status += (" The LoRA was trained on your **protected** (cloaked) photos; every score above compares with "
+                       "your originals.")
+        return dict(status=status, score=score, download=str(path))
+    if isinstance(ev, Done):
+        return dict(status="Stopped.")
+    return None
 
 
 # outputs of the Train button, in the order of its event (the API returns all but the session)
 FINETUNE_OUTPUTS = ("status", "loss", "previews", "score", "download", "session",
-                    "attack_head", "attack_photos", "attack_gallery", "attack_score", "attack_plot")
+                    "attack_head", "attack_photos", "attack_gallery", "attack_score", "attack_plot", "protect_gallery")
 
 
 def create_defense_widgets():
@@ -341,6 +389,7 @@ def create_finetune_tab(engine: Engine) -> gr.State:
                 lr = gr.Number(value=FinetuneConfig.lr, label="Learning rate")
                 seed = gr.Number(value=None, precision=0, label="Seed (empty = a fresh random one; it also picks the trigger word)")
                 text_encoder = gr.Checkbox(value=False, label="Also train a LoRA on the text encoder")
+            protect = create_protect_controls()
             dp, dp_noise, defense, strength = create_defense_widgets()
             with gr.Row():
                 train = gr.Button("Train", variant="primary")
@@ -372,17 +421,27 @@ def create_finetune_tab(engine: Engine) -> gr.State:
 
     outputs = dict(status=status, loss=loss_plot, previews=previews, score=score, download=download, session=session,
                    attack_head=attack_head, attack_photos=attack_photos, attack_gallery=attack_gallery,
-                   attack_score=attack_score, attack_plot=attack_plot)
+                   attack_score=attack_score, attack_plot=attack_plot, protect_gallery=protect.gallery)
 
-    def run(session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength):
-        for update in train_run(engine, session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength):
+    def run(session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength, protect_on, budget, purify):
+        for update in train_run(engine, session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength,
+                                protect_on, budget, purify):
             session = update.get("session", session)  # every image shown is a file in the visitor's session dir
             yield tuple(media(session, update.get(k, gr.skip())) for k in FINETUNE_OUTPUTS)
 
-    ev = train.click(on_gpu(run, 300), [session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength],
+    # every visitor's handler only relays the events of the shared training hub, so many can wait at once;
+    # the hub decides who trains together (core.finetune.hub)
+    ev = train.click(on_gpu(run, 300), [session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength,
+                                        *protect.inputs],
                      [outputs[k] for k in FINETUNE_OUTPUTS],
-                     concurrency_limit=1, concurrency_id="finetune", api_name="train")
-    stop.click(lambda: "Stopped.", None, status, cancels=[ev])
+                     concurrency_limit=TRAIN_HANDLERS, concurrency_id="finetune", api_name="train")
+
+    def request_stop(s):
+        if s is not None:
+            s.stop_requested = True  # the hub takes the run out at its next step
+        return "Stopped."
+
+    stop.click(request_stop, [session], status, cancels=[ev], api_visibility="private")
 
     create_base_sampler(engine)
     return session

@@ -19,3 +19,11 @@ def on_gpu(fn, seconds: int = 120):
     import spaces
 
     return spaces.GPU(duration=seconds)(fn)
+
+
+def zero_gpu() -> bool:
+    """Running on a ZeroGPU Space: a GPU exists only inside ``spaces.GPU`` calls, so the shared training
+    hub (a background thread) cannot use it, and each visitor's fine-tune runs inside their own call."""
+    import os
+
+    return importlib.util.find_spec("spaces") is not None and bool(os.environ.get("SPACES_ZERO_GPU"))

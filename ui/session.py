@@ -46,6 +46,7 @@ class VisitorSession:
     crops: list = field(default_factory=list)  # uint8 64x64x3 face crops, in memory
     result: object = None  # the last FinetuneResult
     trained_on: list = field(default_factory=list)  # the crops that result was fine-tuned on
+    stop_requested: bool = False  # the visitor pressed Stop: the training hub takes their run out
     layer_steps: dict = field(default_factory=dict)  # {step: per-layer change} recorded during a fine-tune (ui.layers_tab)
     last_used: float = field(default_factory=time.monotonic)
 

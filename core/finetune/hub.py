@@ -67,7 +67,8 @@ class Failed(Exception):
 
 @dataclass
 class Ticket:
-    photos: list
+    photos: list  # the visitor's photos: every identity score compares with these
+    train_photos: list  # what the LoRA trains on (the photos, or their protected versions)
     cfg: LiveConfig
     should_stop: object = never
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -109,11 +110,12 @@ class TrainingHub:
 
     # the visitor's side ---------------------------------------------------------------------------
 
-    def submit(self, photos, cfg: LiveConfig, should_stop=never):
+    def submit(self, photos, cfg: LiveConfig, should_stop=never, train_photos=None):
         """Generator of this visitor's events, ending with ``Done(LiveResult)`` (or ``Done(None,
         cancelled=True)``); raises :class:`Failed` with a sentence when the run cannot be done.
-        Closing the generator (the visitor pressed Stop or left) takes the run out."""
-        ticket = Ticket(list(photos), cfg, should_stop)
+        ``train_photos``: what to train on when it is not ``photos`` (e.g. cloaked photos; scores still
+        compare with ``photos``). Closing the generator (Stop, or the visitor left) takes the run out."""
+        ticket = Ticket(list(photos), list(train_photos if train_photos is not None else photos), cfg, should_stop)
         with self.lock:
             self.waiting.append(ticket)
             self.lock.notify_all()
@@ -137,19 +139,33 @@ class TrainingHub:
 
     def _work(self):
         while True:
-            with self.lock:
-                while not (self.waiting or self.visits or self.solos):
-                    self.lock.wait()
-                if not (self.visits or self.solos) and self.cfg.gather_seconds:
-                    self.lock.wait(self.cfg.gather_seconds)
-                admit = self._admissions()
-            t0 = time.perf_counter()
-            for ticket in admit:
-                self._start(ticket)
-            self._round()
-            dt = time.perf_counter() - t0
-            self.round_seconds = dt if self.round_seconds is None else 0.8 * self.round_seconds + 0.2 * dt
-            self._tell_waiting()
+            try:
+                self._work_once()
+            except Exception as e:  # never let the worker die: fail what was running, serve the next visitors
+                import traceback
+
+                traceback.print_exc()
+                for run in list(self.visits):
+                    self._fail(run, f"The training failed ({type(e).__name__}); please press Train again.")
+                for ticket, _ in self.solos:
+                    ticket.events.put(Failed(f"The training failed ({type(e).__name__}); please press Train again."))
+                self.solos = []
+
+    def _work_once(self):
+        """One round: admit, step, live work, finish (see the module docstring)."""
+        with self.lock:
+            while not (self.waiting or self.visits or self.solos):
+                self.lock.wait()
+            if not (self.visits or self.solos) and self.cfg.gather_seconds:
+                self.lock.wait(self.cfg.gather_seconds)
+            admit = self._admissions()
+        t0 = time.perf_counter()
+        for ticket in admit:
+            self._start(ticket)
+        self._round()
+        dt = time.perf_counter() - t0
+        self.round_seconds = dt if self.round_seconds is None else 0.8 * self.round_seconds + 0.2 * dt
+        self._tell_waiting()
 
     def _admissions(self) -> list[Ticket]:
         """Waiting visitors that start now (called with the lock held)."""
@@ -181,13 +197,14 @@ class TrainingHub:
         why = alone_reason(cfg)
         try:
             if why:
-                gen = live_finetune(self.pipe, ticket.photos, cfg, self.attacker, self.floor, should_stop=ticket.stopped)
+                gen = live_finetune(self.pipe, ticket.photos, cfg, self.attacker, self.floor, should_stop=ticket.stopped,
+                                    train_photos=ticket.train_photos)
                 self.solos.append((ticket, gen))
                 ticket.events.put(Training(0, why))
                 return
             if self.batch is None or not self.visits:
                 self.batch = LoRABatch(self.pipe, replace(cfg.finetune, seed=0, trigger=None))
-            run = self.batch.add(ticket, ticket.photos, cfg.finetune)
+            run = self.batch.add(ticket, ticket.train_photos, cfg.finetune)
         except (ValueError, OSError) as e:
             ticket.events.put(Failed(f"{str(e)[:1].upper()}{str(e)[1:]}."))
             return

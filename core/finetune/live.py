@@ -116,10 +116,13 @@ class _Attack:
         return Reconstruction(step, ims, identity_distance(ims, self.photos), self.floor, len(self.floor_images))
 
 
-def live_finetune(pipe, photos, cfg: LiveConfig | None = None, attacker=None, floor_images=None, should_stop=never):
+def live_finetune(pipe, photos, cfg: LiveConfig | None = None, attacker=None, floor_images=None, should_stop=never,
+                  train_photos=None):
     """Generator: the visitor's live job on ``photos`` (aligned crops at the model's resolution).
     ``attacker``: the trained attacker for this base (None: no live attack); ``floor_images``: the
-    base model's class-prompt samples (:func:`core.faces.utility.floor_images`, computed if None)."""
+    base model's class-prompt samples (:func:`core.faces.utility.floor_images`, computed if None);
+    ``train_photos``: what the LoRA trains on when it is not ``photos`` (e.g. their cloaked versions;
+    every score still compares with ``photos``)."""
     from core.faces.utility import floor_images as make_floor
     from core.faces.utility import lora_utility
     from core.layers.change import lora_layer_change
@@ -128,6 +131,7 @@ def live_finetune(pipe, photos, cfg: LiveConfig | None = None, attacker=None, fl
 
     cfg = cfg or LiveConfig()
     photos = list(photos)[:MAX_PHOTOS]
+    train_photos = list(train_photos)[:MAX_PHOTOS] if train_photos is not None else photos
     if len(photos) < MIN_PHOTOS:
         raise ValueError(f"a fine-tune needs at least {MIN_PHOTOS} photos of one face, got {len(photos)}")
     ft = cfg.finetune
@@ -138,7 +142,7 @@ def live_finetune(pipe, photos, cfg: LiveConfig | None = None, attacker=None, fl
     attack = _Attack(pipe, attacker if cfg.live_attack else None, photos, floor_images, cfg)
     yield Message(f"trigger word: {ft.trigger}")
     done = None
-    for ev in fine_tune_events(pipe, photos, cfg, should_stop):
+    for ev in fine_tune_events(pipe, train_photos, cfg, should_stop):
         if isinstance(ev, Checkpoint):
             lora = shared_lora(ev.lora, cfg)
             yield LayerChanges(ev.step, lora_layer_change(pipe, lora, ft.alpha))
