@@ -9,6 +9,7 @@ from PIL import Image
 
 from core import ASSETS
 from tests.conftest import launched_app
+from tests.raw_api import as_upload
 
 EXAMPLES = sorted((ASSETS / "examples" / "person_1000").glob("*.png"))
 
@@ -89,13 +90,16 @@ def test_attack_file_deletes_uploads_and_works_without_attacker(attack_engine, t
 
     evil = tmp_path / "upload.bin"
     evil.write_bytes(b"PK\x03\x04" + b"\0" * 64)
-    status, *_ = attack_file(attack_engine, str(evil), 80, None, None)
-    assert "zip archive" in status and not evil.exists()
+    upload = as_upload(evil)
+    status, *_ = attack_file(attack_engine, str(upload), 80, None, None)
+    assert "zip archive" in status and not upload.exists()
+    status, *_ = attack_file(attack_engine, str(evil), 80, None, None)  # not an upload: refused untouched
+    assert "not a file you uploaded" in status and evil.exists()
     with pytest.raises(gr.Error):
         attack_file(attack_engine, None, 80, None, None)
 
     monkeypatch.setattr(attack_engine, "attacker", lambda: (None, "No trained attacker found at `x`."))
-    good = save_lora(tmp_path / "lora.safetensors", tiny_result)
+    good = as_upload(save_lora(tmp_path / "lora.safetensors", tiny_result))
     status, attack, naive, fx, refs, table = attack_file(attack_engine, str(good), 80, None, None)
     assert not good.exists()
     assert "trained attacker did not run:** No trained attacker found" in status

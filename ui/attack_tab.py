@@ -6,7 +6,6 @@ metric (``core.faces.utility``) live in ``core``. Uploaded files are deleted onc
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import gradio as gr
@@ -18,13 +17,13 @@ from core.attack.baselines import FINEXTRACT_W
 from core.engine import Engine
 from core.finetune.lora import FinetuneConfig, MAX_PHOTOS
 from core.finetune.lora_file import MAX_BYTES as MAX_LORA_BYTES
-from core.finetune.lora_file import LoRAFileError, too_large, validate_lora_file
+from core.finetune.lora_file import LoRAFileError, ValidatedLoRA, too_large, validate_lora_file
 from core.faces.metrics import SAME_PERSON
 from core.model.prompts import CLASS_PROMPT
 from ui.finetune_tab import read_faces
 from ui.session import ensure, media
 from ui.gpu import on_gpu
-from ui.uploads import UploadTooLarge, read_upload
+from ui.uploads import UploadError, UploadTooLarge, local_file
 
 INTRO = f"""
 ### Attack a shared LoRA
@@ -73,24 +72,32 @@ def measured_text(report: dict | None = None) -> str:
             f"pick the right person out of {n} (chance {1 / n:.0%}): " + "; ".join(w for _, w in said) + ".")
 
 
-def read_lora_upload(engine: Engine, lora_path, session):
-    """Validate an uploaded LoRA file: Gradio's copy is read once and deleted (:mod:`ui.uploads`), the
-    bytes are checked from a file in the visitor's own session dir, which is removed right after."""
-    name = Path(lora_path).name
+def read_lora_upload(engine: Engine, lora_path, session) -> ValidatedLoRA:
+    """Validate a LoRA file input (:mod:`ui.uploads`: only the visitor's own upload, checked where it
+    lies, in a private folder under the visitor's own file name, and deleted right after). What came
+    of it, the checked LoRA or its refusal, is kept in the session for this visitor's own re-sends
+    (the latest LoRA only); raises :class:`LoRAFileError`."""
+    known = session.reads.get(str(lora_path)) if session is not None else None
+    if isinstance(known, (ValidatedLoRA, LoRAFileError)):
+        if isinstance(known, LoRAFileError):
+            raise known
+        return known
     try:
-        raw = read_upload(lora_path, MAX_LORA_BYTES)
+        with local_file(lora_path, session, MAX_LORA_BYTES) as path:
+            result = validate_lora_file(path, engine.pipe)
     except UploadTooLarge as e:
-        raise too_large(name, e.size) from None
-    except OSError:
-        raise LoRAFileError("missing", "The LoRA file could not be found; please upload it again.") from None
-    folder = ensure(session).dir / "uploads"
-    folder.mkdir(exist_ok=True)
-    private = folder / f"{secrets.token_hex(8)}-{name}"
-    try:
-        private.write_bytes(raw)
-        return validate_lora_file(private, engine.pipe)
-    finally:
-        private.unlink(missing_ok=True)
+        result = too_large(Path(lora_path).name, e.size)
+    except UploadError as e:
+        result = LoRAFileError("upload", f"The LoRA file was not used: {e}")
+    except LoRAFileError as e:
+        result = e
+    if session is not None and getattr(result, "reason", "") != "upload":  # not what a path it may not use gave
+        for k in [k for k, v in session.reads.items() if isinstance(v, ValidatedLoRA)]:
+            del session.reads[k]  # one checked LoRA per session in memory
+        session.remember(str(lora_path), result)
+    if isinstance(result, LoRAFileError):
+        raise result
+    return result
 
 
 def _gallery(images, seeds):
@@ -146,9 +153,19 @@ def refused(message: str):
     return (f"**This file was refused.** {message}", [], [], [], [], "")
 
 
+def checked_text(engine: Engine, lora_path, session) -> str:
+    """The status line once a LoRA file arrives: checked (and kept in the session), or refused."""
+    try:
+        lora = read_lora_upload(engine, lora_path, session)
+    except LoRAFileError as e:
+        return refused(str(e))[0]
+    return (f"**LoRA file checked**: rank {lora.rank}, alpha {lora.alpha:g}, {len(lora.modules)} UNet layers. "
+            "Press **Attack this LoRA file**.")
+
+
 def attack_file(engine: Engine, lora_path, steps, ref_files, session):
     """The "Attack this LoRA file" button."""
-    refs, ref_lines = read_faces(ref_files, engine.image_size)  # also deletes the photo uploads
+    refs, ref_lines, ref_notes = read_faces(ref_files, engine.image_size, session)  # also deletes the photo uploads
     if not lora_path:
         raise gr.Error("Upload a LoRA .safetensors file first.")
     try:
@@ -172,6 +189,8 @@ def attack_file(engine: Engine, lora_path, steps, ref_files, session):
         refs = refs[:MAX_PHOTOS]
     if ref_lines:
         notes.append("reference photos left out:\n" + "\n".join(ref_lines))
+    if ref_notes:
+        notes.append("about the reference photos:\n" + "\n".join(ref_notes))
     if refs:
         photos, label = refs, "your reference photos"
     elif session is not None and session.trained_on:
@@ -229,18 +248,35 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
             table = gr.Markdown()
     outputs = [status, attack_gal, naive_gal, fx_gal, ref_gal, table, session]
 
-    def shown(out, s):
+    def shown(out, s, request=None):
         """The tab's outputs with every image a file in the visitor's session dir (and the session)."""
-        s = ensure(s)
+        s = ensure(s, request)
         return (*(media(s, v) for v in out), s)
 
-    def attack_upload(f, n, r, s):
-        s = ensure(s)  # the upload is checked in this visitor's session dir
+    def attack_upload(f, n, r, s, request: gr.Request):
+        s = ensure(s, request)  # only this visitor's own uploads are read
         return shown(attack_file(engine, f, n, r, s), s)
+
+    # each upload is read the moment it arrives (an upload left unread is deleted within a minute,
+    # ui.uploads); the Attack button then finds what came of it in the session
+    def lora_arrived(f, s, request: gr.Request):
+        s = ensure(s, request)
+        return (checked_text(engine, f, s) if f else gr.skip()), s
+
+    def refs_arrived(r, s, request: gr.Request):
+        s = ensure(s, request)
+        crops, left, notes = read_faces(r, engine.image_size, s)
+        return media(s, crops), s
+
+    lora_file.upload(lora_arrived, [lora_file, session], [status, session], api_visibility="private")
+    refs.upload(refs_arrived, [refs, session], [ref_gal, session], api_visibility="private")
 
     attack_btn.click(on_gpu(attack_upload, 60), [lora_file, steps, refs, session], outputs, api_name="attack", concurrency_limit=1,
                      concurrency_id="attack")
-    mine_btn.click(on_gpu(lambda s: shown(attack_mine(engine, s), s), 60), [session], outputs, api_name="attack_mine",
+    def mine(s, request: gr.Request):
+        return shown(attack_mine(engine, s), s, request)
+
+    mine_btn.click(on_gpu(mine, 60), [session], outputs, api_name="attack_mine",
                    concurrency_limit=1, concurrency_id="attack")
     if tab is not None:  # the button appears once the visitor has fine-tuned a LoRA in this session
         tab.select(lambda s: gr.Button(visible=s is not None and s.result is not None), [session], [mine_btn],

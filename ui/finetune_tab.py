@@ -6,9 +6,7 @@ Only wiring: ingestion, fine-tuning, scoring and plotting all live in ``core``.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import replace
-from pathlib import Path
 
 import gradio as gr
 
@@ -26,17 +24,15 @@ from core.finetune.lora import (
     pipeline_with_lora,
     save_lora,
 )
-from core.faces.ingest import MAX_BYTES as MAX_UPLOAD_BYTES
-from core.faces.ingest import IngestError, ingest_face
 from core.faces.metrics import SAME_PERSON
 from core.model.pipeline import sample_images
 from core.plots import attack_curve, loss_curve
 from core.model.prompts import CLASS_PROMPT, instance_prompt
 from core.faces.utility import identity_distance, lora_utility
 from ui.layers_tab import record_checkpoint
-from ui.session import SESSION_TTL, close_session, ensure, media
+from ui.session import SESSION_TTL, close_session, ensure, media, parse_seed
 from ui.gpu import on_gpu
-from ui.uploads import UploadTooLarge, read_upload
+from ui.uploads import photo_lines, read_photos
 
 EXAMPLES = ASSETS / "examples"
 
@@ -56,30 +52,19 @@ def example_sets() -> dict[str, list[str]]:
     return {d.name: sorted(str(p) for p in d.glob("*.png")) for d in sorted(EXAMPLES.iterdir()) if d.is_dir()}
 
 
-def read_faces(files, size: int = 64) -> tuple[list, list[str]]:
-    """Uploaded image files -> aligned face crops, and a line per refused photo. Each upload copy is
-    deleted once read (the bundled examples are kept): :func:`ui.uploads.read_upload`."""
-    crops, lines = [], []
-    for i, f in enumerate(files or [], 1):
-        path = Path(f if isinstance(f, str) else f.name)
-        try:
-            raw = read_upload(path, MAX_UPLOAD_BYTES, keep=str(path).startswith(str(EXAMPLES)))
-            crops.append(ingest_face(raw, size=size).crop)
-        except IngestError as e:
-            lines.append(f"- photo {i} (`{path.name}`): {e}")
-        except UploadTooLarge:
-            lines.append(f"- photo {i} (`{path.name}`): the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB; "
-                         "please upload a smaller photo.")
-        except OSError:
-            lines.append(f"- photo {i}: could not be read; please upload it again.")
-    return crops, lines
+def read_faces(files, size: int = 64, session=None) -> tuple[list, list[str], list[str]]:
+    """Photo inputs -> (aligned face crops, a line per refused photo, a line per remark on a used one):
+    :func:`ui.uploads.read_photos` (only the visitor's own uploads, each deleted once read)."""
+    reads = read_photos(files, session, size)
+    return [r.crop for r in reads if r.crop is not None], *photo_lines(reads)
 
 
-def ingest_files(files, session, size: int = 64):
+def ingest_files(files, session, size: int = 64, request=None):
     """Uploaded files -> crops in the session; a line per refused photo, the rest still usable."""
-    session = ensure(session)
-    crops, lines = read_faces(files, size)
-    session.crops[:] = crops
+    session = ensure(session, request)
+    reads = read_photos(files, session, size)
+    lines, notes = photo_lines(reads)
+    session.crops[:] = [r.crop for r in reads if r.crop is not None]
     n = len(session.crops)
     head = f"**{n} usable photo{'s' if n != 1 else ''}.**"
     if n < MIN_PHOTOS:
@@ -88,7 +73,11 @@ def ingest_files(files, session, size: int = 64):
         head += f" Only the first {MAX_PHOTOS} will be used."
     if lines:
         head += " These photos were left out:\n" + "\n".join(lines)
-    return list(session.crops), head, session
+    if notes:
+        head += "\n\nPlease check:\n" + "\n".join(notes)
+    shown = [(r.crop, f"photo {i}: {' '.join(r.notes)}") if r.notes else r.crop
+             for i, r in enumerate(reads, 1) if r.crop is not None]
+    return shown, head, session
 
 
 # the live attack during a fine-tune -----------------------------------------------------------
@@ -202,7 +191,7 @@ def train_run(engine: Engine, session, steps, rank, lr, seed, text_encoder, dp=F
     if len(session.crops) < MIN_PHOTOS:
         raise gr.Error(f"Add at least {MIN_PHOTOS} usable photos of one face first (you have {len(session.crops)}).")
     try:
-        seed = int(seed) if seed not in (None, "") else random.randrange(2**31)
+        seed = parse_seed(seed)
         cfg = FinetuneConfig(steps=int(steps), rank=int(rank), alpha=float(rank), lr=float(lr), seed=seed,
                              text_encoder=bool(text_encoder))
         dpc = DPConfig(noise_multiplier=float(DP_DEFAULT_NOISE if dp_noise in (None, "") else dp_noise)) if dp else None
@@ -371,20 +360,25 @@ def create_finetune_tab(engine: Engine) -> gr.State:
             attack_score = gr.Markdown()
             attack_plot = gr.Plot(label="Identity distance over the fine-tune")
 
-    def ingest(f, s):  # the crops are shown from files in the visitor's session dir
-        shown, head, s = ingest_files(f, s, engine.image_size)
+    def ingest(f, s, request: gr.Request):  # the crops are shown from files in the visitor's session dir
+        shown, head, s = ingest_files(f, s, engine.image_size, request)
         return media(s, shown), head, s
 
     files.upload(ingest, [files, session], [crops, report, session], api_name="ingest")
     if examples:
         first = next(iter(examples.values()))
-        example_btn.click(lambda s: ingest(first, s), [session], [crops, report, session])
+
+        def use_example(s, request: gr.Request):
+            return ingest(first, s, request)
+
+        example_btn.click(use_example, [session], [crops, report, session])
 
     outputs = dict(status=status, loss=loss_plot, previews=previews, score=score, download=download, session=session,
                    attack_head=attack_head, attack_photos=attack_photos, attack_gallery=attack_gallery,
                    attack_score=attack_score, attack_plot=attack_plot)
 
-    def run(session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength):
+    def run(session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength, request: gr.Request):
+        session = ensure(session, request)  # registered under the browser session: its end deletes the files
         for update in train_run(engine, session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength):
             session = update.get("session", session)  # every image shown is a file in the visitor's session dir
             yield tuple(media(session, update.get(k, gr.skip())) for k in FINETUNE_OUTPUTS)

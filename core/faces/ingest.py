@@ -70,6 +70,7 @@ class Ingested:
     box: tuple[int, int, int, int]  # face rectangle (left, top, right, bottom) in the oriented photo
     n_faces: int
     inside: float = 1.0  # fraction of the crop that lies inside the photo (the rest is mirrored border)
+    notes: tuple[str, ...] = ()  # what the visitor should check about this photo (several faces, ...)
 
 
 # 1. open --------------------------------------------------------------------------------------
