@@ -181,7 +181,7 @@ class Sweeper:
     """Background thread: every :data:`SWEEP_EVERY` seconds, idle sessions (:func:`sweep`) and
     abandoned uploads (:func:`ui.uploads.sweep`) are deleted."""
 
-    def __init__(self, every: float = SWEEP_EVERY):
+    def __init__(self, every: float | None = None):
         self.every, self._stop = every, threading.Event()
         self._thread = threading.Thread(target=self._run, name="leaklab-sweeper", daemon=True)
 
@@ -195,7 +195,7 @@ class Sweeper:
     def _run(self) -> None:
         from ui import uploads
 
-        while not self._stop.wait(self.every):
+        while not self._stop.wait(self.every or SWEEP_EVERY):
             try:
                 sweep()
                 uploads.sweep()

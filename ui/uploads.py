@@ -81,9 +81,9 @@ def make_private(path) -> Path:
     target = upload_root() / secrets.token_hex(16) / src.name
     target.parent.mkdir(mode=0o700, parents=True)
     spare = upload_root() / ".twins" / secrets.token_hex(16)  # read by no handler: outlives the copy's reading
-    spare.parent.mkdir(mode=0o700, exist_ok=True)
     with _LOCK:
         _forget_twins(time.monotonic())
+        spare.parent.mkdir(mode=0o700, exist_ok=True)
         try:
             os.link(src, target)
         except FileNotFoundError:
@@ -96,11 +96,7 @@ def make_private(path) -> Path:
         os.link(target, spare)
         _moved[str(src)] = spare
         _spares.append((time.monotonic(), str(src), spare))
-        _remove(src)
-    try:
-        src.parent.rmdir()  # Gradio's per-hash folder, now empty
-    except OSError:
-        pass
+        _remove(src)  # (Gradio's per-hash folder stays: removing it could race Gradio writing the next upload there)
     return target
 
 
@@ -241,7 +237,7 @@ def _remove(path: Path) -> None:
         os.remove(path)
     except OSError:
         pass
-    if _inside(path, upload_root()):
+    if _inside(path, upload_root()) and Path(path).parent.name != ".twins":
         try:
             Path(path).parent.rmdir()
         except OSError:
@@ -251,9 +247,10 @@ def _remove(path: Path) -> None:
 # 3. leftovers ------------------------------------------------------------------------------------
 
 
-def sweep(ttl: float = UPLOAD_TTL) -> int:
-    """Delete uploads no handler read within ``ttl`` seconds, and Gradio's spool files of uploads
-    that stopped half-way (a tab closed during an upload); returns how many went."""
+def sweep(ttl: float | None = None) -> int:
+    """Delete uploads no handler read within ``ttl`` seconds (default :data:`UPLOAD_TTL`), and Gradio's
+    spool files of uploads that stopped half-way (a tab closed during an upload); returns how many went."""
+    ttl = UPLOAD_TTL if ttl is None else ttl
     with _LOCK:
         _forget_twins(time.monotonic())
     now, removed = time.time(), 0
