@@ -121,3 +121,25 @@ def test_sweep_deletes_abandoned_uploads_only(gradio_upload):
 
 def test_the_sweep_deletes_within_a_minute():
     assert uploads.UPLOAD_TTL + sess.SWEEP_EVERY <= 60
+
+
+def test_a_group_photo_is_used_and_the_crop_says_which_face(tmp_path, monkeypatch):
+    """Of several faces the largest is used: the report says so and the crop shown carries the note
+    (the crop is the face that was taken)."""
+    from tests.bad_inputs import encode, face, group_photo
+    from tests.raw_api import as_upload
+    from ui.finetune_tab import ingest_files
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    files = []
+    for i, img in enumerate([group_photo(), face(0), face(1)]):
+        (tmp_path / f"p{i}.jpg").write_bytes(encode(img))
+        files.append(str(as_upload(tmp_path / f"p{i}.jpg")))
+    shown, head, s = ingest_files(files, None, 64)
+    try:
+        assert "3 usable photos" in head and "3 faces were found and the largest was used" in head
+        crop, caption = shown[0]
+        assert caption.startswith("photo 1: 3 faces were found") and crop.shape == (64, 64, 3)
+        assert all(not isinstance(x, tuple) for x in shown[1:])
+    finally:
+        s.close()
