@@ -122,15 +122,18 @@ def test_refused_bytes_are_freed_at_once(tiny_app, tmp_path):
 
     from tests.raw_api import Visitor, file_data
 
-    junk = tmp_path / "junk.safetensors"
-    with open(junk, "wb") as f:
-        f.write(os.urandom(60 * 2**20))
+    def junk(i):  # different bytes each time (Gradio would store identical ones at one path)
+        path = tmp_path / f"junk{i}.safetensors"
+        with open(path, "wb") as f:
+            f.write(os.urandom(60 * 2**20))
+        return path
+
     v = Visitor(tiny_app.local_url)
-    v.call("attack", file_data(v.upload(junk)), 80, None)  # warm-up: allocator pools, lazy imports
+    v.call("attack", file_data(v.upload(junk(0))), 80, None)  # warm-up: allocator pools, lazy imports
     gc.collect()
     rss = psutil.Process().memory_info().rss
-    for _ in range(4):
-        ok, (status, *_) = v.call("attack", file_data(v.upload(junk)), 80, None)
+    for i in range(1, 5):
+        ok, (status, *_) = v.call("attack", file_data(v.upload(junk(i))), 80, None)
         assert ok and "refused" in status
     gc.collect()
     grown = (psutil.Process().memory_info().rss - rss) / 2**20

@@ -62,6 +62,15 @@ def test_a_stranger_cannot_attack_with_or_delete_anothers_lora(app_url, owner):
     b.close()
 
 
+def test_session_files_are_not_kept_by_the_browser(app_url, owner):
+    """A shared computer's browser cache keeps no copy of a visitor's crops or LoRA."""
+    import httpx
+
+    for p in (owner.crops[0], owner.lora):
+        r = httpx.get(f"{app_url.rstrip('/')}/gradio_api/file={p}")
+        assert r.status_code == 200 and r.headers.get("cache-control") == "no-store"
+
+
 def test_a_stranger_cannot_ingest_anothers_crops_or_lora(app_url, owner):
     b = Visitor(app_url)
     ok, (crops, report) = b.call("ingest", [file_data(c) for c in owner.crops] + [file_data(owner.lora)])
