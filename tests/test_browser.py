@@ -129,19 +129,18 @@ def visit_files(since: set) -> set:
     return found - since
 
 
-def test_a_finished_visit_leaves_nothing_behind(browser, tiny_url, tiny_engine, tmp_path):
-    """On a shared classroom computer: a visitor uploads photos, fine-tunes, uploads a LoRA and
-    reference photos in the Attack tab without pressing Attack, and closes the tab. The next person
-    finds nothing of the visit in the browser's storage or at /gradio_api/runs, and within 60 s no
-    file of the visit is left on the server."""
-    from core.finetune.lora import save_lora
-    from tests.bad_inputs import random_lora
-
-    since = visit_files(set())
+def open_app(browser, url):
     context = browser.new_context()
     page = context.new_page()
-    page.goto(tiny_url)
+    page.goto(url)
     page.get_by_text("Upload photos, then press").wait_for(timeout=60_000)
+    return context, page
+
+
+def test_a_finished_visit_leaves_nothing_in_the_browser(browser, tiny_url):
+    """On a shared classroom computer: a visitor uploads photos and fine-tunes, then closes the tab.
+    The next person finds nothing of the visit in the browser's storage or at /gradio_api/runs."""
+    context, page = open_app(browser, tiny_url)
     page.locator("input[type=file]").first.set_input_files([str(p) for p in EXAMPLE_PHOTOS])
     page.get_by_text(f"{len(EXAMPLE_PHOTOS)} usable photos").wait_for(timeout=60_000)
     steps = page.get_by_label("Training steps").and_(page.locator("input[type=number]"))
@@ -150,33 +149,44 @@ def test_a_finished_visit_leaves_nothing_behind(browser, tiny_url, tiny_engine, 
     page.get_by_role("button", name="Train", exact=True).click()
     page.get_by_text("Done: 20 steps").wait_for(timeout=300_000)
     trigger = re.search(r"Trigger word: (\w+)", page.locator("body").inner_text()).group(1)
-
-    lora = save_lora(tmp_path / "shared-lora.safetensors", random_lora(tiny_engine.pipe, text_encoder=False))
-    page.get_by_role("tab", name="Attack").click()
-    def file_input(label):
-        return page.locator("div.block", has_text=label).last.locator("input[type=file]")
-
-    file_input("A LoRA file (.safetensors)").set_input_files(str(lora))
-    page.get_by_text("LoRA file checked").wait_for(timeout=60_000)
-    file_input("photos of the person, to score").set_input_files([str(p) for p in EXAMPLE_PHOTOS[:2]])
-    page.locator("div.block", has_text="Reference photos the images are scored against").last.locator(
-        "img").first.wait_for(timeout=60_000)  # read on arrival: the crops are shown
-    private = [trigger, "leaklab-session", "leaklab-uploads", lora.name, *(p.name for p in EXAMPLE_PHOTOS)]
+    private = [trigger, "leaklab-session", "leaklab-uploads", *(p.name for p in EXAMPLE_PHOTOS)]
     page.close()  # the visit ends
 
     after = context.new_page()
     after.goto(tiny_url)
     after.get_by_text("Upload photos, then press").wait_for(timeout=60_000)
     kept = storage_of(after)
-    text = str(kept)
-    assert not [w for w in private if w in text], kept
-    assert not any(k.startswith("gradio:run-history") for k in kept["local"]), kept
+    assert not any(k.startswith("gradio:run-history") for k in kept["local"]), list(kept["local"])
+    assert not [w for w in private if w in str(kept)], kept
     assert kept["indexeddb"] == [], kept
     assert after.request.get(f"{tiny_url.rstrip('/')}/gradio_api/runs").status == 404
-    after.close()
     context.close()
 
+
+def test_a_closed_tab_leaves_no_file_within_a_minute(browser, tiny_url, tiny_engine, tmp_path):
+    """A visitor uploads photos, then a LoRA file and reference photos in the Attack tab without ever
+    pressing Attack, and closes the tab: within 60 s no file of the visit is left on the server."""
+    from core.finetune.lora import save_lora
+    from tests.bad_inputs import random_lora
+
+    since = visit_files(set())
+    context, page = open_app(browser, tiny_url)
+    page.locator("input[type=file]").first.set_input_files([str(p) for p in EXAMPLE_PHOTOS])
+    page.get_by_text(f"{len(EXAMPLE_PHOTOS)} usable photos").wait_for(timeout=60_000)
+    lora = save_lora(tmp_path / "shared-lora.safetensors", random_lora(tiny_engine.pipe, text_encoder=False))
+    page.get_by_role("tab", name="Attack").click()
+
+    def file_input(label):
+        return page.locator("div.block", has_text=label).last.locator("input[type=file]")
+
+    file_input("A LoRA file (.safetensors)").set_input_files(str(lora))
+    page.wait_for_timeout(3000)
+    file_input("photos of the person, to score").set_input_files([str(p) for p in EXAMPLE_PHOTOS[:2]])
+    page.wait_for_timeout(3000)
+    assert visit_files(since)  # the visit's files are on the server
+    page.close()  # the visit ends
+    context.close()
     deadline = time.monotonic() + 60
     while visit_files(since) and time.monotonic() < deadline:
         time.sleep(1)
-    assert visit_files(since) == set()
+    assert visit_files(since) == set(), sorted(str(p) for p in visit_files(since))
