@@ -9,10 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-# On a ZeroGPU Space, ``spaces`` must be imported before torch touches CUDA (ui.gpu imports it
-# first thing, and imports no torch itself).
-from ui import gpu  # noqa: E402,I001  (first on purpose)
-
 
 def uses_embedded_model(argv=None, env=None) -> bool:
     """True when neither ``--model`` nor ``LEAKLAB_MODEL`` names a model: the embedded default."""
@@ -25,6 +21,10 @@ if uses_embedded_model():
     # The embedded model ships in the repo and never needs the hub: offline before huggingface_hub
     # is imported (it reads the variable once, at import).
     os.environ["HF_HUB_OFFLINE"] = "1"
+
+# On a ZeroGPU Space, ``spaces`` must be imported before torch touches CUDA: ui.gpu imports it first
+# thing (and imports no torch itself), before any module below imports torch.
+from ui import gpu  # noqa: E402,I001  (first on purpose)
 
 import argparse  # noqa: E402
 import signal  # noqa: E402
