@@ -273,6 +273,7 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
 
     attack_btn.click(on_gpu(attack_upload, 60), [lora_file, steps, refs, session], outputs, api_name="attack", concurrency_limit=1,
                      concurrency_id="attack")
+
     def mine(s, request: gr.Request):
         return shown(attack_mine(engine, s), s, request)
 
