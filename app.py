@@ -6,32 +6,98 @@ Options: ``--model`` (a folder or a Stable Diffusion 1.x hub id), ``--device``, 
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 
-import gradio as gr
 
-from core.engine import Engine
-from ui.about_tab import create_about_tab
-from ui.attack_tab import create_attack_tab
-from ui.defenses_tab import create_defenses_tab
-from ui.finetune_tab import create_finetune_tab
-from ui.layers_tab import create_layers_tab
-from ui.pending_tabs import PENDING, create_pending_tab
-from ui.watermark_tab import create_watermark_tab
-from ui.session import SESSION_ROOT, end_session
+def uses_embedded_model(argv=None, env=None) -> bool:
+    """True when neither ``--model`` nor ``LEAKLAB_MODEL`` names a model: the embedded default."""
+    argv = sys.argv[1:] if argv is None else argv
+    env = os.environ if env is None else env
+    return not env.get("LEAKLAB_MODEL") and not any(a == "--model" or a.startswith("--model=") for a in argv)
+
+
+if uses_embedded_model():
+    # The embedded model ships in the repo and never needs the hub: offline before huggingface_hub
+    # is imported (it reads the variable once, at import).
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+# On a ZeroGPU Space, ``spaces`` must be imported before torch touches CUDA: ui.gpu imports it first
+# thing (and imports no torch itself), before any module below imports torch.
+from ui import gpu  # noqa: E402,I001  (first on purpose)
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from core.engine import Engine  # noqa: E402
+from core.faces.ingest import MAX_BYTES as MAX_PHOTO_BYTES  # noqa: E402
+from core.finetune.lora_file import MAX_BYTES as MAX_LORA_BYTES  # noqa: E402
+from ui import session as sessions  # noqa: E402
+from ui import uploads  # noqa: E402
+from ui.about_tab import create_about_tab  # noqa: E402
+from ui.attack_tab import create_attack_tab  # noqa: E402
+from ui.defenses_tab import create_defenses_tab  # noqa: E402
+from ui.finetune_tab import create_finetune_tab  # noqa: E402
+from ui.layers_tab import create_layers_tab  # noqa: E402
+from ui.pending_tabs import PENDING, create_pending_tab  # noqa: E402
+from ui.watermark_tab import create_watermark_tab  # noqa: E402
 
 TITLE = "LoRA Leak Lab"
 INTRO = ("**What does a shared LoRA give away?** Fine-tune a LoRA on a few photos, then watch an "
          "attacker who sees only the LoRA's weights try to rebuild them.")
+MAX_FILE_SIZE = max(MAX_LORA_BYTES, MAX_PHOTO_BYTES)  # the largest legitimate upload: a LoRA file
+
+
+def launch_options() -> dict:
+    """What every launch of the app gets (``python app.py``, a Space, the tests), unless a caller
+    says otherwise:
+
+    - ``run_history=False``: Gradio would otherwise save every call (the secret trigger word, file
+      names, session and upload paths) in the browser's storage and list it at ``/gradio_api/runs``,
+      where the next person at a shared classroom computer finds it;
+    - ``enable_monitoring=False``: ``/monitoring`` and its summary are not public;
+    - ``max_file_size``: the largest legitimate input (a 64 MB LoRA file); Gradio refuses bigger
+      uploads while they stream in and deletes their bytes at once;
+    - the :class:`ui.uploads.PrivateUploads` middleware (each upload gets a private path of its own;
+      session files are served with ``Cache-Control: no-store``).
+    """
+    from starlette.middleware import Middleware
+
+    private = Middleware(uploads.PrivateUploads, private=lambda: (sessions.SESSION_ROOT, uploads.upload_root()))
+    return dict(run_history=False, enable_monitoring=False, max_file_size=MAX_FILE_SIZE,
+                app_kwargs={"middleware": [private]})
+
+
+class LabBlocks(gr.Blocks):
+    """``gr.Blocks`` that launches with :func:`launch_options` and keeps the session root clean: it is
+    emptied at start-up and at shutdown, and swept in between (:class:`ui.session.Sweeper`)."""
+
+    _sweeper: sessions.Sweeper | None = None
+
+    def launch(self, *args, **kwargs):
+        opts = launch_options()
+        app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+        app_kwargs["middleware"] = [*opts.pop("app_kwargs")["middleware"], *app_kwargs.get("middleware", [])]
+        sessions.empty_root()
+        self._sweeper = sessions.Sweeper().start()
+        return super().launch(*args, **{**opts, **kwargs, "app_kwargs": app_kwargs})
+
+    def close(self, verbose: bool = True) -> None:
+        super().close(verbose)
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+            sessions.empty_root()
 
 
 def build_demo(engine: Engine) -> gr.Blocks:
     # a visitor's images and LoRA are served from their session dir (ui.session), never copied to Gradio's cache
-    SESSION_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
-    gr.set_static_paths([SESSION_ROOT])
-    # delete_cache: Gradio's own copies of uploads (deleted once read) are removed hourly, at most an hour old
-    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
+    sessions.SESSION_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
+    gr.set_static_paths([sessions.SESSION_ROOT])
+    # delete_cache: Gradio's own cache (no visitor file: those live in session dirs and leaklab-uploads)
+    with LabBlocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Tab("Fine-tune"):
             session = create_finetune_tab(engine)
@@ -48,25 +114,32 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 create_pending_tab(name)
         with gr.Tab("About"):
             create_about_tab(engine)
-
-        def unload(request: gr.Request):  # the browser session ended: delete its photos, crops and LoRAs now
-            end_session(demo, request)
-
-        demo.unload(unload)
+        # the browser session ended: delete its photos, crops and LoRAs now (Gradio's documented idiom)
+        demo.unload(sessions.end_session)
     demo.queue(default_concurrency_limit=2, max_size=64)
     return demo
+
+
+def _terminate(signum, frame):  # SIGTERM (a Space stopping, a container shut down): leave through `finally`
+    raise SystemExit(0)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=os.environ.get("LEAKLAB_MODEL"), help="model folder or hub id (default: embedded)")
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", default=None, help="torch device (default: cuda on a ZeroGPU Space or where "
+                                                   "a GPU is seen, else cpu)")
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     ap.add_argument("--share", action="store_true")
     a = ap.parse_args(argv)
-    demo = build_demo(Engine(a.model, a.device))
-    demo.launch(server_name=a.host, server_port=a.port, share=a.share)
+    signal.signal(signal.SIGTERM, _terminate)
+    demo = build_demo(Engine(a.model, gpu.startup_device(a.device)))
+    try:
+        demo.launch(server_name=a.host, server_port=a.port, share=a.share)
+    finally:
+        demo.close()
+        sessions.empty_root()
 
 
 if __name__ == "__main__":

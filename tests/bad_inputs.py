@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import pickle
 import struct
@@ -34,8 +35,11 @@ EXAMPLE_FACES = sorted((ASSETS / "examples").glob("*/*.png"))
 @dataclass(frozen=True)
 class BadInput:
     name: str
-    kind: str  # "photo": one upload to the Fine-tune tab; "photos": a set of them; "lora": the Attack tab
-    make: Callable  # make(folder, pipe) -> list of paths it wrote
+    # "photo": one upload to the Fine-tune tab; "photos": a set of them; "lora": a file the Attack tab
+    # refuses; "lora-ok": one it attacks; "oversize": a file Gradio refuses while it streams in;
+    # "train" / "sample": the settings of the Train / Draw faces buttons (make returns the values)
+    kind: str
+    make: Callable  # make(folder, pipe) -> list of paths it wrote (the values, for train / sample)
     expect: tuple[str, ...]  # words the visitor's message must contain
     usable: int = 0  # photos the app keeps from this upload
 
@@ -197,7 +201,8 @@ def unet_weights(folder: Path, pipe) -> list[Path]:
 
 
 def huge_tensor(folder: Path, pipe) -> list[Path]:
-    """A real safetensors file with one 68 MB tensor (over the 64 MB limit)."""
+    """A real safetensors file with one 68 MB tensor (over the 64 MB limit: refused by Gradio's
+    max_file_size while it streams in, before the app sees it)."""
     path = Path(folder) / "huge.safetensors"
     save_file({"unet.conv_in.lora_A.weight": torch.zeros(17_000_000)}, str(path))
     return [path]
@@ -303,7 +308,7 @@ CASES = [
     BadInput("photo-renamed-lora", "lora", lambda folder, pipe: write(folder, "me.safetensors", encode(face(0))),
              ("not a readable .safetensors file",)),
     BadInput("broken-header", "lora", bad_header, ("header is not valid json",)),
-    BadInput("huge-tensor", "lora", huge_tensor, ("mb", "up to 64.0 mb are accepted")),
+    BadInput("huge-tensor", "oversize", huge_tensor, ("maximum allowed size", str(64 * 2**20))),
     BadInput("wrong-shapes", "lora", lambda folder, pipe: lora_file(folder, pipe, "shapes.safetensors", _wrong_shape),
              ("has shape", "does not fit this model")),
     BadInput("nan-weights", "lora", lambda folder, pipe: lora_file(folder, pipe, "nan.safetensors", _nan),
@@ -321,7 +326,355 @@ CASES = [
     BadInput("full-checkpoint", "lora", unet_weights, ("no lora weights",)),
 ]
 
-assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
+# more photos: every case of the probe (issue 17) ------------------------------------------------
+
+
+def png_16bit_rgb(img: Image.Image) -> bytes:
+    """A 48-bit PNG (16 bits per channel; Pillow cannot write one, so it is written here)."""
+    a = np.asarray(img.convert("RGB"), np.uint16) * 257
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in a)
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", img.width, img.height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def drawn(img: Image.Image, colours: int = 6) -> Image.Image:
+    """A face as a cartoon: smoothed, flattened to a few colours, outlined in black (what a drawing
+    or a cartoon filter gives; dlib's detector still finds the face in it)."""
+    from PIL import ImageFilter
+
+    flat = img.filter(ImageFilter.MedianFilter(5)).quantize(colours, method=Image.Quantize.MEDIANCUT).convert("RGB")
+    edges = img.convert("L").filter(ImageFilter.FIND_EDGES).point(lambda v: 0 if v > 40 else 255).filter(
+        ImageFilter.MinFilter(3))
+    return Image.composite(flat, Image.new("RGB", img.size, (20, 20, 20)), edges)
+
+
+def blank(size=(256, 256), colour=(200, 200, 200)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def group_photo() -> Image.Image:
+    """Three different example faces side by side, the middle one largest."""
+    img = Image.new("RGB", (760, 300), (230, 230, 230))
+    for i, (x, size) in enumerate(((0, 220), (240, 280), (540, 220))):
+        img.paste(face(6 * i + 1, size), (x, (300 - size) // 2))
+    return img
+
+
+def small_face() -> Image.Image:
+    img = Image.new("RGB", (400, 400), (180, 180, 180))
+    img.paste(face(0, 20), (190, 190))
+    return img
+
+
+def malformed_exif() -> bytes:
+    """A JPEG whose EXIF block is garbage after its header."""
+    j = encode(face(3))
+    junk = b"Exif\0\0II*\0" + b"\xff" * 28
+    return j[:2] + b"\xff\xe1" + struct.pack(">H", len(junk) + 2) + junk + j[2:]
+
+
+def lying_exif() -> bytes:
+    """An upright face whose EXIF orientation tag says to turn it (an editor rotated the pixels and
+    left the tag behind)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(face(2), exif=exif.tobytes())
+
+
+def big_text_png(zipped: bool = True) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * 2**21, zip=zipped)
+    return encode(face(4), "PNG", pnginfo=info)
+
+
+def frames(first: Image.Image, second: Image.Image, fmt: str) -> bytes:
+    extra = dict(duration=200, loop=0) if fmt in ("WEBP", "GIF") else {}
+    return encode(first, fmt, save_all=True, append_images=[second], **extra)
+
+
+def float_tiff() -> bytes:
+    return encode(Image.fromarray(np.asarray(face(5).convert("L"), np.float32) / 255.0, "F"), "TIFF")
+
+
+def three_good_and(bad: Callable[[], bytes], name: str) -> Callable:
+    """Three good photos and one bad one: the bad one is listed, the good ones are kept."""
+    def make(folder: Path, pipe) -> list[Path]:
+        good = [p for i in range(3) for p in write(folder, f"good_{i}.jpg", encode(face(i)))]
+        return good + write(folder, name, bad())
+    return make
+
+
+FIRST_FRAME = ("only the first frame is read", "upload")
+DRAWN = ("drawn", "photo")
+MORE_PHOTOS = [
+    BadInput("thin-strip-30000x16", "photo", _photo("strip.png", lambda: encode(blank((30000, 16)), "PNG")),
+             ("30000x16", "thin strip", "upload a photo")),
+    BadInput("strip-20000x20", "photo", _photo("banner.png", lambda: encode(blank((20000, 20)), "PNG")),
+             ("20000x20", "thin strip")),
+    BadInput("png-text-over-pillows-limit", "photo", _photo("notes.png", big_text_png),
+             ("hidden text or colour-profile data", "save the photo again")),
+    BadInput("png-icc-over-pillows-limit", "photo",
+             _photo("profile.png", lambda: encode(face(5), "PNG", icc_profile=b"\0" * 2**21)),
+             ("colour-profile data", "export it as jpeg")),
+    BadInput("truncated-png", "photo", _photo("cut.png", lambda: encode(face(1), "PNG")[:3000]),
+             ("damaged or truncated", "original photo again")),
+    BadInput("48-bit-png", "photo", _photo("deep48.png", lambda: png_16bit_rgb(face(2))), ("1 usable photo",), 1),
+    BadInput("palette-with-transparency", "photo",
+             _photo("palette.png", lambda: encode(face(3).convert("P", palette=Image.ADAPTIVE), "PNG", transparency=0)),
+             ("1 usable photo",), 1),
+    BadInput("animated-webp-face-in-frame-1", "photo", _photo("anim.webp", lambda: frames(face(4), blank(), "WEBP")),
+             ("1 usable photo",), 1),
+    BadInput("animated-webp-face-only-in-frame-2", "photo",
+             _photo("anim2.webp", lambda: frames(blank(), face(4), "WEBP")), FIRST_FRAME),
+    BadInput("gif-face-only-in-frame-2", "photo", _photo("anim2.gif", lambda: frames(blank(), face(5), "GIF")),
+             FIRST_FRAME),
+    BadInput("multi-page-tiff-face-on-page-2", "photo", _photo("scan.tiff", lambda: frames(blank(), face(6), "TIFF")),
+             FIRST_FRAME),
+    BadInput("multi-page-tiff-face-on-page-1", "photo", _photo("scan1.tiff", lambda: frames(face(6), blank(), "TIFF")),
+             ("1 usable photo",), 1),
+    BadInput("avif", "photo", _photo("phone.avif", lambda: encode(face(7), "AVIF")), ("1 usable photo",), 1),
+    BadInput("still-webp", "photo", _photo("still.webp", lambda: encode(face(8), "WEBP")), ("1 usable photo",), 1),
+    BadInput("bmp", "photo", _photo("old.bmp", lambda: encode(face(9), "BMP")), ("1 usable photo",), 1),
+    BadInput("png-named-jpg", "photo", _photo("really_a_png.jpg", lambda: encode(face(10), "PNG")),
+             ("1 usable photo",), 1),
+    BadInput("greyscale-jpeg", "photo", _photo("grey.jpg", lambda: encode(face(11).convert("L"))), ("1 usable photo",), 1),
+    BadInput("lying-exif", "photo", _photo("edited.jpg", lying_exif), ("1 usable photo", "orientation tag", "as stored"), 1),
+    BadInput("malformed-exif", "photo", _photo("odd_exif.jpg", malformed_exif), ("1 usable photo",), 1),
+    BadInput("lab-tiff", "photo", _photo("lab.tiff", lambda: encode(face(0).convert("LAB"), "TIFF")),
+             ("1 usable photo",), 1),
+    BadInput("float-tiff", "photo", _photo("float.tiff", float_tiff), ("1 usable photo",), 1),
+    BadInput("three-faces", "photo", _photo("group.jpg", lambda: encode(group_photo())),
+             ("1 usable photo", "3 faces were found", "the largest was used"), 1),
+    BadInput("20-px-face", "photo", _photo("far_away.jpg", lambda: encode(small_face())),
+             ("no face was found", "at least 100 pixels wide")),
+    BadInput("fully-transparent", "photo", _photo("nothing.png", lambda: encode(Image.new("RGBA", (256, 256)), "PNG")),
+             ("fully transparent", "upload a photo")),
+    BadInput("blank-image", "photo", _photo("white.png", lambda: encode(blank(colour=(255, 255, 255)), "PNG")),
+             ("no face was found",)),
+    BadInput("drawn-face-png", "photo", _photo("cartoon.png", lambda: encode(drawn(face(1)), "PNG")), DRAWN),
+    BadInput("drawn-face-jpeg", "photo", _photo("cartoon.jpg", lambda: encode(drawn(face(2)), quality=95)), DRAWN),
+    BadInput("drawn-face-few-colours", "photo", _photo("poster.png", lambda: encode(drawn(face(3), 4), "PNG")), DRAWN),
+    BadInput("huge-icc-in-jpeg", "photo",
+             _photo("profiled.jpg", lambda: encode(face(4), icc_profile=np.random.default_rng(0).integers(
+                 0, 256, 2**20, dtype=np.uint8).tobytes())), ("1 usable photo",), 1),
+    BadInput("good-photos-and-a-thin-strip", "photos", three_good_and(lambda: encode(blank((30000, 16)), "PNG"), "strip.png"),
+             ("3 usable photos", "thin strip"), 3),
+    BadInput("good-photos-and-a-text-bomb", "photos", three_good_and(big_text_png, "notes.png"),
+             ("3 usable photos", "hidden text"), 3),
+    BadInput("good-photos-and-a-drawing", "photos", three_good_and(lambda: encode(drawn(face(5)), "PNG"), "toon.png"),
+             ("3 usable photos", "drawn"), 3),
+]
+
+
+# more LoRA files --------------------------------------------------------------------------------
+
+
+def raw_file(name: str, header, data: bytes = b"", length: int | None = None) -> Callable:
+    """A file laid out like safetensors: 8-byte header length (or ``length``), the header, data."""
+    def make(folder: Path, pipe) -> list[Path]:
+        head = header if isinstance(header, bytes) else json.dumps(header).encode()
+        return write(folder, name, struct.pack("<Q", len(head) if length is None else length) + head + data)
+    return make
+
+
+def edited(name: str, edit: Callable, text_encoder: bool = False, rank: int = 4) -> Callable:
+    """A LoRA of the app's own exporter (optionally with a text encoder part, at ``rank``), changed by
+    ``edit(tensors, meta)``."""
+    def make(folder: Path, pipe) -> list[Path]:
+        from safetensors import safe_open
+
+        from core.finetune.lora import save_lora
+
+        path = save_lora(Path(folder) / name, random_lora(pipe, rank=rank, text_encoder=text_encoder))
+        with safe_open(str(path), "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        edit(tensors, meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        return [path]
+    return make
+
+
+def _adapter(meta, **changes):
+    a = json.loads(meta["lora_adapter_metadata"])
+    a.update(changes)
+    meta["lora_adapter_metadata"] = json.dumps(a)
+
+
+def _transpose(t, meta):
+    for k in t:
+        if t[k].ndim == 2:
+            t[k] = t[k].T.contiguous()
+
+
+def _swap(t, meta):
+    for k in [k for k in t if k.endswith("lora_A.weight") and t[k].ndim == 2]:
+        b = k.replace("lora_A", "lora_B")
+        t[k], t[b] = t[b], t[k]
+
+
+def _only_text_encoder(t, meta):
+    for k in [k for k in t if k.startswith("unet.")]:
+        del t[k]
+
+
+def _text_encoder_peft(t, meta):
+    """Text-encoder-only, in peft naming (what peft's own save writes)."""
+    _only_text_encoder(t, meta)
+    for k in list(t):
+        t[k.replace("lora_linear_layer.down", "lora_A").replace("lora_linear_layer.up", "lora_B")
+          .replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")] = t.pop(k)
+
+
+def _pad_rank(t, meta, rank):
+    """The same LoRA at a higher rank (zero rows / columns added; the product B·A is unchanged)."""
+    for k in t:
+        if "lora_A" in k:
+            t[k] = torch.cat([t[k], torch.zeros(rank - t[k].shape[0], *t[k].shape[1:])])
+        else:
+            t[k] = torch.cat([t[k], torch.zeros(t[k].shape[0], rank - t[k].shape[1], *t[k].shape[2:])], dim=1)
+    _adapter(meta, **{"unet.r": rank})
+
+
+def _rank0(t, meta):
+    for k in t:
+        t[k] = t[k][:0].contiguous() if "lora_A" in k else t[k][:, :0].contiguous()
+
+
+def _dtype_mix(t, meta):
+    for i, k in enumerate(sorted(t)):
+        t[k] = t[k].half() if i % 2 else t[k].bfloat16()
+
+
+def _many_tensors(t, meta):
+    for i in range(10_000):
+        t[f"unet.extra.{i}.lora_A.weight"] = torch.zeros(1)
+
+
+def _inf(t, meta):
+    k = _first(t, "lora_B.weight")
+    t[k][0].fill_(float("inf"))
+
+
+def _huge_values(t, meta):
+    for k in t:
+        t[k] = torch.full_like(t[k], 3e38) * (1 if "lora_A" in k else -1)
+
+
+def _sd15_layout(folder: Path, pipe) -> list[Path]:
+    """Stable Diffusion 1.5's layer names and sizes (320/640/1280 channels), peft naming."""
+    t = {}
+    for block, ch in ((0, 320), (1, 640), (2, 1280)):
+        for proj in ("to_q", "to_k", "to_v"):
+            name = f"unet.down_blocks.{block}.attentions.0.transformer_blocks.0.attn1.{proj}"
+            t[f"{name}.lora_A.weight"] = torch.randn(4, ch) * 0.01
+            t[f"{name}.lora_B.weight"] = torch.zeros(ch, 4)
+    path = Path(folder) / "sd15_face.safetensors"
+    save_file(t, str(path))
+    return [path]
+
+
+def _header(tensors: dict, meta: dict | None = None) -> dict:
+    h = {k: {"dtype": d, "shape": s, "data_offsets": o} for k, (d, s, o) in tensors.items()}
+    return {**h, **({"__metadata__": meta} if meta else {})}
+
+
+A_KEY, B_KEY = "unet.conv_in.lora_A.weight", "unet.conv_in.lora_B.weight"
+NEXT = ("export the lora again",)
+MORE_LORAS = [
+    BadInput("header-length-2-to-the-60", "lora", raw_file("long.safetensors", b"{}", length=2**60),
+             ("not a readable .safetensors file", "not a valid safetensors header")),
+    BadInput("eight-byte-file", "lora", lambda folder, pipe: write(folder, "tiny.safetensors", struct.pack("<Q", 2)),
+             ("not a readable .safetensors file", "not a valid safetensors header")),
+    BadInput("json-array-header", "lora", raw_file("array.safetensors", b"[1, 2, 3]"), ("not a json object",)),
+    BadInput("empty-json-header", "lora", raw_file("nothing.safetensors", b"{}"), ("no lora weights", "no tensors at all")),
+    BadInput("overlapping-offsets", "lora",
+             raw_file("overlap.safetensors", _header({A_KEY: ("F32", [4, 4], [0, 64]), B_KEY: ("F32", [4, 4], [32, 96])}),
+                      bytes(96)), ("share bytes",)),
+    BadInput("dtype-byte-length-mismatch", "lora",
+             raw_file("mismatch.safetensors", _header({A_KEY: ("F32", [4, 4], [0, 32])}), bytes(32)),
+             ("declared as 16 values of f32", "given 32 bytes")),
+    BadInput("2-to-the-40-elements", "lora",
+             raw_file("vast.safetensors", _header({A_KEY: ("F32", [2**20, 2**20], [0, 64])}), bytes(64)),
+             ("1099511627776 values",)),
+    BadInput("offsets-beyond-the-file", "lora",
+             raw_file("short.safetensors", _header({A_KEY: ("F32", [4, 4], [0, 64])}), bytes(16)),
+             ("beyond the end of the file",)),
+    BadInput("duplicate-json-keys", "lora",
+             raw_file("twice.safetensors", (b'{"' + A_KEY.encode() + b'": {"dtype": "F32", "shape": [1], "data_offsets": '
+                                            b'[0, 4]}, "' + A_KEY.encode() + b'": {"dtype": "F32", "shape": [1], '
+                                            b'"data_offsets": [0, 4]}}'), bytes(4)), ("twice",)),
+    BadInput("deeply-nested-header", "lora", raw_file("deep.safetensors", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+             ("nested far deeper",)),
+    BadInput("ten-megabyte-metadata", "lora",
+             raw_file("chatty.safetensors", _header({A_KEY: ("F32", [1], [0, 4])}, {"notes": "x" * 10 * 2**20}), bytes(4)),
+             ("metadata", "a few kb")),
+    BadInput("ten-thousand-tensors", "lora", edited("many.safetensors", _many_tensors), ("10", "tensors", "accepted")),
+    BadInput("infinite-weights", "lora", edited("inf.safetensors", _inf), ("nan or infinite",)),
+    BadInput("weights-3e38", "lora", edited("huge_values.safetensors", _huge_values), ("times its own size", *NEXT)),
+    BadInput("alpha-1e308", "lora", edited("alpha.safetensors", lambda t, m: _adapter(m, **{"unet.lora_alpha": 1e308})),
+             ("times its own size", "alpha 1e+308")),
+    BadInput("negative-alpha", "lora", edited("neg.safetensors", lambda t, m: _adapter(m, **{"unet.lora_alpha": -4})),
+             ("lora alpha", "positive finite number")),
+    BadInput("deeply-nested-adapter-metadata", "lora",
+             edited("deepmeta.safetensors", lambda t, m: m.update(lora_adapter_metadata="[" * 100_000 + "]" * 100_000)),
+             ("lora_adapter_metadata", "not a valid json object")),
+    BadInput("rank-300", "lora", edited("r300.safetensors", lambda t, m: _pad_rank(t, m, 300)), ("rank is 300", "1 to 256")),
+    BadInput("rank-0", "lora", edited("r0.safetensors", _rank0), ("rank is 0", "changes nothing")),
+    BadInput("transposed-shapes", "lora", edited("transposed.safetensors", _transpose), ("stored transposed", *NEXT)),
+    BadInput("swapped-a-and-b", "lora", edited("swapped.safetensors", _swap), ("swapped", *NEXT)),
+    BadInput("text-encoder-only", "lora", edited("te.safetensors", _only_text_encoder, text_encoder=True),
+             ("only the text encoder", "adapts the unet")),
+    BadInput("text-encoder-only-peft-naming", "lora", edited("te_peft.safetensors", _text_encoder_peft, text_encoder=True),
+             ("only the text encoder", "adapts the unet")),
+    BadInput("sd15-layout-peft-naming", "lora", _sd15_layout, ("this base model", "fine-tuned from this app's base model")),
+    BadInput("float64-weights", "lora", edited("f64.safetensors", lambda t, m: t.update({k: v.double() for k, v in t.items()})),
+             ("stored as 'f64'", "floating point")),
+    # files the app reads: the attack runs (and says what it ignored)
+    BadInput("f16-bf16-mix", "lora-ok", edited("mixed.safetensors", _dtype_mix), ("attacked the uploaded lora", "rank 4")),
+    BadInput("rank-256", "lora-ok", edited("r256.safetensors", lambda t, m: _pad_rank(t, m, 256)),
+             ("attacked the uploaded lora", "rank 256")),
+    BadInput("leaklab-steps-2-to-the-63", "lora-ok", edited("s63.safetensors", lambda t, m: m.update(leaklab_steps=str(2**63))),
+             ("9223372036854775808", "is ignored", "fine-tuning step 80 (from your input")),
+    BadInput("leaklab-steps-10-to-the-4000", "lora-ok",
+             edited("s4000.safetensors", lambda t, m: m.update(leaklab_steps="1" + "0" * 4000)),
+             ("is ignored", "fine-tuning step 80 (from your input")),
+]
+
+
+# settings of the Train and Draw buttons (values, not files) --------------------------------------
+
+
+def values(*v) -> Callable:
+    return lambda folder, pipe: list(v)
+
+
+SEED_WORDS = ("seed must be a whole number", "empty for a fresh random one")
+SETTINGS = [
+    # Train: steps, rank, lr, seed, text encoder, DP-SGD, its noise, post-hoc defense, its strength
+    BadInput("seed-1e30", "train", values(20, 4, 3e-3, 1e30, False, False, 1.0, "none", 0.9), SEED_WORDS),
+    BadInput("negative-seed", "train", values(20, 4, 3e-3, -1, False, False, 1.0, "none", 0.9), SEED_WORDS),
+    BadInput("seed-2-to-the-31", "train", values(20, 4, 3e-3, 2**31, False, False, 1.0, "none", 0.9), SEED_WORDS),
+    BadInput("learning-rate-5", "train", values(20, 4, 5.0, 0, False, False, 1.0, "none", 0.9), ("lr must be in (0, 1)",)),
+    # Gradio's own checks of its widgets' ranges and choices
+    BadInput("a-billion-steps", "train", values(10**9, 4, 3e-3, 0, False, False, 1.0, "none", 0.9),
+             ("greater than maximum value 600",)),
+    BadInput("rank-0-setting", "train", values(20, 0, 3e-3, 0, False, False, 1.0, "none", 0.9),
+             ("value 0 is less than minimum value 1",)),
+    BadInput("negative-dp-noise", "train", values(20, 4, 3e-3, 0, False, True, -1.0, "none", 0.9),
+             ("less than minimum value 0",)),
+    BadInput("unknown-defense", "train", values(20, 4, 3e-3, 0, False, False, 1.0, "magic", 0.9),
+             ("magic is not in the list of choices",)),
+    BadInput("sample-seed-1e30", "sample", values(1e30, 1, 5, 1.0), ("seed must be",)),
+]
+
+
+CASES += MORE_PHOTOS + MORE_LORAS + SETTINGS
+assert len(CASES) >= 75 and len({c.name for c in CASES}) == len(CASES)
 
 
 def make_case(case: BadInput, folder: Path, pipe) -> list[Path]:

@@ -1,8 +1,17 @@
 """Shared fixtures: offline hub, the LFW folder (tests that need it skip without it), a tiny
 random pipeline saved to disk (the diffusers-tests "dummy components" idea)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
+# this test process's own session root and Gradio upload folder: the app empties both at start-up
+# and shutdown, which must never touch another process's visitors (other test runs on this machine)
+_PRIVATE = tempfile.mkdtemp(prefix="leaklab-tests-")
+atexit.register(shutil.rmtree, _PRIVATE, True)
+os.environ.setdefault("LEAKLAB_SESSION_ROOT", os.path.join(_PRIVATE, "sessions"))
+os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(_PRIVATE, "gradio"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -9,6 +9,7 @@ from PIL import Image
 
 from core import ASSETS
 from tests.conftest import launched_app
+from tests.raw_api import as_upload
 
 EXAMPLES = sorted((ASSETS / "examples" / "person_1000").glob("*.png"))
 
@@ -89,13 +90,16 @@ def test_attack_file_deletes_uploads_and_works_without_attacker(attack_engine, t
 
     evil = tmp_path / "upload.bin"
     evil.write_bytes(b"PK\x03\x04" + b"\0" * 64)
-    status, *_ = attack_file(attack_engine, str(evil), 80, None, None)
-    assert "zip archive" in status and not evil.exists()
+    upload = as_upload(evil)
+    status, *_ = attack_file(attack_engine, str(upload), 80, None, None)
+    assert "zip archive" in status and not upload.exists()
+    status, *_ = attack_file(attack_engine, str(evil), 80, None, None)  # not an upload: refused untouched
+    assert "not a file you uploaded" in status and evil.exists()
     with pytest.raises(gr.Error):
         attack_file(attack_engine, None, 80, None, None)
 
     monkeypatch.setattr(attack_engine, "attacker", lambda: (None, "No trained attacker found at `x`."))
-    good = save_lora(tmp_path / "lora.safetensors", tiny_result)
+    good = as_upload(save_lora(tmp_path / "lora.safetensors", tiny_result))
     status, attack, naive, fx, refs, table = attack_file(attack_engine, str(good), 80, None, None)
     assert not good.exists()
     assert "trained attacker did not run:** No trained attacker found" in status
@@ -145,3 +149,29 @@ def test_live_attack_says_why_when_there_is_no_attacker(base_engine, example_cro
         assert first["attack_gallery"].visible is False
     finally:
         session.close()
+
+
+def test_a_lora_read_when_it_arrives_serves_the_attack_and_the_metadata_panel(attack_engine, tiny_result, tmp_path):
+    """An upload is read once, when it arrives (ui.uploads): that one reading checks the LoRA and scans
+    its metadata, so both buttons still work once the upload itself is gone; nobody else gets either."""
+    from pathlib import Path
+
+    from core.finetune.lora import save_lora
+    from ui.attack_tab import lora_arrived, read_lora_upload
+    from ui.metadata_panel import scan_upload
+    from ui.session import VisitorSession
+
+    s, other = VisitorSession(), VisitorSession()
+    try:
+        upload = as_upload(save_lora(tmp_path / "mine.safetensors", tiny_result))
+        status = lora_arrived(attack_engine, str(upload), s)
+        assert status.startswith("**LoRA file checked**") and "Press **Attack this LoRA file**" in status, status
+        assert not upload.exists()
+        assert read_lora_upload(attack_engine, str(upload), s).rank == tiny_result.config.rank
+        report, rest, cleaned = scan_upload(str(upload), s)
+        assert "metadata entries" in report and Path(cleaned).is_file() and s.path in Path(cleaned).parents
+        report, _, cleaned = scan_upload(str(upload), other)  # the path names nothing for another session
+        assert "please upload it again" in report and cleaned is None
+    finally:
+        s.close()
+        other.close()

@@ -11,6 +11,7 @@ playwright)."""
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,96 @@ def test_a_visitor_fine_tunes_and_sees_the_reconstruction(browser, app_url):
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390 + 1  # no sideways scrolling
     phone.close()
     page.close()
+
+
+# a finished visit leaves nothing: not in the browser, not on the server ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_url(tiny_engine):
+    for demo in launched_app(tiny_engine):
+        yield demo.local_url
+
+
+def storage_of(page) -> dict:
+    """Everything the page's origin keeps in the browser: localStorage, sessionStorage, IndexedDB."""
+    return page.evaluate("""async () => ({
+        local: Object.fromEntries(Object.entries(localStorage)),
+        session: Object.fromEntries(Object.entries(sessionStorage)),
+        indexeddb: (await indexedDB.databases()).map(d => d.name),
+    })""")
+
+
+def visit_files(since: set) -> set:
+    """Files with content, added since ``since``, wherever a visit could leave one on the server."""
+    from gradio.utils import get_upload_folder
+
+    from ui import session as sess
+
+    found = set()
+    for folder in (sess.SESSION_ROOT, Path(get_upload_folder())):
+        found |= {p for p in Path(folder).rglob("*") if p.is_file() and p.stat().st_size}
+    return found - since
+
+
+def open_app(browser, url):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(url)
+    page.get_by_text("Upload photos, then press").wait_for(timeout=60_000)
+    return context, page
+
+
+def test_a_finished_visit_leaves_nothing_in_the_browser(browser, tiny_url):
+    """On a shared classroom computer: a visitor uploads photos and fine-tunes, then closes the tab.
+    The next person finds nothing of the visit in the browser's storage or at /gradio_api/runs."""
+    context, page = open_app(browser, tiny_url)
+    page.locator("input[type=file]").first.set_input_files([str(p) for p in EXAMPLE_PHOTOS])
+    page.get_by_text(f"{len(EXAMPLE_PHOTOS)} usable photos").wait_for(timeout=60_000)
+    steps = page.get_by_label("Training steps").and_(page.locator("input[type=number]"))
+    steps.fill("20")
+    steps.press("Enter")
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.get_by_text("Done: 20 steps").wait_for(timeout=300_000)
+    trigger = re.search(r"Trigger word: (\w+)", page.locator("body").inner_text()).group(1)
+    private = [trigger, "leaklab-session", "leaklab-uploads", *(p.name for p in EXAMPLE_PHOTOS)]
+    page.close()  # the visit ends
+
+    after = context.new_page()
+    after.goto(tiny_url)
+    after.get_by_text("Upload photos, then press").wait_for(timeout=60_000)
+    kept = storage_of(after)
+    assert not any(k.startswith("gradio:run-history") for k in kept["local"]), list(kept["local"])
+    assert not [w for w in private if w in str(kept)], kept
+    assert kept["indexeddb"] == [], kept
+    assert after.request.get(f"{tiny_url.rstrip('/')}/gradio_api/runs").status == 404
+    context.close()
+
+
+def test_a_closed_tab_leaves_no_file_within_a_minute(browser, tiny_url, tiny_engine, tmp_path):
+    """A visitor uploads photos, then a LoRA file and reference photos in the Attack tab without ever
+    pressing Attack, and closes the tab: within 60 s no file of the visit is left on the server."""
+    from core.finetune.lora import save_lora
+    from tests.bad_inputs import random_lora
+
+    since = visit_files(set())
+    context, page = open_app(browser, tiny_url)
+    page.locator("input[type=file]").first.set_input_files([str(p) for p in EXAMPLE_PHOTOS])
+    page.get_by_text(f"{len(EXAMPLE_PHOTOS)} usable photos").wait_for(timeout=60_000)
+    lora = save_lora(tmp_path / "shared-lora.safetensors", random_lora(tiny_engine.pipe, text_encoder=False))
+    page.get_by_role("tab", name="Attack").click()
+
+    def file_input(label):
+        return page.locator("div.block", has_text=label).last.locator("input[type=file]")
+
+    file_input("A LoRA file (.safetensors; diffusers").set_input_files(str(lora))  # the tab's own, not a panel's
+    page.wait_for_timeout(3000)
+    file_input("photos of the person, to score").set_input_files([str(p) for p in EXAMPLE_PHOTOS[:2]])
+    page.wait_for_timeout(3000)
+    assert visit_files(since)  # the visit's files are on the server
+    page.close()  # the visit ends
+    context.close()
+    deadline = time.monotonic() + 60
+    while visit_files(since) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert visit_files(since) == set(), sorted(str(p) for p in visit_files(since))

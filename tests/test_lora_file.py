@@ -51,9 +51,9 @@ def rewrite(src, dst, edit):
     return dst
 
 
-def refused(path, pipe, reason) -> LoRAFileError:
+def refused(path, pipe, reason, **kw) -> LoRAFileError:
     with pytest.raises(LoRAFileError) as info:
-        validate_lora_file(path, pipe)
+        validate_lora_file(path, pipe, **kw)
     err = info.value
     msg = str(err)
     assert err.reason == reason, msg
@@ -292,3 +292,99 @@ def test_bad_alpha(good_file, tiny_pipe, tmp_path, alpha):
 def test_adapter_metadata_not_json(good_file, tiny_pipe, tmp_path):
     path = rewrite(good_file, tmp_path / "j.safetensors", lambda t, m: m.update(lora_adapter_metadata="{oops"))
     refused(path, tiny_pipe, "metadata")
+
+
+# what the probe of issue 17 found: hostile headers and values, misleading messages -----------------
+
+
+def raw_file(tmp_path, header: bytes, data: bytes = b"", length=None):
+    path = tmp_path / "raw.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data, words", [
+    (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"", "nested far deeper"),
+    (b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "x": {"dtype": "F32", "shape": [1], '
+     b'"data_offsets": [0, 4]}}', bytes(4), "twice"),
+    (json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                 "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}).encode(), bytes(24), "share bytes"),
+    (json.dumps({"a": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 16]}}).encode(), bytes(16),
+     "1099511627776 values"),
+    (json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode(), bytes(8), "beyond the end"),
+], ids=["nested", "duplicate-keys", "overlap", "2^40-values", "beyond-the-end"])
+def test_hostile_headers_get_their_own_sentence(tiny_pipe, tmp_path, header, data, words):
+    err = refused(raw_file(tmp_path, header, data), tiny_pipe, "not_safetensors")
+    assert words in str(err)
+
+
+def test_huge_metadata_is_refused(tiny_pipe, tmp_path):
+    header = json.dumps({"__metadata__": {"n": "x" * 2**21}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    refused(raw_file(tmp_path, header.encode(), bytes(4)), tiny_pipe, "metadata")
+
+
+def test_deeply_nested_adapter_metadata(good_file, tiny_pipe, tmp_path):
+    path = rewrite(good_file, tmp_path / "d.safetensors", lambda t, m: m.update(lora_adapter_metadata="[" * 10**5 + "]" * 10**5))
+    refused(path, tiny_pipe, "metadata")
+
+
+def test_transposed_and_swapped_matrices_are_named(good_file, tiny_pipe, tmp_path):
+    def transpose(t, m):
+        for k in t:
+            if t[k].ndim == 2:
+                t[k] = t[k].T.contiguous()
+
+    def swap(t, m):
+        for k in [k for k in t if k.endswith("lora_A.weight") and t[k].ndim == 2]:
+            b = k.replace("lora_A", "lora_B")
+            t[k], t[b] = t[b], t[k]
+
+    assert "stored transposed" in str(refused(rewrite(good_file, tmp_path / "t.safetensors", transpose), tiny_pipe, "transposed"))
+    assert "swapped" in str(refused(rewrite(good_file, tmp_path / "s.safetensors", swap), tiny_pipe, "transposed"))
+
+
+def test_a_text_encoder_only_lora_is_told_so(good_file, tiny_pipe, tmp_path):
+    def te_only(t, m):
+        for k in [k for k in t if k.startswith("unet.")]:
+            del t[k]
+
+    path = rewrite(good_file, tmp_path / "te.safetensors", te_only)
+    assert "only the text encoder" in str(refused(path, tiny_pipe, "text_encoder_only", need_unet=True))
+    peft_named, _ = load_lora(path)  # the same weights under peft names: diffusers cannot convert those
+    save_file({k: v.contiguous() for k, v in peft_named.items()}, str(tmp_path / "te_peft.safetensors"))
+    refused(tmp_path / "te_peft.safetensors", tiny_pipe, "text_encoder_only", need_unet=True)
+    # a real format (a peft adapter of a text encoder): read when no UNet layer is needed (the membership check)
+    v = validate_lora_file(tmp_path / "te_peft.safetensors", tiny_pipe)
+    assert v.modules == [] and all(k.startswith("text_encoder.") for k in v.ranks)
+
+
+def test_rank_zero_is_told_so(good_file, tiny_pipe, tmp_path):
+    def rank0(t, m):
+        for k in t:
+            t[k] = t[k][:0].contiguous() if "lora_A" in k or ".down." in k else t[k][:, :0].contiguous()
+
+    assert "rank is 0" in str(refused(rewrite(good_file, tmp_path / "r0.safetensors", rank0), tiny_pipe, "rank"))
+
+
+@pytest.mark.parametrize("edit", ["weights", "alpha"])
+def test_weights_or_alpha_that_would_make_the_model_infinite(good_file, tiny_pipe, tmp_path, edit):
+    def change(t, m):
+        if edit == "weights":
+            for k in t:
+                t[k] = torch.full_like(t[k], 3e38) * (1 if "lora_A" in k else -1)
+        else:
+            adapter = json.loads(m["lora_adapter_metadata"])
+            adapter["unet.lora_alpha"] = 1e308
+            m["lora_adapter_metadata"] = json.dumps(adapter)
+
+    err = refused(rewrite(good_file, tmp_path / "v.safetensors", change), tiny_pipe, "too_large_values")
+    assert "times its own size" in str(err)
+
+
+@pytest.mark.parametrize("steps", [str(2**63), "1" + "0" * 4000, "-3", "ten"])
+def test_a_step_count_out_of_range_is_ignored_with_a_note(good_file, tiny_pipe, tmp_path, steps):
+    from core.attack.report import recorded_steps
+
+    v = validate_lora_file(rewrite(good_file, tmp_path / "s.safetensors", lambda t, m: m.update(leaklab_steps=steps)),
+                           tiny_pipe)
+    assert recorded_steps(v.meta) is None and any("is ignored" in n for n in v.notes)

@@ -4,6 +4,7 @@ the visitor reads."""
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -99,19 +100,23 @@ def session_with_lora(tiny_engine, crops):
 
 
 def example_upload(tmp_path, i):
+    """Example face ``i`` as the app receives a visitor's upload (a private upload folder, ui.uploads)."""
+    from tests.raw_api import as_upload
+
     f = tmp_path / f"photo{i}.png"
     f.write_bytes(EXAMPLES[i].read_bytes())
-    return str(f)
+    return str(as_upload(f))
 
 
 def test_membership_check_without_calibration_shows_scores_and_says_why(tiny_engine, session_with_lora, tmp_path, monkeypatch):
     import ui.membership_panel as mp
 
     monkeypatch.setattr(mp, "load_report", lambda name: None)
-    text, gallery, _ = mp.check(tiny_engine, session_with_lora, None, [example_upload(tmp_path, 0), example_upload(tmp_path, 4)])
+    uploads = [example_upload(tmp_path, 0), example_upload(tmp_path, 4)]
+    text, gallery, _ = mp.check(tiny_engine, session_with_lora, None, uploads)
     assert "against your LoRA from the Fine-tune tab" in text and "Scores only" in text and "python -m core.studies.membership" in text
     assert len(gallery) == 2 and all("score" in c for _, c in gallery)
-    assert not (tmp_path / "photo0.png").exists()  # the upload was read once and deleted
+    assert not any(Path(p).exists() for p in uploads)  # the uploads were read once and deleted
 
 
 def test_membership_check_reads_the_score_against_a_calibrated_threshold(tiny_engine, session_with_lora, tmp_path, monkeypatch):
@@ -135,6 +140,7 @@ def test_membership_check_reads_the_score_against_a_calibrated_threshold(tiny_en
 
 def test_membership_check_needs_a_lora(tiny_engine, tmp_path):
     import ui.membership_panel as mp
+    from tests.raw_api import as_upload
     from ui.session import VisitorSession
 
     s = VisitorSession()
@@ -144,7 +150,32 @@ def test_membership_check_needs_a_lora(tiny_engine, tmp_path):
         bad = tmp_path / "bad.safetensors"
         bad.write_bytes(b"not a safetensors file at all")
         with pytest.raises(gr.Error, match="refused"):
-            mp.check(tiny_engine, s, str(bad), [example_upload(tmp_path, 3)])
+            mp.check(tiny_engine, s, str(as_upload(bad)), [example_upload(tmp_path, 3)])
+        with pytest.raises(gr.Error, match="not a file you uploaded"):  # only the visitor's own uploads are read
+            mp.check(tiny_engine, s, str(bad), [example_upload(tmp_path, 2)])
+        assert bad.exists()
+    finally:
+        s.close()
+
+
+def test_membership_uploads_read_when_they_arrive_serve_the_button(tiny_engine, session_with_lora, tmp_path):
+    """Photos and LoRA file are read once, when they arrive (ui.uploads); the button then finds what
+    came of them in the session, though the uploads themselves are gone."""
+    import ui.membership_panel as mp
+    from core.finetune.lora import save_lora
+    from tests.raw_api import as_upload
+    from ui.finetune_tab import read_faces
+    from ui.session import VisitorSession
+
+    s = VisitorSession()
+    try:
+        photos = [example_upload(tmp_path, 0), example_upload(tmp_path, 1)]
+        crops, left, _ = read_faces(photos, tiny_engine.image_size, s)  # the upload event
+        lora = as_upload(save_lora(tmp_path / "shared.safetensors", session_with_lora.result))
+        assert mp.lora_checked(tiny_engine, s, str(lora)).startswith("**LoRA file checked**")
+        assert len(crops) == 2 and not left and not lora.exists() and not any(Path(p).exists() for p in photos)
+        text, gallery, _ = mp.check(tiny_engine, s, str(lora), photos)
+        assert "against the uploaded LoRA file" in text and len(gallery) == 2
     finally:
         s.close()
 

@@ -59,8 +59,10 @@ average face, so compare with the floor, not with 0.6.
 
 ## Your photos
 Your photos, crops, LoRA and reconstructions live in memory and in a temporary folder of your own
-session; they are deleted when you close the page, or after {hours:g} hours without use. They are never
-logged, never used to train anything shared, and never shown to anyone else.
+session; they are deleted within a minute of closing the page, or after {hours:g} hours without use. They
+are never logged, never used to train anything shared, and never shown to anyone else; no other visitor's
+request can read or use them. Your browser keeps no record of the visit (the app's run history is off),
+so the next person at a shared computer finds nothing of it.
 """
 
 

@@ -6,8 +6,6 @@ metric (``core.faces.utility``) live in ``core``. Uploaded files are deleted onc
 
 from __future__ import annotations
 
-import secrets
-from pathlib import Path
 
 import gradio as gr
 
@@ -18,16 +16,17 @@ from core.attack.baselines import FINEXTRACT_W
 from core.engine import Engine
 from core.finetune.lora import FinetuneConfig, MAX_PHOTOS
 from core.finetune.lora_file import MAX_BYTES as MAX_LORA_BYTES
-from core.finetune.lora_file import LoRAFileError, too_large, validate_lora_file
+from core.finetune.lora_file import LoRAFileError
 from core.faces.metrics import SAME_PERSON
 from core.model.pipeline import EMBEDDED_NAME
 from core.model.prompts import CLASS_PROMPT
 from ui.finetune_tab import read_faces
-from ui.metadata_panel import create_metadata_panel
+from ui.metadata_panel import READ_KEY, create_metadata_panel, remember_refusal, scan_arrived
 from ui.session import ensure, media
 from ui.gpu import on_gpu
 from ui.membership_panel import create_membership_panel
-from ui.uploads import UploadTooLarge, read_upload
+from ui.lora_upload import describe_lora, lora_refusal, read_lora_upload
+from ui.uploads import UploadError, local_file
 
 INTRO = f"""
 ### Attack a shared LoRA
@@ -76,24 +75,24 @@ def measured_text(report: dict | None = None) -> str:
             f"pick the right person out of {n} (chance {1 / n:.0%}): " + "; ".join(w for _, w in said) + ".")
 
 
-def read_lora_upload(engine: Engine, lora_path, session):
-    """Validate an uploaded LoRA file: Gradio's copy is read once and deleted (:mod:`ui.uploads`), the
-    bytes are checked from a file in the visitor's own session dir, which is removed right after."""
-    name = Path(lora_path).name
-    try:
-        raw = read_upload(lora_path, MAX_LORA_BYTES)
-    except UploadTooLarge as e:
-        raise too_large(name, e.size) from None
-    except OSError:
-        raise LoRAFileError("missing", "The LoRA file could not be found; please upload it again.") from None
-    folder = ensure(session).dir / "uploads"
-    folder.mkdir(exist_ok=True)
-    private = folder / f"{secrets.token_hex(8)}-{name}"
-    try:
-        private.write_bytes(raw)
-        return validate_lora_file(private, engine.pipe)
-    finally:
-        private.unlink(missing_ok=True)
+def lora_arrived(engine: Engine, lora_path, session) -> str:
+    """The status line the moment a LoRA file arrives. Its one reading (:mod:`ui.uploads`: an upload is
+    read once, then gone) serves both the check (kept in the session for the Attack button) and the
+    metadata panel's scan (kept for its button). Both buttons call this first too (an event of theirs
+    can run before the upload's own): whoever comes first reads, the others find what it made."""
+    with session.reading:
+        if str(lora_path) in session.reads or READ_KEY + str(lora_path) in session.reads:
+            return checked_text(engine, lora_path, session)
+        try:
+            with local_file(lora_path, session, MAX_LORA_BYTES) as path:
+                scan_arrived(lora_path, path, session)
+                return checked_text(engine, lora_path, session)
+        except UploadError as e:
+            err = lora_refusal(lora_path, e)
+            if err.reason != "upload":  # too large: both buttons say so again (the file itself is gone)
+                session.remember(str(lora_path), err)
+                remember_refusal(lora_path, str(err), session)
+            return refused(str(err))[0]
 
 
 def attacker_for(engine: Engine):
@@ -106,16 +105,6 @@ def attacker_for(engine: Engine):
                f"core.attack.shadow --model {engine.model_name}` and `python -m core.attack.train --model "
                f"{engine.model_name}` (README: *Training the attacker for another base*).")
     return attacker, why
-
-
-def describe_lora(lora) -> str:
-    """The uploaded LoRA in a few words: its format, rank(s), alpha(s) and layers."""
-    ranks, alphas = sorted(set(lora.ranks.values())), sorted(set(lora.alphas.values()))
-    rank = f"rank {lora.rank}" if len(ranks) < 2 else f"ranks {ranks[0]}-{ranks[-1]} per layer (mostly {lora.rank})"
-    alpha = f"alpha {lora.alpha:g}" if len(alphas) < 2 else f"alpha {alphas[0]:g}-{alphas[-1]:g} per layer"
-    te = sum(1 for k in lora.ranks if k.startswith("text_encoder."))
-    layers = f"{len(lora.modules)} UNet layers" + (f" and {te} text-encoder layers" if te else "")
-    return f"{lora.described}, {rank}, {alpha}, {layers}"
 
 
 def _gallery(images, seeds):
@@ -171,11 +160,22 @@ def refused(message: str):
     return (f"**This file was refused.** {message}", [], [], [], [], "")
 
 
+def checked_text(engine: Engine, lora_path, session) -> str:
+    """The status line once a LoRA file arrives: checked (and kept in the session), or refused."""
+    try:
+        lora = read_lora_upload(engine, lora_path, session)
+    except LoRAFileError as e:
+        return refused(str(e))[0]
+    return f"**LoRA file checked**: {describe_lora(lora)}. Press **Attack this LoRA file**."
+
+
 def attack_file(engine: Engine, lora_path, steps, ref_files, session):
     """The "Attack this LoRA file" button."""
-    refs, ref_lines = read_faces(ref_files, engine.image_size)  # also deletes the photo uploads
+    refs, ref_lines, ref_notes = read_faces(ref_files, engine.image_size, session)  # also deletes the photo uploads
     if not lora_path:
         raise gr.Error("Upload a LoRA .safetensors file first.")
+    if session is not None:
+        lora_arrived(engine, lora_path, session)  # (the one reading of an upload, if its own event has not run)
     try:
         lora = read_lora_upload(engine, lora_path, session)
     except LoRAFileError as e:
@@ -197,6 +197,8 @@ def attack_file(engine: Engine, lora_path, steps, ref_files, session):
         refs = refs[:MAX_PHOTOS]
     if ref_lines:
         notes.append("reference photos left out:\n" + "\n".join(ref_lines))
+    if ref_notes:
+        notes.append("about the reference photos:\n" + "\n".join(ref_notes))
     if refs:
         photos, label = refs, "your reference photos"
     elif session is not None and session.trained_on:
@@ -252,21 +254,39 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
             ref_gal = gr.Gallery(label="Reference photos the images are scored against", columns=6, height=120,
                                  object_fit="contain")
             table = gr.Markdown()
-    create_metadata_panel(lora_file, session)
+    create_metadata_panel(lora_file, session, read_input=lambda f, s: lora_arrived(engine, f, s))
     outputs = [status, attack_gal, naive_gal, fx_gal, ref_gal, table, session]
 
-    def shown(out, s):
+    def shown(out, s, request=None):
         """The tab's outputs with every image a file in the visitor's session dir (and the session)."""
-        s = ensure(s)
+        s = ensure(s, request)
         return (*(media(s, v) for v in out), s)
 
-    def attack_upload(f, n, r, s):
-        s = ensure(s)  # the upload is checked in this visitor's session dir
+    def attack_upload(f, n, r, s, request: gr.Request):
+        s = ensure(s, request)  # only this visitor's own uploads are read
         return shown(attack_file(engine, f, n, r, s), s)
+
+    # each upload is read the moment it arrives (an upload left unread is deleted within a minute,
+    # ui.uploads); the Attack button then finds what came of it in the session
+    def on_lora(f, s, request: gr.Request):
+        s = ensure(s, request)
+        return (lora_arrived(engine, f, s) if f else gr.skip()), s
+
+    def refs_arrived(r, s, request: gr.Request):
+        s = ensure(s, request)
+        crops, left, notes = read_faces(r, engine.image_size, s)
+        return media(s, crops), s
+
+    lora_file.upload(on_lora, [lora_file, session], [status, session], api_visibility="private")
+    refs.upload(refs_arrived, [refs, session], [ref_gal, session], api_visibility="private")
 
     attack_btn.click(on_gpu(attack_upload, 60), [lora_file, steps, refs, session], outputs, api_name="attack", concurrency_limit=1,
                      concurrency_id="attack")
-    mine_btn.click(on_gpu(lambda s: shown(attack_mine(engine, s), s), 60), [session], outputs, api_name="attack_mine",
+
+    def mine(s, request: gr.Request):
+        return shown(attack_mine(engine, s), s, request)
+
+    mine_btn.click(on_gpu(mine, 60), [session], outputs, api_name="attack_mine",
                    concurrency_limit=1, concurrency_id="attack")
     if tab is not None:  # the button appears once the visitor has fine-tuned a LoRA in this session
         tab.select(lambda s: gr.Button(visible=s is not None and s.result is not None), [session], [mine_btn],

@@ -6,8 +6,6 @@ Only wiring: ingestion, fine-tuning, scoring and plotting all live in ``core``.
 from __future__ import annotations
 
 import math
-import random
-from pathlib import Path
 
 import gradio as gr
 
@@ -17,15 +15,13 @@ from core.events import Done, LayerChanges, Message, Preview, Progress, Reconstr
 from core.finetune.hub import Failed, Queued, Training
 from core.finetune.live import AttackUnavailable, LiveConfig, LiveResult, live_finetune
 from core.finetune.lora import MAX_PHOTOS, MIN_PHOTOS, FinetuneConfig, pick_trigger, save_lora
-from core.faces.ingest import MAX_BYTES as MAX_UPLOAD_BYTES
-from core.faces.ingest import IngestError, ingest_face
 from core.faces.metrics import SAME_PERSON
 from core.plots import attack_curve, loss_curve
 from core.model.prompts import CLASS_PROMPT, instance_prompt
-from ui.session import SESSION_TTL, close_session, ensure, media
+from ui.session import SESSION_TTL, close_session, ensure, media, parse_seed
 from ui.gpu import on_gpu, zero_gpu
 from ui.protect_panel import create_protect_controls, protect_updates
-from ui.uploads import UploadTooLarge, read_upload
+from ui.uploads import photo_lines, read_photos
 
 EXAMPLES = ASSETS / "examples"
 TRAIN_HANDLERS = 64  # visitors whose Train handlers can wait on the training hub at once
@@ -46,30 +42,19 @@ def example_sets() -> dict[str, list[str]]:
     return {d.name: sorted(str(p) for p in d.glob("*.png")) for d in sorted(EXAMPLES.iterdir()) if d.is_dir()}
 
 
-def read_faces(files, size: int) -> tuple[list, list[str]]:
-    """Uploaded image files -> aligned face crops, and a line per refused photo. Each upload copy is
-    deleted once read (the bundled examples are kept): :func:`ui.uploads.read_upload`."""
-    crops, lines = [], []
-    for i, f in enumerate(files or [], 1):
-        path = Path(f if isinstance(f, str) else f.name)
-        try:
-            raw = read_upload(path, MAX_UPLOAD_BYTES, keep=str(path).startswith(str(EXAMPLES)))
-            crops.append(ingest_face(raw, size=size).crop)
-        except IngestError as e:
-            lines.append(f"- photo {i} (`{path.name}`): {e}")
-        except UploadTooLarge:
-            lines.append(f"- photo {i} (`{path.name}`): the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB; "
-                         "please upload a smaller photo.")
-        except OSError:
-            lines.append(f"- photo {i}: could not be read; please upload it again.")
-    return crops, lines
+def read_faces(files, size: int = 64, session=None) -> tuple[list, list[str], list[str]]:
+    """Photo inputs -> (aligned face crops, a line per refused photo, a line per remark on a used one):
+    :func:`ui.uploads.read_photos` (only the visitor's own uploads, each deleted once read)."""
+    reads = read_photos(files, session, size)
+    return [r.crop for r in reads if r.crop is not None], *photo_lines(reads)
 
 
-def ingest_files(files, session, size: int):
+def ingest_files(files, session, size: int = 64, request=None):
     """Uploaded files -> crops in the session; a line per refused photo, the rest still usable."""
-    session = ensure(session)
-    crops, lines = read_faces(files, size)
-    session.crops[:] = crops
+    session = ensure(session, request)
+    reads = read_photos(files, session, size)
+    lines, notes = photo_lines(reads)
+    session.crops[:] = [r.crop for r in reads if r.crop is not None]
     n = len(session.crops)
     head = f"**{n} usable photo{'s' if n != 1 else ''}.**"
     if n < MIN_PHOTOS:
@@ -78,7 +63,11 @@ def ingest_files(files, session, size: int):
         head += f" Only the first {MAX_PHOTOS} will be used."
     if lines:
         head += " These photos were left out:\n" + "\n".join(lines)
-    return list(session.crops), head, session
+    if notes:
+        head += "\n\nPlease check:\n" + "\n".join(notes)
+    shown = [(r.crop, f"photo {i}: {' '.join(r.notes)}") if r.notes else r.crop
+             for i, r in enumerate(reads, 1) if r.crop is not None]
+    return shown, head, session
 
 
 # the live attack during a fine-tune -----------------------------------------------------------
@@ -169,7 +158,7 @@ def epsilon_words(epsilon: float, n_photos: int) -> str:
 def live_config(steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength) -> LiveConfig:
     """The widgets' values -> the live job's config (gr.Error with the config's own sentence)."""
     try:
-        seed = int(seed) if seed not in (None, "") else random.randrange(2**31)
+        seed = parse_seed(seed)
         ft = FinetuneConfig(steps=int(steps), rank=int(rank), alpha=float(rank), lr=float(lr), seed=seed,
                             text_encoder=bool(text_encoder))
         if defense in (None, "", NO_DEFENSE):
@@ -179,7 +168,7 @@ def live_config(steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, stre
         noise = (DP_DEFAULT_NOISE if dp_noise in (None, "") else float(dp_noise)) if dp else None
         return LiveConfig(ft, dp_noise=noise, defense=defense, strength=None if strength is None else float(strength))
     except (TypeError, ValueError) as e:
-        raise gr.Error(f"{str(e)[:1].upper()}{str(e)[1:]}.")
+        raise gr.Error(f"{str(e)[:1].upper()}{str(e)[1:]}. Change this setting and press **Train** again.")
 
 
 class LiveView:
@@ -343,7 +332,7 @@ def event_update(ev, view: LiveView, session, engine: Engine, cfg: LiveConfig, p
                        "your originals.")
         return dict(status=status, score=score, download=str(path))
     if isinstance(ev, Done):
-        return dict(status="Stopped.")
+        return dict(status="Stopped. Press **Train** to start a new fine-tune.")
     return None
 
 
@@ -365,6 +354,28 @@ def create_defense_widgets():
         strength = gr.Slider(lo, hi, value=val, step=st, label=lab, info=inf, visible=False)
         defense.change(defense_slider, defense, strength, queue=False, api_visibility="private")
     return dp, dp_noise, defense, strength
+
+
+def create_run_outputs() -> dict:
+    """The right-hand column: what the Train button shows, by the names of ``FINETUNE_OUTPUTS`` (all but
+    the session and the protect panel's gallery)."""
+    status = gr.Markdown("Upload photos, then press **Train**.")
+    loss_plot = gr.Plot(label="Loss")
+    previews = gr.Gallery(label="The LoRA's own samples with your trigger word, as it learns", columns=6,
+                          height=180, object_fit="contain")
+    score = gr.Markdown()
+    download = gr.File(label="Your LoRA file (diffusers format; the trigger word is not in it)")
+    attack_head = gr.Markdown(LIVE_INTRO)
+    with gr.Row():
+        attack_photos = gr.Gallery(label="Your photos (the attacker never sees them)", columns=3, height=180,
+                                   object_fit="contain", scale=1)
+        attack_gallery = gr.Gallery(label="The attacker's reconstructions, newest first", columns=6,
+                                    height=180, object_fit="contain", scale=2)
+    attack_score = gr.Markdown()
+    attack_plot = gr.Plot(label="Identity distance over the fine-tune")
+    return dict(status=status, loss=loss_plot, previews=previews, score=score, download=download,
+                attack_head=attack_head, attack_photos=attack_photos, attack_gallery=attack_gallery,
+                attack_score=attack_score, attack_plot=attack_plot)
 
 
 def create_finetune_tab(engine: Engine) -> gr.State:
@@ -395,35 +406,25 @@ def create_finetune_tab(engine: Engine) -> gr.State:
                 train = gr.Button("Train", variant="primary")
                 stop = gr.Button("Stop")
         with gr.Column(scale=2):
-            status = gr.Markdown("Upload photos, then press **Train**.")
-            loss_plot = gr.Plot(label="Loss")
-            previews = gr.Gallery(label="The LoRA's own samples with your trigger word, as it learns", columns=6,
-                                  height=180, object_fit="contain")
-            score = gr.Markdown()
-            download = gr.File(label="Your LoRA file (diffusers format; the trigger word is not in it)")
-            attack_head = gr.Markdown(LIVE_INTRO)
-            with gr.Row():
-                attack_photos = gr.Gallery(label="Your photos (the attacker never sees them)", columns=3, height=180,
-                                           object_fit="contain", scale=1)
-                attack_gallery = gr.Gallery(label="The attacker's reconstructions, newest first", columns=6,
-                                            height=180, object_fit="contain", scale=2)
-            attack_score = gr.Markdown()
-            attack_plot = gr.Plot(label="Identity distance over the fine-tune")
+            outputs = create_run_outputs()
+    outputs.update(session=session, protect_gallery=protect.gallery)
 
-    def ingest(f, s):  # the crops are shown from files in the visitor's session dir
-        shown, head, s = ingest_files(f, s, engine.image_size)
+    def ingest(f, s, request: gr.Request):  # the crops are shown from files in the visitor's session dir
+        shown, head, s = ingest_files(f, s, engine.image_size, request)
         return media(s, shown), head, s
 
     files.upload(ingest, [files, session], [crops, report, session], api_name="ingest")
     if examples:
         first = next(iter(examples.values()))
-        example_btn.click(lambda s: ingest(first, s), [session], [crops, report, session])
 
-    outputs = dict(status=status, loss=loss_plot, previews=previews, score=score, download=download, session=session,
-                   attack_head=attack_head, attack_photos=attack_photos, attack_gallery=attack_gallery,
-                   attack_score=attack_score, attack_plot=attack_plot, protect_gallery=protect.gallery)
+        def use_example(s, request: gr.Request):
+            return ingest(first, s, request)
 
-    def run(session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength, protect_on, budget, purify):
+        example_btn.click(use_example, [session], [crops, report, session])
+
+    def run(session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength, protect_on, budget, purify,
+            request: gr.Request):
+        session = ensure(session, request)  # registered under the browser session: its end deletes the files
         for update in train_run(engine, session, steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, strength,
                                 protect_on, budget, purify):
             session = update.get("session", session)  # every image shown is a file in the visitor's session dir
@@ -439,9 +440,9 @@ def create_finetune_tab(engine: Engine) -> gr.State:
     def request_stop(s):
         if s is not None:
             s.stop_requested = True  # the hub takes the run out at its next step
-        return "Stopped."
+        return "Stopped. Press **Train** to start a new fine-tune."
 
-    stop.click(request_stop, [session], status, cancels=[ev], api_visibility="private")
+    stop.click(request_stop, [session], outputs["status"], cancels=[ev], api_visibility="private")
 
     create_base_sampler(engine)
     return session

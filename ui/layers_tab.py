@@ -142,17 +142,18 @@ def file_view(engine: Engine, lora_path, session):
     """(status markdown, heatmap figure or None, ranking markdown) of an uploaded LoRA file (checked as the
     Attack tab checks it; the file is deleted once read, only the per-layer numbers are kept for the page)."""
     from core.finetune.lora_file import LoRAFileError
-    from ui.attack_tab import describe_lora, read_lora_upload
+    from ui.lora_upload import describe_lora, read_lora_upload
 
     if not lora_path:
         return "Upload a LoRA .safetensors file first.", None, ""
     try:
-        lora = read_lora_upload(engine, lora_path, ensure(session))
+        lora = read_lora_upload(engine, lora_path, ensure(session), need_unet=False)
     except LoRAFileError as e:
         return f"**This file was refused.** {e}", None, ""
     changes = lora_layer_change(engine.pipe, lora.lora, lora.alpha)
     if not changes:
-        return "This LoRA has no adapted UNet layers (only text-encoder ones): nothing to show here.", None, ""
+        return ("This LoRA has no adapted UNet layers (only text-encoder ones), and this tab shows UNet layers: "
+                "nothing to show here. Upload a LoRA that adapts the UNet (the Fine-tune tab makes one)."), None, ""
     te = any(k.startswith("text_encoder.") for k in lora.ranks)
     from core.attack.report import recorded_steps
 
@@ -165,6 +166,18 @@ def file_view(engine: Engine, lora_path, session):
               "much the LoRA changes the layer's weights, relative to their size (‖ΔW‖ / ‖W‖ with each layer's own "
               "alpha and rank, log scale).")
     return status, fig, ranking_table(changes, "the uploaded LoRA's")
+
+
+def file_checked(engine: Engine, lora_path, session) -> str:
+    """The status line the moment a LoRA file arrives: checked (and kept in the session), or refused."""
+    from core.finetune.lora_file import LoRAFileError
+    from ui.lora_upload import describe_lora, read_lora_upload
+
+    try:
+        lora = read_lora_upload(engine, lora_path, session, need_unet=False)
+    except LoRAFileError as e:
+        return f"**This file was refused.** {e}"
+    return f"**LoRA file checked**: {describe_lora(lora)}. Press **Show this file's layers**."
 
 
 def swap_run(engine: Engine, session, ks=DEFAULT_KS, steps: int = 25):
@@ -217,9 +230,17 @@ def create_layers_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
     def swap(s):
         yield from swap_run(engine, s)
 
-    def from_file(f, s):
-        s = ensure(s)  # the upload is checked in this visitor's session dir
+    def from_file(f, s, request: gr.Request):
+        s = ensure(s, request)  # only this visitor's own uploads are read
         return (*file_view(engine, f, s), s)
+
+    # an upload is read the moment it arrives (an upload left unread is deleted within a minute,
+    # ui.uploads); the button then finds what came of it in the session
+    def arrived(f, s, request: gr.Request):
+        s = ensure(s, request)
+        return (file_checked(engine, f, s) if f else gr.skip()), s
+
+    lora_file.upload(arrived, [lora_file, session], [status, session], api_visibility="private")
 
     file_btn.click(on_gpu(from_file, 60), [lora_file, session], [status, heatmap, table, session], api_name="layers_file",
                    concurrency_limit=2, concurrency_id="layers_file")

@@ -4,8 +4,9 @@ it means.
 
 Only wiring: the score and its calibration live in ``core.attack.membership``; the threshold and the
 measured reliability come from ``docs/results/membership.json`` (``python -m core.studies.membership``),
-used only when it was measured on this base model. Photos and LoRA files are read once and deleted
-(``ui.uploads``); nothing is logged. Mount with ``create_membership_panel(engine, session)`` inside a tab
+used only when it was measured on this base model. Only the visitor's own uploads are read, once, when
+they arrive, then deleted (``ui.uploads``; the button finds what came of them in the session); nothing is
+logged. Mount with ``create_membership_panel(engine, session)`` inside a tab
 (the Attack tab does, at its end).
 """
 
@@ -81,10 +82,10 @@ def which_lora(engine, session, lora_path):
     from core.finetune.lora_file import LoRAFileError
 
     if lora_path:
-        from ui.attack_tab import read_lora_upload  # (lazily: the Attack tab mounts this panel)
+        from ui.lora_upload import read_lora_upload
 
         try:
-            v = read_lora_upload(engine, lora_path, session)
+            v = read_lora_upload(engine, lora_path, session, need_unet=False)
         except LoRAFileError as e:
             raise gr.Error(f"This LoRA file was refused: {e}")
         return v.lora, v.alpha, recorded_steps(v.meta), "the uploaded LoRA file"
@@ -94,12 +95,24 @@ def which_lora(engine, session, lora_path):
     return r.lora, r.config.alpha, r.steps_done, "your LoRA from the Fine-tune tab"
 
 
+def lora_checked(engine, session, lora_path) -> str:
+    """The panel's line the moment a LoRA file arrives: checked (and kept in the session), or refused."""
+    from core.finetune.lora_file import LoRAFileError
+    from ui.lora_upload import describe_lora, read_lora_upload
+
+    try:
+        v = read_lora_upload(engine, lora_path, session, need_unet=False)
+    except LoRAFileError as e:
+        return f"**This LoRA file was refused.** {e}"
+    return f"**LoRA file checked**: {describe_lora(v)}. Add your photos and press **Was my photo used?**."
+
+
 def check(engine, session, lora_path, photo_files):
     """The button: (verdict markdown, the photos with their scores, session)."""
     from ui.finetune_tab import read_faces
 
     session = ensure(session)
-    crops, refused = read_faces(photo_files, engine.image_size)  # also deletes the uploads
+    crops, refused, notes = read_faces(photo_files, engine.image_size, session)  # only the visitor's own uploads
     if not crops:
         why = ("\n" + "\n".join(refused)) if refused else ""
         raise gr.Error(f"Add 1-{MAX_PHOTOS} photos with one face each.{why}")
@@ -111,6 +124,8 @@ def check(engine, session, lora_path, photo_files):
     head = f"**Membership check of {len(crops)} photo{'s' if len(crops) > 1 else ''} against {words}.**"
     if refused:
         head += " Photos left out:\n" + "\n".join(refused)
+    if notes:
+        head += "\n\nPlease check:\n" + "\n".join(notes)
     shown = [(c, f"photo {i}: score {s:+.3f}" + ("" if cal is None else " (above)" if cal.above(s) else " (below)"))
              for i, (c, s) in enumerate(zip(crops, scores), 1)]
     return head + "\n\n" + verdict(scores, cal, why, report, steps), media(session, shown), session
@@ -127,5 +142,24 @@ def create_membership_panel(engine, session: gr.State) -> None:
         with gr.Column(scale=2):
             out = gr.Markdown()
             gallery = gr.Gallery(label="Your photos and their scores", columns=5, height=160, object_fit="contain")
-    go.click(on_gpu(lambda s, f, p: check(engine, s, f, p), 60), [session, lora_file, photos], [out, gallery, session],
+
+    def run(s, f, p, request: gr.Request):
+        return check(engine, ensure(s, request), f, p)
+
+    # each upload is read the moment it arrives (an upload left unread is deleted within a minute,
+    # ui.uploads); the button then finds what came of it in the session
+    def photos_arrived(p, s, request: gr.Request):
+        from ui.finetune_tab import read_faces
+
+        s = ensure(s, request)
+        crops, left, notes = read_faces(p, engine.image_size, s)
+        return media(s, crops), s
+
+    def lora_arrived(f, s, request: gr.Request):
+        s = ensure(s, request)
+        return (lora_checked(engine, s, f) if f else gr.skip()), s
+
+    photos.upload(photos_arrived, [photos, session], [gallery, session], api_visibility="private")
+    lora_file.upload(lora_arrived, [lora_file, session], [out, session], api_visibility="private")
+    go.click(on_gpu(run, 60), [session, lora_file, photos], [out, gallery, session],
              api_name="membership", concurrency_limit=1, concurrency_id="attack")

@@ -1,16 +1,16 @@
 """The Attack tab's metadata panel: what the uploaded LoRA file's metadata gives away, and a cleaned copy.
 
-Only wiring: the scan and the cleaning live in :mod:`core.finetune.metadata`. The upload is read once
-(:mod:`ui.uploads`), checked and scanned from a file in the visitor's own session dir, which is removed
-right after; the cleaned copy is written into the session dir (served from there, deleted with the
-session) and offered for download. Metadata values are the file author's text: they are shown inside
-code spans, cut short, so no value can format the page or carry a link.
+Only wiring: the scan and the cleaning live in :mod:`core.finetune.metadata`. Only the visitor's own
+upload is read (:mod:`ui.uploads`), once, when it arrives: the Attack tab's upload handler checks the LoRA
+and scans its metadata in the same reading (:func:`scan_arrived`), and the button shows what the scan
+kept in the session. The cleaned copy is written into the session dir (served from there, deleted with
+the session; one per session) and offered for download. Metadata values are the file author's text:
+they are shown inside code spans, cut short, so no value can format the page or carry a link.
 """
 
 from __future__ import annotations
 
 import re
-import secrets
 from pathlib import Path
 
 import gradio as gr
@@ -18,7 +18,7 @@ import gradio as gr
 from core.finetune.lora_file import MAX_BYTES, LoRAFileError, too_large
 from core.finetune.metadata import KINDS, MetadataError, Scan, clean_file, scan_file
 from ui.session import ensure
-from ui.uploads import UploadTooLarge, read_upload
+from ui.uploads import UploadError, UploadTooLarge, local_file
 
 INTRO = ("#### What its metadata gives away\nA `.safetensors` file carries a table of text beside the weights. Trainers "
          "fill it, and kohya's trainer (behind most LoRAs shared on model sites) writes the captions of every "
@@ -26,6 +26,7 @@ INTRO = ("#### What its metadata gives away\nA `.safetensors` file carries a tab
          "more. Check a file here before you share it, and download a copy with the same weights and only what "
          "loading needs.")
 SHOWN = 120  # characters of a value shown in the table
+READ_KEY = "metadata:"  # the session keeps a file input's scan under this prefix + its path (VisitorSession.reads)
 
 
 def code(text, limit: int = SHOWN) -> str:
@@ -65,36 +66,68 @@ def scan_markdown(scan: Scan, name: str) -> tuple[str, str]:
     return "\n".join(lines), "\n".join(table) if rest else "No other entries."
 
 
-def scan_upload(lora_path, session):
-    """(the leaks in markdown, every other entry in markdown, path of the cleaned copy in the session dir or None)."""
-    if not lora_path:
-        return "Upload a LoRA .safetensors file first, then press **Check its metadata**.", "", None
-    session = ensure(session)
-    name = Path(lora_path).name
+def scan_local(path: Path, name: str, session) -> tuple[str, str, str | None]:
+    """(the leaks in markdown, every other entry in markdown, path of the cleaned copy in the session dir or
+    None) of a readable file ``path``, the visitor's file called ``name``."""
     try:
-        raw = read_upload(lora_path, MAX_BYTES)
-    except UploadTooLarge as e:
-        return f"**This file was refused.** {too_large(name, e.size)}", "", None
-    except OSError:
-        return "**The LoRA file could not be found;** please upload it again.", "", None
-    folder = session.dir / "uploads"
-    folder.mkdir(exist_ok=True)
-    private = folder / f"{secrets.token_hex(8)}-{Path(name).name}"
-    try:
-        private.write_bytes(raw)
-        scan = scan_file(private)
+        scan = scan_file(path)
         out = session.dir / "downloads"
         out.mkdir(exist_ok=True)
-        cleaned = clean_file(private, out / f"{Path(name).stem}-clean.safetensors")
+        cleaned = clean_file(path, out / f"{Path(name).stem}-clean.safetensors")
     except (MetadataError, LoRAFileError) as e:
         return f"**This file was refused.** {e}", "", None
-    finally:
-        private.unlink(missing_ok=True)
     return (*scan_markdown(scan, name), str(cleaned))
 
 
-def create_metadata_panel(lora_file: gr.File, session: gr.State) -> None:
-    """The panel (full width, under the Attack tab's results), reading the tab's file input ``lora_file``."""
+def _remember(lora_path, result: tuple, session) -> None:
+    """Keep what the scan of a file input gave for this visitor's button (one scan, one cleaned copy per session)."""
+    for key in [k for k in session.reads if isinstance(k, str) and k.startswith(READ_KEY)]:
+        old = session.reads.pop(key)[2]
+        if old and old != result[2]:
+            Path(old).unlink(missing_ok=True)
+    session.remember(READ_KEY + str(lora_path), result)
+
+
+def scan_arrived(lora_path, path, session) -> None:
+    """Scan a LoRA file input when it arrives (readable at ``path`` now: an upload is read once, then gone,
+    :mod:`ui.uploads`), for the button to show later."""
+    _remember(lora_path, scan_local(Path(path), Path(lora_path).name, session), session)
+
+
+def remember_refusal(lora_path, message: str, session) -> None:
+    """A file input refused before it could be scanned (too large): the button says so too."""
+    _remember(lora_path, (f"**This file was refused.** {message}", "", None), session)
+
+
+def scan_upload(lora_path, session):
+    """(the leaks in markdown, every other entry in markdown, path of the cleaned copy in the session dir or
+    None): the scan made when the file arrived, else a scan of the visitor's own upload now."""
+    if not lora_path:
+        return "Upload a LoRA .safetensors file first, then press **Check its metadata**.", "", None
+    session = ensure(session)
+    with session.reading:  # the upload's own handler may be reading it right now: wait for its scan
+        return _scan_once(lora_path, session)
+
+
+def _scan_once(lora_path, session):
+    known = session.reads.get(READ_KEY + str(lora_path))
+    if known is not None:
+        return known
+    name = Path(lora_path).name
+    try:
+        with local_file(lora_path, session, MAX_BYTES) as path:
+            result = scan_local(path, name, session)
+    except UploadTooLarge as e:
+        return f"**This file was refused.** {too_large(name, e.size)}", "", None
+    except UploadError as e:  # not the visitor's own upload, or no longer there
+        return f"**This file was refused.** The LoRA file was not used: {e}", "", None
+    _remember(lora_path, result, session)
+    return result
+
+
+def create_metadata_panel(lora_file: gr.File, session: gr.State, read_input=None) -> None:
+    """The panel (full width, under the Attack tab's results), reading the tab's file input ``lora_file``;
+    ``read_input(path, session)``: the tab's one reading of that input (it scans too), run first."""
     gr.Markdown(INTRO)
     with gr.Row():
         btn = gr.Button("Check its metadata", scale=1)
@@ -103,8 +136,10 @@ def create_metadata_panel(lora_file: gr.File, session: gr.State) -> None:
     with gr.Accordion("Every other entry of the metadata", open=False):
         rest = gr.Markdown()
 
-    def run(f, s):
-        s = ensure(s)
+    def run(f, s, request: gr.Request):
+        s = ensure(s, request)
+        if f and read_input is not None:
+            read_input(f, s)
         return (*scan_upload(f, s), s)
 
     btn.click(run, [lora_file, session], [report, rest, download, session], api_name="scan_metadata",

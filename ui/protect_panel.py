@@ -166,5 +166,9 @@ def create_cloak_preview(engine, session: gr.State) -> None:
     status = gr.Markdown()
     gallery = gr.Gallery(label="Your photos (left) beside their cloaked versions (right)", columns=4, height=220,
                          object_fit="contain")
-    go.click(on_gpu(lambda s, b, p: cloak_preview(engine, s, b, p), 120), [session, budget, purify], [status, gallery, session],
+
+    def run(s, b, p, request: gr.Request):  # registered under the browser session: its end deletes the files
+        return cloak_preview(engine, ensure(s, request), b, p)
+
+    go.click(on_gpu(run, 120), [session, budget, purify], [status, gallery, session],
              api_name="cloak_preview", concurrency_limit=1, concurrency_id="cloak")

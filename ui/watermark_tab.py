@@ -16,7 +16,7 @@ import gradio as gr
 from core.engine import Engine, watermarked_base
 from core.watermark.formats import SHIPPED
 from ui.gpu import on_gpu
-from ui.session import ensure
+from ui.session import ensure, media
 
 WATERMARKS = tuple(SHIPPED)  # "AIAO", "backdoor"
 SUBPATH_ROWS = 8
@@ -150,8 +150,10 @@ def create_watermark_tab(engine: Engine, session: gr.State, tab: gr.Tab | None =
     gallery = gr.Gallery(label="Backdoor: images drawn with the owner's secret prompt", columns=8, height=160,
                          object_fit="contain")
 
-    def run(s):
-        yield from watermark_run(engine, s)
+    def run(s, request: gr.Request):  # the images are files in the visitor's session dir, not in Gradio's cache
+        s = ensure(s, request)
+        for aiao_md, backdoor_md, images in watermark_run(engine, s):
+            yield aiao_md, backdoor_md, media(s, images)
 
     check.click(on_gpu(run, 120), [session], [aiao, backdoor, gallery], api_name="watermark", concurrency_limit=1,
                 concurrency_id="watermark")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from core import ASSETS
 from core.faces import data
 from core.faces import recognition as faces
+from core.faces.recognition import DETECT_MAX_SIDE, find_face  # noqa: F401  (here since the ingestion was written)
 
 MAX_PIXELS = 30_000_000  # larger photos are refused before decoding
 MAX_BYTES = 30 * 1024 * 1024
-DETECT_MAX_SIDE = 800
 TEMPLATE_SIZE = 128  # the template's landmark coordinates are given in a 128 px square
 TEMPLATE_FILE = ASSETS / "face_template.json"
 # The crop shows the face 128/108 times larger than LFW's central 128 px box (as if that box were 108
@@ -62,6 +63,10 @@ class NoFaceFound(IngestError):
     pass
 
 
+class DrawnFace(IngestError):
+    pass
+
+
 @dataclass(frozen=True)
 class Ingested:
     """A usable photo: the 64 px training-like crop and where the face was in the original."""
@@ -70,6 +75,7 @@ class Ingested:
     box: tuple[int, int, int, int]  # face rectangle (left, top, right, bottom) in the oriented photo
     n_faces: int
     inside: float = 1.0  # fraction of the crop that lies inside the photo (the rest is mirrored border)
+    notes: tuple[str, ...] = ()  # what the visitor should check about this photo (several faces, ...)
 
 
 # 1. open --------------------------------------------------------------------------------------
@@ -85,7 +91,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         a = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
         return Image.fromarray(a).convert("RGB")
     if img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         a = a / (a.max() if a.max() > 1.0 else 1.0)
         return Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).convert("RGB")
     if img.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
@@ -95,22 +101,55 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(src) -> Image.Image:
-    """Open a path, bytes or file object as an oriented 8-bit RGB PIL image, or raise IngestError."""
+MAX_ASPECT = 12  # a photo of a face is never a strip longer than this many times its width
+ORIENTATION = 0x0112  # the EXIF tag that says how to turn a photo upright
+NO_FACE = ("No face was found in this photo; use a photo where one face, at least 100 pixels wide, looks "
+           "roughly at the camera.")
+
+
+def _read_bytes(src) -> bytes:
+    if isinstance(src, (bytes, bytearray)):
+        return bytes(src)
+    if isinstance(src, (str, Path)):
+        p = Path(src)
+        if not p.is_file():
+            raise NotAnImage(f"{p.name}: file not found.")
+        if p.stat().st_size > MAX_BYTES:
+            raise TooManyPixels(f"{p.name}: the file is larger than {MAX_BYTES // 2**20} MB; please upload a smaller photo.")
+        return p.read_bytes()
+    return src.read()
+
+
+def _unreadable(e: Exception) -> IngestError:
+    """The sentence for a file Pillow starts to read and then gives up on."""
+    if "too large" in str(e).lower() and ("text" in str(e).lower() or "chunk" in str(e).lower()):
+        # Pillow refuses PNG text / colour-profile chunks over ImageFile's limit (a decompression bomb guard)
+        return CorruptImage("This PNG carries more hidden text or colour-profile data (metadata) than a photo ever "
+                            "has, so it is not read; please save the photo again without it (for example export it "
+                            "as JPEG) and upload that.")
+    return CorruptImage("The image file is damaged or truncated (part of it is missing or unreadable); please "
+                        "upload the original photo again.")
+
+
+def _check_shape(w: int, h: int) -> None:
+    if w * h > MAX_PIXELS:
+        raise TooManyPixels(f"The photo is {w}x{h} ({w * h / 1e6:.0f} megapixels); please upload one under {MAX_PIXELS // 1_000_000} megapixels.")
+    if w < 16 or h < 16:
+        raise NoFaceFound(f"The image is only {w}x{h} pixels; please upload a larger photo (the face at least "
+                          "100 pixels wide).")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise NoFaceFound(f"The image is {w}x{h} pixels, a thin strip rather than a photo of a face; please upload "
+                          "a photo where the face fills a good part of the picture.")
+
+
+def open_image(src, orient: bool = True) -> Image.Image:
+    """Open a path, bytes or file object as an oriented 8-bit RGB PIL image (first frame), or raise
+    IngestError. ``img.info`` keeps ``frames`` (frames or pages in the file) and ``orientation``
+    (the EXIF orientation tag, applied unless ``orient`` is False)."""
     if isinstance(src, Image.Image):
         img = src
     else:
-        if isinstance(src, (bytes, bytearray)):
-            raw = bytes(src)
-        elif isinstance(src, (str, Path)):
-            p = Path(src)
-            if not p.is_file():
-                raise NotAnImage(f"{p.name}: file not found.")
-            if p.stat().st_size > MAX_BYTES:
-                raise TooManyPixels(f"{p.name}: the file is larger than {MAX_BYTES // 2**20} MB; please upload a smaller photo.")
-            raw = p.read_bytes()
-        else:
-            raw = src.read()
+        raw = _read_bytes(src)
         if len(raw) == 0:
             raise NotAnImage("The file is empty (0 bytes); please upload a photo (JPEG, PNG, WebP ...).")
         if len(raw) > MAX_BYTES:
@@ -118,24 +157,46 @@ def open_image(src) -> Image.Image:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
                 img = Image.open(io.BytesIO(raw))
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            if isinstance(e, UnidentifiedImageError):
-                raise NotAnImage(not_an_image(raw)) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise TooManyPixels("The photo has too many pixels; please upload one under 30 megapixels.") from None
-    w, h = img.size
-    if w * h > MAX_PIXELS:
-        raise TooManyPixels(f"The photo is {w}x{h} ({w * h / 1e6:.0f} megapixels); please upload one under {MAX_PIXELS // 1_000_000} megapixels.")
-    if w < 16 or h < 16:
-        raise NoFaceFound(f"The image is only {w}x{h} pixels; please upload a larger photo (the face at least "
-                          "100 pixels wide).")
+        except UnidentifiedImageError:
+            raise NotAnImage(not_an_image(raw)) from None
+        except (OSError, SyntaxError, ValueError, struct.error) as e:
+            raise _unreadable(e) from None
+    _check_shape(*img.size)
+    frames = getattr(img, "n_frames", 1)
     try:
-        img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return _to_rgb(img)
-    except (OSError, SyntaxError, ValueError):
-        raise CorruptImage("The image file is damaged or truncated (part of it is missing or unreadable); please "
-                           "upload the original photo again.") from None
+        with warnings.catch_warnings():  # Pillow warns of a malformed EXIF block, which is ignored here
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            img.load()
+            orientation = _orientation(img)
+            if orient and orientation not in (None, 1):
+                img = ImageOps.exif_transpose(img) or img
+            rgb = _to_rgb(img)
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
+        raise _unreadable(e) from None
+    if img.mode in ("RGBA", "LA", "PA", "P", "La", "RGBa") and _alpha_extrema(img) == (0, 0):
+        raise NotAnImage("The image is fully transparent: there is nothing to see in it; please upload a photo "
+                         "(JPEG, PNG, WebP ...).")
+    rgb.info.update(frames=frames, orientation=orientation)
+    return rgb
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        value = img.getexif().get(ORIENTATION)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is ignored, like any viewer does
+        return None
+    return value if isinstance(value, int) and 1 <= value <= 8 else None
+
+
+def _alpha_extrema(img: Image.Image):
+    try:
+        return img.convert("RGBA").getchannel("A").getextrema()
+    except (OSError, ValueError):
+        return None
 
 
 # what an unreadable upload is, by its first bytes: (test, what it is, what to do instead)
@@ -236,30 +297,41 @@ def align_crop(img: Image.Image, points: np.ndarray, template: np.ndarray, size:
     return align_face(img, points, template, size).crop
 
 
-def find_face(img: Image.Image):
-    """Largest dlib face in a photo: (rectangle in full-res coordinates, landmarks, face count)."""
-    import dlib
-
-    scale = min(1.0, DETECT_MAX_SIDE / max(img.size))
-    small = img if scale == 1.0 else img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
-    arr = np.asarray(small)
-    rects = faces.detect(arr, 1 if max(small.size) < 500 else 0) or faces.detect(arr, 1)
-    if not rects:
-        return None, None, 0
-    r = max(rects, key=lambda r: r.width() * r.height())
-    pts = faces.landmarks5(arr, r) / scale
-    full = dlib.rectangle(int(r.left() / scale), int(r.top() / scale), int(r.right() / scale), int(r.bottom() / scale))
-    return full, pts, len(rects)
-
-
 def ingest_face(src, template: np.ndarray | None = None, size: int = data.IMAGE_SIZE) -> Ingested:
-    """One visitor photo -> :class:`Ingested` (``size`` px aligned face crop), or raise IngestError."""
+    """One visitor photo -> :class:`Ingested` (``size`` px aligned face crop), or raise IngestError.
+
+    Only the first frame (page) of an animation or multi-page file is read, and a refusal says so. A
+    photo whose EXIF orientation tag turns an upright face sideways (a tag left behind by an editor)
+    is read as stored. A drawn face (:func:`core.faces.drawn.looks_drawn`) is refused. Of several
+    faces the largest is used, and a note says so (the crop shows which)."""
+    if not isinstance(src, Image.Image):
+        src = _read_bytes(src)  # read once: it may be opened twice
     img = open_image(src)
     rect, pts, n = find_face(img)
+    notes = []
+    if rect is None and img.info.get("orientation") not in (None, 1):
+        stored = open_image(src, orient=False)
+        rect, pts, n = find_face(stored)
+        if rect is not None:
+            img = stored
+            notes.append("its orientation tag (EXIF) says to turn it, but the face is upright as stored, so it "
+                         "was used as stored.")
     if rect is None:
-        raise NoFaceFound("No face was found in this photo; use a photo where one face looks roughly at the camera.")
+        if img.info.get("frames", 1) > 1:
+            raise NoFaceFound(f"No face was found in the first frame of this file ({img.info['frames']} frames or "
+                              "pages): only the first frame is read. Save the frame with the face as a photo of its "
+                              "own (JPEG or PNG) and upload that.")
+        raise NoFaceFound(NO_FACE)
+    from core.faces.drawn import DRAWN_MESSAGE, looks_drawn
+
+    if looks_drawn(img, rect):
+        raise DrawnFace(DRAWN_MESSAGE)
+    if n > 1:
+        notes.append(f"{n} faces were found and the largest was used (see its crop); if that is not the right "
+                     "person, upload a photo of them alone.")
     al = align_face(img, pts, load_template() if template is None else template, size)
-    return Ingested(al.crop, (rect.left(), rect.top(), rect.right(), rect.bottom()), n, al.inside_fraction)
+    return Ingested(al.crop, (rect.left(), rect.top(), rect.right(), rect.bottom()), n, al.inside_fraction,
+                    tuple(notes))
 
 
 # template -------------------------------------------------------------------------------------

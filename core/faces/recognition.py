@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 DESCRIPTOR_SIZE = 150  # dlib's face chip size
+DETECT_MAX_SIDE = 800  # faces are searched on a copy of a photo at most this many px wide and high
 _lock = threading.Lock()
 
 
@@ -71,3 +72,22 @@ def landmarks5(img: np.ndarray, rect) -> np.ndarray:
     with _lock:
         shape = m["landmarks5"](np.ascontiguousarray(img), rect)
     return np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], dtype=np.float64)
+
+
+def find_face(img: Image.Image):
+    """Largest dlib face in a photo: (rectangle in full-res coordinates, landmarks, face count). Here rather
+    than in :mod:`core.faces.ingest` so that the drawn-face study (:mod:`core.faces.drawn`, which the
+    ingestion imports for its rule) can find faces as the ingestion does without importing it back."""
+    import dlib
+
+    scale = min(1.0, DETECT_MAX_SIDE / max(img.size))
+    small = img if scale == 1.0 else img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                                                Image.BILINEAR)
+    arr = np.asarray(small)
+    rects = detect(arr, 1 if max(small.size) < 500 else 0) or detect(arr, 1)
+    if not rects:
+        return None, None, 0
+    r = max(rects, key=lambda r: r.width() * r.height())
+    pts = landmarks5(arr, r) / scale
+    full = dlib.rectangle(int(r.left() / scale), int(r.top() / scale), int(r.right() / scale), int(r.bottom() / scale))
+    return full, pts, len(rects)

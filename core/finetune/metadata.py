@@ -92,7 +92,7 @@ class MetadataError(ValueError):
 def _json(value: str):
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes (a hostile file)
         return None
 
 

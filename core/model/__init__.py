@@ -2,6 +2,7 @@
 
 - ``pipeline``: build, load (embedded folder, saved folder or SD 1.x model id), save and sample a
   ``StableDiffusionPipeline``;
+- ``sampling``: one sampler loop for extrapolated (base vs fine-tuned) and stacked-LoRA sampling;
 - ``autoencoder``: the tiny pretrained autoencoder (TAEF2 weights) as a diffusers component;
 - ``denoising``: the one training step every trainer shares (noise, target, min-SNR, masked loss);
 - ``prompts``: the word-level vocabulary, class prompt, reserved trigger words, appearance words;
