@@ -65,7 +65,7 @@ class Failed(Exception):
     """A visitor's run could not be done; ``str`` is a sentence for the visitor."""
 
 
-@dataclass
+@dataclass(eq=False)  # a ticket is one visit: compared by identity, never by its photos
 class Ticket:
     photos: list  # the visitor's photos: every identity score compares with these
     train_photos: list  # what the LoRA trains on (the photos, or their protected versions)
@@ -141,15 +141,18 @@ class TrainingHub:
         while True:
             try:
                 self._work_once()
-            except Exception as e:  # never let the worker die: fail what was running, serve the next visitors
+            except Exception as e:  # never let the worker die: fail what was queued or running, serve on
                 import traceback
 
                 traceback.print_exc()
-                for run in list(self.visits):
-                    self._fail(run, f"The training failed ({type(e).__name__}); please press Train again.")
-                for ticket, _ in self.solos:
-                    ticket.events.put(Failed(f"The training failed ({type(e).__name__}); please press Train again."))
-                self.solos = []
+                self._fail_everything(f"The training failed ({type(e).__name__}); please press Train again.")
+
+    def _fail_everything(self, sentence: str) -> None:
+        with self.lock:
+            tickets = [t for t, _ in self.visits.values()] + [t for t, _ in self.solos] + self.waiting
+            self.visits, self.solos, self.waiting, self.batch = {}, [], [], None
+        for ticket in tickets:
+            ticket.events.put(Failed(sentence))
 
     def _work_once(self):
         """One round: admit, step, live work, finish (see the module docstring)."""
