@@ -44,8 +44,10 @@ def test_command_writes_every_row_in_the_reports_format(tiny_pipeline_dir, attac
     if shipped.exists():
         assert list(doc) == list(json.loads(shipped.read_text()))
     assert doc["command"].startswith("python -m core.studies.attack --model") and "--no-baselines" in doc["command"]
-    assert doc["n"] == 2 and doc["attack_sampling"]["sampler_steps"] == 2 and doc["attackers"] == {"mine": str(attacker_file)}
-    methods = {"mine", "mine @ step 25", "mine @ step 50", "mine: prompt only (w=1)", "mine, w=3", "floor (base, class prompt)"}
+    assert doc["n"] == 2 and doc["attack_sampling"]["sampler_steps"] == 2
+    assert doc["attackers"] == {"mine": str(attacker_file)}
+    methods = {"mine", "mine @ step 25", "mine @ step 50", "mine: prompt only (w=1)", "mine, w=3",
+               "floor (base, class prompt)"}
     assert set(doc["rows"]) - {"real (held-out photo)"} == methods  # the real row: victims with a held-out photo
     assert all(len(doc["rows"][m]["per_victim_distance"]) == 2 for m in methods)
     assert "| mine |" in (tmp_path / "t.md").read_text()
