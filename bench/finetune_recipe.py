@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import itertools
 
+from core.events import drain
 from core.faces import data
 from core.finetune.lora import FinetuneConfig
-from core.studies.finetune import evaluate
+from core.studies.finetune import run
 
 
 def main(argv=None):
@@ -29,7 +30,7 @@ def main(argv=None):
     for steps, lr, rank, batch in itertools.product(*(map(float, x.split(",")) for x in (a.steps, a.lr, a.rank, a.batch))):
         cfg = FinetuneConfig(steps=int(steps), lr=lr, rank=int(rank), alpha=float(rank), batch=int(batch),
                              checkpoint_every=0, preview_n=0)
-        s = evaluate(a.n, cfg, offset=offset, log=lambda *_: None)["summary"]
+        s = drain(run(a.n, cfg, offset=offset)).summary
         rows.append((int(steps), lr, int(rank), s["mean_distance_trigger"], s["mean_distance_floor"], s["fraction_beats_floor"], s["mean_seconds"]))
         print(f"steps {int(steps):>4}  lr {lr:.0e}  rank {int(rank):>2}  batch {int(batch)}+{int(batch)}:  trigger {rows[-1][3]:.3f}  floor {rows[-1][4]:.3f}  "
               f"beats floor {rows[-1][5]:.0%}  {rows[-1][6]:.1f} s", flush=True)

@@ -14,7 +14,8 @@ never drift from the config the library functions take::
     args = parse(Args, argv)
     cfg = config_of(args, FinetuneConfig)
 
-Sub-commands: :func:`parse_commands` with a mapping of name -> dataclass.
+Sub-commands: :func:`parse_commands` with a mapping of name -> dataclass. A bool field annotated
+:data:`Switch` also works as a bare flag (``--no-baselines``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,30 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import sys
+from typing import Annotated
+
+
+def _switch(args: list[str]) -> bool:
+    if not args:
+        return True
+    word = args[0].lower()
+    if word not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ValueError(f"expected True or False, got {args[0]!r}")
+    return word in ("true", "1", "yes", "on")
+
+
+def _switch_type():
+    from tyro.constructors import PrimitiveConstructorSpec
+
+    return Annotated[bool, PrimitiveConstructorSpec(nargs=(0, 1), metavar="[True|False]", instance_from_str=_switch,
+                                                    is_instance=lambda x: isinstance(x, bool),
+                                                    str_from_instance=lambda b: [str(b)])]
+
+
+Switch = _switch_type()
+"""A bool field whose flag works alone (``--skip-dp``) or with a value (``--skip-dp True``): for the
+switches that commands recorded in ``docs/results`` pass alone. Every other bool takes a value
+(``--flag True``)."""
 
 
 def _tyro_config():
@@ -64,21 +89,3 @@ def command_line(module: str, argv=None) -> str:
     beside an artifact."""
     argv = sys.argv[1:] if argv is None else argv
     return f"python -m {module} " + " ".join(shlex.quote(str(a)) for a in argv)
-
-
-# legacy argparse helpers, until every entry point is on parse() --------------------------------
-
-
-def add_config_flags(ap, cls, skip=()) -> None:
-    inst = cls()
-    for f in dataclasses.fields(cls):
-        v = getattr(inst, f.name)
-        if f.name in skip or not isinstance(v, (bool, int, float, str)):
-            continue
-        conv = (lambda s: s.lower() in ("1", "true", "yes", "on")) if isinstance(v, bool) else type(v)
-        ap.add_argument("--" + f.name.replace("_", "-"), type=conv, default=v)
-
-
-def config_from_args(cls, args: dict, **extra):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in args.items() if k in names}, **extra)

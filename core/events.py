@@ -78,6 +78,18 @@ def drain(events: Iterator[Event], on_event: Callable[[Event], None] | None = No
     return result
 
 
+def result_of(step: Iterator[Event], on_event: Callable[[Event], None] | None = None) -> Any:
+    """Run one step of a job to its end without a terminal: a generator of events that *returns* its
+    value (``value = yield from step`` inside the job; no Done of its own). Returns that value."""
+    while True:
+        try:
+            ev = next(step)
+        except StopIteration as stop:
+            return stop.value
+        if on_event:
+            on_event(ev)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A LoRA snapshot during a fine-tune: peft-named state dict (CPU tensors, in memory)."""

@@ -3,7 +3,7 @@ defenses in the app: the Fine-tune tab's post-hoc defense and DP-SGD switch, the
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -60,7 +60,7 @@ def study(tiny_pipe, victims, attacker, monkeypatch_module):
     scored = []
     real = ed.score_lora
     monkeypatch_module.setattr(ed, "score_lora", lambda pipe, att, lora, *a: (scored.append(lora), real(pipe, att, lora, *a))[1])
-    r = ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS, dp_noise=(1.0,), log=lambda *a: None)
+    r = asdict(drain(ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS, dp_noise=(1.0,))))
     monkeypatch_module.setattr(ed, "score_lora", real)
     return r, scored
 
@@ -126,13 +126,27 @@ def test_a_rerun_scores_only_new_points(study, victims, tiny_pipe, attacker, mon
     scored = []
     real = ed.score_lora
     monkeypatch.setattr(ed, "score_lora", lambda pipe, att, lora, *a: (scored.append(lora), real(pipe, att, lora, *a))[1])
-    again = ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS, dp_noise=(1.0,), log=lambda *a: None)
+    again = asdict(drain(ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS, dp_noise=(1.0,))))
     assert scored == []
     strip = lambda rows: [{k: v for k, v in x.items() if k != "seconds"} for x in rows]  # noqa: E731
     assert strip(again["rows"]) == strip(r["rows"])
-    more = ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS + [("prune", 0.5)], dp_noise=(1.0,),
-                        log=lambda *a: None)
+    more = asdict(drain(ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS + [("prune", 0.5)],
+                                     dp_noise=(1.0,))))
     assert len(scored) == len(victims.names) and len(more["rows"]) == len(r["rows"]) + 1
+
+
+def test_study_reports_each_point_and_stops_when_asked(study, victims, tiny_pipe, attacker):
+    """A Progress per point; a stop ends the study after the points measured, with the floor row."""
+    import core.studies.defenses as ed
+    from core.events import Done, Progress
+
+    calls = []
+    events = list(ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS, dp_noise=(),
+                               should_stop=lambda: calls.append(1) or len(calls) > 2))
+    assert [(e.step, e.total) for e in events if isinstance(e, Progress)] == [(1, 3), (2, 3)]
+    done = events[-1]
+    assert isinstance(done, Done) and done.cancelled
+    assert [x["defense"] for x in done.result.rows] == ["none", POINTS[0][0], "floor"]
 
 
 def test_dp_loras_are_cached(tiny_pipe, victims):

@@ -50,3 +50,38 @@ def test_layers_tab_quotes_the_study_or_says_it_was_not_run():
     text = measured_text({"lora": s})
     assert "**2 busiest** of a LoRA's 4 layers keeps **80%**" in text and "2 laziest keep 0%" in text
     assert "Not measured" in measured_text({})
+
+
+def test_study_job_saves_after_each_victim_in_the_reports_format(tiny_pipe, tiny_pipeline_dir, lfw_root):
+    import json
+
+    from core import RESULTS
+    from core.events import Done, Progress
+    from core.studies.layers import LayersStudyConfig, report, run
+
+    saved = []
+    cfg = LayersStudyConfig(n=2, full_n=1, full_steps=2, ks=(1,), full_ks=(1,))
+    events = list(run(cfg, str(tiny_pipeline_dir), save=lambda res: saved.append((len(res.per_lora), len(res.per_full),
+                                                                                  res.complete))))
+    assert saved == [(1, 0, False), (2, 0, False), (2, 1, False), (2, 1, True)]
+    assert [(e.stage, e.step, e.total) for e in events if isinstance(e, Progress) and "LoRAs" not in e.stage] == [
+        ("LoRA victims", 1, 2), ("LoRA victims", 2, 2), ("full fine-tunes", 1, 1)]
+    done = events[-1]
+    assert isinstance(done, Done) and not done.cancelled
+    r = report(done.result, "python -m core.studies.layers --n 2", "now", 0.1)
+    if (RESULTS / "layers.json").exists():
+        assert list(r) == list(json.loads((RESULTS / "layers.json").read_text()))
+    assert r["complete"] and r["lora"]["n"] == 2 and r["full"]["n"] == 1 and r["conclusion"]
+    json.dumps(r)
+
+
+def test_study_job_stops_between_victims(tiny_pipe, tiny_pipeline_dir, lfw_root):
+    from core.events import Done
+    from core.studies.layers import LayersStudyConfig, run
+
+    saved = []
+    events = list(run(LayersStudyConfig(n=2, full_n=0, ks=(1,)), str(tiny_pipeline_dir), save=saved.append,
+                      should_stop=lambda: len(saved) >= 1))
+    done = events[-1]
+    assert isinstance(done, Done) and done.cancelled and len(done.result.per_lora) == 1 and not done.result.complete
+    assert len(saved) == 1

@@ -2,7 +2,7 @@
 subpaths, embedding + verification (yes on the watermarked model, no on the clean one), key files."""
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -380,8 +380,8 @@ def test_study_smoke_run(tiny_pipe, embedded):
     mark = Watermarked("AIAO", watermarked_pipeline(tiny_pipe, embedded.unet),
                        lambda p: verify_watermark(p, embedded.key))
     real = np.random.default_rng(0).normal(size=(8, 128))
-    r = run_study(tiny_pipe, [mark], cfg, random_crops(3), random_crops(3), [random_crops(3), random_crops(3)],
-                  real, log=lambda *_: None)
+    clean = [random_crops(3), random_crops(3)]
+    r = asdict(drain(run_study(tiny_pipe, [mark], cfg, random_crops(3), random_crops(3), clean, real)))
     assert len(r["rows"]) == 5 and r["rows"][0]["watermarked"]
     assert r["false_positives"]["AIAO"]["models"] == 2 and r["false_positives"]["AIAO"]["false_positives"] == 0
     assert set(r["quality"]) == {"clean", "AIAO"}
@@ -396,7 +396,7 @@ def test_study_of_a_candidate_runs_only_the_chosen_scenarios(tiny_pipe, embedded
     cfg = StudyConfig(long_steps=2, n_clean=0, quality_n=0, photos=3, only="before, b")
     mark = Watermarked("AIAO", watermarked_pipeline(tiny_pipe, embedded.unet),
                        lambda p: verify_watermark(p, embedded.key))
-    r = run_study(tiny_pipe, [mark], cfg, random_crops(3), random_crops(3), [], np.zeros((0, 128)), log=lambda *_: None)
+    r = asdict(drain(run_study(tiny_pipe, [mark], cfg, random_crops(3), random_crops(3), [], np.zeros((0, 128)))))
     assert [x["scenario"] for x in r["rows"]] == ["before fine-tuning", "(b) 2-step LoRA"]
     assert r["quality"] == {} and r["false_positives"]["AIAO"]["models"] == 0
 
@@ -425,12 +425,12 @@ def test_study_rerun_measures_only_what_changed(tiny_pipe, embedded):
 
     args = (cfg, random_crops(3), random_crops(3), [random_crops(3)], np.random.default_rng(0).normal(size=(8, 128)))
     b1, b2 = nudged(0.01), nudged(0.02)
-    first = run_study(tiny_pipe, [mark("A", embedded.unet), mark("B", b1)], *args, log=lambda *_: None)
+    first = asdict(drain(run_study(tiny_pipe, [mark("A", embedded.unet), mark("B", b1)], *args)))
     assert calls.count("A") == 6 and calls.count("B") == 5  # 5 scenarios each + 1 clean model (same key: measured once)
     calls.clear()
-    again = run_study(tiny_pipe, [mark("A", embedded.unet), mark("B", b1)], *args, log=lambda *_: None)
+    again = asdict(drain(run_study(tiny_pipe, [mark("A", embedded.unet), mark("B", b1)], *args)))
     assert calls == [] and again["rows"] == first["rows"] and again["quality"] == first["quality"]
-    run_study(tiny_pipe, [mark("A", embedded.unet), mark("B", b2)], *args, log=lambda *_: None)
+    drain(run_study(tiny_pipe, [mark("A", embedded.unet), mark("B", b2)], *args))
     assert calls == ["B"] * 5  # only the changed watermark's scenarios
 
 

@@ -28,7 +28,6 @@ and ``defenses_chart.json`` (plotly figure of :func:`core.plots.privacy_utility_
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -37,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -45,13 +45,13 @@ from core import PROJECT_ROOT, RESULTS
 from core.faces import aligned
 from core.faces import metrics
 from core.attack.report import attacker_mismatch, reconstruct_lora
-from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W
+from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W, ATTACKER_DIR
 from core.cache import cached
-from core.cli import command_line
+from core.cli import Switch
 from core.defenses.dp import DPConfig, dp_finetune
 from core.defenses.posthoc import DEFENSES, apply_defense
-from core.studies.attack import VICTIM_SEED0, identities, summarize, victim_loras
-from core.events import drain
+from core.studies.attack import VICTIM_SEED0, identities, summarize, train_victim_loras, victim_recipe
+from core.events import Done, Message, Progress, drain, never, run_with_progress_bar
 from core.finetune.lora import FinetuneConfig
 from core.model.prior import base_fingerprint, cache_dir
 from core.faces.utility import describe_set, floor_images, lora_utility
@@ -65,6 +65,22 @@ UNDEFENDED, FLOOR, DP = "none", "floor", "dp_sgd"
 TITLES = {"weight_noise": "weight noise", "prune": "pruning", "quantize": "quantization",
           "rank_truncate": "rank truncation", DP: "DP-SGD fine-tune", UNDEFENDED: "undefended LoRA",
           FLOOR: "floor (no LoRA: a random face)"}
+
+
+@dataclass
+class DefensesStudyConfig:
+    n: int = 20  # victims (the first N of the split, as the attack study)
+    defenses: tuple[Literal[tuple(DEFENSES)], ...] | None = None  # post-hoc defenses to study (None: all; the flag alone: no post-hoc points)
+    skip_dp: Switch = False  # no DP-SGD points (each is a fresh fine-tune per victim)
+    dp_noise: tuple[float, ...] = DP_NOISE  # DP-SGD noise multipliers
+
+    def __post_init__(self):
+        self.dp_noise = tuple(float(s) for s in self.dp_noise)
+        if self.n < 2:
+            raise ValueError(f"n must be at least 2 (top-1 ranks the victims against each other), got {self.n!r}")
+        posthoc_points(self.defenses)  # its own check of the names
+        if any(s < 0 for s in self.dp_noise):
+            raise ValueError(f"dp_noise: noise multipliers are >= 0, got {self.dp_noise!r}")
 
 
 def strength_text(name: str, s) -> str:
@@ -99,12 +115,9 @@ class Victims:
             raise ValueError("the study needs at least 2 victims (top-1 ranks them against each other)")
 
 
-def victim_recipe() -> FinetuneConfig:
-    return FinetuneConfig(checkpoint_every=0, preview_n=0)
-
-
-def load_victims(pipe, n: int, root=None, log=print) -> Victims:
-    """The first ``n`` victims with >= 5 photos, their 5 private photos and cached LoRAs (as eval_attack)."""
+def load_victims(pipe, n: int, root=None, should_stop=never):
+    """Step of a job: the first ``n`` victims with >= 5 photos, their 5 private photos and cached LoRAs
+    (as the attack study); returns Victims, or None when stopped."""
     from core.model.pipeline import image_size_of
 
     names, people = identities("victims", n, root)
@@ -112,7 +125,9 @@ def load_victims(pipe, n: int, root=None, log=print) -> Victims:
     # at the model's resolution: 64 px for the embedded model, as eval_attack loads them
     private = [list(aligned.load_crops(people[v][:PHOTOS], size=image_size_of(pipe))) for v in names]
     cfg = victim_recipe()
-    loras = victim_loras(pipe, names, private, cfg, log)
+    loras = yield from train_victim_loras(pipe, names, private, cfg, should_stop=should_stop)
+    if loras is None:
+        return None
     return Victims(names, private, [lo["checkpoints"][cfg.steps] for lo in loras], [lo["trigger"] for lo in loras],
                    [VICTIM_SEED0 + i for i in range(len(names))])
 
@@ -195,10 +210,97 @@ def make_row(defense: str, strength, attack_desc: np.ndarray, utility_d, gallery
                 **extra)
 
 
+@dataclass
+class Scoring:
+    """What every point of the study is scored with: the victims, the attacker, the recipe of their
+    LoRAs and the floor (the base model's class-prompt samples)."""
+
+    pipe: object
+    attacker: object
+    victims: Victims
+    cfg: FinetuneConfig
+    gallery: np.ndarray  # per victim: the mean descriptor of its private photos
+    floor_ims: list
+    floor_desc: np.ndarray
+    floor_d: np.ndarray  # per victim: the floor's distance
+
+
+def scoring(pipe, attacker, victims: Victims, cfg: FinetuneConfig) -> Scoring:
+    gallery = np.stack([describe_set(p) for p in victims.private])
+    floor_ims = floor_images(pipe)
+    floor_desc = describe_set(floor_ims)
+    return Scoring(pipe, attacker, victims, cfg, gallery, floor_ims, floor_desc, metrics.distance(floor_desc, gallery))
+
+
+def score_point(sc: Scoring, defense: str, strength, loras, steps, triggers, **extra) -> dict:
+    """The row of one point: every victim's (defended) LoRA scored, or its scores from the cache."""
+    t0 = time.perf_counter()
+    v = sc.victims
+
+    def measure():
+        descs, util = [], []
+        for i in range(len(v.names)):
+            d, u = score_lora(sc.pipe, sc.attacker, loras[i], steps[i], sc.cfg.alpha, triggers[i], v.private[i],
+                              sc.floor_ims)
+            descs.append(d)
+            util.append(u)
+        return {"attack_desc": np.stack(descs).tolist(), "utility_distance": [float(u) for u in util],
+                "seconds": time.perf_counter() - t0}
+
+    # keyed by everything scored, so a rerun with more points (or after a stop) scores only what is new
+    hit = cached("defense_points", [base_fingerprint(sc.pipe), v.names, asdict(sc.cfg), defense, strength, ATTACK_W,
+                                    ATTACK_SAMPLER_STEPS, sc.attacker.state_dict(), v.private, loras], measure)
+    descs, util, secs = np.asarray(hit["attack_desc"]), hit["utility_distance"], hit["seconds"]
+    return make_row(defense, strength, descs, util, sc.gallery, sc.floor_d, secs, **extra)
+
+
+def defended_loras(pipe, victims: Victims, cfg: FinetuneConfig, defense: str, strength, dp: DPConfig,
+                   should_stop=never):
+    """Step of a job: (the victims' LoRAs at one point of the study, their step counts, their triggers,
+    the row's extra fields). A DP-SGD point trains a fresh LoRA per victim (cached; a Progress each).
+    Returns None when stopped."""
+    n = len(victims.names)
+    if defense == UNDEFENDED:
+        return victims.loras, [cfg.steps] * n, victims.triggers, {}
+    if defense != DP:
+        return [apply_defense(lo, defense, strength) for lo in victims.loras], [cfg.steps] * n, victims.triggers, {}
+    dpc = DPConfig(noise_multiplier=float(strength), max_grad_norm=dp.max_grad_norm, delta=dp.delta)
+    runs, t0 = [], time.perf_counter()
+    for i in range(n):
+        if should_stop():
+            return None
+        said = []
+        runs.append(dp_victim_lora(pipe, victims.private[i], victims.names[i], victims.seeds[i], cfg, dpc, said.append))
+        for text in said:
+            yield Message(text)
+        yield Progress(f"DP-SGD LoRAs (sigma {strength:g})", i + 1, n, time.perf_counter() - t0)
+    eps = [r["epsilon"] for r in runs]
+    extra = dict(noise_multiplier=float(strength), epsilon=None if not all(map(math.isfinite, eps)) else max(eps),
+                 photos_per_victim=max(len(p) for p in victims.private), sample_rate=runs[0]["sample_rate"],
+                 max_grad_norm=dp.max_grad_norm, delta=dp.delta)
+    return [r["lora"] for r in runs], [r["steps"] for r in runs], [r["trigger"] for r in runs], extra
+
+
+def row_text(row: dict) -> str:
+    return (f"{row['label']:<38} attack {row['attack']['distance']:.3f} (top-1 {row['attack']['top1']:.0%}, "
+            f"gain over floor {row['attack_gain']['mean']:+.3f})   utility {row['utility']['distance']:.3f} "
+            f"(gain {row['utility_gain']['mean']:+.3f})   {row['seconds']:.0f} s")
+
+
+@dataclass
+class DefensesResult:
+    """The study's points: undefended, post-hoc points..., DP points..., floor (rows of :func:`make_row`)."""
+
+    n: int
+    chance_top1: float
+    chance_top5: float
+    rows: list
+
+
 def run_study(pipe, attacker, victims: Victims, cfg: FinetuneConfig | None = None, points=None, dp_noise=DP_NOISE,
-              dp: DPConfig | None = None, log=print) -> dict:
-    """Every point of the study on ``victims`` (their LoRAs trained with recipe ``cfg``):
-    {"n", "chance_top1", "chance_top5", "rows": [undefended, post-hoc points..., DP points..., floor]}.
+              dp: DPConfig | None = None, should_stop=never):
+    """Job: every point of the study on ``victims`` (their LoRAs trained with recipe ``cfg``), a Progress
+    per point; Done(DefensesResult) (on a stop: the points measured so far and the floor, cancelled).
     ``points``: (defense, strength) pairs (default: all of :data:`DEFENSES`); ``dp_noise``: DP-SGD noise
     multipliers (empty: no DP points); ``dp``: the other DP settings (clip, delta)."""
     cfg = cfg or victim_recipe()
@@ -208,48 +310,33 @@ def run_study(pipe, attacker, victims: Victims, cfg: FinetuneConfig | None = Non
     if why:
         raise ValueError(why)
     n = len(victims.names)
-    gallery = np.stack([describe_set(p) for p in victims.private])
-    floor_ims = floor_images(pipe)
-    floor_desc = describe_set(floor_ims)
-    floor_d = metrics.distance(floor_desc, gallery)
-    rows = []
+    sc = scoring(pipe, attacker, victims, cfg)
+    plan = [(UNDEFENDED, None), *points, *((DP, float(sigma)) for sigma in dp_noise)]
+    rows, t0, cancelled = [], time.perf_counter(), False
+    for defense, strength in plan:
+        got = None if should_stop() else (yield from defended_loras(pipe, victims, cfg, defense, strength, dp,
+                                                                     should_stop))
+        if got is None:
+            cancelled = True
+            break
+        loras, steps, triggers, extra = got
+        rows.append(score_point(sc, defense, strength, loras, steps, triggers, **extra))
+        yield Message(row_text(rows[-1]))
+        yield Progress("defense points", len(rows), len(plan), time.perf_counter() - t0,
+                       {"attack": rows[-1]["attack"]["distance"], "utility": rows[-1]["utility"]["distance"]})
+    rows.append(make_row(FLOOR, None, np.repeat(sc.floor_desc[None], n, 0), sc.floor_d, sc.gallery, sc.floor_d))
+    yield Done(DefensesResult(n=n, chance_top1=1 / n, chance_top5=min(1.0, 5 / n), rows=rows), cancelled=cancelled)
 
-    def point(defense, strength, loras, steps, triggers, **extra):
-        t0 = time.perf_counter()
 
-        def measure():
-            descs, util = [], []
-            for i in range(n):
-                d, u = score_lora(pipe, attacker, loras[i], steps[i], cfg.alpha, triggers[i], victims.private[i], floor_ims)
-                descs.append(d)
-                util.append(u)
-            return {"attack_desc": np.stack(descs).tolist(), "utility_distance": [float(u) for u in util],
-                    "seconds": time.perf_counter() - t0}
-
-        # keyed by everything scored, so a rerun with more points (or after a stop) scores only what is new
-        hit = cached("defense_points", [base_fingerprint(pipe), victims.names, asdict(cfg), defense, strength, ATTACK_W,
-                                        ATTACK_SAMPLER_STEPS, attacker.state_dict(), victims.private, loras], measure)
-        descs, util, secs = np.asarray(hit["attack_desc"]), hit["utility_distance"], hit["seconds"]
-        row = make_row(defense, strength, descs, util, gallery, floor_d, secs, **extra)
-        rows.append(row)
-        log(f"{row['label']:<38} attack {row['attack']['distance']:.3f} (top-1 {row['attack']['top1']:.0%}, "
-            f"gain over floor {row['attack_gain']['mean']:+.3f})   utility {row['utility']['distance']:.3f} "
-            f"(gain {row['utility_gain']['mean']:+.3f})   {row['seconds']:.0f} s")
-
-    steps = [cfg.steps] * n
-    point(UNDEFENDED, None, victims.loras, steps, victims.triggers)
-    for name, s in points:
-        point(name, s, [apply_defense(lo, name, s) for lo in victims.loras], steps, victims.triggers)
-    for sigma in dp_noise:
-        dpc = DPConfig(noise_multiplier=float(sigma), max_grad_norm=dp.max_grad_norm, delta=dp.delta)
-        runs = [dp_victim_lora(pipe, victims.private[i], victims.names[i], victims.seeds[i], cfg, dpc, log) for i in range(n)]
-        eps = [r["epsilon"] for r in runs]
-        point(DP, float(sigma), [r["lora"] for r in runs], [r["steps"] for r in runs], [r["trigger"] for r in runs],
-              noise_multiplier=float(sigma), epsilon=None if not all(map(math.isfinite, eps)) else max(eps),
-              photos_per_victim=max(len(p) for p in victims.private), sample_rate=runs[0]["sample_rate"],
-              max_grad_norm=dp.max_grad_norm, delta=dp.delta)
-    rows.append(make_row(FLOOR, None, np.repeat(floor_desc[None], n, 0), floor_d, gallery, floor_d))
-    return dict(n=n, chance_top1=1 / n, chance_top5=min(1.0, 5 / n), rows=rows)
+def run(pipe, attacker, cfg: DefensesStudyConfig, root=None, should_stop=never):
+    """The study as a job: the victims' LoRAs (cached, as the attack study's), then every point of ``cfg``
+    (:func:`run_study`); Done(DefensesResult)."""
+    victims = yield from load_victims(pipe, cfg.n, root, should_stop)
+    if victims is None:
+        yield Done(None, cancelled=True)
+        return
+    yield from run_study(pipe, attacker, victims, victim_recipe(), posthoc_points(cfg.defenses),
+                         () if cfg.skip_dp else cfg.dp_noise, should_stop=should_stop)
 
 
 # reporting ----------------------------------------------------------------------------------------
@@ -358,41 +445,44 @@ def to_markdown(r: dict) -> str:
     return "\n\n".join([head, expl, table_markdown(r), "**Conclusion.** " + r.get("conclusion", conclusion(r))]) + "\n"
 
 
-def main(argv=None):
-    from core.attack.attacker import ATTACKER_DIR
+@dataclass
+class Args(DefensesStudyConfig):
+    """Privacy-utility study of the LoRA defenses (needs the trained attacker)."""
 
-    ap = argparse.ArgumentParser(description="Privacy-utility study of the LoRA defenses (needs the trained attacker)")
-    ap.add_argument("--n", type=int, default=20, help="victims (the first N of the split, as eval_attack)")
-    ap.add_argument("--defenses", nargs="*", default=None, choices=list(DEFENSES),
-                    help="post-hoc defenses to study (default: all; none given: no post-hoc points)")
-    ap.add_argument("--skip-dp", action="store_true", help="no DP-SGD points (each is a fresh fine-tune per victim)")
-    ap.add_argument("--dp-noise", nargs="+", type=float, default=list(DP_NOISE), help="DP-SGD noise multipliers")
-    ap.add_argument("--out", default=str(RESULTS), help="folder of defenses.json, defenses.md, defenses_chart.json")
-    ap.add_argument("--attacker", default=str(ATTACKER_DIR / "attacker.safetensors"))
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--model", default=None)
+    out: str = str(RESULTS)  # folder of defenses.json, defenses.md, defenses_chart.json
+    attacker: str = str(ATTACKER_DIR / "attacker.safetensors")  # the trained weight-only attacker's file
+    data: str | None = None  # LFW folder (None: $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
+    model: str | None = None  # base model folder or hub id (None: the embedded one)
+
+
+def load_checked_attacker(pipe, path: Path):
+    """(the attacker, its info); SystemExit with a sentence when it is missing or for another base."""
+    from core.attack.attacker import load_attacker
+
+    attacker, info = load_attacker(path, pipe.device)
+    if attacker.cfg.base != base_fingerprint(pipe):
+        raise SystemExit(f"The attacker at {path} was trained for another base model ({attacker.cfg.base}; this one "
+                         f"is {base_fingerprint(pipe)}).")
+    return attacker, info
+
+
+def main(argv=None):
+    from core.cli import command_line, config_of, parse
+    from core.model.pipeline import load_pipeline
+    from core.plots import privacy_utility_plot
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    a = ap.parse_args(argv)
+    a = parse(Args, argv, description="Privacy-utility study of the LoRA defenses (needs the trained attacker)")
     att_path = Path(a.attacker)
     if not att_path.is_file():
         raise SystemExit(f"No trained attacker at {att_path}: the study attacks every defended LoRA with it. Train it "
                          "first (`python -m core.attack.shadow`, then `python -m core.attack.train`) or pass --attacker PATH.")
-    if a.n < 2:
-        raise SystemExit("--n must be at least 2")
-    from core.attack.attacker import load_attacker
-    from core.model.pipeline import load_pipeline
-    from core.plots import privacy_utility_plot
-
+    cfg = config_of(a, DefensesStudyConfig)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     pipe = load_pipeline(a.model)
-    attacker, info = load_attacker(att_path, pipe.device)
-    if attacker.cfg.base != base_fingerprint(pipe):
-        raise SystemExit(f"The attacker at {att_path} was trained for another base model ({attacker.cfg.base}; this one "
-                         f"is {base_fingerprint(pipe)}).")
-    victims = load_victims(pipe, a.n, a.data)
-    r = run_study(pipe, attacker, victims, victim_recipe(), posthoc_points(a.defenses),
-                  () if a.skip_dp else a.dp_noise)
+    attacker, info = load_checked_attacker(pipe, att_path)
+    res = run_with_progress_bar(run(pipe, attacker, cfg, a.data))
     try:
         shown = att_path.resolve().relative_to(PROJECT_ROOT)
     except ValueError:
@@ -400,7 +490,7 @@ def main(argv=None):
     r = dict(command=command_line("core.studies.defenses", argv),
              created=datetime.now(timezone.utc).isoformat(timespec="seconds"), base=base_fingerprint(pipe),
              attacker=str(shown), attacker_info=info, recipe=vars(victim_recipe()) | {"unet_targets": list(victim_recipe().unet_targets)},
-             seconds=round(time.perf_counter() - t0), **r)
+             seconds=round(time.perf_counter() - t0), **asdict(res))
     r["conclusion"] = conclusion(r)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,23 +22,40 @@ Writes ``<out>/layers.json`` and ``layers.md`` (rewritten after every victim).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from core import RESULTS
-from core.faces import aligned
+from core.events import Done, Message, Progress, never, run_with_progress_bar
 from core.faces import metrics
 
 ORDERS = ("busiest", "laziest", "random")
 LORA_KS = (1, 3, 10, 30)
 FULL_KS = (1, 10, 50, 150)
+
+
+@dataclass
+class LayersStudyConfig:
+    n: int = 20  # victims for the LoRA rows
+    full_n: int = 5  # victims for the full fine-tune rows (0: none)
+    full_steps: int = 80  # steps of each full fine-tune
+    ks: tuple[int, ...] = LORA_KS  # layer counts k kept of each LoRA
+    full_ks: tuple[int, ...] = FULL_KS  # layer counts k kept of each full fine-tune
+
+    def __post_init__(self):
+        self.ks, self.full_ks = tuple(int(k) for k in self.ks), tuple(int(k) for k in self.full_ks)
+        if self.n < 0 or self.full_n < 0 or self.full_steps < 1:
+            raise ValueError(f"n >= 0, full_n >= 0, full_steps >= 1; got {self.n!r}, {self.full_n!r}, {self.full_steps!r}")
+        for name, ks in (("ks", self.ks), ("full_ks", self.full_ks)):
+            if not ks or min(ks) < 1:
+                raise ValueError(f"{name}: one or more layer counts >= 1, got {ks!r}")
 
 
 def orders(changes, seed: int) -> dict[str, list]:
@@ -172,61 +189,105 @@ def conclusion(r: dict) -> str:
     return " ".join(parts)
 
 
-def main(argv=None):
-    from core.cli import command_line
-    from core.studies.attack import identities, victim_loras
-    from core.finetune.lora import FinetuneConfig
-    from core.model.pipeline import load_pipeline
+@dataclass
+class LayersResult:
+    """Per victim the rows of :func:`lora_rows` and :func:`full_rows`, and the floor distances."""
+
+    ks: tuple
+    full_ks: tuple
+    floors: list  # per victim: the floor's distance to its photos
+    per_lora: list = field(default_factory=list)
+    per_full: list = field(default_factory=list)
+    complete: bool = False
+
+
+def report(res: LayersResult, command: str, created: str, minutes: float) -> dict:
+    """The JSON of the study (``layers.json``): summaries, conclusion, then the per-victim rows."""
+    r = {"command": command, "created": created, "complete": res.complete,
+         "lora": summarize(res.per_lora, res.floors, res.ks) if res.per_lora else None,
+         "full": summarize(res.per_full, res.floors, res.full_ks) if res.per_full else None}
+    r["conclusion"] = conclusion(r)
+    r["minutes"] = minutes
+    return r | {"per_victim": {"lora": res.per_lora, "full": res.per_full}}
+
+
+def row_text(part: str, i: int, n: int, name: str, v: dict, floor: float, ks) -> str:
+    return f"{part} {i + 1}/{n} {name:<26} all {v['all']:.3f} floor {floor:.3f}  " + "  ".join(
+        f"k={k}: busy {v['busiest'][k]:.3f} lazy {v['laziest'][k]:.3f} rnd {v['random'][k]:.3f}" for k in ks)
+
+
+def run(cfg: LayersStudyConfig, model=None, root=None, save=lambda res: None, should_stop=never):
+    """The study as a job: the victims' LoRAs (cached, as the attack study's), then a Progress per LoRA
+    victim and per full fine-tune, ``save(result so far)`` after each; Done(LayersResult) (on a stop:
+    what was measured, ``complete`` False, cancelled)."""
     from core.faces.utility import floor_images, identity_distance
+    from core.model.pipeline import image_size_of, load_pipeline
+    from core.studies.attack import crops_of, identities, train_victim_loras, victim_recipe
+
+    # 1. the base model, the victims, their LoRAs and the floor
+    pipe = load_pipeline(model)
+    names, people = identities("victims", max(cfg.n, cfg.full_n), root)
+    private = crops_of(names, people, image_size_of(pipe))
+    recipe = victim_recipe()
+    loras = yield from train_victim_loras(pipe, names[: cfg.n], private[: cfg.n], recipe, should_stop=should_stop)
+    if loras is None:
+        yield Done(None, cancelled=True)
+        return
+    floor = floor_images(pipe)
+    res = LayersResult(cfg.ks, cfg.full_ks, [identity_distance(floor, p) for p in private])
+    # 2. the LoRA rows, then the full fine-tune rows, saved after each victim
+    t0 = time.perf_counter()
+    for i, lo in enumerate(loras):
+        if should_stop():
+            yield Done(res, cancelled=True)
+            return
+        lora = lo["checkpoints"][recipe.steps]
+        res.per_lora.append(lora_rows(pipe, lora, lo["trigger"], private[i], cfg.ks, floor, seed=i))
+        yield Message(row_text("LoRA", i, len(loras), names[i], res.per_lora[-1], res.floors[i], cfg.ks))
+        yield Progress("LoRA victims", i + 1, len(loras), time.perf_counter() - t0, {"all": res.per_lora[-1]["all"]})
+        save(res)
+    for i in range(cfg.full_n):
+        if should_stop():
+            yield Done(res, cancelled=True)
+            return
+        res.per_full.append(full_rows(pipe, private[i], cfg.full_ks, floor, seed=i, steps=cfg.full_steps))
+        yield Message(row_text("full", i, cfg.full_n, names[i], res.per_full[-1], res.floors[i], cfg.full_ks))
+        yield Progress("full fine-tunes", i + 1, cfg.full_n, time.perf_counter() - t0, {"all": res.per_full[-1]["all"]})
+        save(res)
+    res.complete = True
+    save(res)
+    yield Done(res)
+
+
+@dataclass
+class Args(LayersStudyConfig):
+    """Do the busiest layers carry the fine-tune?"""
+
+    out: str = str(RESULTS)  # folder of layers.json and layers.md
+    data: str | None = None  # LFW folder (None: $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
+    model: str | None = None  # base model folder or hub id (None: the embedded one)
+
+
+def main(argv=None):
+    from core.cli import command_line, config_of, parse
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=20, help="victims for the LoRA rows")
-    ap.add_argument("--full-n", type=int, default=5, help="victims for the full fine-tune rows (0: none)")
-    ap.add_argument("--full-steps", type=int, default=80, help="steps of each full fine-tune")
-    ap.add_argument("--ks", type=int, nargs="+", default=list(LORA_KS))
-    ap.add_argument("--full-ks", type=int, nargs="+", default=list(FULL_KS))
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--model", default=None)
-    a = ap.parse_args(argv)
+    a = parse(Args, argv, description=__doc__.split("\n")[0])
+    cfg = config_of(a, LayersStudyConfig)
     t0 = time.perf_counter()
-    pipe = load_pipeline(a.model)
-    names, people = identities("victims", max(a.n, a.full_n), a.data)
-    private = [list(aligned.load_crops(people[v][:5])) for v in names]
-    cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
-    loras = victim_loras(pipe, names[: a.n], private[: a.n], cfg)
-    floor = floor_images(pipe)
-    floors = [identity_distance(floor, p) for p in private]
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    r = {"command": command_line("core.studies.layers", argv), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-         "complete": False}
-    per_lora, per_full = [], []
+    head = dict(command=command_line("core.studies.layers", argv),
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
-    def save():
-        r["lora"] = summarize(per_lora, floors, a.ks) if per_lora else None
-        r["full"] = summarize(per_full, floors, a.full_ks) if per_full else None
-        r["conclusion"] = conclusion(r)
-        r["minutes"] = round((time.perf_counter() - t0) / 60, 1)
-        (out / "layers.json").write_text(json.dumps(r | {"per_victim": {"lora": per_lora, "full": per_full}}, indent=1) + "\n")
+    def save(res):
+        r = report(res, **head, minutes=round((time.perf_counter() - t0) / 60, 1))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "layers.json").write_text(json.dumps(r, indent=1) + "\n")
         (out / "layers.md").write_text(to_markdown(r))
 
-    for i, lo in enumerate(loras):
-        per_lora.append(lora_rows(pipe, lo["checkpoints"][cfg.steps], lo["trigger"], private[i], a.ks, floor, seed=i))
-        v = per_lora[-1]
-        print(f"LoRA {i + 1}/{len(loras)} {names[i]:<26} all {v['all']:.3f} floor {floors[i]:.3f}  " + "  ".join(
-            f"k={k}: busy {v['busiest'][k]:.3f} lazy {v['laziest'][k]:.3f} rnd {v['random'][k]:.3f}" for k in a.ks), flush=True)
-        save()
-    for i in range(a.full_n):
-        per_full.append(full_rows(pipe, private[i], a.full_ks, floor, seed=i, steps=a.full_steps))
-        v = per_full[-1]
-        print(f"full {i + 1}/{a.full_n} {names[i]:<26} all {v['all']:.3f} floor {floors[i]:.3f}  " + "  ".join(
-            f"k={k}: busy {v['busiest'][k]:.3f} lazy {v['laziest'][k]:.3f} rnd {v['random'][k]:.3f}" for k in a.full_ks), flush=True)
-        save()
-    r["complete"] = True
-    save()
-    print(to_markdown(r))
+    res = run_with_progress_bar(run(cfg, a.model, a.data, save))
+    if res is not None:
+        print(to_markdown(report(res, **head, minutes=round((time.perf_counter() - t0) / 60, 1))))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ one watermark was re-embedded measures that watermark again and reuses the other
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from PIL import Image
 
 from core import PROJECT_ROOT, RESULTS
 from core.cache import cached, digest
-from core.events import drain
+from core.events import Done, Message, Progress, drain, never, run_with_progress_bar
 from core.finetune.lora import FinetuneConfig, finetune, pipeline_with_lora
 
 ITEMS_ROOT = PROJECT_ROOT.parent / "shared" / "data" / "dreambooth"
@@ -58,7 +58,7 @@ class StudyConfig:
     only: str = ""  # comma-separated scenarios to run, of before, a, b, c, d ("": all); e.g. "before,b" for a candidate
     photos: int = 5  # photos per fine-tune
     items_subject: str = "dog"  # DreamBooth items subject of fine-tune (d)
-    seed: int = 0
+    seed: int = 0  # seed of the downstream fine-tunes (and of an AIAO watermark embedded by this run)
 
     def __post_init__(self):
         if self.long_steps < 1 or self.n_clean < 0 or 0 != self.quality_n < 2 or not 3 <= self.photos <= 10:
@@ -153,12 +153,37 @@ def verdict_row(v) -> dict:
             "rs_rate": getattr(v, "rs_rate", None), "mean_correlation": getattr(v, "mean_correlation", None)}
 
 
+def class_samples(pipe, n: int, guidance: float = 1.0, steps: int = 25, batch: int = 16) -> list:
+    """``n`` class-prompt samples, seeds 0, 1, ... in batches of 16 (the sampling of :mod:`core.studies.base`)."""
+    from core.model.pipeline import sample_images
+    from core.model.prompts import CLASS_PROMPT
+
+    out = []
+    for s in range(0, n, batch):
+        out += sample_images(pipe, CLASS_PROMPT, n=min(batch, n - s), seed=s, steps=steps, guidance=guidance)
+    return out
+
+
+def real_heldout(n: int, group: str = "victims", root=None) -> np.ndarray:
+    """``n`` aligned real crops of one identity group the base model never saw (round-robin over its
+    identities: every identity's 1st photo, then every 2nd photo, ...)."""
+    from core.faces import aligned, data
+
+    groups = data.Split.load().paths(group, root)
+    paths, k = [], 0
+    while len(paths) < n and k < 20:
+        paths += [ps[k] for ps in groups.values() if len(ps) > k]
+        k += 1
+    if len(paths) < n:
+        raise ValueError(f"only {len(paths)} held-out photos in {group}, need {n}")
+    return aligned.load_crops(paths[:n])
+
+
 def quality(pipe, n: int, real_descriptors) -> dict:
     from core.faces import recognition as faces
     from core.faces import metrics
-    from core.studies.base import sample_many
 
-    ims = sample_many(pipe, n, 1.0)
+    ims = class_samples(pipe, n, 1.0)
     return {"detection_rate": metrics.detection_rate(ims),
             "frechet_to_real": metrics.frechet_distance(faces.describe(ims), real_descriptors)}
 
@@ -174,61 +199,104 @@ def false_positive_summary(fps: dict) -> dict:
                 "min_p_value": min((r["p_value"] for r in v), default=None), "per_model": v} for k, v in fps.items()}
 
 
-def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, items_photos, clean_photos,
-              real_descriptors, log=print, save=lambda r: None) -> dict:
-    """The study's numbers (see the module docstring); ``clean_photos``: one photo set per clean model.
-    ``save(partial result)`` is called after every measurement."""
-    rows, fps, qual = [], {m.name: [] for m in marks}, {}
-    r = {"config": asdict(cfg), "rows": rows, "false_positives": false_positive_summary(fps), "quality": qual,
-         "complete": False}
+@dataclass
+class WatermarkStudyResult:
+    """The study's numbers (``watermark.json`` without the run's record), filled as it runs."""
+
+    config: dict
+    rows: list = field(default_factory=list)  # per (watermark, scenario): the verdict
+    false_positives: dict = field(default_factory=dict)  # per watermark: false_positive_summary of the clean models
+    quality: dict = field(default_factory=dict)  # per model (clean first): detection rate, Frechet distance
+    complete: bool = False
+
+
+@dataclass
+class StudyKeys:
+    """What the study's cached measurements are keyed by, besides the measurement itself."""
+
+    settings: dict  # the settings a fine-tune depends on
+    ids: dict  # watermark name -> (weights digest, key digest)
+    faces: str  # digest of the photos of fine-tunes (a) (b) (c)
+    items: str  # digest of the photos of fine-tune (d)
+
+
+def measure_scenario(res: WatermarkStudyResult, keys: StudyKeys, name: str, tune, m: Watermarked) -> str:
+    """Verify watermark ``m`` after fine-tune ``tune`` of its base (or from the cache); its log line."""
+    def measure():
+        t0 = time.perf_counter()
+        return {**verdict_row(m.verify(tune(m.pipe))), "seconds": round(time.perf_counter() - t0, 1)}
+
+    row = cached("watermark_study", ["scenario", name, keys.ids[m.name], keys.settings, keys.faces, keys.items],
+                 measure)
+    res.rows.append({"watermark": m.name, "scenario": name, **row})
+    return (f"{m.name:9s} {name:40s} VS {row['vs_rate']:6.1%}  p {row['p_value']:.3g}  "
+            f"{'yes' if row['watermarked'] else 'no'}  ({row['seconds']:.0f} s)")
+
+
+def measure_clean_model(res: WatermarkStudyResult, fps: dict, keys: StudyKeys, marks, clean, clean_id: str, i: int,
+                        photos, of: int) -> str:
+    """Every key against clean model ``i`` (a LoRA of the clean base, trained only if a key needs it)."""
+    model = None
+    for m in marks:
+        def measure():
+            nonlocal model
+            model = model or lora_finetune(clean, photos, seed=CLEAN_SEED0 + i)
+            return verdict_row(m.verify(model))
+
+        fps[m.name].append(cached("watermark_study", ["clean model", clean_id, digest(list(photos)),
+                                                      CLEAN_SEED0 + i, keys.ids[m.name][1]], measure))
+    res.false_positives = false_positive_summary(fps)
+    return f"clean model {i + 1}/{of}: " + ", ".join(
+        f"{k} VS {v[-1]['vs_rate']:.1%} {'yes' if v[-1]['watermarked'] else 'no'}" for k, v in fps.items())
+
+
+def measure_quality(res: WatermarkStudyResult, name: str, pipe, n: int, real_descriptors, real_d: str) -> str:
+    res.quality[name] = cached("watermark_study", ["quality", weights_digest(pipe), n, real_d],
+                               lambda: quality(pipe, n, real_descriptors))
+    q = res.quality[name]
+    return f"quality {name}: detection {q['detection_rate']:.3f} Frechet {q['frechet_to_real']:.4f}"
+
+
+def study_plan(res, clean, marks, cfg: StudyConfig, faces_photos, items_photos, clean_photos, real_descriptors) -> list:
+    """The study's measurements in run order (before fine-tuning, (a), (d), the false positives, quality,
+    then the long (b), (c)), each a function () -> its log line that fills ``res``."""
     items = list(scenarios(cfg, faces_photos, items_photos).items())
     keep = {SCENARIO_KEYS.index(k) for k in cfg.chosen()}
     short = [items[i] for i in SHORT_FIRST[:3] if i in keep]
     long_ = [items[i] for i in SHORT_FIRST[3:] if i in keep]
+    keys = StudyKeys({k: v for k, v in asdict(cfg).items() if k not in ("n_clean", "quality_n", "only")},
+                     {m.name: (weights_digest(m.pipe), key_digest(m.key)) for m in marks},
+                     digest(list(faces_photos)), digest(list(items_photos)))
+    fps = {m.name: [] for m in marks}
+    res.false_positives = false_positive_summary(fps)
+    plan = [partial(measure_scenario, res, keys, name, tune, m) for name, tune in short for m in marks]
+    clean_id = weights_digest(clean) if clean_photos else ""
+    plan += [partial(measure_clean_model, res, fps, keys, marks, clean, clean_id, i, photos, len(clean_photos))
+             for i, photos in enumerate(clean_photos)]
+    if cfg.quality_n:
+        real_d = digest(np.asarray(real_descriptors))
+        plan += [partial(measure_quality, res, name, pipe, cfg.quality_n, real_descriptors, real_d)
+                 for name, pipe in [("clean", clean)] + [(m.name, m.pipe) for m in marks]]
+    return plan + [partial(measure_scenario, res, keys, name, tune, m) for name, tune in long_ for m in marks]
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("n_clean", "quality_n", "only")}
-    ids = {m.name: (weights_digest(m.pipe), key_digest(m.key)) for m in marks}
-    faces_d, items_d = digest(list(faces_photos)), digest(list(items_photos))
 
-    def scenario(name, tune):
-        for m in marks:
-            def measure():
-                t0 = time.perf_counter()
-                return {**verdict_row(m.verify(tune(m.pipe))), "seconds": round(time.perf_counter() - t0, 1)}
-
-            row = cached("watermark_study", ["scenario", name, ids[m.name], settings, faces_d, items_d], measure)
-            rows.append({"watermark": m.name, "scenario": name, **row})
-            log(f"{m.name:9s} {name:40s} VS {row['vs_rate']:6.1%}  p {row['p_value']:.3g}  "
-                f"{'yes' if row['watermarked'] else 'no'}  ({row['seconds']:.0f} s)")
-            save(r)
-
-    for name, tune in short:
-        scenario(name, tune)
-    clean_id = weights_digest(clean)
-    for i, photos in enumerate(clean_photos):
-        model = None
-        for m in marks:
-            def measure():
-                nonlocal model
-                model = model or lora_finetune(clean, photos, seed=CLEAN_SEED0 + i)
-                return verdict_row(m.verify(model))
-
-            fps[m.name].append(cached("watermark_study", ["clean model", clean_id, digest(list(photos)),
-                                                          CLEAN_SEED0 + i, ids[m.name][1]], measure))
-        r["false_positives"] = false_positive_summary(fps)
-        save(r)
-        log(f"clean model {i + 1}/{len(clean_photos)}: " + ", ".join(
-            f"{k} VS {v[-1]['vs_rate']:.1%} {'yes' if v[-1]['watermarked'] else 'no'}" for k, v in fps.items()))
-    real_d = digest(np.asarray(real_descriptors))
-    for name, pipe in ([("clean", clean)] + [(m.name, m.pipe) for m in marks]) if cfg.quality_n else []:
-        qual[name] = cached("watermark_study", ["quality", weights_digest(pipe), cfg.quality_n, real_d],
-                            lambda: quality(pipe, cfg.quality_n, real_descriptors))
-        save(r)
-        log(f"quality {name}: detection {qual[name]['detection_rate']:.3f} Frechet {qual[name]['frechet_to_real']:.4f}")
-    for name, tune in long_:
-        scenario(name, tune)
-    r["complete"] = True
-    return r
+def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, items_photos, clean_photos,
+              real_descriptors, save=lambda res: None, should_stop=never):
+    """The study as a job (see the module docstring); ``clean_photos``: one photo set per clean model.
+    A Progress per measurement, ``save(result so far)`` after each; Done(WatermarkStudyResult) (on a
+    stop: what was measured, ``complete`` False, cancelled)."""
+    res = WatermarkStudyResult(asdict(cfg))
+    plan = study_plan(res, clean, marks, cfg, faces_photos, items_photos, clean_photos, real_descriptors)
+    t0 = time.perf_counter()
+    for step, measure in enumerate(plan, 1):
+        if should_stop():
+            yield Done(res, cancelled=True)
+            return
+        yield Message(measure())
+        yield Progress("measurements", step, len(plan), time.perf_counter() - t0)
+        save(res)
+    res.complete = True
+    yield Done(res)
 
 
 def load_report(path: str | Path | None = None) -> dict | None:
@@ -288,47 +356,38 @@ def to_markdown(r: dict) -> str:
 # 3. CLI ---------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    from core.faces import aligned, data
-    from core.faces import recognition as faces
-    from core.watermark.backdoor import BackdoorKey, embed_backdoor, verify_backdoor
-    from core.cli import add_config_flags, command_line, config_from_args
-    from core.studies.base import real_heldout
-    from core.model.pipeline import image_size_of, load_pipeline
+@dataclass
+class Args(StudyConfig):
+    """Robustness study of the ownership watermarks."""
+
+    model: str | None = None  # the clean base model folder or hub id (None: the embedded one)
+    aiao: str | None = None  # AIAO watermark: a delta file over --model or a pipeline folder (with --aiao-key); None: the shipped one, else embed one
+    aiao_key: str | None = None  # the key file of --aiao
+    backdoor: str | None = None  # backdoor watermark: delta file or pipeline folder (with --backdoor-key); None: as --aiao
+    backdoor_key: str | None = None  # the key file of --backdoor
+    data: str | None = None  # LFW folder (None: $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
+    items: str = str(ITEMS_ROOT)  # DreamBooth items folder
+    out: str = str(RESULTS)  # folder of watermark.json and watermark.md
+    notes: str = ""  # a sentence written under the command in watermark.md
+
+
+def watermarked_bases(clean, a: Args) -> tuple[list[Watermarked], dict]:
+    """(the watermarks under study, where each came from): given by flags, else shipped, else embedded
+    by this run."""
+    from core.model.pipeline import load_pipeline
     from core.watermark.aiao import WatermarkConfig, WatermarkKey, choose_lazy_layers, embed_watermark, verify_watermark
+    from core.watermark.backdoor import BackdoorKey, embed_backdoor, verify_backdoor
     from core.watermark.formats import SHIPPED, KeyFileError, load_delta, watermarked_pipeline
-    from core.watermark.owner import owner_latents, probe_identity, probe_photos
+    from core.watermark.owner import owner_latents, probe_photos
     from core.watermark.shipped import shipped_watermark
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="the clean base (default: embedded)")
-    ap.add_argument("--aiao", default=None, help="AIAO watermark: a delta file over --model or a pipeline folder (with "
-                                                 "--aiao-key); default: the shipped one, else embed one")
-    ap.add_argument("--aiao-key", default=None)
-    ap.add_argument("--backdoor", default=None, help="backdoor watermark: delta file or pipeline folder (with --backdoor-key)")
-    ap.add_argument("--backdoor-key", default=None)
-    ap.add_argument("--data", default=None, help="LFW folder")
-    ap.add_argument("--items", default=str(ITEMS_ROOT), help="DreamBooth items folder")
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--notes", default="", help="a sentence written under the command in watermark.md")
-    add_config_flags(ap, StudyConfig)
-    a = vars(ap.parse_args(argv))
-    cfg = config_from_args(StudyConfig, a)
-    t0 = time.perf_counter()
-    clean = load_pipeline(a["model"])
-    size = image_size_of(clean)
-
-    def given(path):
-        return load_delta(clean, path) if str(path).endswith(".safetensors") else load_pipeline(path)
-
-    # 1. the watermarked bases: given by flags, else shipped, else embedded by this run
     sources = {}
 
     def base(name, path, key_file, key_cls, embed):
         if path:
             sources[name] = path
-            return given(path), key_cls.load(key_file)
+            pipe = load_delta(clean, path) if str(path).endswith(".safetensors") else load_pipeline(path)
+            return pipe, key_cls.load(key_file)
         try:
             pipe, key = shipped_watermark(name, clean)
             sources[name] = f"shipped (assets/watermark/{SHIPPED[name][0]})"
@@ -338,42 +397,65 @@ def main(argv=None):
         return pipe, key
 
     def embed_aiao():
-        wcfg = WatermarkConfig(seed=cfg.seed)
-        lazy, scores = drain(choose_lazy_layers(clean, probe_photos(clean, root=a["data"]), wcfg))
-        res = drain(embed_watermark(clean, owner_latents(clean, 1024, a["data"]), lazy, wcfg, lazy_scores=scores))
+        wcfg = WatermarkConfig(seed=a.seed)
+        lazy, scores = drain(choose_lazy_layers(clean, probe_photos(clean, root=a.data), wcfg))
+        res = drain(embed_watermark(clean, owner_latents(clean, 1024, a.data), lazy, wcfg, lazy_scores=scores))
         return watermarked_pipeline(clean, res.unet), res.key
 
     def embed_bd():
-        res = drain(embed_backdoor(clean, owner_latents(clean, 1024, a["data"])))
+        res = drain(embed_backdoor(clean, owner_latents(clean, 1024, a.data)))
         return watermarked_pipeline(clean, res.unet, res.text_encoder), res.key
 
-    aiao_pipe, aiao_key = base("AIAO", a["aiao"], a["aiao_key"], WatermarkKey, embed_aiao)
-    bd_pipe, bd_key = base("backdoor", a["backdoor"], a["backdoor_key"], BackdoorKey, embed_bd)
-    marks = [Watermarked("AIAO", aiao_pipe, lambda p: verify_watermark(p, aiao_key), aiao_key),
-             Watermarked("backdoor", bd_pipe, lambda p: verify_backdoor(p, bd_key), bd_key)]
+    aiao_pipe, aiao_key = base("AIAO", a.aiao, a.aiao_key, WatermarkKey, embed_aiao)
+    bd_pipe, bd_key = base("backdoor", a.backdoor, a.backdoor_key, BackdoorKey, embed_bd)
+    return [Watermarked("AIAO", aiao_pipe, lambda p: verify_watermark(p, aiao_key), aiao_key),
+            Watermarked("backdoor", bd_pipe, lambda p: verify_backdoor(p, bd_key), bd_key)], sources
 
-    # 2. photos: shadow identities (public faces), an items subject, real unseen faces
-    people = data.Split.load().paths("shadow", a["data"])
+
+def study_photos(clean, a: Args) -> tuple[list, list, list, np.ndarray]:
+    """(the shadow identities used: the first for fine-tunes (a)-(c), one per clean model after it; their
+    photo sets; the items subject's photos; dlib descriptors of real unseen faces)."""
+    from core.faces import aligned, data
+    from core.faces import recognition as faces
+    from core.model.pipeline import image_size_of
+    from core.watermark.owner import probe_identity
+
+    size = image_size_of(clean)
+    people = data.Split.load().paths("shadow", a.data)
     probe = probe_identity(people)  # the owner's probe saw these: no downstream fine-tune uses them
-    names = [k for k, v in people.items() if len(v) >= cfg.photos and k != probe][: cfg.n_clean + 1]
-    sets = [list(aligned.load_crops(people[k][: cfg.photos], size=size)) for k in names]
-    items = load_items(cfg.items_subject, size, a["items"], cfg.photos)
-    real = faces.describe(real_heldout(cfg.quality_n, "victims", a["data"])) if cfg.quality_n else np.zeros((0, 128))
+    names = [k for k, v in people.items() if len(v) >= a.photos and k != probe][: a.n_clean + 1]
+    sets = [list(aligned.load_crops(people[k][: a.photos], size=size)) for k in names]
+    items = load_items(a.items_subject, size, a.items, a.photos)
+    real = faces.describe(real_heldout(a.quality_n, "victims", a.data)) if a.quality_n else np.zeros((0, 128))
+    return names, sets, items, real
 
+
+def main(argv=None):
+    from core.cli import command_line, config_of, parse
+    from core.model.pipeline import load_pipeline
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse(Args, argv, description=__doc__.split("\n")[0])
+    cfg = config_of(a, StudyConfig)
+    t0 = time.perf_counter()
+    # 1. the clean and the watermarked bases; 2. the photos
+    clean = load_pipeline(a.model)
+    marks, sources = watermarked_bases(clean, a)
+    names, sets, items, real = study_photos(clean, a)
     # 3. the study, written after every measurement
-    out = Path(a["out"])
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(command=command_line("core.studies.watermark", argv), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                notes=a["notes"], watermarks=sources, faces_identity=names[0], clean_identities=names[1:])
+    meta = dict(command=command_line("core.studies.watermark", argv),
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=a.notes, watermarks=sources, faces_identity=names[0], clean_identities=names[1:])
 
-    def save(r):
-        r.update(meta, minutes=round((time.perf_counter() - t0) / 60, 1))
+    def save(res):
+        r = asdict(res) | meta | {"minutes": round((time.perf_counter() - t0) / 60, 1)}
         (out / "watermark.json").write_text(json.dumps(r, indent=1) + "\n")
         (out / "watermark.md").write_text(to_markdown(r))
+        return r
 
-    r = run_study(clean, marks, cfg, sets[0], items, sets[1:], real, save=save)
-    save(r)
-    print(to_markdown(r))
+    res = run_with_progress_bar(run_study(clean, marks, cfg, sets[0], items, sets[1:], real, save=save))
+    print(to_markdown(save(res)))
 
 
 if __name__ == "__main__":
