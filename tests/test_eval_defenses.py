@@ -220,13 +220,14 @@ def tiny_engine(tiny_pipe, tiny_pipeline_dir, attacker):
 
 
 def test_finetune_tab_applies_the_posthoc_defense(tiny_engine, monkeypatch):
+    import core.defenses.posthoc as posthoc
     import ui.finetune_tab as ft
     from core.defenses.posthoc import prune
     from ui.session import VisitorSession
 
     seen = []
-    real = ft.apply_defense
-    monkeypatch.setattr(ft, "apply_defense", lambda lora, name, s: (seen.append((lora, name, s)), real(lora, name, s))[1])
+    real = posthoc.apply_defense
+    monkeypatch.setattr(posthoc, "apply_defense", lambda lora, name, s: (seen.append((lora, name, s)), real(lora, name, s))[1])
     session = VisitorSession(crops=random_crops(3))
     try:
         updates = list(ft.train_run(tiny_engine, session, 4, 4, 3e-3, 0, False, defense="prune", strength=0.9))

@@ -144,7 +144,7 @@ class LoRABatch:
             if self.cls is not None:
                 e.append(self.emb_cls.expand(b, -1, -1))
         params = {n: v[0].to(self.dev).requires_grad_(True) for n, v in initial_adapters(self.pipe, cfg, [cfg.seed]).items()}
-        opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0, fused=self.dev.type == "cuda" or None)
         run = Run(key, replace(cfg, trigger=trigger), trigger, inst, torch.cat(e), torch.Generator().manual_seed(cfg.seed),
                   params, opt)
         self.runs.append(run)

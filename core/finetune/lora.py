@@ -190,7 +190,8 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
     params = [p for m in (unet, te) if m is not None for p in m.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    # one fused kernel per step on CUDA (the loop is launch-bound there); torch's default elsewhere
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=params[0].is_cuda or None)
     den = Denoiser(pipe.scheduler.config)
     with torch.no_grad():
         emb_inst = encode_prompt(pipe, instance_prompt(trigger))

@@ -62,11 +62,11 @@ class BaseTrainConfig:
     size: int = 128  # image resolution (latents are size / 8)
     unet_channels: str = "64,128,192"  # UNet block widths (comma-separated)
     unet_steps: int = 20000  # batch unet_batch; ~2.3 s/step on one CPU core, ~1.3 s on two
-    unet_batch: int = 64
-    unet_lr: float = 1e-3
+    unet_batch: int = 64  # images per UNet step
+    unet_lr: float = 1e-3  # AdamW learning rate after the warm-up
     warmup: int = 300  # linear learning-rate warm-up steps, then constant (EMA smooths)
-    ema_decay: float = 0.999
-    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999  # decay of the exponential moving average of the UNet weights (what is exported)
+    min_snr_gamma: float = 5.0  # min-SNR loss weighting gamma (Hang et al. 2023; 0 = plain MSE)
     prediction: str = "v_prediction"  # "v_prediction" | "epsilon"
     uncond_prob: float = 0.1  # caption dropped -> empty prompt, for classifier-free guidance
     bf16: bool = True  # bf16 autocast on CPU (AVX512-BF16) / on CUDA GPUs that have it
