@@ -1,7 +1,9 @@
 """LoRA Leak Lab: ``python app.py`` starts the Gradio app on the embedded miniature model.
 
-Options: ``--model`` (a folder or a Stable Diffusion 1.x hub id), ``--device``, ``--port``,
-``--share``. Environment: ``LEAKLAB_MODEL`` sets the model too.
+Options (``python app.py --help``): ``--model`` (a folder or a Stable Diffusion 1.x hub id),
+``--device``, ``--attacker``, ``--max-batch`` / ``--gather-seconds`` (the training hub: how many
+visitors train together), ``--port``, ``--host``, ``--share``. Environment: ``LEAKLAB_MODEL`` sets
+the model too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ if uses_embedded_model():
 # thing (and imports no torch itself), before any module below imports torch.
 from ui import gpu  # noqa: E402,I001  (first on purpose)
 
-import argparse  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from core.cli import Switch  # noqa: E402
 import signal  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -124,17 +128,29 @@ def _terminate(signum, frame):  # SIGTERM (a Space stopping, a container shut do
     raise SystemExit(0)
 
 
+@dataclass
+class AppArgs:
+    """Start LoRA Leak Lab (the embedded miniature model unless --model names another)."""
+
+    model: str | None = field(default_factory=lambda: os.environ.get("LEAKLAB_MODEL"))  # model folder or SD 1.x hub id (default: the embedded model; env LEAKLAB_MODEL)
+    device: str | None = None  # torch device (default: cuda on a ZeroGPU Space or where a GPU is seen, else cpu)
+    attacker: str | None = None  # the weight-only attacker's safetensors (default: assets/attacker/attacker.safetensors)
+    max_batch: int = 0  # visitors fine-tuned together in one batched job (0: by hardware, 8 on a CPU, 32 on a GPU; 1: one at a time)
+    gather_seconds: float = 0.0  # an idle training hub waits this long for more visitors before it starts (0: at once)
+    port: int = field(default_factory=lambda: int(os.environ.get("GRADIO_SERVER_PORT", 7860)))  # port to serve on (env GRADIO_SERVER_PORT)
+    host: str = field(default_factory=lambda: os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))  # interface to serve on (env GRADIO_SERVER_NAME)
+    share: Switch = False  # also open a temporary public gradio.live link
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=os.environ.get("LEAKLAB_MODEL"), help="model folder or hub id (default: embedded)")
-    ap.add_argument("--device", default=None, help="torch device (default: cuda on a ZeroGPU Space or where "
-                                                   "a GPU is seen, else cpu)")
-    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    ap.add_argument("--share", action="store_true")
-    a = ap.parse_args(argv)
+    from core.cli import parse
+    from core.finetune.hub import HubConfig
+
+    a = parse(AppArgs, argv)
     signal.signal(signal.SIGTERM, _terminate)
-    demo = build_demo(Engine(a.model, gpu.startup_device(a.device)))
+    engine = Engine(a.model, gpu.startup_device(a.device), attacker=a.attacker,
+                    hub_config=HubConfig(max_batch=a.max_batch, gather_seconds=a.gather_seconds))
+    demo = build_demo(engine)
     try:
         demo.launch(server_name=a.host, server_port=a.port, share=a.share)
     finally:

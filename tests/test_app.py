@@ -173,7 +173,7 @@ def test_zero_gpu_imports_spaces_before_torch_and_loads_on_cuda(tmp_path):
     code = ("import sys, app, spaces\n"
             "seen = {}\n"
             "class E:\n"
-            "    def __init__(self, model, device):\n"
+            "    def __init__(self, model, device, **kw):\n"
             "        seen['device'] = device\n"
             "        raise SystemExit(0)\n"
             "app.Engine = E\n"

@@ -36,6 +36,13 @@ lab. It runs on a laptop CPU; the same code runs Stable Diffusion 1.x on a GPU.
 - **Defenses**: the measured price of each defense: how much it hides you against how much it breaks the LoRA.
 - **Watermark**: the model owner's view: a watermark hidden in lazy layers, checked on your LoRA.
 
+## A room of visitors
+Up to **{batch}** visitors fine-tune at the same time on this machine (`{device}`), in one batched job
+(`--max-batch`): each keeps their own photos, trigger word, settings, live attack and LoRA, and a
+visitor who stops or leaves does not disturb the others. Whoever comes next waits in a queue and
+sees their place and an estimate. DP-SGD and text-encoder fine-tunes train one at a time, and the
+Fine-tune tab says so.
+
 ## How identity is measured
 With dlib's face-recognition network: two photos whose descriptors are closer than 0.6 are
 "the same person" by dlib's rule (93 % right on LFW pairs at 64 px, measured by `python -m core.faces.metrics`).
@@ -67,4 +74,7 @@ so the next person at a shared computer finds nothing of it.
 
 
 def create_about_tab(engine: Engine) -> None:
-    gr.Markdown(ABOUT.format(size=engine.image_size, device=engine.device, hours=SESSION_TTL / 3600))
+    from core.finetune.hub import HubConfig
+
+    batch = (engine.hub_config or HubConfig()).batch_size(engine.device)
+    gr.Markdown(ABOUT.format(size=engine.image_size, device=engine.device, hours=SESSION_TTL / 3600, batch=batch))
