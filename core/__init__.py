@@ -1,10 +1,23 @@
-"""LoRA Leak Lab engine: plain Python + torch/diffusers/peft, no UI imports.
+"""LoRA Leak Lab engine: plain Python + torch/diffusers/peft, no UI imports; every function is usable
+from a script, and every long job is a generator of :mod:`core.events`.
 
-Every module holds one idea of the two papers the project demonstrates (see README):
-data (face folders and the identity split), prompts (vocabulary, class prompt, trigger tokens),
-pipeline (the miniature Stable Diffusion: build, load, sample), faces (dlib detection, alignment,
-descriptors), ingest (visitor photos -> training-like crops), metrics (identity protocol of
-docs/EVAL), events (progress events of long jobs).
+One package per idea of the two papers (each package's docstring lists its modules):
+
+- ``model``: the diffusion model (the embedded miniature Stable Diffusion, its autoencoder, the one
+  denoising step every trainer shares, sampling, the base model's recipe);
+- ``faces``: face data, dlib recognition, visitor photos -> aligned crops, the identity protocol;
+- ``finetune``: what a victim does (the DreamBooth LoRA fine-tune, the live job, the training hub
+  that batches visitors, the LoRA files people share);
+- ``attack``: the weight-only reconstruction attack (Yao) with its shadow LoRAs and baselines, and
+  membership inference;
+- ``layers``: busy and lazy layers (Liu et al.);
+- ``watermark``: ownership watermarks in lazy layers (AIAO) and the backdoor baseline;
+- ``defenses``: post-hoc defenses, DP-SGD, photo cloaking and purification;
+- ``studies``: the measured studies behind every number (``docs/results``).
+
+Plumbing beside them: ``events`` (the job protocol), ``cli`` (flags from config dataclasses),
+``cache`` and ``checkpoint`` (resumable work), ``engine`` (what the app shares between visitors),
+``plots`` (plotly figures).
 """
 
 import json

@@ -16,7 +16,7 @@ Two surrogates (``CloakConfig.surrogate``):
   before each PGD round and attacks f'; it runs 50 rounds of 3 + 3 training and 6 PGD steps (300 PGD
   steps, budget 0.05 on its [-1, 1] image scale, about 6.4/255) on a GPU. Ours drops f' (half the
   surrogate's cost) and runs ``steps`` PGD steps in all: the "cheaper variant", whose time is in
-  ``bench/cloak_speed.py`` and whose effect is measured by ``core.studies.cloaking``.
+  ``python -m bench.cloak_speed`` and whose effect is measured by ``core.studies.cloaking``.
 - ``"base"``: PGD against the frozen base model only (no surrogate training; the cheapest).
 
 Each PGD step draws fresh timesteps and noise (and mirrors a random half of the photos, as the
