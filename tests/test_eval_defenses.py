@@ -222,6 +222,7 @@ def tiny_engine(tiny_pipe, tiny_pipeline_dir, attacker):
 def test_finetune_tab_applies_the_posthoc_defense(tiny_engine, monkeypatch):
     import core.defenses.posthoc as posthoc
     import ui.finetune_tab as ft
+    from core.faces.utility import EVAL_SEEDS
     from core.defenses.posthoc import prune
     from ui.session import VisitorSession
 
@@ -243,12 +244,15 @@ def test_finetune_tab_applies_the_posthoc_defense(tiny_engine, monkeypatch):
             assert int((downloaded[k] == 0).sum()) >= round(0.9 * downloaded[k].numel())
             assert int((raw[k] == 0).sum()) < round(0.9 * raw[k].numel())  # the undefended one was not sparse
         assert all(torch.equal(session.result.lora[k], want[k]) for k in want)  # the other tabs see the shared LoRA
-        assert len([x for x in seen if x[0]]) == 2  # the checkpoint the attacker read at step 4, and the export
+        # defended once: the final checkpoint the attacker read at step 4 is the LoRA exported
+        assert len([x for x in seen if x[0]]) == 1
         recon = [u["attack_gallery"] for u in updates if isinstance(u.get("attack_gallery"), list)][-1]
         assert [c for _, c in recon] == ["step 4", "step 4"]
         assert any("(pruning (90 % of the weights set to zero)), step 4" in u.get("attack_head", "") for u in updates)
         previews = [u["previews"] for u in updates if u.get("previews")][-1]
-        assert len(previews) == 2 and previews[0][1] == "step 4 (pruning (90 % of the weights set to zero))"
+        # the last step's previews are the utility protocol's own samples (drawn once, shown and scored)
+        assert len(previews) == len(EVAL_SEEDS)
+        assert {c for _, c in previews} == {"step 4 (pruning (90 % of the weights set to zero))"}
         assert "pruning (90 % of the weights set to zero)" in updates[-1]["status"]
         assert "after pruning" in updates[-1]["score"] and "before the defense" in updates[-1]["score"]
     finally:

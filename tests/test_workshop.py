@@ -26,7 +26,7 @@ def workshop_app(tiny_pipeline_dir, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("LEAKLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
     engine = Engine(str(tiny_pipeline_dir), "cpu")
     pipe = engine.pipe
-    lora = drain(finetune(pipe, random_crops(3, 32), FinetuneConfig(steps=1, checkpoint_every=0, preview_n=0))).lora
+    lora = drain(finetune(pipe, random_crops(3, engine.image_size), FinetuneConfig(steps=1, checkpoint_every=0, preview_n=0))).lora
     model = Attacker(config_for(pipe, lora, rank=4, alpha=4.0), class_embedding=encode_prompt(pipe, CLASS_PROMPT)[0])
     engine._attacker_path = str(save_attacker(model, tmp_path_factory.mktemp("attacker") / "att.safetensors"))
     assert engine.attacker()[0] is not None
@@ -46,6 +46,8 @@ def files_in(value) -> list[str]:
 
 def test_four_visitors_train_together_and_each_gets_only_their_own(workshop_app, tmp_path):
     from gradio_client import Client, handle_file
+
+    from ui import session as sessions
 
     clients = [Client(workshop_app.local_url, verbose=False, download_files=False) for _ in range(VISITORS)]
     outputs = {}
@@ -75,6 +77,6 @@ def test_four_visitors_train_together_and_each_gets_only_their_own(workshop_app,
         lora = files_in(final[4])
         assert len(lora) == 1 and lora[0].endswith(".safetensors")
         mine = {p for u in updates for p in files_in(list(u))}
-        folders[i] = {Path(p).parent for p in mine}
+        folders[i] = {Path(p).relative_to(sessions.SESSION_ROOT).parts[0] for p in mine}  # their session folder
         assert len(folders[i]) == 1, f"visitor {i}'s files lie in several folders: {folders[i]}"
     assert len({f for fs in folders.values() for f in fs}) == VISITORS  # no visitor got a file of another
