@@ -42,8 +42,15 @@ def lfw_photo(lfw_root):
 def tiny_components():
     from core.model.pipeline import build_components
 
-    return build_components(unet_channels=(32, 32), vae_channels=(16, 16, 32), text_width=32, text_layers=1, image_size=64, seed=0,
-                            latent_channels=4)
+    return build_components(
+        unet_channels=(32, 32),
+        vae_channels=(16, 16, 32),
+        text_width=32,
+        text_layers=1,
+        image_size=64,
+        seed=0,
+        latent_channels=4,
+    )
 
 
 @pytest.fixture(scope="session")

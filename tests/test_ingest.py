@@ -2,10 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.faces import data
+from core.faces import data, ingest, metrics
 from core.faces import recognition as faces
-from core.faces import ingest
-from core.faces import metrics
 from tests.bad_inputs import encode, png_header_only
 from tests.conftest import rng_image
 
@@ -50,7 +48,7 @@ def test_face_crop_matches_training_crop(face_img, lfw_photo):
         lambda im: encode(im.convert("P", palette=Image.ADAPTIVE), "PNG"),
         lambda im: encode(im.convert("RGBA"), "PNG"),
         lambda im: encode(im.convert("L"), "PNG"),
-        lambda im: encode(Image.fromarray((np.asarray(im.convert("L"), np.uint16) * 257)), "PNG"),
+        lambda im: encode(Image.fromarray(np.asarray(im.convert("L"), np.uint16) * 257), "PNG"),
         lambda im: encode(im, "WEBP"),
         lambda im: encode(im, "GIF", save_all=True, append_images=[im.rotate(30)]),
     ],

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from core.model.pipeline import load_pipeline, sample_images
-from core.model.prompts import CLASS_PROMPT, build_tokenizer, instance_prompt, trigger_words, PRETRAIN_CAPTIONS
+from core.model.prompts import CLASS_PROMPT, PRETRAIN_CAPTIONS, build_tokenizer, instance_prompt, trigger_words
 
 
 def test_tokenizer_reserves_unused_trigger_words():

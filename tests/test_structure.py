@@ -37,8 +37,9 @@ def imported(path: Path, package: str) -> set[str]:
 
 def test_no_import_cycles():
     mods = {**modules("core"), **modules("ui")}
-    graph = {m: {d for d in imported(p, m) if d in mods and d != m and not m.startswith(d + ".")}
-             for m, p in mods.items()}
+    graph = {
+        m: {d for d in imported(p, m) if d in mods and d != m and not m.startswith(d + ".")} for m, p in mods.items()
+    }
     state, stack = {}, []
 
     def visit(m):
@@ -46,7 +47,7 @@ def test_no_import_cycles():
         stack.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == "open":
-                cycle = stack[stack.index(d):] + [d]
+                cycle = stack[stack.index(d) :] + [d]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if d not in state:
                 visit(d)
@@ -65,7 +66,9 @@ def test_every_package_says_what_lives_there_and_imports():
         assert mod.__doc__ and len(mod.__doc__.strip()) > 40, f"{name} has no docstring saying what lives there"
         for f in sorted(pkg.glob("*.py")):
             if f.stem not in ("__init__", "__main__"):
-                assert f"``{f.stem}``" in mod.__doc__ or f.stem in mod.__doc__, f"{name}'s docstring does not name {f.stem}"
+                assert f"``{f.stem}``" in mod.__doc__ or f.stem in mod.__doc__, (
+                    f"{name}'s docstring does not name {f.stem}"
+                )
 
 
 def test_core_has_no_gradio_and_ui_no_model_code():
@@ -108,8 +111,13 @@ def test_the_noising_formula_lives_in_one_place():
 def documented_commands() -> list[str]:
     """Every ``python -m core...`` module named in the README, docs and asset metadata."""
     found = set()
-    files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.json"),
-             *(ROOT / "assets").rglob("*.json"), *(ROOT / "bench").rglob("*.py")]
+    files = [
+        ROOT / "README.md",
+        *(ROOT / "docs").rglob("*.md"),
+        *(ROOT / "docs").rglob("*.json"),
+        *(ROOT / "assets").rglob("*.json"),
+        *(ROOT / "bench").rglob("*.py"),
+    ]
     for f in files:
         found |= set(re.findall(r"python -m (core(?:\.[a-z_]+)+)", f.read_text(errors="ignore")))
     return sorted(found)
@@ -121,9 +129,13 @@ def test_every_documented_command_runs(module):
     import os
 
     env = {**os.environ, "COLUMNS": "400"}
-    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 0, f"python -m {module} --help failed:\n{r.stderr[-2000:]}"
-    bare = [ln.strip() for ln in r.stdout.splitlines()
-            if re.match(r"^[\s│]*--[\w-]+", ln) and re.search(r"--[\w-]+(?: [\w{}|,.\[\]]+)?\s+\(default", ln)]
+    bare = [
+        ln.strip()
+        for ln in r.stdout.splitlines()
+        if re.match(r"^[\s│]*--[\w-]+", ln) and re.search(r"--[\w-]+(?: [\w{}|,.\[\]]+)?\s+\(default", ln)
+    ]
     assert not bare, f"flags without a help text: {bare}"
