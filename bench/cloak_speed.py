@@ -75,7 +75,7 @@ def time_cloaks(pipe, photos, repeats: int) -> dict:
     """{variant: (seconds, mean PSNR, surrogate loss cloaked / clean)}."""
     out = {}
     for name, cfg in variants().items():
-        t, res = best(lambda: drain(cloak_photos(pipe, photos, cfg)), repeats)
+        t, res = best(lambda cfg=cfg: drain(cloak_photos(pipe, photos, cfg)), repeats)
         out[name] = (t, sum(res.psnr) / len(res.psnr), res.loss_cloaked / res.loss_clean)
     return out
 
@@ -113,8 +113,9 @@ def main(argv=None):
     size = image_size_of(pipe)
     photos = example_photos(size)
     print(
-        f"threads {torch.get_num_threads()}, best of {a.repeats}, 5 photos at {size} px; cloak: budget {cfg.budget:g}/255, "
-        f"{cfg.steps} PGD steps, surrogate LoRA trained {cfg.surrogate_steps} steps every {cfg.surrogate_every} PGD steps"
+        f"threads {torch.get_num_threads()}, best of {a.repeats}, 5 photos at {size} px; cloak: budget "
+        f"{cfg.budget:g}/255, {cfg.steps} PGD steps, surrogate LoRA trained {cfg.surrogate_steps} steps every "
+        f"{cfg.surrogate_every} PGD steps"
     )
     class_latents(pipe, FinetuneConfig().n_class)  # cached before timing, as in the app
     t_ft, _ = best(lambda: drain(finetune(pipe, photos, FinetuneConfig(checkpoint_every=0, preview_n=0))), a.repeats)

@@ -52,13 +52,14 @@ def main(argv=None):
             )
         )
         print(
-            f"steps {int(steps):>4}  lr {lr:.0e}  rank {int(rank):>2}  batch {int(batch)}+{int(batch)}:  trigger {rows[-1][3]:.3f}  floor {rows[-1][4]:.3f}  "
-            f"beats floor {rows[-1][5]:.0%}  {rows[-1][6]:.1f} s",
+            f"steps {int(steps):>4}  lr {lr:.0e}  rank {int(rank):>2}  batch {int(batch)}+{int(batch)}:  trigger "
+            f"{rows[-1][3]:.3f}  floor {rows[-1][4]:.3f}  beats floor {rows[-1][5]:.0%}  {rows[-1][6]:.1f} s",
             flush=True,
         )
     best = min(rows, key=lambda r: r[3])
     print(
-        f"closest to the photos: steps {best[0]}, lr {best[1]:.0e}, rank {best[2]} (trigger distance {best[3]:.3f}, {best[6]:.1f} s)"
+        f"closest to the photos: steps {best[0]}, lr {best[1]:.0e}, rank {best[2]} (trigger distance {best[3]:.3f}, "
+        f"{best[6]:.1f} s)"
     )
 
 

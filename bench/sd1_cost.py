@@ -148,7 +148,8 @@ def main(argv=None):
         f"{SHADOW_LORAS} LoRAs {SHADOW_LORAS * shadow / 1e15:.1f} PFLOP; class images {klass / 1e15:.2f} PFLOP"
     )
     print(
-        f"  attacker ({ATTACKER_STEPS} steps x {LORAS_PER_STEP} LoRAs x {LATENTS_PER_LORA} latents): {attacker / 1e15:.1f} PFLOP"
+        f"  attacker ({ATTACKER_STEPS} steps x {LORAS_PER_STEP} LoRAs x {LATENTS_PER_LORA} latents): "
+        f"{attacker / 1e15:.1f} PFLOP"
     )
     total = SHADOW_LORAS * shadow + klass + attacker
     print(

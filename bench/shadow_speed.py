@@ -85,13 +85,16 @@ def main(argv=None):
 
     default_steps = FinetuneConfig().steps
     print(
-        f"device {pipe.device}, threads {torch.get_num_threads()}, {a.steps} steps per LoRA, batch {cfg.batch}+{cfg.batch}"
+        f"device {pipe.device}, threads {torch.get_num_threads()}, {a.steps} steps per LoRA, batch "
+        f"{cfg.batch}+{cfg.batch}"
     )
     print(
-        f"one at a time (finetune):   {1000 * single:7.1f} ms per LoRA-step -> {3600 / (single * default_steps):6.0f} LoRAs/CPU-hour at {default_steps} steps"
+        f"one at a time (finetune):   {1000 * single:7.1f} ms per LoRA-step -> {3600 / (single * default_steps):6.0f} "
+        f"LoRAs/CPU-hour at {default_steps} steps"
     )
     print(
-        f"{a.k} at once (train_many):  {1000 * many:7.1f} ms per LoRA-step -> {3600 / (many * default_steps):6.0f} LoRAs/CPU-hour at {default_steps} steps"
+        f"{a.k} at once (train_many):  {1000 * many:7.1f} ms per LoRA-step -> {3600 / (many * default_steps):6.0f} "
+        f"LoRAs/CPU-hour at {default_steps} steps"
     )
     print(f"speed-up: {single / many:.2f}x")
     print(

@@ -259,7 +259,8 @@ def write(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
 
 
 def attn_procs_tensors(ref: Reference) -> dict[str, torch.Tensor]:
-    """diffusers' oldest UNet files (attention processors, no part prefix): ``<block>.attn1.processor.to_q_lora.down.weight``."""
+    """diffusers' oldest UNet files (attention processors, no part prefix):
+    ``<block>.attn1.processor.to_q_lora.down.weight``."""
     out = {}
     for m in ref.of("unet"):
         head, proj = m.name.rsplit(".", 1)
@@ -412,7 +413,9 @@ def kohya_metadata(user: str = "alice", trigger: str = "sks woman") -> dict[str,
         "ss_lr_scheduler": "cosine",
         "ss_noise_offset": "None",
         "ss_training_comment": "for anna's birthday, photos from our trip to lisbon",
-        "ss_sd_model_name": f"/home/{user}/stable-diffusion-webui/models/Stable-diffusion/v1-5-pruned-emaonly.safetensors",
+        "ss_sd_model_name": (
+            f"/home/{user}/stable-diffusion-webui/models/Stable-diffusion/v1-5-pruned-emaonly.safetensors"
+        ),
         "ss_sd_model_hash": "e1441589",
         "ss_new_sd_model_hash": "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
         "ss_vae_name": "None",

@@ -78,12 +78,13 @@ def test_study_job_saves_after_each_victim_in_the_reports_format(tiny_pipe, tiny
 
     from core import RESULTS
     from core.events import Done, Progress
-    from core.studies.layers import LayersStudyConfig, report, run
+    from core.studies.layers import LayersStudyConfig, report
+    from core.studies.layers import run as run_study
 
     saved = []
     cfg = LayersStudyConfig(n=2, full_n=1, full_steps=2, ks=(1,), full_ks=(1,))
     events = list(
-        run(
+        run_study(
             cfg,
             str(tiny_pipeline_dir),
             save=lambda res: saved.append((len(res.per_lora), len(res.per_full), res.complete)),
@@ -106,11 +107,12 @@ def test_study_job_saves_after_each_victim_in_the_reports_format(tiny_pipe, tiny
 
 def test_study_job_stops_between_victims(tiny_pipe, tiny_pipeline_dir, lfw_root):
     from core.events import Done
-    from core.studies.layers import LayersStudyConfig, run
+    from core.studies.layers import LayersStudyConfig
+    from core.studies.layers import run as run_study
 
     saved = []
     events = list(
-        run(
+        run_study(
             LayersStudyConfig(n=2, full_n=0, ks=(1,)),
             str(tiny_pipeline_dir),
             save=saved.append,

@@ -25,7 +25,7 @@ def test_session_root_is_emptied_at_start_up_and_shutdown(tiny_engine):
     stray = (uploads.upload_root() / ("0" * 32) / "me.jpg") if hasattr(uploads, "upload_root") else leftover / "x"
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(b"an upload")
-    for demo in launched_app(tiny_engine):
+    for _demo in launched_app(tiny_engine):
         assert not leftover.exists() and not stray.exists()
         s = sess.ensure(None)
         (s.dir / "lora.safetensors").write_bytes(b"x")

@@ -3,9 +3,11 @@ Gradio in core, no long functions, and every command the docs print runs (``--he
 
 import ast
 import importlib
+import io
 import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,23 @@ def test_no_function_is_longer_than_80_lines():
                     if n > MAX_LINES:
                         long.append(f"{name}.{node.name} ({n} lines)")
     assert not long, long
+
+
+def test_every_field_keeps_its_help_comment_on_its_own_line():
+    """A dataclass field's trailing comment is its flag's help (core.cli; tyro reads the field's first line).
+    A field wrapped over several lines (``ruff format`` does so when the comment makes the line too long)
+    carries the comment on a later line, and the flag loses its help without an error: keep it short."""
+    moved = []
+    for f in [ROOT / "app.py", *(p for pkg in ("core", "ui", "bench") for p in sorted((ROOT / pkg).rglob("*.py")))]:
+        src = f.read_text()
+        tokens = tokenize.generate_tokens(io.StringIO(src).readline)
+        comments = {t.start[0] for t in tokens if t.type == tokenize.COMMENT}
+        for cls in (c for c in ast.walk(ast.parse(src)) if isinstance(c, ast.ClassDef)):
+            for n in cls.body:
+                later = comments & set(range(n.lineno + 1, n.end_lineno + 1))
+                if isinstance(n, ast.AnnAssign) and n.lineno not in comments and later:
+                    moved.append(f"{f.relative_to(ROOT)}:{n.lineno}")
+    assert not moved, f"fields whose help comment is not on the field's first line: {moved}"
 
 
 def test_the_noising_formula_lives_in_one_place():

@@ -222,7 +222,7 @@ def attack_file(engine: Engine, lora_path, steps, ref_files, session):
         try:
             step = int(steps)
         except (TypeError, ValueError):
-            raise gr.Error("Enter the number of fine-tuning steps of this LoRA (a whole number, e.g. 80).")
+            raise gr.Error("Enter the number of fine-tuning steps of this LoRA (a whole number, e.g. 80).") from None
         if not 1 <= step <= 100_000:
             raise gr.Error(f"Fine-tuning steps must be 1 to 100000, got {step}.")
         step_from = "from your input: the file does not record it"

@@ -218,7 +218,7 @@ def live_config(steps, rank, lr, seed, text_encoder, dp, dp_noise, defense, stre
         noise = (DP_DEFAULT_NOISE if dp_noise in (None, "") else float(dp_noise)) if dp else None
         return LiveConfig(ft, dp_noise=noise, defense=defense, strength=None if strength is None else float(strength))
     except (TypeError, ValueError) as e:
-        raise gr.Error(f"{str(e)[:1].upper()}{str(e)[1:]}. Change this setting and press **Train** again.")
+        raise gr.Error(f"{str(e)[:1].upper()}{str(e)[1:]}. Change this setting and press **Train** again.") from e
 
 
 class LiveView:
@@ -298,7 +298,8 @@ def done_text(r: LiveResult, cfg: LiveConfig, photos) -> tuple[str, str]:
     )
     score = (
         "**How well your LoRA draws you** (dlib identity distance of its 4 samples to your photos; lower is closer):\n"
-        f"- your LoRA with the trigger word{' after ' + words if cfg.defense else ''}: **{u.distance:.2f}**, {verdict}\n"
+        f"- your LoRA with the trigger word{' after ' + words if cfg.defense else ''}: **{u.distance:.2f}**, "
+        f"{verdict}\n"
     )
     if r.utility_before_defense is not None:
         score += f"- the same LoRA before the defense: **{r.utility_before_defense.distance:.2f}**\n"
@@ -330,7 +331,8 @@ def training_words(ev: Training) -> str:
     if ev.alone_because:
         return f"Training alone: {ev.alone_because}."
     if ev.others:
-        return f"Training together with **{ev.others}** other visitor{'s' if ev.others != 1 else ''} (one shared model pass)."
+        others = f"**{ev.others}** other visitor{'s' if ev.others != 1 else ''}"
+        return f"Training together with {others} (one shared model pass)."
     return "Training."
 
 
@@ -398,7 +400,7 @@ def train_run(
             if update:
                 yield {**update, "session": session}
     except Failed as e:
-        raise gr.Error(str(e))
+        raise gr.Error(str(e)) from e
 
 
 def event_update(
@@ -649,7 +651,7 @@ def create_base_sampler(engine: Engine) -> None:
             try:
                 req = SampleRequest(CLASS_PROMPT, int(n), int(seed), int(steps), float(guidance))
             except ValueError as e:
-                raise gr.Error(str(e))
+                raise gr.Error(str(e)) from e
             return engine.sample(req)
 
         draw.click(

@@ -49,10 +49,10 @@ def reliability(report: dict) -> str:
         return ""
     return (
         f"Measured on {report['n_victims']} people none of whose photos the threshold was set on "
-        f"(`python -m core.studies.membership`): it flags **{row['tpr']['rate']:.0%}** of the photos a LoRA was trained "
-        f"on, **{row['fpr_unseen']['rate']:.0%}** of the same people's photos it was *not* trained on, and "
-        f"{row['fpr_others']['rate']:.0%} of other people's photos (ROC AUC {row['auc_unseen']['auc']:.2f} for training "
-        f"photos against unseen photos of the same person; 1 = always right, 0.5 = a coin)."
+        f"(`python -m core.studies.membership`): it flags **{row['tpr']['rate']:.0%}** of the photos a LoRA was "
+        f"trained on, **{row['fpr_unseen']['rate']:.0%}** of the same people's photos it was *not* trained on, and "
+        f"{row['fpr_others']['rate']:.0%} of other people's photos (ROC AUC {row['auc_unseen']['auc']:.2f} for "
+        "training photos against unseen photos of the same person; 1 = always right, 0.5 = a coin)."
     )
 
 
@@ -72,9 +72,9 @@ def verdict(scores, cal, why: str, report, steps: int | None) -> str:
     text = [
         "",
         f"**How to read it.** The threshold was calibrated on {cal.n_loras} other people's {cal.steps}-step LoRAs so "
-        f"that only {cal.fpr_target:.0%} of photos a LoRA was *not* trained on (other photos of the same person) score above "
-        "it. Above it: this LoRA fits the photo as closely as it fits its own training photos. Below it is weaker "
-        "evidence of absence than above is of presence: some training photos score low too.",
+        f"that only {cal.fpr_target:.0%} of photos a LoRA was *not* trained on (other photos of the same person) "
+        "score above it. Above it: this LoRA fits the photo as closely as it fits its own training photos. Below it "
+        "is weaker evidence of absence than above is of presence: some training photos score low too.",
         reliability(report),
     ]
     if steps is not None and steps != cal.steps:
@@ -95,7 +95,7 @@ def which_lora(engine, session, lora_path):
         try:
             v = read_lora_upload(engine, lora_path, session, need_unet=False)
         except LoRAFileError as e:
-            raise gr.Error(f"This LoRA file was refused: {e}")
+            raise gr.Error(f"This LoRA file was refused: {e}") from e
         return v.lora, v.alpha, recorded_steps(v.meta), "the uploaded LoRA file"
     if session is None or session.result is None:
         raise gr.Error("Upload a LoRA file, or fine-tune one in the Fine-tune tab first.")

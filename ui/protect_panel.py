@@ -85,7 +85,7 @@ def resolve(budget, purify) -> tuple[CloakConfig, PurifyConfig | None]:
     try:
         cfg = CloakConfig(budget=float(CloakConfig.budget if budget in (None, "") else budget))
     except (TypeError, ValueError) as e:
-        raise gr.Error(f"Bad cloak budget: {e}")
+        raise gr.Error(f"Bad cloak budget: {e}") from e
     return cfg, (PurifyConfig() if purify else None)
 
 

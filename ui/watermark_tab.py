@@ -124,7 +124,10 @@ def measured_text(report: dict | None = None) -> str:
     r = load_report() if report is None else report
     rows = (r or {}).get("rows") or []
     if not rows:
-        return "*The robustness study has not been run yet:* `python -m core.studies.watermark` writes the numbers quoted here."
+        return (
+            "*The robustness study has not been run yet:* `python -m core.studies.watermark` writes the numbers "
+            "quoted here."
+        )
     lines = [
         "*Measured by the robustness study* (`python -m core.studies.watermark`"
         + ("" if r.get("complete", True) else "; an incomplete run: what is missing was not measured")

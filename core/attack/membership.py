@@ -33,14 +33,7 @@ from core.model.prompts import CLASS_PROMPT
 
 @dataclass
 class MembershipConfig:
-    timesteps: tuple[int, ...] = (
-        100,
-        200,
-        300,
-        400,
-        500,
-        600,
-    )  # fixed timesteps of the draws (chosen on tuning people, see core.studies.membership)
+    timesteps: tuple[int, ...] = (100, 200, 300, 400, 500, 600)  # timesteps of the draws (chosen on tuning people)
     noises: int = 4  # noise draws per timestep (each photo and each LoRA sees the same ones)
     mirror: bool = True  # also score the mirror image (the fine-tune trains on both)
     seed: int = 0  # seeds the fixed noises

@@ -262,7 +262,7 @@ def build_population(
 class Args(FinetuneConfig):
     """Train the shadow LoRA population (resumable; several processes under accelerate share it)."""
 
-    steps: int = 100  # fine-tuning steps of each shadow LoRA (past the default recipe's 80, so every step count up to it is covered)
+    steps: int = 100  # fine-tuning steps of each shadow LoRA (past the default 80: covers every step count up to it)
     n: int = 96  # number of shadow LoRAs
     out: str | None = None  # folder of the population (default: core.attack.shadow.shadow_dir())
     group: int = 16  # LoRAs trained at once (one batched forward)

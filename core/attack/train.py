@@ -52,7 +52,8 @@ class TrainConfig:
     holdout: int = 16  # last shadow LoRAs kept out of training, scored every eval_every steps
     eval_every: int = 100  # steps between held-out evaluations
     min_step: int = 5  # trajectory checkpoints used: step >= min_step
-    inputs: str = "canonical"  # what the encoder reads per LoRA module: "canonical" (balanced SVD factors of B A, invariant to refactoring) | "raw" (B and A as stored)
+    # "canonical" is invariant to refactoring B A; "raw": B and A as stored
+    inputs: str = "canonical"  # encoder input per LoRA module: "canonical" (balanced SVD factors of B A) | "raw" (B, A)
     width: int = 128  # token width of the weight encoder's transformer
     layers: int = 3  # transformer layers of the weight encoder
     seed: int = 0  # seed of initialisation, LoRA order and noise draws
@@ -244,9 +245,7 @@ class Args(TrainConfig):
     """Train the weight-only attacker on the shadow LoRA population."""
 
     shadow: str | None = None  # shadow LoRA folder (default: core.attack.shadow.shadow_dir())
-    out: str = str(
-        ATTACKER_DIR / "attacker.safetensors"
-    )  # attacker weights to write (.safetensors; a .json log beside it)
+    out: str = str(ATTACKER_DIR / "attacker.safetensors")  # attacker file to write (.safetensors, with a .json log)
     limit: int = 0  # use only the first N shadow LoRAs (0 = all)
     model: str | None = None  # base model folder or hub id (default: the embedded base)
 

@@ -52,7 +52,7 @@ class CloakConfig:
     budget: float = 8.0  # L-infinity budget on the 0-255 image: no colour value of a pixel moves by more than this
     steps: int = 10  # PGD steps (signed gradient ascent on the denoising loss, projected on the budget)
     step_size: float | None = None  # PGD step on the 0-255 scale; None = 2.5 * budget / steps (Madry et al.'s rule)
-    surrogate: str = "lora"  # "lora": a surrogate LoRA trained on the cloaked photos between PGD rounds (ASPL-style); "base": the frozen base only
+    surrogate: str = "lora"  # "lora": a LoRA trained on the cloaked photos between rounds (ASPL); "base": frozen base
     surrogate_every: int = 5  # PGD steps per round; the surrogate LoRA trains before each round
     surrogate_steps: int = 3  # surrogate-LoRA training steps per round
     surrogate_lr: float = 3e-3  # the surrogate's AdamW learning rate (the fine-tune's)

@@ -1,5 +1,5 @@
-"""DP-SGD fine-tuning, the training-time defense (:func:`dp_finetune`). Per-photo gradients (``vmap(grad)`` over the LoRA
-weights as plain tensors), clipped (:func:`core.finetune.clipping.clip_per_sample`), summed, noised;
+"""DP-SGD fine-tuning, the training-time defense (:func:`dp_finetune`). Per-photo gradients (``vmap(grad)`` over the
+LoRA weights as plain tensors), clipped (:func:`core.finetune.clipping.clip_per_sample`), summed, noised;
 epsilon from Opacus' RDP accountant.
 
 What is private: the visitor's photos (the class images are public). Each step:
@@ -60,9 +60,8 @@ from core.model.prompts import CLASS_PROMPT, instance_prompt
 
 @dataclass
 class DPConfig:
-    noise_multiplier: float = (
-        1.0  # sigma: noise std / max_grad_norm on the summed clipped gradients (ignored with target_epsilon)
-    )
+    # sigma in the DP-SGD papers
+    noise_multiplier: float = 1.0  # noise std / max_grad_norm on summed clipped gradients (target_epsilon overrides)
     max_grad_norm: float = 1.0  # C: each photo's gradient (all LoRA tensors together) is clipped to this L2 norm
     delta: float = 1e-5  # the delta of (epsilon, delta)-DP; keep it well below 1 / number of photos
     target_epsilon: float | None = None  # set: sigma is computed (Opacus) so the run ends at this epsilon
@@ -193,7 +192,7 @@ def private_gradient(
         clipped, norms = clip_per_sample(grads, max_grad_norm)
         total = {n: g.sum(0) for n, g in clipped.items()}
         inst_loss, clipped_share = losses.sum().detach(), float((norms > max_grad_norm).float().mean())
-    for n, g in total.items():
+    for g in total.values():
         g += noise_multiplier * max_grad_norm * torch.randn(g.shape, generator=generator).to(g.device)
         g /= expected_batch
     inst_loss = float(inst_loss) / expected_batch

@@ -21,11 +21,8 @@ PURIFIERS = ("noise", "resize", "jpeg", "blur")  # every step a chain may name
 
 @dataclass
 class PurifyConfig:
-    chain: tuple[str, ...] = (
-        "noise",
-        "resize",
-        "jpeg",
-    )  # steps, in order (noise, resize, jpeg, blur): noisy down-up resize then JPEG, as an upload pipeline would
+    # the default: a noisy down-up resize then JPEG, as an upload pipeline would
+    chain: tuple[str, ...] = ("noise", "resize", "jpeg")  # steps in order (noise, resize, jpeg, blur), like an upload
     jpeg_quality: int = 75  # JPEG re-compression quality (1-95; social networks use about 70-85)
     blur_sigma: float = 0.6  # Gaussian blur radius in pixels
     noise_std: float = 4.0  # Gaussian noise std on the 0-255 scale (added before resizing, as noisy upscaling does)

@@ -142,7 +142,8 @@ def _unreadable(e: Exception) -> IngestError:
 def _check_shape(w: int, h: int) -> None:
     if w * h > MAX_PIXELS:
         raise TooManyPixels(
-            f"The photo is {w}x{h} ({w * h / 1e6:.0f} megapixels); please upload one under {MAX_PIXELS // 1_000_000} megapixels."
+            f"The photo is {w}x{h} ({w * h / 1e6:.0f} megapixels); please upload one under {MAX_PIXELS // 1_000_000} "
+            "megapixels."
         )
     if w < 16 or h < 16:
         raise NoFaceFound(
@@ -225,7 +226,10 @@ _NOT_PHOTOS = (
     (
         lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"heif", b"mif1", b"msf1", b"hevc"),
         "an HEIC/HEIF photo (the iPhone's default format), which this app cannot read",
-        "export it as JPEG (on an iPhone: Settings > Camera > Formats > Most Compatible, or share it as JPEG) and upload that",
+        (
+            "export it as JPEG (on an iPhone: Settings > Camera > Formats > Most Compatible, or share it as JPEG) and "
+            "upload that"
+        ),
     ),
     (lambda h: h[4:8] == b"ftyp", "a video, not a photo", "upload a still photo (JPEG, PNG, WebP ...)"),
     (lambda h: h.startswith(b"%PDF"), "a PDF document, not a photo", "upload the photo itself (JPEG, PNG, WebP ...)"),

@@ -73,9 +73,7 @@ class ValidatedLoRA:
     format: str = "diffusers"  # the file's naming: a key of core.finetune.formats.FORMAT_NAMES
     ranks: dict = field(default_factory=dict)  # "<part>.<module>" -> its rank
     alphas: dict = field(default_factory=dict)  # "<part>.<module>" -> its alpha, as the file gives it
-    described: str = (
-        "diffusers file"  # the naming in words (e.g. "kohya-ss / AUTOMATIC1111 file with convolution layers (LoCon)")
-    )
+    described: str = "diffusers file"  # the naming in words (e.g. "kohya-ss / AUTOMATIC1111 file with conv layers")
 
 
 def _the_file(name: str) -> str:
@@ -219,7 +217,7 @@ def _check_table(header: dict, data_bytes: int, name: str) -> None:
             )
         spans.append((begin, end, key))
     spans.sort()
-    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+    for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise _not_safetensors(name, f"tensors {_show(k0, 40)} and {_show(k1, 40)} share bytes of the file")
 
@@ -472,15 +470,18 @@ def _adapter_meta(meta: dict) -> dict:
 def _alpha(meta: dict, rank: int, notes: list[str]) -> float | None:
     """The file-wide alpha its metadata names, or None when it names none."""
     adapter = _adapter_meta(meta)
-    for source, value in (
-        ("lora_adapter_metadata", adapter.get("unet.lora_alpha")),
-        ("lora_adapter_metadata", adapter.get("text_encoder.lora_alpha")),
-        ("leaklab_alpha", meta.get("leaklab_alpha")),
-    ):
-        if value is not None:
-            break
-    else:
+    named = [
+        (source, value)
+        for source, value in (
+            ("lora_adapter_metadata", adapter.get("unet.lora_alpha")),
+            ("lora_adapter_metadata", adapter.get("text_encoder.lora_alpha")),
+            ("leaklab_alpha", meta.get("leaklab_alpha")),
+        )
+        if value is not None
+    ]
+    if not named:
         return None
+    source, value = named[0]
     try:
         alpha = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):

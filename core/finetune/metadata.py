@@ -207,8 +207,8 @@ KEY_RULES: list[tuple[tuple[str, ...], str, str, Callable | None]] = [
     (
         ("ss_datasets",),
         "dataset",
-        "The training set's description: its folders (often full paths), the trigger words ('class_tokens') and how many "
-        "photos each part held.",
+        "The training set's description: its folders (often full paths), the trigger words ('class_tokens') and how "
+        "many photos each part held.",
         decode_datasets,
     ),
     (

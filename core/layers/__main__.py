@@ -56,13 +56,7 @@ class Args:
     lr: float | None = None  # learning rate (default: the LoRA recipe's, or FULL_LR with --full)
     seed: int = 0  # seed of the fine-tune
     snapshots: int = 8  # checkpoints recorded for the trajectory
-    ks: tuple[str, ...] = (
-        "1",
-        "3",
-        "10",
-        "30",
-        "all",
-    )  # swap-curve layer counts ("all" = every layer; none given = no swap curve)
+    ks: tuple[str, ...] = ("1", "3", "10", "30", "all")  # swap-curve layer counts ("all": every layer; none: no curve)
     out: str | None = None  # JSON file to write (e.g. docs/results/layers.json)
     model: str | None = None  # base model folder or hub id (default: the embedded base)
     device: str | None = None  # torch device (default: CUDA when present)
@@ -116,7 +110,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     res, changes, traj, extra = (full_run if a.full else lora_run)(pipe, crops, steps, a.seed, every, a.lr)
     print(
-        f"fine-tuned {'the full UNet' if a.full else 'a LoRA'}: {res.steps_done} steps in {time.perf_counter() - t0:.1f} s"
+        f"fine-tuned {'the full UNet' if a.full else 'a LoRA'}: {res.steps_done} steps in "
+        f"{time.perf_counter() - t0:.1f} s"
     )
     print(format_ranking(changes))
     rows = []

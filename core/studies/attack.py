@@ -153,14 +153,10 @@ BASELINE_SAMPLER_STEPS = 25  # sampler steps of the baselines (the attacker rows
 @dataclass
 class AttackStudyConfig:
     n: int = 50  # identities of the group (the first N with >= 5 photos)
-    group: Literal["victims", "tuning"] = (
-        "victims"  # victims: the reported evaluation; tuning: unseen shadow people, to choose settings on
-    )
+    group: Literal["victims", "tuning"] = "victims"  # victims: the reported evaluation; tuning: to choose settings on
     no_baselines: Switch = False  # attacker rows only (ablations)
     attack_steps: int | None = None  # sampler steps of the attacker rows (None: the app's)
-    extrapolate: tuple[
-        float, ...
-    ] = ()  # extra rows: the first attacker sampled with each of these extrapolation weights w
+    extrapolate: tuple[float, ...] = ()  # extra rows: the first attacker sampled at each of these extrapolation weights
 
     def __post_init__(self):
         self.extrapolate = tuple(float(w) for w in self.extrapolate)
@@ -188,9 +184,7 @@ class AttackResult:
     base: str
     group: str
     attack_sampling: dict
-    grid: list = field(
-        default_factory=list, repr=False
-    )  # image rows of the first victims (real people: never in the JSON)
+    grid: list = field(default_factory=list, repr=False)  # image rows of the first victims (real people: never in JSON)
 
     def report(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "grid"}
@@ -400,8 +394,8 @@ def to_markdown(r: dict) -> str:
     if r.get("rows_unseen"):
         lines += [
             "",
-            f"Against the victims' *unseen* photos (not in the LoRA's training set; {r['n_unseen']} victims with >= 2 of them; "
-            f"ranks among those {r['n_unseen']}):",
+            f"Against the victims' *unseen* photos (not in the LoRA's training set; {r['n_unseen']} victims with >= 2 "
+            f"of them; ranks among those {r['n_unseen']}):",
             "",
             "| method | mean distance | top-1 | top-5 |",
             "|---|---|---|---|",
@@ -419,9 +413,7 @@ class Args(AttackStudyConfig):
     attacker: tuple[str, ...] | None = None  # LABEL=PATH pairs (None: attacker=assets/attacker/attacker.safetensors)
     out: str = str(RESULTS)  # folder of the report
     name: str = "attack"  # file stem of the report
-    grid: str | None = (
-        None  # image grid of the first victims (None: <cache dir>/attack_grid.png; real people: keep out of the repo)
-    )
+    grid: str | None = None  # image grid of the first victims (None: <cache dir>/attack_grid.png; keep out of the repo)
     data: str | None = None  # LFW folder (None: $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
     model: str | None = None  # base model folder or hub id (None: the embedded one)
     prepare_only: Switch = False  # only train (and cache) the victims' LoRAs

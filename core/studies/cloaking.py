@@ -137,7 +137,8 @@ def cloaked_set(pipe, photos, cfg: CloakConfig, log=print) -> dict:
         str(path),
     )
     log(
-        f"  cloaked {len(photos)} photos at {cfg.budget:g}/255 in {res.seconds:.1f} s (surrogate loss x{out['loss_gain']:.2f})"
+        f"  cloaked {len(photos)} photos at {cfg.budget:g}/255 in {res.seconds:.1f} s (surrogate loss "
+        f"x{out['loss_gain']:.2f})"
     )
     return out
 
@@ -345,7 +346,8 @@ def run_study(pipe, attacker, victims: Victims, cfg: CloakingStudyConfig, log=pr
         rows.append(row)
         att = f"   attack {row['attack']['distance']:.3f} (top-1 {row['attack']['top1']:.0%})" if row["attack"] else ""
         log(
-            f"{row['label']:<42} LoRA {row['utility']['distance']:.3f} (gain over floor {row['utility_gain']['mean']:+.3f}){att}"
+            f"{row['label']:<42} LoRA {row['utility']['distance']:.3f} (gain over floor "
+            f"{row['utility_gain']['mean']:+.3f}){att}"
         )
     rows.append(
         make_row(
@@ -394,13 +396,14 @@ def _measurable(x: dict | None) -> str:
 
 def table_markdown(r: dict) -> str:
     lines = [
-        "| photos the LoRA trained on | PSNR (dB) | SSIM | cloak's surrogate loss, x clean | LoRA with trigger: distance "
-        "[95 % CI] | vs clean (per victim) | LoRA beats floor | attack: distance [95 % CI] | top-1 | attack vs clean |",
+        "| photos the LoRA trained on | PSNR (dB) | SSIM | cloak's surrogate loss, x clean | LoRA with trigger: "
+        "distance [95 % CI] | vs clean (per victim) | LoRA beats floor | attack: distance [95 % CI] | top-1 | attack "
+        "vs clean |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in r["rows"]:
         u, a = x["utility"], x["attack"]
-        cost = lambda k, d: _ci(x[k], d) if x.get(k) else ""
+        cost = lambda k, d, x=x: _ci(x[k], d) if x.get(k) else ""
         lines.append(
             f"| {x['label']} | {cost('psnr', 1)} | {cost('ssim', 3)} | {cost('loss_gain', 2)} | "
             f"{u['distance']:.3f} [{u['distance_ci'][0]:.3f}, {u['distance_ci'][1]:.3f}] | "
@@ -417,9 +420,9 @@ def table_markdown(r: dict) -> str:
 
 PAPERS = (
     "Anti-DreamBooth (Van Le et al., ICCV 2023) reports that photos perturbed by ASPL within a budget of about 6/255 "
-    "(300 PGD steps against Stable Diffusion) make DreamBooth's samples of the person lose their identity; Hönig et al. "
-    "(2024, *Adversarial perturbations cannot reliably protect artists from generative AI*) report that simple "
-    "purification (JPEG, noise, upscaling) before fine-tuning removes such protections."
+    "(300 PGD steps against Stable Diffusion) make DreamBooth's samples of the person lose their identity; "
+    "Hönig et al. (2024, *Adversarial perturbations cannot reliably protect artists from generative AI*) report "
+    "that simple purification (JPEG, noise, upscaling) before fine-tuning removes such protections."
 )
 
 
@@ -442,24 +445,25 @@ def conclusion(r: dict) -> str:
     ]
     if pur:
         out.append(
-            f"Purification alone ({r['purify_words']}) moves the clean LoRA by {_ci(pur['utility_vs_clean'], sign=True)} "
-            f"({_measurable(pur['utility_vs_clean'])})."
+            f"Purification alone ({r['purify_words']}) moves the clean LoRA by "
+            f"{_ci(pur['utility_vs_clean'], sign=True)} ({_measurable(pur['utility_vs_clean'])})."
         )
     cloaked = [x for x in rows if x["kind"] == CLOAKED]
     both = {x["budget"]: x for x in rows if x["kind"] == BOTH}
     for x in cloaked:
         y = both.get(x["budget"])
         out.append(
-            f"Cloaked at {x['budget']:g}/255 (PSNR {x['psnr']['mean']:.1f} dB, SSIM {x['ssim']['mean']:.3f}): the LoRA's "
-            f"samples move by {_ci(x['utility_vs_clean'], sign=True)} ({_measurable(x['utility_vs_clean'])}"
-            f"{', at the floor' if x['utility_at_floor'] else ''})"
+            f"Cloaked at {x['budget']:g}/255 (PSNR {x['psnr']['mean']:.1f} dB, SSIM {x['ssim']['mean']:.3f}): the "
+            f"LoRA's samples move by {_ci(x['utility_vs_clean'], sign=True)} "
+            f"({_measurable(x['utility_vs_clean'])}{', at the floor' if x['utility_at_floor'] else ''})"
             + (
                 f", the attack by {_ci(x['attack_vs_clean'], sign=True)} ({_measurable(x['attack_vs_clean'])})"
                 if x.get("attack_vs_clean")
                 else ""
             )
             + (
-                f"; after purification by {_ci(y['utility_vs_clean'], sign=True)} ({_measurable(y['utility_vs_clean'])})."
+                f"; after purification by {_ci(y['utility_vs_clean'], sign=True)} "
+                f"({_measurable(y['utility_vs_clean'])})."
                 if y
                 else "."
             )
@@ -469,10 +473,10 @@ def conclusion(r: dict) -> str:
     if strongest:
         out.append(paper_verdict(strongest, both.get(strongest["budget"])))
     out.append(
-        f"Caveats: the cloak here is a cheaper variant ({r['cloak']['steps']} PGD steps, surrogate {r['cloak']['surrogate']}) "
-        "on the project's miniature model, far from ASPL's 300 steps on Stable Diffusion; a null result means this cloak "
-        f'at this cost, not that no cloak can work. With {r["n"]} victims, "not measurably" means the 95 % interval of the '
-        "per-victim change covers 0."
+        f"Caveats: the cloak here is a cheaper variant ({r['cloak']['steps']} PGD steps, surrogate "
+        f"{r['cloak']['surrogate']}) on the project's miniature model, far from ASPL's 300 steps on Stable Diffusion; "
+        f"a null result means this cloak at this cost, not that no cloak can work. With {r['n']} victims, "
+        '"not measurably" means the 95 % interval of the per-victim change covers 0.'
     )
     return " ".join(out)
 
@@ -511,14 +515,14 @@ def to_markdown(r: dict) -> str:
         + f". Produced by `{r.get('command', 'python -m core.studies.cloaking')}` on {r.get('created', '?')}."
     )
     expl = (
-        f"Cloak: {r['cloak']['steps']} PGD steps on the fine-tune's denoising loss within an L-infinity budget on the 0-255 "
-        f"image, surrogate {r['cloak']['surrogate']} (core.defenses.cloak). Purification: {r['purify_words']}. Every LoRA: "
-        f"the default recipe ({r['recipe_steps']} steps) with the victim's own seed, on the photos named in the row; scored "
-        "against the victim's *clean* photos. Distances: dlib descriptor distance of the mean face of 4 images to the private "
-        "photos (lower = more alike). *LoRA with trigger*: its own samples with its true trigger (does it still draw the "
-        "person?); *attack*: the weight-only attacker's reconstruction. *vs clean*: per victim, this row's distance minus "
-        "the clean row's (positive = further from the person), mean and 95 % bootstrap interval. PSNR/SSIM: the photos "
-        "trained on against the originals."
+        f"Cloak: {r['cloak']['steps']} PGD steps on the fine-tune's denoising loss within an L-infinity budget on the "
+        f"0-255 image, surrogate {r['cloak']['surrogate']} (core.defenses.cloak). Purification: {r['purify_words']}. "
+        f"Every LoRA: the default recipe ({r['recipe_steps']} steps) with the victim's own seed, on the photos named "
+        "in the row; scored against the victim's *clean* photos. Distances: dlib descriptor distance of the mean face "
+        "of 4 images to the private photos (lower = more alike). *LoRA with trigger*: its own samples with its true "
+        "trigger (does it still draw the person?); *attack*: the weight-only attacker's reconstruction. *vs clean*: "
+        "per victim, this row's distance minus the clean row's (positive = further from the person), mean and 95 % "
+        "bootstrap interval. PSNR/SSIM: the photos trained on against the originals."
     )
     parts = [head, expl, table_markdown(r), "**Conclusion.** " + r.get("conclusion", conclusion(r))]
     if r["n"] < 20:
@@ -534,7 +538,7 @@ class Args(CloakingStudyConfig):
     out: str = str(RESULTS)  # folder of cloaking.json, cloaking.md, cloaking_chart.json
     attack: bool = True  # also measure the weight-only attack (needs an attacker trained for this base model)
     attacker: str = str(ASSETS / "attacker" / "attacker.safetensors")  # the attacker's file
-    attacker_base_check: bool = True  # refuse an attacker recorded for another base (False: smoke runs while the attacker is rebuilt; the report says so)
+    attacker_base_check: bool = True  # refuse an attacker of another base (False: smoke runs; the report says so)
     data: str | None = None  # LFW folder (default $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
     model: str | None = None  # base model folder or hub id (default: the embedded one)
 

@@ -56,7 +56,8 @@ from core.model.prior import base_fingerprint, cache_dir
 from core.studies.attack import VICTIM_SEED0, identities, summarize, train_victim_loras, victim_recipe
 
 # DP-SGD noise multipliers of the study (5 photos, 80 steps: epsilon per photo in docs/results/defenses.md);
-# sigma 0 clips each photo's gradient without noise (no privacy): it separates what clipping costs from what noise costs.
+# sigma 0 clips each photo's gradient without noise (no privacy): it separates what clipping costs from what noise
+# costs.
 # Larger sigmas (4, 8: epsilon 4.4, 2.0) are left out: from sigma 0.25 on, attack and utility are both at the floor
 DP_NOISE = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
 PHOTOS = 5  # private photos per victim (eval_attack's protocol)
@@ -75,9 +76,7 @@ TITLES = {
 @dataclass
 class DefensesStudyConfig:
     n: int = 20  # victims (the first N of the split, as the attack study)
-    defenses: tuple[Literal[tuple(DEFENSES)], ...] | None = (
-        None  # post-hoc defenses to study (None: all; the flag alone: no post-hoc points)
-    )
+    defenses: tuple[Literal[tuple(DEFENSES)], ...] | None = None  # post-hoc defenses (None: all; the flag alone: none)
     skip_dp: Switch = False  # no DP-SGD points (each is a fresh fine-tune per victim)
     dp_noise: tuple[float, ...] = DP_NOISE  # DP-SGD noise multipliers
 
@@ -523,8 +522,9 @@ def conclusion(result: dict) -> str:
     if both:
         best = min(both, key=lambda r: r["utility"]["distance"])
         out.append(
-            f"Best trade-off measured: {best['label']}{' (epsilon ' + _eps_text(best) + ' per photo)' if best['defense'] == DP else ''}, "
-            f"with the attack at the floor and the LoRA still closer to the person than a random face "
+            "Best trade-off measured: "
+            f"{best['label']}{' (epsilon ' + _eps_text(best) + ' per photo)' if best['defense'] == DP else ''}, with "
+            "the attack at the floor and the LoRA still closer to the person than a random face "
             f"({best['utility']['distance']:.3f} against {flo['utility']['distance']:.3f})"
             + (
                 f"; but it keeps only {best['utility_gain']['mean'] / und['utility_gain']['mean']:.0%} of the "
@@ -548,16 +548,16 @@ def conclusion(result: dict) -> str:
 
 def table_markdown(result: dict) -> str:
     lines = [
-        "| defense | strength | epsilon (per photo) | attack: distance [95 % CI] | top-1 | top-5 | attack gain over floor "
-        "| LoRA with trigger: distance [95 % CI] | LoRA beats floor (victims) |",
+        "| defense | strength | epsilon (per photo) | attack: distance [95 % CI] | top-1 | top-5 | attack gain over "
+        "floor | LoRA with trigger: distance [95 % CI] | LoRA beats floor (victims) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         a, u = r["attack"], r["utility"]
         lines.append(
             f"| {r['title']} | {r['short']} | {_eps_text(r)} | {_ci(a)} | {a['top1']:.0%} | {a['top5']:.0%} | "
-            f"{_gain_text(r['attack_gain'])}{' (at floor)' if r['attack_at_floor'] and r['defense'] != FLOOR else ''} | "
-            f"{_ci(u)} | {u['beats_floor']:.0%} |"
+            f"{_gain_text(r['attack_gain'])}{' (at floor)' if r['attack_at_floor'] and r['defense'] != FLOOR else ''} "
+            f"| {_ci(u)} | {u['beats_floor']:.0%} |"
         )
     return "\n".join(lines)
 

@@ -122,19 +122,31 @@ def to_markdown(r: dict) -> str:
             [
                 f"# LoRA utility: default recipe on {s['n']} victims",
                 "",
-                f"Recipe: rank {c['rank']}, alpha {c['alpha']}, {c['steps']} steps, lr {c['lr']}, batch {c['batch']}+{c['batch']} "
-                f"(photos + class images), {c['n_class']} cached class images, LoRA on UNet {', '.join(c['unet_targets'])}"
-                f"{' + text encoder' if c['text_encoder'] else ''}.",
+                f"Recipe: rank {c['rank']}, alpha {c['alpha']}, {c['steps']} steps, lr {c['lr']}, batch "
+                f"{c['batch']}+{c['batch']} (photos + class images), {c['n_class']} cached class images, LoRA on UNet "
+                f"{', '.join(c['unet_targets'])}{' + text encoder' if c['text_encoder'] else ''}.",
                 "",
                 "| images scored against the victim's 5 private photos | mean dlib distance [95 % CI] |",
                 "|---|---|",
-                f"| LoRA + true trigger (4 samples) | {s['mean_distance_trigger']:.3f} [{s['ci_trigger'][0]:.3f}, {s['ci_trigger'][1]:.3f}] |",
-                f"| floor: base model + class prompt (4 samples) | {s['mean_distance_floor']:.3f} [{s['ci_floor'][0]:.3f}, {s['ci_floor'][1]:.3f}] |",
+                (
+                    f"| LoRA + true trigger (4 samples) | {s['mean_distance_trigger']:.3f} [{s['ci_trigger'][0]:.3f}, "
+                    f"{s['ci_trigger'][1]:.3f}] |"
+                ),
+                (
+                    f"| floor: base model + class prompt (4 samples) | {s['mean_distance_floor']:.3f} "
+                    f"[{s['ci_floor'][0]:.3f}, {s['ci_floor'][1]:.3f}] |"
+                ),
                 "",
                 f"- trigger samples closer than the floor: **{s['fraction_beats_floor']:.0%}** of victims",
                 f"- within 0.6 (same person by dlib's rule): {s['fraction_within_0_6']:.0%}",
-                f"- identification among these {s['n']} victims: top-1 {s['top1']:.0%}, top-5 {s['top5']:.0%} (chance {1 / s['n']:.0%}, {min(1, 5 / s['n']):.0%})",
-                f"- mean fine-tune time {s['mean_seconds']:.1f} s per LoRA (wall time of this run; timings belong to bench/finetune_speed.py)",
+                (
+                    f"- identification among these {s['n']} victims: top-1 {s['top1']:.0%}, top-5 {s['top5']:.0%} "
+                    f"(chance {1 / s['n']:.0%}, {min(1, 5 / s['n']):.0%})"
+                ),
+                (
+                    f"- mean fine-tune time {s['mean_seconds']:.1f} s per LoRA (wall time of this run; timings belong "
+                    "to bench/finetune_speed.py)"
+                ),
                 "",
                 f"Rebuild: `{r.get('command', 'python -m core.studies.finetune')}`.",
             ]

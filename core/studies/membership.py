@@ -50,9 +50,7 @@ STEPS_REPORTED = (25, 50)  # earlier checkpoints of each LoRA, scored as well
 @dataclass
 class MembershipStudyConfig(MembershipConfig):
     n: int = 20  # victims with unseen photos (>= 6 photos); the first victims of the split up to that many
-    n_calibration: int = (
-        20  # calibration people with unseen photos (tuning identities: shadow people the attacker never saw)
-    )
+    n_calibration: int = 20  # calibration people with unseen photos (tuning identities, never seen by the attacker)
     fpr: float = 0.05  # false-positive rate of the calibrated threshold on unseen photos of the LoRA's own person
     max_unseen: int = 5  # unseen photos scored per person, at most
     n_others: int = 5  # other people's photos scored per LoRA (the first photo of each of the next people)
@@ -138,7 +136,7 @@ def score_people(pipe, people: People, cfg: MembershipStudyConfig, steps, log=pr
         sets = {"members": people.private[i], "unseen": people.unseen[i], "others": others}
         for s in steps:
 
-            def compute(i=i, s=s):
+            def compute(i=i, s=s, sets=sets):
                 unet = pipeline_with_lora(pipe, people.loras[i][s]).unet
                 bases = {
                     "members": base("members", i),
@@ -269,8 +267,8 @@ def table_markdown(r: dict) -> str:
     for s in r["steps"]:
         row = r["rows"][str(s)]
         lines.append(
-            f"| {s} steps{' (the default)' if s == r['calibration']['steps'] else ''} | {_auc_text(row['auc_unseen'])} | "
-            f"{_auc_text(row['auc_others'])} | {_rate_text(row['tpr'])} | {_rate_text(row['fpr_unseen'])} | "
+            f"| {s} steps{' (the default)' if s == r['calibration']['steps'] else ''} | {_auc_text(row['auc_unseen'])} "
+            f"| {_auc_text(row['auc_others'])} | {_rate_text(row['tpr'])} | {_rate_text(row['fpr_unseen'])} | "
             f"{_rate_text(row['fpr_others'])} |"
         )
     return "\n".join(lines)
@@ -290,18 +288,19 @@ def conclusion(r: dict) -> str:
         else "not measurably better than a coin"
     )
     out = [
-        f"On {r['n_victims']} victims, the LoRA-vs-base loss gap tells a LoRA's training photos from unseen photos of the "
-        f"same person with AUC {_auc_text(au)} ({strength(au)}; {au['people']} victims with unseen photos) and from other "
-        f"people's photos with AUC {_auc_text(ao)} ({strength(ao)})."
+        f"On {r['n_victims']} victims, the LoRA-vs-base loss gap tells a LoRA's training photos from unseen photos of "
+        f"the same person with AUC {_auc_text(au)} ({strength(au)}; {au['people']} victims with unseen photos) and "
+        f"from other people's photos with AUC {_auc_text(ao)} ({strength(ao)})."
     ]
     out.append(
-        f"At the threshold calibrated on {c['n_loras']} other people's LoRAs ({c['fpr_target']:.0%} of their unseen photos "
-        f"above it), {_rate_text(row['tpr'])} of the victims' training photos score above it, against "
+        f"At the threshold calibrated on {c['n_loras']} other people's LoRAs ({c['fpr_target']:.0%} of their unseen "
+        f"photos above it), {_rate_text(row['tpr'])} of the victims' training photos score above it, against "
         f"{_rate_text(row['fpr_unseen'])} of their unseen photos and {_rate_text(row['fpr_others'])} of other people's."
     )
     drift = row["fpr_unseen"]["ci"][0] > c["fpr_target"] or row["fpr_unseen"]["ci"][1] < c["fpr_target"]
     out.append(
-        "The calibrated false-positive rate does not carry over exactly to the victims (its interval misses the target)."
+        "The calibrated false-positive rate does not carry over exactly to the victims (its interval misses the "
+        "target)."
         if drift
         else "The calibrated false-positive rate carries over to the victims (its interval covers the target)."
     )
@@ -313,9 +312,9 @@ def conclusion(r: dict) -> str:
             + " (members vs unseen)."
         )
     out.append(
-        "The score needs the LoRA file and the public base model only (no trigger word, no other photos). The threshold is "
-        f"calibrated for the app's default recipe ({c['steps']} steps); a LoRA trained longer fits its photos more "
-        "closely (scores rise), a shorter one less."
+        "The score needs the LoRA file and the public base model only (no trigger word, no other photos). The "
+        f"threshold is calibrated for the app's default recipe ({c['steps']} steps); a LoRA trained longer fits its "
+        "photos more closely (scores rise), a shorter one less."
     )
     return " ".join(out)
 
@@ -323,19 +322,22 @@ def conclusion(r: dict) -> str:
 def to_markdown(r: dict) -> str:
     c = r["calibration"]
     head = (
-        f"Membership inference on {r['n_victims']} victims ({r['n_with_unseen']} with unseen photos); base {r['base']}. "
-        f"Produced by `{r.get('command', 'python -m core.studies.membership')}` on {r.get('created', '?')}."
+        f"Membership inference on {r['n_victims']} victims ({r['n_with_unseen']} with unseen photos); base "
+        f"{r['base']}. Produced by `{r.get('command', 'python -m core.studies.membership')}` on "
+        f"{r.get('created', '?')}."
     )
     expl = (
         f"Score of a photo for a LoRA: mean over {len(c['config']['timesteps']) * c['config']['noises']} fixed "
-        f"(timestep, noise) draws (timesteps {', '.join(map(str, c['config']['timesteps']))}"
-        f"{', photo and mirror image' if c['config']['mirror'] else ''}) of log(base model's denoising error) - log(LoRA "
-        f"model's), class prompt. *Members*: the 5 photos the LoRA was trained on; *unseen*: up to "
-        f"{r['study_config']['max_unseen']} other photos of the same person; *other people*: the first photo of "
-        f"{r['study_config']['n_others']} other victims. AUC pooled over LoRAs, 95 % bootstrap interval over victims. "
-        f"Threshold {c['threshold']:+.4f}: calibrated on {c['n_loras']} tuning people's LoRAs (never victims) at "
-        f"{c['fpr_target']:.0%} false positives on their unseen photos (there: members above it {c['tpr']:.0%}, other "
-        f"people {c['fpr_other']:.0%}; AUC members vs unseen {_auc_text(r['calibration_auc_unseen'])})."
+        "(timestep, noise) draws (timesteps "
+        f"{', '.join(map(str, c['config']['timesteps']))}"
+        f"{', photo and mirror image' if c['config']['mirror'] else ''}) "
+        "of log(base model's denoising error) - log(LoRA model's), class prompt. *Members*: the 5 photos the LoRA was "
+        f"trained on; *unseen*: up to {r['study_config']['max_unseen']} other photos of the same person; *other "
+        f"people*: the first photo of {r['study_config']['n_others']} other victims. AUC pooled over LoRAs, 95 % "
+        f"bootstrap interval over victims. Threshold {c['threshold']:+.4f}: calibrated on {c['n_loras']} tuning "
+        f"people's LoRAs (never victims) at {c['fpr_target']:.0%} false positives on their unseen photos (there: "
+        f"members above it {c['tpr']:.0%}, other people {c['fpr_other']:.0%}; AUC members vs unseen "
+        f"{_auc_text(r['calibration_auc_unseen'])})."
     )
     parts = [head, expl, table_markdown(r), "**Conclusion.** " + r.get("conclusion", conclusion(r))]
     if r["n_with_unseen"] < 20:

@@ -264,7 +264,7 @@ def measure_clean_model(
     model = None
     for m in marks:
 
-        def measure():
+        def measure(m=m):
             nonlocal model
             model = model or lora_finetune(clean, photos, seed=CLEAN_SEED0 + i)
             return verdict_row(m.verify(model))
@@ -421,13 +421,9 @@ class Args(StudyConfig):
     """Robustness study of the ownership watermarks."""
 
     model: str | None = None  # the clean base model folder or hub id (None: the embedded one)
-    aiao: str | None = (
-        None  # AIAO watermark: a delta file over --model or a pipeline folder (with --aiao-key); None: the shipped one, else embed one
-    )
+    aiao: str | None = None  # AIAO: delta file or pipeline folder (+ --aiao-key); None: the shipped one, else embedded
     aiao_key: str | None = None  # the key file of --aiao
-    backdoor: str | None = (
-        None  # backdoor watermark: delta file or pipeline folder (with --backdoor-key); None: as --aiao
-    )
+    backdoor: str | None = None  # backdoor watermark: delta file or pipeline folder (+ --backdoor-key); None: as --aiao
     backdoor_key: str | None = None  # the key file of --backdoor
     data: str | None = None  # LFW folder (None: $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
     items: str = str(ITEMS_ROOT)  # DreamBooth items folder

@@ -41,9 +41,7 @@ from core.watermark.owner import owner_latents, probe_photos
 class EmbedAiao(WatermarkConfig):
     """owner side: embed the AIAO watermark in lazy layers; write the delta and the secret key"""
 
-    out: str = str(
-        WATERMARK_DIR / SHIPPED["AIAO"][0]
-    )  # delta file to write (.safetensors: the changed weights minus the base's)
+    out: str = str(WATERMARK_DIR / SHIPPED["AIAO"][0])  # delta file to write (.safetensors: changed weights - base)
     key: str = str(WATERMARK_DIR / SHIPPED["AIAO"][1])  # secret key file to write (.json)
     latents: int = 1024  # owner training photos for the denoising loss
     model: str | None = None  # base model folder or hub id (default: the embedded base)

@@ -19,7 +19,8 @@ The owner of a base model hides a secret in it that survives other people's fine
   the skip connections, everything a fine-tune moved upstream, and held every subpath a 2000-step
   LoRA broke (README, watermark study). A secret mask over the trigger layer's feature
   (``trigger_fraction`` of its elements) with a sign per masked element, and ``response_size``
-  elements of the response layer's feature with a sign each. Trigger function (applied by a forward hook): x -> m*s*|x| + (1-m)*x.
+  elements of the response layer's feature with a sign each. Trigger function (applied by a forward hook):
+  x -> m*s*|x| + (1-m)*x.
 - **Objective** (:func:`embed_watermark`), three terms: the normal denoising loss on the owner's
   latents; the response loss on triggered passes, a hinge max(0, margin - s * f / sigma) on each
   response element f (sigma: that layer's feature scale in the clean model), so each sign is held with
@@ -82,7 +83,8 @@ class WatermarkConfig:
     margin: float = 1.0  # hinge margin of the response loss, in units of the layer's clean feature scale
     max_gap: int = 0  # a subpath's response layer is at most this many lazy layers after its trigger layer (0: any)
     response_side: str = "encoder"  # "encoder": response layers only before the decoder (conv_in, down blocks, mid
-    #                              block), where a downstream fine-tune moves the features least; "any": every lazy layer
+    #                              block), where a downstream fine-tune moves the features least; "any": every lazy
+    #                              layer
     causal_only: bool = True  # draw only pairs whose response output depends on the trigger layer's output (a
     #                            probe forward per lazy layer; e.g. attn1.to_q -> attn1.to_k come in forward order
     #                            but the key never sees the query)
@@ -182,7 +184,7 @@ class WatermarkKey:
                 dict(doc.get("config", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise KeyFileError(f"{path}: malformed key ({type(e).__name__}: {e})")
+            raise KeyFileError(f"{path}: malformed key ({type(e).__name__}: {e})") from e
         key.check()
         return key
 

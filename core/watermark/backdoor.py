@@ -107,7 +107,7 @@ class BackdoorKey:
             doc.pop("format")
             key = cls(**doc)
         except TypeError as e:
-            raise KeyFileError(f"{path}: malformed key ({e})")
+            raise KeyFileError(f"{path}: malformed key ({e})") from e
         if not key.prompt or key.cells < 2 or key.size < key.cells or not 0 <= key.null_passes <= key.null_n:
             raise KeyFileError(f"{path}: inconsistent key (prompt, cells, size or null counts)")
         return key

@@ -119,7 +119,7 @@ def read_delta_files(path: str | Path) -> tuple[dict, dict]:
             with safe_open(str(f), framework="pt") as h:
                 return h.metadata() or {}, {k: h.get_tensor(k) for k in h.keys()}
         except Exception as e:  # safetensors raises its own error types for damaged files
-            raise KeyFileError(f"{f} is not a readable safetensors file: {e}")
+            raise KeyFileError(f"{f} is not a readable safetensors file: {e}") from e
 
     path = Path(path)
     meta, tensors = read(path)
