@@ -231,6 +231,45 @@ DEFENSE_COLORS = {
 }
 
 
+def _defense_hover(r: dict) -> str:
+    """A privacy-utility point's hover text: its strength, both distances with intervals, top-1 and top-5."""
+    a, u = r["attack"], r["utility"]
+    eps = f"<br>epsilon {r['epsilon']:.3g} per photo" if r.get("epsilon") is not None else ""
+    return (
+        f"<b>{r['label']}</b>{eps}<br>attack: distance {a['distance']:.3f} "
+        f"[{a['distance_ci'][0]:.3f}, {a['distance_ci'][1]:.3f}], top-1 {a['top1']:.0%}, top-5 {a['top5']:.0%}"
+        f"<br>LoRA with its trigger: distance {u['distance']:.3f} [{u['distance_ci'][0]:.3f}, "
+        f"{u['distance_ci'][1]:.3f}], beats the floor for {u['beats_floor']:.0%} of the victims"
+    )
+
+
+def _add_floor(fig: go.Figure, flo: dict) -> None:
+    """The floor (no LoRA, a random face from the base model) as a marked point, its two distances as
+    dotted lines."""
+    fx, fy = flo["utility"]["distance"], flo["attack"]["distance"]
+    fig.add_scatter(
+        x=[fx],
+        y=[fy],
+        mode="markers",
+        name="floor: no LoRA, a random face from the base model",
+        marker=dict(symbol="x", size=13, color="#868e96"),
+        hovertext=[_defense_hover(flo)],
+        hoverinfo="text",
+    )
+    fig.add_hline(
+        y=fy,
+        line=dict(color="#868e96", width=1.5, dash="dot"),
+        annotation_text="attack no closer than a random face",
+        annotation_position="bottom left",
+    )
+    fig.add_vline(
+        x=fx,
+        line=dict(color="#868e96", width=1.5, dash="dot"),
+        annotation_text="LoRA no closer than a random face",
+        annotation_position="bottom left",
+    )
+
+
 def privacy_utility_plot(rows, title: str | None = None) -> go.Figure:
     """The privacy-utility study (rows as written by :mod:`core.studies.defenses`): one line per defense
     through its strengths (weakest first, starting at the undefended LoRA); x = dlib distance of the
@@ -241,17 +280,6 @@ def privacy_utility_plot(rows, title: str | None = None) -> go.Figure:
     rows = list(rows)
     und = next((r for r in rows if r["defense"] == "none"), None)
     flo = next((r for r in rows if r["defense"] == "floor"), None)
-
-    def hover(r):
-        a, u = r["attack"], r["utility"]
-        eps = f"<br>epsilon {r['epsilon']:.3g} per photo" if r.get("epsilon") is not None else ""
-        return (
-            f"<b>{r['label']}</b>{eps}<br>attack: distance {a['distance']:.3f} "
-            f"[{a['distance_ci'][0]:.3f}, {a['distance_ci'][1]:.3f}], top-1 {a['top1']:.0%}, top-5 {a['top5']:.0%}"
-            f"<br>LoRA with its trigger: distance {u['distance']:.3f} [{u['distance_ci'][0]:.3f}, "
-            f"{u['distance_ci'][1]:.3f}], beats the floor for {u['beats_floor']:.0%} of the victims"
-        )
-
     fig = go.Figure()
     groups: dict[str, list] = {}
     for r in rows:
@@ -274,7 +302,7 @@ def privacy_utility_plot(rows, title: str | None = None) -> go.Figure:
             textfont=dict(size=9, color=DEFENSE_COLORS.get(name, "#495057")),
             line=dict(width=2, color=DEFENSE_COLORS.get(name, "#495057")),
             marker=dict(size=7),
-            hovertext=[hover(p) for p in pts],
+            hovertext=[_defense_hover(p) for p in pts],
             hoverinfo="text",
         )
     if und:
@@ -284,32 +312,11 @@ def privacy_utility_plot(rows, title: str | None = None) -> go.Figure:
             mode="markers",
             name="undefended LoRA",
             marker=dict(symbol="star", size=16, color="#212529"),
-            hovertext=[hover(und)],
+            hovertext=[_defense_hover(und)],
             hoverinfo="text",
         )
     if flo:
-        fx, fy = flo["utility"]["distance"], flo["attack"]["distance"]
-        fig.add_scatter(
-            x=[fx],
-            y=[fy],
-            mode="markers",
-            name="floor: no LoRA, a random face from the base model",
-            marker=dict(symbol="x", size=13, color="#868e96"),
-            hovertext=[hover(flo)],
-            hoverinfo="text",
-        )
-        fig.add_hline(
-            y=fy,
-            line=dict(color="#868e96", width=1.5, dash="dot"),
-            annotation_text="attack no closer than a random face",
-            annotation_position="bottom left",
-        )
-        fig.add_vline(
-            x=fx,
-            line=dict(color="#868e96", width=1.5, dash="dot"),
-            annotation_text="LoRA no closer than a random face",
-            annotation_position="bottom left",
-        )
+        _add_floor(fig, flo)
     fig = _layout(
         fig,
         title or "What each defense costs: privacy against utility (best: top left)",

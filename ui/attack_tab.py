@@ -6,6 +6,8 @@ metric (``core.faces.utility``) live in ``core``. Uploaded files are deleted onc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gradio as gr
 
 from core.attack.attacker import ATTACK_W
@@ -272,8 +274,29 @@ def attack_mine(engine: Engine, session):
     return render(engine, images, head, photos, "the photos you fine-tuned on")
 
 
-def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = None) -> None:
-    gr.Markdown(INTRO + "\n" + measured_text())
+@dataclass
+class AttackWidgets:
+    """The tab's inputs (left column) and what the attack shows (right column)."""
+
+    lora_file: gr.File
+    steps: gr.Number
+    refs: gr.File
+    attack_btn: gr.Button
+    mine_btn: gr.Button
+    status: gr.Markdown
+    attack_gal: gr.Gallery
+    naive_gal: gr.Gallery
+    fx_gal: gr.Gallery
+    ref_gal: gr.Gallery
+    table: gr.Markdown
+
+    def outputs(self, session: gr.State) -> list:
+        """An attack's outputs, in the order of :func:`render`'s values, then the session."""
+        return [self.status, self.attack_gal, self.naive_gal, self.fx_gal, self.ref_gal, self.table, session]
+
+
+def create_attack_widgets() -> AttackWidgets:
+    """The layout: the visitor's inputs on the left, what the attacker rebuilt and its scores on the right."""
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             lora_file = gr.File(
@@ -309,8 +332,16 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
                 label="Reference photos the images are scored against", columns=6, height=120, object_fit="contain"
             )
             table = gr.Markdown()
-    create_metadata_panel(lora_file, session, read_input=lambda f, s: lora_arrived(engine, f, s))
-    outputs = [status, attack_gal, naive_gal, fx_gal, ref_gal, table, session]
+    return AttackWidgets(
+        lora_file, steps, refs, attack_btn, mine_btn, status, attack_gal, naive_gal, fx_gal, ref_gal, table
+    )
+
+
+def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = None) -> None:
+    gr.Markdown(INTRO + "\n" + measured_text())
+    w = create_attack_widgets()
+    create_metadata_panel(w.lora_file, session, read_input=lambda f, s: lora_arrived(engine, f, s))
+    outputs = w.outputs(session)
 
     def shown(out, s, request=None):
         """The tab's outputs with every image a file in the visitor's session dir (and the session)."""
@@ -332,12 +363,12 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
         crops, left, notes = read_faces(r, engine.image_size, s)
         return media(s, crops), s
 
-    lora_file.upload(on_lora, [lora_file, session], [status, session], api_visibility="private")
-    refs.upload(refs_arrived, [refs, session], [ref_gal, session], api_visibility="private")
+    w.lora_file.upload(on_lora, [w.lora_file, session], [w.status, session], api_visibility="private")
+    w.refs.upload(refs_arrived, [w.refs, session], [w.ref_gal, session], api_visibility="private")
 
-    attack_btn.click(
+    w.attack_btn.click(
         on_gpu(attack_upload, 60),
-        [lora_file, steps, refs, session],
+        [w.lora_file, w.steps, w.refs, session],
         outputs,
         api_name="attack",
         concurrency_limit=1,
@@ -347,14 +378,14 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
     def mine(s, request: gr.Request):
         return shown(attack_mine(engine, s), s, request)
 
-    mine_btn.click(
+    w.mine_btn.click(
         on_gpu(mine, 60), [session], outputs, api_name="attack_mine", concurrency_limit=1, concurrency_id="attack"
     )
     if tab is not None:  # the button appears once the visitor has fine-tuned a LoRA in this session
         tab.select(
             lambda s: gr.Button(visible=s is not None and s.result is not None),
             [session],
-            [mine_btn],
+            [w.mine_btn],
             queue=False,
             api_visibility="private",
         )

@@ -514,51 +514,23 @@ def create_run_outputs() -> dict:
     )
 
 
-def create_finetune_tab(engine: Engine) -> gr.State:
-    """The tab; returns the visitor's session state (other tabs read the fine-tuned LoRA from it)."""
-    session = gr.State(None, time_to_live=SESSION_TTL, delete_callback=close_session)
-    gr.Markdown(INTRO)
-    with gr.Row():
-        with gr.Column(scale=1, min_width=300):
-            files = gr.File(
-                label=f"Your photos ({MIN_PHOTOS}-{MAX_PHOTOS} of one face)", file_count="multiple", type="filepath"
-            )  # any file: one that is not a photo gets a sentence saying what to upload
-            examples = example_sets()
-            if examples:
-                example_btn = gr.Button(
-                    f"Use the example face ({len(next(iter(examples.values())))} photos made by the base model)"
-                )
-            crops = gr.Gallery(
-                label=f"Aligned crops the LoRA trains on ({engine.image_size} px)",
-                columns=5,
-                height=160,
-                object_fit="contain",
-            )
-            report = gr.Markdown()
-            with gr.Row():
-                steps = gr.Slider(
-                    20,
-                    600,
-                    value=FinetuneConfig.steps,
-                    step=10,
-                    label="Training steps",
-                    info="more steps: the LoRA learns your face better, and leaks more",
-                )
-            with gr.Accordion("Advanced settings", open=False):
-                rank = gr.Slider(1, 32, value=FinetuneConfig.rank, step=1, label="LoRA rank r")
-                lr = gr.Number(value=FinetuneConfig.lr, label="Learning rate")
-                seed = gr.Number(
-                    value=None, precision=0, label="Seed (empty = a fresh random one; it also picks the trigger word)"
-                )
-                text_encoder = gr.Checkbox(value=False, label="Also train a LoRA on the text encoder")
-            protect = create_protect_controls()
-            dp, dp_noise, defense, strength = create_defense_widgets()
-            with gr.Row():
-                train = gr.Button("Train", variant="primary")
-                stop = gr.Button("Stop")
-        with gr.Column(scale=2):
-            outputs = create_run_outputs()
-    outputs.update(session=session, protect_gallery=protect.gallery)
+def create_photo_inputs(engine: Engine, session: gr.State) -> None:
+    """The photo upload (and the example face), read into aligned crops the moment photos arrive."""
+    files = gr.File(
+        label=f"Your photos ({MIN_PHOTOS}-{MAX_PHOTOS} of one face)", file_count="multiple", type="filepath"
+    )  # any file: one that is not a photo gets a sentence saying what to upload
+    examples = example_sets()
+    if examples:
+        example_btn = gr.Button(
+            f"Use the example face ({len(next(iter(examples.values())))} photos made by the base model)"
+        )
+    crops = gr.Gallery(
+        label=f"Aligned crops the LoRA trains on ({engine.image_size} px)",
+        columns=5,
+        height=160,
+        object_fit="contain",
+    )
+    report = gr.Markdown()
 
     def ingest(f, s, request: gr.Request):  # the crops are shown from files in the visitor's session dir
         shown, head, s = ingest_files(f, s, engine.image_size, request)
@@ -572,6 +544,45 @@ def create_finetune_tab(engine: Engine) -> gr.State:
             return ingest(first, s, request)
 
         example_btn.click(use_example, [session], [crops, report, session])
+
+
+def create_training_settings():
+    """The recipe's widgets: (steps, rank, learning rate, seed, text-encoder switch)."""
+    with gr.Row():
+        steps = gr.Slider(
+            20,
+            600,
+            value=FinetuneConfig.steps,
+            step=10,
+            label="Training steps",
+            info="more steps: the LoRA learns your face better, and leaks more",
+        )
+    with gr.Accordion("Advanced settings", open=False):
+        rank = gr.Slider(1, 32, value=FinetuneConfig.rank, step=1, label="LoRA rank r")
+        lr = gr.Number(value=FinetuneConfig.lr, label="Learning rate")
+        seed = gr.Number(
+            value=None, precision=0, label="Seed (empty = a fresh random one; it also picks the trigger word)"
+        )
+        text_encoder = gr.Checkbox(value=False, label="Also train a LoRA on the text encoder")
+    return steps, rank, lr, seed, text_encoder
+
+
+def create_finetune_tab(engine: Engine) -> gr.State:
+    """The tab; returns the visitor's session state (other tabs read the fine-tuned LoRA from it)."""
+    session = gr.State(None, time_to_live=SESSION_TTL, delete_callback=close_session)
+    gr.Markdown(INTRO)
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            create_photo_inputs(engine, session)
+            steps, rank, lr, seed, text_encoder = create_training_settings()
+            protect = create_protect_controls()
+            dp, dp_noise, defense, strength = create_defense_widgets()
+            with gr.Row():
+                train = gr.Button("Train", variant="primary")
+                stop = gr.Button("Stop")
+        with gr.Column(scale=2):
+            outputs = create_run_outputs()
+    outputs.update(session=session, protect_gallery=protect.gallery)
 
     def run(
         session,

@@ -254,15 +254,8 @@ def dp_step(
     return {**stats, "photos in batch": m}
 
 
-def dp_finetune(pipe, crops, cfg: FinetuneConfig | None = None, dp: DPConfig | None = None, should_stop=never):
-    """Generator: :func:`core.finetune.lora.finetune`'s recipe trained with DP-SGD; same events
-    (``Message``, ``Progress`` per step with ``loss`` and the current ``epsilon``, ``Checkpoint`` /
-    ``Preview`` every ``cfg.checkpoint_every`` steps, ``Done(DPFinetuneResult)``).
-
-    The recipe, and what epsilon promises: the module docstring.
-    """
-    cfg = cfg or FinetuneConfig()
-    dp = dp or DPConfig()
+def dp_photos(crops, cfg: FinetuneConfig) -> list:
+    """The photos, checked (:func:`check_photos`); ValueError unless DP-SGD can train ``cfg`` on them."""
     if cfg.text_encoder:
         raise ValueError("dp_finetune trains UNet LoRAs only (text_encoder=False)")
     crops = check_photos(crops)
@@ -272,6 +265,35 @@ def dp_finetune(pipe, crops, cfg: FinetuneConfig | None = None, dp: DPConfig | N
             f"DP-SGD samples each photo with rate batch / photos, so batch ({cfg.batch}) must not "
             f"exceed the number of photos ({n})"
         )
+    return crops
+
+
+def dp_checkpoint(pipe, lora: dict, cfg: FinetuneConfig, trigger: str, step: int, epsilon: float):
+    """Generator: the ``Checkpoint`` of ``step``, then (with ``cfg.preview_n``) a ``Preview`` of the DP
+    LoRA's own samples with its trigger."""
+    yield Checkpoint(step, lora)
+    if cfg.preview_n:
+        ims = sample_images(
+            pipeline_with_lora(pipe, lora, cfg.alpha),
+            instance_prompt(trigger),
+            n=cfg.preview_n,
+            seed=0,
+            steps=cfg.preview_steps,
+        )
+        yield Preview(step, ims, f"the DP LoRA's own samples with its trigger, step {step} (epsilon {epsilon:.3g})")
+
+
+def dp_finetune(pipe, crops, cfg: FinetuneConfig | None = None, dp: DPConfig | None = None, should_stop=never):
+    """Generator: :func:`core.finetune.lora.finetune`'s recipe trained with DP-SGD; same events
+    (``Message``, ``Progress`` per step with ``loss`` and the current ``epsilon``, ``Checkpoint`` /
+    ``Preview`` every ``cfg.checkpoint_every`` steps, ``Done(DPFinetuneResult)``).
+
+    The recipe, and what epsilon promises: the module docstring.
+    """
+    cfg = cfg or FinetuneConfig()
+    dp = dp or DPConfig()
+    crops = dp_photos(crops, cfg)
+    n = len(crops)
     t0 = time.perf_counter()
     trigger = pick_trigger(cfg)
     dev = pipe.device
@@ -318,19 +340,7 @@ def dp_finetune(pipe, crops, cfg: FinetuneConfig | None = None, dp: DPConfig | N
             {**stats, "epsilon": epsilon, "photos in batch": m},
         )
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            lora = current_lora()
-            yield Checkpoint(step, lora)
-            if cfg.preview_n:
-                ims = sample_images(
-                    pipeline_with_lora(pipe, lora, cfg.alpha),
-                    instance_prompt(trigger),
-                    n=cfg.preview_n,
-                    seed=0,
-                    steps=cfg.preview_steps,
-                )
-                yield Preview(
-                    step, ims, f"the DP LoRA's own samples with its trigger, step {step} (epsilon {epsilon:.3g})"
-                )
+            yield from dp_checkpoint(pipe, current_lora(), cfg, trigger, step, epsilon)
     result = DPFinetuneResult(
         current_lora(),
         trigger,

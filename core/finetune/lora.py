@@ -185,6 +185,24 @@ def pick_trigger(cfg: FinetuneConfig) -> str:
     return cfg.trigger or random_trigger(random.Random(cfg.seed))
 
 
+def trainable_copies(pipe, cfg: FinetuneConfig):
+    """(UNet, text encoder or None, their trainable parameters): copies of the base's modules with fresh
+    LoRA adapters (drawn from ``cfg.seed``), the adapters in float32. The shared base stays untouched."""
+    torch.manual_seed(cfg.seed)
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+    unet.add_adapter(lora_config(cfg))
+    if pipe.device.type == "cpu":
+        plain_attention(unet)  # faster than SDPA for this training step on CPU (core.model.pipeline)
+    te = None
+    if cfg.text_encoder:
+        te = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
+        te.add_adapter(lora_config(cfg, TEXT_TARGETS))
+    params = [p for m in (unet, te) if m is not None for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return unet, te, params
+
+
 def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
     """Generator: DreamBooth-LoRA fine-tune of ``pipe`` (not modified) on 64 px face ``crops``."""
     cfg = cfg or FinetuneConfig()
@@ -199,18 +217,7 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
     yield Message(f"trigger word: {trigger}; {len(crops)} photos; {0 if cls is None else len(cls)} class images")
 
     # 2. trainable copies (the shared base stays untouched)
-    torch.manual_seed(cfg.seed)
-    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
-    unet.add_adapter(lora_config(cfg))
-    if dev.type == "cpu":
-        plain_attention(unet)  # faster than SDPA for this training step on CPU (core.model.pipeline)
-    te = None
-    if cfg.text_encoder:
-        te = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
-        te.add_adapter(lora_config(cfg, TEXT_TARGETS))
-    params = [p for m in (unet, te) if m is not None for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
+    unet, te, params = trainable_copies(pipe, cfg)
     # one fused kernel per step on CUDA (the loop is launch-bound there); torch's default elsewhere
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=params[0].is_cuda or None)
     den = Denoiser(pipe.scheduler.config)

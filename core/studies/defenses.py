@@ -460,11 +460,8 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def conclusion(result: dict) -> str:
-    """A few sentences read off the numbers (nothing here is fixed in advance)."""
-    rows = result["rows"]
-    und = next(r for r in rows if r["defense"] == UNDEFENDED)
-    flo = next(r for r in rows if r["defense"] == FLOOR)
+def _undefended_sentences(result: dict, und: dict, flo: dict) -> list[str]:
+    """The undefended LoRA against the floor: what the attack and the LoRA itself achieve without a defense."""
     n = result["n"]
     out = [
         f"On {n} victims, the attacker's reconstructions from the undefended LoRA are at distance "
@@ -487,41 +484,48 @@ def conclusion(result: dict) -> str:
             "The undefended LoRA itself is not measurably closer to the victims than the floor with its trigger, "
             "so its utility has little room to drop."
         )
-    groups: dict[str, list] = {}
-    for r in rows:
-        if r["defense"] not in (UNDEFENDED, FLOOR):
-            groups.setdefault(r["defense"], []).append(r)
-    for name, pts in groups.items():
-        first = next((p for p in pts if p["attack_at_floor"]), None)
-        eps = lambda p: (
-            f" (epsilon {_eps_text(p)} per photo; roughly {p['photos_per_victim']}x that, "
-            f"{p['photos_per_victim'] * p['epsilon']:.3g}, for a person with {p['photos_per_victim']} photos)"
-            if p["defense"] == DP and p.get("epsilon") is not None
-            else ""
+    return out
+
+
+def _eps_words(p: dict) -> str:
+    """A DP point's epsilon, per photo and for the person (empty for other defenses)."""
+    if p["defense"] != DP or p.get("epsilon") is None:
+        return ""
+    return (
+        f" (epsilon {_eps_text(p)} per photo; roughly {p['photos_per_victim']}x that, "
+        f"{p['photos_per_victim'] * p['epsilon']:.3g}, for a person with {p['photos_per_victim']} photos)"
+    )
+
+
+def _defense_sentence(name: str, pts: list[dict]) -> str:
+    """Where a defense first brings the attack to the floor, and what the LoRA keeps there (or its strongest point)."""
+    first = next((p for p in pts if p["attack_at_floor"]), None)
+    if first is not None:
+        left = (
+            "no longer measurably better than a random face"
+            if first["utility_at_floor"]
+            else f"still closer to the person than the floor by {first['utility_gain']['mean']:.3f}"
         )
-        if first is not None:
-            left = (
-                "no longer measurably better than a random face"
-                if first["utility_at_floor"]
-                else f"still closer to the person than the floor by {first['utility_gain']['mean']:.3f}"
-            )
-            out.append(
-                f"{_cap(TITLES[name])} first brings the attack to the floor at {first['short']}{eps(first)}: "
-                f"attack distance {first['attack']['distance']:.3f}, top-1 {first['attack']['top1']:.0%}; the LoRA's "
-                f"own samples are then at {first['utility']['distance']:.3f}, {left}."
-            )
-        else:
-            last = pts[-1]
-            out.append(
-                f"{_cap(TITLES[name])} never brings the attack to the floor within the strengths tried; at "
-                f"its strongest, {last['short']}{eps(last)}, the attack is at {last['attack']['distance']:.3f} "
-                f"(gain over the floor {last['attack_gain']['mean']:+.3f}) and the LoRA at "
-                f"{last['utility']['distance']:.3f}."
-            )
+        return (
+            f"{_cap(TITLES[name])} first brings the attack to the floor at {first['short']}{_eps_words(first)}: "
+            f"attack distance {first['attack']['distance']:.3f}, top-1 {first['attack']['top1']:.0%}; the LoRA's "
+            f"own samples are then at {first['utility']['distance']:.3f}, {left}."
+        )
+    last = pts[-1]
+    return (
+        f"{_cap(TITLES[name])} never brings the attack to the floor within the strengths tried; at "
+        f"its strongest, {last['short']}{_eps_words(last)}, the attack is at {last['attack']['distance']:.3f} "
+        f"(gain over the floor {last['attack_gain']['mean']:+.3f}) and the LoRA at "
+        f"{last['utility']['distance']:.3f}."
+    )
+
+
+def _trade_off_sentence(groups: dict[str, list], und: dict, flo: dict) -> str | None:
+    """The best point with the attack at the floor and the LoRA still useful; None when no sentence applies."""
     both = [r for ps in groups.values() for r in ps if r["attack_at_floor"] and not r["utility_at_floor"]]
     if both:
         best = min(both, key=lambda r: r["utility"]["distance"])
-        out.append(
+        return (
             "Best trade-off measured: "
             f"{best['label']}{' (epsilon ' + _eps_text(best) + ' per photo)' if best['defense'] == DP else ''}, with "
             "the attack at the floor and the LoRA still closer to the person than a random face "
@@ -534,13 +538,30 @@ def conclusion(result: dict) -> str:
                 else "."
             )
         )
-    elif groups and not und["attack_at_floor"]:
-        out.append(
+    if groups and not und["attack_at_floor"]:
+        return (
             "No point measured here brings the attack to the floor while keeping the LoRA measurably better than a "
             "random face: on this data, hiding the person from the attacker costs the LoRA its use."
         )
+    return None
+
+
+def conclusion(result: dict) -> str:
+    """A few sentences read off the numbers (nothing here is fixed in advance)."""
+    rows = result["rows"]
+    und = next(r for r in rows if r["defense"] == UNDEFENDED)
+    flo = next(r for r in rows if r["defense"] == FLOOR)
+    out = _undefended_sentences(result, und, flo)
+    groups: dict[str, list] = {}
+    for r in rows:
+        if r["defense"] not in (UNDEFENDED, FLOOR):
+            groups.setdefault(r["defense"], []).append(r)
+    out += [_defense_sentence(name, pts) for name, pts in groups.items()]
+    trade_off = _trade_off_sentence(groups, und, flo)
+    if trade_off:
+        out.append(trade_off)
     out.append(
-        f'"At the floor" means not measurably better than a random face with {n} victims (95 % bootstrap '
+        f'"At the floor" means not measurably better than a random face with {result["n"]} victims (95 % bootstrap '
         "interval of the per-victim gain reaching 0), not that nothing leaks."
     )
     return " ".join(out)
