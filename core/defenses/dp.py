@@ -60,8 +60,7 @@ from core.model.prompts import CLASS_PROMPT, instance_prompt
 
 @dataclass
 class DPConfig:
-    # sigma in the DP-SGD papers
-    noise_multiplier: float = 1.0  # noise std / max_grad_norm on summed clipped gradients (target_epsilon overrides)
+    noise_multiplier: float = 1.0  # sigma: noise std / max_grad_norm on summed clipped grads (unless target_epsilon)
     max_grad_norm: float = 1.0  # C: each photo's gradient (all LoRA tensors together) is clipped to this L2 norm
     delta: float = 1e-5  # the delta of (epsilon, delta)-DP; keep it well below 1 / number of photos
     target_epsilon: float | None = None  # set: sigma is computed (Opacus) so the run ends at this epsilon
