@@ -49,8 +49,10 @@ from ui.pending_tabs import PENDING, create_pending_tab  # noqa: E402
 from ui.watermark_tab import create_watermark_tab  # noqa: E402
 
 TITLE = "LoRA Leak Lab"
-INTRO = ("**What does a shared LoRA give away?** Fine-tune a LoRA on a few photos, then watch an "
-         "attacker who sees only the LoRA's weights try to rebuild them.")
+INTRO = (
+    "**What does a shared LoRA give away?** Fine-tune a LoRA on a few photos, then watch an "
+    "attacker who sees only the LoRA's weights try to rebuild them."
+)
 MAX_FILE_SIZE = max(MAX_LORA_BYTES, MAX_PHOTO_BYTES)  # the largest legitimate upload: a LoRA file
 
 
@@ -70,8 +72,9 @@ def launch_options() -> dict:
     from starlette.middleware import Middleware
 
     private = Middleware(uploads.PrivateUploads, private=lambda: (sessions.SESSION_ROOT, uploads.upload_root()))
-    return dict(run_history=False, enable_monitoring=False, max_file_size=MAX_FILE_SIZE,
-                app_kwargs={"middleware": [private]})
+    return dict(
+        run_history=False, enable_monitoring=False, max_file_size=MAX_FILE_SIZE, app_kwargs={"middleware": [private]}
+    )
 
 
 class LabBlocks(gr.Blocks):
@@ -128,17 +131,22 @@ def _terminate(signum, frame):  # SIGTERM (a Space stopping, a container shut do
     raise SystemExit(0)
 
 
+def from_env(name: str, default=None, kind=str):
+    """A field whose default is environment variable ``name`` (read when the arguments are built), else ``default``."""
+    return field(default_factory=lambda: kind(os.environ[name]) if name in os.environ else default)
+
+
 @dataclass
 class AppArgs:
     """Start LoRA Leak Lab (the embedded miniature model unless --model names another)."""
 
-    model: str | None = field(default_factory=lambda: os.environ.get("LEAKLAB_MODEL"))  # model folder or SD 1.x hub id (default: the embedded model; env LEAKLAB_MODEL)
+    model: str | None = from_env("LEAKLAB_MODEL")  # model folder or SD 1.x hub id (default: $LEAKLAB_MODEL or embedded)
     device: str | None = None  # torch device (default: cuda on a ZeroGPU Space or where a GPU is seen, else cpu)
-    attacker: str | None = None  # the weight-only attacker's safetensors (default: assets/attacker/attacker.safetensors)
-    max_batch: int = 0  # visitors fine-tuned together in one batched job (0: by hardware, 8 on a CPU, 32 on a GPU; 1: one at a time)
+    attacker: str | None = None  # weight-only attacker's .safetensors (default: assets/attacker/attacker.safetensors)
+    max_batch: int = 0  # most visitors fine-tuned in one batched job (0: by hardware, 8 on CPU, 32 on GPU; 1: alone)
     gather_seconds: float = 0.0  # an idle training hub waits this long for more visitors before it starts (0: at once)
-    port: int = field(default_factory=lambda: int(os.environ.get("GRADIO_SERVER_PORT", 7860)))  # port to serve on (env GRADIO_SERVER_PORT)
-    host: str = field(default_factory=lambda: os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))  # interface to serve on (env GRADIO_SERVER_NAME)
+    port: int = from_env("GRADIO_SERVER_PORT", 7860, int)  # port to serve on (env GRADIO_SERVER_PORT)
+    host: str = from_env("GRADIO_SERVER_NAME", "127.0.0.1")  # interface to serve on (env GRADIO_SERVER_NAME)
     share: Switch = False  # also open a temporary public gradio.live link
 
 
@@ -148,8 +156,12 @@ def main(argv=None):
 
     a = parse(AppArgs, argv)
     signal.signal(signal.SIGTERM, _terminate)
-    engine = Engine(a.model, gpu.startup_device(a.device), attacker=a.attacker,
-                    hub_config=HubConfig(max_batch=a.max_batch, gather_seconds=a.gather_seconds))
+    engine = Engine(
+        a.model,
+        gpu.startup_device(a.device),
+        attacker=a.attacker,
+        hub_config=HubConfig(max_batch=a.max_batch, gather_seconds=a.gather_seconds),
+    )
     demo = build_demo(engine)
     try:
         demo.launch(server_name=a.host, server_port=a.port, share=a.share)

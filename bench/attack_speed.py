@@ -57,13 +57,19 @@ def main(argv=None):
     t_enc, z = best(lambda: attacker.encode([lora], [step]), a.repeats)
     t_merge, view = best(lambda: pipeline_with_lora(pipe, lora), a.repeats)
     emb = z.expand(4, -1, -1)
-    t_sample, _ = best(lambda: extrapolate(pipe, view, emb, ATTACK_W, seeds=[0, 1, 2, 3], steps=ATTACK_SAMPLER_STEPS), a.repeats)
+    t_sample, _ = best(
+        lambda: extrapolate(pipe, view, emb, ATTACK_W, seeds=[0, 1, 2, 3], steps=ATTACK_SAMPLER_STEPS), a.repeats
+    )
     t_base, _ = best(lambda: sample_images(pipe, n=4, seed=0, steps=ATTACK_SAMPLER_STEPS), a.repeats)
     total = t_enc + t_merge + t_sample
-    print(f"threads {torch.get_num_threads()}, best of {a.repeats}, 4 images x {ATTACK_SAMPLER_STEPS} sampler steps "
-          f"extrapolated with w = {ATTACK_W:g} (base and LoRA model each step)")
+    print(
+        f"threads {torch.get_num_threads()}, best of {a.repeats}, 4 images x {ATTACK_SAMPLER_STEPS} sampler steps "
+        f"extrapolated with w = {ATTACK_W:g} (base and LoRA model each step)"
+    )
     print(f"encoder {t_enc * 1000:.0f} ms, merge LoRA {t_merge * 1000:.0f} ms, sampling {t_sample * 1000:.0f} ms")
-    print(f"whole attack: {total:.2f} s (target <= 1 s); base-model sampling of the same 4 images alone: {t_base:.2f} s")
+    print(
+        f"whole attack: {total:.2f} s (target <= 1 s); base-model sampling of the same 4 images alone: {t_base:.2f} s"
+    )
 
 
 if __name__ == "__main__":

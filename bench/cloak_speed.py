@@ -52,22 +52,30 @@ def best(fn, n: int) -> tuple[float, object]:
 def example_photos(size: int) -> list:
     from core.faces.ingest import ingest_face
 
-    return [ingest_face(p.read_bytes(), size=size).crop for p in sorted((ASSETS / "examples" / "person_1000").glob("*.png"))[:5]]
+    return [
+        ingest_face(p.read_bytes(), size=size).crop
+        for p in sorted((ASSETS / "examples" / "person_1000").glob("*.png"))[:5]
+    ]
 
 
 def variants() -> dict:
     """The cloaks timed: the default, the cheaper base-only variant, and a shorter default (half the
     PGD steps, two noise draws each: half the autoencoder passes, which dominate at 128 px)."""
     cfg = CloakConfig()
-    return {"default (surrogate LoRA)": cfg, "base alone": replace(cfg, surrogate="base"),
-            f"{cfg.steps // 2} steps x 2 draws": replace(cfg, steps=cfg.steps // 2, noises=2, surrogate_every=cfg.steps // 2)}
+    return {
+        "default (surrogate LoRA)": cfg,
+        "base alone": replace(cfg, surrogate="base"),
+        f"{cfg.steps // 2} steps x 2 draws": replace(
+            cfg, steps=cfg.steps // 2, noises=2, surrogate_every=cfg.steps // 2
+        ),
+    }
 
 
 def time_cloaks(pipe, photos, repeats: int) -> dict:
     """{variant: (seconds, mean PSNR, surrogate loss cloaked / clean)}."""
     out = {}
     for name, cfg in variants().items():
-        t, res = best(lambda: drain(cloak_photos(pipe, photos, cfg)), repeats)
+        t, res = best(lambda cfg=cfg: drain(cloak_photos(pipe, photos, cfg)), repeats)
         out[name] = (t, sum(res.psnr) / len(res.psnr), res.loss_cloaked / res.loss_clean)
     return out
 
@@ -76,8 +84,10 @@ def report(title: str, times: dict, baseline: float | None = None) -> None:
     print(title)
     for name, (t, p, gain) in times.items():
         base = f"; {t / baseline:.2f}x the fine-tune" if baseline else ""
-        print(f"  {name:<26} {t:6.2f} s (target <= 10 s: {'met' if t <= 10 else 'NOT met'}{base}); mean PSNR {p:.1f} dB; "
-              f"surrogate loss cloaked / clean {gain:.2f}x")
+        print(
+            f"  {name:<26} {t:6.2f} s (target <= 10 s: {'met' if t <= 10 else 'NOT met'}{base}); mean PSNR {p:.1f} dB; "
+            f"surrogate loss cloaked / clean {gain:.2f}x"
+        )
 
 
 def layout128_pipe():
@@ -102,17 +112,25 @@ def main(argv=None):
     pipe = load_pipeline(None)
     size = image_size_of(pipe)
     photos = example_photos(size)
-    print(f"threads {torch.get_num_threads()}, best of {a.repeats}, 5 photos at {size} px; cloak: budget {cfg.budget:g}/255, "
-          f"{cfg.steps} PGD steps, surrogate LoRA trained {cfg.surrogate_steps} steps every {cfg.surrogate_every} PGD steps")
+    print(
+        f"threads {torch.get_num_threads()}, best of {a.repeats}, 5 photos at {size} px; cloak: budget "
+        f"{cfg.budget:g}/255, {cfg.steps} PGD steps, surrogate LoRA trained {cfg.surrogate_steps} steps every "
+        f"{cfg.surrogate_every} PGD steps"
+    )
     class_latents(pipe, FinetuneConfig().n_class)  # cached before timing, as in the app
     t_ft, _ = best(lambda: drain(finetune(pipe, photos, FinetuneConfig(checkpoint_every=0, preview_n=0))), a.repeats)
     print(f"baseline, the default 80-step fine-tune on the same photos: {t_ft:.2f} s")
     report("shipped base:", time_cloaks(pipe, photos, a.repeats), t_ft)
     if a.layout128:
-        os.environ["LEAKLAB_CACHE"] = tempfile.mkdtemp(prefix="leaklab-bench-")  # a random base's files stay out of the cache
+        os.environ["LEAKLAB_CACHE"] = tempfile.mkdtemp(
+            prefix="leaklab-bench-"
+        )  # a random base's files stay out of the cache
         pipe128 = layout128_pipe()
-        report("new base's layout (128 px, TAEF2 autoencoder; random UNet weights, same cost):",
-               time_cloaks(pipe128, example_photos(image_size_of(pipe128)), a.repeats))
+        report(
+            "new base's layout (128 px, TAEF2 autoencoder; random UNet weights, same cost):",
+            time_cloaks(pipe128, example_photos(image_size_of(pipe128)), a.repeats),
+        )
+
 
 if __name__ == "__main__":
     main()

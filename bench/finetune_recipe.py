@@ -27,15 +27,40 @@ def main(argv=None):
     a = ap.parse_args(argv)
     offset = len(data.Split.load().victims) - a.n
     rows = []
-    for steps, lr, rank, batch in itertools.product(*(map(float, x.split(",")) for x in (a.steps, a.lr, a.rank, a.batch))):
-        cfg = FinetuneConfig(steps=int(steps), lr=lr, rank=int(rank), alpha=float(rank), batch=int(batch),
-                             checkpoint_every=0, preview_n=0)
+    for steps, lr, rank, batch in itertools.product(
+        *(map(float, x.split(",")) for x in (a.steps, a.lr, a.rank, a.batch))
+    ):
+        cfg = FinetuneConfig(
+            steps=int(steps),
+            lr=lr,
+            rank=int(rank),
+            alpha=float(rank),
+            batch=int(batch),
+            checkpoint_every=0,
+            preview_n=0,
+        )
         s = drain(run(a.n, cfg, offset=offset)).summary
-        rows.append((int(steps), lr, int(rank), s["mean_distance_trigger"], s["mean_distance_floor"], s["fraction_beats_floor"], s["mean_seconds"]))
-        print(f"steps {int(steps):>4}  lr {lr:.0e}  rank {int(rank):>2}  batch {int(batch)}+{int(batch)}:  trigger {rows[-1][3]:.3f}  floor {rows[-1][4]:.3f}  "
-              f"beats floor {rows[-1][5]:.0%}  {rows[-1][6]:.1f} s", flush=True)
+        rows.append(
+            (
+                int(steps),
+                lr,
+                int(rank),
+                s["mean_distance_trigger"],
+                s["mean_distance_floor"],
+                s["fraction_beats_floor"],
+                s["mean_seconds"],
+            )
+        )
+        print(
+            f"steps {int(steps):>4}  lr {lr:.0e}  rank {int(rank):>2}  batch {int(batch)}+{int(batch)}:  trigger "
+            f"{rows[-1][3]:.3f}  floor {rows[-1][4]:.3f}  beats floor {rows[-1][5]:.0%}  {rows[-1][6]:.1f} s",
+            flush=True,
+        )
     best = min(rows, key=lambda r: r[3])
-    print(f"closest to the photos: steps {best[0]}, lr {best[1]:.0e}, rank {best[2]} (trigger distance {best[3]:.3f}, {best[6]:.1f} s)")
+    print(
+        f"closest to the photos: steps {best[0]}, lr {best[1]:.0e}, rank {best[2]} (trigger distance {best[3]:.3f}, "
+        f"{best[6]:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,13 @@ def plain_loop(pipe, crops, class_images, cfg: FinetuneConfig, trigger: str, inp
         pixel_values = torch.cat([inst, cls_px[ci]]).to(dev)
         with torch.no_grad():
             latents = pipe.vae.encode(pixel_values).latent_dist.sample() * pipe.vae.config.scaling_factor
-            ids = tok([instance_prompt(trigger)] * cfg.batch + [CLASS_PROMPT] * cfg.batch, padding="max_length",
-                      max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(dev)
+            ids = tok(
+                [instance_prompt(trigger)] * cfg.batch + [CLASS_PROMPT] * cfg.batch,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(dev)
             enc = pipe.text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=dev)
@@ -98,7 +103,7 @@ def main(argv=None):
     cls_images = decode_latents(pipe, class_latents(pipe, cfg.n_class))
 
     ours, plain = [], []
-    for r in range(a.repeats):
+    for _ in range(a.repeats):
         t0 = time.perf_counter()
         res = drain(finetune(pipe, crops, FinetuneConfig(**{**cfg.__dict__, "trigger": trigger})))
         ours.append(time.perf_counter() - t0)
@@ -106,17 +111,22 @@ def main(argv=None):
         pl = plain_loop(pipe, crops, cls_images, cfg, trigger)
         plain.append(time.perf_counter() - t0)
     inputs = []
-    for r in range(a.repeats):
+    for _ in range(a.repeats):
         t0 = time.perf_counter()
         plain_loop(pipe, crops, cls_images, cfg, trigger, inputs_only=True)
         inputs.append(time.perf_counter() - t0)
     o, p, i = min(ours), min(plain), min(inputs)
-    print(f"device {pipe.device}, torch threads {torch.get_num_threads()}, {cfg.steps} steps, batch {cfg.batch}+{cfg.batch}, 5 photos, warm prior cache")
+    print(
+        f"device {pipe.device}, torch threads {torch.get_num_threads()}, {cfg.steps} steps, batch "
+        f"{cfg.batch}+{cfg.batch}, 5 photos, warm prior cache"
+    )
     print(f"default recipe (core.finetune.lora): {o:6.2f} s   final loss {np.mean(res.losses[-10:]):.4f}")
     print(f"plain diffusers-style loop:     {p:6.2f} s   final loss {np.mean(pl[-10:]):.4f}")
     print(f"speed-up: {p / o:.2f}x (best of {a.repeats} each)")
-    print(f"of the plain loop's {p:.2f} s, {i:.2f} s is what caching removes (batches, VAE, tokenizer, text encoder, noising); "
-          f"the rest is the UNet step both loops run: caching alone can give at most {p / (p - i):.2f}x")
+    print(
+        f"of the plain loop's {p:.2f} s, {i:.2f} s is what caching removes (batches, VAE, tokenizer, text encoder, "
+        f"noising); the rest is the UNet step both loops run: caching alone can give at most {p / (p - i):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -58,10 +58,15 @@ def main(argv=None):
         mb = rss_mb()
         first = first or mb
         growth = 100 * (mb - first) / first
-        print(f"run {i + 1:2d}: {time.perf_counter() - t0:5.1f} s  RSS {mb:7.1f} MB  growth {growth:+5.1f} %  "
-              f"{'ok' if status.startswith('Done') else 'NOT DONE: ' + status[:60]}", flush=True)
-    print(f"RSS growth after {a.runs} fine-tunes vs the first: {growth:+.1f} % (target < {TARGET:g} %: "
-          f"{'met' if growth < TARGET else 'NOT met'})")
+        print(
+            f"run {i + 1:2d}: {time.perf_counter() - t0:5.1f} s  RSS {mb:7.1f} MB  growth {growth:+5.1f} %  "
+            f"{'ok' if status.startswith('Done') else 'NOT DONE: ' + status[:60]}",
+            flush=True,
+        )
+    print(
+        f"RSS growth after {a.runs} fine-tunes vs the first: {growth:+.1f} % (target < {TARGET:g} %: "
+        f"{'met' if growth < TARGET else 'NOT met'})"
+    )
     return 0 if growth < TARGET else 1
 
 

@@ -37,9 +37,17 @@ def sd15_unet(device="meta"):
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):
-        return UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, block_out_channels=SD15_SIZES["unet_channels"],
-                                    layers_per_block=2, down_block_types=SD1_DOWN, up_block_types=SD1_UP,
-                                    cross_attention_dim=768, attention_head_dim=8)
+        return UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=SD15_SIZES["unet_channels"],
+            layers_per_block=2,
+            down_block_types=SD1_DOWN,
+            up_block_types=SD1_UP,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
 
 
 def count_flops(cfg: FinetuneConfig) -> tuple[float, float, int]:
@@ -48,7 +56,11 @@ def count_flops(cfg: FinetuneConfig) -> tuple[float, float, int]:
 
     unet = sd15_unet().requires_grad_(False)
     unet.add_adapter(lora_config(cfg))
-    x, t, e = torch.randn(1, 4, 64, 64, device="meta"), torch.tensor([500], device="meta"), torch.randn(1, 77, 768, device="meta")
+    x, t, e = (
+        torch.randn(1, 4, 64, 64, device="meta"),
+        torch.tensor([500], device="meta"),
+        torch.randn(1, 77, 768, device="meta"),
+    )
     with FlopCounterMode(display=False) as fwd, torch.no_grad():
         unet(x, t, e)
     with FlopCounterMode(display=False) as train:
@@ -112,8 +124,12 @@ def sync(device: str) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tflops", type=float, default=100.0, help="assumed effective TFLOP/s of the GPU (see the docstring)")
-    ap.add_argument("--memory", action="store_true", help="measure one training sample's peak memory on this CPU (~10 GB)")
+    ap.add_argument(
+        "--tflops", type=float, default=100.0, help="assumed effective TFLOP/s of the GPU (see the docstring)"
+    )
+    ap.add_argument(
+        "--memory", action="store_true", help="measure one training sample's peak memory on this CPU (~10 GB)"
+    )
     ap.add_argument("--gpu", action="store_true", help="time the shadow and attacker steps on a CUDA GPU")
     ap.add_argument("--k", type=int, default=4, help="LoRAs at once for --gpu")
     ap.add_argument("--steps", type=int, default=5, help="timed steps for --gpu")
@@ -127,20 +143,29 @@ def main(argv=None):
     rate = a.tflops * 1e12
     print(f"SD 1.5 UNet at 512 px (64x64 latents), the recipe's rank-{cfg.rank} LoRA on {layers} layers:")
     print(f"  forward {fwd / 1e12:.3f} TFLOP per sample; training (fwd + bwd) {train / 1e12:.3f} TFLOP per sample")
-    print(f"  one shadow LoRA ({SHADOW_STEPS} steps x {samples} samples): {shadow / 1e15:.3f} PFLOP; "
-          f"{SHADOW_LORAS} LoRAs {SHADOW_LORAS * shadow / 1e15:.1f} PFLOP; class images {klass / 1e15:.2f} PFLOP")
-    print(f"  attacker ({ATTACKER_STEPS} steps x {LORAS_PER_STEP} LoRAs x {LATENTS_PER_LORA} latents): {attacker / 1e15:.1f} PFLOP")
+    print(
+        f"  one shadow LoRA ({SHADOW_STEPS} steps x {samples} samples): {shadow / 1e15:.3f} PFLOP; "
+        f"{SHADOW_LORAS} LoRAs {SHADOW_LORAS * shadow / 1e15:.1f} PFLOP; class images {klass / 1e15:.2f} PFLOP"
+    )
+    print(
+        f"  attacker ({ATTACKER_STEPS} steps x {LORAS_PER_STEP} LoRAs x {LATENTS_PER_LORA} latents): "
+        f"{attacker / 1e15:.1f} PFLOP"
+    )
     total = SHADOW_LORAS * shadow + klass + attacker
-    print(f"at an effective {a.tflops:g} TFLOP/s: shadow population {SHADOW_LORAS * shadow / rate / 60:.1f} min "
-          f"({shadow / rate:.1f} s per LoRA), attacker {attacker / rate / 60:.1f} min, in all {total / rate / 60:.0f} min")
+    print(
+        f"at an effective {a.tflops:g} TFLOP/s: shadow population {SHADOW_LORAS * shadow / rate / 60:.1f} min "
+        f"({shadow / rate:.1f} s per LoRA), attacker {attacker / rate / 60:.1f} min, in all {total / rate / 60:.0f} min"
+    )
     if a.memory:
         print(f"one training sample, fp32 on this CPU: +{peak_memory_cpu(cfg):.1f} GB peak beyond the weights")
     if a.gpu:
         s, t = time_gpu(a.k, a.steps)
-        print(f"measured on {torch.cuda.get_device_name()}: shadow {s:.3f} s per LoRA-step ({a.k} at once) -> "
-              f"{SHADOW_LORAS * SHADOW_STEPS * s / 60:.1f} min for {SHADOW_LORAS} LoRAs; attacker {t:.3f} s per step of "
-              f"{a.k} LoRAs x {LATENTS_PER_LORA} latents -> {ATTACKER_STEPS * t * LORAS_PER_STEP / a.k / 60:.1f} min; "
-              f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GB")
+        print(
+            f"measured on {torch.cuda.get_device_name()}: shadow {s:.3f} s per LoRA-step ({a.k} at once) -> "
+            f"{SHADOW_LORAS * SHADOW_STEPS * s / 60:.1f} min for {SHADOW_LORAS} LoRAs; attacker {t:.3f} s per step of "
+            f"{a.k} LoRAs x {LATENTS_PER_LORA} latents -> {ATTACKER_STEPS * t * LORAS_PER_STEP / a.k / 60:.1f} min; "
+            f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GB"
+        )
 
 
 if __name__ == "__main__":

@@ -84,12 +84,23 @@ def main(argv=None):
     one_lora = batch_time(pipe, n_img, n_steps, cfg) / a.k
 
     default_steps = FinetuneConfig().steps
-    print(f"device {pipe.device}, threads {torch.get_num_threads()}, {a.steps} steps per LoRA, batch {cfg.batch}+{cfg.batch}")
-    print(f"one at a time (finetune):   {1000 * single:7.1f} ms per LoRA-step -> {3600 / (single * default_steps):6.0f} LoRAs/CPU-hour at {default_steps} steps")
-    print(f"{a.k} at once (train_many):  {1000 * many:7.1f} ms per LoRA-step -> {3600 / (many * default_steps):6.0f} LoRAs/CPU-hour at {default_steps} steps")
+    print(
+        f"device {pipe.device}, threads {torch.get_num_threads()}, {a.steps} steps per LoRA, batch "
+        f"{cfg.batch}+{cfg.batch}"
+    )
+    print(
+        f"one at a time (finetune):   {1000 * single:7.1f} ms per LoRA-step -> {3600 / (single * default_steps):6.0f} "
+        f"LoRAs/CPU-hour at {default_steps} steps"
+    )
+    print(
+        f"{a.k} at once (train_many):  {1000 * many:7.1f} ms per LoRA-step -> {3600 / (many * default_steps):6.0f} "
+        f"LoRAs/CPU-hour at {default_steps} steps"
+    )
     print(f"speed-up: {single / many:.2f}x")
-    print(f"bounds, on the same {a.k} x {2 * cfg.batch} images in one batch (per LoRA-step; the most any batching "
-          f"of LoRAs could give over one at a time):")
+    print(
+        f"bounds, on the same {a.k} x {2 * cfg.batch} images in one batch (per LoRA-step; the most any batching "
+        f"of LoRAs could give over one at a time):"
+    )
     print(f"  one LoRA (peft's layers) for all of them: {1000 * one_lora:7.1f} ms -> {single / one_lora:.2f}x")
     print(f"  the frozen UNet alone, no LoRA at all:    {1000 * frozen:7.1f} ms -> {single / frozen:.2f}x")
 

@@ -123,9 +123,14 @@ def arm(a: WorkshopArgs, photos: list[str], max_batch: int) -> tuple[list[Visit]
         rss0 = app.memory_info().rss / 2**20
         rng = np.random.default_rng(a.seed)
         visits = [Visit() for _ in range(a.visitors)]
-        threads = [threading.Thread(target=visitor, daemon=True,
-                                    args=(f"http://127.0.0.1:{port}/", photos, a, float(rng.uniform(0, a.spread)), i, v))
-                   for i, v in enumerate(visits)]
+        threads = [
+            threading.Thread(
+                target=visitor,
+                daemon=True,
+                args=(f"http://127.0.0.1:{port}/", photos, a, float(rng.uniform(0, a.spread)), i, v),
+            )
+            for i, v in enumerate(visits)
+        ]
         for th in threads:
             th.start()
         for th in threads:
@@ -148,8 +153,10 @@ def report(name: str, visits: list[Visit], rss0: float, rss1: float) -> float | 
         done = f"{v.done:.1f}" if v.done is not None else (v.error or "not done")
         print(f"| {i} | {v.queue_place} | {first} | {done} |")
     firsts, dones = [v.first_reconstruction for v in visits], [v.done for v in visits]
-    print(f"\np50 / p95 first reconstruction: {pct(firsts, 50)} / {pct(firsts, 95)} s; "
-          f"done: {pct(dones, 50)} / {pct(dones, 95)} s; finished {sum(d is not None for d in dones)}/{len(visits)}")
+    print(
+        f"\np50 / p95 first reconstruction: {pct(firsts, 50)} / {pct(firsts, 95)} s; "
+        f"done: {pct(dones, 50)} / {pct(dones, 95)} s; finished {sum(d is not None for d in dones)}/{len(visits)}"
+    )
     print(f"app RSS: {rss0:.0f} MiB before, {rss1:.0f} MiB after ({100 * (rss1 - rss0) / rss0:+.1f} %)")
     loras = [lo for v in visits for lo in v.loras]
     print(f"LoRA files: {len(set(loras))} distinct for {len(visits)} visitors (each must get their own)")
@@ -165,13 +172,17 @@ def main(argv=None):
     if not sets:
         sys.exit("no example faces in assets/examples: build them first (README, 'Rebuilding the assets')")
     photos = next(iter(sets.values()))[:4]
-    print(f"{a.visitors} visitors, {a.steps} steps each, pressing Train within {a.spread:.0f} s; "
-          f"{os.cpu_count()} CPU cores; {len(photos)} example photos each")
+    print(
+        f"{a.visitors} visitors, {a.steps} steps each, pressing Train within {a.spread:.0f} s; "
+        f"{os.cpu_count()} CPU cores; {len(photos)} example photos each"
+    )
     batched = report(f"batched (max batch {a.max_batch or 'default'})", *arm(a, photos, a.max_batch))
     sequential = report("sequential (max batch 1)", *arm(a, photos, 1))
     if batched and sequential:
-        print(f"\np95 time to done: batched {batched:.1f} s vs sequential {sequential:.1f} s "
-              f"= {batched / sequential:.2f} of it (target <= 0.5)")
+        print(
+            f"\np95 time to done: batched {batched:.1f} s vs sequential {sequential:.1f} s "
+            f"= {batched / sequential:.2f} of it (target <= 0.5)"
+        )
 
 
 if __name__ == "__main__":

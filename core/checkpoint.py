@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def save_training_state(path: str | Path, modules: dict, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:
+def save_training_state(
+    path: str | Path, modules: dict, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None
+) -> None:
     """Write ``{name}.{param}`` weights and ``opt.{i}.{key}`` optimizer moments to one safetensors file."""
     tensors = {}
     for name, m in modules.items():
@@ -35,7 +37,7 @@ def load_training_state(path: str | Path, modules: dict, optimizer: torch.optim.
     tensors = load_file(str(path))
     for name, m in modules.items():
         pre = f"{name}."
-        m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        m.load_state_dict({k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre)})
     if optimizer is not None:
         # through load_state_dict, which moves each moment to its parameter's device and dtype
         # (assigning CPU tensors into optimizer.state breaks AdamW's foreach path on CUDA)
@@ -43,7 +45,7 @@ def load_training_state(path: str | Path, modules: dict, optimizer: torch.optim.
         state = {}
         for i in range(sum(len(g["params"]) for g in optimizer.param_groups)):
             pre = f"opt.{i}."
-            st = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+            st = {k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre)}
             if st:
                 state[i] = st
         optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})

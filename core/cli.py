@@ -38,9 +38,16 @@ def _switch(args: list[str]) -> bool:
 def _switch_type():
     from tyro.constructors import PrimitiveConstructorSpec
 
-    return Annotated[bool, PrimitiveConstructorSpec(nargs=(0, 1), metavar="[True|False]", instance_from_str=_switch,
-                                                    is_instance=lambda x: isinstance(x, bool),
-                                                    str_from_instance=lambda b: [str(b)])]
+    return Annotated[
+        bool,
+        PrimitiveConstructorSpec(
+            nargs=(0, 1),
+            metavar="[True|False]",
+            instance_from_str=_switch,
+            is_instance=lambda x: isinstance(x, bool),
+            str_from_instance=lambda b: [str(b)],
+        ),
+    ]
 
 
 Switch = _switch_type()
@@ -59,8 +66,13 @@ def parse(cls, argv=None, description: str | None = None, prog: str | None = Non
     """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of dataclass ``cls``."""
     import tyro
 
-    return tyro.cli(cls, args=list(sys.argv[1:] if argv is None else argv), description=description, prog=prog,
-                    config=_tyro_config())
+    return tyro.cli(
+        cls,
+        args=list(sys.argv[1:] if argv is None else argv),
+        description=description,
+        prog=prog,
+        config=_tyro_config(),
+    )
 
 
 def parse_commands(commands: dict, argv=None, description: str | None = None, prog: str | None = None):

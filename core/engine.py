@@ -42,8 +42,9 @@ class SampleRequest:
 class Engine:
     """The base model the app serves (the embedded miniature SD unless a model id is given)."""
 
-    def __init__(self, model: str | None = None, device: str | None = None, attacker: str | None = None,
-                 hub_config=None):
+    def __init__(
+        self, model: str | None = None, device: str | None = None, attacker: str | None = None, hub_config=None
+    ):
         self.model_name = model or EMBEDDED_NAME
         self.hub_config = hub_config
         self.pipe = load_pipeline(model, device)
@@ -64,14 +65,20 @@ class Engine:
 
                 path = Path(self._attacker_path or ATTACKER_DIR / "attacker.safetensors")
                 if not path.exists():
-                    self._attacker = (None, f"No trained attacker found at `{path}`: run `python -m core.attack.train`.")
+                    self._attacker = (
+                        None,
+                        f"No trained attacker found at `{path}`: run `python -m core.attack.train`.",
+                    )
                 else:
                     model, info = load_attacker(path, self.pipe.device)
                     if model.cfg.base != base_fingerprint(self.pipe):
-                        self._attacker = (None, f"The shipped attacker was trained for another base model "
-                                                f"(fingerprint {model.cfg.base}; this app runs `{self.model_name}`, "
-                                                f"{base_fingerprint(self.pipe)}). Train one for this model with "
-                                                "`python -m core.attack.shadow` and `python -m core.attack.train`.")
+                        self._attacker = (
+                            None,
+                            f"The shipped attacker was trained for another base model "
+                            f"(fingerprint {model.cfg.base}; this app runs `{self.model_name}`, "
+                            f"{base_fingerprint(self.pipe)}). Train one for this model with "
+                            "`python -m core.attack.shadow` and `python -m core.attack.train`.",
+                        )
                     else:
                         self._attacker = (model, "")
             return self._attacker
@@ -141,9 +148,12 @@ def watermarked_base(name: str, clean, folder: str | Path | None = None):
 
     def build():
         if not delta.exists() or not key_file.exists():
-            return (None, f"**The {name}-watermarked base is not shipped** (`assets/watermark/{delta.name}` and its "
-                          f"key `{key_file.name}` are missing), so there is nothing to check. Build it with\n\n"
-                          f"```bash\n{embed_command(name)}\n```")
+            return (
+                None,
+                f"**The {name}-watermarked base is not shipped** (`assets/watermark/{delta.name}` and its "
+                f"key `{key_file.name}` are missing), so there is nothing to check. Build it with\n\n"
+                f"```bash\n{embed_command(name)}\n```",
+            )
         try:
             return shipped_watermark(name, clean, folder)
         except (KeyFileError, OSError, ValueError) as e:

@@ -6,8 +6,9 @@ A long job is a generator ``job(config, should_stop=lambda: False) -> Iterator[E
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,6 @@ class Done:
 
     result: Any = None
     cancelled: bool = False
-
-
 
 
 def never() -> bool:

@@ -18,9 +18,9 @@ import struct
 import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -55,10 +55,14 @@ def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
 
 def png_header_only(w: int, h: int) -> bytes:
     """A PNG whose header claims w x h pixels (no real pixel data): size must be refused unread."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def face(i: int = 0, size: int = 256) -> Image.Image:
@@ -82,7 +86,9 @@ def private_photos(folder: Path, person: int = 0, n: int = 3, tag: str = "") -> 
     for i, p in enumerate(sorted(people[person % len(people)].glob("*.png"))[:n]):
         info = PngImagePlugin.PngInfo()
         info.add_text("note", f"{tag}-{i}-{time.time_ns()}")
-        out += write(folder, f"private-{tag}-{i}-{os.getpid()}.png", encode(Image.open(p).convert("RGB"), "PNG", pnginfo=info))
+        out += write(
+            folder, f"private-{tag}-{i}-{os.getpid()}.png", encode(Image.open(p).convert("RGB"), "PNG", pnginfo=info)
+        )
     return out
 
 
@@ -181,9 +187,15 @@ def _loha(t, meta):
     for k in [k for k in t if k.endswith("lora_A.weight")]:
         name = k.replace("unet.", "lora_unet_", 1).removesuffix(".lora_A.weight").replace(".", "_")
         a, b = t.pop(k), t.pop(k.replace("lora_A", "lora_B"))
-        t.update({f"{name}.hada_w1_a": b.flatten(1), f"{name}.hada_w1_b": a.flatten(1),
-                  f"{name}.hada_w2_a": b.flatten(1).clone(), f"{name}.hada_w2_b": a.flatten(1).clone(),
-                  f"{name}.alpha": torch.tensor(4.0)})
+        t.update(
+            {
+                f"{name}.hada_w1_a": b.flatten(1),
+                f"{name}.hada_w1_b": a.flatten(1),
+                f"{name}.hada_w2_a": b.flatten(1).clone(),
+                f"{name}.hada_w2_b": a.flatten(1).clone(),
+                f"{name}.alpha": torch.tensor(4.0),
+            }
+        )
 
 
 def _dora(t, meta):
@@ -233,6 +245,7 @@ def many_photos(n: int) -> Callable:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             out += write(folder, f"photo_{i:02d}.jpg", encode(img, quality=90))
         return out
+
     return make
 
 
@@ -246,83 +259,193 @@ NO_FACE = ("no face was found", "looks roughly at the camera")
 
 CASES = [
     # photos for the Fine-tune tab, one at a time
-    BadInput("text-file-as-photo", "photo", _photo("notes.jpg", lambda: b"shopping list: eggs, milk\n" * 40),
-             ("not an image", "jpeg, png")),
+    BadInput(
+        "text-file-as-photo",
+        "photo",
+        _photo("notes.jpg", lambda: b"shopping list: eggs, milk\n" * 40),
+        ("not an image", "jpeg, png"),
+    ),
     BadInput("empty-file", "photo", _photo("empty.jpg", lambda: b""), ("empty (0 bytes)", "upload a photo")),
-    BadInput("truncated-jpeg", "photo", _photo("cut.jpg", lambda: encode(face(0))[:1500]),
-             ("damaged or truncated", "original photo again")),
-    BadInput("40-megapixels", "photo", _photo("huge.jpg", lambda: encode(Image.new("RGB", (8000, 5000), (90, 120, 150)),
-                                                                        quality=30)),
-             ("40 megapixels", "under 30 megapixels")),
-    BadInput("decompression-bomb", "photo", _photo("bomb.png", lambda: png_header_only(30000, 30000)),
-             ("too many pixels", "under 30 megapixels")),
-    BadInput("over-30-mb", "photo", _photo("big.jpg", lambda: b"\xff\xd8\xff\xe0" + bytes(31 * 2**20)),
-             ("larger than 30 mb", "smaller photo")),
-    BadInput("tiny-image", "photo", _photo("icon.png", lambda: encode(Image.new("RGB", (8, 8)), "PNG")),
-             ("only 8x8 pixels", "larger photo")),
-    BadInput("html-renamed-jpg", "photo", _photo("page.jpg", lambda: b"<!DOCTYPE html><html><body><img src='me.jpg'>"
-                                                                    b"</body></html>"),
-             ("web page", "save the image itself")),
-    BadInput("svg-drawing", "photo", _photo("face.svg", lambda: b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/'
-                                                                b'2000/svg" width="64" height="64"><circle cx="32" '
-                                                                b'cy="32" r="20"/></svg>'),
-             ("svg", "drawing", "jpeg or png")),
-    BadInput("heic-from-a-phone", "photo", _photo("IMG_0001.HEIC", lambda: b"\0\0\0\x18ftypheic\0\0\0\0mif1heic"
-                                                                          + bytes(200)),
-             ("heic/heif photo", "export it as jpeg")),
-    BadInput("video-clip", "photo", _photo("clip.mp4", lambda: b"\0\0\0\x20ftypisom\0\0\x02\0isomiso2mp41" + bytes(100)),
-             ("a video", "still photo")),
-    BadInput("pdf-document", "photo", _photo("scan.pdf", lambda: b"%PDF-1.4\n1 0 obj << >> endobj\ntrailer\n%%EOF\n"),
-             ("pdf document", "the photo itself")),
-    BadInput("zip-renamed-jpg", "photo", _photo("photos.jpg", lambda: b"PK\x03\x04" + bytes(100)),
-             ("zip archive", "unzip")),
-    BadInput("random-noise", "photo",
-             _photo("noise.png", lambda: encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3),
-                                                                                                   dtype=np.uint8)), "PNG")),
-             NO_FACE),
+    BadInput(
+        "truncated-jpeg",
+        "photo",
+        _photo("cut.jpg", lambda: encode(face(0))[:1500]),
+        ("damaged or truncated", "original photo again"),
+    ),
+    BadInput(
+        "40-megapixels",
+        "photo",
+        _photo("huge.jpg", lambda: encode(Image.new("RGB", (8000, 5000), (90, 120, 150)), quality=30)),
+        ("40 megapixels", "under 30 megapixels"),
+    ),
+    BadInput(
+        "decompression-bomb",
+        "photo",
+        _photo("bomb.png", lambda: png_header_only(30000, 30000)),
+        ("too many pixels", "under 30 megapixels"),
+    ),
+    BadInput(
+        "over-30-mb",
+        "photo",
+        _photo("big.jpg", lambda: b"\xff\xd8\xff\xe0" + bytes(31 * 2**20)),
+        ("larger than 30 mb", "smaller photo"),
+    ),
+    BadInput(
+        "tiny-image",
+        "photo",
+        _photo("icon.png", lambda: encode(Image.new("RGB", (8, 8)), "PNG")),
+        ("only 8x8 pixels", "larger photo"),
+    ),
+    BadInput(
+        "html-renamed-jpg",
+        "photo",
+        _photo("page.jpg", lambda: b"<!DOCTYPE html><html><body><img src='me.jpg'></body></html>"),
+        ("web page", "save the image itself"),
+    ),
+    BadInput(
+        "svg-drawing",
+        "photo",
+        _photo(
+            "face.svg",
+            lambda: (
+                b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/'
+                b'2000/svg" width="64" height="64"><circle cx="32" '
+                b'cy="32" r="20"/></svg>'
+            ),
+        ),
+        ("svg", "drawing", "jpeg or png"),
+    ),
+    BadInput(
+        "heic-from-a-phone",
+        "photo",
+        _photo("IMG_0001.HEIC", lambda: b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(200)),
+        ("heic/heif photo", "export it as jpeg"),
+    ),
+    BadInput(
+        "video-clip",
+        "photo",
+        _photo("clip.mp4", lambda: b"\0\0\0\x20ftypisom\0\0\x02\0isomiso2mp41" + bytes(100)),
+        ("a video", "still photo"),
+    ),
+    BadInput(
+        "pdf-document",
+        "photo",
+        _photo("scan.pdf", lambda: b"%PDF-1.4\n1 0 obj << >> endobj\ntrailer\n%%EOF\n"),
+        ("pdf document", "the photo itself"),
+    ),
+    BadInput(
+        "zip-renamed-jpg", "photo", _photo("photos.jpg", lambda: b"PK\x03\x04" + bytes(100)), ("zip archive", "unzip")
+    ),
+    BadInput(
+        "random-noise",
+        "photo",
+        _photo(
+            "noise.png",
+            lambda: encode(
+                Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)), "PNG"
+            ),
+        ),
+        NO_FACE,
+    ),
     BadInput("landscape", "photo", _photo("holiday.jpg", lambda: encode(landscape())), NO_FACE),
     BadInput("cartoon-face", "photo", _photo("smiley.png", lambda: encode(cartoon(), "PNG")), NO_FACE),
     BadInput("upside-down-face", "photo", _photo("upside.jpg", lambda: encode(face(2).rotate(180))), NO_FACE),
     # unusual but usable photos: converted, and kept
-    BadInput("cmyk-jpeg", "photo", _photo("print.jpg", lambda: encode(face(3).convert("CMYK"))), ("1 usable photo",), 1),
-    BadInput("16-bit-png", "photo",
-             _photo("deep.png", lambda: encode(Image.fromarray(np.asarray(face(4).convert("L"), np.uint16) * 257), "PNG")),
-             ("1 usable photo",), 1),
-    BadInput("animated-gif", "photo",
-             _photo("anim.gif", lambda: encode(face(5), "GIF", save_all=True, append_images=[face(6)], duration=200)),
-             ("1 usable photo",), 1),
+    BadInput(
+        "cmyk-jpeg", "photo", _photo("print.jpg", lambda: encode(face(3).convert("CMYK"))), ("1 usable photo",), 1
+    ),
+    BadInput(
+        "16-bit-png",
+        "photo",
+        _photo("deep.png", lambda: encode(Image.fromarray(np.asarray(face(4).convert("L"), np.uint16) * 257), "PNG")),
+        ("1 usable photo",),
+        1,
+    ),
+    BadInput(
+        "animated-gif",
+        "photo",
+        _photo("anim.gif", lambda: encode(face(5), "GIF", save_all=True, append_images=[face(6)], duration=200)),
+        ("1 usable photo",),
+        1,
+    ),
     BadInput("exif-rotated", "photo", _photo("phone.jpg", exif_rotated), ("1 usable photo",), 1),
-    BadInput("transparent-png", "photo", _photo("cutout.png", lambda: encode(face(7).convert("RGBA"), "PNG")),
-             ("1 usable photo",), 1),
+    BadInput(
+        "transparent-png",
+        "photo",
+        _photo("cutout.png", lambda: encode(face(7).convert("RGBA"), "PNG")),
+        ("1 usable photo",),
+        1,
+    ),
     # photo sets
     BadInput("one-photo", "photos", many_photos(1), ("1 usable photo", "at least 3"), 1),
     BadInput("fifty-photos", "photos", many_photos(50), ("50 usable photos", "only the first 10"), 50),
     # LoRA files for the Attack tab
-    BadInput("pickle-ckpt", "lora", lambda folder, pipe: write(folder, "lora.ckpt", pickle.dumps({"state_dict": {}})),
-             ("python pickle", "arbitrary code", "convert it to .safetensors")),
+    BadInput(
+        "pickle-ckpt",
+        "lora",
+        lambda folder, pipe: write(folder, "lora.ckpt", pickle.dumps({"state_dict": {}})),
+        ("python pickle", "arbitrary code", "convert it to .safetensors"),
+    ),
     BadInput("torch-zip-renamed", "lora", torch_zip, ("zip archive", "arbitrary code")),
     BadInput("empty-lora", "lora", lambda folder, pipe: write(folder, "empty.safetensors", b""), ("empty (0 bytes)",)),
-    BadInput("random-bytes", "lora",
-             lambda folder, pipe: write(folder, "noise.safetensors", np.random.default_rng(1).integers(
-                 0, 256, 4096, dtype=np.uint8).tobytes()), ("not a readable .safetensors file",)),
-    BadInput("photo-renamed-lora", "lora", lambda folder, pipe: write(folder, "me.safetensors", encode(face(0))),
-             ("not a readable .safetensors file",)),
+    BadInput(
+        "random-bytes",
+        "lora",
+        lambda folder, pipe: write(
+            folder, "noise.safetensors", np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        ),
+        ("not a readable .safetensors file",),
+    ),
+    BadInput(
+        "photo-renamed-lora",
+        "lora",
+        lambda folder, pipe: write(folder, "me.safetensors", encode(face(0))),
+        ("not a readable .safetensors file",),
+    ),
     BadInput("broken-header", "lora", bad_header, ("header is not valid json",)),
     BadInput("huge-tensor", "oversize", huge_tensor, ("maximum allowed size", str(64 * 2**20))),
-    BadInput("wrong-shapes", "lora", lambda folder, pipe: lora_file(folder, pipe, "shapes.safetensors", _wrong_shape),
-             ("has shape", "does not fit this model")),
-    BadInput("nan-weights", "lora", lambda folder, pipe: lora_file(folder, pipe, "nan.safetensors", _nan),
-             ("nan or infinite",)),
-    BadInput("other-base-model", "lora", lambda folder, pipe: lora_file(folder, pipe, "sd15.safetensors", _other_base),
-             ("different base model", "stable-diffusion-v1-5", "fine-tuned from this app's base model")),
-    BadInput("integer-weights", "lora", lambda folder, pipe: lora_file(folder, pipe, "int.safetensors", _int_weights),
-             ("floating point",)),
-    BadInput("half-a-layer", "lora", lambda folder, pipe: lora_file(folder, pipe, "half.safetensors", _drop_b),
-             ("lora_b", "missing")),
-    BadInput("lycoris-loha", "lora", lambda folder, pipe: lora_file(folder, pipe, "loha.safetensors", _loha),
-             ("loha", "plain lora")),
-    BadInput("dora", "lora", lambda folder, pipe: lora_file(folder, pipe, "dora.safetensors", _dora),
-             ("dora", "magnitude vector", "plain lora")),
+    BadInput(
+        "wrong-shapes",
+        "lora",
+        lambda folder, pipe: lora_file(folder, pipe, "shapes.safetensors", _wrong_shape),
+        ("has shape", "does not fit this model"),
+    ),
+    BadInput(
+        "nan-weights",
+        "lora",
+        lambda folder, pipe: lora_file(folder, pipe, "nan.safetensors", _nan),
+        ("nan or infinite",),
+    ),
+    BadInput(
+        "other-base-model",
+        "lora",
+        lambda folder, pipe: lora_file(folder, pipe, "sd15.safetensors", _other_base),
+        ("different base model", "stable-diffusion-v1-5", "fine-tuned from this app's base model"),
+    ),
+    BadInput(
+        "integer-weights",
+        "lora",
+        lambda folder, pipe: lora_file(folder, pipe, "int.safetensors", _int_weights),
+        ("floating point",),
+    ),
+    BadInput(
+        "half-a-layer",
+        "lora",
+        lambda folder, pipe: lora_file(folder, pipe, "half.safetensors", _drop_b),
+        ("lora_b", "missing"),
+    ),
+    BadInput(
+        "lycoris-loha",
+        "lora",
+        lambda folder, pipe: lora_file(folder, pipe, "loha.safetensors", _loha),
+        ("loha", "plain lora"),
+    ),
+    BadInput(
+        "dora",
+        "lora",
+        lambda folder, pipe: lora_file(folder, pipe, "dora.safetensors", _dora),
+        ("dora", "magnitude vector", "plain lora"),
+    ),
     BadInput("full-checkpoint", "lora", unet_weights, ("no lora weights",)),
 ]
 
@@ -336,6 +459,7 @@ def png_16bit_rgb(img: Image.Image) -> bytes:
 
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", img.width, img.height, 16, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
@@ -346,8 +470,12 @@ def drawn(img: Image.Image, colours: int = 6) -> Image.Image:
     from PIL import ImageFilter
 
     flat = img.filter(ImageFilter.MedianFilter(5)).quantize(colours, method=Image.Quantize.MEDIANCUT).convert("RGB")
-    edges = img.convert("L").filter(ImageFilter.FIND_EDGES).point(lambda v: 0 if v > 40 else 255).filter(
-        ImageFilter.MinFilter(3))
+    edges = (
+        img.convert("L")
+        .filter(ImageFilter.FIND_EDGES)
+        .point(lambda v: 0 if v > 40 else 255)
+        .filter(ImageFilter.MinFilter(3))
+    )
     return Image.composite(flat, Image.new("RGB", img.size, (20, 20, 20)), edges)
 
 
@@ -403,71 +531,162 @@ def float_tiff() -> bytes:
 
 def three_good_and(bad: Callable[[], bytes], name: str) -> Callable:
     """Three good photos and one bad one: the bad one is listed, the good ones are kept."""
+
     def make(folder: Path, pipe) -> list[Path]:
         good = [p for i in range(3) for p in write(folder, f"good_{i}.jpg", encode(face(i)))]
         return good + write(folder, name, bad())
+
     return make
 
 
 FIRST_FRAME = ("only the first frame is read", "upload")
 DRAWN = ("drawn", "photo")
 MORE_PHOTOS = [
-    BadInput("thin-strip-30000x16", "photo", _photo("strip.png", lambda: encode(blank((30000, 16)), "PNG")),
-             ("30000x16", "thin strip", "upload a photo")),
-    BadInput("strip-20000x20", "photo", _photo("banner.png", lambda: encode(blank((20000, 20)), "PNG")),
-             ("20000x20", "thin strip")),
-    BadInput("png-text-over-pillows-limit", "photo", _photo("notes.png", big_text_png),
-             ("hidden text or colour-profile data", "save the photo again")),
-    BadInput("png-icc-over-pillows-limit", "photo",
-             _photo("profile.png", lambda: encode(face(5), "PNG", icc_profile=b"\0" * 2**21)),
-             ("colour-profile data", "export it as jpeg")),
-    BadInput("truncated-png", "photo", _photo("cut.png", lambda: encode(face(1), "PNG")[:3000]),
-             ("damaged or truncated", "original photo again")),
+    BadInput(
+        "thin-strip-30000x16",
+        "photo",
+        _photo("strip.png", lambda: encode(blank((30000, 16)), "PNG")),
+        ("30000x16", "thin strip", "upload a photo"),
+    ),
+    BadInput(
+        "strip-20000x20",
+        "photo",
+        _photo("banner.png", lambda: encode(blank((20000, 20)), "PNG")),
+        ("20000x20", "thin strip"),
+    ),
+    BadInput(
+        "png-text-over-pillows-limit",
+        "photo",
+        _photo("notes.png", big_text_png),
+        ("hidden text or colour-profile data", "save the photo again"),
+    ),
+    BadInput(
+        "png-icc-over-pillows-limit",
+        "photo",
+        _photo("profile.png", lambda: encode(face(5), "PNG", icc_profile=b"\0" * 2**21)),
+        ("colour-profile data", "export it as jpeg"),
+    ),
+    BadInput(
+        "truncated-png",
+        "photo",
+        _photo("cut.png", lambda: encode(face(1), "PNG")[:3000]),
+        ("damaged or truncated", "original photo again"),
+    ),
     BadInput("48-bit-png", "photo", _photo("deep48.png", lambda: png_16bit_rgb(face(2))), ("1 usable photo",), 1),
-    BadInput("palette-with-transparency", "photo",
-             _photo("palette.png", lambda: encode(face(3).convert("P", palette=Image.ADAPTIVE), "PNG", transparency=0)),
-             ("1 usable photo",), 1),
-    BadInput("animated-webp-face-in-frame-1", "photo", _photo("anim.webp", lambda: frames(face(4), blank(), "WEBP")),
-             ("1 usable photo",), 1),
-    BadInput("animated-webp-face-only-in-frame-2", "photo",
-             _photo("anim2.webp", lambda: frames(blank(), face(4), "WEBP")), FIRST_FRAME),
-    BadInput("gif-face-only-in-frame-2", "photo", _photo("anim2.gif", lambda: frames(blank(), face(5), "GIF")),
-             FIRST_FRAME),
-    BadInput("multi-page-tiff-face-on-page-2", "photo", _photo("scan.tiff", lambda: frames(blank(), face(6), "TIFF")),
-             FIRST_FRAME),
-    BadInput("multi-page-tiff-face-on-page-1", "photo", _photo("scan1.tiff", lambda: frames(face(6), blank(), "TIFF")),
-             ("1 usable photo",), 1),
+    BadInput(
+        "palette-with-transparency",
+        "photo",
+        _photo("palette.png", lambda: encode(face(3).convert("P", palette=Image.ADAPTIVE), "PNG", transparency=0)),
+        ("1 usable photo",),
+        1,
+    ),
+    BadInput(
+        "animated-webp-face-in-frame-1",
+        "photo",
+        _photo("anim.webp", lambda: frames(face(4), blank(), "WEBP")),
+        ("1 usable photo",),
+        1,
+    ),
+    BadInput(
+        "animated-webp-face-only-in-frame-2",
+        "photo",
+        _photo("anim2.webp", lambda: frames(blank(), face(4), "WEBP")),
+        FIRST_FRAME,
+    ),
+    BadInput(
+        "gif-face-only-in-frame-2", "photo", _photo("anim2.gif", lambda: frames(blank(), face(5), "GIF")), FIRST_FRAME
+    ),
+    BadInput(
+        "multi-page-tiff-face-on-page-2",
+        "photo",
+        _photo("scan.tiff", lambda: frames(blank(), face(6), "TIFF")),
+        FIRST_FRAME,
+    ),
+    BadInput(
+        "multi-page-tiff-face-on-page-1",
+        "photo",
+        _photo("scan1.tiff", lambda: frames(face(6), blank(), "TIFF")),
+        ("1 usable photo",),
+        1,
+    ),
     BadInput("avif", "photo", _photo("phone.avif", lambda: encode(face(7), "AVIF")), ("1 usable photo",), 1),
     BadInput("still-webp", "photo", _photo("still.webp", lambda: encode(face(8), "WEBP")), ("1 usable photo",), 1),
     BadInput("bmp", "photo", _photo("old.bmp", lambda: encode(face(9), "BMP")), ("1 usable photo",), 1),
-    BadInput("png-named-jpg", "photo", _photo("really_a_png.jpg", lambda: encode(face(10), "PNG")),
-             ("1 usable photo",), 1),
-    BadInput("greyscale-jpeg", "photo", _photo("grey.jpg", lambda: encode(face(11).convert("L"))), ("1 usable photo",), 1),
-    BadInput("lying-exif", "photo", _photo("edited.jpg", lying_exif), ("1 usable photo", "orientation tag", "as stored"), 1),
+    BadInput(
+        "png-named-jpg", "photo", _photo("really_a_png.jpg", lambda: encode(face(10), "PNG")), ("1 usable photo",), 1
+    ),
+    BadInput(
+        "greyscale-jpeg", "photo", _photo("grey.jpg", lambda: encode(face(11).convert("L"))), ("1 usable photo",), 1
+    ),
+    BadInput(
+        "lying-exif", "photo", _photo("edited.jpg", lying_exif), ("1 usable photo", "orientation tag", "as stored"), 1
+    ),
     BadInput("malformed-exif", "photo", _photo("odd_exif.jpg", malformed_exif), ("1 usable photo",), 1),
-    BadInput("lab-tiff", "photo", _photo("lab.tiff", lambda: encode(face(0).convert("LAB"), "TIFF")),
-             ("1 usable photo",), 1),
+    BadInput(
+        "lab-tiff", "photo", _photo("lab.tiff", lambda: encode(face(0).convert("LAB"), "TIFF")), ("1 usable photo",), 1
+    ),
     BadInput("float-tiff", "photo", _photo("float.tiff", float_tiff), ("1 usable photo",), 1),
-    BadInput("three-faces", "photo", _photo("group.jpg", lambda: encode(group_photo())),
-             ("1 usable photo", "3 faces were found", "the largest was used"), 1),
-    BadInput("20-px-face", "photo", _photo("far_away.jpg", lambda: encode(small_face())),
-             ("no face was found", "at least 100 pixels wide")),
-    BadInput("fully-transparent", "photo", _photo("nothing.png", lambda: encode(Image.new("RGBA", (256, 256)), "PNG")),
-             ("fully transparent", "upload a photo")),
-    BadInput("blank-image", "photo", _photo("white.png", lambda: encode(blank(colour=(255, 255, 255)), "PNG")),
-             ("no face was found",)),
+    BadInput(
+        "three-faces",
+        "photo",
+        _photo("group.jpg", lambda: encode(group_photo())),
+        ("1 usable photo", "3 faces were found", "the largest was used"),
+        1,
+    ),
+    BadInput(
+        "20-px-face",
+        "photo",
+        _photo("far_away.jpg", lambda: encode(small_face())),
+        ("no face was found", "at least 100 pixels wide"),
+    ),
+    BadInput(
+        "fully-transparent",
+        "photo",
+        _photo("nothing.png", lambda: encode(Image.new("RGBA", (256, 256)), "PNG")),
+        ("fully transparent", "upload a photo"),
+    ),
+    BadInput(
+        "blank-image",
+        "photo",
+        _photo("white.png", lambda: encode(blank(colour=(255, 255, 255)), "PNG")),
+        ("no face was found",),
+    ),
     BadInput("drawn-face-png", "photo", _photo("cartoon.png", lambda: encode(drawn(face(1)), "PNG")), DRAWN),
     BadInput("drawn-face-jpeg", "photo", _photo("cartoon.jpg", lambda: encode(drawn(face(2)), quality=95)), DRAWN),
     BadInput("drawn-face-few-colours", "photo", _photo("poster.png", lambda: encode(drawn(face(3), 4), "PNG")), DRAWN),
-    BadInput("huge-icc-in-jpeg", "photo",
-             _photo("profiled.jpg", lambda: encode(face(4), icc_profile=np.random.default_rng(0).integers(
-                 0, 256, 2**20, dtype=np.uint8).tobytes())), ("1 usable photo",), 1),
-    BadInput("good-photos-and-a-thin-strip", "photos", three_good_and(lambda: encode(blank((30000, 16)), "PNG"), "strip.png"),
-             ("3 usable photos", "thin strip"), 3),
-    BadInput("good-photos-and-a-text-bomb", "photos", three_good_and(big_text_png, "notes.png"),
-             ("3 usable photos", "hidden text"), 3),
-    BadInput("good-photos-and-a-drawing", "photos", three_good_and(lambda: encode(drawn(face(5)), "PNG"), "toon.png"),
-             ("3 usable photos", "drawn"), 3),
+    BadInput(
+        "huge-icc-in-jpeg",
+        "photo",
+        _photo(
+            "profiled.jpg",
+            lambda: encode(
+                face(4), icc_profile=np.random.default_rng(0).integers(0, 256, 2**20, dtype=np.uint8).tobytes()
+            ),
+        ),
+        ("1 usable photo",),
+        1,
+    ),
+    BadInput(
+        "good-photos-and-a-thin-strip",
+        "photos",
+        three_good_and(lambda: encode(blank((30000, 16)), "PNG"), "strip.png"),
+        ("3 usable photos", "thin strip"),
+        3,
+    ),
+    BadInput(
+        "good-photos-and-a-text-bomb",
+        "photos",
+        three_good_and(big_text_png, "notes.png"),
+        ("3 usable photos", "hidden text"),
+        3,
+    ),
+    BadInput(
+        "good-photos-and-a-drawing",
+        "photos",
+        three_good_and(lambda: encode(drawn(face(5)), "PNG"), "toon.png"),
+        ("3 usable photos", "drawn"),
+        3,
+    ),
 ]
 
 
@@ -476,15 +695,18 @@ MORE_PHOTOS = [
 
 def raw_file(name: str, header, data: bytes = b"", length: int | None = None) -> Callable:
     """A file laid out like safetensors: 8-byte header length (or ``length``), the header, data."""
+
     def make(folder: Path, pipe) -> list[Path]:
         head = header if isinstance(header, bytes) else json.dumps(header).encode()
         return write(folder, name, struct.pack("<Q", len(head) if length is None else length) + head + data)
+
     return make
 
 
 def edited(name: str, edit: Callable, text_encoder: bool = False, rank: int = 4) -> Callable:
     """A LoRA of the app's own exporter (optionally with a text encoder part, at ``rank``), changed by
     ``edit(tensors, meta)``."""
+
     def make(folder: Path, pipe) -> list[Path]:
         from safetensors import safe_open
 
@@ -496,6 +718,7 @@ def edited(name: str, edit: Callable, text_encoder: bool = False, rank: int = 4)
         edit(tensors, meta)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
         return [path]
+
     return make
 
 
@@ -526,8 +749,12 @@ def _text_encoder_peft(t, meta):
     """Text-encoder-only, in peft naming (what peft's own save writes)."""
     _only_text_encoder(t, meta)
     for k in list(t):
-        t[k.replace("lora_linear_layer.down", "lora_A").replace("lora_linear_layer.up", "lora_B")
-          .replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")] = t.pop(k)
+        t[
+            k.replace("lora_linear_layer.down", "lora_A")
+            .replace("lora_linear_layer.up", "lora_B")
+            .replace(".lora.down.", ".lora_A.")
+            .replace(".lora.up.", ".lora_B.")
+        ] = t.pop(k)
 
 
 def _pad_rank(t, meta, rank):
@@ -586,63 +813,146 @@ def _header(tensors: dict, meta: dict | None = None) -> dict:
 A_KEY, B_KEY = "unet.conv_in.lora_A.weight", "unet.conv_in.lora_B.weight"
 NEXT = ("export the lora again",)
 MORE_LORAS = [
-    BadInput("header-length-2-to-the-60", "lora", raw_file("long.safetensors", b"{}", length=2**60),
-             ("not a readable .safetensors file", "not a valid safetensors header")),
-    BadInput("eight-byte-file", "lora", lambda folder, pipe: write(folder, "tiny.safetensors", struct.pack("<Q", 2)),
-             ("not a readable .safetensors file", "not a valid safetensors header")),
+    BadInput(
+        "header-length-2-to-the-60",
+        "lora",
+        raw_file("long.safetensors", b"{}", length=2**60),
+        ("not a readable .safetensors file", "not a valid safetensors header"),
+    ),
+    BadInput(
+        "eight-byte-file",
+        "lora",
+        lambda folder, pipe: write(folder, "tiny.safetensors", struct.pack("<Q", 2)),
+        ("not a readable .safetensors file", "not a valid safetensors header"),
+    ),
     BadInput("json-array-header", "lora", raw_file("array.safetensors", b"[1, 2, 3]"), ("not a json object",)),
-    BadInput("empty-json-header", "lora", raw_file("nothing.safetensors", b"{}"), ("no lora weights", "no tensors at all")),
-    BadInput("overlapping-offsets", "lora",
-             raw_file("overlap.safetensors", _header({A_KEY: ("F32", [4, 4], [0, 64]), B_KEY: ("F32", [4, 4], [32, 96])}),
-                      bytes(96)), ("share bytes",)),
-    BadInput("dtype-byte-length-mismatch", "lora",
-             raw_file("mismatch.safetensors", _header({A_KEY: ("F32", [4, 4], [0, 32])}), bytes(32)),
-             ("declared as 16 values of f32", "given 32 bytes")),
-    BadInput("2-to-the-40-elements", "lora",
-             raw_file("vast.safetensors", _header({A_KEY: ("F32", [2**20, 2**20], [0, 64])}), bytes(64)),
-             ("1099511627776 values",)),
-    BadInput("offsets-beyond-the-file", "lora",
-             raw_file("short.safetensors", _header({A_KEY: ("F32", [4, 4], [0, 64])}), bytes(16)),
-             ("beyond the end of the file",)),
-    BadInput("duplicate-json-keys", "lora",
-             raw_file("twice.safetensors", (b'{"' + A_KEY.encode() + b'": {"dtype": "F32", "shape": [1], "data_offsets": '
-                                            b'[0, 4]}, "' + A_KEY.encode() + b'": {"dtype": "F32", "shape": [1], '
-                                            b'"data_offsets": [0, 4]}}'), bytes(4)), ("twice",)),
-    BadInput("deeply-nested-header", "lora", raw_file("deep.safetensors", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-             ("nested far deeper",)),
-    BadInput("ten-megabyte-metadata", "lora",
-             raw_file("chatty.safetensors", _header({A_KEY: ("F32", [1], [0, 4])}, {"notes": "x" * 10 * 2**20}), bytes(4)),
-             ("metadata", "a few kb")),
+    BadInput(
+        "empty-json-header", "lora", raw_file("nothing.safetensors", b"{}"), ("no lora weights", "no tensors at all")
+    ),
+    BadInput(
+        "overlapping-offsets",
+        "lora",
+        raw_file(
+            "overlap.safetensors",
+            _header({A_KEY: ("F32", [4, 4], [0, 64]), B_KEY: ("F32", [4, 4], [32, 96])}),
+            bytes(96),
+        ),
+        ("share bytes",),
+    ),
+    BadInput(
+        "dtype-byte-length-mismatch",
+        "lora",
+        raw_file("mismatch.safetensors", _header({A_KEY: ("F32", [4, 4], [0, 32])}), bytes(32)),
+        ("declared as 16 values of f32", "given 32 bytes"),
+    ),
+    BadInput(
+        "2-to-the-40-elements",
+        "lora",
+        raw_file("vast.safetensors", _header({A_KEY: ("F32", [2**20, 2**20], [0, 64])}), bytes(64)),
+        ("1099511627776 values",),
+    ),
+    BadInput(
+        "offsets-beyond-the-file",
+        "lora",
+        raw_file("short.safetensors", _header({A_KEY: ("F32", [4, 4], [0, 64])}), bytes(16)),
+        ("beyond the end of the file",),
+    ),
+    BadInput(
+        "duplicate-json-keys",
+        "lora",
+        raw_file(
+            "twice.safetensors",
+            (
+                b'{"' + A_KEY.encode() + b'": {"dtype": "F32", "shape": [1], "data_offsets": '
+                b'[0, 4]}, "' + A_KEY.encode() + b'": {"dtype": "F32", "shape": [1], '
+                b'"data_offsets": [0, 4]}}'
+            ),
+            bytes(4),
+        ),
+        ("twice",),
+    ),
+    BadInput(
+        "deeply-nested-header",
+        "lora",
+        raw_file("deep.safetensors", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ("nested far deeper",),
+    ),
+    BadInput(
+        "ten-megabyte-metadata",
+        "lora",
+        raw_file("chatty.safetensors", _header({A_KEY: ("F32", [1], [0, 4])}, {"notes": "x" * 10 * 2**20}), bytes(4)),
+        ("metadata", "a few kb"),
+    ),
     BadInput("ten-thousand-tensors", "lora", edited("many.safetensors", _many_tensors), ("10", "tensors", "accepted")),
     BadInput("infinite-weights", "lora", edited("inf.safetensors", _inf), ("nan or infinite",)),
     BadInput("weights-3e38", "lora", edited("huge_values.safetensors", _huge_values), ("times its own size", *NEXT)),
-    BadInput("alpha-1e308", "lora", edited("alpha.safetensors", lambda t, m: _adapter(m, **{"unet.lora_alpha": 1e308})),
-             ("times its own size", "alpha 1e+308")),
-    BadInput("negative-alpha", "lora", edited("neg.safetensors", lambda t, m: _adapter(m, **{"unet.lora_alpha": -4})),
-             ("lora alpha", "positive finite number")),
-    BadInput("deeply-nested-adapter-metadata", "lora",
-             edited("deepmeta.safetensors", lambda t, m: m.update(lora_adapter_metadata="[" * 100_000 + "]" * 100_000)),
-             ("lora_adapter_metadata", "not a valid json object")),
-    BadInput("rank-300", "lora", edited("r300.safetensors", lambda t, m: _pad_rank(t, m, 300)), ("rank is 300", "1 to 256")),
+    BadInput(
+        "alpha-1e308",
+        "lora",
+        edited("alpha.safetensors", lambda t, m: _adapter(m, **{"unet.lora_alpha": 1e308})),
+        ("times its own size", "alpha 1e+308"),
+    ),
+    BadInput(
+        "negative-alpha",
+        "lora",
+        edited("neg.safetensors", lambda t, m: _adapter(m, **{"unet.lora_alpha": -4})),
+        ("lora alpha", "positive finite number"),
+    ),
+    BadInput(
+        "deeply-nested-adapter-metadata",
+        "lora",
+        edited("deepmeta.safetensors", lambda t, m: m.update(lora_adapter_metadata="[" * 100_000 + "]" * 100_000)),
+        ("lora_adapter_metadata", "not a valid json object"),
+    ),
+    BadInput(
+        "rank-300", "lora", edited("r300.safetensors", lambda t, m: _pad_rank(t, m, 300)), ("rank is 300", "1 to 256")
+    ),
     BadInput("rank-0", "lora", edited("r0.safetensors", _rank0), ("rank is 0", "changes nothing")),
     BadInput("transposed-shapes", "lora", edited("transposed.safetensors", _transpose), ("stored transposed", *NEXT)),
     BadInput("swapped-a-and-b", "lora", edited("swapped.safetensors", _swap), ("swapped", *NEXT)),
-    BadInput("text-encoder-only", "lora", edited("te.safetensors", _only_text_encoder, text_encoder=True),
-             ("only the text encoder", "adapts the unet")),
-    BadInput("text-encoder-only-peft-naming", "lora", edited("te_peft.safetensors", _text_encoder_peft, text_encoder=True),
-             ("only the text encoder", "adapts the unet")),
-    BadInput("sd15-layout-peft-naming", "lora", _sd15_layout, ("this base model", "fine-tuned from this app's base model")),
-    BadInput("float64-weights", "lora", edited("f64.safetensors", lambda t, m: t.update({k: v.double() for k, v in t.items()})),
-             ("stored as 'f64'", "floating point")),
+    BadInput(
+        "text-encoder-only",
+        "lora",
+        edited("te.safetensors", _only_text_encoder, text_encoder=True),
+        ("only the text encoder", "adapts the unet"),
+    ),
+    BadInput(
+        "text-encoder-only-peft-naming",
+        "lora",
+        edited("te_peft.safetensors", _text_encoder_peft, text_encoder=True),
+        ("only the text encoder", "adapts the unet"),
+    ),
+    BadInput(
+        "sd15-layout-peft-naming", "lora", _sd15_layout, ("this base model", "fine-tuned from this app's base model")
+    ),
+    BadInput(
+        "float64-weights",
+        "lora",
+        edited("f64.safetensors", lambda t, m: t.update({k: v.double() for k, v in t.items()})),
+        ("stored as 'f64'", "floating point"),
+    ),
     # files the app reads: the attack runs (and says what it ignored)
-    BadInput("f16-bf16-mix", "lora-ok", edited("mixed.safetensors", _dtype_mix), ("attacked the uploaded lora", "rank 4")),
-    BadInput("rank-256", "lora-ok", edited("r256.safetensors", lambda t, m: _pad_rank(t, m, 256)),
-             ("attacked the uploaded lora", "rank 256")),
-    BadInput("leaklab-steps-2-to-the-63", "lora-ok", edited("s63.safetensors", lambda t, m: m.update(leaklab_steps=str(2**63))),
-             ("9223372036854775808", "is ignored", "fine-tuning step 80 (from your input")),
-    BadInput("leaklab-steps-10-to-the-4000", "lora-ok",
-             edited("s4000.safetensors", lambda t, m: m.update(leaklab_steps="1" + "0" * 4000)),
-             ("is ignored", "fine-tuning step 80 (from your input")),
+    BadInput(
+        "f16-bf16-mix", "lora-ok", edited("mixed.safetensors", _dtype_mix), ("attacked the uploaded lora", "rank 4")
+    ),
+    BadInput(
+        "rank-256",
+        "lora-ok",
+        edited("r256.safetensors", lambda t, m: _pad_rank(t, m, 256)),
+        ("attacked the uploaded lora", "rank 256"),
+    ),
+    BadInput(
+        "leaklab-steps-2-to-the-63",
+        "lora-ok",
+        edited("s63.safetensors", lambda t, m: m.update(leaklab_steps=str(2**63))),
+        ("9223372036854775808", "is ignored", "fine-tuning step 80 (from your input"),
+    ),
+    BadInput(
+        "leaklab-steps-10-to-the-4000",
+        "lora-ok",
+        edited("s4000.safetensors", lambda t, m: m.update(leaklab_steps="1" + "0" * 4000)),
+        ("is ignored", "fine-tuning step 80 (from your input"),
+    ),
 ]
 
 
@@ -659,16 +969,34 @@ SETTINGS = [
     BadInput("seed-1e30", "train", values(20, 4, 3e-3, 1e30, False, False, 1.0, "none", 0.9), SEED_WORDS),
     BadInput("negative-seed", "train", values(20, 4, 3e-3, -1, False, False, 1.0, "none", 0.9), SEED_WORDS),
     BadInput("seed-2-to-the-31", "train", values(20, 4, 3e-3, 2**31, False, False, 1.0, "none", 0.9), SEED_WORDS),
-    BadInput("learning-rate-5", "train", values(20, 4, 5.0, 0, False, False, 1.0, "none", 0.9), ("lr must be in (0, 1)",)),
+    BadInput(
+        "learning-rate-5", "train", values(20, 4, 5.0, 0, False, False, 1.0, "none", 0.9), ("lr must be in (0, 1)",)
+    ),
     # Gradio's own checks of its widgets' ranges and choices
-    BadInput("a-billion-steps", "train", values(10**9, 4, 3e-3, 0, False, False, 1.0, "none", 0.9),
-             ("greater than maximum value 600",)),
-    BadInput("rank-0-setting", "train", values(20, 0, 3e-3, 0, False, False, 1.0, "none", 0.9),
-             ("value 0 is less than minimum value 1",)),
-    BadInput("negative-dp-noise", "train", values(20, 4, 3e-3, 0, False, True, -1.0, "none", 0.9),
-             ("less than minimum value 0",)),
-    BadInput("unknown-defense", "train", values(20, 4, 3e-3, 0, False, False, 1.0, "magic", 0.9),
-             ("magic is not in the list of choices",)),
+    BadInput(
+        "a-billion-steps",
+        "train",
+        values(10**9, 4, 3e-3, 0, False, False, 1.0, "none", 0.9),
+        ("greater than maximum value 600",),
+    ),
+    BadInput(
+        "rank-0-setting",
+        "train",
+        values(20, 0, 3e-3, 0, False, False, 1.0, "none", 0.9),
+        ("value 0 is less than minimum value 1",),
+    ),
+    BadInput(
+        "negative-dp-noise",
+        "train",
+        values(20, 4, 3e-3, 0, False, True, -1.0, "none", 0.9),
+        ("less than minimum value 0",),
+    ),
+    BadInput(
+        "unknown-defense",
+        "train",
+        values(20, 4, 3e-3, 0, False, False, 1.0, "magic", 0.9),
+        ("magic is not in the list of choices",),
+    ),
     BadInput("sample-seed-1e30", "sample", values(1e30, 1, 5, 1.0), ("seed must be",)),
 ]
 

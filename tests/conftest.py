@@ -6,6 +6,9 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
+import pytest
+
 # this test process's own session root and Gradio upload folder: the app empties both at start-up
 # and shutdown, which must never touch another process's visitors (other test runs on this machine)
 _PRIVATE = tempfile.mkdtemp(prefix="leaklab-tests-")
@@ -16,11 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import numpy as np
-import pytest
-
-from core.faces import data
-from core.model.pipeline import DEFAULT_BASE
+# core only after the environment above: huggingface_hub (imported by diffusers) reads HF_HUB_OFFLINE once, at import
+from core.faces import data  # noqa: E402
+from core.model.pipeline import DEFAULT_BASE  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +43,15 @@ def lfw_photo(lfw_root):
 def tiny_components():
     from core.model.pipeline import build_components
 
-    return build_components(unet_channels=(32, 32), vae_channels=(16, 16, 32), text_width=32, text_layers=1, image_size=64, seed=0,
-                            latent_channels=4)
+    return build_components(
+        unet_channels=(32, 32),
+        vae_channels=(16, 16, 32),
+        text_width=32,
+        text_layers=1,
+        image_size=64,
+        seed=0,
+        latent_channels=4,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -47,12 +47,20 @@ class Visitor:
         defaults = {c["id"]: (c.get("props") or {}).get("value") for c in self.config["components"]}
         given = iter(values)  # inputs not given take their widget's default, as a browser sends them
         data = [None if types.get(i) == "state" else next(given, defaults.get(i)) for i in dep["inputs"]]
-        r = self.http.post(f"{self.url}/gradio_api/queue/join",
-                           json={"data": data, "fn_index": dep["id"], "session_hash": self.session_hash,
-                                 "event_data": None, "trigger_id": None})
+        r = self.http.post(
+            f"{self.url}/gradio_api/queue/join",
+            json={
+                "data": data,
+                "fn_index": dep["id"],
+                "session_hash": self.session_hash,
+                "event_data": None,
+                "trigger_id": None,
+            },
+        )
         r.raise_for_status()
-        with self.http.stream("GET", f"{self.url}/gradio_api/queue/data",
-                              params={"session_hash": self.session_hash}) as stream:
+        with self.http.stream(
+            "GET", f"{self.url}/gradio_api/queue/data", params={"session_hash": self.session_hash}
+        ) as stream:
             for line in stream.iter_lines():
                 if not line.startswith("data:"):
                     continue

@@ -33,6 +33,7 @@ def test_every_tab_is_there(running_app):
 def test_finetune_through_the_client(running_app, lfw_root, tmp_path, monkeypatch):
     """Upload 3 real photos + 1 bad file, train a short LoRA, get the file back (one client = one session)."""
     from gradio_client import Client, handle_file
+
     from core.faces import data
 
     split = data.Split.load()
@@ -46,6 +47,7 @@ def test_finetune_through_the_client(running_app, lfw_root, tmp_path, monkeypatc
     assert "Done: 20 steps" in status and "trigger word" in status.lower()
     assert "random face from the base model" in score
     from core.finetune.lora import load_lora
+
     lora, meta = load_lora(lora_file)
     assert meta["leaklab_steps"] == "20"
 
@@ -69,6 +71,7 @@ def test_handlers_run_under_spaces_gpu_where_the_package_exists(monkeypatch, tin
 
             wrapped.append((fn, duration))
             return inner
+
         return deco
 
     assert gpu.on_gpu(len) is len  # no spaces package here
@@ -148,8 +151,9 @@ def run_python(code: str, **env) -> str:
     from core import PROJECT_ROOT
 
     base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LEAKLAB_MODEL")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env={**base, **env}, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, env={**base, **env}, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().splitlines()[-1]
 
@@ -168,17 +172,19 @@ def test_zero_gpu_imports_spaces_before_torch_and_loads_on_cuda(tmp_path):
     fake = tmp_path / "spaces"
     fake.mkdir()
     (fake / "__init__.py").write_text(
-        "import sys\nTORCH_FIRST = 'torch' in sys.modules\n"
-        "def GPU(duration=60):\n    return lambda fn: fn\n")
-    code = ("import sys, app, spaces\n"
-            "seen = {}\n"
-            "class E:\n"
-            "    def __init__(self, model, device, **kw):\n"
-            "        seen['device'] = device\n"
-            "        raise SystemExit(0)\n"
-            "app.Engine = E\n"
-            "try:\n    app.main([])\nexcept SystemExit:\n    pass\n"
-            "print(spaces.TORCH_FIRST, seen['device'])")
+        "import sys\nTORCH_FIRST = 'torch' in sys.modules\ndef GPU(duration=60):\n    return lambda fn: fn\n"
+    )
+    code = (
+        "import sys, app, spaces\n"
+        "seen = {}\n"
+        "class E:\n"
+        "    def __init__(self, model, device, **kw):\n"
+        "        seen['device'] = device\n"
+        "        raise SystemExit(0)\n"
+        "app.Engine = E\n"
+        "try:\n    app.main([])\nexcept SystemExit:\n    pass\n"
+        "print(spaces.TORCH_FIRST, seen['device'])"
+    )
     assert run_python(code, PYTHONPATH=str(tmp_path), SPACES_ZERO_GPU="true") == "False cuda"
     assert run_python(code, PYTHONPATH=str(tmp_path)) == "False None"  # elsewhere the model picks its device
 

@@ -6,9 +6,9 @@ from pathlib import Path
 from core import ASSETS
 from core.attack.attacker import reconstruct
 from core.events import Checkpoint
-from core.finetune.lora import FinetuneConfig, finetune
 from core.faces.ingest import ingest_face
 from core.faces.utility import identity_distance
+from core.finetune.lora import FinetuneConfig, finetune
 
 
 def test_reconstruction_improves_over_a_live_finetune(base_engine):

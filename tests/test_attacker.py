@@ -3,11 +3,18 @@
 import numpy as np
 import torch
 
-from core.attack.attacker import AttackerConfig, canonical_factors, load_attacker, lora_inputs, reconstruct, save_attacker
+from core.attack.attacker import (
+    AttackerConfig,
+    canonical_factors,
+    load_attacker,
+    lora_inputs,
+    reconstruct,
+    save_attacker,
+)
+from core.attack.shadow import ShadowJob, build_population, list_shadows
+from core.attack.train import TrainConfig, train
 from core.events import Done, drain
 from core.finetune.lora import FinetuneConfig
-from core.attack.shadow import build_population, list_shadows, ShadowJob
-from core.attack.train import TrainConfig, train
 from tests.conftest import random_crops
 
 
@@ -32,7 +39,7 @@ def test_only_canonical_inputs_ignore_how_a_lora_was_factored():
     lo2 = {"unet.x.lora_A.weight": torch.linalg.solve(m, a), "unet.x.lora_B.weight": b @ m}
     for form, same in (("canonical", True), ("raw", False)):
         cfg = AttackerConfig(modules=["x"], shapes=[(20, 36)], inputs=form)
-        (u, v), = lora_inputs([lo1, lo2], cfg)
+        ((u, v),) = lora_inputs([lo1, lo2], cfg)
         assert u.shape == (2, 4, 20) and v.shape == (2, 4, 36)
         assert torch.allclose(u[0], u[1], atol=1e-4) == same and torch.allclose(v[0], v[1], atol=1e-4) == same
 
@@ -49,7 +56,9 @@ def test_attacker_trains_on_shadows_and_reconstructs(tiny_pipe, tmp_path):
         jobs.append(ShadowJob(f"P{i}", [f"{j}.jpg" for j in range(3)], seed=i))
     cfg = FinetuneConfig(steps=4, checkpoint_every=0, preview_n=0, n_class=4, batch=2)
     drain(build_population(tiny_pipe, jobs, cfg, tmp_path / "shadow", group=4, record_every=2, root=root))
-    tcfg = TrainConfig(steps=3, loras_per_step=2, latents_per_lora=2, holdout=1, eval_every=3, warmup=1, min_step=2, width=32, layers=1)
+    tcfg = TrainConfig(
+        steps=3, loras_per_step=2, latents_per_lora=2, holdout=1, eval_every=3, warmup=1, min_step=2, width=32, layers=1
+    )
     events = list(train(tiny_pipe, list_shadows(tmp_path / "shadow"), tcfg))
     assert isinstance(events[-1], Done) and not events[-1].cancelled
     model, log = events[-1].result.model, events[-1].result.log
@@ -63,13 +72,15 @@ def test_attacker_trains_on_shadows_and_reconstructs(tiny_pipe, tmp_path):
     lora = load_shadow(list_shadows(tmp_path / "shadow")[0]).checkpoints[4]
     ims, z = reconstruct(tiny_pipe, again, lora, 4, seeds=(0, 1), steps=2)
     assert len(ims) == 2 and ims[0].shape == (64, 64, 3) and z.shape == model.class_embedding.shape
-    torch.testing.assert_close(again.encode([lora], [4]), model.encode([lora], [4]), rtol=1e-2, atol=1e-2)  # stored in float16
+    torch.testing.assert_close(
+        again.encode([lora], [4]), model.encode([lora], [4]), rtol=1e-2, atol=1e-2
+    )  # stored in float16
 
 
 def test_training_can_be_cancelled(tiny_pipe, tmp_path):
-    from core.attack.shadow import build_population
-
     from PIL import Image
+
+    from core.attack.shadow import build_population
 
     root = tmp_path / "lfw"
     jobs = []
@@ -80,10 +91,21 @@ def test_training_can_be_cancelled(tiny_pipe, tmp_path):
         jobs.append(ShadowJob(f"P{i}", [f"{j}.jpg" for j in range(3)], seed=i))
     cfg = FinetuneConfig(steps=2, checkpoint_every=0, preview_n=0, n_class=2, batch=1)
     drain(build_population(tiny_pipe, jobs, cfg, tmp_path / "shadow", group=3, record_every=1, root=root))
-    tcfg = TrainConfig(steps=10, loras_per_step=1, latents_per_lora=1, holdout=1, eval_every=0, warmup=1, min_step=1,
-                       width=32, layers=1)
+    tcfg = TrainConfig(
+        steps=10,
+        loras_per_step=1,
+        latents_per_lora=1,
+        holdout=1,
+        eval_every=0,
+        warmup=1,
+        min_step=1,
+        width=32,
+        layers=1,
+    )
     n = []
-    events = list(train(tiny_pipe, list_shadows(tmp_path / "shadow"), tcfg, should_stop=lambda: len(n) > 2 or n.append(1)))
+    events = list(
+        train(tiny_pipe, list_shadows(tmp_path / "shadow"), tcfg, should_stop=lambda: len(n) > 2 or n.append(1))
+    )
     assert isinstance(events[-1], Done) and events[-1].cancelled and events[-1].result.log["steps_done"] < 10
 
 

@@ -75,7 +75,9 @@ def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(case, client, 
         import httpx
 
         with open(made[0], "rb") as f:
-            r = httpx.post(f"{app.local_url.rstrip('/')}/gradio_api/upload", files=[("files", (made[0].name, f))], timeout=120)
+            r = httpx.post(
+                f"{app.local_url.rstrip('/')}/gradio_api/upload", files=[("files", (made[0].name, f))], timeout=120
+            )
         assert r.status_code == 413
         said(r.text, made, case)
     elif case.kind.startswith("lora"):
@@ -114,15 +116,51 @@ def test_the_app_answers_after_the_whole_corpus(app, tmp_path):
 def test_the_corpus_covers_every_case_of_the_probe():
     """Issue 17's list: each of these is a case of the corpus."""
     names = {c.name for c in CASES}
-    wanted = {"truncated-png", "48-bit-png", "palette-with-transparency", "animated-webp-face-in-frame-1",
-              "animated-webp-face-only-in-frame-2", "avif", "multi-page-tiff-face-on-page-2", "lying-exif",
-              "strip-20000x20", "three-faces", "lab-tiff", "float-tiff", "malformed-exif", "20-px-face",
-              "fully-transparent", "header-length-2-to-the-60", "overlapping-offsets", "dtype-byte-length-mismatch",
-              "2-to-the-40-elements", "ten-thousand-tensors", "infinite-weights", "rank-300", "sd15-layout-peft-naming",
-              "ten-megabyte-metadata", "json-array-header", "eight-byte-file", "text-encoder-only", "rank-0",
-              "negative-alpha", "f16-bf16-mix", "rank-256", "duplicate-json-keys", "transposed-shapes",
-              "thin-strip-30000x16", "png-text-over-pillows-limit", "png-icc-over-pillows-limit",
-              "deeply-nested-header", "deeply-nested-adapter-metadata", "leaklab-steps-2-to-the-63",
-              "leaklab-steps-10-to-the-4000", "weights-3e38", "alpha-1e308", "seed-1e30", "drawn-face-png"}
+    wanted = {
+        "truncated-png",
+        "48-bit-png",
+        "palette-with-transparency",
+        "animated-webp-face-in-frame-1",
+        "animated-webp-face-only-in-frame-2",
+        "avif",
+        "multi-page-tiff-face-on-page-2",
+        "lying-exif",
+        "strip-20000x20",
+        "three-faces",
+        "lab-tiff",
+        "float-tiff",
+        "malformed-exif",
+        "20-px-face",
+        "fully-transparent",
+        "header-length-2-to-the-60",
+        "overlapping-offsets",
+        "dtype-byte-length-mismatch",
+        "2-to-the-40-elements",
+        "ten-thousand-tensors",
+        "infinite-weights",
+        "rank-300",
+        "sd15-layout-peft-naming",
+        "ten-megabyte-metadata",
+        "json-array-header",
+        "eight-byte-file",
+        "text-encoder-only",
+        "rank-0",
+        "negative-alpha",
+        "f16-bf16-mix",
+        "rank-256",
+        "duplicate-json-keys",
+        "transposed-shapes",
+        "thin-strip-30000x16",
+        "png-text-over-pillows-limit",
+        "png-icc-over-pillows-limit",
+        "deeply-nested-header",
+        "deeply-nested-adapter-metadata",
+        "leaklab-steps-2-to-the-63",
+        "leaklab-steps-10-to-the-4000",
+        "weights-3e38",
+        "alpha-1e308",
+        "seed-1e30",
+        "drawn-face-png",
+    }
     assert wanted <= names, wanted - names
     assert len(CASES) >= 75

@@ -32,7 +32,11 @@ def test_extrapolation_moves_away_from_the_base_and_w_zero_is_the_base(tiny_pipe
     lora = a_lora(tiny_pipe, scale=0.2)
     ft = pipeline_with_lora(tiny_pipe, lora)
     emb = encode_prompt(tiny_pipe, "")
-    base = np.stack(sample_images(tiny_pipe, n=2, seed=[0, 1], steps=4, prompt_embeds=emb.expand(2, -1, -1))).astype(float)
-    w0, w1, w3 = (np.stack(extrapolate(tiny_pipe, ft, emb, w, seeds=[0, 1], steps=4)).astype(float) for w in (0.0, 1.0, 3.0))
+    base = np.stack(sample_images(tiny_pipe, n=2, seed=[0, 1], steps=4, prompt_embeds=emb.expand(2, -1, -1))).astype(
+        float
+    )
+    w0, w1, w3 = (
+        np.stack(extrapolate(tiny_pipe, ft, emb, w, seeds=[0, 1], steps=4)).astype(float) for w in (0.0, 1.0, 3.0)
+    )
     assert np.abs(w0 - base).max() <= 2  # w = 0: the base model's own prediction at every step
     assert np.abs(w3 - base).mean() > np.abs(w1 - base).mean() > 0  # pushed further than the fine-tune alone

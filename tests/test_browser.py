@@ -81,7 +81,9 @@ def test_a_visitor_fine_tunes_and_sees_the_reconstruction(browser, app_url):
     page.get_by_text("Attacked your LoRA from the Fine-tune tab").wait_for(timeout=120_000)
     shot(page, "2-attack")
     page.get_by_text("Was my photo used? (membership inference)").click()  # one of the photos it trained on
-    page.locator("div.block", has_text="Your photo(s) (1-").last.locator("input[type=file]").set_input_files([str(EXAMPLE_PHOTOS[0])])
+    page.locator("div.block", has_text="Your photo(s) (1-").last.locator("input[type=file]").set_input_files(
+        [str(EXAMPLE_PHOTOS[0])]
+    )
     page.get_by_role("button", name="Was my photo used?", exact=True).click()
     page.get_by_text("Membership check of 1 photo against your LoRA from the Fine-tune tab").wait_for(timeout=120_000)
     assert page.locator("td", has_text=re.compile(r"^[+-]\d")).count() >= 1  # the photo's score in the verdict table

@@ -27,7 +27,9 @@ def upload(page, label: str, path) -> None:
 
 
 def test_a_visitor_checks_attacks_and_inspects_a_kohya_lora(browser, app_url, sd1_pipe, tmp_path):  # noqa: F811
-    ref = reference_lora(sd1_pipe, unet=UNET_ATTN + LOCON, text=TEXT, ranks=(4, 2), alphas=(3.0, 1.5), dtype=torch.float16)
+    ref = reference_lora(
+        sd1_pipe, unet=UNET_ATTN + LOCON, text=TEXT, ranks=(4, 2), alphas=(3.0, 1.5), dtype=torch.float16
+    )
     path = sd1x.write(tmp_path / "anna_lora_v2.safetensors", sd1x.kohya_tensors(ref), sd1x.kohya_metadata())
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(app_url)

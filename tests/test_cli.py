@@ -57,8 +57,16 @@ class Flags:
     n: int = 1  # a number
 
 
-@pytest.mark.parametrize("argv, want", [([], False), (["--skip"], True), (["--skip", "--n", "2"], True),
-                                        (["--skip", "True"], True), (["--skip", "False"], False)])
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        ([], False),
+        (["--skip"], True),
+        (["--skip", "--n", "2"], True),
+        (["--skip", "True"], True),
+        (["--skip", "False"], False),
+    ],
+)
 def test_a_switch_works_alone_or_with_a_value(argv, want):
     assert parse(Flags, argv).skip is want
 

@@ -7,7 +7,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from core.defenses.cloak import CloakConfig, Protected, cloak_photos, fixed_loss, protect_photos, psnr, ssim, within_budget
+from core.defenses.cloak import (
+    CloakConfig,
+    Protected,
+    cloak_photos,
+    fixed_loss,
+    protect_photos,
+    psnr,
+    ssim,
+    within_budget,
+)
 from core.defenses.purify import PURIFIERS, PurifyConfig, purify
 from core.events import Done, Message, Progress, drain
 from tests.conftest import random_crops
@@ -49,7 +58,9 @@ def test_a_cloaked_photo_raises_the_surrogates_loss(tiny_pipe, photos, surrogate
     assert res.loss_cloaked > res.loss_clean
     # also on draws the cloak never saw, against the base model itself
     emb = encode_prompt(tiny_pipe, "a photo of a face")
-    assert fixed_loss(tiny_pipe, tiny_pipe.unet, res.cloaked, emb, seed=99) > fixed_loss(tiny_pipe, tiny_pipe.unet, photos, emb, seed=99)
+    assert fixed_loss(tiny_pipe, tiny_pipe.unet, res.cloaked, emb, seed=99) > fixed_loss(
+        tiny_pipe, tiny_pipe.unet, photos, emb, seed=99
+    )
 
 
 def test_cloaking_is_repeatable_and_leaves_the_base_alone(tiny_pipe, photos):
@@ -77,8 +88,14 @@ def test_cloaking_stops_when_asked(tiny_pipe, photos):
 
 
 def test_bad_settings_and_photos_are_refused_with_the_value(tiny_pipe):
-    for kw, text in [(dict(budget=0), "0"), (dict(budget=300), "300"), (dict(steps=0), "0"), (dict(surrogate="vae"), "'vae'"),
-                     (dict(surrogate_lr=2.0), "2.0"), (dict(step_size=-1.0), "-1.0")]:
+    for kw, text in [
+        (dict(budget=0), "0"),
+        (dict(budget=300), "300"),
+        (dict(steps=0), "0"),
+        (dict(surrogate="vae"), "'vae'"),
+        (dict(surrogate_lr=2.0), "2.0"),
+        (dict(step_size=-1.0), "-1.0"),
+    ]:
         with pytest.raises(ValueError, match=text):
             CloakConfig(**kw)
     with pytest.raises(ValueError, match="equal-size"):
@@ -123,13 +140,18 @@ def test_purification_of_a_cloaked_photo_undoes_part_of_the_cloak(tiny_pipe, pho
     assert all(not np.array_equal(c, p) for c, p in zip(res.cloaked, cleaned))
     # the cloak's high-frequency pattern is what down-up resizing and JPEG remove first
     resid = lambda x, o: np.abs(x.astype(float) - o.astype(float))
-    assert np.mean([resid(p, o).mean() for p, o in zip(purify(res.cloaked, PurifyConfig(chain=("resize",))), photos)]) < \
-        np.mean([resid(c, o).mean() for c, o in zip(res.cloaked, photos)])
+    assert np.mean(
+        [resid(p, o).mean() for p, o in zip(purify(res.cloaked, PurifyConfig(chain=("resize",))), photos)]
+    ) < np.mean([resid(c, o).mean() for c, o in zip(res.cloaked, photos)])
 
 
 def test_purify_config_is_validated_and_said_in_words():
-    for kw, text in [(dict(chain=("jpeg", "sharpen")), "sharpen"), (dict(jpeg_quality=0), "0"), (dict(resize_factor=1.5), "1.5"),
-                     (dict(noise_std=-1.0), "-1.0")]:
+    for kw, text in [
+        (dict(chain=("jpeg", "sharpen")), "sharpen"),
+        (dict(jpeg_quality=0), "0"),
+        (dict(resize_factor=1.5), "1.5"),
+        (dict(noise_std=-1.0), "-1.0"),
+    ]:
         with pytest.raises(ValueError, match=text):
             PurifyConfig(**kw)
     assert "JPEG quality 75" in PurifyConfig().words() and PurifyConfig(chain=()).words() == "nothing"

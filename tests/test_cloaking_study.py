@@ -38,8 +38,15 @@ def study(tiny_pipe, victims, attacker):
 
 def test_every_row_is_there_with_its_fields(study):
     kinds = [(x["kind"], x["budget"]) for x in study["rows"]]
-    assert kinds == [("clean", None), ("purified", None), ("cloaked", 4.0), ("cloaked+purified", 4.0), ("cloaked", 12.0),
-                     ("cloaked+purified", 12.0), ("floor", None)]
+    assert kinds == [
+        ("clean", None),
+        ("purified", None),
+        ("cloaked", 4.0),
+        ("cloaked+purified", 4.0),
+        ("cloaked", 12.0),
+        ("cloaked+purified", 12.0),
+        ("floor", None),
+    ]
     for x in study["rows"]:
         assert len(x["utility"]["per_victim_distance"]) == 2 and len(x["attack"]["per_victim_distance"]) == 2
         assert {"utility_gain", "utility_at_floor", "attack_gain", "attack_at_floor", "label"} <= set(x)
@@ -62,12 +69,18 @@ def test_the_protected_loras_trained_on_the_protected_photos(tiny_pipe, victims)
     for ps, os_ in zip(cloaked.photos, victims.private):
         moved = [np.abs(p.astype(int) - o.astype(int)).max() for p, o in zip(ps, os_)]
         assert 1 <= max(moved) <= 12
-    assert all(np.array_equal(a, b) for ps, qs in zip(both.photos, cloaked.photos) for a, b in zip(ps, purify(qs, CFG.purify_config())))
+    assert all(
+        np.array_equal(a, b)
+        for ps, qs in zip(both.photos, cloaked.photos)
+        for a, b in zip(ps, purify(qs, CFG.purify_config()))
+    )
     # the LoRA of a cloaked set is the one the recipe makes on those photos (same seed as the clean one)
     from core.attack.shadow import train_many
     from core.events import drain
 
-    got = cs.variant_loras(tiny_pipe, victims.names[:1], cloaked.photos[:1], victims.seeds[:1], CFG.recipe(), log=lambda *a: None)[0]
+    got = cs.variant_loras(
+        tiny_pipe, victims.names[:1], cloaked.photos[:1], victims.seeds[:1], CFG.recipe(), log=lambda *a: None
+    )[0]
     want = drain(train_many(tiny_pipe, cloaked.photos[:1], CFG.recipe(), seeds=victims.seeds[:1]))
     assert got["trigger"] == want["triggers"][0] == victims.clean[0]["trigger"]
     w = want["trajectory"][CFG.steps][0]
@@ -111,7 +124,12 @@ def test_the_report_reads_off_the_numbers(study):
 
 
 def test_config_is_validated_with_the_value():
-    for kw, text in [(dict(n=1), "1"), (dict(budgets=(0.0,)), "0.0"), (dict(surrogate="x"), "'x'"), (dict(purify=("zip",)), "zip"),
-                     (dict(budgets=()), "budgets")]:
+    for kw, text in [
+        (dict(n=1), "1"),
+        (dict(budgets=(0.0,)), "0.0"),
+        (dict(surrogate="x"), "'x'"),
+        (dict(purify=("zip",)), "zip"),
+        (dict(budgets=()), "budgets"),
+    ]:
         with pytest.raises(ValueError, match=text):
             cs.CloakingStudyConfig(**kw)

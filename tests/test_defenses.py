@@ -17,10 +17,10 @@ from core.defenses.dp import (
     resolve_noise_multiplier,
 )
 from core.defenses.posthoc import DEFENSES, apply_defense, prune, quantize, rank_truncate, weight_noise
-from core.model.denoising import Denoiser
 from core.events import Checkpoint, Done, Preview, Progress, drain
-from core.finetune.lora import FinetuneConfig, finetune, lora_config, lora_state_dict
 from core.finetune.batch import adapter_unet
+from core.finetune.lora import FinetuneConfig, finetune, lora_config, lora_state_dict
+from core.model.denoising import Denoiser
 from tests.conftest import random_crops
 
 TINY = FinetuneConfig(steps=2, checkpoint_every=0, preview_n=0, n_class=4, batch=2)
@@ -129,8 +129,13 @@ def test_rank_truncate_is_the_svd_truncation_of_ba(lora, keep):
 
 
 def test_defenses_refuse_bad_strengths(lora):
-    for call in (lambda: weight_noise(lora, -1), lambda: prune(lora, 1.5), lambda: quantize(lora, 1),
-                 lambda: quantize(lora, 4.5), lambda: rank_truncate(lora, 0)):
+    for call in (
+        lambda: weight_noise(lora, -1),
+        lambda: prune(lora, 1.5),
+        lambda: quantize(lora, 1),
+        lambda: quantize(lora, 4.5),
+        lambda: rank_truncate(lora, 0),
+    ):
         with pytest.raises(ValueError):
             call()
 
@@ -163,7 +168,11 @@ def test_dp_finetune_trains_and_reports_the_accountants_epsilon(tiny_pipe):
     for _ in eps:
         acc.step(noise_multiplier=1.0, sample_rate=2 / 4)
         want.append(acc.get_epsilon(delta=dp.delta))
-    assert eps == pytest.approx(want, rel=1e-9) and all(b > a for a, b in itertools.pairwise(eps)) and eps[-1] == res.epsilon
+    assert (
+        eps == pytest.approx(want, rel=1e-9)
+        and all(b > a for a, b in itertools.pairwise(eps))
+        and eps[-1] == res.epsilon
+    )
     assert res.sample_rate == 0.5 and res.noise_multiplier == 1.0
     init = initial_lora(tiny_pipe, cfg)
     assert res.lora.keys() == init.keys()
@@ -226,7 +235,10 @@ def dp_setup(tiny_pipe):
     batch = Denoiser(tiny_pipe.scheduler.config).noise(x0, g, t=torch.tensor([10, 300, 600, 200, 900]))
     inst, cls = batch[:3], batch[3:]
     with torch.no_grad():
-        emb_inst, emb_cls = encode_prompt(tiny_pipe, "a photo of zorp face"), encode_prompt(tiny_pipe, "a photo of a face")
+        emb_inst, emb_cls = (
+            encode_prompt(tiny_pipe, "a photo of zorp face"),
+            encode_prompt(tiny_pipe, "a photo of a face"),
+        )
     return cfg, unet, params, inst, cls, emb_inst, emb_cls
 
 
@@ -250,9 +262,19 @@ def test_per_sample_grads_are_clipped_to_max_grad_norm(dp_setup):
 def test_no_noise_and_no_clipping_is_plain_gradient_descent(tiny_pipe, dp_setup):
     cfg, unet, params, inst, cls, emb_inst, emb_cls = dp_setup
     expected, lr = 2, 0.1
-    g_dp, stats = private_gradient(unet, params, inst, emb_inst, cls, emb_cls, noise_multiplier=0.0,
-                                   max_grad_norm=1e6, expected_batch=expected, prior_weight=cfg.prior_weight,
-                                   generator=torch.Generator().manual_seed(0))
+    g_dp, stats = private_gradient(
+        unet,
+        params,
+        inst,
+        emb_inst,
+        cls,
+        emb_cls,
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        expected_batch=expected,
+        prior_weight=cfg.prior_weight,
+        generator=torch.Generator().manual_seed(0),
+    )
     # the ordinary way: a peft UNet (default attention), one forward on the whole batch, backward, SGD
     ref = copy.deepcopy(tiny_pipe.unet).requires_grad_(False)
     ref.add_adapter(lora_config(cfg))
@@ -264,7 +286,7 @@ def test_no_noise_and_no_clipping_is_plain_gradient_descent(tiny_pipe, dp_setup)
     xt, t, target = (torch.cat([getattr(inst, k), getattr(cls, k)]) for k in ("noisy", "t", "target"))
     emb = torch.cat([emb_inst.expand(len(inst), -1, -1), emb_cls.expand(len(cls), -1, -1)])
     err = (ref(xt, t, emb).sample - target).pow(2).mean(dim=(1, 2, 3))
-    loss = err[: len(inst)].sum() / expected + cfg.prior_weight * err[len(inst):].mean()
+    loss = err[: len(inst)].sum() / expected + cfg.prior_weight * err[len(inst) :].mean()
     loss.backward()
     opt.step()
     assert stats["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)

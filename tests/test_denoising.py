@@ -32,7 +32,9 @@ def test_min_snr_weights(den):
     w = den.weights
     i = int(torch.argmin((snr - 5).abs()))
     assert w[0] == pytest.approx(5 / (snr[0] + (1 if den.prediction == "v_prediction" else 0)).item(), rel=1e-4)
-    assert w[-1] == pytest.approx((snr[-1] / (snr[-1] + 1)).item() if den.prediction == "v_prediction" else 1.0, rel=1e-3)
+    assert w[-1] == pytest.approx(
+        (snr[-1] / (snr[-1] + 1)).item() if den.prediction == "v_prediction" else 1.0, rel=1e-3
+    )
     assert 0 < w[i] <= 1.0 + 1e-6
 
 

@@ -59,7 +59,9 @@ def study(tiny_pipe, victims, attacker, monkeypatch_module):
 
     scored = []
     real = ed.score_lora
-    monkeypatch_module.setattr(ed, "score_lora", lambda pipe, att, lora, *a: (scored.append(lora), real(pipe, att, lora, *a))[1])
+    monkeypatch_module.setattr(
+        ed, "score_lora", lambda pipe, att, lora, *a: (scored.append(lora), real(pipe, att, lora, *a))[1]
+    )
     r = asdict(drain(ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS, dp_noise=(1.0,))))
     monkeypatch_module.setattr(ed, "score_lora", real)
     return r, scored
@@ -70,10 +72,25 @@ def test_study_rows_have_every_field(study, victims):
 
     r, _ = study
     assert r["n"] == 2 and r["chance_top1"] == 0.5
-    assert [(x["defense"], x["strength"]) for x in r["rows"]] == [("none", None), *POINTS, ("dp_sgd", 1.0), ("floor", None)]
+    assert [(x["defense"], x["strength"]) for x in r["rows"]] == [
+        ("none", None),
+        *POINTS,
+        ("dp_sgd", 1.0),
+        ("floor", None),
+    ]
     for row in r["rows"]:
-        assert {"label", "short", "title", "attack", "attack_gain", "attack_at_floor", "utility", "utility_gain",
-                "utility_at_floor", "seconds"} <= set(row)
+        assert {
+            "label",
+            "short",
+            "title",
+            "attack",
+            "attack_gain",
+            "attack_at_floor",
+            "utility",
+            "utility_gain",
+            "utility_at_floor",
+            "seconds",
+        } <= set(row)
         assert {"distance", "distance_ci", "top1", "top5", "within_0_6", "per_victim_distance"} <= set(row["attack"])
         assert {"distance", "distance_ci", "beats_floor", "same_person", "per_victim_distance"} <= set(row["utility"])
         assert len(row["attack"]["per_victim_distance"]) == len(row["utility"]["per_victim_distance"]) == 2
@@ -92,20 +109,28 @@ def test_undefended_row_is_the_plain_attack_and_defended_rows_score_defended_lor
     scored exactly the defense of that LoRA."""
     from core.attack.attacker import reconstruct
     from core.defenses.posthoc import apply_defense
-    from core.studies.attack import summarize
-    from core.finetune.lora import pipeline_with_lora
     from core.faces.utility import describe_set, lora_utility
+    from core.finetune.lora import pipeline_with_lora
+    from core.studies.attack import summarize
 
     r, scored = study
     n = len(victims.names)
     gallery = np.stack([describe_set(p) for p in victims.private])
-    desc = np.stack([describe_set(reconstruct(tiny_pipe, attacker[1], lo, TINY.steps,
-                                              model=pipeline_with_lora(tiny_pipe, lo))[0]) for lo in victims.loras])
+    desc = np.stack(
+        [
+            describe_set(
+                reconstruct(tiny_pipe, attacker[1], lo, TINY.steps, model=pipeline_with_lora(tiny_pipe, lo))[0]
+            )
+            for lo in victims.loras
+        ]
+    )
     want = summarize(desc, gallery)
     und = r["rows"][0]
     assert und["attack"]["per_victim_distance"] == want["per_victim_distance"]
     assert und["attack"]["top1"] == want["top1"] and und["attack"]["distance"] == pytest.approx(want["distance"])
-    util = [lora_utility(tiny_pipe, lo, t, p).distance for lo, t, p in zip(victims.loras, victims.triggers, victims.private)]
+    util = [
+        lora_utility(tiny_pipe, lo, t, p).distance for lo, t, p in zip(victims.loras, victims.triggers, victims.private)
+    ]
     assert und["utility"]["distance"] == pytest.approx(np.mean(util))
     assert len(scored) == n * (len(r["rows"]) - 1)  # every row but the floor scores one LoRA per victim
     for j, (name, s) in enumerate(POINTS, 1):
@@ -125,13 +150,16 @@ def test_a_rerun_scores_only_new_points(study, victims, tiny_pipe, attacker, mon
     r, _ = study
     scored = []
     real = ed.score_lora
-    monkeypatch.setattr(ed, "score_lora", lambda pipe, att, lora, *a: (scored.append(lora), real(pipe, att, lora, *a))[1])
+    monkeypatch.setattr(
+        ed, "score_lora", lambda pipe, att, lora, *a: (scored.append(lora), real(pipe, att, lora, *a))[1]
+    )
     again = asdict(drain(ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS, dp_noise=(1.0,))))
     assert scored == []
     strip = lambda rows: [{k: v for k, v in x.items() if k != "seconds"} for x in rows]  # noqa: E731
     assert strip(again["rows"]) == strip(r["rows"])
-    more = asdict(drain(ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS + [("prune", 0.5)],
-                                     dp_noise=(1.0,))))
+    more = asdict(
+        drain(ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS + [("prune", 0.5)], dp_noise=(1.0,)))
+    )
     assert len(scored) == len(victims.names) and len(more["rows"]) == len(r["rows"]) + 1
 
 
@@ -141,8 +169,17 @@ def test_study_reports_each_point_and_stops_when_asked(study, victims, tiny_pipe
     from core.events import Done, Progress
 
     calls = []
-    events = list(ed.run_study(tiny_pipe, attacker[1], victims, TINY, points=POINTS, dp_noise=(),
-                               should_stop=lambda: calls.append(1) or len(calls) > 2))
+    events = list(
+        ed.run_study(
+            tiny_pipe,
+            attacker[1],
+            victims,
+            TINY,
+            points=POINTS,
+            dp_noise=(),
+            should_stop=lambda: calls.append(1) or len(calls) > 2,
+        )
+    )
     assert [(e.step, e.total) for e in events if isinstance(e, Progress)] == [(1, 3), (2, 3)]
     done = events[-1]
     assert isinstance(done, Done) and done.cancelled
@@ -162,8 +199,8 @@ def test_dp_loras_are_cached(tiny_pipe, victims):
 def test_reports_conclusion_and_chart_come_from_the_rows(study):
     import plotly.graph_objects as go
 
-    from core.studies.defenses import conclusion, to_markdown
     from core.plots import privacy_utility_plot
+    from core.studies.defenses import conclusion, to_markdown
 
     r = dict(study[0], command="python -m core.studies.defenses --n 2", created="2025-01-01T00:00:00+00:00")
     text = conclusion(r)
@@ -199,8 +236,12 @@ def test_defenses_tab_shows_the_study_or_says_it_was_not_run(study, tmp_path):
     head, fig, table = defenses_view(tmp_path / "defenses.json")
     assert "has not been run yet" in head and "python -m core.studies.defenses" in head
     assert fig is None and table == ""
-    r = dict(study[0], command="python -m core.studies.defenses --n 2", created="2025-01-01T00:00:00+00:00",
-             conclusion="CONCLUSION TEXT")
+    r = dict(
+        study[0],
+        command="python -m core.studies.defenses --n 2",
+        created="2025-01-01T00:00:00+00:00",
+        conclusion="CONCLUSION TEXT",
+    )
     (tmp_path / "defenses.json").write_text(json.dumps(r))
     head, fig, table = defenses_view(tmp_path / "defenses.json")
     assert "`python -m core.studies.defenses --n 2`" in head and "2025-01-01" in head and "2 people" in head
@@ -222,13 +263,15 @@ def tiny_engine(tiny_pipe, tiny_pipeline_dir, attacker):
 def test_finetune_tab_applies_the_posthoc_defense(tiny_engine, monkeypatch):
     import core.defenses.posthoc as posthoc
     import ui.finetune_tab as ft
-    from core.faces.utility import EVAL_SEEDS
     from core.defenses.posthoc import prune
+    from core.faces.utility import EVAL_SEEDS
     from ui.session import VisitorSession
 
     seen = []
     real = posthoc.apply_defense
-    monkeypatch.setattr(posthoc, "apply_defense", lambda lora, name, s: (seen.append((lora, name, s)), real(lora, name, s))[1])
+    monkeypatch.setattr(
+        posthoc, "apply_defense", lambda lora, name, s: (seen.append((lora, name, s)), real(lora, name, s))[1]
+    )
     session = VisitorSession(crops=random_crops(3))
     try:
         updates = list(ft.train_run(tiny_engine, session, 4, 4, 3e-3, 0, False, defense="prune", strength=0.9))

@@ -70,7 +70,9 @@ def test_export_loads_in_stock_diffusers(tiny_pipe, tiny_pipeline_dir, tmp_path,
     assert res.trigger not in path.read_bytes().decode("latin-1")  # the trigger stays out of the file
     assert meta["leaklab_base_fingerprint"] == res.base and meta["leaklab_rank"] == str(res.config.rank)
 
-    stock = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None, requires_safety_checker=False)
+    stock = StableDiffusionPipeline.from_pretrained(
+        tiny_pipeline_dir, safety_checker=None, requires_safety_checker=False
+    )
     stock.load_lora_weights(str(path))
     prompt = instance_prompt(res.trigger)
     ours = sample_images(pipeline_with_lora(tiny_pipe, res.lora), prompt, n=2, steps=3)
@@ -97,9 +99,28 @@ def test_cli_trains_skips_bad_photos_and_writes_a_lora(lfw_root, tmp_path, monke
     bad.write_text("not a photo")
     out = tmp_path / "me.safetensors"
     env = {**__import__("os").environ, "LEAKLAB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "core.finetune.lora", *photos, str(bad), "--out", str(out), "--steps", "3",
-                           "--n-class", "4", "--checkpoint-every", "0"],
-                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.finetune.lora",
+            *photos,
+            str(bad),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--n-class",
+            "4",
+            "--checkpoint-every",
+            "0",
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped" in proc.stdout and "notes.jpg" in proc.stdout
     assert out.is_file() and "trigger word" in proc.stdout

@@ -2,10 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.faces import data
+from core.faces import data, ingest, metrics
 from core.faces import recognition as faces
-from core.faces import ingest
-from core.faces import metrics
 from tests.bad_inputs import encode, png_header_only
 from tests.conftest import rng_image
 
@@ -50,7 +48,7 @@ def test_face_crop_matches_training_crop(face_img, lfw_photo):
         lambda im: encode(im.convert("P", palette=Image.ADAPTIVE), "PNG"),
         lambda im: encode(im.convert("RGBA"), "PNG"),
         lambda im: encode(im.convert("L"), "PNG"),
-        lambda im: encode(Image.fromarray((np.asarray(im.convert("L"), np.uint16) * 257)), "PNG"),
+        lambda im: encode(Image.fromarray(np.asarray(im.convert("L"), np.uint16) * 257), "PNG"),
         lambda im: encode(im, "WEBP"),
         lambda im: encode(im, "GIF", save_all=True, append_images=[im.rotate(30)]),
     ],
@@ -122,9 +120,9 @@ def test_png_metadata_over_pillows_limit_is_named():
 
     info = PngImagePlugin.PngInfo()
     info.add_text("comment", "x" * 2**21, zip=True)
-    for data in (encode(face(0), "PNG", pnginfo=info), encode(face(0), "PNG", icc_profile=b"\0" * 2**21)):
+    for png in (encode(face(0), "PNG", pnginfo=info), encode(face(0), "PNG", icc_profile=b"\0" * 2**21)):
         with pytest.raises(ingest.CorruptImage, match="hidden text or colour-profile data"):
-            ingest.ingest_face(data)
+            ingest.ingest_face(png)
 
 
 def test_only_the_first_frame_is_read_and_a_refusal_says_so():
@@ -169,5 +167,5 @@ def test_a_drawn_face_is_refused_and_photos_are_not(face_img):
         with pytest.raises(ingest.DrawnFace, match="drawn"):
             ingest.ingest_face(encode(img, fmt))
     for img in (face_img, face(0), face(3)):
-        for data in (encode(img, "PNG"), encode(img, "JPEG", quality=40)):
-            assert ingest.ingest_face(data).crop.std() > 10
+        for encoded in (encode(img, "PNG"), encode(img, "JPEG", quality=40)):
+            assert ingest.ingest_face(encoded).crop.std() > 10

@@ -5,9 +5,20 @@ import pytest
 import torch
 
 from core.events import Checkpoint, drain
-from core.finetune.lora import FinetuneConfig, finetune, pipeline_with_lora
 from core.finetune.full import full_finetune
-from core.layers.change import base_state, block_group, forward_order, full_layer_change, layer_kind, lora_layer_change, lora_modules, rank_layers, trajectory_changes, vector_change
+from core.finetune.lora import FinetuneConfig, finetune, pipeline_with_lora
+from core.layers.change import (
+    base_state,
+    block_group,
+    forward_order,
+    full_layer_change,
+    layer_kind,
+    lora_layer_change,
+    lora_modules,
+    rank_layers,
+    trajectory_changes,
+    vector_change,
+)
 from core.layers.swap import full_keep_top_k, iter_full_swap_curve, iter_swap_curve, keep_top_k, resolve_ks
 from tests.conftest import random_crops
 
@@ -18,8 +29,10 @@ TINY = dict(steps=3, checkpoint_every=1, n_class=4, batch=2, preview_n=0)
 def run(tiny_pipe):
     """A tiny LoRA fine-tune: (result, {step: LoRA})."""
     ckpts = {}
-    res = drain(finetune(tiny_pipe, random_crops(3), FinetuneConfig(**TINY)),
-                lambda ev: ckpts.__setitem__(ev.step, ev.lora) if isinstance(ev, Checkpoint) else None)
+    res = drain(
+        finetune(tiny_pipe, random_crops(3), FinetuneConfig(**TINY)),
+        lambda ev: ckpts.__setitem__(ev.step, ev.lora) if isinstance(ev, Checkpoint) else None,
+    )
     return res, ckpts
 
 
@@ -33,7 +46,7 @@ def planted(lora, scale_of=None, zero=False):
     for k, v in lora.items():
         if k.endswith("lora_B.weight"):
             v = torch.zeros_like(v) if zero else torch.full_like(v, 1e-4)
-            name = k[len("unet."):-len(".lora_B.weight")]
+            name = k[len("unet.") : -len(".lora_B.weight")]
             if scale_of and name in scale_of:
                 v = torch.full_like(v, scale_of[name])
         out[k] = v.clone()
@@ -45,8 +58,11 @@ def test_heatmap_data_match_the_lora_layers(tiny_pipe, run):
     from core.plots import layer_heatmap
 
     res, ckpts = run
-    expected = {n for n, m in tiny_pipe.unet.named_modules()
-                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n.endswith(UNET_TARGETS)}
+    expected = {
+        n
+        for n, m in tiny_pipe.unet.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n.endswith(UNET_TARGETS)
+    }
     assert set(lora_modules(res.lora)) == expected
     t = trajectory_changes(tiny_pipe, ckpts, alpha=res.config.alpha)
     assert t.matrix.shape == (len(expected), 3) and t.steps == [1, 2, 3]
@@ -61,17 +77,45 @@ def test_heatmap_data_match_the_lora_layers(tiny_pipe, run):
 
 
 def test_forward_order_and_names():
-    names = ["up_blocks.0.resnets.0.conv1", "mid_block.resnets.1.conv1", "mid_block.attentions.0.proj_in",
-             "down_blocks.1.downsamplers.0.conv", "down_blocks.1.resnets.0.conv2", "conv_out", "mid_block.resnets.0.conv1",
-             "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k", "conv_in"]
+    names = [
+        "up_blocks.0.resnets.0.conv1",
+        "mid_block.resnets.1.conv1",
+        "mid_block.attentions.0.proj_in",
+        "down_blocks.1.downsamplers.0.conv",
+        "down_blocks.1.resnets.0.conv2",
+        "conv_out",
+        "mid_block.resnets.0.conv1",
+        "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k",
+        "conv_in",
+    ]
     assert forward_order(names) == [
-        "conv_in", "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k", "down_blocks.1.resnets.0.conv2",
-        "down_blocks.1.downsamplers.0.conv", "mid_block.resnets.0.conv1", "mid_block.attentions.0.proj_in",
-        "mid_block.resnets.1.conv1", "up_blocks.0.resnets.0.conv1", "conv_out"]
-    assert block_group("down_blocks.1.attentions.0.proj_in") == "down_blocks.1" and block_group("mid_block.resnets.0.conv1") == "mid_block"
-    assert [layer_kind(n) for n in ("a.attn1.to_q", "a.attn2.to_v", "a.ff.net.2", "x.proj_out", "down_blocks.0.resnets.0.conv2",
-                                    "down_blocks.0.resnets.0.time_emb_proj", "up_blocks.0.upsamplers.0.conv", "conv_in")] == [
-        "attn1", "attn2", "ff", "proj", "conv", "time", "resample", "io"]
+        "conv_in",
+        "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k",
+        "down_blocks.1.resnets.0.conv2",
+        "down_blocks.1.downsamplers.0.conv",
+        "mid_block.resnets.0.conv1",
+        "mid_block.attentions.0.proj_in",
+        "mid_block.resnets.1.conv1",
+        "up_blocks.0.resnets.0.conv1",
+        "conv_out",
+    ]
+    assert (
+        block_group("down_blocks.1.attentions.0.proj_in") == "down_blocks.1"
+        and block_group("mid_block.resnets.0.conv1") == "mid_block"
+    )
+    assert [
+        layer_kind(n)
+        for n in (
+            "a.attn1.to_q",
+            "a.attn2.to_v",
+            "a.ff.net.2",
+            "x.proj_out",
+            "down_blocks.0.resnets.0.conv2",
+            "down_blocks.0.resnets.0.time_emb_proj",
+            "up_blocks.0.upsamplers.0.conv",
+            "conv_in",
+        )
+    ] == ["attn1", "attn2", "ff", "proj", "conv", "time", "resample", "io"]
     assert resolve_ks([1, 3, None, 500, 3, 0], 40) == [0, 1, 3, 40]
 
 
@@ -98,7 +142,9 @@ def test_planted_change_matches_a_hand_computation(tiny_pipe, run, alpha):
         a, b = lora[f"unet.{n}.lora_A.weight"], lora[f"unet.{n}.lora_B.weight"]
         r = a.shape[0]
         w0 = mods[n].weight.detach().double()
-        dw = ((alpha or r) / r) * torch.einsum("or,rk->ok", b.double().reshape(b.shape[0], r), a.double().reshape(r, -1))
+        dw = ((alpha or r) / r) * torch.einsum(
+            "or,rk->ok", b.double().reshape(b.shape[0], r), a.double().reshape(r, -1)
+        )
         dw = dw.reshape(w0.shape)
         assert got[n].relative == pytest.approx(float(dw.norm() / w0.norm()), rel=1e-5)
         assert got[n].moved == pytest.approx(float((dw.abs() > TAU * w0.abs().mean()).double().mean()), abs=1e-3)
@@ -141,12 +187,16 @@ def test_swap_curve_rows(tiny_pipe, run):
 
     res, _ = run
     photos = random_crops(3)
-    rows = list(iter_swap_curve(tiny_pipe, res.lora, res.trigger, photos, ks=(1, None, 500), alpha=res.config.alpha, steps=2))
+    rows = list(
+        iter_swap_curve(tiny_pipe, res.lora, res.trigger, photos, ks=(1, None, 500), alpha=res.config.alpha, steps=2)
+    )
     n = len(lora_modules(res.lora))
     assert [r.k for r in rows] == [1, n] and all(r.n_layers == n for r in rows)
     assert len({r.floor for r in rows}) == 1 and all(np.isfinite(r.distance) for r in rows)
     whole = lora_utility(tiny_pipe, res.lora, res.trigger, photos, alpha=res.config.alpha, steps=2)
-    assert rows[-1].distance == pytest.approx(whole.distance, abs=1e-5) and rows[-1].floor == pytest.approx(whole.floor, abs=1e-6)
+    assert rows[-1].distance == pytest.approx(whole.distance, abs=1e-5) and rows[-1].floor == pytest.approx(
+        whole.floor, abs=1e-6
+    )
 
 
 def test_full_finetune_and_full_layer_change(tiny_pipe):
@@ -167,7 +217,9 @@ def test_full_finetune_and_full_layer_change(tiny_pipe):
     every, none = full_keep_top_k(w0, res.state, ranking, len(ranking)), full_keep_top_k(w0, res.state, ranking, 0)
     assert all(torch.equal(none[k], w0[k]) for k in w0)
     assert all(torch.equal(every[k], res.state[k]) for k in w0 if "norm" not in k)
-    rows = list(iter_full_swap_curve(tiny_pipe, res.state, res.trigger, random_crops(3), ks=(1, None), changes=changes, steps=2))
+    rows = list(
+        iter_full_swap_curve(tiny_pipe, res.state, res.trigger, random_crops(3), ks=(1, None), changes=changes, steps=2)
+    )
     assert [r.k for r in rows] == [1, len(changes)] and all(np.isfinite(r.distance) for r in rows)
     fig = swap_curve_plot(rows)
     assert list(fig.data[0].x) == [1, len(changes)]
@@ -208,8 +260,12 @@ def test_layers_tab_without_and_with_a_finetune(tiny_pipe, run):
         status, fig, _ = layers_view(engine, session)
         assert np.asarray(fig.data[0].z).shape == (3, n) and "1, 2, 3" in status
         outs = list(swap_run(engine, session, ks=(None,), steps=2))
-        assert len(outs) == 2 and outs[0][1] is None and "1 of 1 points" in outs[-1][0] and "your whole LoRA" in outs[-1][0]
+        assert (
+            len(outs) == 2
+            and outs[0][1] is None
+            and "1 of 1 points" in outs[-1][0]
+            and "your whole LoRA" in outs[-1][0]
+        )
         assert list(outs[-1][1].data[0].x) == [n]
     finally:
         session.close()
-

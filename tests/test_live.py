@@ -31,22 +31,32 @@ def test_defense_applies_to_what_is_shared(tiny_pipe):
 
 
 def test_dp_run_reports_epsilon(tiny_pipe):
-    events = list(live_finetune(tiny_pipe, random_crops(3), LiveConfig(TINY, dp_noise=1.0), floor_images=random_crops(2)))
+    events = list(
+        live_finetune(tiny_pipe, random_crops(3), LiveConfig(TINY, dp_noise=1.0), floor_images=random_crops(2))
+    )
     assert all("epsilon" in e.metrics for e in events if isinstance(e, Progress))
     assert events[-1].result.epsilon is not None and events[-1].result.epsilon > 0
 
 
 def test_cancel_ends_with_a_cancelled_done(tiny_pipe):
     seen = []
-    for ev in live_finetune(tiny_pipe, random_crops(3), LiveConfig(TINY), floor_images=random_crops(2),
-                            should_stop=lambda: len(seen) >= 2):
+    for ev in live_finetune(
+        tiny_pipe, random_crops(3), LiveConfig(TINY), floor_images=random_crops(2), should_stop=lambda: len(seen) >= 2
+    ):
         if isinstance(ev, Progress):
             seen.append(ev)
     assert isinstance(ev, Done) and ev.cancelled and ev.result is None
 
 
-@pytest.mark.parametrize("kw, words", [(dict(dp_noise=-1.0), "noise"), (dict(defense="nope", strength=1), "unknown defense"),
-                                       (dict(defense="prune"), "needs a strength"), (dict(defense="prune", strength=2.0), "fraction")])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(dp_noise=-1.0), "noise"),
+        (dict(defense="nope", strength=1), "unknown defense"),
+        (dict(defense="prune"), "needs a strength"),
+        (dict(defense="prune", strength=2.0), "fraction"),
+    ],
+)
 def test_bad_configs_say_why(kw, words):
     with pytest.raises(ValueError, match=words):
         LiveConfig(TINY, **kw)

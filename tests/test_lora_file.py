@@ -75,7 +75,7 @@ def test_valid_file_reads_like_load_lora(good_file, lora_result, tiny_pipe):
     assert set(v.lora) == set(expected) == set(lora_result.lora)
     assert all(torch.equal(v.lora[k], expected[k]) and v.lora[k].dtype == torch.float32 for k in expected)
     assert v.meta == meta and v.rank == RANK and v.alpha == lora_result.config.alpha
-    unet_names = {k[len("unet."):].rsplit(".lora_", 1)[0] for k in expected if k.startswith("unet.")}
+    unet_names = {k[len("unet.") :].rsplit(".lora_", 1)[0] for k in expected if k.startswith("unet.")}
     assert v.modules == sorted(unet_names) and v.notes == []
     assert any(k.startswith("text_encoder.") for k in v.lora)
 
@@ -93,7 +93,11 @@ def test_half_precision_without_our_metadata_is_accepted_with_notes(good_file, t
 
 
 def test_alpha_falls_back_to_leaklab_alpha(good_file, tiny_pipe, tmp_path):
-    path = rewrite(good_file, tmp_path / "a.safetensors", lambda t, m: (m.pop("lora_adapter_metadata"), m.update(leaklab_alpha="3.5")))
+    path = rewrite(
+        good_file,
+        tmp_path / "a.safetensors",
+        lambda t, m: (m.pop("lora_adapter_metadata"), m.update(leaklab_alpha="3.5")),
+    )
     assert validate_lora_file(path, tiny_pipe).alpha == 3.5
 
 
@@ -105,8 +109,12 @@ def test_header_length_starting_with_0x80_is_not_mistaken_for_pickle(good_file, 
     a = first_key(tensors)
     b = a.replace("lora_A", "lora_B")
     tensors = {a: tensors[a], b: tensors[b]}  # one layer keeps the header short
-    blob = next(blob for pad in range(2048) for blob in [save(tensors, metadata={**meta, "pad": "x" * pad})]
-                if blob[0] == 0x80 and 2 <= blob[1] <= 5)
+    blob = next(
+        blob
+        for pad in range(2048)
+        for blob in [save(tensors, metadata={**meta, "pad": "x" * pad})]
+        if blob[0] == 0x80 and 2 <= blob[1] <= 5
+    )
     path = tmp_path / "x.safetensors"
     path.write_bytes(blob)
     assert validate_lora_file(path, tiny_pipe).rank == RANK
@@ -132,7 +140,9 @@ def test_zip_checkpoint_is_refused(tiny_pipe, tmp_path):
 
 def test_random_bytes_are_not_safetensors(tiny_pipe, tmp_path):
     path = tmp_path / "noise.safetensors"
-    path.write_bytes(bytes(torch.randint(1, 256, (1000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).tolist()))
+    path.write_bytes(
+        bytes(torch.randint(1, 256, (1000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).tolist())
+    )
     if path.read_bytes()[0] == 0x80:
         path.write_bytes(b"\x01" + path.read_bytes()[1:])
     assert "safetensors" in str(refused(path, tiny_pipe, "not_safetensors"))
@@ -188,7 +198,9 @@ def test_non_lora_keys(tiny_pipe, tmp_path):
 
 
 def test_stray_key_beside_lora_keys(good_file, tiny_pipe, tmp_path):
-    path = rewrite(good_file, tmp_path / "s.safetensors", lambda t, m: t.update({"unet.conv_in.weight": torch.zeros(2)}))
+    path = rewrite(
+        good_file, tmp_path / "s.safetensors", lambda t, m: t.update({"unet.conv_in.weight": torch.zeros(2)})
+    )
     assert "unet.conv_in.weight" in str(refused(path, tiny_pipe, "unknown_module"))
 
 
@@ -272,8 +284,11 @@ def test_nan_values(good_file, tiny_pipe, tmp_path):
 
 
 def test_base_fingerprint_mismatch(good_file, tiny_pipe, tmp_path):
-    path = rewrite(good_file, tmp_path / "f.safetensors",
-                   lambda t, m: m.update(leaklab_base_fingerprint="0123456789abcdef", leaklab_base_model="runwayml/sd-1.5"))
+    path = rewrite(
+        good_file,
+        tmp_path / "f.safetensors",
+        lambda t, m: m.update(leaklab_base_fingerprint="0123456789abcdef", leaklab_base_model="runwayml/sd-1.5"),
+    )
     msg = str(refused(path, tiny_pipe, "base_mismatch"))
     assert "0123456789abcdef" in msg and base_fingerprint(tiny_pipe) in msg and "runwayml/sd-1.5" in msg
     assert "different base model" in msg
@@ -303,28 +318,55 @@ def raw_file(tmp_path, header: bytes, data: bytes = b"", length=None):
     return path
 
 
-@pytest.mark.parametrize("header, data, words", [
-    (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"", "nested far deeper"),
-    (b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "x": {"dtype": "F32", "shape": [1], '
-     b'"data_offsets": [0, 4]}}', bytes(4), "twice"),
-    (json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-                 "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}).encode(), bytes(24), "share bytes"),
-    (json.dumps({"a": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 16]}}).encode(), bytes(16),
-     "1099511627776 values"),
-    (json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode(), bytes(8), "beyond the end"),
-], ids=["nested", "duplicate-keys", "overlap", "2^40-values", "beyond-the-end"])
+@pytest.mark.parametrize(
+    "header, data, words",
+    [
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"", "nested far deeper"),
+        (
+            b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "x": {"dtype": "F32", "shape": [1], '
+            b'"data_offsets": [0, 4]}}',
+            bytes(4),
+            "twice",
+        ),
+        (
+            json.dumps(
+                {
+                    "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                    "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+                }
+            ).encode(),
+            bytes(24),
+            "share bytes",
+        ),
+        (
+            json.dumps({"a": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 16]}}).encode(),
+            bytes(16),
+            "1099511627776 values",
+        ),
+        (
+            json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode(),
+            bytes(8),
+            "beyond the end",
+        ),
+    ],
+    ids=["nested", "duplicate-keys", "overlap", "2^40-values", "beyond-the-end"],
+)
 def test_hostile_headers_get_their_own_sentence(tiny_pipe, tmp_path, header, data, words):
     err = refused(raw_file(tmp_path, header, data), tiny_pipe, "not_safetensors")
     assert words in str(err)
 
 
 def test_huge_metadata_is_refused(tiny_pipe, tmp_path):
-    header = json.dumps({"__metadata__": {"n": "x" * 2**21}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    header = json.dumps(
+        {"__metadata__": {"n": "x" * 2**21}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    )
     refused(raw_file(tmp_path, header.encode(), bytes(4)), tiny_pipe, "metadata")
 
 
 def test_deeply_nested_adapter_metadata(good_file, tiny_pipe, tmp_path):
-    path = rewrite(good_file, tmp_path / "d.safetensors", lambda t, m: m.update(lora_adapter_metadata="[" * 10**5 + "]" * 10**5))
+    path = rewrite(
+        good_file, tmp_path / "d.safetensors", lambda t, m: m.update(lora_adapter_metadata="[" * 10**5 + "]" * 10**5)
+    )
     refused(path, tiny_pipe, "metadata")
 
 
@@ -339,7 +381,9 @@ def test_transposed_and_swapped_matrices_are_named(good_file, tiny_pipe, tmp_pat
             b = k.replace("lora_A", "lora_B")
             t[k], t[b] = t[b], t[k]
 
-    assert "stored transposed" in str(refused(rewrite(good_file, tmp_path / "t.safetensors", transpose), tiny_pipe, "transposed"))
+    assert "stored transposed" in str(
+        refused(rewrite(good_file, tmp_path / "t.safetensors", transpose), tiny_pipe, "transposed")
+    )
     assert "swapped" in str(refused(rewrite(good_file, tmp_path / "s.safetensors", swap), tiny_pipe, "transposed"))
 
 
@@ -385,6 +429,7 @@ def test_weights_or_alpha_that_would_make_the_model_infinite(good_file, tiny_pip
 def test_a_step_count_out_of_range_is_ignored_with_a_note(good_file, tiny_pipe, tmp_path, steps):
     from core.attack.report import recorded_steps
 
-    v = validate_lora_file(rewrite(good_file, tmp_path / "s.safetensors", lambda t, m: m.update(leaklab_steps=steps)),
-                           tiny_pipe)
+    v = validate_lora_file(
+        rewrite(good_file, tmp_path / "s.safetensors", lambda t, m: m.update(leaklab_steps=steps)), tiny_pipe
+    )
     assert recorded_steps(v.meta) is None and any("is ignored" in n for n in v.notes)

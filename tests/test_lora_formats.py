@@ -27,25 +27,60 @@ def _adapter_meta(rank, alpha, text=False):
 
 # name: (reference kwargs, writer(ref) -> (tensors, metadata), format read, notes must mention)
 READABLE = {
-    "diffusers": (dict(unet=UNET_ALL, text=TEXT, ranks=(4,), alphas=(3.0,)),
-                  lambda ref: (sd1x.diffusers_tensors(ref), _adapter_meta(4, 3.0, text=True)), "diffusers", ()),
-    "diffusers-attn-procs": (dict(unet=UNET_ATTN, ranks=(4,), alphas=(4.0,)),
-                             lambda ref: (sd1x.attn_procs_tensors(ref), {}), "diffusers", ("alpha = rank",)),
-    "peft": (dict(unet=UNET_ALL + ("conv1", "conv2"), ranks=(8,), alphas=(8.0,)),
-             lambda ref: (sd1x.peft_tensors(ref), {}), "peft", ("alpha = rank", "adapter_config.json")),
-    "peft-text-encoder": (dict(unet=(), text=("fc1", "fc2"), ranks=(2,), alphas=(2.0,)),
-                          lambda ref: (sd1x.peft_tensors(ref), {}), "peft", ()),
-    "kohya-alphas": (dict(unet=UNET_ALL, ranks=(4, 2, 8), alphas=ODD_ALPHAS, dtype=torch.float16),
-                     lambda ref: (sd1x.kohya_tensors(ref), {"ss_network_dim": "8"}), "kohya", ()),
-    "kohya-text-encoder": (dict(unet=UNET_ATTN, text=TEXT, ranks=(4, 8), alphas=ODD_ALPHAS, dtype=torch.float16),
-                           lambda ref: (sd1x.kohya_tensors(ref), {}), "kohya", ()),
-    "kohya-text-encoder-q-v-only": (dict(unet=("to_k",), text=("q_proj", "v_proj"), ranks=(4,), alphas=(2.0,),
-                                         dtype=torch.bfloat16),
-                                    lambda ref: (sd1x.kohya_tensors(ref, dtype=torch.bfloat16), {}), "kohya", ()),
-    "locon": (dict(unet=UNET_ALL + LOCON, ranks=(4, 2), alphas=ODD_ALPHAS, dtype=torch.float16),
-              lambda ref: (sd1x.kohya_tensors(ref), {"ss_network_module": "lycoris.kohya"}), "kohya", ()),
-    "kohya-without-alphas": (dict(unet=UNET_ATTN, ranks=(4, 2), alphas=(4.0, 2.0), dtype=torch.float16),
-                             lambda ref: (sd1x.kohya_tensors(ref, alphas=False), {}), "kohya", ("own rank",)),
+    "diffusers": (
+        dict(unet=UNET_ALL, text=TEXT, ranks=(4,), alphas=(3.0,)),
+        lambda ref: (sd1x.diffusers_tensors(ref), _adapter_meta(4, 3.0, text=True)),
+        "diffusers",
+        (),
+    ),
+    "diffusers-attn-procs": (
+        dict(unet=UNET_ATTN, ranks=(4,), alphas=(4.0,)),
+        lambda ref: (sd1x.attn_procs_tensors(ref), {}),
+        "diffusers",
+        ("alpha = rank",),
+    ),
+    "peft": (
+        dict(unet=UNET_ALL + ("conv1", "conv2"), ranks=(8,), alphas=(8.0,)),
+        lambda ref: (sd1x.peft_tensors(ref), {}),
+        "peft",
+        ("alpha = rank", "adapter_config.json"),
+    ),
+    "peft-text-encoder": (
+        dict(unet=(), text=("fc1", "fc2"), ranks=(2,), alphas=(2.0,)),
+        lambda ref: (sd1x.peft_tensors(ref), {}),
+        "peft",
+        (),
+    ),
+    "kohya-alphas": (
+        dict(unet=UNET_ALL, ranks=(4, 2, 8), alphas=ODD_ALPHAS, dtype=torch.float16),
+        lambda ref: (sd1x.kohya_tensors(ref), {"ss_network_dim": "8"}),
+        "kohya",
+        (),
+    ),
+    "kohya-text-encoder": (
+        dict(unet=UNET_ATTN, text=TEXT, ranks=(4, 8), alphas=ODD_ALPHAS, dtype=torch.float16),
+        lambda ref: (sd1x.kohya_tensors(ref), {}),
+        "kohya",
+        (),
+    ),
+    "kohya-text-encoder-q-v-only": (
+        dict(unet=("to_k",), text=("q_proj", "v_proj"), ranks=(4,), alphas=(2.0,), dtype=torch.bfloat16),
+        lambda ref: (sd1x.kohya_tensors(ref, dtype=torch.bfloat16), {}),
+        "kohya",
+        (),
+    ),
+    "locon": (
+        dict(unet=UNET_ALL + LOCON, ranks=(4, 2), alphas=ODD_ALPHAS, dtype=torch.float16),
+        lambda ref: (sd1x.kohya_tensors(ref), {"ss_network_module": "lycoris.kohya"}),
+        "kohya",
+        (),
+    ),
+    "kohya-without-alphas": (
+        dict(unet=UNET_ATTN, ranks=(4, 2), alphas=(4.0, 2.0), dtype=torch.float16),
+        lambda ref: (sd1x.kohya_tensors(ref, alphas=False), {}),
+        "kohya",
+        ("own rank",),
+    ),
 }
 
 
@@ -90,8 +125,9 @@ def test_kohya_reads_as_diffusers_itself_loads_it(sd1_pipe, tmp_path):
     and peft warns they match nothing), so the per-layer case is checked against the direct merge above."""
     import copy
 
-    ref = reference_lora(sd1_pipe, unet=UNET_ALL + ("conv1",), text=TEXT, ranks=(4, 2), alphas=(3.0,),
-                         dtype=torch.float16)
+    ref = reference_lora(
+        sd1_pipe, unet=UNET_ALL + ("conv1",), text=TEXT, ranks=(4, 2), alphas=(3.0,), dtype=torch.float16
+    )
     path = _write(tmp_path, "kohya", sd1x.kohya_tensors(ref))
     v = validate_lora_file(path, sd1_pipe)
     ours = pipeline_with_lora(sd1_pipe, v.lora, v.alpha)
@@ -118,8 +154,11 @@ REFUSED = {  # name: (tensors maker, reason, words the sentence must contain)
     "sdxl-diffusers": (sd1x.sdxl_diffusers, "other_family", ("SDXL",)),
     "sd2": (sd1x.sd2, "other_family", ("Stable Diffusion 2.x", "this app is running")),
     "flux": (sd1x.flux, "other_family", ("FLUX",)),
-    "sd15-for-another-model": (sd1x.sd15_real, "other_family", ("Stable Diffusion 1.x", "this app is running",
-                                                                 "--model")),
+    "sd15-for-another-model": (
+        sd1x.sd15_real,
+        "other_family",
+        ("Stable Diffusion 1.x", "this app is running", "--model"),
+    ),
 }
 
 

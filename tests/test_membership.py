@@ -29,8 +29,10 @@ FAST = MembershipConfig(timesteps=(10, 25, 50, 100), noises=4)
 def smooth(n, seed0=0, size=64):
     from PIL import Image
 
-    return [np.asarray(Image.fromarray(c[:8, :8]).resize((size, size), Image.BICUBIC))
-            for c in random_crops(n + seed0, size)[seed0:]]
+    return [
+        np.asarray(Image.fromarray(c[:8, :8]).resize((size, size), Image.BICUBIC))
+        for c in random_crops(n + seed0, size)[seed0:]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,9 @@ def warm_pipe(tiny_pipe):
     kind of photo first, and every photo of that kind gains alike."""
     from core.finetune.lora import pipeline_with_lora
 
-    cfg = FinetuneConfig(steps=150, rank=8, alpha=8, lr=1e-2, prior_weight=0.0, n_class=0, checkpoint_every=0, preview_n=0, seed=1)
+    cfg = FinetuneConfig(
+        steps=150, rank=8, alpha=8, lr=1e-2, prior_weight=0.0, n_class=0, checkpoint_every=0, preview_n=0, seed=1
+    )
     return pipeline_with_lora(tiny_pipe, drain(finetune(tiny_pipe, smooth(10, seed0=100), cfg)).lora)
 
 
@@ -78,7 +82,11 @@ def test_auc_roc_and_threshold():
     assert auc([3, 4, 5], [0, 1, 2]) == 1.0 and auc([0, 1], [2, 3]) == 0.0 and auc([1, 1], [1, 1]) == 0.5
     assert auc([2, 0], [1]) == 0.5
     fpr, tpr = roc_curve([3, 4, 5], [0, 1, 2])
-    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0) and max(tpr[i] for i in range(4) if fpr[i] == 0) == 1.0
+    assert (
+        (fpr[0], tpr[0]) == (0.0, 0.0)
+        and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+        and max(tpr[i] for i in range(4) if fpr[i] == 0) == 1.0
+    )
     neg = np.arange(100.0)
     thr = threshold_at_fpr(neg, 0.05)
     assert np.mean(neg > thr) == pytest.approx(0.05, abs=0.011)
@@ -95,7 +103,10 @@ def test_calibration_reads_only_for_its_own_base():
     got, why = load_calibration(report, "abc")
     assert isinstance(got, Calibration) and got.threshold == cal.threshold and why == ""
     assert load_calibration(report, "other")[0] is None and "another base model" in load_calibration(report, "other")[1]
-    assert load_calibration(None, "abc")[0] is None and "python -m core.studies.membership" in load_calibration(None, "abc")[1]
+    assert (
+        load_calibration(None, "abc")[0] is None
+        and "python -m core.studies.membership" in load_calibration(None, "abc")[1]
+    )
 
 
 # the study's scoring and report on fake people -------------------------------------------------------------------
@@ -112,7 +123,13 @@ def scored(tiny_pipe):
         private.append(photos[:3])
         unseen.append(photos[3:] if i < 2 else [])
         run = FinetuneConfig(steps=40, lr=1e-2, prior_weight=0.0, n_class=0, checkpoint_every=20, preview_n=0, seed=i)
-        loras.append({ev.step: ev.lora for ev in finetune(tiny_pipe, photos[:3], run) if hasattr(ev, "lora") and hasattr(ev, "step")})
+        loras.append(
+            {
+                ev.step: ev.lora
+                for ev in finetune(tiny_pipe, photos[:3], run)
+                if hasattr(ev, "lora") and hasattr(ev, "step")
+            }
+        )
     people = People(["a", "b", "c"], private, unseen, loras)
     return cfg, people, score_people(tiny_pipe, people, cfg, [20, 40], log=lambda *a: None)
 
@@ -137,8 +154,16 @@ def test_the_report_reads_off_the_numbers(scored):
     assert 0 <= row["auc_unseen"]["ci"][0] <= row["auc_unseen"]["auc"] <= row["auc_unseen"]["ci"][1] <= 1
     assert row["tpr"]["photos"] == 9 and row["fpr_unseen"]["photos"] == 4 and row["fpr_others"]["photos"] == 6
     cal = calibrate(np.ones(3), np.zeros(4), np.zeros(2), 0.05, "tiny", 40, 2, cfg.score_config())
-    r = dict(calibration=asdict(cal), calibration_auc_unseen=row["auc_unseen"], n_victims=3, n_with_unseen=2, rows=rows,
-             steps=[20, 40], base="tiny", study_config=asdict(cfg))
+    r = dict(
+        calibration=asdict(cal),
+        calibration_auc_unseen=row["auc_unseen"],
+        n_victims=3,
+        n_with_unseen=2,
+        rows=rows,
+        steps=[20, 40],
+        base="tiny",
+        study_config=asdict(cfg),
+    )
     text = conclusion(r)
     assert f"{row['auc_unseen']['auc']:.3f}" in text and "after 20 steps" in text
     md = to_markdown(r)

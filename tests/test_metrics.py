@@ -1,8 +1,7 @@
 import numpy as np
 
-from core.faces import data
+from core.faces import data, metrics
 from core.faces import recognition as faces
-from core.faces import metrics
 
 
 def test_same_person_closer_than_different_people(lfw_root):

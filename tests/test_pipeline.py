@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from core.model.pipeline import load_pipeline, sample_images
-from core.model.prompts import CLASS_PROMPT, build_tokenizer, instance_prompt, trigger_words, PRETRAIN_CAPTIONS
+from core.model.prompts import CLASS_PROMPT, PRETRAIN_CAPTIONS, build_tokenizer, instance_prompt, trigger_words
 
 
 def test_tokenizer_reserves_unused_trigger_words():
@@ -38,7 +38,7 @@ def test_samples_are_reproducible_per_seed(tiny_pipeline_dir):
 
 def test_unknown_hub_id_fails_offline_without_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(Exception):
+    with pytest.raises(OSError, match="no-such-user/no-such-model"):  # diffusers: not cached, and offline
         load_pipeline("no-such-user/no-such-model", device="cpu")
 
 

@@ -93,7 +93,9 @@ def session_with_lora(tiny_engine, crops):
     from ui.session import VisitorSession
 
     s = VisitorSession()
-    s.result = drain(finetune(tiny_engine.pipe, crops, FinetuneConfig(steps=3, checkpoint_every=0, preview_n=0, n_class=4)))
+    s.result = drain(
+        finetune(tiny_engine.pipe, crops, FinetuneConfig(steps=3, checkpoint_every=0, preview_n=0, n_class=4))
+    )
     s.trained_on = list(crops)
     yield s
     s.close()
@@ -108,26 +110,47 @@ def example_upload(tmp_path, i):
     return str(as_upload(f))
 
 
-def test_membership_check_without_calibration_shows_scores_and_says_why(tiny_engine, session_with_lora, tmp_path, monkeypatch):
+def test_membership_check_without_calibration_shows_scores_and_says_why(
+    tiny_engine, session_with_lora, tmp_path, monkeypatch
+):
     import ui.membership_panel as mp
 
     monkeypatch.setattr(mp, "load_report", lambda name: None)
     uploads = [example_upload(tmp_path, 0), example_upload(tmp_path, 4)]
     text, gallery, _ = mp.check(tiny_engine, session_with_lora, None, uploads)
-    assert "against your LoRA from the Fine-tune tab" in text and "Scores only" in text and "python -m core.studies.membership" in text
+    assert (
+        "against your LoRA from the Fine-tune tab" in text
+        and "Scores only" in text
+        and "python -m core.studies.membership" in text
+    )
     assert len(gallery) == 2 and all("score" in c for _, c in gallery)
     assert not any(Path(p).exists() for p in uploads)  # the uploads were read once and deleted
 
 
-def test_membership_check_reads_the_score_against_a_calibrated_threshold(tiny_engine, session_with_lora, tmp_path, monkeypatch):
+def test_membership_check_reads_the_score_against_a_calibrated_threshold(
+    tiny_engine, session_with_lora, tmp_path, monkeypatch
+):
     import ui.membership_panel as mp
     from core.attack.membership import MembershipConfig, calibrate
     from core.model.prior import base_fingerprint
 
-    cal = calibrate(np.array([0.5, 0.6]), np.linspace(-0.1, 0.1, 50), np.array([-0.2]), 0.05, base_fingerprint(tiny_engine.pipe),
-                    80, 20, MembershipConfig(timesteps=(200, 400), noises=2))
+    cal = calibrate(
+        np.array([0.5, 0.6]),
+        np.linspace(-0.1, 0.1, 50),
+        np.array([-0.2]),
+        0.05,
+        base_fingerprint(tiny_engine.pipe),
+        80,
+        20,
+        MembershipConfig(timesteps=(200, 400), noises=2),
+    )
     rate = dict(rate=0.9, ci=[0.8, 1.0], photos=100)
-    row = dict(tpr=rate, fpr_unseen=dict(rate, rate=0.06), fpr_others=dict(rate, rate=0.01), auc_unseen=dict(auc=0.97, ci=[0.9, 1.0]))
+    row = dict(
+        tpr=rate,
+        fpr_unseen=dict(rate, rate=0.06),
+        fpr_others=dict(rate, rate=0.01),
+        auc_unseen=dict(auc=0.97, ci=[0.9, 1.0]),
+    )
     report = json.loads(json.dumps(dict(calibration=asdict(cal), rows={"80": row}, n_victims=20)))
     monkeypatch.setattr(mp, "load_report", lambda name: report)
     text, gallery, _ = mp.check(tiny_engine, session_with_lora, None, [example_upload(tmp_path, 1)])
@@ -194,14 +217,34 @@ def test_defenses_tab_says_when_the_cloaking_study_has_not_run_and_shows_it_when
     floor_d = np.full(3, 0.5)
     rows, clean = [], None
     for kind, budget in [("clean", None), ("purified", None), ("cloaked", 8.0), ("cloaked+purified", 8.0)]:
-        v = cs.Variant(kind, budget, [], psnr=[] if kind == "clean" else [33.0, 34.0, 35.0],
-                       ssim=[] if kind == "clean" else [0.9, 0.91, 0.92], loss_gain=[1.3, 1.2, 1.4] if "cloaked" in kind else [])
-        row = cs.make_row(v, rng.uniform(0.3, 0.5, 3), gallery + rng.normal(scale=0.05, size=(3, 128)), gallery, floor_d, clean)
+        v = cs.Variant(
+            kind,
+            budget,
+            [],
+            psnr=[] if kind == "clean" else [33.0, 34.0, 35.0],
+            ssim=[] if kind == "clean" else [0.9, 0.91, 0.92],
+            loss_gain=[1.3, 1.2, 1.4] if "cloaked" in kind else [],
+        )
+        row = cs.make_row(
+            v, rng.uniform(0.3, 0.5, 3), gallery + rng.normal(scale=0.05, size=(3, 128)), gallery, floor_d, clean
+        )
         clean = clean or row
         rows.append(row)
     rows.append(cs.make_row(cs.Variant("floor", None, []), floor_d, None, gallery, floor_d, None))
-    r = dict(n=3, chance_top1=1 / 3, chance_top5=1.0, rows=rows, attack_measured=True, cloak=dict(steps=10, surrogate="lora"),
-             purify_words="JPEG quality 75", budgets=[8.0], recipe_steps=80, base="x", attacker="a", command="python -m core.studies.cloaking")
+    r = dict(
+        n=3,
+        chance_top1=1 / 3,
+        chance_top5=1.0,
+        rows=rows,
+        attack_measured=True,
+        cloak=dict(steps=10, surrogate="lora"),
+        purify_words="JPEG quality 75",
+        budgets=[8.0],
+        recipe_steps=80,
+        base="x",
+        attacker="a",
+        command="python -m core.studies.cloaking",
+    )
     r["conclusion"] = cs.conclusion(r)
     path = tmp_path / "cloaking.json"
     path.write_text(json.dumps(r, allow_nan=False))

@@ -39,8 +39,14 @@ def client(sd1_engine):
 def kohya(sd1_engine, tmp_path_factory):
     """(file, reference): a kohya LoRA with text-encoder and LoCon layers, per-layer ranks and alphas, and
     kohya's metadata."""
-    ref = reference_lora(sd1_engine.pipe, unet=UNET_ATTN + ("proj_in", "ff.net.2") + LOCON, text=TEXT, ranks=(4, 2),
-                         alphas=(3.0, 1.5), dtype=torch.float16)
+    ref = reference_lora(
+        sd1_engine.pipe,
+        unet=UNET_ATTN + ("proj_in", "ff.net.2") + LOCON,
+        text=TEXT,
+        ranks=(4, 2),
+        alphas=(3.0, 1.5),
+        dtype=torch.float16,
+    )
     path = tmp_path_factory.mktemp("upload") / "anna_lora_v2.safetensors"
     return sd1x.write(path, sd1x.kohya_tensors(ref), sd1x.kohya_metadata()), ref
 
@@ -48,7 +54,7 @@ def kohya(sd1_engine, tmp_path_factory):
 def data_section(path):
     with open(path, "rb") as fh:
         raw = fh.read()
-    return raw[8 + struct.unpack("<Q", raw[:8])[0]:]
+    return raw[8 + struct.unpack("<Q", raw[:8])[0] :]
 
 
 def test_metadata_panel_flags_the_leaks_and_hands_out_a_cleaned_copy(client, kohya):
@@ -58,8 +64,14 @@ def test_metadata_panel_flags_the_leaks_and_hands_out_a_cleaned_copy(client, koh
     path, _ = kohya
     report, rest, cleaned = client.predict(handle_file(str(path)), api_name="/scan_metadata")
     assert f"{len(sd1x.kohya_metadata())} metadata entries, {len(LEAKS)} of them give something away" in report
-    for words in ("the captions of the training photos", "'sks woman' x23", "The trigger word is written in the file",
-                  "`sks woman`", "user name \\('alice'\\)", "a picture"):
+    for words in (
+        "the captions of the training photos",
+        "'sks woman' x23",
+        "The trigger word is written in the file",
+        "`sks woman`",
+        "user name \\('alice'\\)",
+        "a picture",
+    ):
         assert words in report, words
     assert "| `ss_learning_rate` | `0.0001` | A training setting" in rest
     assert data_section(cleaned) == data_section(path)

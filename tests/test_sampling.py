@@ -24,7 +24,9 @@ def test_stacked_loras_draw_what_each_draws_alone(tiny_pipe):
     unet = adapter_unet(tiny_pipe, cfg)
     names = [n for n, _ in unet.named_parameters() if "lora_" in n]
     g = torch.Generator().manual_seed(0)
-    loras = [{n: 0.2 * torch.randn(dict(unet.named_parameters())[n].shape, generator=g) for n in names} for _ in range(2)]
+    loras = [
+        {n: 0.2 * torch.randn(dict(unet.named_parameters())[n].shape, generator=g) for n in names} for _ in range(2)
+    ]
     params = {n: torch.stack([lo[n] for lo in loras]) for n in names}
     forward = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
     embs = torch.cat([encode_prompt(tiny_pipe, "a photo of zorp face"), encode_prompt(tiny_pipe, "a photo of a face")])
@@ -33,4 +35,4 @@ def test_stacked_loras_draw_what_each_draws_alone(tiny_pipe):
     for k, prompt in enumerate(("a photo of zorp face", "a photo of a face")):
         mem = {"unet." + n.replace(".default", ""): v for n, v in loras[k].items()}
         alone = sample_images(pipeline_with_lora(tiny_pipe, mem, cfg.alpha), prompt, seed=[0, 1], steps=4)
-        assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 2 for a, b in zip(together[2 * k: 2 * k + 2], alone))
+        assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 2 for a, b in zip(together[2 * k : 2 * k + 2], alone))

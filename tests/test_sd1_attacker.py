@@ -12,11 +12,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.attack.shadow import list_shadows, load_shadow, ShadowJob
+from core.attack.shadow import ShadowJob, list_shadows, load_shadow
 
 SHADOW_ARGS = ["--steps", "4", "--record-every", "2", "--n-class", "2", "--group", "2", "--batch", "1"]
-TRAIN_ARGS = ["--steps", "3", "--loras-per-step", "2", "--latents-per-lora", "2", "--holdout", "1", "--eval-every", "3",
-              "--warmup", "1", "--min-step", "2", "--width", "32", "--layers", "1"]
+TRAIN_ARGS = [
+    "--steps",
+    "3",
+    "--loras-per-step",
+    "2",
+    "--latents-per-lora",
+    "2",
+    "--holdout",
+    "1",
+    "--eval-every",
+    "3",
+    "--warmup",
+    "1",
+    "--min-step",
+    "2",
+    "--width",
+    "32",
+    "--layers",
+    "1",
+]
 
 
 def fake_people(folder, n: int = 4, photos: int = 3):
@@ -44,7 +62,9 @@ def sd1_shadows(sd1_pipeline_dir, sd1_pipe, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sd1_shadow")
     root, plan = fake_people(tmp / "people")
     out = tmp / "shadow"
-    shadow.main(["--model", str(sd1_pipeline_dir), "--plan", str(plan), "--data", str(root), "--out", str(out), *SHADOW_ARGS])
+    shadow.main(
+        ["--model", str(sd1_pipeline_dir), "--plan", str(plan), "--data", str(root), "--out", str(out), *SHADOW_ARGS]
+    )
     return out
 
 
@@ -62,7 +82,9 @@ def test_shadow_command_trains_loras_for_the_sd1_base(sd1_shadows, sd1_pipe):
     assert any(".attentions.1.transformer_blocks.0.attn2.to_k.lora_A" in k for k in lora)  # SD 1.x's second attention
 
 
-def test_attacker_command_makes_the_attacker_the_app_uses_for_that_base(sd1_shadows, sd1_pipeline_dir, sd1_pipe, tmp_path):
+def test_attacker_command_makes_the_attacker_the_app_uses_for_that_base(
+    sd1_shadows, sd1_pipeline_dir, sd1_pipe, tmp_path
+):
     from core.attack import train
     from core.attack.attacker import load_attacker
     from core.attack.report import attack_lora
@@ -90,9 +112,29 @@ def test_two_processes_launched_by_accelerate_train_one_attacker(sd1_shadows, sd
     gloo on this CPU) trains one attacker data-parallel; the main process writes it."""
     out = tmp_path / "attacker.safetensors"
     env = {**os.environ, "LEAKLAB_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "LEAKLAB_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "core.attack.train", "--model", str(sd1_pipeline_dir),
-           "--shadow", str(sd1_shadows), "--out", str(out), *TRAIN_ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "core.attack.train",
+        "--model",
+        str(sd1_pipeline_dir),
+        "--shadow",
+        str(sd1_shadows),
+        "--out",
+        str(out),
+        *TRAIN_ARGS,
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("attacker -> ") == 1  # written once, by the main process

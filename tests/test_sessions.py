@@ -18,7 +18,6 @@ from tests.conftest import launched_app
 from ui import session as sess
 
 
-
 @pytest.fixture(scope="module")
 def gradio_cache(tmp_path_factory, monkeypatch_module):
     """Gradio's cache and upload folder of this module's app (a private one, to look into)."""
@@ -217,7 +216,9 @@ def test_watermark_images_are_served_from_the_session_dir(app_url, gradio_cache,
     dir, like every other image, never copies in Gradio's cache."""
     from ui import watermark_tab
 
-    drawn = [(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8), f"correlation 0.{i}") for i in range(3)]
+    drawn = [
+        (np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8), f"correlation 0.{i}") for i in range(3)
+    ]
     monkeypatch.setattr(watermark_tab, "backdoor_report", lambda engine, lora, alpha: ("#### Baseline backdoor", drawn))
     c = client(app_url)
     from gradio_client import handle_file
@@ -281,4 +282,3 @@ def test_the_visits_end_closes_every_session_of_its_session_hash():
     sess.end_session(request)
     assert s.closed and not s.path.exists() and not other.closed and other.path.exists()
     other.close()
-

@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import torch
 
+from core.attack.shadow import ShadowJob, build_population, list_shadows, load_shadow, train_many
 from core.events import Done, drain
 from core.finetune.lora import FinetuneConfig, finetune
-from core.attack.shadow import build_population, list_shadows, load_shadow, ShadowJob, train_many
 from tests.conftest import random_crops
 
 TINY = FinetuneConfig(steps=4, checkpoint_every=0, preview_n=0, n_class=4, batch=2)
@@ -37,7 +37,8 @@ def fake_people(tmp_path):
         names = []
         for j in range(3):
             Image.fromarray(random_crops(1, 250)[0] if j == 0 else np.full((250, 250, 3), 40 * (i + j), np.uint8)).save(
-                root / f"P{i}" / f"P{i}_{j}.jpg")
+                root / f"P{i}" / f"P{i}_{j}.jpg"
+            )
             names.append(f"P{i}_{j}.jpg")
         jobs.append(ShadowJob(f"P{i}", names, seed=100 + i))
     return root, jobs
@@ -58,8 +59,14 @@ def test_processes_share_the_groups(tiny_pipe, tmp_path):
     """Under ``accelerate launch`` each process takes every num_processes-th group: disjoint, complete."""
     root, jobs = fake_people(tmp_path)
     out = tmp_path / "shadow"
-    mine = [drain(build_population(tiny_pipe, jobs, TINY, out, group=2, record_every=0, root=root,
-                                   process_index=i, num_processes=2)) for i in (0, 1)]
+    mine = [
+        drain(
+            build_population(
+                tiny_pipe, jobs, TINY, out, group=2, record_every=0, root=root, process_index=i, num_processes=2
+            )
+        )
+        for i in (0, 1)
+    ]
     assert [[p.name for p in m] for m in mine] == [["00000.safetensors", "00001.safetensors"], ["00002.safetensors"]]
 
 
@@ -85,9 +92,36 @@ def test_two_processes_launched_by_accelerate_share_the_population(lfw_root, tin
 
     out = tmp_path / "shadow"
     env = {**os.environ, "LEAKLAB_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "LEAKLAB_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "core.attack.shadow", "--n", "4", "--group", "1",
-           "--steps", "2", "--record-every", "1", "--n-class", "2", "--model", str(tiny_pipeline_dir), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "core.attack.shadow",
+        "--n",
+        "4",
+        "--group",
+        "1",
+        "--steps",
+        "2",
+        "--record-every",
+        "1",
+        "--n-class",
+        "2",
+        "--model",
+        str(tiny_pipeline_dir),
+        "--out",
+        str(out),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [x for x in run.stdout.splitlines() if "shadow LoRAs written" in x]

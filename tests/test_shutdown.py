@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from core import PROJECT_ROOT
 from tests.bad_inputs import private_photos
 from tests.conftest import launched_app
@@ -27,7 +25,7 @@ def test_session_root_is_emptied_at_start_up_and_shutdown(tiny_engine):
     stray = (uploads.upload_root() / ("0" * 32) / "me.jpg") if hasattr(uploads, "upload_root") else leftover / "x"
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(b"an upload")
-    for demo in launched_app(tiny_engine):
+    for _demo in launched_app(tiny_engine):
         assert not leftover.exists() and not stray.exists()
         s = sess.ensure(None)
         (s.dir / "lora.safetensors").write_bytes(b"x")
@@ -55,9 +53,13 @@ def test_sigterm_leaves_no_visitor_file(tiny_pipeline_dir, tmp_path):
     roots = {"LEAKLAB_SESSION_ROOT": tmp_path / "sessions", "GRADIO_TEMP_DIR": tmp_path / "gradio"}
     env = {**os.environ, **{k: str(v) for k, v in roots.items()}, "LEAKLAB_CACHE": str(tmp_path / "cache")}
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_pipeline_dir), "--device", "cpu",
-                             "--port", str(port)], cwd=PROJECT_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--model", str(tiny_pipeline_dir), "--device", "cpu", "--port", str(port)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 240
@@ -68,7 +70,9 @@ def test_sigterm_leaves_no_visitor_file(tiny_pipeline_dir, tmp_path):
             except httpx.HTTPError:
                 time.sleep(1)
         v = Visitor(url)
-        ok, (crops, report) = v.call("ingest", [file_data(v.upload(p)) for p in private_photos(tmp_path, 0, tag="term")])
+        ok, (crops, report) = v.call(
+            "ingest", [file_data(v.upload(p)) for p in private_photos(tmp_path, 0, tag="term")]
+        )
         assert ok and "3 usable photos" in report
         assert files_under(*roots.values())  # the visit's crops are on disk
         v.close()

@@ -3,9 +3,11 @@ Gradio in core, no long functions, and every command the docs print runs (``--he
 
 import ast
 import importlib
+import io
 import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -37,8 +39,9 @@ def imported(path: Path, package: str) -> set[str]:
 
 def test_no_import_cycles():
     mods = {**modules("core"), **modules("ui")}
-    graph = {m: {d for d in imported(p, m) if d in mods and d != m and not m.startswith(d + ".")}
-             for m, p in mods.items()}
+    graph = {
+        m: {d for d in imported(p, m) if d in mods and d != m and not m.startswith(d + ".")} for m, p in mods.items()
+    }
     state, stack = {}, []
 
     def visit(m):
@@ -46,7 +49,7 @@ def test_no_import_cycles():
         stack.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == "open":
-                cycle = stack[stack.index(d):] + [d]
+                cycle = stack[stack.index(d) :] + [d]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if d not in state:
                 visit(d)
@@ -65,7 +68,9 @@ def test_every_package_says_what_lives_there_and_imports():
         assert mod.__doc__ and len(mod.__doc__.strip()) > 40, f"{name} has no docstring saying what lives there"
         for f in sorted(pkg.glob("*.py")):
             if f.stem not in ("__init__", "__main__"):
-                assert f"``{f.stem}``" in mod.__doc__ or f.stem in mod.__doc__, f"{name}'s docstring does not name {f.stem}"
+                assert f"``{f.stem}``" in mod.__doc__ or f.stem in mod.__doc__, (
+                    f"{name}'s docstring does not name {f.stem}"
+                )
 
 
 def test_core_has_no_gradio_and_ui_no_model_code():
@@ -99,6 +104,23 @@ def test_no_function_is_longer_than_80_lines():
     assert not long, long
 
 
+def test_every_field_keeps_its_help_comment_on_its_own_line():
+    """A dataclass field's trailing comment is its flag's help (core.cli; tyro reads the field's first line).
+    A field wrapped over several lines (``ruff format`` does so when the comment makes the line too long)
+    carries the comment on a later line, and the flag loses its help without an error: keep it short."""
+    moved = []
+    for f in [ROOT / "app.py", *(p for pkg in ("core", "ui", "bench") for p in sorted((ROOT / pkg).rglob("*.py")))]:
+        src = f.read_text()
+        tokens = tokenize.generate_tokens(io.StringIO(src).readline)
+        comments = {t.start[0] for t in tokens if t.type == tokenize.COMMENT}
+        for cls in (c for c in ast.walk(ast.parse(src)) if isinstance(c, ast.ClassDef)):
+            for n in cls.body:
+                later = comments & set(range(n.lineno + 1, n.end_lineno + 1))
+                if isinstance(n, ast.AnnAssign) and n.lineno not in comments and later:
+                    moved.append(f"{f.relative_to(ROOT)}:{n.lineno}")
+    assert not moved, f"fields whose help comment is not on the field's first line: {moved}"
+
+
 def test_the_noising_formula_lives_in_one_place():
     pattern = re.compile(r"sqrt\(\)\s*\*\s*x0|alphas_cumprod\[")
     hits = [n for pkg in ("core", "ui") for n, p in modules(pkg).items() if pattern.search(p.read_text())]
@@ -108,8 +130,13 @@ def test_the_noising_formula_lives_in_one_place():
 def documented_commands() -> list[str]:
     """Every ``python -m core...`` module named in the README, docs and asset metadata."""
     found = set()
-    files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.json"),
-             *(ROOT / "assets").rglob("*.json"), *(ROOT / "bench").rglob("*.py")]
+    files = [
+        ROOT / "README.md",
+        *(ROOT / "docs").rglob("*.md"),
+        *(ROOT / "docs").rglob("*.json"),
+        *(ROOT / "assets").rglob("*.json"),
+        *(ROOT / "bench").rglob("*.py"),
+    ]
     for f in files:
         found |= set(re.findall(r"python -m (core(?:\.[a-z_]+)+)", f.read_text(errors="ignore")))
     return sorted(found)
@@ -121,9 +148,13 @@ def test_every_documented_command_runs(module):
     import os
 
     env = {**os.environ, "COLUMNS": "400"}
-    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 0, f"python -m {module} --help failed:\n{r.stderr[-2000:]}"
-    bare = [ln.strip() for ln in r.stdout.splitlines()
-            if re.match(r"^[\s│]*--[\w-]+", ln) and re.search(r"--[\w-]+(?: [\w{}|,.\[\]]+)?\s+\(default", ln)]
+    bare = [
+        ln.strip()
+        for ln in r.stdout.splitlines()
+        if re.match(r"^[\s│]*--[\w-]+", ln) and re.search(r"--[\w-]+(?: [\w{}|,.\[\]]+)?\s+\(default", ln)
+    ]
     assert not bare, f"flags without a help text: {bare}"

@@ -37,8 +37,25 @@ def test_prepared_loras_are_reused(tiny_pipeline_dir, attacker_file):
 
 
 def test_command_writes_every_row_in_the_reports_format(tiny_pipeline_dir, attacker_file, tmp_path):
-    sa.main(["--model", str(tiny_pipeline_dir), "--n", "2", "--no-baselines", "--attack-steps", "2",
-             "--extrapolate", "3", "--attacker", f"mine={attacker_file}", "--out", str(tmp_path), "--name", "t"])
+    sa.main(
+        [
+            "--model",
+            str(tiny_pipeline_dir),
+            "--n",
+            "2",
+            "--no-baselines",
+            "--attack-steps",
+            "2",
+            "--extrapolate",
+            "3",
+            "--attacker",
+            f"mine={attacker_file}",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "t",
+        ]
+    )
     doc = json.loads((tmp_path / "t.json").read_text())
     shipped = RESULTS / "attack.json"
     if shipped.exists():
@@ -46,8 +63,14 @@ def test_command_writes_every_row_in_the_reports_format(tiny_pipeline_dir, attac
     assert doc["command"].startswith("python -m core.studies.attack --model") and "--no-baselines" in doc["command"]
     assert doc["n"] == 2 and doc["attack_sampling"]["sampler_steps"] == 2
     assert doc["attackers"] == {"mine": str(attacker_file)}
-    methods = {"mine", "mine @ step 25", "mine @ step 50", "mine: prompt only (w=1)", "mine, w=3",
-               "floor (base, class prompt)"}
+    methods = {
+        "mine",
+        "mine @ step 25",
+        "mine @ step 50",
+        "mine: prompt only (w=1)",
+        "mine, w=3",
+        "floor (base, class prompt)",
+    }
     assert set(doc["rows"]) - {"real (held-out photo)"} == methods  # the real row: victims with a held-out photo
     assert all(len(doc["rows"][m]["per_victim_distance"]) == 2 for m in methods)
     assert "| mine |" in (tmp_path / "t.md").read_text()
@@ -55,8 +78,14 @@ def test_command_writes_every_row_in_the_reports_format(tiny_pipeline_dir, attac
 
 def test_progress_per_victim_and_a_stop_keeps_the_victims_measured(tiny_pipeline_dir, attacker_file):
     calls = []
-    events = list(sa.run(CFG, {"attacker": str(attacker_file)}, str(tiny_pipeline_dir),
-                         should_stop=lambda: calls.append(1) or len(calls) > 1))
+    events = list(
+        sa.run(
+            CFG,
+            {"attacker": str(attacker_file)},
+            str(tiny_pipeline_dir),
+            should_stop=lambda: calls.append(1) or len(calls) > 1,
+        )
+    )
     assert [(e.stage, e.step, e.total) for e in events if isinstance(e, Progress)] == [("attack", 1, 2)]
     done = events[-1]
     assert isinstance(done, Done) and done.cancelled and done.result.n == 1

@@ -8,8 +8,22 @@ from core.studies.base import BaseStudyConfig, main, run, template_for
 
 
 def test_report_has_rows_per_model_and_references(tiny_pipeline_dir, tmp_path):
-    main(["--model", str(tiny_pipeline_dir), "--compare", str(tiny_pipeline_dir), "--n", "8", "--steps", "2",
-          "--utkface", "none", "--out", str(tmp_path)])
+    main(
+        [
+            "--model",
+            str(tiny_pipeline_dir),
+            "--compare",
+            str(tiny_pipeline_dir),
+            "--n",
+            "8",
+            "--steps",
+            "2",
+            "--utkface",
+            "none",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     doc = json.loads((tmp_path / "eval_base.json").read_text())
     assert len(doc["models"]) == 2 and doc["command"].startswith("python -m core.studies.base")
     r = doc["models"][0]
@@ -20,8 +34,13 @@ def test_report_has_rows_per_model_and_references(tiny_pipeline_dir, tmp_path):
 
 def test_cancel_stops_between_batches(tiny_pipeline_dir):
     calls = []
-    events = list(run([str(tiny_pipeline_dir)], BaseStudyConfig(n=40, steps=1, utkface="none"),
-                      should_stop=lambda: calls.append(1) or len(calls) > 1))
+    events = list(
+        run(
+            [str(tiny_pipeline_dir)],
+            BaseStudyConfig(n=40, steps=1, utkface="none"),
+            should_stop=lambda: calls.append(1) or len(calls) > 1,
+        )
+    )
     assert isinstance(events[-1], Done) and events[-1].cancelled
 
 

@@ -11,14 +11,30 @@ from core.studies.finetune import FinetuneStudyConfig, main, run
 
 
 def test_command_writes_the_report_with_the_recipe_and_the_command(tiny_pipe, tiny_pipeline_dir, lfw_root, tmp_path):
-    main(["--model", str(tiny_pipeline_dir), "--n", "2", "--steps", "2", "--rank", "2", "--out", str(tmp_path),
-          "--name", "ft"])
+    main(
+        [
+            "--model",
+            str(tiny_pipeline_dir),
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--rank",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "ft",
+        ]
+    )
     doc = json.loads((tmp_path / "ft.json").read_text())
     assert list(doc) == ["config", "summary", "victims", "command"]
     assert doc["config"]["steps"] == 2 and doc["config"]["rank"] == 2 and doc["config"]["alpha"] == 2.0
     assert doc["summary"]["n"] == len(doc["victims"]) == 2 and 0 <= doc["summary"]["top1"] <= 1
-    assert doc["command"] == (f"python -m core.studies.finetune --model {tiny_pipeline_dir} --n 2 --steps 2 --rank 2 "
-                              f"--out {tmp_path} --name ft")
+    assert doc["command"] == (
+        f"python -m core.studies.finetune --model {tiny_pipeline_dir} --n 2 --steps 2 --rank 2 "
+        f"--out {tmp_path} --name ft"
+    )
     assert doc["command"] in (tmp_path / "ft.md").read_text()
 
 

@@ -27,8 +27,16 @@ def fake_utkface(tmp_path_factory, lfw_root):
 @pytest.fixture()
 def tiny_cfg(tmp_path, fake_utkface):
     return BaseTrainConfig(
-        work=str(tmp_path / "work"), out=str(tmp_path / "base"), utkface=str(fake_utkface), unet_steps=2,
-        unet_batch=4, limit_images=6, save_every=1, preview_every=0, heldout_utkface=2, exclude_distance=0.0,
+        work=str(tmp_path / "work"),
+        out=str(tmp_path / "base"),
+        utkface=str(fake_utkface),
+        unet_steps=2,
+        unet_batch=4,
+        limit_images=6,
+        save_every=1,
+        preview_every=0,
+        heldout_utkface=2,
+        exclude_distance=0.0,
         unet_channels="32,32",
     )
 

@@ -23,6 +23,7 @@ def gradio_upload(tmp_path, monkeypatch):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
         return p
+
     return make
 
 

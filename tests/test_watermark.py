@@ -25,8 +25,19 @@ from core.watermark.aiao import (
 from core.watermark.formats import DELTA_FORMAT, KeyFileError, save_delta, watermarked_pipeline
 from tests.conftest import random_crops
 
-TINY = WatermarkConfig(n_subpaths=4, response_size=16, probe_steps=2, steps=120, batch=2, trigger_batch=8,
-                       trigger_fraction=0.2, lr=1e-2, response_weight=5.0, margin=1.0, consistency_weight=10.0)
+TINY = WatermarkConfig(
+    n_subpaths=4,
+    response_size=16,
+    probe_steps=2,
+    steps=120,
+    batch=2,
+    trigger_batch=8,
+    trigger_fraction=0.2,
+    lr=1e-2,
+    response_weight=5.0,
+    margin=1.0,
+    consistency_weight=10.0,
+)
 
 
 def tiny_latents(pipe, n=8):
@@ -74,8 +85,9 @@ def test_subpaths_land_only_in_lazy_layers(embedded, lazy):
 def test_sampled_subpaths_stay_in_the_given_layers():
     lazy = ["l0", "l1", "l2"]
     sizes, scales = {n: 100 for n in lazy}, {n: 1.0 for n in lazy}
-    subs = sample_subpaths(lazy, sizes, scales, replace(TINY, n_subpaths=50, response_side="any"),
-                           np.random.default_rng(0))
+    subs = sample_subpaths(
+        lazy, sizes, scales, replace(TINY, n_subpaths=50, response_side="any"), np.random.default_rng(0)
+    )
     assert {s.trigger_layer for s in subs} <= {"l0", "l1"} and {s.response_layer for s in subs} <= {"l1", "l2"}
     with pytest.raises(ValueError, match="2 lazy layers"):
         sample_subpaths(["l0"], sizes, scales, TINY, np.random.default_rng(0))
@@ -99,17 +111,27 @@ def test_verify_says_yes_on_the_watermarked_model_and_no_on_the_clean_one(tiny_p
 def test_subpaths_with_a_max_gap_stay_close():
     lazy = [f"l{i}" for i in range(10)]
     sizes, scales = {n: 100 for n in lazy}, {n: 1.0 for n in lazy}
-    subs = sample_subpaths(lazy, sizes, scales, replace(TINY, n_subpaths=200, max_gap=2, response_side="any"),
-                           np.random.default_rng(0))
+    subs = sample_subpaths(
+        lazy, sizes, scales, replace(TINY, n_subpaths=200, max_gap=2, response_side="any"), np.random.default_rng(0)
+    )
     gaps = {lazy.index(sp.response_layer) - lazy.index(sp.trigger_layer) for sp in subs}
     assert gaps == {1, 2}
 
 
 def test_encoder_side_subpaths_answer_before_the_decoder():
-    lazy = ["conv_in", "down_blocks.0.a", "down_blocks.1.b", "mid_block.c", "up_blocks.0.d", "up_blocks.1.e", "conv_out"]
+    lazy = [
+        "conv_in",
+        "down_blocks.0.a",
+        "down_blocks.1.b",
+        "mid_block.c",
+        "up_blocks.0.d",
+        "up_blocks.1.e",
+        "conv_out",
+    ]
     sizes, scales = {n: 100 for n in lazy}, {n: 1.0 for n in lazy}
-    subs = sample_subpaths(lazy, sizes, scales, replace(TINY, n_subpaths=300, response_side="encoder"),
-                           np.random.default_rng(0))
+    subs = sample_subpaths(
+        lazy, sizes, scales, replace(TINY, n_subpaths=300, response_side="encoder"), np.random.default_rng(0)
+    )
     assert {sp.response_layer for sp in subs} == {"down_blocks.0.a", "down_blocks.1.b", "mid_block.c"}
     assert all(lazy.index(sp.trigger_layer) < lazy.index(sp.response_layer) for sp in subs)
     with pytest.raises(ValueError, match="no trigger/response pair"):
@@ -127,8 +149,9 @@ def test_reachable_pairs_know_that_a_query_never_reaches_its_key(tiny_pipe):
     pairs = reachable_pairs(unet, layers, x, t, e)
     assert pairs == {(layers[0], layers[3]), (layers[1], layers[3]), (layers[2], layers[3])}
     lazy_sizes = {n: 50 for n in layers}
-    subs = sample_subpaths(layers, lazy_sizes, {n: 1.0 for n in layers}, replace(TINY, n_subpaths=100),
-                           np.random.default_rng(0), pairs)
+    subs = sample_subpaths(
+        layers, lazy_sizes, {n: 1.0 for n in layers}, replace(TINY, n_subpaths=100), np.random.default_rng(0), pairs
+    )
     assert {(sp.trigger_layer, sp.response_layer) for sp in subs} == pairs
 
 
@@ -146,7 +169,11 @@ def test_simulated_finetune_moves_each_weight_by_a_low_rank_update_and_puts_it_b
 
 def test_embedding_under_simulated_finetunes_changes_only_lazy_layers_and_verifies(tiny_pipe, lazy):
     layers, scores = lazy
-    res = drain(embed_watermark(tiny_pipe, tiny_latents(tiny_pipe), layers, replace(TINY, drift=0.1, steps=240), lazy_scores=scores))
+    res = drain(
+        embed_watermark(
+            tiny_pipe, tiny_latents(tiny_pipe), layers, replace(TINY, drift=0.1, steps=240), lazy_scores=scores
+        )
+    )
     clean = dict(tiny_pipe.unet.named_parameters())
     moved = {n.rsplit(".", 1)[0] for n, p in res.unet.named_parameters() if not torch.equal(p, clean[n])}
     assert moved and moved <= set(layers)
@@ -167,12 +194,15 @@ def test_key_file_round_trip(embedded, tmp_path):
     assert back == embedded.key
 
 
-@pytest.mark.parametrize("content, match", [
-    (None, "no key file"),
-    ("not json", "not a readable JSON"),
-    ('{"format": "something-else"}', "not an AIAO watermark key"),
-    ('{"format": "leaklab-aiao-key-v1", "subpaths": []}', "malformed key"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "no key file"),
+        ("not json", "not a readable JSON"),
+        ('{"format": "something-else"}', "not an AIAO watermark key"),
+        ('{"format": "leaklab-aiao-key-v1", "subpaths": []}', "malformed key"),
+    ],
+)
 def test_bad_key_file_gives_a_clear_error(tmp_path, content, match):
     path = tmp_path / "key.json"
     if content is not None:
@@ -190,8 +220,11 @@ def test_key_with_indices_out_of_range_is_refused(embedded, tmp_path):
 
 
 def test_key_for_another_architecture_is_refused(tiny_pipe, embedded):
-    key = replace(embedded.key, subpaths=[replace(embedded.key.subpaths[0], response_layer="no.such.layer")],
-                  feature_sizes={**embedded.key.feature_sizes, "no.such.layer": 10})
+    key = replace(
+        embedded.key,
+        subpaths=[replace(embedded.key.subpaths[0], response_layer="no.such.layer")],
+        feature_sizes={**embedded.key.feature_sizes, "no.such.layer": 10},
+    )
     with pytest.raises(KeyFileError, match="no layer"):
         verify_watermark(tiny_pipe, key)
 
@@ -201,8 +234,16 @@ def test_cli_verify_with_a_delta_over_the_base(tiny_pipe, tiny_pipeline_dir, emb
 
     save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, embedded.unet), tmp_path / "wm.safetensors")
     embedded.key.save(tmp_path / "key.json")
-    v = main(["verify-aiao", str(tiny_pipeline_dir), "--delta", str(tmp_path / "wm.safetensors"), "--key",
-              str(tmp_path / "key.json")])
+    v = main(
+        [
+            "verify-aiao",
+            str(tiny_pipeline_dir),
+            "--delta",
+            str(tmp_path / "wm.safetensors"),
+            "--key",
+            str(tmp_path / "key.json"),
+        ]
+    )
     assert v.watermarked and "VS-rate" in capsys.readouterr().out
     v = main(["verify-aiao", str(tiny_pipeline_dir), "--key", str(tmp_path / "key.json")])
     assert not v.watermarked
@@ -228,7 +269,8 @@ def test_delta_holds_only_the_lazy_layers_and_round_trips(tiny_pipe, embedded, l
     assert back.text_encoder is tiny_pipe.text_encoder  # untouched parts are shared, not copied
     assert back.unet is not tiny_pipe.unet and not torch.equal(  # the base itself is not modified
         dict(back.unet.named_parameters())[next(iter(stored)).split(".", 1)[1]],
-        dict(tiny_pipe.unet.named_parameters())[next(iter(stored)).split(".", 1)[1]])
+        dict(tiny_pipe.unet.named_parameters())[next(iter(stored)).split(".", 1)[1]],
+    )
 
 
 def test_delta_in_float16_keeps_the_watermark(tiny_pipe, embedded, tmp_path):
@@ -301,7 +343,9 @@ def test_baseline_trains_the_unet_and_only_the_trigger_tokens(tiny_pipe, backdoo
     from core.watermark.backdoor import token_ids, trigger_pair
     from core.watermark.formats import save_delta
 
-    save_delta(tiny_pipe, watermarked_pipeline(tiny_pipe, backdoor.unet, backdoor.text_encoder), tmp_path / "b.safetensors")
+    save_delta(
+        tiny_pipe, watermarked_pipeline(tiny_pipe, backdoor.unet, backdoor.text_encoder), tmp_path / "b.safetensors"
+    )
     stored = load_file(tmp_path / "b.safetensors")
     te = [k for k in stored if k.startswith("text_encoder.")]
     assert len(te) == 1 and te[0].endswith("embeddings.token_embedding.weight")
@@ -329,6 +373,7 @@ def test_pattern_correlation_finds_the_pattern():
 
 
 # the shipped watermarked bases (deltas over assets/base): fast, they are only loaded and verified
+
 
 def shipped(name, base_engine):
     from core.watermark.formats import SHIPPED, WATERMARK_DIR
@@ -377,8 +422,9 @@ def test_study_smoke_run(tiny_pipe, embedded):
     from core.studies.watermark import StudyConfig, Watermarked, run_study, to_markdown
 
     cfg = StudyConfig(long_steps=2, n_clean=2, quality_n=4, photos=3)
-    mark = Watermarked("AIAO", watermarked_pipeline(tiny_pipe, embedded.unet),
-                       lambda p: verify_watermark(p, embedded.key))
+    mark = Watermarked(
+        "AIAO", watermarked_pipeline(tiny_pipe, embedded.unet), lambda p: verify_watermark(p, embedded.key)
+    )
     real = np.random.default_rng(0).normal(size=(8, 128))
     clean = [random_crops(3), random_crops(3)]
     r = asdict(drain(run_study(tiny_pipe, [mark], cfg, random_crops(3), random_crops(3), clean, real)))
@@ -394,8 +440,9 @@ def test_study_of_a_candidate_runs_only_the_chosen_scenarios(tiny_pipe, embedded
     with pytest.raises(ValueError, match="unknown scenario"):
         StudyConfig(only="before,e")
     cfg = StudyConfig(long_steps=2, n_clean=0, quality_n=0, photos=3, only="before, b")
-    mark = Watermarked("AIAO", watermarked_pipeline(tiny_pipe, embedded.unet),
-                       lambda p: verify_watermark(p, embedded.key))
+    mark = Watermarked(
+        "AIAO", watermarked_pipeline(tiny_pipe, embedded.unet), lambda p: verify_watermark(p, embedded.key)
+    )
     r = asdict(drain(run_study(tiny_pipe, [mark], cfg, random_crops(3), random_crops(3), [], np.zeros((0, 128)))))
     assert [x["scenario"] for x in r["rows"]] == ["before fine-tuning", "(b) 2-step LoRA"]
     assert r["quality"] == {} and r["false_positives"]["AIAO"]["models"] == 0
@@ -415,6 +462,7 @@ def test_study_rerun_measures_only_what_changed(tiny_pipe, embedded):
         def verify(p):
             calls.append(name)
             return verify_watermark(p, embedded.key)
+
         return Watermarked(name, watermarked_pipeline(tiny_pipe, unet), verify, embedded.key)
 
     def nudged(by):
@@ -436,7 +484,6 @@ def test_study_rerun_measures_only_what_changed(tiny_pipe, embedded):
 
 def test_tab_says_plainly_when_a_watermarked_base_is_missing(monkeypatch, tiny_pipe, tmp_path):
     import ui.watermark_tab as wt
-
     from core.watermark.shipped import embed_command
 
     pipe, why = wt.load_watermark("AIAO", tiny_pipe, tmp_path)
@@ -459,10 +506,14 @@ def test_tab_quotes_the_study_or_says_it_was_not_run():
     from ui.watermark_tab import measured_text
 
     row = {"vs_rate": 0.97, "p_value": 1e-100, "watermarked": True}
-    r = {"complete": True, "rows": [{"watermark": "AIAO", "scenario": "before fine-tuning", **row},
-                                    {"watermark": "AIAO", "scenario": "(b) 2000-step LoRA", **row, "vs_rate": 0.5,
-                                     "watermarked": False}],
-         "false_positives": {"AIAO": {"models": 20, "false_positives": 1}}}
+    r = {
+        "complete": True,
+        "rows": [
+            {"watermark": "AIAO", "scenario": "before fine-tuning", **row},
+            {"watermark": "AIAO", "scenario": "(b) 2000-step LoRA", **row, "vs_rate": 0.5, "watermarked": False},
+        ],
+        "false_positives": {"AIAO": {"models": 20, "false_positives": 1}},
+    }
     text = measured_text(r)
     assert text.index("before fine-tuning") < text.index("(b) 2000-step LoRA")
     assert "97% (found)" in text and "50% (not found)" in text and "1 of 20" in text and "incomplete" not in text

@@ -26,7 +26,9 @@ def workshop_app(tiny_pipeline_dir, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("LEAKLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
     engine = Engine(str(tiny_pipeline_dir), "cpu")
     pipe = engine.pipe
-    lora = drain(finetune(pipe, random_crops(3, engine.image_size), FinetuneConfig(steps=1, checkpoint_every=0, preview_n=0))).lora
+    lora = drain(
+        finetune(pipe, random_crops(3, engine.image_size), FinetuneConfig(steps=1, checkpoint_every=0, preview_n=0))
+    ).lora
     model = Attacker(config_for(pipe, lora, rank=4, alpha=4.0), class_embedding=encode_prompt(pipe, CLASS_PROMPT)[0])
     engine._attacker_path = str(save_attacker(model, tmp_path_factory.mktemp("attacker") / "att.safetensors"))
     assert engine.attacker()[0] is not None
@@ -53,11 +55,15 @@ def test_four_visitors_train_together_and_each_gets_only_their_own(workshop_app,
     outputs = {}
     try:
         for i, c in enumerate(clients):
-            report = c.predict([handle_file(str(p)) for p in private_photos(tmp_path, i, tag=f"w{i}")], api_name="/ingest")
+            report = c.predict(
+                [handle_file(str(p)) for p in private_photos(tmp_path, i, tag=f"w{i}")], api_name="/ingest"
+            )
             assert "3 usable photos" in report[1]
         jobs = [c.submit(STEPS, 4, 3e-3, i, False, api_name="/train") for i, c in enumerate(clients)]
-        threads = [threading.Thread(target=lambda i=i: outputs.__setitem__(i, (jobs[i].result(timeout=600), jobs[i])))
-                   for i in range(VISITORS)]
+        threads = [
+            threading.Thread(target=lambda i=i: outputs.__setitem__(i, (jobs[i].result(timeout=600), jobs[i])))
+            for i in range(VISITORS)
+        ]
         for th in threads:
             th.start()
         for th in threads:

@@ -6,26 +6,27 @@ metric (``core.faces.utility``) live in ``core``. Uploaded files are deleted onc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import gradio as gr
 
-from core.attack.report import attack_lora, distances, recorded_steps
 from core.attack.attacker import ATTACK_W
-from core.studies.attack import load_report
 from core.attack.baselines import FINEXTRACT_W
+from core.attack.report import attack_lora, distances, recorded_steps
 from core.engine import Engine
-from core.finetune.lora import FinetuneConfig, MAX_PHOTOS
+from core.faces.metrics import SAME_PERSON
+from core.finetune.lora import MAX_PHOTOS, FinetuneConfig
 from core.finetune.lora_file import MAX_BYTES as MAX_LORA_BYTES
 from core.finetune.lora_file import LoRAFileError
-from core.faces.metrics import SAME_PERSON
 from core.model.pipeline import EMBEDDED_NAME
 from core.model.prompts import CLASS_PROMPT
+from core.studies.attack import load_report
 from ui.finetune_tab import read_faces
+from ui.gpu import on_gpu
+from ui.lora_upload import describe_lora, lora_refusal, read_lora_upload
+from ui.membership_panel import create_membership_panel
 from ui.metadata_panel import READ_KEY, create_metadata_panel, remember_refusal, scan_arrived
 from ui.session import ensure, media
-from ui.gpu import on_gpu
-from ui.membership_panel import create_membership_panel
-from ui.lora_upload import describe_lora, lora_refusal, read_lora_upload
 from ui.uploads import UploadError, local_file
 
 INTRO = f"""
@@ -53,8 +54,9 @@ def measured_text(report: dict | None = None) -> str:
     never quotes numbers the repository's own evaluation did not produce)."""
     r = load_report() if report is None else report
     if not r or not r.get("rows"):
-        return ("*Not measured yet on this base model:* `python -m core.studies.attack` writes the numbers this tab "
-                "quotes.")
+        return (
+            "*Not measured yet on this base model:* `python -m core.studies.attack` writes the numbers this tab quotes."
+        )
     rows, n = r["rows"], r["n"]
 
     def pick(prefix):
@@ -63,16 +65,21 @@ def measured_text(report: dict | None = None) -> str:
         return next(((k, v) for k, v in rows.items() if k.startswith(prefix) and "@ step" not in k), (None, None))
 
     said = []
-    for prefix, words in (("attacker + extrapolation", "the attacker's prompt with extrapolation (as shown here)"),
-                          ("attacker", "the trained attacker's prompt alone"),
-                          ("FineXtract", "FineXtract-style"), ("naive (class", "naive"),
-                          ("ceiling", "the LoRA with its secret trigger (which the attacker does not have)"),
-                          ("floor", "a random face from the base model")):
+    for prefix, words in (
+        ("attacker + extrapolation", "the attacker's prompt with extrapolation (as shown here)"),
+        ("attacker", "the trained attacker's prompt alone"),
+        ("FineXtract", "FineXtract-style"),
+        ("naive (class", "naive"),
+        ("ceiling", "the LoRA with its secret trigger (which the attacker does not have)"),
+        ("floor", "a random face from the base model"),
+    ):
         k, v = pick(prefix)
         if v is not None and k not in {x[0] for x in said}:
             said.append((k, f"{words}: **{v['top1']:.0%}**"))
-    return (f"*Measured on {n} people the models never saw (README, `python -m core.studies.attack`):* how often 4 images "
-            f"pick the right person out of {n} (chance {1 / n:.0%}): " + "; ".join(w for _, w in said) + ".")
+    return (
+        f"*Measured on {n} people the models never saw (README, `python -m core.studies.attack`):* how often 4 images "
+        f"pick the right person out of {n} (chance {1 / n:.0%}): " + "; ".join(w for _, w in said) + "."
+    )
 
 
 def lora_arrived(engine: Engine, lora_path, session) -> str:
@@ -100,10 +107,12 @@ def attacker_for(engine: Engine):
     plainly that the trained attacker exists only for the embedded base."""
     attacker, why = engine.attacker()
     if attacker is None and engine.model_name != EMBEDDED_NAME:
-        why = (f"The trained attacker exists only for the embedded base model (the miniature model it was trained "
-               f"on); none has been trained for `{engine.model_name}`. Train one for it with `python -m "
-               f"core.attack.shadow --model {engine.model_name}` and `python -m core.attack.train --model "
-               f"{engine.model_name}` (README: *Training the attacker for another base*).")
+        why = (
+            f"The trained attacker exists only for the embedded base model (the miniature model it was trained "
+            f"on); none has been trained for `{engine.model_name}`. Train one for it with `python -m "
+            f"core.attack.shadow --model {engine.model_name}` and `python -m core.attack.train --model "
+            f"{engine.model_name}` (README: *Training the attacker for another base*)."
+        )
     return attacker, why
 
 
@@ -114,19 +123,32 @@ def _gallery(images, seeds):
 def score_table(engine: Engine, images, photos, label: str) -> str:
     """The distance table of one attacked LoRA (or a sentence when there is nothing to score against)."""
     if not photos:
-        return ("**No identity score:** without reference photos of the person there is nothing to score the "
-                "images against. Add 1-10 photos of them (they stay in your session), or attack the LoRA you "
-                "fine-tuned in this session.")
+        return (
+            "**No identity score:** without reference photos of the person there is nothing to score the "
+            "images against. Add 1-10 photos of them (they stay in your session), or attack the LoRA you "
+            "fine-tuned in this session."
+        )
     floor_images = engine.floor_images()
-    d = distances({"attack": images.attack, "naive": images.naive, "finextract": images.finextract,
-                   "ceiling": images.ceiling, "floor": floor_images}, photos)
+    d = distances(
+        {
+            "attack": images.attack,
+            "naive": images.naive,
+            "finextract": images.finextract,
+            "ceiling": images.ceiling,
+            "floor": floor_images,
+        },
+        photos,
+    )
     n = len(images.seeds)
-    rows = [("the attacker's reconstruction", "the LoRA weights and a trained encoder", d["attack"]),
-            (f"naive: the LoRA with \"{CLASS_PROMPT}\"", "the LoRA file only", d["naive"]),
-            (f"FineXtract-style (w = {FINEXTRACT_W:g})", "the LoRA file only", d["finextract"])]
+    rows = [
+        ("the attacker's reconstruction", "the LoRA weights and a trained encoder", d["attack"]),
+        (f'naive: the LoRA with "{CLASS_PROMPT}"', "the LoRA file only", d["naive"]),
+        (f"FineXtract-style (w = {FINEXTRACT_W:g})", "the LoRA file only", d["finextract"]),
+    ]
     if images.ceiling is not None:
-        rows.append(("ceiling: your LoRA with its secret trigger", "the trigger word, which the attacker lacks",
-                     d["ceiling"]))
+        rows.append(
+            ("ceiling: your LoRA with its secret trigger", "the trigger word, which the attacker lacks", d["ceiling"])
+        )
     floor = d["floor"]
 
     def vs_floor(x):
@@ -134,26 +156,41 @@ def score_table(engine: Engine, images, photos, label: str) -> str:
             return ""
         return f"{floor - x:.2f} closer" if x < floor else f"{x - floor:.2f} farther"
 
-    lines = [f"**Identity distance to {label}**: dlib distance of each set's mean face descriptor to the photos' "
-             f"mean ({n} images per set, {len(floor_images)} for the floor); lower = closer, below {SAME_PERSON} "
-             "dlib counts it as the same person.", "",
-             "| images | what it needs | distance | than the floor |", "|---|---|---|---|"]
+    lines = [
+        f"**Identity distance to {label}**: dlib distance of each set's mean face descriptor to the photos' "
+        f"mean ({n} images per set, {len(floor_images)} for the floor); lower = closer, below {SAME_PERSON} "
+        "dlib counts it as the same person.",
+        "",
+        "| images | what it needs | distance | than the floor |",
+        "|---|---|---|---|",
+    ]
     for name, needs, x in rows:
         shown = "not available" if x is None else f"**{x:.2f}**"
         lines.append(f"| {name} | {needs} | {shown} | {vs_floor(x)} |")
-    lines.append(f"| floor: a random face from the base model (\"{CLASS_PROMPT}\") | nothing | **{floor:.2f}** | |")
-    lines += ["", f"Compare each row with the floor rather than with {SAME_PERSON}: averaging descriptors pulls any "
-                  "set toward the average face, so even a random face is often below it."]
+    lines.append(f'| floor: a random face from the base model ("{CLASS_PROMPT}") | nothing | **{floor:.2f}** | |')
+    lines += [
+        "",
+        f"Compare each row with the floor rather than with {SAME_PERSON}: averaging descriptors pulls any "
+        "set toward the average face, so even a random face is often below it.",
+    ]
     return "\n".join(lines)
 
 
 def render(engine: Engine, images, head: str, photos, label: str):
     """(status, attack gallery, naive gallery, FineXtract gallery, reference gallery, table)."""
     if images.attack is None:
-        head += f"\n\n**The trained attacker did not run:** {images.attack_note} The two attacks that need no " \
-                "training are shown."
-    return (head, _gallery(images.attack, images.seeds), _gallery(images.naive, images.seeds),
-            _gallery(images.finextract, images.seeds), list(photos or []), score_table(engine, images, photos, label))
+        head += (
+            f"\n\n**The trained attacker did not run:** {images.attack_note} The two attacks that need no "
+            "training are shown."
+        )
+    return (
+        head,
+        _gallery(images.attack, images.seeds),
+        _gallery(images.naive, images.seeds),
+        _gallery(images.finextract, images.seeds),
+        list(photos or []),
+        score_table(engine, images, photos, label),
+    )
 
 
 def refused(message: str):
@@ -187,7 +224,7 @@ def attack_file(engine: Engine, lora_path, steps, ref_files, session):
         try:
             step = int(steps)
         except (TypeError, ValueError):
-            raise gr.Error("Enter the number of fine-tuning steps of this LoRA (a whole number, e.g. 80).")
+            raise gr.Error("Enter the number of fine-tuning steps of this LoRA (a whole number, e.g. 80).") from None
         if not 1 <= step <= 100_000:
             raise gr.Error(f"Fine-tuning steps must be 1 to 100000, got {step}.")
         step_from = "from your input: the file does not record it"
@@ -202,8 +239,10 @@ def attack_file(engine: Engine, lora_path, steps, ref_files, session):
     if refs:
         photos, label = refs, "your reference photos"
     elif session is not None and session.trained_on:
-        photos, label = session.trained_on, ("the photos you fine-tuned on in this session (meaningful only if "
-                                             "this LoRA was trained on them)")
+        photos, label = (
+            session.trained_on,
+            ("the photos you fine-tuned on in this session (meaningful only if this LoRA was trained on them)"),
+        )
     else:
         photos, label = [], ""
     attacker, why = attacker_for(engine)
@@ -218,44 +257,91 @@ def attack_mine(engine: Engine, session):
     """The "Attack my LoRA from the Fine-tune tab" button: the session's LoRA, scored against the
     photos it was fine-tuned on (and with its trigger, the ceiling)."""
     if session is None or session.result is None:
-        raise gr.Error("You have not fine-tuned a LoRA in this session yet: train one in the Fine-tune tab first, "
-                       "or upload a LoRA file.")
+        raise gr.Error(
+            "You have not fine-tuned a LoRA in this session yet: train one in the Fine-tune tab first, "
+            "or upload a LoRA file."
+        )
     res = session.result
     photos = list(session.trained_on or session.crops[:MAX_PHOTOS])
     attacker, why = attacker_for(engine)
-    images = attack_lora(engine.pipe, attacker, res.lora, res.steps_done, res.config.alpha, trigger=res.trigger,
-                         attacker_note=why)
-    head = (f"**Attacked your LoRA from the Fine-tune tab** ({res.steps_done} steps, rank {res.config.rank}). "
-            "The attacker used its weights and step count only; the ceiling row uses your secret trigger.")
+    images = attack_lora(
+        engine.pipe, attacker, res.lora, res.steps_done, res.config.alpha, trigger=res.trigger, attacker_note=why
+    )
+    head = (
+        f"**Attacked your LoRA from the Fine-tune tab** ({res.steps_done} steps, rank {res.config.rank}). "
+        "The attacker used its weights and step count only; the ceiling row uses your secret trigger."
+    )
     return render(engine, images, head, photos, "the photos you fine-tuned on")
 
 
-def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = None) -> None:
-    gr.Markdown(INTRO + "\n" + measured_text())
+@dataclass
+class AttackWidgets:
+    """The tab's inputs (left column) and what the attack shows (right column)."""
+
+    lora_file: gr.File
+    steps: gr.Number
+    refs: gr.File
+    attack_btn: gr.Button
+    mine_btn: gr.Button
+    status: gr.Markdown
+    attack_gal: gr.Gallery
+    naive_gal: gr.Gallery
+    fx_gal: gr.Gallery
+    ref_gal: gr.Gallery
+    table: gr.Markdown
+
+    def outputs(self, session: gr.State) -> list:
+        """An attack's outputs, in the order of :func:`render`'s values, then the session."""
+        return [self.status, self.attack_gal, self.naive_gal, self.fx_gal, self.ref_gal, self.table, session]
+
+
+def create_attack_widgets() -> AttackWidgets:
+    """The layout: the visitor's inputs on the left, what the attacker rebuilt and its scores on the right."""
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
-            lora_file = gr.File(label="A LoRA file (.safetensors; diffusers, peft or kohya / A1111) fine-tuned from this app's base "
-                                      "model", type="filepath")
-            steps = gr.Number(value=FinetuneConfig.steps, precision=0, label="Fine-tuning steps of this LoRA",
-                              info="read from the file when it records them (files from the Fine-tune tab do); "
-                                   "otherwise this number is used")
-            refs = gr.File(label=f"Optional: 1-{MAX_PHOTOS} photos of the person, to score the attack against",
-                           file_count="multiple", type="filepath")
+            lora_file = gr.File(
+                label="A LoRA file (.safetensors; diffusers, peft or kohya / A1111) fine-tuned from this app's base "
+                "model",
+                type="filepath",
+            )
+            steps = gr.Number(
+                value=FinetuneConfig.steps,
+                precision=0,
+                label="Fine-tuning steps of this LoRA",
+                info="read from the file when it records them (files from the Fine-tune tab do); "
+                "otherwise this number is used",
+            )
+            refs = gr.File(
+                label=f"Optional: 1-{MAX_PHOTOS} photos of the person, to score the attack against",
+                file_count="multiple",
+                type="filepath",
+            )
             attack_btn = gr.Button("Attack this LoRA file", variant="primary")
             mine_btn = gr.Button("Attack my LoRA from the Fine-tune tab", visible=False)
         with gr.Column(scale=2):
             status = gr.Markdown("Upload a LoRA file, then press **Attack this LoRA file**.")
-            attack_gal = gr.Gallery(label="What the attacker rebuilds from the weights alone", columns=4, height=180,
-                                    object_fit="contain")
+            attack_gal = gr.Gallery(
+                label="What the attacker rebuilds from the weights alone", columns=4, height=180, object_fit="contain"
+            )
             with gr.Row():
-                naive_gal = gr.Gallery(label=f"Naive: the LoRA with \"{CLASS_PROMPT}\"", columns=4, height=160,
-                                       object_fit="contain")
+                naive_gal = gr.Gallery(
+                    label=f'Naive: the LoRA with "{CLASS_PROMPT}"', columns=4, height=160, object_fit="contain"
+                )
                 fx_gal = gr.Gallery(label="FineXtract-style extrapolation", columns=4, height=160, object_fit="contain")
-            ref_gal = gr.Gallery(label="Reference photos the images are scored against", columns=6, height=120,
-                                 object_fit="contain")
+            ref_gal = gr.Gallery(
+                label="Reference photos the images are scored against", columns=6, height=120, object_fit="contain"
+            )
             table = gr.Markdown()
-    create_metadata_panel(lora_file, session, read_input=lambda f, s: lora_arrived(engine, f, s))
-    outputs = [status, attack_gal, naive_gal, fx_gal, ref_gal, table, session]
+    return AttackWidgets(
+        lora_file, steps, refs, attack_btn, mine_btn, status, attack_gal, naive_gal, fx_gal, ref_gal, table
+    )
+
+
+def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = None) -> None:
+    gr.Markdown(INTRO + "\n" + measured_text())
+    w = create_attack_widgets()
+    create_metadata_panel(w.lora_file, session, read_input=lambda f, s: lora_arrived(engine, f, s))
+    outputs = w.outputs(session)
 
     def shown(out, s, request=None):
         """The tab's outputs with every image a file in the visitor's session dir (and the session)."""
@@ -277,19 +363,31 @@ def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
         crops, left, notes = read_faces(r, engine.image_size, s)
         return media(s, crops), s
 
-    lora_file.upload(on_lora, [lora_file, session], [status, session], api_visibility="private")
-    refs.upload(refs_arrived, [refs, session], [ref_gal, session], api_visibility="private")
+    w.lora_file.upload(on_lora, [w.lora_file, session], [w.status, session], api_visibility="private")
+    w.refs.upload(refs_arrived, [w.refs, session], [w.ref_gal, session], api_visibility="private")
 
-    attack_btn.click(on_gpu(attack_upload, 60), [lora_file, steps, refs, session], outputs, api_name="attack", concurrency_limit=1,
-                     concurrency_id="attack")
+    w.attack_btn.click(
+        on_gpu(attack_upload, 60),
+        [w.lora_file, w.steps, w.refs, session],
+        outputs,
+        api_name="attack",
+        concurrency_limit=1,
+        concurrency_id="attack",
+    )
 
     def mine(s, request: gr.Request):
         return shown(attack_mine(engine, s), s, request)
 
-    mine_btn.click(on_gpu(mine, 60), [session], outputs, api_name="attack_mine",
-                   concurrency_limit=1, concurrency_id="attack")
+    w.mine_btn.click(
+        on_gpu(mine, 60), [session], outputs, api_name="attack_mine", concurrency_limit=1, concurrency_id="attack"
+    )
     if tab is not None:  # the button appears once the visitor has fine-tuned a LoRA in this session
-        tab.select(lambda s: gr.Button(visible=s is not None and s.result is not None), [session], [mine_btn],
-                   queue=False, api_visibility="private")
+        tab.select(
+            lambda s: gr.Button(visible=s is not None and s.result is not None),
+            [session],
+            [w.mine_btn],
+            queue=False,
+            api_visibility="private",
+        )
     with gr.Accordion("Was my photo used? (membership inference)", open=False):
         create_membership_panel(engine, session)

@@ -16,8 +16,8 @@ from pathlib import Path
 import gradio as gr
 
 from core import RESULTS
-from core.studies.defenses import DP_NOISE, table_markdown
 from core.plots import cloaking_plot, privacy_utility_plot
+from core.studies.defenses import DP_NOISE, table_markdown
 
 RESULTS_JSON = RESULTS / "defenses.json"
 CLOAKING_JSON = RESULTS / "cloaking.json"
@@ -44,7 +44,7 @@ EXPLAIN = f"""
   and hidden under random noise; strength = the noise multiplier σ, and the privacy accountant turns it into
   **epsilon** (smaller = stronger promise). Epsilon is **per photo**: it bounds what the LoRA reveals about
   whether any *one* photo was used, not about the person; someone with 5 photos in the set has roughly 5x that
-  epsilon. The study retrains every LoRA from scratch for each σ (by default {', '.join(f'{s:g}' for s in DP_NOISE)}).
+  epsilon. The study retrains every LoRA from scratch for each σ (by default {", ".join(f"{s:g}" for s in DP_NOISE)}).
 
 #### Reading the chart
 Each point is one defense at one strength, averaged over the study's people. **Across** (x): the dlib identity
@@ -57,11 +57,13 @@ the top left: attack at the floor, LoRA still useful. *Top-1* in the table is ho
 closer to its victim than to any of the other people in the study.
 """
 
-NOT_RUN = (f"**The privacy-utility study has not been run yet**, so there are no measurements to show here. "
-           f"It needs the trained attacker (`assets/attacker/attacker.safetensors`); then run\n\n"
-           f"```bash\n{COMMAND}\n```\n\n"
-           f"which writes `docs/results/defenses.json` (read by this tab), `defenses.md` and the chart "
-           f"(`--n`, `--defenses`, `--skip-dp`, `--out`: see `{COMMAND} --help`).")
+NOT_RUN = (
+    f"**The privacy-utility study has not been run yet**, so there are no measurements to show here. "
+    f"It needs the trained attacker (`assets/attacker/attacker.safetensors`); then run\n\n"
+    f"```bash\n{COMMAND}\n```\n\n"
+    f"which writes `docs/results/defenses.json` (read by this tab), `defenses.md` and the chart "
+    f"(`--n`, `--defenses`, `--skip-dp`, `--out`: see `{COMMAND} --help`)."
+)
 
 
 def load_study(path: str | Path = RESULTS_JSON) -> dict | None:
@@ -81,10 +83,12 @@ def defenses_view(path: str | Path = RESULTS_JSON):
     if r is None:
         return NOT_RUN, None, ""
     dp = [x for x in r["rows"] if x["defense"] == "dp_sgd"]
-    head = (f"**Measured on {r['n']} people** (victims never seen by the base model or the attacker; chance "
-            f"top-1: {r['chance_top1']:.0%}). Produced by `{r.get('command', COMMAND)}` on {r.get('created', '?')} "
-            f"(base model `{r.get('base', '?')}`, attacker `{r.get('attacker', '?')}`"
-            f"{', with ' + str(len(dp)) + ' DP-SGD settings' if dp else ', without DP-SGD'}).")
+    head = (
+        f"**Measured on {r['n']} people** (victims never seen by the base model or the attacker; chance "
+        f"top-1: {r['chance_top1']:.0%}). Produced by `{r.get('command', COMMAND)}` on {r.get('created', '?')} "
+        f"(base model `{r.get('base', '?')}`, attacker `{r.get('attacker', '?')}`"
+        f"{', with ' + str(len(dp)) + ' DP-SGD settings' if dp else ', without DP-SGD'})."
+    )
     table = f"{table_markdown(r)}\n\n**What the numbers say** (generated from them): {r.get('conclusion', '')}"
     return head, privacy_utility_plot(r["rows"]), table
 
@@ -99,9 +103,11 @@ found it often washes cloaks out. The study below trains the same LoRA recipe on
 and cloaked-then-purified photos and measures how well each LoRA (and the attacker) still gets the person.
 """
 
-CLOAKING_NOT_RUN = (f"**The cloaking study has not been run yet**, so there are no measurements to show here. Run\n\n"
-                    f"```bash\n{CLOAKING_COMMAND}\n```\n\nwhich writes `docs/results/cloaking.json` (read by this tab), "
-                    f"`cloaking.md` and the chart (`--n`, `--budgets`, `--attack`: see `{CLOAKING_COMMAND} --help`).")
+CLOAKING_NOT_RUN = (
+    f"**The cloaking study has not been run yet**, so there are no measurements to show here. Run\n\n"
+    f"```bash\n{CLOAKING_COMMAND}\n```\n\nwhich writes `docs/results/cloaking.json` (read by this tab), "
+    f"`cloaking.md` and the chart (`--n`, `--budgets`, `--attack`: see `{CLOAKING_COMMAND} --help`)."
+)
 
 
 def cloaking_view(path: str | Path = CLOAKING_JSON):
@@ -111,19 +117,30 @@ def cloaking_view(path: str | Path = CLOAKING_JSON):
     try:
         r = load_study(path)
     except (OSError, ValueError) as e:
-        return f"**The cloaking study's results at `{path}` could not be read** ({e}). Run `{CLOAKING_COMMAND}` again.", None, ""
+        return (
+            f"**The cloaking study's results at `{path}` could not be read** ({e}). Run `{CLOAKING_COMMAND}` again.",
+            None,
+            "",
+        )
     if r is None:
         return CLOAKING_NOT_RUN, None, ""
-    head = (f"**Measured on {r['n']} people** (victims never seen by the base model or the attacker; chance top-1 "
-            f"{r['chance_top1']:.0%}). Produced by `{r.get('command', CLOAKING_COMMAND)}` on {r.get('created', '?')} (base "
-            f"model `{r.get('base', '?')}`; attacker: {r.get('attacker', '?')}). Distances are dlib identity distances to "
-            "the person's *clean* photos: higher = the LoRA (or the attacker) got the person less well.")
+    head = (
+        f"**Measured on {r['n']} people** (victims never seen by the base model or the attacker; chance top-1 "
+        f"{r['chance_top1']:.0%}). Produced by `{r.get('command', CLOAKING_COMMAND)}` on {r.get('created', '?')} (base "
+        f"model `{r.get('base', '?')}`; attacker: {r.get('attacker', '?')}). Distances are dlib identity distances to "
+        "the person's *clean* photos: higher = the LoRA (or the attacker) got the person less well."
+    )
     table = f"{cloaking_table(r)}\n\n**What the numbers say** (generated from them): {r.get('conclusion', '')}"
     return head, cloaking_plot(r), table
 
 
-def create_defenses_tab(tab: gr.Tab | None = None, path: str | Path = RESULTS_JSON, engine=None, session: gr.State | None = None,
-                        cloaking_path: str | Path = CLOAKING_JSON) -> None:
+def create_defenses_tab(
+    tab: gr.Tab | None = None,
+    path: str | Path = RESULTS_JSON,
+    engine=None,
+    session: gr.State | None = None,
+    cloaking_path: str | Path = CLOAKING_JSON,
+) -> None:
     """The tab; with ``engine`` and ``session`` also the "Cloak my photos" try-it section."""
     gr.Markdown(INTRO)
     head, fig, table_md = defenses_view(path)
@@ -141,5 +158,9 @@ def create_defenses_tab(tab: gr.Tab | None = None, path: str | Path = RESULTS_JS
 
         create_cloak_preview(engine, session)
     if tab is not None:  # re-read each time the tab is opened (the studies may have finished meanwhile)
-        tab.select(lambda: (*defenses_view(path), *cloaking_view(cloaking_path)), None,
-                   [status, chart, table, c_status, c_chart, c_table_md], api_visibility="private")
+        tab.select(
+            lambda: (*defenses_view(path), *cloaking_view(cloaking_path)),
+            None,
+            [status, chart, table, c_status, c_chart, c_table_md],
+            api_visibility="private",
+        )

@@ -26,8 +26,10 @@ def zero_gpu() -> bool:
     """Whether this process runs on a ZeroGPU Space (``SPACES_ZERO_GPU`` set and the ``spaces`` package
     installed). There a GPU exists only inside ``spaces.GPU`` calls, so the shared training hub (a
     background thread) cannot use it, and each visitor's fine-tune runs inside their own call."""
-    return (os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
-            and importlib.util.find_spec("spaces") is not None)
+    return (
+        os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+        and importlib.util.find_spec("spaces") is not None
+    )
 
 
 def startup_device(device: str | None = None) -> str | None:

@@ -47,11 +47,13 @@ def reliability(report: dict) -> str:
     row = report["rows"].get(str(c["steps"]))
     if not row:
         return ""
-    return (f"Measured on {report['n_victims']} people none of whose photos the threshold was set on "
-            f"(`python -m core.studies.membership`): it flags **{row['tpr']['rate']:.0%}** of the photos a LoRA was trained "
-            f"on, **{row['fpr_unseen']['rate']:.0%}** of the same people's photos it was *not* trained on, and "
-            f"{row['fpr_others']['rate']:.0%} of other people's photos (ROC AUC {row['auc_unseen']['auc']:.2f} for training "
-            f"photos against unseen photos of the same person; 1 = always right, 0.5 = a coin).")
+    return (
+        f"Measured on {report['n_victims']} people none of whose photos the threshold was set on "
+        f"(`python -m core.studies.membership`): it flags **{row['tpr']['rate']:.0%}** of the photos a LoRA was "
+        f"trained on, **{row['fpr_unseen']['rate']:.0%}** of the same people's photos it was *not* trained on, and "
+        f"{row['fpr_others']['rate']:.0%} of other people's photos (ROC AUC {row['auc_unseen']['auc']:.2f} for "
+        "training photos against unseen photos of the same person; 1 = always right, 0.5 = a coin)."
+    )
 
 
 def verdict(scores, cal, why: str, report, steps: int | None) -> str:
@@ -67,13 +69,19 @@ def verdict(scores, cal, why: str, report, steps: int | None) -> str:
         lines.append(f"| {i} | {s:+.3f} | {reading} |")
     if cal is None:
         return "\n".join(lines + ["", f"**Scores only:** {why}"])
-    text = ["", f"**How to read it.** The threshold was calibrated on {cal.n_loras} other people's {cal.steps}-step LoRAs so "
-            f"that only {cal.fpr_target:.0%} of photos a LoRA was *not* trained on (other photos of the same person) score above "
-            "it. Above it: this LoRA fits the photo as closely as it fits its own training photos. Below it is weaker "
-            "evidence of absence than above is of presence: some training photos score low too.", reliability(report)]
+    text = [
+        "",
+        f"**How to read it.** The threshold was calibrated on {cal.n_loras} other people's {cal.steps}-step LoRAs so "
+        f"that only {cal.fpr_target:.0%} of photos a LoRA was *not* trained on (other photos of the same person) "
+        "score above it. Above it: this LoRA fits the photo as closely as it fits its own training photos. Below it "
+        "is weaker evidence of absence than above is of presence: some training photos score low too.",
+        reliability(report),
+    ]
     if steps is not None and steps != cal.steps:
-        text.append(f"*This LoRA records {steps} fine-tuning steps, the threshold was set for {cal.steps}:* a longer fine-tune "
-                    "fits its photos more closely (every score rises), a shorter one less, so read the verdict with care.")
+        text.append(
+            f"*This LoRA records {steps} fine-tuning steps, the threshold was set for {cal.steps}:* a longer fine-tune "
+            "fits its photos more closely (every score rises), a shorter one less, so read the verdict with care."
+        )
     return "\n".join(lines + text)
 
 
@@ -87,7 +95,7 @@ def which_lora(engine, session, lora_path):
         try:
             v = read_lora_upload(engine, lora_path, session, need_unet=False)
         except LoRAFileError as e:
-            raise gr.Error(f"This LoRA file was refused: {e}")
+            raise gr.Error(f"This LoRA file was refused: {e}") from e
         return v.lora, v.alpha, recorded_steps(v.meta), "the uploaded LoRA file"
     if session is None or session.result is None:
         raise gr.Error("Upload a LoRA file, or fine-tune one in the Fine-tune tab first.")
@@ -126,8 +134,10 @@ def check(engine, session, lora_path, photo_files):
         head += " Photos left out:\n" + "\n".join(refused)
     if notes:
         head += "\n\nPlease check:\n" + "\n".join(notes)
-    shown = [(c, f"photo {i}: score {s:+.3f}" + ("" if cal is None else " (above)" if cal.above(s) else " (below)"))
-             for i, (c, s) in enumerate(zip(crops, scores), 1)]
+    shown = [
+        (c, f"photo {i}: score {s:+.3f}" + ("" if cal is None else " (above)" if cal.above(s) else " (below)"))
+        for i, (c, s) in enumerate(zip(crops, scores), 1)
+    ]
     return head + "\n\n" + verdict(scores, cal, why, report, steps), media(session, shown), session
 
 
@@ -137,7 +147,9 @@ def create_membership_panel(engine, session: gr.State) -> None:
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             photos = gr.File(label=f"Your photo(s) (1-{MAX_PHOTOS})", file_count="multiple", type="filepath")
-            lora_file = gr.File(label="A LoRA file (.safetensors); empty = your LoRA from the Fine-tune tab", type="filepath")
+            lora_file = gr.File(
+                label="A LoRA file (.safetensors); empty = your LoRA from the Fine-tune tab", type="filepath"
+            )
             go = gr.Button("Was my photo used?", variant="primary")
         with gr.Column(scale=2):
             out = gr.Markdown()
@@ -161,5 +173,11 @@ def create_membership_panel(engine, session: gr.State) -> None:
 
     photos.upload(photos_arrived, [photos, session], [gallery, session], api_visibility="private")
     lora_file.upload(lora_arrived, [lora_file, session], [out, session], api_visibility="private")
-    go.click(on_gpu(run, 60), [session, lora_file, photos], [out, gallery, session],
-             api_name="membership", concurrency_limit=1, concurrency_id="attack")
+    go.click(
+        on_gpu(run, 60),
+        [session, lora_file, photos],
+        [out, gallery, session],
+        api_name="membership",
+        concurrency_limit=1,
+        concurrency_id="attack",
+    )

@@ -20,11 +20,13 @@ from core.finetune.metadata import KINDS, MetadataError, Scan, clean_file, scan_
 from ui.session import ensure
 from ui.uploads import UploadError, UploadTooLarge, local_file
 
-INTRO = ("#### What its metadata gives away\nA `.safetensors` file carries a table of text beside the weights. Trainers "
-         "fill it, and kohya's trainer (behind most LoRAs shared on model sites) writes the captions of every "
-         "training photo, the training folders' names and photo counts, paths on the trainer's computer, dates and "
-         "more. Check a file here before you share it, and download a copy with the same weights and only what "
-         "loading needs.")
+INTRO = (
+    "#### What its metadata gives away\nA `.safetensors` file carries a table of text beside the weights. Trainers "
+    "fill it, and kohya's trainer (behind most LoRAs shared on model sites) writes the captions of every "
+    "training photo, the training folders' names and photo counts, paths on the trainer's computer, dates and "
+    "more. Check a file here before you share it, and download a copy with the same weights and only what "
+    "loading needs."
+)
 SHOWN = 120  # characters of a value shown in the table
 READ_KEY = "metadata:"  # the session keeps a file input's scan under this prefix + its path (VisitorSession.reads)
 
@@ -46,23 +48,33 @@ def scan_markdown(scan: Scan, name: str) -> tuple[str, str]:
     leaks = scan.leaks
     if not scan.findings:
         return f"**{code(name, 60)} has no metadata** beyond its {scan.tensors} tensors: nothing to remove.", ""
-    head = (f"**{code(name, 60)}: {len(scan.findings)} metadata entries, {len(leaks)} of them give something away**"
-            if leaks else f"**{code(name, 60)}: {len(scan.findings)} metadata entries; none of them gives anything away "
-                          "that this scanner knows of.**")
+    head = (
+        f"**{code(name, 60)}: {len(scan.findings)} metadata entries, {len(leaks)} of them give something away**"
+        if leaks
+        else f"**{code(name, 60)}: {len(scan.findings)} metadata entries; none of them gives anything away "
+        "that this scanner knows of.**"
+    )
     lines = [head]
     if scan.triggers:
-        lines.append("\n**The trigger word is written in the file:** " + ", ".join(code(t, 60) for t in scan.triggers)
-                     + ". With it, anyone can ask the LoRA for its subject directly.")
+        lines.append(
+            "\n**The trigger word is written in the file:** "
+            + ", ".join(code(t, 60) for t in scan.triggers)
+            + ". With it, anyone can ask the LoRA for its subject directly."
+        )
     if leaks:
         lines.append("")
     for f in leaks:
         lines.append(f"- **{KINDS[f.kind]}**, {code(f.key, 60)} = {code(f.value, 80)}: {plain(f.why)}")
         lines += [f"    - {code(d, 200)}" for d in f.details]
     rest = [f for f in scan.findings if not f.leaks]
-    lines.append(f"\nThe cleaned copy has the same weights, byte for byte, and keeps only what loading needs "
-                 f"({', '.join(code(f.key, 40) for f in rest if f.keep) or 'no entry at all'}).")
+    lines.append(
+        f"\nThe cleaned copy has the same weights, byte for byte, and keeps only what loading needs "
+        f"({', '.join(code(f.key, 40) for f in rest if f.keep) or 'no entry at all'})."
+    )
     table = ["| entry | value | what it is | in the cleaned copy |", "|---|---|---|---|"]
-    table += [f"| {code(f.key, 60)} | {code(f.value)} | {plain(f.why)} | {'kept' if f.keep else 'removed'} |" for f in rest]
+    table += [
+        f"| {code(f.key, 60)} | {code(f.value)} | {plain(f.why)} | {'kept' if f.keep else 'removed'} |" for f in rest
+    ]
     return "\n".join(lines), "\n".join(table) if rest else "No other entries."
 
 
@@ -142,5 +154,11 @@ def create_metadata_panel(lora_file: gr.File, session: gr.State, read_input=None
             read_input(f, s)
         return (*scan_upload(f, s), s)
 
-    btn.click(run, [lora_file, session], [report, rest, download, session], api_name="scan_metadata",
-              concurrency_limit=4, concurrency_id="scan_metadata")
+    btn.click(
+        run,
+        [lora_file, session],
+        [report, rest, download, session],
+        api_name="scan_metadata",
+        concurrency_limit=4,
+        concurrency_id="scan_metadata",
+    )

@@ -53,14 +53,30 @@ def create_protect_controls(open_: bool = False) -> ProtectControls:
     """The switch, the budget, the purify box and the gallery of originals beside their cloaked versions."""
     with gr.Accordion("Protect my photos first (cloaking)", open=open_):
         gr.Markdown(PROTECT_INTRO)
-        switch = gr.Checkbox(value=False, label="Protect my photos first",
-                             info="cloak the photos, then fine-tune on the cloaked ones; scores still compare with your originals")
-        budget = gr.Slider(*BUDGETS, value=CloakConfig.budget, step=1, label="Cloak budget (largest change of a pixel value, of 255)",
-                           info="larger: stronger cloak, more visible")
-        purify = gr.Checkbox(value=False, label="Purify as an attacker would",
-                             info=f"{PurifyConfig().words()}, applied to the cloaked photos before the fine-tune")
-        gallery = gr.Gallery(label="Your photos (left) and what the fine-tune trains on (right)", columns=4, height=200,
-                             object_fit="contain", visible=False)
+        switch = gr.Checkbox(
+            value=False,
+            label="Protect my photos first",
+            info="cloak the photos, then fine-tune on the cloaked ones; scores still compare with your originals",
+        )
+        budget = gr.Slider(
+            *BUDGETS,
+            value=CloakConfig.budget,
+            step=1,
+            label="Cloak budget (largest change of a pixel value, of 255)",
+            info="larger: stronger cloak, more visible",
+        )
+        purify = gr.Checkbox(
+            value=False,
+            label="Purify as an attacker would",
+            info=f"{PurifyConfig().words()}, applied to the cloaked photos before the fine-tune",
+        )
+        gallery = gr.Gallery(
+            label="Your photos (left) and what the fine-tune trains on (right)",
+            columns=4,
+            height=200,
+            object_fit="contain",
+            visible=False,
+        )
     return ProtectControls(switch, budget, purify, gallery)
 
 
@@ -69,7 +85,7 @@ def resolve(budget, purify) -> tuple[CloakConfig, PurifyConfig | None]:
     try:
         cfg = CloakConfig(budget=float(CloakConfig.budget if budget in (None, "") else budget))
     except (TypeError, ValueError) as e:
-        raise gr.Error(f"Bad cloak budget: {e}")
+        raise gr.Error(f"Bad cloak budget: {e}") from e
     return cfg, (PurifyConfig() if purify else None)
 
 
@@ -89,10 +105,12 @@ def pairs(result) -> list:
 def summary(result, next_step: str = "what the fine-tune below shows") -> str:
     c = result.cloak
     psnrs = list(c.psnr)
-    text = (f"**Cloaked {len(c.cloaked)} photos** in {c.seconds:.1f} s (budget {c.config.budget:g}/255, {c.steps_done} "
-            f"steps): PSNR {min(psnrs):.1f}-{max(psnrs):.1f} dB against your originals. The cloak raised the model's "
-            f"training loss on them by **{c.loss_cloaked / c.loss_clean - 1:+.0%}** (its own surrogate, fixed draws): "
-            f"that is what it aims at; whether a LoRA still learns your face from them is {next_step}.")
+    text = (
+        f"**Cloaked {len(c.cloaked)} photos** in {c.seconds:.1f} s (budget {c.config.budget:g}/255, {c.steps_done} "
+        f"steps): PSNR {min(psnrs):.1f}-{max(psnrs):.1f} dB against your originals. The cloak raised the model's "
+        f"training loss on them by **{c.loss_cloaked / c.loss_clean - 1:+.0%}** (its own surrogate, fixed draws): "
+        f"that is what it aims at; whether a LoRA still learns your face from them is {next_step}."
+    )
     if result.purified is not None:
         text += f" Then purified as an attacker would: {result.purify_words}."
     return text
@@ -115,7 +133,10 @@ def protect_updates(engine, photos, protect: bool, budget, purify: bool, should_
         yield {"protect_gallery": gr.update(value=[], visible=False)}
         return list(photos)
     cfg, pcfg = resolve(budget, purify)
-    yield {"status": f"Cloaking your {len(photos)} photos (budget {cfg.budget:g}/255)...", "protect_gallery": gr.update(value=[], visible=True)}
+    yield {
+        "status": f"Cloaking your {len(photos)} photos (budget {cfg.budget:g}/255)...",
+        "protect_gallery": gr.update(value=[], visible=True),
+    }
     for ev in protect_photos(engine.pipe, photos, cfg, pcfg, should_stop):
         if isinstance(ev, Progress):
             yield {"status": f"Cloaking your photos: step **{ev.step}/{ev.total}** ({ev.elapsed:.0f} s)."}
@@ -146,13 +167,21 @@ def cloak_preview(engine, session, budget, purify):
     session = ensure(session)
     photos = session.crops[:MAX_PHOTOS]
     if not photos:
-        return ("**No photos yet.** Upload photos of one face in the **Fine-tune** tab (or use the example face), "
-                "then come back."), [], session
+        return (
+            (
+                "**No photos yet.** Upload photos of one face in the **Fine-tune** tab (or use the example face), "
+                "then come back."
+            ),
+            [],
+            session,
+        )
     result = None
     for ev in protect_photos(engine.pipe, photos, *resolve(budget, purify)):
         if isinstance(ev, Done):
             result = ev.result
-    words = "what the cloaking study above measured, and what the Fine-tune tab's *Protect my photos first* switch shows"
+    words = (
+        "what the cloaking study above measured, and what the Fine-tune tab's *Protect my photos first* switch shows"
+    )
     return summary(result, words), media(session, pairs(result)), session
 
 
@@ -164,11 +193,18 @@ def create_cloak_preview(engine, session: gr.State) -> None:
         purify = gr.Checkbox(value=False, label="Purify as an attacker would", info=PurifyConfig().words())
     go = gr.Button("Cloak my photos")
     status = gr.Markdown()
-    gallery = gr.Gallery(label="Your photos (left) beside their cloaked versions (right)", columns=4, height=220,
-                         object_fit="contain")
+    gallery = gr.Gallery(
+        label="Your photos (left) beside their cloaked versions (right)", columns=4, height=220, object_fit="contain"
+    )
 
     def run(s, b, p, request: gr.Request):  # registered under the browser session: its end deletes the files
         return cloak_preview(engine, ensure(s, request), b, p)
 
-    go.click(on_gpu(run, 120), [session, budget, purify], [status, gallery, session],
-             api_name="cloak_preview", concurrency_limit=1, concurrency_id="cloak")
+    go.click(
+        on_gpu(run, 120),
+        [session, budget, purify],
+        [status, gallery, session],
+        api_name="cloak_preview",
+        concurrency_limit=1,
+        concurrency_id="cloak",
+    )

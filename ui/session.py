@@ -64,7 +64,7 @@ class VisitorSession:
     result: object = None  # the last FinetuneResult
     trained_on: list = field(default_factory=list)  # the crops that result was fine-tuned on
     stop_requested: bool = False  # the visitor pressed Stop: the training hub takes their run out
-    layer_steps: dict = field(default_factory=dict)  # {step: per-layer change} recorded during a fine-tune (ui.layers_tab)
+    layer_steps: dict = field(default_factory=dict)  # {step: per-layer change} recorded in a fine-tune (ui.layers_tab)
     reads: dict = field(default_factory=dict)  # file input path -> what a handler made of it (ui.uploads)
     # held while a handler reads a file input and records what it made of it: an upload's own handler and a
     # button pressed at once (two events of one visitor run concurrently) then never both read it
@@ -218,8 +218,10 @@ def parse_seed(value) -> int:
     except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
-        raise gr.Error(f"The seed must be a whole number from 0 to {2**31 - 1} (or empty for a fresh random one); "
-                       f"got {str(value)[:40]!r}.")
+        raise gr.Error(
+            f"The seed must be a whole number from 0 to {2**31 - 1} (or empty for a fresh random one); "
+            f"got {str(value)[:40]!r}."
+        )
     return int(seed)
 
 

@@ -137,6 +137,7 @@ class PrivateUploads:
                 headers = [(k, v) for k, v in msg.get("headers", []) if k.lower() not in (b"cache-control", b"etag")]
                 msg = {**msg, "headers": headers + [(b"cache-control", b"no-store")]}
             await send(msg)
+
         return wrapped
 
     def _rewrite(self, send):
@@ -157,6 +158,7 @@ class PrivateUploads:
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
             await send({**start, "headers": headers + [(b"content-length", str(len(data)).encode())]})
             await send({"type": "http.response.body", "body": data})
+
         return wrapped
 
 
@@ -302,12 +304,15 @@ def read_photo(path, session, size: int) -> PhotoRead:
         got = ingest_face(raw, size=size)
         return PhotoRead(name, got.crop, notes=got.notes)
     except UploadTooLarge:
-        return PhotoRead(name, problem=f"the file is larger than {MAX_BYTES // 2**20} MB; please upload a smaller photo.")
+        return PhotoRead(
+            name, problem=f"the file is larger than {MAX_BYTES // 2**20} MB; please upload a smaller photo."
+        )
     except (IngestError, UploadError) as e:
         return PhotoRead(name, problem=_sentence(str(e)))
     except (MemoryError, RecursionError, OverflowError, ValueError, OSError, SyntaxError):
-        return PhotoRead(name, problem="this file could not be read as a photo; please save it again as JPEG or "
-                                       "PNG and upload that.")
+        return PhotoRead(
+            name, problem="this file could not be read as a photo; please save it again as JPEG or PNG and upload that."
+        )
 
 
 def read_photos(files, session, size: int) -> list[PhotoRead]:

@@ -55,7 +55,9 @@ class AttackerConfig:
 
 def module_names(lora: dict) -> list[str]:
     """UNet module names (no prefix) carrying a LoRA, sorted."""
-    return sorted(k[len("unet."):-len(".lora_A.weight")] for k in lora if k.startswith("unet.") and k.endswith(".lora_A.weight"))
+    return sorted(
+        k[len("unet.") : -len(".lora_A.weight")] for k in lora if k.startswith("unet.") and k.endswith(".lora_A.weight")
+    )
 
 
 def factors(lora: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +133,9 @@ class Attacker(nn.Module):
         self.module_pos = nn.Parameter(torch.randn(len(cfg.modules), cfg.width) * 0.02)
         self.queries = nn.Parameter(torch.randn(cfg.text_len, cfg.width) * 0.02)  # the task tokens
         self.step_mlp = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
-        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, batch_first=True,
-                                           norm_first=True, activation="gelu")
+        layer = nn.TransformerEncoderLayer(
+            cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, batch_first=True, norm_first=True, activation="gelu"
+        )
         self.transformer = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.width)
         self.mu = nn.Linear(cfg.width, cfg.text_dim)
@@ -170,8 +173,16 @@ def config_for(pipe, lora: dict, rank: int, alpha: float, **kw) -> AttackerConfi
     names = module_names(lora)
     shapes = [list(factors(lora, n)[0].shape[:1]) + list(factors(lora, n)[1].shape[1:]) for n in names]
     te = pipe.text_encoder.config
-    return AttackerConfig(modules=names, shapes=shapes, rank=rank, alpha=alpha, text_len=pipe.tokenizer.model_max_length,
-                          text_dim=te.hidden_size, base=base_fingerprint(pipe), **kw)
+    return AttackerConfig(
+        modules=names,
+        shapes=shapes,
+        rank=rank,
+        alpha=alpha,
+        text_len=pipe.tokenizer.model_max_length,
+        text_dim=te.hidden_size,
+        base=base_fingerprint(pipe),
+        **kw,
+    )
 
 
 def save_attacker(model: Attacker, path: str | Path, info: dict | None = None) -> Path:
@@ -181,8 +192,10 @@ def save_attacker(model: Attacker, path: str | Path, info: dict | None = None) -
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().half().contiguous() if v.is_floating_point() else v.detach().contiguous()
-          for k, v in model.state_dict().items()}
+    sd = {
+        k: v.detach().half().contiguous() if v.is_floating_point() else v.detach().contiguous()
+        for k, v in model.state_dict().items()
+    }
     save_file(sd, str(path), metadata={"config": json.dumps(asdict(model.cfg)), "info": json.dumps(info or {})})
     return path
 
@@ -211,8 +224,16 @@ ATTACK_SAMPLER_STEPS = 8
 
 
 @torch.no_grad()
-def reconstruct(pipe, attacker: Attacker, lora: dict, step: int, seeds=(0, 1, 2, 3), steps: int = ATTACK_SAMPLER_STEPS,
-                model=None, w: float = ATTACK_W):
+def reconstruct(
+    pipe,
+    attacker: Attacker,
+    lora: dict,
+    step: int,
+    seeds=(0, 1, 2, 3),
+    steps: int = ATTACK_SAMPLER_STEPS,
+    model=None,
+    w: float = ATTACK_W,
+):
     """The attack on one LoRA: z = attacker(LoRA, step), then the LoRA's own model (base + LoRA;
     pass ``model`` if it is already built) samples with z as its prompt embedding. With ``w`` > 1 (the
     default, :data:`ATTACK_W`) each sampler step is extrapolated away from the base model's prediction

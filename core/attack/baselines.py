@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from core.finetune.lora import encode_prompt, pipeline_with_lora
-from core.model.sampling import sample_with
 from core.model.pipeline import sample_images
 from core.model.prompts import CLASS_PROMPT, instance_prompt
+from core.model.sampling import sample_with
 
 SEEDS = (0, 1, 2, 3)
 FINEXTRACT_W = 3.0  # extrapolation weight (1 = the fine-tuned model itself)
@@ -33,11 +33,14 @@ def naive(pipe, lora: dict, prompt: str = CLASS_PROMPT, seeds=SEEDS, steps: int 
 
 
 def ceiling(pipe, lora: dict, trigger: str, seeds=SEEDS, steps: int = 25, model=None):
-    return sample_images(model or pipeline_with_lora(pipe, lora), instance_prompt(trigger), seed=list(seeds), steps=steps)
+    return sample_images(
+        model or pipeline_with_lora(pipe, lora), instance_prompt(trigger), seed=list(seeds), steps=steps
+    )
 
 
-def finextract(pipe, lora: dict, w: float = FINEXTRACT_W, prompt: str = CLASS_PROMPT, seeds=SEEDS, steps: int = 25,
-               model=None) -> list[np.ndarray]:
+def finextract(
+    pipe, lora: dict, w: float = FINEXTRACT_W, prompt: str = CLASS_PROMPT, seeds=SEEDS, steps: int = 25, model=None
+) -> list[np.ndarray]:
     """FineXtract-style extrapolated sampling with the pipeline's own scheduler (``prompt`` for both models,
     each encoded by its own text encoder: a LoRA with text-encoder layers changes the fine-tuned side's)."""
     ft = model or pipeline_with_lora(pipe, lora)
@@ -48,8 +51,9 @@ def finextract(pipe, lora: dict, w: float = FINEXTRACT_W, prompt: str = CLASS_PR
 
 
 @torch.no_grad()
-def extrapolate(pipe, ft, emb: torch.Tensor, w: float, seeds=SEEDS, steps: int = 25,
-                emb_ft: torch.Tensor | None = None) -> list[np.ndarray]:
+def extrapolate(
+    pipe, ft, emb: torch.Tensor, w: float, seeds=SEEDS, steps: int = 25, emb_ft: torch.Tensor | None = None
+) -> list[np.ndarray]:
     """Sample with eps = eps_base + w (eps_ft - eps_base), both models conditioned on the prompt
     embedding ``emb`` (1 x L x D, or one per seed; ``emb_ft``: the fine-tuned side's own, when its text
     encoder differs): w = 1 is the fine-tuned model ``ft`` itself, w > 1 pushes each step further away

@@ -33,7 +33,7 @@ from core.model.prompts import CLASS_PROMPT
 
 @dataclass
 class MembershipConfig:
-    timesteps: tuple[int, ...] = (100, 200, 300, 400, 500, 600)  # fixed timesteps of the draws (chosen on tuning people, see core.studies.membership)
+    timesteps: tuple[int, ...] = (100, 200, 300, 400, 500, 600)  # timesteps of the draws (chosen on tuning people)
     noises: int = 4  # noise draws per timestep (each photo and each LoRA sees the same ones)
     mirror: bool = True  # also score the mirror image (the fine-tune trains on both)
     seed: int = 0  # seeds the fixed noises
@@ -78,7 +78,7 @@ def photo_losses(pipe, unet, crops, cfg: MembershipConfig | None = None) -> np.n
     b = den.noise(x, t=t.repeat(len(z)), noise=noise.repeat(len(z), 1, 1, 1))
     errs = []
     for s in range(0, len(x), cfg.batch):
-        part = b[s: s + cfg.batch]
+        part = b[s : s + cfg.batch]
         pred = unet(part.noisy, part.t, emb.expand(len(part), -1, -1)).sample
         errs.append((pred.float() - part.target.float()).pow(2).mean(dim=(1, 2, 3)).cpu())
     e = torch.cat(errs).view(views, n, k)  # view 0: the photos, view 1: their mirror images
@@ -97,8 +97,15 @@ def scores_from_losses(base: np.ndarray, lora: np.ndarray) -> np.ndarray:
     return (np.log(np.asarray(base) + tiny) - np.log(np.asarray(lora) + tiny)).mean(axis=1)
 
 
-def membership_scores(pipe, lora: dict, crops, cfg: MembershipConfig | None = None, alpha: float | None = None,
-                      base_losses: np.ndarray | None = None, model=None) -> np.ndarray:
+def membership_scores(
+    pipe,
+    lora: dict,
+    crops,
+    cfg: MembershipConfig | None = None,
+    alpha: float | None = None,
+    base_losses: np.ndarray | None = None,
+    model=None,
+) -> np.ndarray:
     """The score of every photo in ``crops`` for ``lora`` (peft naming, merged with ``alpha``; or its
     already merged pipeline ``model``). ``base_losses``: the base model's :func:`photo_losses` of the same
     photos with the same config, when already computed (they do not depend on the LoRA)."""
@@ -148,8 +155,9 @@ class Calibration:
         return bool(score > self.threshold)
 
 
-def calibrate(members, unseen, others, fpr: float, base: str, steps: int, n_loras: int,
-              cfg: MembershipConfig) -> Calibration:
+def calibrate(
+    members, unseen, others, fpr: float, base: str, steps: int, n_loras: int, cfg: MembershipConfig
+) -> Calibration:
     thr = threshold_at_fpr(unseen, fpr)
     rate = lambda s: float(np.mean(np.asarray(s) > thr)) if len(s) else float("nan")
     return Calibration(thr, fpr, rate(members), rate(others), n_loras, base, steps, asdict(cfg))
@@ -162,14 +170,18 @@ def load_calibration(report: dict | None, base: str) -> tuple[Calibration | None
         return None, "The membership check has not been calibrated yet (run `python -m core.studies.membership`)."
     c = dict(report["calibration"])
     if c.get("base") != base:
-        return None, (f"The membership threshold was calibrated on another base model ({c.get('base')}; this one is "
-                      f"{base}): rerun `python -m core.studies.membership` on this base.")
+        return None, (
+            f"The membership threshold was calibrated on another base model ({c.get('base')}; this one is "
+            f"{base}): rerun `python -m core.studies.membership` on this base."
+        )
     c["config"] = dict(c.get("config") or {})
     return Calibration(**c), ""
 
 
 def config_of_calibration(cal: Calibration) -> MembershipConfig:
-    return MembershipConfig(**{**cal.config, "timesteps": tuple(cal.config.get("timesteps", MembershipConfig.timesteps))})
+    return MembershipConfig(
+        **{**cal.config, "timesteps": tuple(cal.config.get("timesteps", MembershipConfig.timesteps))}
+    )
 
 
 def roc_curve(positives, negatives) -> tuple[list[float], list[float]]:

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from core.attack import baselines
-from core.faces import metrics
 from core.attack.attacker import ATTACK_SAMPLER_STEPS, factors, module_names, reconstruct
-from core.finetune.lora import pipeline_with_lora
+from core.faces import metrics
 from core.faces.utility import describe_set
+from core.finetune.lora import pipeline_with_lora
 
 SEEDS = (0, 1, 2, 3)
 
@@ -31,17 +31,23 @@ def attacker_mismatch(attacker, lora: dict) -> str | None:
     names = set(module_names(lora))
     missing = [m for m in cfg.modules if m not in names]
     if missing:
-        return (f"The attacker reads the LoRA of {len(cfg.modules)} UNet layers (the layers this app's fine-tune "
-                f"adapts); this LoRA lacks {len(missing)} of them (for example `{missing[0]}`), so it was made "
-                "with other target layers and the attacker cannot read it.")
+        return (
+            f"The attacker reads the LoRA of {len(cfg.modules)} UNet layers (the layers this app's fine-tune "
+            f"adapts); this LoRA lacks {len(missing)} of them (for example `{missing[0]}`), so it was made "
+            "with other target layers and the attacker cannot read it."
+        )
     for name, shape in zip(cfg.modules, cfg.shapes):
         b, a = factors(lora, name)
         if a.shape[0] != cfg.rank:
-            return (f"The attacker was trained on rank-{cfg.rank} LoRAs and reads only those; this LoRA has "
-                    f"rank {a.shape[0]}.")
+            return (
+                f"The attacker was trained on rank-{cfg.rank} LoRAs and reads only those; this LoRA has "
+                f"rank {a.shape[0]}."
+            )
         if [b.shape[0], a.shape[1]] != list(shape):
-            return (f"The LoRA of layer `{name}` has shape {[b.shape[0], a.shape[1]]}, the attacker expects "
-                    f"{list(shape)}: it was trained for another layout and cannot read this LoRA.")
+            return (
+                f"The LoRA of layer `{name}` has shape {[b.shape[0], a.shape[1]]}, the attacker expects "
+                f"{list(shape)}: it was trained for another layout and cannot read this LoRA."
+            )
     return None
 
 
@@ -56,8 +62,9 @@ def as_attacker_reads(lora: dict, alpha: float, cfg) -> dict:
     return {k: v * f if k.endswith(".lora_B.weight") else v for k, v in unet.items()}
 
 
-def reconstruct_lora(pipe, attacker, lora: dict, step: int, alpha: float, seeds=SEEDS,
-                     steps: int = ATTACK_SAMPLER_STEPS, model=None) -> list:
+def reconstruct_lora(
+    pipe, attacker, lora: dict, step: int, alpha: float, seeds=SEEDS, steps: int = ATTACK_SAMPLER_STEPS, model=None
+) -> list:
     """The attacker's images of the person behind ``lora`` (weights and fine-tuning ``step`` only:
     no trigger, no photos). ``model``: the LoRA's merged pipeline if already built. Raises
     ValueError with :func:`attacker_mismatch`'s sentence if the attacker cannot read the LoRA."""
@@ -65,8 +72,15 @@ def reconstruct_lora(pipe, attacker, lora: dict, step: int, alpha: float, seeds=
     if why:
         raise ValueError(why)
     model = model if model is not None else pipeline_with_lora(pipe, lora, alpha)
-    images, _ = reconstruct(pipe, attacker, as_attacker_reads(lora, alpha, attacker.cfg), int(step), seeds=tuple(seeds),
-                            steps=steps, model=model)
+    images, _ = reconstruct(
+        pipe,
+        attacker,
+        as_attacker_reads(lora, alpha, attacker.cfg),
+        int(step),
+        seeds=tuple(seeds),
+        steps=steps,
+        model=model,
+    )
     return images
 
 
@@ -84,14 +98,25 @@ class AttackImages:
     notes: list = field(default_factory=list)
 
 
-def attack_lora(pipe, attacker, lora: dict, step: int, alpha: float, trigger: str | None = None, seeds=SEEDS,
-                attacker_note: str = "") -> AttackImages:
+def attack_lora(
+    pipe,
+    attacker,
+    lora: dict,
+    step: int,
+    alpha: float,
+    trigger: str | None = None,
+    seeds=SEEDS,
+    attacker_note: str = "",
+) -> AttackImages:
     """Every weight-only attack on one LoRA (merged once): the attacker's reconstruction (if
     ``attacker`` is given and can read it), naive (class prompt) and FineXtract-style sampling, and
     the ceiling (true trigger) when ``trigger`` is given."""
     model = pipeline_with_lora(pipe, lora, alpha)
-    out = AttackImages(naive=baselines.naive(pipe, lora, seeds=seeds, model=model),
-                       finextract=baselines.finextract(pipe, lora, seeds=seeds, model=model), seeds=tuple(seeds))
+    out = AttackImages(
+        naive=baselines.naive(pipe, lora, seeds=seeds, model=model),
+        finextract=baselines.finextract(pipe, lora, seeds=seeds, model=model),
+        seeds=tuple(seeds),
+    )
     if attacker is None:
         out.attack_note = attacker_note or "No trained attacker is available."
     else:
@@ -109,7 +134,9 @@ def distances(sets: dict, photos) -> dict:
     """{name: dlib identity distance of that image set to ``photos``} (None where the set is None);
     the photos' mean descriptor is computed once."""
     ref = describe_set(photos)
-    return {name: None if ims is None else float(metrics.distance(describe_set(ims), ref)) for name, ims in sets.items()}
+    return {
+        name: None if ims is None else float(metrics.distance(describe_set(ims), ref)) for name, ims in sets.items()
+    }
 
 
 def recorded_steps(meta: dict) -> int | None:

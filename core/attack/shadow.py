@@ -41,8 +41,9 @@ def shadow_dir() -> Path:
     return cache_dir() / "shadow"
 
 
-def train_many(pipe, crops_list, cfg: FinetuneConfig | None = None, seeds=None, record_every: int = 0,
-               should_stop=never):
+def train_many(
+    pipe, crops_list, cfg: FinetuneConfig | None = None, seeds=None, record_every: int = 0, should_stop=never
+):
     """Generator: fine-tune ``len(crops_list)`` LoRAs at once (``cfg`` is every run's recipe, seed
     ``seeds[k]`` for run k) in one :class:`core.finetune.batch.LoRABatch`. Yields ``Progress`` per
     step and ``Done(dict)`` with ``triggers``, ``losses`` (steps x K) and ``trajectory``:
@@ -67,12 +68,22 @@ def train_many(pipe, crops_list, cfg: FinetuneConfig | None = None, seeds=None, 
             break
         batch.step()
         losses.append([r.losses[-1][0] for r in runs])
-        yield Progress("shadow LoRAs", step, cfg.steps, time.perf_counter() - t0, {"mean loss": float(np.mean(losses[-1]))})
+        yield Progress(
+            "shadow LoRAs", step, cfg.steps, time.perf_counter() - t0, {"mean loss": float(np.mean(losses[-1]))}
+        )
         if (record_every and step % record_every == 0) or step == cfg.steps:
             trajectory[step] = [r.lora() for r in runs]
-    yield Done({"triggers": triggers, "losses": losses, "trajectory": trajectory, "seeds": seeds,
-                "base": base_fingerprint(pipe), "seconds": time.perf_counter() - t0},
-               cancelled=len(losses) < cfg.steps)
+    yield Done(
+        {
+            "triggers": triggers,
+            "losses": losses,
+            "trajectory": trajectory,
+            "seeds": seeds,
+            "base": base_fingerprint(pipe),
+            "seconds": time.perf_counter() - t0,
+        },
+        cancelled=len(losses) < cfg.steps,
+    )
 
 
 # the population on disk -----------------------------------------------------------------------
@@ -119,7 +130,11 @@ def job_file(out: Path, i: int) -> Path:
 
 def trajectory_tensors(trajectory: dict, k: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Run ``k``'s checkpoints of a :func:`train_many` trajectory as ``step<r>.<key>`` file tensors."""
-    return {f"step{step}.{key}": v.to(dtype).contiguous() for step, loras in trajectory.items() for key, v in loras[k].items()}
+    return {
+        f"step{step}.{key}": v.to(dtype).contiguous()
+        for step, loras in trajectory.items()
+        for key, v in loras[k].items()
+    }
 
 
 def read_trajectory(handle) -> dict[int, dict]:
@@ -132,15 +147,31 @@ def read_trajectory(handle) -> dict[int, dict]:
     return ck
 
 
-def save_shadow(path: Path, job: ShadowJob, trigger: str, latents: torch.Tensor, trajectory: dict, k: int,
-                cfg: FinetuneConfig, base: str) -> None:
+def save_shadow(
+    path: Path,
+    job: ShadowJob,
+    trigger: str,
+    latents: torch.Tensor,
+    trajectory: dict,
+    k: int,
+    cfg: FinetuneConfig,
+    base: str,
+) -> None:
     """One shadow LoRA: photo latents and every recorded checkpoint (fp16), metadata as JSON."""
     from safetensors.torch import save_file
 
     tensors = {"latents": latents.half().contiguous(), **trajectory_tensors(trajectory, k, torch.float16)}
-    meta = {"identity": job.name, "photos": json.dumps(job.photos), "seed": str(job.seed), "trigger": trigger,
-            "steps": json.dumps(sorted(trajectory)), "rank": str(cfg.rank), "alpha": str(cfg.alpha),
-            "base": base, "config": json.dumps({k2: v for k2, v in vars(cfg).items() if k2 != "unet_targets"})}
+    meta = {
+        "identity": job.name,
+        "photos": json.dumps(job.photos),
+        "seed": str(job.seed),
+        "trigger": trigger,
+        "steps": json.dumps(sorted(trajectory)),
+        "rank": str(cfg.rank),
+        "alpha": str(cfg.alpha),
+        "base": base,
+        "config": json.dumps({k2: v for k2, v in vars(cfg).items() if k2 != "unet_targets"}),
+    }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -172,9 +203,18 @@ def list_shadows(out: str | Path | None = None) -> list[Path]:
     return sorted(Path(out or shadow_dir()).glob("*.safetensors"))
 
 
-def build_population(pipe, jobs: list[ShadowJob], cfg: FinetuneConfig, out: Path, group: int = 16,
-                     record_every: int = 5, root=None, process_index: int = 0, num_processes: int = 1,
-                     should_stop=never):
+def build_population(
+    pipe,
+    jobs: list[ShadowJob],
+    cfg: FinetuneConfig,
+    out: Path,
+    group: int = 16,
+    record_every: int = 5,
+    root=None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    should_stop=never,
+):
     """Generator: train every job not yet on disk, ``group`` at a time; this process takes every
     ``num_processes``-th group. Yields the groups' events and ``Done(list of files written)``."""
     from core.faces.aligned import load_crops
@@ -204,8 +244,16 @@ def build_population(pipe, jobs: list[ShadowJob], cfg: FinetuneConfig, out: Path
             break
         r = res.result
         for k, i in enumerate(todo):
-            save_shadow(job_file(out, i), jobs[i], r["triggers"][k], encode_photos(pipe, crops[k]).cpu(),
-                        r["trajectory"], k, cfg, r["base"])
+            save_shadow(
+                job_file(out, i),
+                jobs[i],
+                r["triggers"][k],
+                encode_photos(pipe, crops[k]).cpu(),
+                r["trajectory"],
+                k,
+                cfg,
+                r["base"],
+            )
             written.append(job_file(out, i))
     yield Done(written)
 
@@ -214,7 +262,7 @@ def build_population(pipe, jobs: list[ShadowJob], cfg: FinetuneConfig, out: Path
 class Args(FinetuneConfig):
     """Train the shadow LoRA population (resumable; several processes under accelerate share it)."""
 
-    steps: int = 100  # fine-tuning steps of each shadow LoRA (past the default recipe's 80, so every step count up to it is covered)
+    steps: int = 100  # fine-tuning steps of each shadow LoRA (past the default 80: covers every step count up to it)
     n: int = 96  # number of shadow LoRAs
     out: str | None = None  # folder of the population (default: core.attack.shadow.shadow_dir())
     group: int = 16  # LoRAs trained at once (one batched forward)
@@ -255,8 +303,11 @@ def main(argv=None):
     # float32 weights on every device (training; autocast does the half-precision work on CUDA)
     pipe = load_pipeline(a.model, str(state.device) if state.device.type == "cuda" else None, dtype=torch.float32)
     out = Path(a.out or shadow_dir())
-    files = run_with_progress_bar(build_population(pipe, jobs, cfg, out, a.group, a.record_every, a.data,
-                                                   state.process_index, state.num_processes))
+    files = run_with_progress_bar(
+        build_population(
+            pipe, jobs, cfg, out, a.group, a.record_every, a.data, state.process_index, state.num_processes
+        )
+    )
     print(f"{len(files)} shadow LoRAs written to {out} ({len(list_shadows(out))} there in all)")
 
 

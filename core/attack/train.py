@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 from core.attack.attacker import ATTACKER_DIR, Attacker, config_for, lora_inputs, save_attacker
+from core.attack.shadow import list_shadows, load_shadow
 from core.events import Done, Message, Progress, never
+from core.finetune.batch import adapter_unet, to_param_names
 from core.finetune.lora import FinetuneConfig, encode_prompt
 from core.model.denoising import Denoiser
 from core.model.pipeline import mixed_precision
 from core.model.prompts import CLASS_PROMPT, instance_prompt
-from core.attack.shadow import list_shadows, load_shadow
-from core.finetune.batch import adapter_unet, to_param_names
 
 
 @dataclass
@@ -52,7 +52,8 @@ class TrainConfig:
     holdout: int = 16  # last shadow LoRAs kept out of training, scored every eval_every steps
     eval_every: int = 100  # steps between held-out evaluations
     min_step: int = 5  # trajectory checkpoints used: step >= min_step
-    inputs: str = "canonical"  # what the encoder reads per LoRA module: "canonical" (balanced SVD factors of B A, invariant to refactoring) | "raw" (B and A as stored)
+    # "canonical" is invariant to refactoring B A; "raw": B and A as stored
+    inputs: str = "canonical"  # encoder input per LoRA module: "canonical" (balanced SVD factors of B A) | "raw" (B, A)
     width: int = 128  # token width of the weight encoder's transformer
     layers: int = 3  # transformer layers of the weight encoder
     seed: int = 0  # seed of initialisation, LoRA order and noise draws
@@ -101,11 +102,13 @@ class ShadowSet:
     def __init__(self, files: list[Path], cfg: TrainConfig):
         shadows = [load_shadow(f) for f in files]
         for s in shadows:  # keep the population compact in memory
-            s.checkpoints = {r: {k: v.half() for k, v in ck.items()} for r, ck in s.checkpoints.items() if r >= cfg.min_step}
+            s.checkpoints = {
+                r: {k: v.half() for k, v in ck.items()} for r, ck in s.checkpoints.items() if r >= cfg.min_step
+            }
         if len(shadows) <= cfg.holdout:
             raise ValueError(f"need more than {cfg.holdout} shadow LoRAs, found {len(shadows)}")
         self.train = shadows[: -cfg.holdout] if cfg.holdout else shadows
-        self.held = shadows[-cfg.holdout:] if cfg.holdout else []
+        self.held = shadows[-cfg.holdout :] if cfg.holdout else []
         self.first = shadows[0]
         self.cfg = cfg
 
@@ -114,8 +117,9 @@ class ShadowSet:
         picks = [rng.choice(self.train) for _ in range(self.cfg.loras_per_step)]
         steps = [rng.choice(sorted(s.checkpoints)) for s in picks]
         loras = [{n: v.float() for n, v in s.checkpoints[r].items()} for s, r in zip(picks, steps)]
-        x0 = torch.stack([s.latents[torch.randint(0, len(s.latents), (self.cfg.latents_per_lora,), generator=g)]
-                          for s in picks])
+        x0 = torch.stack(
+            [s.latents[torch.randint(0, len(s.latents), (self.cfg.latents_per_lora,), generator=g)] for s in picks]
+        )
         return steps, loras, x0
 
 
@@ -141,7 +145,9 @@ def held_out_losses(pipe, model, loss_fn, data: ShadowSet, cls_emb) -> dict | No
     return out
 
 
-def attacker_step(model, core, opt, loss_fn, data: ShadowSet, cfg: TrainConfig, rng, g, accelerator=None) -> tuple[float, float]:
+def attacker_step(
+    model, core, opt, loss_fn, data: ShadowSet, cfg: TrainConfig, rng, g, accelerator=None
+) -> tuple[float, float]:
     """One optimisation step on a random batch of shadow checkpoints: (reconstruction loss, KL).
     ``model``: what the step runs (the attacker, or accelerate's wrapper of it); ``core``: the attacker."""
     dev = next(core.parameters()).device
@@ -180,16 +186,19 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never, accelera
     targets = json.loads(first.meta["config"]).get("unet_targets") or FinetuneConfig().unet_targets
     with torch.no_grad():
         cls_emb = encode_prompt(pipe, CLASS_PROMPT)[0].float()
-    acfg = config_for(pipe, next(iter(first.checkpoints.values())), rank, alpha, inputs=cfg.inputs, width=cfg.width,
-                      layers=cfg.layers)
+    acfg = config_for(
+        pipe, next(iter(first.checkpoints.values())), rank, alpha, inputs=cfg.inputs, width=cfg.width, layers=cfg.layers
+    )
     model = core = Attacker(acfg, cls_emb).to(pipe.device)  # core: the attacker itself, model: what the steps run
     loss_fn = DenoisingLoss(pipe, rank, alpha, targets)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     if accelerator is not None:
         model, opt = accelerator.prepare(model, opt)
     main_process = accelerator is None or accelerator.is_main_process
-    yield Message(f"{len(data.train)} training LoRAs x {len(first.checkpoints)} checkpoints, {len(data.held)} held out; "
-                  f"attacker {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    yield Message(
+        f"{len(data.train)} training LoRAs x {len(first.checkpoints)} checkpoints, {len(data.held)} held out; "
+        f"attacker {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+    )
     log = {"config": asdict(cfg), "train": [], "eval": []}
     total, t_loop = cfg.steps, time.perf_counter()
     for step in range(cfg.steps):
@@ -209,10 +218,16 @@ def train(pipe, files: list[Path], cfg: TrainConfig, should_stop=never, accelera
             ev = held_out_losses(pipe, core, loss_fn, data, cls_emb)
             if ev:
                 log["eval"].append({"step": step + 1, **ev})
-                yield Message(f"step {step + 1}: held-out denoising loss " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                yield Message(
+                    f"step {step + 1}: held-out denoising loss " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items())
+                )
     core.eval()
-    log.update(steps_done=len(log["train"]), seconds=time.perf_counter() - t0, shadow_loras=len(data.train),
-               processes=accelerator.num_processes if accelerator is not None else 1)
+    log.update(
+        steps_done=len(log["train"]),
+        seconds=time.perf_counter() - t0,
+        shadow_loras=len(data.train),
+        processes=accelerator.num_processes if accelerator is not None else 1,
+    )
     yield Done(AttackerTrainResult(core, log), cancelled=len(log["train"]) < total)
 
 
@@ -230,7 +245,7 @@ class Args(TrainConfig):
     """Train the weight-only attacker on the shadow LoRA population."""
 
     shadow: str | None = None  # shadow LoRA folder (default: core.attack.shadow.shadow_dir())
-    out: str = str(ATTACKER_DIR / "attacker.safetensors")  # attacker weights to write (.safetensors; a .json log beside it)
+    out: str = str(ATTACKER_DIR / "attacker.safetensors")  # attacker file to write (.safetensors, with a .json log)
     limit: int = 0  # use only the first N shadow LoRAs (0 = all)
     model: str | None = None  # base model folder or hub id (default: the embedded base)
 
@@ -252,8 +267,12 @@ def main(argv=None):
     if acc is not None and not acc.is_main_process:
         return
     model, log = res.model, res.log
-    info = {"command": command_line("core.attack.train", argv), "shadow_loras": log["shadow_loras"],
-            "seconds": round(log["seconds"], 1), "final_eval": log["eval"][-1] if log["eval"] else None}
+    info = {
+        "command": command_line("core.attack.train", argv),
+        "shadow_loras": log["shadow_loras"],
+        "seconds": round(log["seconds"], 1),
+        "final_eval": log["eval"][-1] if log["eval"] else None,
+    }
     out = save_attacker(model, a.out, info)
     Path(out).with_suffix(".json").write_text(json.dumps({**info, "log": log}, indent=1) + "\n")
     print(f"attacker -> {out}")

@@ -52,7 +52,7 @@ class CloakConfig:
     budget: float = 8.0  # L-infinity budget on the 0-255 image: no colour value of a pixel moves by more than this
     steps: int = 10  # PGD steps (signed gradient ascent on the denoising loss, projected on the budget)
     step_size: float | None = None  # PGD step on the 0-255 scale; None = 2.5 * budget / steps (Madry et al.'s rule)
-    surrogate: str = "lora"  # "lora": a surrogate LoRA trained on the cloaked photos between PGD rounds (ASPL-style); "base": the frozen base only
+    surrogate: str = "lora"  # "lora": a LoRA trained on the cloaked photos between rounds (ASPL); "base": frozen base
     surrogate_every: int = 5  # PGD steps per round; the surrogate LoRA trains before each round
     surrogate_steps: int = 3  # surrogate-LoRA training steps per round
     surrogate_lr: float = 3e-3  # the surrogate's AdamW learning rate (the fine-tune's)
@@ -70,8 +70,10 @@ class CloakConfig:
         if self.surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
         if self.surrogate_every < 1 or self.surrogate_steps < 0 or self.noises < 1 or self.rank < 1:
-            raise ValueError(f"surrogate_every >= 1, surrogate_steps >= 0, noises >= 1, rank >= 1; got "
-                             f"{self.surrogate_every!r}, {self.surrogate_steps!r}, {self.noises!r}, {self.rank!r}")
+            raise ValueError(
+                f"surrogate_every >= 1, surrogate_steps >= 0, noises >= 1, rank >= 1; got "
+                f"{self.surrogate_every!r}, {self.surrogate_steps!r}, {self.noises!r}, {self.rank!r}"
+            )
         if not 0 < self.surrogate_lr < 1:
             raise ValueError(f"surrogate_lr must be in (0, 1), got {self.surrogate_lr!r}")
 
@@ -135,8 +137,15 @@ def encode(pipe, x: torch.Tensor) -> torch.Tensor:
     return pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist.mean.float() * pipe.vae.config.scaling_factor
 
 
-def denoising_loss(unet, den: Denoiser, latents: torch.Tensor, emb: torch.Tensor, g: torch.Generator, noises: int = 1,
-                   flip: bool = True) -> torch.Tensor:
+def denoising_loss(
+    unet,
+    den: Denoiser,
+    latents: torch.Tensor,
+    emb: torch.Tensor,
+    g: torch.Generator,
+    noises: int = 1,
+    flip: bool = True,
+) -> torch.Tensor:
     """The fine-tune's loss on ``latents`` (``noises`` draws each; a random half mirrored when ``flip``)."""
     z = latents.repeat(noises, 1, 1, 1)
     if flip:
@@ -221,7 +230,9 @@ def cloak_photos(pipe, crops, cfg: CloakConfig | None = None, should_stop=never)
     x0 = to_unit(crops).to(pipe.device)
     delta = (torch.rand(x0.shape, generator=g) * 2 - 1).to(x0.device) * eps  # random start (Madry et al.)
     delta = ((x0 + delta).clamp(-1, 1) - x0).requires_grad_(True)
-    yield Message(f"cloaking {len(crops)} photos: budget {cfg.budget:g}/255, {cfg.steps} PGD steps, surrogate {cfg.surrogate}")
+    yield Message(
+        f"cloaking {len(crops)} photos: budget {cfg.budget:g}/255, {cfg.steps} PGD steps, surrogate {cfg.surrogate}"
+    )
     done = 0
     for step in range(1, cfg.steps + 1):
         if should_stop():
@@ -239,9 +250,17 @@ def cloak_photos(pipe, crops, cfg: CloakConfig | None = None, should_stop=never)
         done = step
         yield Progress("cloak", step, cfg.steps, time.perf_counter() - t0, {"loss": float(loss.detach())})
     cloaked = within_budget(crops, to_uint8(x0 + delta), cfg.budget)
-    result = CloakResult(crops, cloaked, [psnr(c, o) for c, o in zip(cloaked, crops)],
-                         [ssim(c, o) for c, o in zip(cloaked, crops)], fixed_loss(pipe, model.unet, crops, emb),
-                         fixed_loss(pipe, model.unet, cloaked, emb), cfg, time.perf_counter() - t0, done)
+    result = CloakResult(
+        crops,
+        cloaked,
+        [psnr(c, o) for c, o in zip(cloaked, crops)],
+        [ssim(c, o) for c, o in zip(cloaked, crops)],
+        fixed_loss(pipe, model.unet, crops, emb),
+        fixed_loss(pipe, model.unet, cloaked, emb),
+        cfg,
+        time.perf_counter() - t0,
+        done,
+    )
     yield Done(result, cancelled=done < cfg.steps)
 
 

@@ -1,5 +1,5 @@
-"""DP-SGD fine-tuning, the training-time defense (:func:`dp_finetune`). Per-photo gradients (``vmap(grad)`` over the LoRA
-weights as plain tensors), clipped (:func:`core.finetune.clipping.clip_per_sample`), summed, noised;
+"""DP-SGD fine-tuning, the training-time defense (:func:`dp_finetune`). Per-photo gradients (``vmap(grad)`` over the
+LoRA weights as plain tensors), clipped (:func:`core.finetune.clipping.clip_per_sample`), summed, noised;
 epsilon from Opacus' RDP accountant.
 
 What is private: the visitor's photos (the class images are public). Each step:
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from core.finetune.batch import adapter_unet, initial_adapters, peft_key
 from core.events import Checkpoint, Done, Message, Preview, Progress, never
+from core.finetune.batch import adapter_unet, initial_adapters, peft_key
 from core.finetune.clipping import clip_per_sample
 from core.finetune.lora import (
     FinetuneConfig,
@@ -60,7 +60,7 @@ from core.model.prompts import CLASS_PROMPT, instance_prompt
 
 @dataclass
 class DPConfig:
-    noise_multiplier: float = 1.0  # sigma: noise std / max_grad_norm on the summed clipped gradients (ignored with target_epsilon)
+    noise_multiplier: float = 1.0  # sigma: noise std / max_grad_norm on summed clipped grads (unless target_epsilon)
     max_grad_norm: float = 1.0  # C: each photo's gradient (all LoRA tensors together) is clipped to this L2 norm
     delta: float = 1e-5  # the delta of (epsilon, delta)-DP; keep it well below 1 / number of photos
     target_epsilon: float | None = None  # set: sigma is computed (Opacus) so the run ends at this epsilon
@@ -103,8 +103,9 @@ def epsilon_curve(noise_multiplier: float, sample_rate: float, steps: int, delta
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ORDER_WARNING)
         one = analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
-        return tuple(float(analysis.get_privacy_spent(orders=orders, rdp=one * k, delta=delta)[0])
-                     for k in range(1, steps + 1))
+        return tuple(
+            float(analysis.get_privacy_spent(orders=orders, rdp=one * k, delta=delta)[0]) for k in range(1, steps + 1)
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -113,8 +114,15 @@ def _noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: i
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ORDER_WARNING)
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant="rdp"))
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant="rdp",
+            )
+        )
 
 
 def resolve_noise_multiplier(dp: DPConfig, sample_rate: float, steps: int) -> float:
@@ -142,7 +150,9 @@ def per_sample_grads(unet, params: dict, batch: NoisedBatch, emb: torch.Tensor) 
     def one(p, noisy, t, target, weight):
         return denoising_error(unet, p, NoisedBatch(noisy[None], t[None], target[None], weight[None]), emb)[0]
 
-    return vmap(grad_and_value(one), in_dims=(None, 0, 0, 0, 0))(params, batch.noisy, batch.t, batch.target, batch.weight)
+    return vmap(grad_and_value(one), in_dims=(None, 0, 0, 0, 0))(
+        params, batch.noisy, batch.t, batch.target, batch.weight
+    )
 
 
 def clipped_per_sample_grads(unet, params: dict, batch: NoisedBatch, emb: torch.Tensor, max_grad_norm: float) -> dict:
@@ -150,9 +160,20 @@ def clipped_per_sample_grads(unet, params: dict, batch: NoisedBatch, emb: torch.
     return clip_per_sample(per_sample_grads(unet, params, batch, emb)[0], max_grad_norm)[0]
 
 
-def private_gradient(unet, params: dict, inst: NoisedBatch, emb_inst: torch.Tensor, cls: NoisedBatch | None,
-                     emb_cls: torch.Tensor | None, *, noise_multiplier: float, max_grad_norm: float,
-                     expected_batch: int, prior_weight: float, generator: torch.Generator) -> tuple[dict, dict]:
+def private_gradient(
+    unet,
+    params: dict,
+    inst: NoisedBatch,
+    emb_inst: torch.Tensor,
+    cls: NoisedBatch | None,
+    emb_cls: torch.Tensor | None,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch: int,
+    prior_weight: float,
+    generator: torch.Generator,
+) -> tuple[dict, dict]:
     """The gradient one DP-SGD step applies, and the step's statistics (``loss``, ``instance_loss``:
     the objective below; ``clipped``: share of sampled photos whose gradient was clipped).
 
@@ -170,7 +191,7 @@ def private_gradient(unet, params: dict, inst: NoisedBatch, emb_inst: torch.Tens
         clipped, norms = clip_per_sample(grads, max_grad_norm)
         total = {n: g.sum(0) for n, g in clipped.items()}
         inst_loss, clipped_share = losses.sum().detach(), float((norms > max_grad_norm).float().mean())
-    for n, g in total.items():
+    for g in total.values():
         g += noise_multiplier * max_grad_norm * torch.randn(g.shape, generator=generator).to(g.device)
         g /= expected_batch
     inst_loss = float(inst_loss) / expected_batch
@@ -188,8 +209,20 @@ def poisson_sample(n: int, rate: float, g: torch.Generator) -> torch.Tensor:
     return (torch.rand(n, generator=g) < rate).nonzero().flatten()
 
 
-def dp_step(unet, params: dict, opt, den: Denoiser, inst: torch.Tensor, cls: torch.Tensor | None, embs, q: float,
-            sigma: float, dp: DPConfig, cfg: FinetuneConfig, g: torch.Generator) -> dict:
+def dp_step(
+    unet,
+    params: dict,
+    opt,
+    den: Denoiser,
+    inst: torch.Tensor,
+    cls: torch.Tensor | None,
+    embs,
+    q: float,
+    sigma: float,
+    dp: DPConfig,
+    cfg: FinetuneConfig,
+    g: torch.Generator,
+) -> dict:
     """One DP-SGD step (steps 1-4 of the module docstring); returns its statistics."""
     n = len(inst) // 2  # photo i's latent is inst[i], its mirror image's inst[i + n]
     pick = poisson_sample(n, q, g)
@@ -198,9 +231,19 @@ def dp_step(unet, params: dict, opt, den: Denoiser, inst: torch.Tensor, cls: tor
     noised = den.noise(torch.cat([x_inst, x_cls]), g)
     m = len(pick)
     b_inst, b_cls = noised[:m], (noised[m:] if cls is not None else None)
-    grads, stats = private_gradient(unet, params, b_inst, embs[0], b_cls, embs[1], noise_multiplier=sigma,
-                                    max_grad_norm=dp.max_grad_norm, expected_batch=cfg.batch,
-                                    prior_weight=cfg.prior_weight, generator=g)
+    grads, stats = private_gradient(
+        unet,
+        params,
+        b_inst,
+        embs[0],
+        b_cls,
+        embs[1],
+        noise_multiplier=sigma,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch=cfg.batch,
+        prior_weight=cfg.prior_weight,
+        generator=g,
+    )
     for k, p in params.items():
         p.grad = grads[k]
     if cfg.grad_clip:
@@ -208,6 +251,35 @@ def dp_step(unet, params: dict, opt, den: Denoiser, inst: torch.Tensor, cls: tor
     opt.step()
     opt.zero_grad(set_to_none=True)
     return {**stats, "photos in batch": m}
+
+
+def dp_photos(crops, cfg: FinetuneConfig) -> list:
+    """The photos, checked (:func:`check_photos`); ValueError unless DP-SGD can train ``cfg`` on them."""
+    if cfg.text_encoder:
+        raise ValueError("dp_finetune trains UNet LoRAs only (text_encoder=False)")
+    crops = check_photos(crops)
+    n = len(crops)
+    if cfg.batch > n:
+        raise ValueError(
+            f"DP-SGD samples each photo with rate batch / photos, so batch ({cfg.batch}) must not "
+            f"exceed the number of photos ({n})"
+        )
+    return crops
+
+
+def dp_checkpoint(pipe, lora: dict, cfg: FinetuneConfig, trigger: str, step: int, epsilon: float):
+    """Generator: the ``Checkpoint`` of ``step``, then (with ``cfg.preview_n``) a ``Preview`` of the DP
+    LoRA's own samples with its trigger."""
+    yield Checkpoint(step, lora)
+    if cfg.preview_n:
+        ims = sample_images(
+            pipeline_with_lora(pipe, lora, cfg.alpha),
+            instance_prompt(trigger),
+            n=cfg.preview_n,
+            seed=0,
+            steps=cfg.preview_steps,
+        )
+        yield Preview(step, ims, f"the DP LoRA's own samples with its trigger, step {step} (epsilon {epsilon:.3g})")
 
 
 def dp_finetune(pipe, crops, cfg: FinetuneConfig | None = None, dp: DPConfig | None = None, should_stop=never):
@@ -219,13 +291,8 @@ def dp_finetune(pipe, crops, cfg: FinetuneConfig | None = None, dp: DPConfig | N
     """
     cfg = cfg or FinetuneConfig()
     dp = dp or DPConfig()
-    if cfg.text_encoder:
-        raise ValueError("dp_finetune trains UNet LoRAs only (text_encoder=False)")
-    crops = check_photos(crops)
+    crops = dp_photos(crops, cfg)
     n = len(crops)
-    if cfg.batch > n:
-        raise ValueError(f"DP-SGD samples each photo with rate batch / photos, so batch ({cfg.batch}) must not "
-                         f"exceed the number of photos ({n})")
     t0 = time.perf_counter()
     trigger = pick_trigger(cfg)
     dev = pipe.device
@@ -239,9 +306,11 @@ def dp_finetune(pipe, crops, cfg: FinetuneConfig | None = None, dp: DPConfig | N
     with torch.no_grad():
         emb_inst = encode_prompt(pipe, instance_prompt(trigger))
         emb_cls = encode_prompt(pipe, CLASS_PROMPT)
-    yield Message(f"trigger word: {trigger}; {n} photos; {0 if cls is None else len(cls)} class images; "
-                  f"DP-SGD: sampling rate {q:.3g}, noise multiplier {sigma:.4g}, clip {dp.max_grad_norm:g}, "
-                  f"epsilon after {cfg.steps} steps {epsilons[-1]:.4g} (delta {dp.delta:g}, per photo)")
+    yield Message(
+        f"trigger word: {trigger}; {n} photos; {0 if cls is None else len(cls)} class images; "
+        f"DP-SGD: sampling rate {q:.3g}, noise multiplier {sigma:.4g}, clip {dp.max_grad_norm:g}, "
+        f"epsilon after {cfg.steps} steps {epsilons[-1]:.4g} (delta {dp.delta:g}, per photo)"
+    )
 
     # 2. the LoRA weights as plain tensors, run through a frozen adapter UNet with functional_call
     unet = adapter_unet(pipe, cfg)
@@ -262,15 +331,26 @@ def dp_finetune(pipe, crops, cfg: FinetuneConfig | None = None, dp: DPConfig | N
         m = stats.pop("photos in batch")
         epsilon = epsilons[step - 1]  # the accountant after `step` steps at rate q and noise sigma
         losses.append(stats["loss"])
-        yield Progress("DP fine-tune", step, cfg.steps, time.perf_counter() - t0,
-                       {**stats, "epsilon": epsilon, "photos in batch": m})
+        yield Progress(
+            "DP fine-tune",
+            step,
+            cfg.steps,
+            time.perf_counter() - t0,
+            {**stats, "epsilon": epsilon, "photos in batch": m},
+        )
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            lora = current_lora()
-            yield Checkpoint(step, lora)
-            if cfg.preview_n:
-                ims = sample_images(pipeline_with_lora(pipe, lora, cfg.alpha), instance_prompt(trigger),
-                                    n=cfg.preview_n, seed=0, steps=cfg.preview_steps)
-                yield Preview(step, ims, f"the DP LoRA's own samples with its trigger, step {step} (epsilon {epsilon:.3g})")
-    result = DPFinetuneResult(current_lora(), trigger, cfg, base_fingerprint(pipe), losses, time.perf_counter() - t0,
-                              len(losses), dp=dp, noise_multiplier=sigma, sample_rate=q, epsilon=epsilon)
+            yield from dp_checkpoint(pipe, current_lora(), cfg, trigger, step, epsilon)
+    result = DPFinetuneResult(
+        current_lora(),
+        trigger,
+        cfg,
+        base_fingerprint(pipe),
+        losses,
+        time.perf_counter() - t0,
+        len(losses),
+        dp=dp,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        epsilon=epsilon,
+    )
     yield Done(result, cancelled=len(losses) < cfg.steps)

@@ -144,7 +144,9 @@ DEFENSES: dict[str, Defense] = {
     "prune": Defense(prune, (0.5, 0.8, 0.9, 0.95, 0.99), "fraction of A and B entries set to zero"),
     "quantize": Defense(quantize, (8, 6, 4, 3, 2), "bits per weight (symmetric, per tensor)"),
     # keep = 4 is rank 4's full product in canonical SVD factors (no change to B A)
-    "rank_truncate": Defense(rank_truncate, (4, 3, 2, 1), "singular directions of B A kept (rank stays r, zero-padded)"),
+    "rank_truncate": Defense(
+        rank_truncate, (4, 3, 2, 1), "singular directions of B A kept (rank stays r, zero-padded)"
+    ),
 }
 
 

@@ -21,7 +21,8 @@ PURIFIERS = ("noise", "resize", "jpeg", "blur")  # every step a chain may name
 
 @dataclass
 class PurifyConfig:
-    chain: tuple[str, ...] = ("noise", "resize", "jpeg")  # steps, in order (noise, resize, jpeg, blur): noisy down-up resize then JPEG, as an upload pipeline would
+    # the default: a noisy down-up resize then JPEG, as an upload pipeline would
+    chain: tuple[str, ...] = ("noise", "resize", "jpeg")  # steps in order (noise, resize, jpeg, blur), like an upload
     jpeg_quality: int = 75  # JPEG re-compression quality (1-95; social networks use about 70-85)
     blur_sigma: float = 0.6  # Gaussian blur radius in pixels
     noise_std: float = 4.0  # Gaussian noise std on the 0-255 scale (added before resizing, as noisy upscaling does)
@@ -42,9 +43,12 @@ class PurifyConfig:
 
     def words(self) -> str:
         """The chain in words, for reports and the UI."""
-        said = {"noise": f"Gaussian noise (std {self.noise_std:g}/255)",
-                "resize": f"resize to {self.resize_factor:g}x and back", "jpeg": f"JPEG quality {self.jpeg_quality}",
-                "blur": f"Gaussian blur ({self.blur_sigma:g} px)"}
+        said = {
+            "noise": f"Gaussian noise (std {self.noise_std:g}/255)",
+            "resize": f"resize to {self.resize_factor:g}x and back",
+            "jpeg": f"JPEG quality {self.jpeg_quality}",
+            "blur": f"Gaussian blur ({self.blur_sigma:g} px)",
+        }
         return ", then ".join(said[s] for s in self.chain) or "nothing"
 
 

@@ -32,7 +32,9 @@ def _key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
 
 
-def align_file(path: str | Path, size: int = data.IMAGE_SIZE, template: np.ndarray | None = None) -> ingest.Aligned | None:
+def align_file(
+    path: str | Path, size: int = data.IMAGE_SIZE, template: np.ndarray | None = None
+) -> ingest.Aligned | None:
     """The aligned crop of one photo file (cached), or None where dlib finds no face."""
     path = Path(path)
     template = ingest.load_template() if template is None else template

@@ -52,8 +52,10 @@ def utkface_files(root: str | Path | None = None) -> list[Path]:
     """UTKFace chips sorted by name, exact duplicates dropped (the first name of each content kept)."""
     root = Path(root or default_utkface_root())
     if not root.is_dir():
-        raise FileNotFoundError(f"UTKFace folder not found: {root} (set --utkface or $LEAKLAB_UTKFACE; "
-                                "../shared/data/README.md says how to extract it)")
+        raise FileNotFoundError(
+            f"UTKFace folder not found: {root} (set --utkface or $LEAKLAB_UTKFACE; "
+            "../shared/data/README.md says how to extract it)"
+        )
     seen, out = set(), []
     for f in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         h = hashlib.sha256(f.read_bytes()).digest()
@@ -130,7 +132,7 @@ class Split:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path = SPLIT_FILE) -> "Split":
+    def load(cls, path: str | Path = SPLIT_FILE) -> Split:
         return cls(**json.loads(Path(path).read_text()))
 
     def paths(self, group: str, root: str | Path | None = None) -> dict[str, list[Path]]:

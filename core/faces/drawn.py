@@ -46,8 +46,10 @@ BOX_WIDTH = 128  # the face box is shrunk to at most this width before it is mea
 # flat alone is not enough (a baby's smooth skin in a JPEG reaches 0.41), few colours alone neither
 # (a greyscale photo reaches 0.99)
 RULE = dict(palette=0.80, flat=0.35, shading=0.25)
-DRAWN_MESSAGE = ("This face looks drawn (a cartoon, a drawing or a heavily filtered picture: flat colours without "
-                 "the shading of skin); the app learns a real face, so please upload a photo of a real face.")
+DRAWN_MESSAGE = (
+    "This face looks drawn (a cartoon, a drawing or a heavily filtered picture: flat colours without "
+    "the shading of skin); the app learns a real face, so please upload a photo of a real face."
+)
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,11 @@ def measure(img: Image.Image, rect) -> Drawnness:
     g = (np.hypot(sobel(y, 0), sobel(y, 1)) / 8)[1:-1, 1:-1]
     q = a // 16
     counts = np.sort(np.bincount((q[..., 0] * 256 + q[..., 1] * 16 + q[..., 2]).ravel()))[::-1]
-    return Drawnness(flat=float((spread <= 2).mean()), shading=float(((g >= 1.5) & (g < 6)).mean()),
-                     palette=float(counts[:8].sum() / q[..., 0].size))
+    return Drawnness(
+        flat=float((spread <= 2).mean()),
+        shading=float(((g >= 1.5) & (g < 6)).mean()),
+        palette=float(counts[:8].sum() / q[..., 0].size),
+    )
 
 
 def looks_drawn(img: Image.Image, rect) -> bool:
@@ -102,8 +107,11 @@ def cartoon(img: Image.Image, style: str) -> Image.Image:
     if style == "levels":
         a = np.asarray(img.filter(ImageFilter.MedianFilter(7))).astype(int)
         return Image.fromarray((a // 64 * 64 + 32).clip(0, 255).astype(np.uint8))
-    flat = img.filter(ImageFilter.MedianFilter(5)).quantize(8 if style == "flat" else 6,
-                                                           method=Image.Quantize.MEDIANCUT).convert("RGB")
+    flat = (
+        img.filter(ImageFilter.MedianFilter(5))
+        .quantize(8 if style == "flat" else 6, method=Image.Quantize.MEDIANCUT)
+        .convert("RGB")
+    )
     if style == "flat":
         return flat
     edges = img.convert("L").filter(ImageFilter.FIND_EDGES).point(lambda v: 0 if v > 40 else 255)
@@ -160,7 +168,7 @@ def more_photos(n: int, skip: int, seed: int = 0):
 
     utk = list(data.utkface_files())
     random.Random(seed).shuffle(utk)
-    for p in utk[skip:skip + n]:
+    for p in utk[skip : skip + n]:
         img = Image.open(p).convert("RGB")
         yield "photo UTKFace (more)", img
         yield "photo UTKFace (more), JPEG q40", jpeg(img, 40)
@@ -185,21 +193,35 @@ def run(n: int, n_more: int = 2000) -> dict:
         s["values"].append([d.flat, d.shading, d.palette])
     for s in sets.values():
         vals = np.array(s.pop("values") or [[np.nan] * 3])
-        s.update({k: [float(np.nanmin(vals[:, i])), float(np.nanmedian(vals[:, i])), float(np.nanmax(vals[:, i]))]
-                  for i, k in enumerate(("flat", "shading", "palette"))})
-    return dict(n=n, n_more=n_more, rule=RULE, command=f"python -m core.faces.drawn --n {n} --n-more {n_more}", sets=sets)
+        s.update(
+            {
+                k: [float(np.nanmin(vals[:, i])), float(np.nanmedian(vals[:, i])), float(np.nanmax(vals[:, i]))]
+                for i, k in enumerate(("flat", "shading", "palette"))
+            }
+        )
+    return dict(
+        n=n, n_more=n_more, rule=RULE, command=f"python -m core.faces.drawn --n {n} --n-more {n_more}", sets=sets
+    )
 
 
 def report_markdown(r: dict) -> str:
-    lines = [f"# Drawn faces: what the ingestion refuses (`{r['command']}`)", "",
-             f"Rule: drawn when palette >= {r['rule']['palette']} and (flat >= {r['rule']['flat']} or shading <= "
-             f"{r['rule']['shading']}) (core/faces/drawn.py). *Detected*: images in which dlib's detector finds a face; "
-             "*refused*: of those, the share the rule calls drawn. Values: min / median / max over the detected.", "",
-             "| set | images | face detected | refused as drawn | flat | shading | palette |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Drawn faces: what the ingestion refuses (`{r['command']}`)",
+        "",
+        f"Rule: drawn when palette >= {r['rule']['palette']} and (flat >= {r['rule']['flat']} or shading <= "
+        f"{r['rule']['shading']}) (core/faces/drawn.py). *Detected*: images in which dlib's detector finds a face; "
+        "*refused*: of those, the share the rule calls drawn. Values: min / median / max over the detected.",
+        "",
+        "| set | images | face detected | refused as drawn | flat | shading | palette |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in r["sets"].items():
         share = f"{s['refused'] / s['detected']:.1%}" if s["detected"] else "-"
-        lines.append(f"| {name} | {s['images']} | {s['detected']} | {s['refused']} ({share}) | "
-                     + " | ".join(" / ".join(f"{x:.2f}" for x in s[k]) for k in ("flat", "shading", "palette")) + " |")
+        lines.append(
+            f"| {name} | {s['images']} | {s['detected']} | {s['refused']} ({share}) | "
+            + " | ".join(" / ".join(f"{x:.2f}" for x in s[k]) for k in ("flat", "shading", "palette"))
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

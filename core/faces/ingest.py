@@ -103,8 +103,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 MAX_ASPECT = 12  # a photo of a face is never a strip longer than this many times its width
 ORIENTATION = 0x0112  # the EXIF tag that says how to turn a photo upright
-NO_FACE = ("No face was found in this photo; use a photo where one face, at least 100 pixels wide, looks "
-           "roughly at the camera.")
+NO_FACE = (
+    "No face was found in this photo; use a photo where one face, at least 100 pixels wide, looks "
+    "roughly at the camera."
+)
 
 
 def _read_bytes(src) -> bytes:
@@ -115,7 +117,9 @@ def _read_bytes(src) -> bytes:
         if not p.is_file():
             raise NotAnImage(f"{p.name}: file not found.")
         if p.stat().st_size > MAX_BYTES:
-            raise TooManyPixels(f"{p.name}: the file is larger than {MAX_BYTES // 2**20} MB; please upload a smaller photo.")
+            raise TooManyPixels(
+                f"{p.name}: the file is larger than {MAX_BYTES // 2**20} MB; please upload a smaller photo."
+            )
         return p.read_bytes()
     return src.read()
 
@@ -124,22 +128,32 @@ def _unreadable(e: Exception) -> IngestError:
     """The sentence for a file Pillow starts to read and then gives up on."""
     if "too large" in str(e).lower() and ("text" in str(e).lower() or "chunk" in str(e).lower()):
         # Pillow refuses PNG text / colour-profile chunks over ImageFile's limit (a decompression bomb guard)
-        return CorruptImage("This PNG carries more hidden text or colour-profile data (metadata) than a photo ever "
-                            "has, so it is not read; please save the photo again without it (for example export it "
-                            "as JPEG) and upload that.")
-    return CorruptImage("The image file is damaged or truncated (part of it is missing or unreadable); please "
-                        "upload the original photo again.")
+        return CorruptImage(
+            "This PNG carries more hidden text or colour-profile data (metadata) than a photo ever "
+            "has, so it is not read; please save the photo again without it (for example export it "
+            "as JPEG) and upload that."
+        )
+    return CorruptImage(
+        "The image file is damaged or truncated (part of it is missing or unreadable); please "
+        "upload the original photo again."
+    )
 
 
 def _check_shape(w: int, h: int) -> None:
     if w * h > MAX_PIXELS:
-        raise TooManyPixels(f"The photo is {w}x{h} ({w * h / 1e6:.0f} megapixels); please upload one under {MAX_PIXELS // 1_000_000} megapixels.")
+        raise TooManyPixels(
+            f"The photo is {w}x{h} ({w * h / 1e6:.0f} megapixels); please upload one under {MAX_PIXELS // 1_000_000} "
+            "megapixels."
+        )
     if w < 16 or h < 16:
-        raise NoFaceFound(f"The image is only {w}x{h} pixels; please upload a larger photo (the face at least "
-                          "100 pixels wide).")
+        raise NoFaceFound(
+            f"The image is only {w}x{h} pixels; please upload a larger photo (the face at least 100 pixels wide)."
+        )
     if max(w, h) > MAX_ASPECT * min(w, h):
-        raise NoFaceFound(f"The image is {w}x{h} pixels, a thin strip rather than a photo of a face; please upload "
-                          "a photo where the face fills a good part of the picture.")
+        raise NoFaceFound(
+            f"The image is {w}x{h} pixels, a thin strip rather than a photo of a face; please upload "
+            "a photo where the face fills a good part of the picture."
+        )
 
 
 def open_image(src, orient: bool = True) -> Image.Image:
@@ -178,8 +192,10 @@ def open_image(src, orient: bool = True) -> Image.Image:
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
         raise _unreadable(e) from None
     if img.mode in ("RGBA", "LA", "PA", "P", "La", "RGBa") and _alpha_extrema(img) == (0, 0):
-        raise NotAnImage("The image is fully transparent: there is nothing to see in it; please upload a photo "
-                         "(JPEG, PNG, WebP ...).")
+        raise NotAnImage(
+            "The image is fully transparent: there is nothing to see in it; please upload a photo "
+            "(JPEG, PNG, WebP ...)."
+        )
     rgb.info.update(frames=frames, orientation=orientation)
     return rgb
 
@@ -201,17 +217,27 @@ def _alpha_extrema(img: Image.Image):
 
 # what an unreadable upload is, by its first bytes: (test, what it is, what to do instead)
 _NOT_PHOTOS = (
-    (lambda h: h.lstrip().lower().startswith((b"<!doctype html", b"<html")), "a web page (HTML), not a photo",
-     "open the page, save the image itself (right-click, \"Save image as\") and upload that file"),
-    (lambda h: b"<svg" in h.lower(), "an SVG drawing (vector graphics), not a photo",
-     "upload a photo as JPEG or PNG"),
-    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"heif", b"mif1", b"msf1", b"hevc"),
-     "an HEIC/HEIF photo (the iPhone's default format), which this app cannot read",
-     "export it as JPEG (on an iPhone: Settings > Camera > Formats > Most Compatible, or share it as JPEG) and upload that"),
+    (
+        lambda h: h.lstrip().lower().startswith((b"<!doctype html", b"<html")),
+        "a web page (HTML), not a photo",
+        'open the page, save the image itself (right-click, "Save image as") and upload that file',
+    ),
+    (lambda h: b"<svg" in h.lower(), "an SVG drawing (vector graphics), not a photo", "upload a photo as JPEG or PNG"),
+    (
+        lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"heif", b"mif1", b"msf1", b"hevc"),
+        "an HEIC/HEIF photo (the iPhone's default format), which this app cannot read",
+        (
+            "export it as JPEG (on an iPhone: Settings > Camera > Formats > Most Compatible, or share it as JPEG) and "
+            "upload that"
+        ),
+    ),
     (lambda h: h[4:8] == b"ftyp", "a video, not a photo", "upload a still photo (JPEG, PNG, WebP ...)"),
     (lambda h: h.startswith(b"%PDF"), "a PDF document, not a photo", "upload the photo itself (JPEG, PNG, WebP ...)"),
-    (lambda h: h.startswith(b"PK\x03\x04"), "a zip archive, not a photo",
-     "unzip it and upload the photos inside one by one (JPEG, PNG, WebP ...)"),
+    (
+        lambda h: h.startswith(b"PK\x03\x04"),
+        "a zip archive, not a photo",
+        "unzip it and upload the photos inside one by one (JPEG, PNG, WebP ...)",
+    ),
 )
 
 
@@ -287,8 +313,9 @@ def align_face(img: Image.Image, points: np.ndarray, template: np.ndarray, size:
     if not inside.all() and pad > 0:
         arr = np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric")
         inv = np.array([[1, 0, pad], [0, 1, pad], [0, 0, 1]]) @ inv
-    warped = Image.fromarray(arr).transform((size, size), Image.AFFINE, inv[:2].flatten().tolist(),
-                                            resample=Image.BICUBIC, fillcolor=(127, 127, 127))
+    warped = Image.fromarray(arr).transform(
+        (size, size), Image.AFFINE, inv[:2].flatten().tolist(), resample=Image.BICUBIC, fillcolor=(127, 127, 127)
+    )
     return Aligned(np.asarray(warped), inside)
 
 
@@ -314,24 +341,31 @@ def ingest_face(src, template: np.ndarray | None = None, size: int = data.IMAGE_
         rect, pts, n = find_face(stored)
         if rect is not None:
             img = stored
-            notes.append("its orientation tag (EXIF) says to turn it, but the face is upright as stored, so it "
-                         "was used as stored.")
+            notes.append(
+                "its orientation tag (EXIF) says to turn it, but the face is upright as stored, so it "
+                "was used as stored."
+            )
     if rect is None:
         if img.info.get("frames", 1) > 1:
-            raise NoFaceFound(f"No face was found in the first frame of this file ({img.info['frames']} frames or "
-                              "pages): only the first frame is read. Save the frame with the face as a photo of its "
-                              "own (JPEG or PNG) and upload that.")
+            raise NoFaceFound(
+                f"No face was found in the first frame of this file ({img.info['frames']} frames or "
+                "pages): only the first frame is read. Save the frame with the face as a photo of its "
+                "own (JPEG or PNG) and upload that."
+            )
         raise NoFaceFound(NO_FACE)
     from core.faces.drawn import DRAWN_MESSAGE, looks_drawn
 
     if looks_drawn(img, rect):
         raise DrawnFace(DRAWN_MESSAGE)
     if n > 1:
-        notes.append(f"{n} faces were found and the largest was used (see its crop); if that is not the right "
-                     "person, upload a photo of them alone.")
+        notes.append(
+            f"{n} faces were found and the largest was used (see its crop); if that is not the right "
+            "person, upload a photo of them alone."
+        )
     al = align_face(img, pts, load_template() if template is None else template, size)
-    return Ingested(al.crop, (rect.left(), rect.top(), rect.right(), rect.bottom()), n, al.inside_fraction,
-                    tuple(notes))
+    return Ingested(
+        al.crop, (rect.left(), rect.top(), rect.right(), rect.bottom()), n, al.inside_fraction, tuple(notes)
+    )
 
 
 # template -------------------------------------------------------------------------------------

@@ -125,8 +125,10 @@ def main(argv=None):
     root = a.data or data.default_lfw_root()
     res = [verify_pairs(root, s) for s in a.sizes]
     for r in res:
-        print(f"{r['size']:>4} px: accuracy {r['accuracy']:.3f} on {r['pairs']} pairs "
-              f"(mean distance same {r['same_mean_distance']:.3f}, different {r['diff_mean_distance']:.3f})")
+        print(
+            f"{r['size']:>4} px: accuracy {r['accuracy']:.3f} on {r['pairs']} pairs "
+            f"(mean distance same {r['same_mean_distance']:.3f}, different {r['diff_mean_distance']:.3f})"
+        )
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
 

@@ -81,8 +81,11 @@ def find_face(img: Image.Image):
     import dlib
 
     scale = min(1.0, DETECT_MAX_SIDE / max(img.size))
-    small = img if scale == 1.0 else img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                                                Image.BILINEAR)
+    small = (
+        img
+        if scale == 1.0
+        else img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    )
     arr = np.asarray(small)
     rects = detect(arr, 1 if max(small.size) < 500 else 0) or detect(arr, 1)
     if not rects:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.faces import recognition as faces
 from core.faces import metrics
+from core.faces import recognition as faces
 from core.finetune.lora import pipeline_with_lora
 from core.model.pipeline import sample_images
 from core.model.prompts import CLASS_PROMPT, instance_prompt
@@ -51,12 +51,27 @@ def floor_images(pipe, steps: int = 25, guidance: float = GUIDANCE):
     return sample_images(pipe, CLASS_PROMPT, seed=list(EVAL_SEEDS), steps=steps, guidance=guidance)
 
 
-def lora_utility(pipe, lora: dict, trigger: str, private_crops, alpha: float | None = None, steps: int = 25,
-                 floor: list | None = None, guidance: float = GUIDANCE) -> Utility:
+def lora_utility(
+    pipe,
+    lora: dict,
+    trigger: str,
+    private_crops,
+    alpha: float | None = None,
+    steps: int = 25,
+    floor: list | None = None,
+    guidance: float = GUIDANCE,
+) -> Utility:
     """Distance of the LoRA's trigger samples to the private photos, next to the class-prompt floor
     (both sampled with the same guidance scale)."""
     gallery = describe_set(private_crops)
-    ims = sample_images(pipeline_with_lora(pipe, lora, alpha), instance_prompt(trigger), seed=list(EVAL_SEEDS),
-                        steps=steps, guidance=guidance)
+    ims = sample_images(
+        pipeline_with_lora(pipe, lora, alpha),
+        instance_prompt(trigger),
+        seed=list(EVAL_SEEDS),
+        steps=steps,
+        guidance=guidance,
+    )
     floor = floor if floor is not None else floor_images(pipe, steps, guidance)
-    return Utility(float(metrics.distance(describe_set(ims), gallery)), float(metrics.distance(describe_set(floor), gallery)), ims)
+    return Utility(
+        float(metrics.distance(describe_set(ims), gallery)), float(metrics.distance(describe_set(floor), gallery)), ims
+    )

@@ -54,8 +54,13 @@ def peft_key(param_name: str) -> str:
 
 def to_param_names(lora: dict) -> dict[str, torch.Tensor]:
     """In-memory naming (``unet.<m>.lora_A.weight``) -> the adapter UNet's parameter names."""
-    return {k[len("unet."):].replace(".lora_A.weight", ".lora_A.default.weight").replace(
-        ".lora_B.weight", ".lora_B.default.weight"): v for k, v in lora.items() if k.startswith("unet.")}
+    return {
+        k[len("unet.") :]
+        .replace(".lora_A.weight", ".lora_A.default.weight")
+        .replace(".lora_B.weight", ".lora_B.default.weight"): v
+        for k, v in lora.items()
+        if k.startswith("unet.")
+    }
 
 
 def initial_adapters(pipe, cfg: FinetuneConfig, seeds) -> dict[str, torch.Tensor]:
@@ -77,7 +82,17 @@ def unstack(params: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
 
 
 # what must be equal for two recipes to train in one batch
-SHARED_FIELDS = ("rank", "alpha", "unet_targets", "batch", "n_class", "prior_weight", "lr", "grad_clip", "mixed_precision")
+SHARED_FIELDS = (
+    "rank",
+    "alpha",
+    "unet_targets",
+    "batch",
+    "n_class",
+    "prior_weight",
+    "lr",
+    "grad_clip",
+    "mixed_precision",
+)
 
 
 @dataclass(eq=False)  # a run is itself: hashable by identity
@@ -134,8 +149,10 @@ class LoRABatch:
         ``finetune`` initialises a LoRA with that seed; it trains from the next :meth:`step` on."""
         cfg = cfg or self.cfg
         if not self.accepts(cfg):
-            raise ValueError("this recipe cannot join the batch (rank, layers, batch size, class images, learning rate "
-                             "and clipping must be the batch's)")
+            raise ValueError(
+                "this recipe cannot join the batch (rank, layers, batch size, class images, learning rate "
+                "and clipping must be the batch's)"
+            )
         trigger = cfg.trigger or pick_trigger(cfg)
         inst = encode_photos(self.pipe, check_photos(crops))
         b = cfg.batch
@@ -143,10 +160,22 @@ class LoRABatch:
             e = [encode_prompt(self.pipe, instance_prompt(trigger)).expand(b, -1, -1)]
             if self.cls is not None:
                 e.append(self.emb_cls.expand(b, -1, -1))
-        params = {n: v[0].to(self.dev).requires_grad_(True) for n, v in initial_adapters(self.pipe, cfg, [cfg.seed]).items()}
-        opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0, fused=self.dev.type == "cuda" or None)
-        run = Run(key, replace(cfg, trigger=trigger), trigger, inst, torch.cat(e), torch.Generator().manual_seed(cfg.seed),
-                  params, opt)
+        params = {
+            n: v[0].to(self.dev).requires_grad_(True) for n, v in initial_adapters(self.pipe, cfg, [cfg.seed]).items()
+        }
+        opt = torch.optim.AdamW(
+            list(params.values()), lr=cfg.lr, weight_decay=0.0, fused=self.dev.type == "cuda" or None
+        )
+        run = Run(
+            key,
+            replace(cfg, trigger=trigger),
+            trigger,
+            inst,
+            torch.cat(e),
+            torch.Generator().manual_seed(cfg.seed),
+            params,
+            opt,
+        )
         self.runs.append(run)
         return run
 
@@ -171,8 +200,12 @@ class LoRABatch:
         names = list(runs[0].params)
         stacked = {n: torch.stack([r.params[n] for r in runs]) for n in names}
         with mixed_precision(self.dev, self.amp):
-            pred = self.forward(stacked, torch.stack([n.noisy for n in noised]), torch.stack([n.t for n in noised]),
-                                torch.stack([r.emb for r in runs]))
+            pred = self.forward(
+                stacked,
+                torch.stack([n.noisy for n in noised]),
+                torch.stack([n.t for n in noised]),
+                torch.stack([r.emb for r in runs]),
+            )
         b = self.cfg.batch
         err = torch.stack([self.den.errors(pred[k], n) for k, n in enumerate(noised)])  # K x 2b
         inst_loss = err[:, :b].mean(1)

@@ -67,15 +67,25 @@ FAMILY_KEYS = (
     (("double_blocks", "single_blocks", "single_transformer_blocks"), "FLUX.1"),
     (("joint_blocks", "context_block"), "Stable Diffusion 3"),
     (("lora_te1_", "lora_te2_", "text_encoder_2.", "add_embedding", "label_emb"), "SDXL"),
-    (("lora_transformer_", "transformer.", "diffusion_model."), "a transformer (DiT) model such as FLUX, SD 3 or PixArt"),
+    (
+        ("lora_transformer_", "transformer.", "diffusion_model."),
+        "a transformer (DiT) model such as FLUX, SD 3 or PixArt",
+    ),
 )
 # ... by the width of the text features the UNet's cross-attention reads (and of the text encoder)
 FAMILY_WIDTHS = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL"}
 # ... by what kohya / the SAI model spec write in the metadata
-FAMILY_META = (("sdxl", "SDXL"), ("stable-diffusion-xl", "SDXL"), ("flux", "FLUX.1"), ("sd3", "Stable Diffusion 3"),
-               ("stable-diffusion-3", "Stable Diffusion 3"), ("sd_v2", "Stable Diffusion 2.x"),
-               ("stable-diffusion-v2", "Stable Diffusion 2.x"), ("sd_v1", "Stable Diffusion 1.x"),
-               ("stable-diffusion-v1", "Stable Diffusion 1.x"))
+FAMILY_META = (
+    ("sdxl", "SDXL"),
+    ("stable-diffusion-xl", "SDXL"),
+    ("flux", "FLUX.1"),
+    ("sd3", "Stable Diffusion 3"),
+    ("stable-diffusion-3", "Stable Diffusion 3"),
+    ("sd_v2", "Stable Diffusion 2.x"),
+    ("stable-diffusion-v2", "Stable Diffusion 2.x"),
+    ("sd_v1", "Stable Diffusion 1.x"),
+    ("stable-diffusion-v1", "Stable Diffusion 1.x"),
+)
 RUNNABLE = ("Stable Diffusion 1.x", "Stable Diffusion 2.x")  # families a StableDiffusionPipeline can be
 
 
@@ -129,29 +139,46 @@ def refuse_unreadable(raw: dict[str, torch.Tensor], meta: dict, pipe=None) -> No
     dora = next((k for k in keys if any(d in k for d in DORA_KEYS)), None)
     if dora is not None:
         which = next(d for d in DORA_KEYS if d in dora)
-        raise LoRAFileError("dora", f"This file is a DoRA (weight-decomposed LoRA: it stores a magnitude vector per "
-                                    f"layer, '{which}', for example {_show(dora)}), so its change to a layer is not the plain "
-                                    "(alpha / r) B A this app reads. Export it as a plain LoRA (trained without DoRA) "
-                                    "and upload that.")
+        raise LoRAFileError(
+            "dora",
+            f"This file is a DoRA (weight-decomposed LoRA: it stores a magnitude vector per "
+            f"layer, '{which}', for example {_show(dora)}), so its change to a layer is not the plain "
+            "(alpha / r) B A this app reads. Export it as a plain LoRA (trained without DoRA) "
+            "and upload that.",
+        )
     for marks, what in OTHER_ADAPTERS:
         hit = next((k for k in keys if any(_has_mark(k, m) for m in marks)), None)
         if hit is not None:
             reason = "lycoris" if "LyCORIS" in what else "other_adapter"
-            raise LoRAFileError(reason, f"This file is {what} (for example tensor {_show(hit)}), which this app does "
-                                        "not read: it reads plain LoRA files (down/up pairs with an alpha per layer, "
-                                        "LoCon convolution layers included). Upload a plain LoRA, or convert this one "
-                                        "to a plain LoRA first.")
+            raise LoRAFileError(
+                reason,
+                f"This file is {what} (for example tensor {_show(hit)}), which this app does "
+                "not read: it reads plain LoRA files (down/up pairs with an alpha per layer, "
+                "LoCon convolution layers included). Upload a plain LoRA, or convert this one "
+                "to a plain LoRA first.",
+            )
     family = file_family(raw, meta)
     ours = pipe_family(pipe) if pipe is not None else None
     if family is not None and family not in RUNNABLE:
-        raise LoRAFileError("other_family", f"This LoRA was made for {family}, a different kind of model than the "
-                                            "Stable Diffusion 1.x-style models this app runs; it cannot be read here. "
-                                            "Upload a LoRA made for this app's base model.")
+        raise LoRAFileError(
+            "other_family",
+            f"This LoRA was made for {family}, a different kind of model than the "
+            "Stable Diffusion 1.x-style models this app runs; it cannot be read here. "
+            "Upload a LoRA made for this app's base model.",
+        )
     if family is not None and pipe is not None and family != ours:
-        raise LoRAFileError("other_family", f"This LoRA was made for {family}; this app is running "
-                                            f"{ours}, so its layers do not fit. Upload a LoRA made for {ours}"
-                                            + ("" if ours in RUNNABLE else ", or start the app on a GPU with an SD 1.x "
-                                               "base (python app.py --model <model id>) to read SD 1.x LoRAs") + ".")
+        raise LoRAFileError(
+            "other_family",
+            f"This LoRA was made for {family}; this app is running "
+            f"{ours}, so its layers do not fit. Upload a LoRA made for {ours}"
+            + (
+                ""
+                if ours in RUNNABLE
+                else ", or start the app on a GPU with an SD 1.x "
+                "base (python app.py --model <model id>) to read SD 1.x LoRAs"
+            )
+            + ".",
+        )
 
 
 def _has_mark(key: str, mark: str) -> bool:
@@ -219,16 +246,21 @@ def read_lora_state(raw: dict[str, torch.Tensor], text_encoder=None) -> LoRAWeig
     if fmt == "kohya":
         parts, alphas, unknown = _kohya_parts(raw)
     else:
-        parts, unknown = _split_parts({k[len(PEFT_PREFIX):] if fmt == "peft" else k: v for k, v in raw.items()})
+        parts, unknown = _split_parts({k[len(PEFT_PREFIX) :] if fmt == "peft" else k: v for k, v in raw.items()})
     flat = text_encoder is not None and not hasattr(text_encoder, "text_model")
     peft, left = {}, list(unknown)
     for part, sub in parts.items():
         conv, bad = _to_peft(part, sub)
         left += [f"{part}.{k}" for k in bad]
         peft.update({f"{part}.{_drop_text_model(k, part, flat)}": v for k, v in conv.items()})
-    modules, lone = _pairs(peft, {_drop_text_model(k, k.split(".", 1)[0], flat, prefixed=True): a for k, a in alphas.items()})
-    notes = ["a peft adapter file: peft keeps its alpha in adapter_config.json, which is not part of the upload"] \
-        if fmt == "peft" else []
+    modules, lone = _pairs(
+        peft, {_drop_text_model(k, k.split(".", 1)[0], flat, prefixed=True): a for k, a in alphas.items()}
+    )
+    notes = (
+        ["a peft adapter file: peft keeps its alpha in adapter_config.json, which is not part of the upload"]
+        if fmt == "peft"
+        else []
+    )
     return LoRAWeights(modules, fmt, left, lone=lone, notes=notes)
 
 
@@ -236,7 +268,7 @@ def _drop_text_model(key: str, part: str, flat: bool, prefixed: bool = False) ->
     if not (flat and part == "text_encoder"):
         return key
     head = "text_encoder." if prefixed else ""
-    return head + key[len(head):].removeprefix("text_model.")
+    return head + key[len(head) :].removeprefix("text_model.")
 
 
 def _split_parts(raw: dict) -> tuple[dict[str, dict], list[str]]:
@@ -275,10 +307,13 @@ def _check_kohya_pairs(raw: dict) -> None:
     for k in raw:
         for have, need in ((".lora_down.weight", ".lora_up.weight"), (".lora_up.weight", ".lora_down.weight")):
             if k.endswith(have) and k[: -len(have)] + need not in raw:
-                raise LoRAFileError("missing_pair", f"Layer {_show(k[: -len(have)])} has only one of its two LoRA "
-                                                    f"matrices: {_show(need.strip('.'))} is missing; every layer needs "
-                                                    "both lora_down and lora_up. The file is incomplete: export the "
-                                                    "whole LoRA again and upload that.")
+                raise LoRAFileError(
+                    "missing_pair",
+                    f"Layer {_show(k[: -len(have)])} has only one of its two LoRA "
+                    f"matrices: {_show(need.strip('.'))} is missing; every layer needs "
+                    "both lora_down and lora_up. The file is incomplete: export the "
+                    "whole LoRA again and upload that.",
+                )
 
 
 def _alpha_layer(key: str) -> str:
@@ -295,7 +330,11 @@ def _to_peft(part: str, sub: dict) -> tuple[dict, list[str]]:
     """One part's names converted to peft naming as diffusers' loaders do (UNet: ``convert_unet_state_dict_to_peft``;
     text encoder: ``convert_state_dict_to_diffusers`` then ``convert_state_dict_to_peft``), and the names
     it could not place."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
     from diffusers.utils.state_dict_utils import StateDictType
 
     if part == "unet":
@@ -310,8 +349,10 @@ def _to_peft(part: str, sub: dict) -> tuple[dict, list[str]]:
                 return {}, list(sub)
             conv = convert_state_dict_to_peft(sub, original_type=StateDictType.DIFFUSERS_OLD)
     if len(conv) != len(sub):
-        raise LoRAFileError("duplicate_key", f"Two tensors of the {part} part map to the same LoRA weight; "
-                                             "each adapted layer must appear once.")
+        raise LoRAFileError(
+            "duplicate_key",
+            f"Two tensors of the {part} part map to the same LoRA weight; each adapted layer must appear once.",
+        )
     bad = [k for k, new in zip(sub, conv) if not new.endswith((".lora_A.weight", ".lora_B.weight"))]
     return {k: v for k, v in conv.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}, bad
 
@@ -328,8 +369,11 @@ def _pairs(peft: dict, alphas: dict) -> tuple[dict[str, ModuleLoRA], dict[str, t
     stray = {k: v for k, v in peft.items() if k.rsplit(".lora_", 1)[0] not in modules}
     lost = [k for k in alphas if k not in modules]
     if lost:
-        raise LoRAFileError("alpha", f"The file stores an alpha for {_show(lost[0])}, a layer without LoRA weights; "
-                                     "the file is inconsistent: export the LoRA again and upload that.")
+        raise LoRAFileError(
+            "alpha",
+            f"The file stores an alpha for {_show(lost[0])}, a layer without LoRA weights; "
+            "the file is inconsistent: export the LoRA again and upload that.",
+        )
     return modules, stray
 
 
@@ -366,8 +410,9 @@ def _positive(value, key: str) -> float:
     except (TypeError, ValueError):
         a = float("nan")
     if not (math.isfinite(a) and a > 0):
-        raise LoRAFileError("alpha", f"The LoRA alpha of layer {_show(key)} is {_show(value, 40)}; expected a positive "
-                                     "finite number.")
+        raise LoRAFileError(
+            "alpha", f"The LoRA alpha of layer {_show(key)} is {_show(value, 40)}; expected a positive finite number."
+        )
     return a
 
 
@@ -387,4 +432,3 @@ def folded(weights: LoRAWeights, alphas: dict[str, float], alpha: float) -> dict
         out[f"{key}.lora_A.weight"] = m.down.float()
         out[f"{key}.lora_B.weight"] = up if f == 1.0 else up * f
     return out
-

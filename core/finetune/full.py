@@ -25,16 +25,27 @@ class FullFinetuneResult:
     trajectory: dict = field(default_factory=dict)  # {step: list[LayerChange]} at each checkpoint
 
 
-def full_finetune(pipe, crops, steps: int = 80, lr: float = FULL_LR, seed: int = 0, batch: int = 2, n_class: int = 32,
-                  prior_weight: float = 1.0, trigger: str | None = None, checkpoint_every: int = 0,
-                  grad_clip: float = 1.0, should_stop=never):
+def full_finetune(
+    pipe,
+    crops,
+    steps: int = 80,
+    lr: float = FULL_LR,
+    seed: int = 0,
+    batch: int = 2,
+    n_class: int = 32,
+    prior_weight: float = 1.0,
+    trigger: str | None = None,
+    checkpoint_every: int = 0,
+    grad_clip: float = 1.0,
+    should_stop=never,
+):
     """Generator (``Progress`` per step, ``Done(FullFinetuneResult)``): DreamBooth fine-tune of every
     UNet parameter of a copy of ``pipe.unet`` (the base is not modified), same objective and data
     draws as :func:`core.finetune.lora.finetune` with the same seed. ``checkpoint_every`` > 0 records the
     per-layer change (not the weights) every that many steps and at the end."""
     from core.finetune.lora import FinetuneConfig, check_photos, encode_photos, encode_prompt, pick_trigger
-    from core.model.pipeline import mixed_precision
     from core.model.denoising import Denoiser
+    from core.model.pipeline import mixed_precision
     from core.model.prior import class_latents
     from core.model.prompts import CLASS_PROMPT, instance_prompt
 
@@ -46,15 +57,19 @@ def full_finetune(pipe, crops, steps: int = 80, lr: float = FULL_LR, seed: int =
     dev = pipe.device
     inst = encode_photos(pipe, crops)
     cls = class_latents(pipe, n_class).to(dev) if prior_weight > 0 and n_class > 0 else None
-    yield Message(f"full fine-tune; trigger word: {trigger}; {len(crops)} photos; {0 if cls is None else len(cls)} class images")
+    yield Message(
+        f"full fine-tune; trigger word: {trigger}; {len(crops)} photos; {0 if cls is None else len(cls)} class images"
+    )
     torch.manual_seed(seed)
     unet = copy.deepcopy(pipe.unet).float().requires_grad_(True)
     params = [p for p in unet.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     den = Denoiser(pipe.scheduler.config)
     with torch.no_grad():
-        emb = torch.cat([encode_prompt(pipe, instance_prompt(trigger)).expand(batch, -1, -1)]
-                        + ([encode_prompt(pipe, CLASS_PROMPT).expand(batch, -1, -1)] if cls is not None else [])).float()
+        emb = torch.cat(
+            [encode_prompt(pipe, instance_prompt(trigger)).expand(batch, -1, -1)]
+            + ([encode_prompt(pipe, CLASS_PROMPT).expand(batch, -1, -1)] if cls is not None else [])
+        ).float()
     w0 = base_state(pipe) if checkpoint_every else None
     g = torch.Generator().manual_seed(seed)
     amp = dev.type == "cuda"
@@ -82,7 +97,7 @@ def full_finetune(pipe, crops, steps: int = 80, lr: float = FULL_LR, seed: int =
             trajectory[step] = full_layer_change(w0, {k: v.detach() for k, v in unet.state_dict().items()})
     unet.eval()
     state = {k: v.detach().float().cpu().clone() for k, v in unet.state_dict().items()}
-    yield Done(FullFinetuneResult(state, trigger, losses, time.perf_counter() - t0, len(losses), trajectory),
-               cancelled=len(losses) < steps)
-
-
+    yield Done(
+        FullFinetuneResult(state, trigger, losses, time.perf_counter() - t0, len(losses), trajectory),
+        cancelled=len(losses) < steps,
+    )

@@ -37,7 +37,9 @@ class HubConfig:
 
     def __post_init__(self):
         if self.max_batch < 0 or self.gather_seconds < 0:
-            raise ValueError(f"max_batch and gather_seconds must be >= 0, got {self.max_batch!r}, {self.gather_seconds!r}")
+            raise ValueError(
+                f"max_batch and gather_seconds must be >= 0, got {self.max_batch!r}, {self.gather_seconds!r}"
+            )
 
     def batch_size(self, device) -> int:
         return self.max_batch or (32 if str(device).startswith("cuda") else 8)
@@ -132,8 +134,12 @@ class TrainingHub:
 
     def status(self) -> dict:
         with self.lock:
-            return {"training": len(self.visits) + len(self.solos), "waiting": len(self.waiting),
-                    "max_batch": self.max_batch, "round_seconds": self.round_seconds}
+            return {
+                "training": len(self.visits) + len(self.solos),
+                "waiting": len(self.waiting),
+                "max_batch": self.max_batch,
+                "round_seconds": self.round_seconds,
+            }
 
     # the worker ----------------------------------------------------------------------------------
 
@@ -200,8 +206,15 @@ class TrainingHub:
         why = alone_reason(cfg)
         try:
             if why:
-                gen = live_finetune(self.pipe, ticket.photos, cfg, self.attacker, self.floor, should_stop=ticket.stopped,
-                                    train_photos=ticket.train_photos)
+                gen = live_finetune(
+                    self.pipe,
+                    ticket.photos,
+                    cfg,
+                    self.attacker,
+                    self.floor,
+                    should_stop=ticket.stopped,
+                    train_photos=ticket.train_photos,
+                )
                 self.solos.append((ticket, gen))
                 ticket.events.put(Training(0, why))
                 return
@@ -268,8 +281,15 @@ class TrainingHub:
         for run in runs:
             ticket, v = self.visits[run]
             loss, inst = run.losses[-1]
-            ticket.events.put(Progress("fine-tune", run.step, run.cfg.steps, time.perf_counter() - run.t0,
-                                       {"loss": loss, "instance_loss": inst}))
+            ticket.events.put(
+                Progress(
+                    "fine-tune",
+                    run.step,
+                    run.cfg.steps,
+                    time.perf_counter() - run.t0,
+                    {"loss": loss, "instance_loss": inst},
+                )
+            )
             every = run.cfg.checkpoint_every
             if run.done or (every and run.step % every == 0):
                 due.append(run)
@@ -297,8 +317,15 @@ class TrainingHub:
         ticket, _ = self.visits.pop(run)
         self.batch.remove(run)
         raw = run.lora()
-        res = FinetuneResult(lora, run.trigger, run.cfg, base_fingerprint(self.pipe), [loss for loss, _ in run.losses],
-                             time.perf_counter() - run.t0, run.step)
+        res = FinetuneResult(
+            lora,
+            run.trigger,
+            run.cfg,
+            base_fingerprint(self.pipe),
+            [loss for loss, _ in run.losses],
+            time.perf_counter() - run.t0,
+            run.step,
+        )
         ticket.events.put(Message("scoring the LoRA against the photos"))
         u = final_utility(last_preview, v)
         before = None

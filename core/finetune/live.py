@@ -108,16 +108,21 @@ class _Attack:
         why = attacker_mismatch(self.attacker, lora)
         if why:
             self.attacker = None
-            return AttackUnavailable(f"The attacker cannot read this LoRA: {why} The fine-tune goes on without the live attack.")
-        ims = reconstruct_lora(self.pipe, self.attacker, lora, step, self.cfg.finetune.alpha, seeds=self.cfg.attack_seeds)
+            return AttackUnavailable(
+                f"The attacker cannot read this LoRA: {why} The fine-tune goes on without the live attack."
+            )
+        ims = reconstruct_lora(
+            self.pipe, self.attacker, lora, step, self.cfg.finetune.alpha, seeds=self.cfg.attack_seeds
+        )
         if self.floor is None:
             self.floor = identity_distance(self.floor_images, self.photos)
         self.last_step = step
         return Reconstruction(step, ims, identity_distance(ims, self.photos), self.floor, len(self.floor_images))
 
 
-def live_finetune(pipe, photos, cfg: LiveConfig | None = None, attacker=None, floor_images=None, should_stop=never,
-                  train_photos=None):
+def live_finetune(
+    pipe, photos, cfg: LiveConfig | None = None, attacker=None, floor_images=None, should_stop=never, train_photos=None
+):
     """Generator: the visitor's live job on ``photos`` (aligned crops at the model's resolution).
     ``attacker``: the trained attacker for this base (None: no live attack); ``floor_images``: the
     base model's class-prompt samples (:func:`core.faces.utility.floor_images`, computed if None);
@@ -150,8 +155,13 @@ def live_finetune(pipe, photos, cfg: LiveConfig | None = None, attacker=None, fl
             if rec is not None:
                 yield rec
             if cfg.defense and ft.preview_n:  # the defended LoRA's own samples, as the fine-tune draws its previews
-                ims = sample_images(pipeline_with_lora(pipe, lora, ft.alpha), instance_prompt(ft.trigger),
-                                    n=ft.preview_n, seed=0, steps=ft.preview_steps)
+                ims = sample_images(
+                    pipeline_with_lora(pipe, lora, ft.alpha),
+                    instance_prompt(ft.trigger),
+                    n=ft.preview_n,
+                    seed=0,
+                    steps=ft.preview_steps,
+                )
                 yield _preview(ev.step, ims, attack, photos, cfg)
         elif isinstance(ev, Preview):
             yield _preview(ev.step, ev.images, attack, photos, cfg)
@@ -166,9 +176,10 @@ def live_finetune(pipe, photos, cfg: LiveConfig | None = None, attacker=None, fl
     shared = replace(res, lora=shared_lora(res.lora, cfg))
     yield Message("scoring the LoRA against the photos")
     u = lora_utility(pipe, shared.lora, shared.trigger, photos, alpha=ft.alpha, floor=floor_images)
-    u0 = (lora_utility(pipe, res.lora, res.trigger, photos, alpha=ft.alpha, floor=floor_images)
-          if cfg.defense else None)
-    yield Done(LiveResult(shared, res.lora, u, u0, getattr(res, "epsilon", None), getattr(res, "noise_multiplier", None)))
+    u0 = lora_utility(pipe, res.lora, res.trigger, photos, alpha=ft.alpha, floor=floor_images) if cfg.defense else None
+    yield Done(
+        LiveResult(shared, res.lora, u, u0, getattr(res, "epsilon", None), getattr(res, "noise_multiplier", None))
+    )
 
 
 def _preview(step: int, images, attack: _Attack, photos, cfg: LiveConfig) -> Preview:
@@ -177,4 +188,3 @@ def _preview(step: int, images, attack: _Attack, photos, cfg: LiveConfig) -> Pre
 
     ceiling = identity_distance(images, photos) if attack.last_step == step else None
     return Preview(step, list(images), "the LoRA's own samples with its trigger", distance=ceiling)
-

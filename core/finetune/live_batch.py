@@ -58,13 +58,15 @@ def stacked_images(batch: LoRABatch, loras: list[dict], embs: torch.Tensor, seed
     lat = initial_latents(batch.pipe, list(seeds) * len(loras))
     pred = stacked(batch.forward, params, embs, n, base_unet=batch.pipe.unet if w != 1 else None, w=w)
     ims = decode(batch.pipe, denoise(batch.pipe, pred, lat, steps))
-    return [ims[k * n:(k + 1) * n] for k in range(len(loras))]
+    return [ims[k * n : (k + 1) * n] for k in range(len(loras))]
 
 
 def layer_changes(batch: LoRABatch, visits: list[Visit], shared: list[dict]) -> list[LayerChanges]:
     from core.layers.change import lora_layer_change
 
-    return [LayerChanges(v.run.step, lora_layer_change(batch.pipe, lo, v.run.cfg.alpha)) for v, lo in zip(visits, shared)]
+    return [
+        LayerChanges(v.run.step, lora_layer_change(batch.pipe, lo, v.run.cfg.alpha)) for v, lo in zip(visits, shared)
+    ]
 
 
 def reconstructions(batch: LoRABatch, attacker, visits: list[Visit], shared: list[dict], n_floor: int) -> list:
@@ -97,8 +99,11 @@ def previews(batch: LoRABatch, visits: list[Visit], shared: list[dict], recon: l
     out: list = [None] * len(visits)
     groups: dict = {}
     for k, v in enumerate(visits):
-        spec = (tuple(EVAL_SEEDS), UTILITY_STEPS) if v.run.done else (tuple(range(v.cfg.finetune.preview_n)),
-                                                                       v.cfg.finetune.preview_steps)
+        spec = (
+            (tuple(EVAL_SEEDS), UTILITY_STEPS)
+            if v.run.done
+            else (tuple(range(v.cfg.finetune.preview_n)), v.cfg.finetune.preview_steps)
+        )
         if spec[0]:
             groups.setdefault(spec, []).append(k)
     for (seeds, steps), ks in groups.items():
@@ -107,8 +112,9 @@ def previews(batch: LoRABatch, visits: list[Visit], shared: list[dict], recon: l
         for k, im in zip(ks, stacked_images(batch, [shared[k] for k in ks], embs, seeds, steps)):
             v = visits[k]
             measured = recon[k] is not None or v.run.done
-            out[k] = Preview(v.run.step, im, "the LoRA's own samples with its trigger",
-                             distance=v.distance(im) if measured else None)
+            out[k] = Preview(
+                v.run.step, im, "the LoRA's own samples with its trigger", distance=v.distance(im) if measured else None
+            )
     return out
 
 

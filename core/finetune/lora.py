@@ -41,7 +41,18 @@ from core.model.prompts import CLASS_PROMPT, instance_prompt, random_trigger
 # Attention projections (the paper's place for LoRA) plus the transformer blocks' projections and
 # feed-forward and the ResNet convolutions: attention alone barely moved this base model's faces
 # (20 victims: 60 % beat the floor); with these, all 3 tuning victims beat it by a wider margin.
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
+UNET_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+)
 TEXT_TARGETS = ("q_proj", "v_proj")
 MIN_PHOTOS, MAX_PHOTOS = 3, 10
 
@@ -63,7 +74,8 @@ class FinetuneConfig:
     preview_steps: int = 15  # sampler steps of the previews
     trigger: str | None = None  # None = a fresh random reserved word
     grad_clip: float = 1.0  # clip the gradient's L2 norm to this (0 = no clipping)
-    mixed_precision: bool | None = None  # None = half-precision autocast on CUDA only (bf16 on this CPU was slower: 194 vs 171 ms/step)
+    # bf16 autocast on this CPU: 194 ms/step against 171 in float32
+    mixed_precision: bool | None = None  # None: half-precision autocast on CUDA only (bf16 was slower on this CPU)
 
     def __post_init__(self):
         self.unet_targets = tuple(self.unet_targets)
@@ -76,8 +88,10 @@ class FinetuneConfig:
         if not 0 < self.lr < 1:
             raise ValueError(f"lr must be in (0, 1), got {self.lr!r}")
         if self.batch < 1 or self.n_class < 0 or self.checkpoint_every < 0 or self.prior_weight < 0:
-            raise ValueError(f"batch >= 1, n_class >= 0, checkpoint_every >= 0, prior_weight >= 0; got "
-                             f"{self.batch!r}, {self.n_class!r}, {self.checkpoint_every!r}, {self.prior_weight!r}")
+            raise ValueError(
+                f"batch >= 1, n_class >= 0, checkpoint_every >= 0, prior_weight >= 0; got "
+                f"{self.batch!r}, {self.n_class!r}, {self.checkpoint_every!r}, {self.prior_weight!r}"
+            )
         if not self.unet_targets:
             raise ValueError("unet_targets must name at least one module")
 
@@ -111,8 +125,10 @@ def encode_photos(pipe, crops) -> torch.Tensor:
     """Scaled latents (posterior means) of the crops and of their mirror images: 2N x C x h x w."""
     size = image_size_of(pipe)
     if crops[0].shape[:2] != (size, size):
-        raise ValueError(f"photos are {crops[0].shape[1]}x{crops[0].shape[0]} px but this model draws {size} px: "
-                         f"align them at {size} px (core.faces.ingest.ingest_face(..., size={size}))")
+        raise ValueError(
+            f"photos are {crops[0].shape[1]}x{crops[0].shape[0]} px but this model draws {size} px: "
+            f"align them at {size} px (core.faces.ingest.ingest_face(..., size={size}))"
+        )
     x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     x = torch.cat([x, x.flip(-1)]).to(pipe.device, pipe.vae.dtype)
     return (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).float()
@@ -120,7 +136,9 @@ def encode_photos(pipe, crops) -> torch.Tensor:
 
 def encode_prompt(pipe, text: str, text_encoder=None) -> torch.Tensor:
     tok = pipe.tokenizer
-    ids = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tok(
+        [text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return (text_encoder or pipe.text_encoder)(ids.to(pipe.device))[0]
 
 
@@ -130,8 +148,9 @@ def encode_prompt(pipe, text: str, text_encoder=None) -> torch.Tensor:
 def lora_config(cfg: FinetuneConfig, targets=None):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                      target_modules=list(targets or cfg.unet_targets))
+    return LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=list(targets or cfg.unet_targets)
+    )
 
 
 def lora_state_dict(unet, text_encoder=None) -> dict:
@@ -143,7 +162,9 @@ def lora_state_dict(unet, text_encoder=None) -> dict:
     out = {}
     for part, m in (("unet", unet), ("text_encoder", text_encoder)):
         if m is not None:
-            out.update({f"{part}.{k}": v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(m).items()})
+            out.update(
+                {f"{part}.{k}": v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(m).items()}
+            )
     return out
 
 
@@ -164,6 +185,24 @@ def pick_trigger(cfg: FinetuneConfig) -> str:
     return cfg.trigger or random_trigger(random.Random(cfg.seed))
 
 
+def trainable_copies(pipe, cfg: FinetuneConfig):
+    """(UNet, text encoder or None, their trainable parameters): copies of the base's modules with fresh
+    LoRA adapters (drawn from ``cfg.seed``), the adapters in float32. The shared base stays untouched."""
+    torch.manual_seed(cfg.seed)
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+    unet.add_adapter(lora_config(cfg))
+    if pipe.device.type == "cpu":
+        plain_attention(unet)  # faster than SDPA for this training step on CPU (core.model.pipeline)
+    te = None
+    if cfg.text_encoder:
+        te = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
+        te.add_adapter(lora_config(cfg, TEXT_TARGETS))
+    params = [p for m in (unet, te) if m is not None for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return unet, te, params
+
+
 def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
     """Generator: DreamBooth-LoRA fine-tune of ``pipe`` (not modified) on 64 px face ``crops``."""
     cfg = cfg or FinetuneConfig()
@@ -178,18 +217,7 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
     yield Message(f"trigger word: {trigger}; {len(crops)} photos; {0 if cls is None else len(cls)} class images")
 
     # 2. trainable copies (the shared base stays untouched)
-    torch.manual_seed(cfg.seed)
-    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
-    unet.add_adapter(lora_config(cfg))
-    if dev.type == "cpu":
-        plain_attention(unet)  # faster than SDPA for this training step on CPU (core.model.pipeline)
-    te = None
-    if cfg.text_encoder:
-        te = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
-        te.add_adapter(lora_config(cfg, TEXT_TARGETS))
-    params = [p for m in (unet, te) if m is not None for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
+    unet, te, params = trainable_copies(pipe, cfg)
     # one fused kernel per step on CUDA (the loop is launch-bound there); torch's default elsewhere
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=params[0].is_cuda or None)
     den = Denoiser(pipe.scheduler.config)
@@ -218,13 +246,14 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
         if te is not None:
             te.train()
             embs = [encode_prompt(pipe, instance_prompt(trigger), te).expand(cfg.batch, -1, -1)] + (
-                [encode_prompt(pipe, CLASS_PROMPT, te).expand(cfg.batch, -1, -1)] if cls is not None else [])
+                [encode_prompt(pipe, CLASS_PROMPT, te).expand(cfg.batch, -1, -1)] if cls is not None else []
+            )
         noised = den.noise(x0, g)
         with mixed_precision(pipe.device, amp):
             pred = unet(noised.noisy, noised.t, torch.cat(embs)).sample
         err = den.errors(pred, noised)
         loss_inst = err[: cfg.batch].mean()
-        loss = loss_inst + (cfg.prior_weight * err[cfg.batch:].mean() if cls is not None else 0.0)
+        loss = loss_inst + (cfg.prior_weight * err[cfg.batch :].mean() if cls is not None else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -232,8 +261,13 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
         opt.step()
         loss = float(loss.detach())
         losses.append(loss)
-        yield Progress("fine-tune", step, cfg.steps, time.perf_counter() - t0,
-                       {"loss": loss, "instance_loss": float(loss_inst.detach())})
+        yield Progress(
+            "fine-tune",
+            step,
+            cfg.steps,
+            time.perf_counter() - t0,
+            {"loss": loss, "instance_loss": float(loss_inst.detach())},
+        )
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             unet.eval()
             yield Checkpoint(step, lora_state_dict(unet, te))
@@ -241,8 +275,9 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
                 ims = sample_images(view, instance_prompt(trigger), n=cfg.preview_n, seed=0, steps=cfg.preview_steps)
                 yield Preview(step, ims, f"the LoRA's own samples with its trigger, step {step}")
     unet.eval()
-    result = FinetuneResult(lora_state_dict(unet, te), trigger, cfg, base_fingerprint(pipe), losses,
-                            time.perf_counter() - t0, len(losses))
+    result = FinetuneResult(
+        lora_state_dict(unet, te), trigger, cfg, base_fingerprint(pipe), losses, time.perf_counter() - t0, len(losses)
+    )
     yield Done(result, cancelled=len(losses) < cfg.steps)
 
 
@@ -285,14 +320,31 @@ def save_lora(path: str | Path, result: FinetuneResult, base_name: str = "embedd
     cfg = result.config
     # diffusers reads the adapter config (rank, alpha, targets) from this metadata key
     unet_meta = {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": list(cfg.unet_targets)}
-    ours = {"leaklab_base_model": base_name, "leaklab_base_fingerprint": result.base, "leaklab_rank": str(cfg.rank),
-            "leaklab_alpha": str(cfg.alpha), "leaklab_steps": str(result.steps_done), "leaklab_format": "diffusers-lora-v1"}
+    ours = {
+        "leaklab_base_model": base_name,
+        "leaklab_base_fingerprint": result.base,
+        "leaklab_rank": str(cfg.rank),
+        "leaklab_alpha": str(cfg.alpha),
+        "leaklab_steps": str(result.steps_done),
+        "leaklab_format": "diffusers-lora-v1",
+    }
 
     def save_function(weights, filename):
-        meta = {"format": "pt", "lora_adapter_metadata": json.dumps(
-            {**{f"unet.{k}": v for k, v in unet_meta.items()},
-             **({f"text_encoder.{k}": v for k, v in {**unet_meta, "target_modules": list(TEXT_TARGETS)}.items()}
-                if cfg.text_encoder else {})}, sort_keys=True), **ours}
+        meta = {
+            "format": "pt",
+            "lora_adapter_metadata": json.dumps(
+                {
+                    **{f"unet.{k}": v for k, v in unet_meta.items()},
+                    **(
+                        {f"text_encoder.{k}": v for k, v in {**unet_meta, "target_modules": list(TEXT_TARGETS)}.items()}
+                        if cfg.text_encoder
+                        else {}
+                    ),
+                },
+                sort_keys=True,
+            ),
+            **ours,
+        }
         save_file({k: v.contiguous() for k, v in weights.items()}, filename, metadata=meta)
 
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -304,8 +356,13 @@ def save_lora(path: str | Path, result: FinetuneResult, base_name: str = "embedd
     parts = split_components(result.lora)
     unet_sd = parts["unet"]
     te_sd = convert_state_dict_to_diffusers(parts["text_encoder"]) if "text_encoder" in parts else None
-    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
-                                              weight_name=path.name, save_function=save_function)
+    StableDiffusionPipeline.save_lora_weights(
+        path.parent,
+        unet_lora_layers=unet_sd,
+        text_encoder_lora_layers=te_sd,
+        weight_name=path.name,
+        save_function=save_function,
+    )
     return path
 
 
@@ -357,7 +414,7 @@ def main(argv=None):
     result = run_with_progress_bar(finetune(pipe, crops, cfg))
     save_lora(a.out, result, base_name=a.model or "embedded")
     print(f"LoRA -> {a.out}  (trigger word, kept out of the file: {result.trigger})")
-    print(f"prompt to use it: \"{instance_prompt(result.trigger)}\"")
+    print(f'prompt to use it: "{instance_prompt(result.trigger)}"')
 
 
 if __name__ == "__main__":

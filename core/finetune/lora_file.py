@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from core.finetune.errors import LoRAFileError, show as _show  # noqa: F401  (LoRAFileError: the public error type)
+
+from core.finetune.errors import LoRAFileError  # noqa: F401  (LoRAFileError: the public error type)
+from core.finetune.errors import show as _show
 
 MAX_BYTES = 64 * 1024 * 1024  # largest file accepted
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # largest safetensors JSON header accepted
@@ -35,8 +37,23 @@ MAX_RANK = 256
 MAX_META_BYTES = 1024 * 1024  # a LoRA's metadata is a few KB; more is refused
 MAX_CHANGE = 1e4  # a layer's LoRA change (alpha/r)·B·A may be at most this many times the layer's own size
 MAX_STEPS = 100_000  # fine-tuning steps a file may record (leaklab_steps)
-DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
-               "I64": 8, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F16": 2,
+    "BF16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I8": 1,
+    "U8": 1,
+    "I16": 2,
+    "U16": 2,
+    "I32": 4,
+    "U32": 4,
+    "I64": 8,
+    "U64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 ALLOWED_DTYPES = ("F16", "BF16", "F32")
 COMPONENTS = ("unet", "text_encoder")
 PART_NAMES = {"unet": "UNet", "text_encoder": "text encoder"}
@@ -56,7 +73,7 @@ class ValidatedLoRA:
     format: str = "diffusers"  # the file's naming: a key of core.finetune.formats.FORMAT_NAMES
     ranks: dict = field(default_factory=dict)  # "<part>.<module>" -> its rank
     alphas: dict = field(default_factory=dict)  # "<part>.<module>" -> its alpha, as the file gives it
-    described: str = "diffusers file"  # the naming in words (e.g. "kohya-ss / AUTOMATIC1111 file with convolution layers (LoCon)")
+    described: str = "diffusers file"  # the naming in words (e.g. "kohya-ss / AUTOMATIC1111 file with conv layers")
 
 
 def _the_file(name: str) -> str:
@@ -72,7 +89,9 @@ def _check_size(path: Path) -> int:
     except OSError:
         raise LoRAFileError("missing", "The LoRA file could not be found; please upload it again.") from None
     if not stat.S_ISREG(st.st_mode):
-        raise LoRAFileError("missing", f"{_the_file(path.name)} is not a regular file; please upload a .safetensors file.")
+        raise LoRAFileError(
+            "missing", f"{_the_file(path.name)} is not a regular file; please upload a .safetensors file."
+        )
     if st.st_size == 0:
         raise LoRAFileError("empty", f"{_the_file(path.name)} is empty (0 bytes); expected a .safetensors LoRA file.")
     if st.st_size > MAX_BYTES:
@@ -82,7 +101,9 @@ def _check_size(path: Path) -> int:
 
 def too_large(name: str, size: int) -> LoRAFileError:
     """The refusal of a file over :data:`MAX_BYTES` (also raised before such an upload is read)."""
-    return LoRAFileError("too_large", f"{_the_file(name)} is {_size(size)}; LoRA files up to {_size(MAX_BYTES)} are accepted.")
+    return LoRAFileError(
+        "too_large", f"{_the_file(name)} is {_size(size)}; LoRA files up to {_size(MAX_BYTES)} are accepted."
+    )
 
 
 def _size(n: int) -> str:
@@ -105,8 +126,11 @@ def _refuse_pickle(head: bytes, name: str, looks_safetensors: bool) -> None:
     is_pickle = head[:1] == bytes([PICKLE_PROTO]) and not looks_safetensors
     if is_zip or is_pickle:
         kind = "a zip archive (a PyTorch .pt/.bin/.ckpt checkpoint)" if is_zip else "a Python pickle (.pt/.bin/.ckpt)"
-        raise LoRAFileError("pickle", f"{_the_file(name)} is {kind}. Only .safetensors LoRA files are accepted, because "
-                                      "loading a pickled file can run arbitrary code; please convert it to .safetensors.")
+        raise LoRAFileError(
+            "pickle",
+            f"{_the_file(name)} is {kind}. Only .safetensors LoRA files are accepted, because "
+            "loading a pickled file can run arbitrary code; please convert it to .safetensors.",
+        )
 
 
 def _check_header(path: Path, size: int) -> None:
@@ -126,9 +150,12 @@ def _no_duplicates(pairs):
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         twice = next(k for k in keys if keys.count(k) > 1)
-        raise LoRAFileError("not_safetensors", f"The file's header names {_show(twice)} twice; each tensor and "
-                                               "setting may appear once. The file was not written by a "
-                                               "safetensors library: export the LoRA again and upload that.")
+        raise LoRAFileError(
+            "not_safetensors",
+            f"The file's header names {_show(twice)} twice; each tensor and "
+            "setting may appear once. The file was not written by a "
+            "safetensors library: export the LoRA again and upload that.",
+        )
     return dict(pairs)
 
 
@@ -153,37 +180,54 @@ def _check_table(header: dict, data_bytes: int, name: str) -> None:
     (checked before safetensors maps anything, so each lie gets its own sentence)."""
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or sum(len(str(k)) + len(str(v)) for k, v in meta.items()) > MAX_META_BYTES:
-        raise LoRAFileError("metadata", f"{_the_file(name)} carries more than {_size(MAX_META_BYTES)} of metadata "
-                                        "(or metadata that is not text); a LoRA's metadata is a few KB. Export the "
-                                        "LoRA again without it and upload that.")
+        raise LoRAFileError(
+            "metadata",
+            f"{_the_file(name)} carries more than {_size(MAX_META_BYTES)} of metadata "
+            "(or metadata that is not text); a LoRA's metadata is a few KB. Export the "
+            "LoRA again without it and upload that.",
+        )
     spans = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or len(entry.get("data_offsets") or []) != 2:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("shape"), list)
+            or len(entry.get("data_offsets") or []) != 2
+        ):
             raise _not_safetensors(name, f"its entry for tensor {_show(key)} is not a tensor description")
         shape, (begin, end) = entry["shape"], entry["data_offsets"]
         if not all(isinstance(d, int) and d >= 0 for d in shape + [begin, end]) or end < begin:
-            raise _not_safetensors(name, f"tensor {_show(key)} has a shape or byte range that is not made of "
-                                         "non-negative whole numbers")
+            raise _not_safetensors(
+                name, f"tensor {_show(key)} has a shape or byte range that is not made of non-negative whole numbers"
+            )
         values = math.prod(shape)
         if end > data_bytes:
-            raise _not_safetensors(name, f"tensor {_show(key)} claims bytes {begin}-{end}, beyond the end of the "
-                                         f"file ({data_bytes} bytes of data): the file is cut short or its header lies")
+            raise _not_safetensors(
+                name,
+                f"tensor {_show(key)} claims bytes {begin}-{end}, beyond the end of the "
+                f"file ({data_bytes} bytes of data): the file is cut short or its header lies",
+            )
         width = DTYPE_BYTES.get(str(entry.get("dtype")))
         if width is not None and values * width != end - begin:
-            raise _not_safetensors(name, f"tensor {_show(key)} is declared as {values} values of {entry['dtype']} "
-                                         f"({values * width} bytes) but is given {end - begin} bytes")
+            raise _not_safetensors(
+                name,
+                f"tensor {_show(key)} is declared as {values} values of {entry['dtype']} "
+                f"({values * width} bytes) but is given {end - begin} bytes",
+            )
         spans.append((begin, end, key))
     spans.sort()
-    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+    for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise _not_safetensors(name, f"tensors {_show(k0, 40)} and {_show(k1, 40)} share bytes of the file")
 
 
 def _not_safetensors(name: str, why: str) -> LoRAFileError:
-    return LoRAFileError("not_safetensors", f"{_the_file(name)} is not a readable .safetensors file: {why}. "
-                                            "Expected a LoRA saved with safetensors (for example by diffusers).")
+    return LoRAFileError(
+        "not_safetensors",
+        f"{_the_file(name)} is not a readable .safetensors file: {why}. "
+        "Expected a LoRA saved with safetensors (for example by diffusers).",
+    )
 
 
 # 4-5. tensors ---------------------------------------------------------------------------------
@@ -198,13 +242,19 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta = dict(f.metadata() or {})
             keys = list(f.keys())
             if len(keys) > MAX_TENSORS:
-                raise LoRAFileError("too_many_tensors", f"{_the_file(path.name)} holds {len(keys)} tensors; a LoRA for "
-                                                        f"this model has far fewer (at most {MAX_TENSORS} accepted).")
+                raise LoRAFileError(
+                    "too_many_tensors",
+                    f"{_the_file(path.name)} holds {len(keys)} tensors; a LoRA for "
+                    f"this model has far fewer (at most {MAX_TENSORS} accepted).",
+                )
             for k in keys:
                 dt = f.get_slice(k).get_dtype()
                 if dt not in ALLOWED_DTYPES:
-                    raise LoRAFileError("dtype", f"Tensor {_show(k)} is stored as {_show(dt)}; LoRA weights must be "
-                                                 f"floating point ({', '.join(ALLOWED_DTYPES)}).")
+                    raise LoRAFileError(
+                        "dtype",
+                        f"Tensor {_show(k)} is stored as {_show(dt)}; LoRA weights must be "
+                        f"floating point ({', '.join(ALLOWED_DTYPES)}).",
+                    )
             tensors = {k: f.get_tensor(k) for k in keys}
     except LoRAFileError:
         raise
@@ -231,13 +281,19 @@ def _check_names(lora: dict[str, torch.Tensor], unknown: list[str]) -> None:
     bad = unknown + [k for k in lora if not k.endswith(SUFFIXES)]
     if len(bad) == len(lora) + len(unknown):
         example = f", found for example {_show(bad[0])}" if bad else ", found no tensors at all"
-        raise LoRAFileError("no_lora_keys", "The file contains no LoRA weights: expected tensors named like "
-                                            "'unet.<layer>.lora_A.weight' / '...lora_B.weight' (diffusers or peft "
-                                            f"naming){example}.")
+        raise LoRAFileError(
+            "no_lora_keys",
+            "The file contains no LoRA weights: expected tensors named like "
+            "'unet.<layer>.lora_A.weight' / '...lora_B.weight' (diffusers or peft "
+            f"naming){example}.",
+        )
     if bad:
-        raise LoRAFileError("unknown_module", f"Tensor {_show(bad[0])} is not a LoRA weight this app understands: "
-                                              "every tensor must be a lora_A or lora_B weight of a layer of the UNet "
-                                              "or the text encoder.")
+        raise LoRAFileError(
+            "unknown_module",
+            f"Tensor {_show(bad[0])} is not a LoRA weight this app understands: "
+            "every tensor must be a lora_A or lora_B weight of a layer of the UNet "
+            "or the text encoder.",
+        )
 
 
 def _check_unet_part(lora: dict) -> None:
@@ -246,10 +302,13 @@ def _check_unet_part(lora: dict) -> None:
     UNet layers ask for this check.)"""
     if lora and not any(k.startswith("unet.") for k in lora):
         n = len({k.rsplit(".lora_", 1)[0] for k in lora})
-        raise LoRAFileError("text_encoder_only", f"This LoRA adapts only the text encoder ({n} layers) and no layer "
-                                                 "of the UNet; the attacks read what a LoRA changed in the UNet, so "
-                                                 "there is nothing for them to read. Upload a LoRA that adapts the "
-                                                 "UNet (the Fine-tune tab makes one).")
+        raise LoRAFileError(
+            "text_encoder_only",
+            f"This LoRA adapts only the text encoder ({n} layers) and no layer "
+            "of the UNet; the attacks read what a LoRA changed in the UNet, so "
+            "there is nothing for them to read. Upload a LoRA that adapts the "
+            "UNet (the Fine-tune tab makes one).",
+        )
 
 
 def _module_name(key: str) -> tuple[str, str]:
@@ -268,19 +327,25 @@ def _check_modules(lora: dict, pipe) -> dict[tuple[str, str], torch.nn.Module]:
         part, name = _module_name(key)
         mod = tables.get(part, {}).get(name) if name else None
         if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
-            raise LoRAFileError("unknown_module", f"Tensor {_show(key)} adapts a layer that is not a linear or "
-                                                  f"convolution layer of this base model's {PART_NAMES.get(part, part)}; the LoRA was "
-                                                  "probably made for a different model architecture. Upload a "
-                                                  "LoRA fine-tuned from this app's base model (the Fine-tune tab "
-                                                  "makes one).")
+            raise LoRAFileError(
+                "unknown_module",
+                f"Tensor {_show(key)} adapts a layer that is not a linear or "
+                f"convolution layer of this base model's {PART_NAMES.get(part, part)}; the LoRA was "
+                "probably made for a different model architecture. Upload a "
+                "LoRA fine-tuned from this app's base model (the Fine-tune tab "
+                "makes one).",
+            )
         layers[(part, name)] = mod
     for part, name in layers:
         for suffix in SUFFIXES:
             if f"{part}.{name}{suffix}" not in lora:
-                raise LoRAFileError("missing_pair", f"Layer {_show(f'{part}.{name}')} has only one of its two LoRA "
-                                                    f"matrices: {_show(suffix.strip('.'))} is missing; every layer "
-                                                    "needs both lora_A and lora_B. The file is incomplete: export "
-                                                    "the whole LoRA again and upload that.")
+                raise LoRAFileError(
+                    "missing_pair",
+                    f"Layer {_show(f'{part}.{name}')} has only one of its two LoRA "
+                    f"matrices: {_show(suffix.strip('.'))} is missing; every layer "
+                    "needs both lora_A and lora_B. The file is incomplete: export "
+                    "the whole LoRA again and upload that.",
+                )
     return layers
 
 
@@ -309,12 +374,15 @@ def _check_orientation(lora: dict, layers: dict) -> None:
         if not (transposed or swapped):
             continue
         how = "transposed or swapped" if transposed and swapped else "transposed" if transposed else "swapped"
-        raise LoRAFileError("transposed", f"The matrices of layer {_show(f'{part}.{name}', 60)} are stored {how}: "
-                                          f"lora_A is {list(a)} where [rank, {in_f}] is expected and lora_B {list(b)} "
-                                          f"where [{out_f}, rank] is; the file was written with A and B the wrong way "
-                                          "round. Export the LoRA again "
-                                          "with diffusers or peft (they store lora_A as [rank, in] and lora_B as "
-                                          "[out, rank]) and upload that.")
+        raise LoRAFileError(
+            "transposed",
+            f"The matrices of layer {_show(f'{part}.{name}', 60)} are stored {how}: "
+            f"lora_A is {list(a)} where [rank, {in_f}] is expected and lora_B {list(b)} "
+            f"where [{out_f}, rank] is; the file was written with A and B the wrong way "
+            "round. Export the LoRA again "
+            "with diffusers or peft (they store lora_A as [rank, in] and lora_B as "
+            "[out, rank]) and upload that.",
+        )
 
 
 def _check_shapes(lora: dict, layers: dict) -> dict[str, int]:
@@ -326,20 +394,29 @@ def _check_shapes(lora: dict, layers: dict) -> dict[str, int]:
         a = lora[f"{part}.{name}.lora_A.weight"]
         r = int(a.shape[0]) if a.ndim else 0
         if r == 0:
-            raise LoRAFileError("rank", f"The LoRA rank is 0 in layer {_show(f'{part}.{name}', 60)}: its matrices are "
-                                        f"empty, so it changes nothing; ranks from 1 to {MAX_RANK} are accepted. "
-                                        "Export the LoRA again with a rank of at least 1 and upload that.")
+            raise LoRAFileError(
+                "rank",
+                f"The LoRA rank is 0 in layer {_show(f'{part}.{name}', 60)}: its matrices are "
+                f"empty, so it changes nothing; ranks from 1 to {MAX_RANK} are accepted. "
+                "Export the LoRA again with a rank of at least 1 and upload that.",
+            )
         if not 1 <= r <= MAX_RANK:
-            raise LoRAFileError("rank", f"The LoRA rank is {r} in layer {_show(f'{part}.{name}', 60)}; ranks from 1 "
-                                        f"to {MAX_RANK} are accepted. Upload a LoRA of a smaller rank.")
+            raise LoRAFileError(
+                "rank",
+                f"The LoRA rank is {r} in layer {_show(f'{part}.{name}', 60)}; ranks from 1 "
+                f"to {MAX_RANK} are accepted. Upload a LoRA of a smaller rank.",
+            )
         want_a, want_b = _expected_shapes(mod, r)
         for suffix, want in ((".lora_A.weight", want_a), (".lora_B.weight", want_b)):
             got = tuple(lora[f"{part}.{name}{suffix}"].shape)
             if got != tuple(want):
-                raise LoRAFileError("shape", f"Tensor {_show(f'{part}.{name}{suffix}')} has shape {list(got)}, but "
-                                             f"this base model's layer needs {list(want)} at rank {r}; the LoRA does "
-                                             "not fit this model. Upload a LoRA fine-tuned from this app's base "
-                                             "model (the Fine-tune tab makes one).")
+                raise LoRAFileError(
+                    "shape",
+                    f"Tensor {_show(f'{part}.{name}{suffix}')} has shape {list(got)}, but "
+                    f"this base model's layer needs {list(want)} at rank {r}; the LoRA does "
+                    "not fit this model. Upload a LoRA fine-tuned from this app's base "
+                    "model (the Fine-tune tab makes one).",
+                )
         ranks[f"{part}.{name}"] = r
     return ranks
 
@@ -350,8 +427,10 @@ def _check_shapes(lora: dict, layers: dict) -> dict[str, int]:
 def _check_finite(lora: dict) -> None:
     for k, v in lora.items():
         if not torch.isfinite(v).all():
-            raise LoRAFileError("non_finite", f"Tensor {_show(k)} contains NaN or infinite values; "
-                                              "all LoRA weights must be finite numbers.")
+            raise LoRAFileError(
+                "non_finite",
+                f"Tensor {_show(k)} contains NaN or infinite values; all LoRA weights must be finite numbers.",
+            )
 
 
 def _check_base(meta: dict, pipe, notes: list[str]) -> None:
@@ -363,9 +442,12 @@ def _check_base(meta: dict, pipe, notes: list[str]) -> None:
         notes.append("no base fingerprint in the file's metadata; its shapes match this base model")
     elif theirs != ours:
         made_for = f" ({_show(meta['leaklab_base_model'])})" if "leaklab_base_model" in meta else ""
-        raise LoRAFileError("base_mismatch", f"This LoRA was made for a different base model{made_for}: its base "
-                                             f"fingerprint is {_show(theirs, 40)}, this app's base model is "
-                                             f"{ours!r}. Upload a LoRA fine-tuned from this app's base model.")
+        raise LoRAFileError(
+            "base_mismatch",
+            f"This LoRA was made for a different base model{made_for}: its base "
+            f"fingerprint is {_show(theirs, 40)}, this app's base model is "
+            f"{ours!r}. Upload a LoRA fine-tuned from this app's base model.",
+        )
 
 
 def _adapter_meta(meta: dict) -> dict:
@@ -377,28 +459,37 @@ def _adapter_meta(meta: dict) -> dict:
     except (ValueError, RecursionError):  # nested past Python's recursion limit: no adapter config is
         parsed = None
     if not isinstance(parsed, dict):
-        raise LoRAFileError("metadata", "The file's 'lora_adapter_metadata' entry is not a valid JSON object; "
-                                        "expected the adapter settings diffusers writes (rank, alpha, targets).")
+        raise LoRAFileError(
+            "metadata",
+            "The file's 'lora_adapter_metadata' entry is not a valid JSON object; "
+            "expected the adapter settings diffusers writes (rank, alpha, targets).",
+        )
     return parsed
 
 
 def _alpha(meta: dict, rank: int, notes: list[str]) -> float | None:
     """The file-wide alpha its metadata names, or None when it names none."""
     adapter = _adapter_meta(meta)
-    for source, value in (("lora_adapter_metadata", adapter.get("unet.lora_alpha")),
-                          ("lora_adapter_metadata", adapter.get("text_encoder.lora_alpha")),
-                          ("leaklab_alpha", meta.get("leaklab_alpha"))):
-        if value is not None:
-            break
-    else:
+    named = [
+        (source, value)
+        for source, value in (
+            ("lora_adapter_metadata", adapter.get("unet.lora_alpha")),
+            ("lora_adapter_metadata", adapter.get("text_encoder.lora_alpha")),
+            ("leaklab_alpha", meta.get("leaklab_alpha")),
+        )
+        if value is not None
+    ]
+    if not named:
         return None
+    source, value = named[0]
     try:
         alpha = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         alpha = math.nan
     if not (math.isfinite(alpha) and alpha > 0):
-        raise LoRAFileError("alpha", f"The LoRA alpha in the file's {source} is {_show(value, 40)}; "
-                                     "expected a positive finite number.")
+        raise LoRAFileError(
+            "alpha", f"The LoRA alpha in the file's {source} is {_show(value, 40)}; expected a positive finite number."
+        )
     declared = adapter.get("unet.r")
     if declared is not None and declared != rank:
         notes.append(f"the metadata declares rank {_show(declared, 20)} but the weights have rank {rank}")
@@ -415,8 +506,11 @@ def _alphas(meta: dict, weights, ranks: dict[str, int], notes: list[str]) -> tup
     default = None if own else _alpha(meta, rank, notes)
     if default is None and not own:
         same = len(set(ranks.values())) == 1
-        notes.append(f"no LoRA alpha in the file's metadata; using alpha = rank = {rank}" if same else
-                     "no LoRA alpha in the file's metadata; using alpha = rank for every layer (its own rank)")
+        notes.append(
+            f"no LoRA alpha in the file's metadata; using alpha = rank = {rank}"
+            if same
+            else "no LoRA alpha in the file's metadata; using alpha = rank for every layer (its own rank)"
+        )
     alphas = formats.layer_alphas(weights, default, _adapter_meta(meta))
     return (default if default is not None else formats.common_alpha(alphas)), alphas
 
@@ -433,12 +527,15 @@ def _check_change(lora: dict, layers: dict, ranks: dict[str, int], alphas: dict[
         size = float(torch.linalg.vector_norm(mod.weight.detach().double())) or 1.0
         if not math.isfinite(bound) or bound > MAX_CHANGE * size:
             what = "an infinite number of" if not math.isfinite(bound) else f"up to {bound / size:.3g}"
-            raise LoRAFileError("too_large_values", f"This LoRA would change layer {_show(key, 60)} by "
-                                                    f"{what} times its own size (alpha/r · B·A with alpha {alpha:g}, "
-                                                    f"rank {rank}); a trained LoRA changes a layer by a fraction of "
-                                                    f"it (at most {MAX_CHANGE:g} times is accepted). The file's "
-                                                    "weights or alpha are corrupt: export the LoRA again and upload "
-                                                    "that.")
+            raise LoRAFileError(
+                "too_large_values",
+                f"This LoRA would change layer {_show(key, 60)} by "
+                f"{what} times its own size (alpha/r · B·A with alpha {alpha:g}, "
+                f"rank {rank}); a trained LoRA changes a layer by a fraction of "
+                f"it (at most {MAX_CHANGE:g} times is accepted). The file's "
+                "weights or alpha are corrupt: export the LoRA again and upload "
+                "that.",
+            )
 
 
 def _recorded_steps(meta: dict, notes: list[str]) -> None:
@@ -450,8 +547,10 @@ def _recorded_steps(meta: dict, notes: list[str]) -> None:
     text = str(value).strip()
     if not (text.isdigit() and len(text) <= 6 and 1 <= int(text) <= MAX_STEPS):
         del meta["leaklab_steps"]
-        notes.append(f"the file's step count (leaklab_steps = {_show(text, 24)}) is not a whole number from 1 to "
-                     f"{MAX_STEPS}, so it is ignored and the number of steps you entered is used")
+        notes.append(
+            f"the file's step count (leaklab_steps = {_show(text, 24)}) is not a whole number from 1 to "
+            f"{MAX_STEPS}, so it is ignored and the number of steps you entered is used"
+        )
 
 
 # the entry point ------------------------------------------------------------------------------
@@ -477,9 +576,18 @@ def validate_lora_file(path: str | os.PathLike, pipe, need_unet: bool = False) -
     alpha, alphas = _alphas(meta, weights, ranks, notes)
     _check_change(lora, layers, ranks, alphas)
     _recorded_steps(meta, notes)
-    return ValidatedLoRA(lora=_folded(weights, alphas, alpha), meta=meta, rank=_most_common(ranks), alpha=alpha,
-                         modules=sorted(name for part, name in layers if part == "unet"), notes=notes,
-                         format=weights.format, ranks=ranks, alphas=alphas, described=weights.described())
+    return ValidatedLoRA(
+        lora=_folded(weights, alphas, alpha),
+        meta=meta,
+        rank=_most_common(ranks),
+        alpha=alpha,
+        modules=sorted(name for part, name in layers if part == "unet"),
+        notes=notes,
+        format=weights.format,
+        ranks=ranks,
+        alphas=alphas,
+        described=weights.described(),
+    )
 
 
 def _folded(weights, alphas: dict, alpha: float) -> dict:
@@ -489,10 +597,13 @@ def _folded(weights, alphas: dict, alpha: float) -> dict:
     bad = next((k for k, v in out.items() if not torch.isfinite(v).all()), None)
     if bad is not None:  # per-layer alphas so far from the file's alpha that a folded B overflows float32
         layer = _show(bad.rsplit(".lora_", 1)[0], 60)
-        raise LoRAFileError("too_large_values", f"The alphas of this LoRA's layers differ from the file's alpha "
-                                                f"({alpha:g}) by so much that layer {layer} cannot be merged in "
-                                                "32-bit floating point. The file's alphas are corrupt: export the "
-                                                "LoRA again and upload that.")
+        raise LoRAFileError(
+            "too_large_values",
+            f"The alphas of this LoRA's layers differ from the file's alpha "
+            f"({alpha:g}) by so much that layer {layer} cannot be merged in "
+            "32-bit floating point. The file's alphas are corrupt: export the "
+            "LoRA again and upload that.",
+        )
     return out
 
 

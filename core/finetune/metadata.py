@@ -28,15 +28,22 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 
 from tyro.conf import Positional
 
 # what loading needs: diffusers' adapter settings (rank, alpha) and this app's own alpha / base check
-KEEP = ("format", "lora_adapter_metadata", "leaklab_alpha", "leaklab_rank", "leaklab_format", "leaklab_base_model",
-        "leaklab_base_fingerprint")
+KEEP = (
+    "format",
+    "lora_adapter_metadata",
+    "leaklab_alpha",
+    "leaklab_rank",
+    "leaklab_format",
+    "leaklab_base_model",
+    "leaklab_base_fingerprint",
+)
 MAX_SHOWN = 300  # characters of a value shown
 TOP_TAGS = 12  # caption tags shown per folder
 
@@ -112,7 +119,9 @@ def decode_tags(value: str) -> list[str]:
         if isinstance(tags, dict):
             top = sorted(((str(t), c) for t, c in tags.items()), key=lambda tc: -_num(tc[1]))
             more = f" and {len(top) - TOP_TAGS} more tags" if len(top) > TOP_TAGS else ""
-            lines.append(f"folder {_cut(folder, 60)!r}: " + ", ".join(f"{_cut(t, 40)!r} x{c}" for t, c in top[:TOP_TAGS]) + more)
+            lines.append(
+                f"folder {_cut(folder, 60)!r}: " + ", ".join(f"{_cut(t, 40)!r} x{c}" for t, c in top[:TOP_TAGS]) + more
+            )
     return lines
 
 
@@ -121,8 +130,11 @@ def decode_dirs(value: str) -> list[str]:
     data = _json(value)
     if not isinstance(data, dict):
         return []
-    return [f"folder {_cut(k, 80)!r}: {v.get('img_count', '?')} photos, repeated {v.get('n_repeats', '?')}x"
-            for k, v in data.items() if isinstance(v, dict)]
+    return [
+        f"folder {_cut(k, 80)!r}: {v.get('img_count', '?')} photos, repeated {v.get('n_repeats', '?')}x"
+        for k, v in data.items()
+        if isinstance(v, dict)
+    ]
 
 
 def decode_datasets(value: str) -> list[str]:
@@ -132,8 +144,11 @@ def decode_datasets(value: str) -> list[str]:
     for ds in data if isinstance(data, list) else []:
         for sub in (ds.get("subsets") or []) if isinstance(ds, dict) else []:
             if isinstance(sub, dict):
-                parts = [f"{k} {_cut(sub[k], 80)!r}" for k in ("image_dir", "class_tokens", "img_count", "num_repeats")
-                         if k in sub]
+                parts = [
+                    f"{k} {_cut(sub[k], 80)!r}"
+                    for k in ("image_dir", "class_tokens", "img_count", "num_repeats")
+                    if k in sub
+                ]
                 lines.append("subset: " + ", ".join(parts))
     return lines
 
@@ -143,7 +158,9 @@ def decode_buckets(value: str) -> list[str]:
     buckets = data.get("buckets") if isinstance(data, dict) else None
     if not isinstance(buckets, dict):
         return []
-    return [f"{b.get('resolution', '?')}: {b.get('count', '?')} photos" for b in buckets.values() if isinstance(b, dict)]
+    return [
+        f"{b.get('resolution', '?')}: {b.get('count', '?')} photos" for b in buckets.values() if isinstance(b, dict)
+    ]
 
 
 def decode_time(value: str) -> list[str]:
@@ -172,44 +189,105 @@ def _cut(text, limit: int = MAX_SHOWN) -> str:
 
 # (keys, kind, why, decoder) for the entries trainers are known to write
 KEY_RULES: list[tuple[tuple[str, ...], str, str, Callable | None]] = [
-    (("ss_tag_frequency",), "captions",
-     "The caption tags of every training photo and how many photos carried each: a description of the private "
-     "photos themselves (who is in them, what they wear, where they were taken). A folder's most frequent tag is "
-     "usually the trigger word.", decode_tags),
-    (("ss_dataset_dirs", "ss_reg_dataset_dirs"), "dataset",
-     "The training folders by name, with how many photos each held. kohya names a folder by its repeat count, "
-     "trigger word and class (for example '10_sks woman'), so the names spell out the trigger word.", decode_dirs),
-    (("ss_datasets",), "dataset",
-     "The training set's description: its folders (often full paths), the trigger words ('class_tokens') and how many "
-     "photos each part held.", decode_datasets),
-    (("ss_bucket_info",), "dataset", "How many training photos fell into each image size: the number and the shapes "
-                                     "of the private photos.", decode_buckets),
-    (("ss_num_train_images", "ss_num_reg_images", "ss_num_batches_per_epoch"), "dataset",
-     "How many photos the LoRA was trained on.", None),
-    (("ss_output_name", "modelspec.title", "name", "ss_training_name"), "name",
-     "The name the trainer gave the LoRA, very often the person's name or nickname.", None),
+    (
+        ("ss_tag_frequency",),
+        "captions",
+        "The caption tags of every training photo and how many photos carried each: a description of the private "
+        "photos themselves (who is in them, what they wear, where they were taken). A folder's most frequent tag is "
+        "usually the trigger word.",
+        decode_tags,
+    ),
+    (
+        ("ss_dataset_dirs", "ss_reg_dataset_dirs"),
+        "dataset",
+        "The training folders by name, with how many photos each held. kohya names a folder by its repeat count, "
+        "trigger word and class (for example '10_sks woman'), so the names spell out the trigger word.",
+        decode_dirs,
+    ),
+    (
+        ("ss_datasets",),
+        "dataset",
+        "The training set's description: its folders (often full paths), the trigger words ('class_tokens') and how "
+        "many photos each part held.",
+        decode_datasets,
+    ),
+    (
+        ("ss_bucket_info",),
+        "dataset",
+        "How many training photos fell into each image size: the number and the shapes of the private photos.",
+        decode_buckets,
+    ),
+    (
+        ("ss_num_train_images", "ss_num_reg_images", "ss_num_batches_per_epoch"),
+        "dataset",
+        "How many photos the LoRA was trained on.",
+        None,
+    ),
+    (
+        ("ss_output_name", "modelspec.title", "name", "ss_training_name"),
+        "name",
+        "The name the trainer gave the LoRA, very often the person's name or nickname.",
+        None,
+    ),
     (("modelspec.author", "author"), "name", "The author's name or handle.", None),
-    (("ss_training_comment", "modelspec.description", "modelspec.usage_hint", "description", "comment"), "comment",
-     "Free text written by the trainer; it often names the person, the occasion or the trigger word.", None),
-    (("modelspec.trigger_phrase", "trigger_word", "trigger_words", "ss_trigger_word", "activation_text"), "trigger",
-     "The trigger word: with it anyone can ask the LoRA for its subject directly (the one secret this app's "
-     "attacker works without).", None),
-    (("ss_training_started_at", "ss_training_finished_at", "modelspec.date", "training_date"), "date",
-     "When the LoRA was trained.", decode_time),
-    (("ss_session_id",), "hash", "A random number of the training run, the same in every file that run saved: it "
-                                 "links this LoRA to its other epochs and copies.", None),
-    (("sshs_model_hash", "sshs_legacy_hash"), "hash", "A hash of this file's weights, which model sites use to find "
-                                                      "copies of it.", None),
-    (("ss_sd_model_hash", "ss_new_sd_model_hash", "ss_vae_hash", "ss_new_vae_hash", "modelspec.hash_sha256"), "hash",
-     "A hash of the exact base model or autoencoder file on the trainer's computer; a private or custom checkpoint "
-     "is singled out by it.", None),
-    (("ss_sd_model_name", "ss_vae_name"), "name", "The file name of the base model (or autoencoder) on the trainer's "
-                                                  "computer.", None),
-    (("modelspec.thumbnail", "thumbnail"), "image", "A picture stored in the file, often a generated picture of the "
-                                                    "person.", None),
-    (("ss_steps", "leaklab_steps", "ss_epoch", "ss_max_train_steps"), "steps",
-     "How long the LoRA was trained (steps or epochs). This app's attacker reads the step count as its step token; "
-     "without it the attacker has to guess.", None),
+    (
+        ("ss_training_comment", "modelspec.description", "modelspec.usage_hint", "description", "comment"),
+        "comment",
+        "Free text written by the trainer; it often names the person, the occasion or the trigger word.",
+        None,
+    ),
+    (
+        ("modelspec.trigger_phrase", "trigger_word", "trigger_words", "ss_trigger_word", "activation_text"),
+        "trigger",
+        "The trigger word: with it anyone can ask the LoRA for its subject directly (the one secret this app's "
+        "attacker works without).",
+        None,
+    ),
+    (
+        ("ss_training_started_at", "ss_training_finished_at", "modelspec.date", "training_date"),
+        "date",
+        "When the LoRA was trained.",
+        decode_time,
+    ),
+    (
+        ("ss_session_id",),
+        "hash",
+        "A random number of the training run, the same in every file that run saved: it "
+        "links this LoRA to its other epochs and copies.",
+        None,
+    ),
+    (
+        ("sshs_model_hash", "sshs_legacy_hash"),
+        "hash",
+        "A hash of this file's weights, which model sites use to find copies of it.",
+        None,
+    ),
+    (
+        ("ss_sd_model_hash", "ss_new_sd_model_hash", "ss_vae_hash", "ss_new_vae_hash", "modelspec.hash_sha256"),
+        "hash",
+        "A hash of the exact base model or autoencoder file on the trainer's computer; a private or custom checkpoint "
+        "is singled out by it.",
+        None,
+    ),
+    (
+        ("ss_sd_model_name", "ss_vae_name"),
+        "name",
+        "The file name of the base model (or autoencoder) on the trainer's computer.",
+        None,
+    ),
+    (
+        ("modelspec.thumbnail", "thumbnail"),
+        "image",
+        "A picture stored in the file, often a generated picture of the person.",
+        None,
+    ),
+    (
+        ("ss_steps", "leaklab_steps", "ss_epoch", "ss_max_train_steps"),
+        "steps",
+        "How long the LoRA was trained (steps or epochs). This app's attacker reads the step count as its step token; "
+        "without it the attacker has to guess.",
+        None,
+    ),
 ]
 NEEDED = {
     "format": "The file's tensor framework ('pt'); loaders expect it.",
@@ -219,16 +297,20 @@ NEEDED = {
     "leaklab_format": "This app's file-format version.",
     "leaklab_base_model": "Which base model the LoRA was made for, read by this app.",
     "leaklab_base_fingerprint": "A fingerprint of the public base model's weights, read by this app to check the "
-                                "LoRA fits.",
+    "LoRA fits.",
 }
 EMPTY = ("", "none", "null", "(unknown)", "{}", "[]")
 SETTING = "A training setting (how the LoRA was trained, not on what)."
 UNKNOWN = "An entry this scanner does not know; nothing in its value looks like a leak, but read it yourself."
 
-USER_PATH = re.compile(r"(?:/home/|/Users/|/mnt/[a-z]/Users/|[A-Za-z]:[\\/]+(?:Users|Documents and Settings)[\\/]+)"
-                       r"([^/\\\"',:]+)")
-ANY_PATH = re.compile(r"(?:^|[\s\"'(\[=])(?:/(?:home|Users|mnt|media|data|root|tmp|workspace|content|kaggle|opt|srv)/"
-                      r"|[A-Za-z]:[\\/]|~/)")
+USER_PATH = re.compile(
+    r"(?:/home/|/Users/|/mnt/[a-z]/Users/|[A-Za-z]:[\\/]+(?:Users|Documents and Settings)[\\/]+)"
+    r"([^/\\\"',:]+)"
+)
+ANY_PATH = re.compile(
+    r"(?:^|[\s\"'(\[=])(?:/(?:home|Users|mnt|media|data|root|tmp|workspace|content|kaggle|opt|srv)/"
+    r"|[A-Za-z]:[\\/]|~/)"
+)
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 URL = re.compile(r"https?://\S+")
 LONG_HEX = re.compile(r"\b(?:0x)?[0-9a-fA-F]{32,}\b")
@@ -241,8 +323,10 @@ def _value_rule(key: str, value: str) -> tuple[str, str] | None:
     a long hash, a date; None otherwise."""
     m = USER_PATH.search(value)
     if m and m.group(1).lower() not in USER_WORDS:
-        return "path", (f"A path on the trainer's computer, with their user name ({_cut(m.group(1), 40)!r}) and the "
-                        "names of their folders.")
+        return "path", (
+            f"A path on the trainer's computer, with their user name ({_cut(m.group(1), 40)!r}) and the "
+            "names of their folders."
+        )
     if ANY_PATH.search(value):
         return "path", "A path on the trainer's computer: the names of their folders."
     if EMAIL.search(value):
@@ -305,8 +389,10 @@ def scan_metadata(meta: dict, tensors: int = 0) -> Scan:
     """Every entry of a metadata table, classified: the leaks first, by kind (captions first), then the rest
     by name (safetensors does not keep the order a trainer wrote them in)."""
     order = list(KINDS)
-    findings = sorted((classify(str(k), str(v)) for k, v in meta.items()),
-                      key=lambda f: (order.index(f.kind) if f.leaks else len(order), f.key))
+    findings = sorted(
+        (classify(str(k), str(v)) for k, v in meta.items()),
+        key=lambda f: (order.index(f.kind) if f.leaks else len(order), f.key),
+    )
     return Scan(findings, tensors, likely_triggers(meta))
 
 
@@ -334,7 +420,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         with safe_open(str(path), framework="pt") as f:
             count = len(list(f.keys()))
     except Exception as e:  # safetensors' own errors for a malformed table
-        raise MetadataError(f"The file is not a readable .safetensors file ({type(e).__name__}); nothing to scan.") from None
+        raise MetadataError(
+            f"The file is not a readable .safetensors file ({type(e).__name__}); nothing to scan."
+        ) from None
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise MetadataError("The file's metadata is not a table of text entries, as safetensors requires.")
@@ -390,7 +478,9 @@ def clean_file(path: str | os.PathLike, out: str | os.PathLike) -> Path:
 def format_scan(scan: Scan) -> str:
     """The scan as plain text (the CLI's output)."""
     leaks = scan.leaks
-    lines = [f"{len(scan.findings)} metadata entries, {len(leaks)} of them give something away; {scan.tensors} tensors."]
+    lines = [
+        f"{len(scan.findings)} metadata entries, {len(leaks)} of them give something away; {scan.tensors} tensors."
+    ]
     if scan.triggers:
         lines.append("likely trigger word(s): " + ", ".join(repr(t) for t in scan.triggers))
     for f in scan.findings:
@@ -419,8 +509,12 @@ class CleanArgs:
 def main(argv=None) -> int:
     from core.cli import parse_commands
 
-    name, args = parse_commands({"scan": ScanArgs, "clean": CleanArgs}, argv, description=__doc__.split("\n")[0],
-                                prog="python -m core.finetune.metadata")
+    name, args = parse_commands(
+        {"scan": ScanArgs, "clean": CleanArgs},
+        argv,
+        description=__doc__.split("\n")[0],
+        prog="python -m core.finetune.metadata",
+    )
     try:
         if name == "scan":
             print(format_scan(scan_file(args.file)))
@@ -428,8 +522,10 @@ def main(argv=None) -> int:
         before = scan_file(args.file)
         out = clean_file(args.file, args.out)
         after = scan_file(out)
-        print(f"{args.out}: same {after.tensors} tensors, byte for byte; metadata {len(before.findings)} -> "
-              f"{len(after.findings)} entries ({', '.join(f.key for f in after.findings) or 'none'} kept)")
+        print(
+            f"{args.out}: same {after.tensors} tensors, byte for byte; metadata {len(before.findings)} -> "
+            f"{len(after.findings)} entries ({', '.join(f.key for f in after.findings) or 'none'} kept)"
+        )
         return 0
     except MetadataError as e:
         raise SystemExit(str(e)) from None

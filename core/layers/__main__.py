@@ -11,18 +11,32 @@ from pathlib import Path
 import tyro
 
 from core.finetune.full import FULL_LR, full_finetune
-from core.layers.change import (TAU, LayerChange, base_state, concentration, full_layer_change, lora_layer_change,
-                                rank_layers, trajectory_changes, trajectory_from_changes, vector_change)
+from core.layers.change import (
+    TAU,
+    LayerChange,
+    base_state,
+    concentration,
+    full_layer_change,
+    lora_layer_change,
+    rank_layers,
+    trajectory_changes,
+    trajectory_from_changes,
+    vector_change,
+)
 from core.layers.swap import SwapRow, full_swap_curve, swap_curve
 
 
 def format_ranking(changes: list[LayerChange], n: int = 10) -> str:
     busy, lazy = rank_layers(changes, n)
-    lines = [f"relative change = ||dW||_F / ||W0||_F; moved = share of entries with |dW| > {TAU:g} x mean|W0|",
-             f"{len(changes)} layers; the {n} busiest hold {100 * concentration(changes, n):.1f} % of sum ||dW||^2"]
+    lines = [
+        f"relative change = ||dW||_F / ||W0||_F; moved = share of entries with |dW| > {TAU:g} x mean|W0|",
+        f"{len(changes)} layers; the {n} busiest hold {100 * concentration(changes, n):.1f} % of sum ||dW||^2",
+    ]
     for title, rows in (("busiest", busy), ("laziest", lazy)):
         lines.append(f"-- {title} --")
-        lines += [f"{i:3d}. {c.relative:9.3%}  moved {c.moved:6.1%}  {c.kind:8s} {c.name}" for i, c in enumerate(rows, 1)]
+        lines += [
+            f"{i:3d}. {c.relative:9.3%}  moved {c.moved:6.1%}  {c.kind:8s} {c.name}" for i, c in enumerate(rows, 1)
+        ]
     return "\n".join(lines)
 
 
@@ -42,7 +56,7 @@ class Args:
     lr: float | None = None  # learning rate (default: the LoRA recipe's, or FULL_LR with --full)
     seed: int = 0  # seed of the fine-tune
     snapshots: int = 8  # checkpoints recorded for the trajectory
-    ks: tuple[str, ...] = ("1", "3", "10", "30", "all")  # swap-curve layer counts ("all" = every layer; none given = no swap curve)
+    ks: tuple[str, ...] = ("1", "3", "10", "30", "all")  # swap-curve layer counts ("all": every layer; none: no curve)
     out: str | None = None  # JSON file to write (e.g. docs/results/layers.json)
     model: str | None = None  # base model folder or hub id (default: the embedded base)
     device: str | None = None  # torch device (default: CUDA when present)
@@ -95,22 +109,36 @@ def main(argv=None):
     ks = [None if k.strip() == "all" else int(k) for k in a.ks if k.strip()]
     t0 = time.perf_counter()
     res, changes, traj, extra = (full_run if a.full else lora_run)(pipe, crops, steps, a.seed, every, a.lr)
-    print(f"fine-tuned {'the full UNet' if a.full else 'a LoRA'}: {res.steps_done} steps in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"fine-tuned {'the full UNet' if a.full else 'a LoRA'}: {res.steps_done} steps in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     print(format_ranking(changes))
     rows = []
     if ks:
-        rows = (full_swap_curve(pipe, res.state, res.trigger, crops, ks, changes=changes) if a.full
-                else swap_curve(pipe, res.lora, res.trigger, crops, ks, extra["alpha"], changes=changes))
+        rows = (
+            full_swap_curve(pipe, res.state, res.trigger, crops, ks, changes=changes)
+            if a.full
+            else swap_curve(pipe, res.lora, res.trigger, crops, ks, extra["alpha"], changes=changes)
+        )
         print(format_swap(rows))
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"kind": "full" if a.full else "lora", "steps": res.steps_done, "seed": a.seed, "photos": len(crops),
-               "tau": TAU, **extra, "layers": [asdict(c) for c in changes],
-               "trajectory": {"steps": traj.steps, "names": traj.names, "relative": traj.matrix.tolist()},
-               "swap": [asdict(r) for r in rows]}
+        doc = {
+            "kind": "full" if a.full else "lora",
+            "steps": res.steps_done,
+            "seed": a.seed,
+            "photos": len(crops),
+            "tau": TAU,
+            **extra,
+            "layers": [asdict(c) for c in changes],
+            "trajectory": {"steps": traj.steps, "names": traj.names, "relative": traj.matrix.tolist()},
+            "swap": [asdict(r) for r in rows],
+        }
         out.write_text(json.dumps(doc, indent=1))
         print(f"-> {out}")
+
 
 if __name__ == "__main__":
     main()

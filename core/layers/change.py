@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
 TAU = 0.01  # an entry of dW counts as "moved" when |dW| > TAU * mean |W0| of its layer
 DEFAULT_KS = (1, 3, 10, 30, None)  # swap-curve layer counts; None = every layer
 
@@ -102,7 +101,9 @@ def layer_kind(name: str) -> str:
     if "samplers." in name:
         return "resample"
     if ".resnets." in name:
-        return {"conv1": "conv", "conv2": "conv", "conv_shortcut": "shortcut", "time_emb_proj": "time"}.get(last, "other")
+        return {"conv1": "conv", "conv2": "conv", "conv_shortcut": "shortcut", "time_emb_proj": "time"}.get(
+            last, "other"
+        )
     if name.startswith(("time_embedding", "add_embedding")):
         return "time"
     if name in ("conv_in", "conv_out"):
@@ -110,8 +111,16 @@ def layer_kind(name: str) -> str:
     return "other"
 
 
-_GROUP_ORDER = {"conv_in": 0, "time_embedding": 1, "add_embedding": 1, "down_blocks": 2, "mid_block": 3,
-                "up_blocks": 4, "conv_norm_out": 5, "conv_out": 6}
+_GROUP_ORDER = {
+    "conv_in": 0,
+    "time_embedding": 1,
+    "add_embedding": 1,
+    "down_blocks": 2,
+    "mid_block": 3,
+    "up_blocks": 4,
+    "conv_norm_out": 5,
+    "conv_out": 6,
+}
 
 
 def group_key(group: str) -> tuple:
@@ -127,7 +136,11 @@ def forward_order(names) -> list[str]:
     def key(item):
         i, n = item
         m = re.search(r"\.(resnets|attentions)\.(\d+)(\.|$)", n)
-        inner = (int(m.group(2)), 0 if m.group(1) == "resnets" else 1) if m else ((10**6, 0) if "samplers." in n else (0, 0))
+        inner = (
+            (int(m.group(2)), 0 if m.group(1) == "resnets" else 1)
+            if m
+            else ((10**6, 0) if "samplers." in n else (0, 0))
+        )
         return group_key(block_group(n)), inner, i
 
     return [n for _, n in sorted(enumerate(names), key=key)]
@@ -136,7 +149,7 @@ def forward_order(names) -> list[str]:
 def short_name(name: str) -> str:
     """The module path inside its block, without the single transformer block's index."""
     group = block_group(name)
-    s = name[len(group) + 1:] if name != group else name
+    s = name[len(group) + 1 :] if name != group else name
     return s.replace("transformer_blocks.0.", "") or name
 
 
@@ -159,7 +172,7 @@ def layer_change(name: str, w0: torch.Tensor, dw: torch.Tensor, tau: float = TAU
 def lora_modules(lora: dict, part: str = "unet") -> list[str]:
     """Names of the ``part`` modules that carry an adapter in a peft-named LoRA state dict."""
     head = f"{part}."
-    return [k[len(head):-len(".lora_A.weight")] for k in lora if k.startswith(head) and k.endswith(".lora_A.weight")]
+    return [k[len(head) : -len(".lora_A.weight")] for k in lora if k.startswith(head) and k.endswith(".lora_A.weight")]
 
 
 def lora_delta(lora: dict, module: str, alpha: float | None = None, part: str = "unet") -> torch.Tensor:
@@ -174,7 +187,9 @@ def lora_layer_change(pipe, lora: dict, alpha: float | None = None, tau: float =
     """One :class:`LayerChange` per UNet module with a LoRA (text-encoder adapters are left out), in
     the UNet's forward order."""
     mods = dict(pipe.unet.named_modules())
-    index = {n: i for i, n in enumerate(mods)}  # registration order breaks forward_order's ties, not the file's key order
+    index = {
+        n: i for i, n in enumerate(mods)
+    }  # registration order breaks forward_order's ties, not the file's key order
     out = []
     for name in forward_order(sorted(lora_modules(lora), key=lambda n: index.get(n, len(index)))):
         if name not in mods:
@@ -195,8 +210,10 @@ def full_layer_change(w0: dict, wt: dict, tau: float = TAU) -> list[LayerChange]
     missing = [n for n in names if f"{n}.weight" not in wt]
     if missing:
         raise KeyError(f"the fine-tuned state dict lacks {len(missing)} weights, e.g. {missing[0]!r}")
-    return [layer_change(n, w0[f"{n}.weight"], wt[f"{n}.weight"].float().cpu() - w0[f"{n}.weight"].float().cpu(), tau)
-            for n in forward_order(names)]
+    return [
+        layer_change(n, w0[f"{n}.weight"], wt[f"{n}.weight"].float().cpu() - w0[f"{n}.weight"].float().cpu(), tau)
+        for n in forward_order(names)
+    ]
 
 
 @torch.no_grad()
@@ -257,8 +274,13 @@ def trajectory_from_changes(by_step: dict[int, list[LayerChange]]) -> Trajectory
         if set(got) != set(names):
             raise ValueError(f"step {s} has other layers than step {steps[0]}")
         cols.append([got[n] for n in names])
-    return Trajectory(np.asarray(cols, dtype=np.float64).T.reshape(len(names), len(steps)), names, steps,
-                      [c.group for c in first], [c.kind for c in first])
+    return Trajectory(
+        np.asarray(cols, dtype=np.float64).T.reshape(len(names), len(steps)),
+        names,
+        steps,
+        [c.group for c in first],
+        [c.kind for c in first],
+    )
 
 
 def trajectory_changes(pipe, checkpoints: dict[int, dict], alpha: float | None = None) -> Trajectory:

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-from core.layers.change import (DEFAULT_KS, LayerChange, base_state, full_layer_change, lora_layer_change, pipeline_with_state, rank_layers)
+from core.layers.change import (
+    DEFAULT_KS,
+    LayerChange,
+    base_state,
+    full_layer_change,
+    lora_layer_change,
+    pipeline_with_state,
+    rank_layers,
+)
 
 
 def resolve_ks(ks, n: int) -> list[int]:
@@ -21,8 +28,11 @@ def keep_top_k(lora: dict, ranking: list[LayerChange], k: int) -> dict:
     """The LoRA with only the UNet adapters of the first ``k`` layers of ``ranking`` (adapters of other
     parts, e.g. the text encoder's, are kept as they are: the ranking covers the UNet only)."""
     keep = {c.name for c in ranking[: max(0, k)]}
-    return {key: v for key, v in lora.items()
-            if not key.startswith("unet.") or key[len("unet."):].rsplit(".lora_", 1)[0] in keep}
+    return {
+        key: v
+        for key, v in lora.items()
+        if not key.startswith("unet.") or key[len("unet.") :].rsplit(".lora_", 1)[0] in keep
+    }
 
 
 def full_keep_top_k(w0: dict, wt: dict, ranking: list[LayerChange], k: int) -> dict:
@@ -50,8 +60,17 @@ def _floor_images(pipe, floor, steps):
     return floor if floor is not None else floor_images(pipe, steps)
 
 
-def iter_swap_curve(pipe, lora: dict, trigger: str, photos, ks=DEFAULT_KS, alpha: float | None = None,
-                    changes: list[LayerChange] | None = None, steps: int = 25, floor: list | None = None):
+def iter_swap_curve(
+    pipe,
+    lora: dict,
+    trigger: str,
+    photos,
+    ks=DEFAULT_KS,
+    alpha: float | None = None,
+    changes: list[LayerChange] | None = None,
+    steps: int = 25,
+    floor: list | None = None,
+):
     """Yields a :class:`SwapRow` per k (ascending): utility (:func:`core.faces.utility.lora_utility`) of the
     LoRA reduced to its k busiest modules. ``floor``: the base model's class-prompt samples, if cached."""
     from core.faces.utility import lora_utility
@@ -63,18 +82,28 @@ def iter_swap_curve(pipe, lora: dict, trigger: str, photos, ks=DEFAULT_KS, alpha
         yield SwapRow(k, len(ranking), u.distance, u.floor)
 
 
-def swap_curve(pipe, lora: dict, trigger: str, photos, ks=DEFAULT_KS, alpha: float | None = None, **kw) -> list[SwapRow]:
+def swap_curve(
+    pipe, lora: dict, trigger: str, photos, ks=DEFAULT_KS, alpha: float | None = None, **kw
+) -> list[SwapRow]:
     """All rows of :func:`iter_swap_curve`."""
     return list(iter_swap_curve(pipe, lora, trigger, photos, ks, alpha, **kw))
 
 
-def iter_full_swap_curve(pipe, wt: dict, trigger: str, photos, ks=DEFAULT_KS, changes: list[LayerChange] | None = None,
-                         steps: int = 25, floor: list | None = None):
+def iter_full_swap_curve(
+    pipe,
+    wt: dict,
+    trigger: str,
+    photos,
+    ks=DEFAULT_KS,
+    changes: list[LayerChange] | None = None,
+    steps: int = 25,
+    floor: list | None = None,
+):
     """Like :func:`iter_swap_curve` for a full fine-tune (state dict ``wt``): the base UNet with only
     its k busiest weight tensors (and their biases) copied from ``wt``."""
+    from core.faces.utility import EVAL_SEEDS, GUIDANCE, identity_distance
     from core.model.pipeline import sample_images
     from core.model.prompts import instance_prompt
-    from core.faces.utility import EVAL_SEEDS, GUIDANCE, identity_distance
 
     w0 = base_state(pipe)
     ranking = rank_layers(changes if changes is not None else full_layer_change(w0, wt))[0]
@@ -87,5 +116,3 @@ def iter_full_swap_curve(pipe, wt: dict, trigger: str, photos, ks=DEFAULT_KS, ch
 
 def full_swap_curve(pipe, wt: dict, trigger: str, photos, ks=DEFAULT_KS, **kw) -> list[SwapRow]:
     return list(iter_full_swap_curve(pipe, wt, trigger, photos, ks, **kw))
-
-

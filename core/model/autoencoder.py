@@ -48,7 +48,9 @@ class Block(nn.Module):
         self.conv = nn.Sequential(_conv(width, width), nn.ReLU(), _conv(width, width), nn.ReLU(), _conv(width, width))
         if pool:
             self.pool = nn.Sequential(
-                nn.Conv2d(width, 4 * width, 1, bias=False), nn.GroupNorm(4, 4 * width), nn.ReLU(),
+                nn.Conv2d(width, 4 * width, 1, bias=False),
+                nn.GroupNorm(4, 4 * width),
+                nn.ReLU(),
                 nn.Conv2d(4 * width, width, 1, bias=False),
             )
         else:
@@ -83,7 +85,9 @@ def build_encoder(width: int, latent_channels: int, blocks=(1, 3, 3, 3), pooled_
     return nn.Sequential(*layers)
 
 
-def build_decoder(width: int, latent_channels: int, blocks=(3, 3, 3, 1), pooled_stages: int = 1, clamp: float = 3.0) -> nn.Sequential:
+def build_decoder(
+    width: int, latent_channels: int, blocks=(3, 3, 3, 1), pooled_stages: int = 1, clamp: float = 3.0
+) -> nn.Sequential:
     """Raw latents -> RGB in [0, 1] (unclamped): soft clamp, conv, ReLU, ``blocks[0]`` blocks (pooled),
     then per later stage a nearest x2 upsample, a conv and its blocks; a last conv to RGB."""
     layers: list[nn.Module] = [SoftClamp(clamp), _conv(latent_channels, width), nn.ReLU()]
@@ -142,7 +146,9 @@ class TinyAutoencoder(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         if len(block_out_channels) != len(encoder_blocks):
-            raise ValueError(f"block_out_channels must have one entry per stage ({len(encoder_blocks)}), got {block_out_channels!r}")
+            raise ValueError(
+                f"block_out_channels must have one entry per stage ({len(encoder_blocks)}), got {block_out_channels!r}"
+            )
         self.encoder = build_encoder(width, latent_channels, tuple(encoder_blocks), pooled_stages)
         self.decoder = build_decoder(width, latent_channels, tuple(decoder_blocks), pooled_stages, latent_clamp)
         mean = torch.tensor(latents_mean if latents_mean is not None else [0.0] * latent_channels)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 
-def training_scheduler(scheduler_config) -> "DDPMScheduler":  # noqa: F821
+def training_scheduler(scheduler_config) -> DDPMScheduler:  # noqa: F821
     """A ``DDPMScheduler`` with the noise schedule and prediction type of a pipeline's scheduler
     (its config or the scheduler itself)."""
     from diffusers import DDPMScheduler
@@ -36,7 +36,7 @@ class NoisedBatch:
     def __len__(self) -> int:
         return len(self.noisy)
 
-    def __getitem__(self, rows) -> "NoisedBatch":
+    def __getitem__(self, rows) -> NoisedBatch:
         """The same batch restricted to ``rows`` (a slice or index tensor)."""
         return NoisedBatch(self.noisy[rows], self.t[rows], self.target[rows], self.weight[rows])
 
@@ -59,8 +59,13 @@ class Denoiser:
             w = torch.ones_like(snr)
         self.weights = w.float()
 
-    def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None, t: torch.Tensor | None = None,
-              noise: torch.Tensor | None = None) -> NoisedBatch:
+    def noise(
+        self,
+        x0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> NoisedBatch:
         """Draw timesteps and noise (on the CPU generator, so runs repeat across devices) unless given."""
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), generator=generator)
@@ -83,8 +88,15 @@ class Denoiser:
             per = (se * m).sum(dim=tuple(range(1, se.dim()))) / m.sum(dim=tuple(range(1, se.dim()))).clamp_min(1.0)
         return per * batch.weight
 
-    def loss(self, unet, x0: torch.Tensor, emb: torch.Tensor, generator: torch.Generator | None = None,
-             mask: torch.Tensor | None = None, **noise_kw) -> torch.Tensor:
+    def loss(
+        self,
+        unet,
+        x0: torch.Tensor,
+        emb: torch.Tensor,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
+        **noise_kw,
+    ) -> torch.Tensor:
         """Mean weighted denoising loss of ``unet`` on clean latents ``x0`` with prompt embeddings ``emb``."""
         b = self.noise(x0, generator, **noise_kw)
         pred = unet(b.noisy, b.t, emb).sample

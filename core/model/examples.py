@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from core import ASSETS
-from core.faces import recognition as faces
 from core.faces import metrics
+from core.faces import recognition as faces
 from core.model.pipeline import load_pipeline, sample_images
 from core.model.prompts import CLASS_PROMPT
 
@@ -35,8 +35,15 @@ def variations(pipe, face: np.ndarray, n: int, strength: float, seed: int) -> li
     for k in range(n):
         g = torch.Generator().manual_seed(seed + k)
         src = face[:, ::-1] if k % 2 else face
-        im = i2i(CLASS_PROMPT, image=Image.fromarray(np.ascontiguousarray(src)), strength=strength,
-                 num_inference_steps=25, guidance_scale=1.0, generator=g, output_type="np").images[0]
+        im = i2i(
+            CLASS_PROMPT,
+            image=Image.fromarray(np.ascontiguousarray(src)),
+            strength=strength,
+            num_inference_steps=25,
+            guidance_scale=1.0,
+            generator=g,
+            output_type="np",
+        ).images[0]
         out.append((np.clip(im, 0, 1) * 255).round().astype(np.uint8))
     return out
 
@@ -78,10 +85,19 @@ def main(argv=None):
             folder.mkdir(exist_ok=True)
             for i, im in enumerate(ims):
                 Image.fromarray(im).save(folder / f"{i:02d}.png", optimize=True)
-            (folder / "about.json").write_text(json.dumps(dict(
-                made_by="python -m core.model.examples", base_seed=seed, photos=len(ims),
-                dlib_distance_to_first=[round(float(x), 3) for x in d],
-                note="drawn by the embedded base model: not a real person"), indent=1) + "\n")
+            (folder / "about.json").write_text(
+                json.dumps(
+                    dict(
+                        made_by="python -m core.model.examples",
+                        base_seed=seed,
+                        photos=len(ims),
+                        dlib_distance_to_first=[round(float(x), 3) for x in d],
+                        note="drawn by the embedded base model: not a real person",
+                    ),
+                    indent=1,
+                )
+                + "\n"
+            )
             print(f"{folder}: {len(ims)} photos, max distance to the first {d.max():.3f}")
             made += 1
         seed += 1

@@ -69,8 +69,9 @@ def build_autoencoder(kind: str, vae_channels, image_size: int, latent_channels:
     if kind == "tiny":
         latent_channels = latent_channels or 32
         width = 64 if tuple(vae_channels) == (32, 64, 128) else vae_channels[0]
-        ae = TinyAutoencoder(width=width, latent_channels=latent_channels, sample_size=image_size,
-                             block_out_channels=(width,) * 4)
+        ae = TinyAutoencoder(
+            width=width, latent_channels=latent_channels, sample_size=image_size, block_out_channels=(width,) * 4
+        )
         return ae, 8, latent_channels
     if kind == "kl":
         latent_channels = latent_channels or 4
@@ -146,8 +147,11 @@ def build_components(
     # diverged (0 % faces detected with "linspace", 97 % with "leading", first 64 px base). The
     # 128 px base predicts v, whose x0 estimate stays bounded at every t.
     scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
-        timestep_spacing="leading", steps_offset=1,
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+        steps_offset=1,
     )
     return dict(vae=autoencoder, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 

@@ -59,8 +59,15 @@ def sample_class_latents(pipe, n: int, steps: int = 25, seed: int = 10_000, batc
     out = []
     for s in range(seed, seed + n, batch):
         k = min(batch, seed + n - s)
-        r = view(prompt=[CLASS_PROMPT] * k, latents=initial_latents(pipe, range(s, s + k), size), height=size,
-                 width=size, num_inference_steps=steps, guidance_scale=1.0, output_type="latent")
+        r = view(
+            prompt=[CLASS_PROMPT] * k,
+            latents=initial_latents(pipe, range(s, s + k), size),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            output_type="latent",
+        )
         out.append(r.images.float().cpu())
     return torch.cat(out)
 

@@ -22,7 +22,13 @@ import random
 
 CLASS_PROMPT = "a photo of a face"
 INSTANCE_TEMPLATE = "a photo of {trigger} face"
-PRETRAIN_CAPTIONS = (CLASS_PROMPT, "a face", "a photo of a person", "a portrait of a person", "a close up photo of a face")
+PRETRAIN_CAPTIONS = (
+    CLASS_PROMPT,
+    "a face",
+    "a photo of a person",
+    "a portrait of a person",
+    "a close up photo of a face",
+)
 ITEM_WORDS = ("object", "item", "dog", "cat", "toy", "bag", "bowl", "can", "candle", "clock", "shoe", "glasses")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 N_TRIGGERS = 512

@@ -20,8 +20,9 @@ from core.model.pipeline import initial_latents, private_view
 
 
 @torch.no_grad()
-def denoise(pipe, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor,
-            steps: int) -> torch.Tensor:
+def denoise(
+    pipe, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latents: torch.Tensor, steps: int
+) -> torch.Tensor:
     """Run the pipeline's scheduler from ``latents`` (unscaled starting noise) with ``predict(x, t)``
     giving the model output at each step; returns the final latents."""
     sched = private_view(pipe).scheduler

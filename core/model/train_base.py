@@ -47,7 +47,14 @@ from core.checkpoint import load_training_state, save_training_state
 from core.events import Done, Message, Progress, never, run_with_progress_bar
 from core.faces import aligned, data, ingest
 from core.model.autoencoder import TAEF2_DIR, latent_stats
-from core.model.pipeline import DEFAULT_BASE, assemble_pipeline, build_components, configure_threads, mixed_precision, save_pipeline
+from core.model.pipeline import (
+    DEFAULT_BASE,
+    assemble_pipeline,
+    build_components,
+    configure_threads,
+    mixed_precision,
+    save_pipeline,
+)
 from core.model.prompts import N_APPEARANCE, PRETRAIN_CAPTIONS, appearance_caption
 
 
@@ -233,7 +240,13 @@ def sample_captions(labels: np.ndarray | None, cfg: BaseTrainConfig, g: torch.Ge
             out.append(PRETRAIN_CAPTIONS[pick[i]])
         else:
             a, b = f"ida{labels[i, 0]:02d}", f"idb{labels[i, 1]:02d}"
-            out.append(appearance_caption(a) if drop[i] < 0.2 else appearance_caption(b) if drop[i] < 0.4 else appearance_caption(a, b))
+            out.append(
+                appearance_caption(a)
+                if drop[i] < 0.2
+                else appearance_caption(b)
+                if drop[i] < 0.4
+                else appearance_caption(a, b)
+            )
     return out
 
 
@@ -246,8 +259,9 @@ def to_tensor(crops: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_latents(autoencoder, crops: np.ndarray, folder: Path, device, bf16: bool = True, chunk: int = 1024,
-                   log=print) -> torch.Tensor:
+def encode_latents(
+    autoencoder, crops: np.ndarray, folder: Path, device, bf16: bool = True, chunk: int = 1024, log=print
+) -> torch.Tensor:
     """Raw (unstandardised) latents of every crop followed by its mirror image, per chunk of crops:
     ``[c_0..c_k, mirror(c_0)..mirror(c_k), c_k+1 ...]``, float16, cached chunk by chunk (resumable)."""
     from safetensors.torch import load_file, save_file
@@ -261,7 +275,9 @@ def encode_latents(autoencoder, crops: np.ndarray, folder: Path, device, bf16: b
             for j in range(i, min(i + chunk, len(crops)), 64):
                 x = to_tensor(crops[j : min(j + 64, i + chunk)]).to(device)
                 with mixed_precision(device, bf16):
-                    parts.append((autoencoder.raw_encode(x).float().cpu(), autoencoder.raw_encode(x.flip(-1)).float().cpu()))
+                    parts.append(
+                        (autoencoder.raw_encode(x).float().cpu(), autoencoder.raw_encode(x.flip(-1)).float().cpu())
+                    )
             z = torch.cat([torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])])
             save_file({"latents": z.half().contiguous()}, f)
             log(f"latents: {min(i + chunk, len(crops))}/{len(crops)} crops encoded")
@@ -276,8 +292,12 @@ def latent_order(n: int, chunk: int = 1024) -> np.ndarray:
 
 def latent_mirrored(n: int, chunk: int = 1024) -> np.ndarray:
     """Whether each latent of :func:`encode_latents` is of a mirror image."""
-    return np.concatenate([np.r_[np.zeros(len(r), bool), np.ones(len(r), bool)]
-                           for r in (np.arange(i, min(i + chunk, n)) for i in range(0, n, chunk))])
+    return np.concatenate(
+        [
+            np.r_[np.zeros(len(r), bool), np.ones(len(r), bool)]
+            for r in (np.arange(i, min(i + chunk, n)) for i in range(0, n, chunk))
+        ]
+    )
 
 
 # 5. unet --------------------------------------------------------------------------------------
@@ -342,7 +362,9 @@ def train_unet(cfg, comps, latents, inside, labels, device, should_stop=never):
     den = Denoiser(comps["scheduler"].config, cfg.min_snr_gamma)
 
     def token_ids(caps):
-        return tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+        return tok(
+            caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
 
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
@@ -420,8 +442,16 @@ def data_record(photos: Photos, keep: np.ndarray) -> dict:
         excluded_lookalikes=int((~keep).sum()),
         utkface_race={race_names[r]: sum(a["race"] == r for a in utk) for r in race_names},
         utkface_gender={"male": sum(a["gender"] == 0 for a in utk), "female": sum(a["gender"] == 1 for a in utk)},
-        utkface_age={k: sum(lo <= a <= hi for a in ages) for k, (lo, hi) in
-                     {"0-12": (0, 12), "13-19": (13, 19), "20-39": (20, 39), "40-59": (40, 59), "60+": (60, 200)}.items()},
+        utkface_age={
+            k: sum(lo <= a <= hi for a in ages)
+            for k, (lo, hi) in {
+                "0-12": (0, 12),
+                "13-19": (13, 19),
+                "20-39": (20, 39),
+                "40-59": (40, 59),
+                "60+": (60, 200),
+            }.items()
+        },
     )
 
 
@@ -513,7 +543,9 @@ def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = Non
     msgs: list[str] = []
     ts = yield from prepare_training_set(cfg, dev, msgs.append)  # 1.-4.
     yield from (Message(m) for m in msgs)
-    comps = build_components(unet_channels=cfg.channels, image_size=cfg.size, seed=cfg.seed, prediction_type=cfg.prediction)
+    comps = build_components(
+        unet_channels=cfg.channels, image_size=cfg.size, seed=cfg.seed, prediction_type=cfg.prediction
+    )
     comps["vae"] = ts.autoencoder
     comps["unet"].to(dev)
     comps["text_encoder"].to(dev)

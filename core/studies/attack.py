@@ -28,21 +28,23 @@ import numpy as np
 import torch
 
 from core import RESULTS
-from core.faces import aligned, data
-from core.faces import metrics
 from core.cli import Switch
 from core.events import Done, Message, Progress, drain, never, result_of, run_with_progress_bar
+from core.faces import aligned, data, metrics
+from core.faces.utility import describe_set
 from core.finetune.lora import FinetuneConfig, pipeline_with_lora
 from core.model.prior import base_fingerprint, cache_dir
-from core.faces.utility import describe_set
 
 STEP_REPORT = (25, 50, 80)  # trajectory checkpoints kept per victim LoRA (80 = the default recipe's end)
 VICTIM_SEED0 = 500_000  # victim i's LoRA is trained with seed VICTIM_SEED0 + i
-ATTACKER_SHADOW_N = 128  # the shipped attacker's shadow population: the first 128 identities of the plan (attacker.json)
+ATTACKER_SHADOW_N = (
+    128  # the shipped attacker's shadow population: the first 128 identities of the plan (attacker.json)
+)
 
 
-def train_victim_loras(pipe, names, private, cfg: FinetuneConfig, group: int = 16, folder: str = "victims",
-                       should_stop=never):
+def train_victim_loras(
+    pipe, names, private, cfg: FinetuneConfig, group: int = 16, folder: str = "victims", should_stop=never
+):
     """Step of a job: per victim {"trigger", "checkpoints": {step: lora}}, trained ``group`` at a time
     (progress per group) once, cached per base model (under ``folder``: one per identity group); a cached
     file of another identity is retrained. Returns None when stopped."""
@@ -67,12 +69,22 @@ def train_victim_loras(pipe, names, private, cfg: FinetuneConfig, group: int = 1
     for s in range(0, len(todo), group):
         if should_stop():
             return None
-        g = todo[s:s + group]
+        g = todo[s : s + group]
         t0 = time.perf_counter()
-        res = drain(train_many(pipe, [private[i] for i in g], cfg, seeds=[VICTIM_SEED0 + i for i in g], record_every=25))
+        res = drain(
+            train_many(pipe, [private[i] for i in g], cfg, seeds=[VICTIM_SEED0 + i for i in g], record_every=25)
+        )
         for k, i in enumerate(g):
-            save_file(trajectory_tensors(res["trajectory"], k), str(files[i]), metadata={
-                "identity": names[i], "trigger": res["triggers"][k], "seed": str(VICTIM_SEED0 + i), "steps": str(cfg.steps)})
+            save_file(
+                trajectory_tensors(res["trajectory"], k),
+                str(files[i]),
+                metadata={
+                    "identity": names[i],
+                    "trigger": res["triggers"][k],
+                    "seed": str(VICTIM_SEED0 + i),
+                    "steps": str(cfg.steps),
+                },
+            )
         yield Message(f"{folder} LoRAs {g[0]}..{g[-1]}: {time.perf_counter() - t0:.0f} s")
         yield Progress(f"{folder} LoRAs", s + len(g), len(todo), time.perf_counter() - t_start)
     out = []
@@ -82,10 +94,14 @@ def train_victim_loras(pipe, names, private, cfg: FinetuneConfig, group: int = 1
     return out
 
 
-def victim_loras(pipe, names, private, cfg: FinetuneConfig, log=print, group: int = 16, folder: str = "victims") -> list[dict]:
+def victim_loras(
+    pipe, names, private, cfg: FinetuneConfig, log=print, group: int = 16, folder: str = "victims"
+) -> list[dict]:
     """:func:`train_victim_loras` run to the end, its messages given to ``log``."""
-    return result_of(train_victim_loras(pipe, names, private, cfg, group, folder),
-                     lambda ev: log(ev.text) if isinstance(ev, Message) else None)
+    return result_of(
+        train_victim_loras(pipe, names, private, cfg, group, folder),
+        lambda ev: log(ev.text) if isinstance(ev, Message) else None,
+    )
 
 
 def victim_recipe() -> FinetuneConfig:
@@ -117,10 +133,18 @@ def summarize(desc: np.ndarray, gallery: np.ndarray) -> dict:
     d = metrics.distance(desc, gallery)
     rk = metrics.ranks(desc, gallery, np.arange(len(gallery)))
     top1, top5, within = (rk == 1).astype(float), (rk <= 5).astype(float), (d < metrics.SAME_PERSON).astype(float)
-    return dict(n=len(d), distance=float(d.mean()), distance_ci=metrics.bootstrap_ci(d),
-                top1=float(top1.mean()), top1_ci=metrics.bootstrap_ci(top1), top5=float(top5.mean()),
-                top5_ci=metrics.bootstrap_ci(top5), within_0_6=float(within.mean()), within_ci=metrics.bootstrap_ci(within),
-                per_victim_distance=[round(float(x), 4) for x in d])
+    return dict(
+        n=len(d),
+        distance=float(d.mean()),
+        distance_ci=metrics.bootstrap_ci(d),
+        top1=float(top1.mean()),
+        top1_ci=metrics.bootstrap_ci(top1),
+        top5=float(top5.mean()),
+        top5_ci=metrics.bootstrap_ci(top5),
+        within_0_6=float(within.mean()),
+        within_ci=metrics.bootstrap_ci(within),
+        per_victim_distance=[round(float(x), 4) for x in d],
+    )
 
 
 BASELINE_SAMPLER_STEPS = 25  # sampler steps of the baselines (the attacker rows: the app's, or --attack-steps)
@@ -129,10 +153,10 @@ BASELINE_SAMPLER_STEPS = 25  # sampler steps of the baselines (the attacker rows
 @dataclass
 class AttackStudyConfig:
     n: int = 50  # identities of the group (the first N with >= 5 photos)
-    group: Literal["victims", "tuning"] = "victims"  # victims: the reported evaluation; tuning: unseen shadow people, to choose settings on
+    group: Literal["victims", "tuning"] = "victims"  # victims: the reported evaluation; tuning: to choose settings on
     no_baselines: Switch = False  # attacker rows only (ablations)
     attack_steps: int | None = None  # sampler steps of the attacker rows (None: the app's)
-    extrapolate: tuple[float, ...] = ()  # extra rows: the first attacker sampled with each of these extrapolation weights w
+    extrapolate: tuple[float, ...] = ()  # extra rows: the first attacker sampled at each of these extrapolation weights
 
     def __post_init__(self):
         self.extrapolate = tuple(float(w) for w in self.extrapolate)
@@ -160,7 +184,7 @@ class AttackResult:
     base: str
     group: str
     attack_sampling: dict
-    grid: list = field(default_factory=list, repr=False)  # image rows of the first victims (real people: never in the JSON)
+    grid: list = field(default_factory=list, repr=False)  # image rows of the first victims (real people: never in JSON)
 
     def report(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "grid"}
@@ -212,7 +236,9 @@ def summarize_rows(rows: dict, names: list, people: dict, gallery: np.ndarray) -
     real = {}
     if real_idx:
         probes = np.stack([describe_set(aligned.load_crops(people[names[i]][5:6])) for i in real_idx])
-        real = summarize(probes, gallery[real_idx]) | {"note": f"a held-out photo, {len(real_idx)} victims with >= 6 photos"}
+        real = summarize(probes, gallery[real_idx]) | {
+            "note": f"a held-out photo, {len(real_idx)} victims with >= 6 photos"
+        }
     results = {k: summarize(np.stack(v), gallery) for k, v in rows.items()}
     if real:
         results["real (held-out photo)"] = real
@@ -263,8 +289,15 @@ def run(cfg: AttackStudyConfig, attackers: dict | None = None, model=None, root=
             rows.setdefault(label, []).append(describe_set(im))
         rows.setdefault("floor (base, class prompt)", []).append(floor_desc)
         if not cfg.no_baselines and len(grid_rows) < 8:
-            grid_rows.append([*private[i][:2], *ims[next(iter(models))][:2], ims["naive (class prompt)"][0],
-                              ims["FineXtract-style (w=3)"][0], ims["ceiling (true trigger)"][0]])
+            grid_rows.append(
+                [
+                    *private[i][:2],
+                    *ims[next(iter(models))][:2],
+                    ims["naive (class prompt)"][0],
+                    ims["FineXtract-style (w=3)"][0],
+                    ims["ceiling (true trigger)"][0],
+                ]
+            )
         d = {k: float(metrics.distance(v[-1], gallery[i])) for k, v in rows.items()}
         words = "  ".join(f"{k.split(' ')[0]} {v:.3f}" for k, v in d.items())
         yield Message(f"{i + 1:>3}/{len(names)} {name:<26} {words}")
@@ -275,13 +308,24 @@ def run(cfg: AttackStudyConfig, attackers: dict | None = None, model=None, root=
         yield Done(None, cancelled=True)
         return
     results, unseen, n_unseen = summarize_rows(rows, names[:done], people, gallery[:done])
-    yield Done(AttackResult(
-        n=done, chance_top1=1 / done, chance_top5=min(1.0, 5 / done), rows=results, rows_unseen=unseen,
-        n_unseen=n_unseen,
-        attack_seconds_mean=float(np.mean(t_attack)), recipe=vars(recipe) | {"unet_targets": list(recipe.unet_targets)},
-        attackers={k: str(v) for k, v in attackers.items()}, base=base_fingerprint(pipe), group=cfg.group,
-        attack_sampling=dict(w=ATTACK_W, sampler_steps=cfg.attack_steps or ATTACK_SAMPLER_STEPS), grid=grid_rows),
-        cancelled=done < len(names))
+    yield Done(
+        AttackResult(
+            n=done,
+            chance_top1=1 / done,
+            chance_top5=min(1.0, 5 / done),
+            rows=results,
+            rows_unseen=unseen,
+            n_unseen=n_unseen,
+            attack_seconds_mean=float(np.mean(t_attack)),
+            recipe=vars(recipe) | {"unet_targets": list(recipe.unet_targets)},
+            attackers={k: str(v) for k, v in attackers.items()},
+            base=base_fingerprint(pipe),
+            group=cfg.group,
+            attack_sampling=dict(w=ATTACK_W, sampler_steps=cfg.attack_steps or ATTACK_SAMPLER_STEPS),
+            grid=grid_rows,
+        ),
+        cancelled=done < len(names),
+    )
 
 
 def prepare(cfg: AttackStudyConfig, model=None, root=None, should_stop=never):
@@ -291,8 +335,9 @@ def prepare(cfg: AttackStudyConfig, model=None, root=None, should_stop=never):
     pipe = load_pipeline(model)
     names, people = identities(cfg.group, cfg.n, root)
     private = crops_of(names, people, image_size_of(pipe))
-    loras = yield from train_victim_loras(pipe, names, private, victim_recipe(), folder=cfg.group,
-                                          should_stop=should_stop)
+    loras = yield from train_victim_loras(
+        pipe, names, private, victim_recipe(), folder=cfg.group, should_stop=should_stop
+    )
     yield Done(None if loras is None else len(loras), cancelled=loras is None)
 
 
@@ -307,9 +352,11 @@ def attack_words(r: dict) -> str:
     a = r.get("attack_sampling")
     if not a:
         return ""
-    return (f" The attacker rows are the attack as the app runs it: the encoder's prompt z, then {a['sampler_steps']} "
-            f"sampler steps of the LoRA's model extrapolated w = {a['w']:g} away from the base model's prediction for "
-            "the same z; \"prompt only (w=1)\" is the paper's attack (the LoRA's model alone with z).")
+    return (
+        f" The attacker rows are the attack as the app runs it: the encoder's prompt z, then {a['sampler_steps']} "
+        f"sampler steps of the LoRA's model extrapolated w = {a['w']:g} away from the base model's prediction for "
+        "the same z; \"prompt only (w=1)\" is the paper's attack (the LoRA's model alone with z)."
+    )
 
 
 def save_grid(rows, path: Path) -> None:
@@ -325,18 +372,34 @@ def save_grid(rows, path: Path) -> None:
 
 
 def to_markdown(r: dict) -> str:
-    who = "victims" if r.get("group", "victims") == "victims" else "tuning identities (shadow people the attacker never saw)"
-    lines = [f"Attack evaluation on {r['n']} {who} (chance: top-1 {r['chance_top1']:.0%}, top-5 {r['chance_top5']:.0%}); "
-             f"base {r['base']}. Distances are dlib descriptor distances to the victim's private photos "
-             "(lower = more alike; same person < 0.6). 95 % bootstrap intervals over victims." + attack_words(r), "",
-             "| method | mean distance | top-1 | top-5 | within 0.6 |", "|---|---|---|---|---|"]
+    who = (
+        "victims"
+        if r.get("group", "victims") == "victims"
+        else "tuning identities (shadow people the attacker never saw)"
+    )
+    lines = [
+        f"Attack evaluation on {r['n']} {who} (chance: top-1 {r['chance_top1']:.0%}, top-5 {r['chance_top5']:.0%}); "
+        f"base {r['base']}. Distances are dlib descriptor distances to the victim's private photos "
+        "(lower = more alike; same person < 0.6). 95 % bootstrap intervals over victims." + attack_words(r),
+        "",
+        "| method | mean distance | top-1 | top-5 | within 0.6 |",
+        "|---|---|---|---|---|",
+    ]
     for k, v in r["rows"].items():
-        lines.append(f"| {k} | {v['distance']:.3f} [{v['distance_ci'][0]:.3f}, {v['distance_ci'][1]:.3f}] | "
-                     f"{v['top1']:.0%} [{v['top1_ci'][0]:.0%}, {v['top1_ci'][1]:.0%}] | {v['top5']:.0%} | "
-                     f"{v['within_0_6']:.0%} |")
+        lines.append(
+            f"| {k} | {v['distance']:.3f} [{v['distance_ci'][0]:.3f}, {v['distance_ci'][1]:.3f}] | "
+            f"{v['top1']:.0%} [{v['top1_ci'][0]:.0%}, {v['top1_ci'][1]:.0%}] | {v['top5']:.0%} | "
+            f"{v['within_0_6']:.0%} |"
+        )
     if r.get("rows_unseen"):
-        lines += ["", f"Against the victims' *unseen* photos (not in the LoRA's training set; {r['n_unseen']} victims with >= 2 of them; "
-                  f"ranks among those {r['n_unseen']}):", "", "| method | mean distance | top-1 | top-5 |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Against the victims' *unseen* photos (not in the LoRA's training set; {r['n_unseen']} victims with >= 2 "
+            f"of them; ranks among those {r['n_unseen']}):",
+            "",
+            "| method | mean distance | top-1 | top-5 |",
+            "|---|---|---|---|",
+        ]
         for k, v in r["rows_unseen"].items():
             lines.append(f"| {k} | {v['distance']:.3f} | {v['top1']:.0%} | {v['top5']:.0%} |")
     lines += ["", f"Mean attack time per LoRA (encoder + 4 images, {r['attack_seconds_mean']:.2f} s on this machine)."]
@@ -350,7 +413,7 @@ class Args(AttackStudyConfig):
     attacker: tuple[str, ...] | None = None  # LABEL=PATH pairs (None: attacker=assets/attacker/attacker.safetensors)
     out: str = str(RESULTS)  # folder of the report
     name: str = "attack"  # file stem of the report
-    grid: str | None = None  # image grid of the first victims (None: <cache dir>/attack_grid.png; real people: keep out of the repo)
+    grid: str | None = None  # image grid of the first victims (None: <cache dir>/attack_grid.png; keep out of the repo)
     data: str | None = None  # LFW folder (None: $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
     model: str | None = None  # base model folder or hub id (None: the embedded one)
     prepare_only: Switch = False  # only train (and cache) the victims' LoRAs

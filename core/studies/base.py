@@ -97,7 +97,7 @@ def real_paths(n: int, cfg: BaseStudyConfig) -> dict[str, tuple[list, list]]:
     if cfg.utkface != "none":
         files = data.utkface_files(cfg.utkface)
         held = sorted(f for f in files if f.name in data.utkface_heldout(files))
-        sets["UTKFace"] = (held[: len(held) // 2], held[len(held) // 2:])
+        sets["UTKFace"] = (held[: len(held) // 2], held[len(held) // 2 :])
     return sets
 
 
@@ -133,8 +133,11 @@ def prompt_sensitivity(pipe, n: int = 32, timesteps=(900, 500, 200), seed: int =
     a, b = emb(caps()), emb(caps())
     cls = emb([CLASS_PROMPT] * n)
     trig = emb([instance_prompt(w) for w in trigger_words()[:n]])
-    pairs = {"appearance A vs appearance B": (a, b), "class prompt vs appearance": (cls, a),
-             "class prompt vs unseen trigger": (cls, trig)}
+    pairs = {
+        "appearance A vs appearance B": (a, b),
+        "class prompt vs appearance": (cls, a),
+        "class prompt vs unseen trigger": (cls, trig),
+    }
     out = {}
     for name, (e1, e2) in pairs.items():
         vals = []
@@ -156,7 +159,9 @@ def evaluate_model(model, cfg: BaseStudyConfig, should_stop=never):
     for s in range(0, cfg.n, batch):
         if should_stop():
             return None
-        ims += sample_images(pipe, CLASS_PROMPT, n=min(batch, cfg.n - s), seed=s, steps=cfg.steps, guidance=cfg.guidance)
+        ims += sample_images(
+            pipe, CLASS_PROMPT, n=min(batch, cfg.n - s), seed=s, steps=cfg.steps, guidance=cfg.guidance
+        )
         yield Progress(f"sampling {name}", len(ims), cfg.n, 0.0)
     desc = faces.describe(ims)
     template = template_for(zoom)
@@ -165,10 +170,23 @@ def evaluate_model(model, cfg: BaseStudyConfig, should_stop=never):
         a, b = aligned_set(pa, cfg.n, size, template), aligned_set(pb, cfg.n, size, template)
         da, db = faces.describe(a), faces.describe(b)
         frechet[source] = metrics.frechet_distance(desc, da)
-        real[source] = dict(frechet_b_to_a=metrics.frechet_distance(db, da), detection_rate_a=metrics.detection_rate(a),
-                            n_a=len(a), n_b=len(b))
-    return ModelReport(name, size, zoom, metrics.detection_rate(ims), frechet, real, prompt_sensitivity(pipe),
-                       round(time_sampling(pipe, 4, 25, cfg.guidance), 3), ims[:32])
+        real[source] = dict(
+            frechet_b_to_a=metrics.frechet_distance(db, da),
+            detection_rate_a=metrics.detection_rate(a),
+            n_a=len(a),
+            n_b=len(b),
+        )
+    return ModelReport(
+        name,
+        size,
+        zoom,
+        metrics.detection_rate(ims),
+        frechet,
+        real,
+        prompt_sensitivity(pipe),
+        round(time_sampling(pipe, 4, 25, cfg.guidance), 3),
+        ims[:32],
+    )
 
 
 @dataclass
@@ -197,19 +215,32 @@ def to_markdown(doc: dict) -> str:
     reps = doc["models"]
     sources = list(reps[0]["frechet"])
     head = "| base model | px | face-detection rate | " + " | ".join(f"Frechet to {s} (real vs real)" for s in sources)
-    lines = [f"# Base model quality (prompt \"{CLASS_PROMPT}\", {doc['config']['steps']} steps, guidance "
-             f"{doc['config']['guidance']}, {doc['config']['n']} samples per model)", "", head + " | 4 images, 25 steps |",
-             "|---" * (4 + len(sources)) + "|"]
+    lines = [
+        f'# Base model quality (prompt "{CLASS_PROMPT}", {doc["config"]["steps"]} steps, guidance '
+        f"{doc['config']['guidance']}, {doc['config']['n']} samples per model)",
+        "",
+        head + " | 4 images, 25 steps |",
+        "|---" * (4 + len(sources)) + "|",
+    ]
     for r in reps:
         cells = [f"{r['frechet'][s]:.4f} ({r['real'][s]['frechet_b_to_a']:.4f})" for s in sources]
-        lines.append(f"| {r['model']} | {r['size']} | {r['detection_rate']:.3f} | " + " | ".join(cells)
-                     + f" | {r['seconds_4_images']:.2f} s |")
-    lines += ["", "Real faces: LFW set A = photos of victim identities, set B = photos of shadow identities; UTKFace set "
-              "A / B = two halves of the held-out chips; the base models saw none of them. Each model is compared "
-              "with the same photos aligned in its own crop geometry. Face detection on the real sets A: "
-              + ", ".join(f"{s} {reps[0]['real'][s]['detection_rate_a']:.3f}" for s in sources) + ".", "",
-              "Prompt sensitivity (relative change of the UNet's prediction when only the prompt changes; mean over "
-              "t = 900, 500, 200; ~0 means the model ignores its prompt):", ""]
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['detection_rate']:.3f} | "
+            + " | ".join(cells)
+            + f" | {r['seconds_4_images']:.2f} s |"
+        )
+    lines += [
+        "",
+        "Real faces: LFW set A = photos of victim identities, set B = photos of shadow identities; UTKFace set "
+        "A / B = two halves of the held-out chips; the base models saw none of them. Each model is compared "
+        "with the same photos aligned in its own crop geometry. Face detection on the real sets A: "
+        + ", ".join(f"{s} {reps[0]['real'][s]['detection_rate_a']:.3f}" for s in sources)
+        + ".",
+        "",
+        "Prompt sensitivity (relative change of the UNet's prediction when only the prompt changes; mean over "
+        "t = 900, 500, 200; ~0 means the model ignores its prompt):",
+        "",
+    ]
     for r in reps:
         lines.append(f"- {r['model']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["prompt_sensitivity"].items()))
     lines += ["", f"Rebuild: `{doc['command']}`."]
@@ -237,8 +268,12 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     grid(reps[0].grid).save(out / "base_samples.png")
-    doc = dict(command=command_line("core.studies.base", argv), config=asdict(cfg), seconds=round(time.time() - t0),
-               models=[{k: v for k, v in asdict(r).items() if k != "grid"} for r in reps])
+    doc = dict(
+        command=command_line("core.studies.base", argv),
+        config=asdict(cfg),
+        seconds=round(time.time() - t0),
+        models=[{k: v for k, v in asdict(r).items() if k != "grid"} for r in reps],
+    )
     (out / "eval_base.json").write_text(json.dumps(doc, indent=1) + "\n")
     md = to_markdown(doc)
     (out / "eval_base.md").write_text(md)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +44,13 @@ from core.faces.utility import describe_set, floor_images, lora_utility
 from core.finetune.lora import FinetuneConfig
 
 CLEAN, PURIFIED, CLOAKED, BOTH, FLOOR = "clean", "purified", "cloaked", "cloaked+purified", "floor"
-KIND_TITLES = {CLEAN: "clean photos", PURIFIED: "purified photos (no cloak)", CLOAKED: "cloaked photos",
-               BOTH: "cloaked, then purified", FLOOR: "floor (no LoRA: a random face)"}
+KIND_TITLES = {
+    CLEAN: "clean photos",
+    PURIFIED: "purified photos (no cloak)",
+    CLOAKED: "cloaked photos",
+    BOTH: "cloaked, then purified",
+    FLOOR: "floor (no LoRA: a random face)",
+}
 PHOTOS = 5  # private photos per victim (the attack study's protocol)
 
 
@@ -79,8 +84,12 @@ class CloakingStudyConfig:
         return CloakConfig(budget=float(budget), steps=self.cloak_steps, surrogate=self.surrogate)
 
     def purify_config(self) -> PurifyConfig:
-        return PurifyConfig(chain=self.purify, jpeg_quality=self.jpeg_quality, noise_std=self.noise_std,
-                            resize_factor=self.resize_factor)
+        return PurifyConfig(
+            chain=self.purify,
+            jpeg_quality=self.jpeg_quality,
+            noise_std=self.noise_std,
+            resize_factor=self.resize_factor,
+        )
 
     def recipe(self) -> FinetuneConfig:
         return FinetuneConfig(steps=self.steps, checkpoint_every=0, preview_n=0)
@@ -105,19 +114,32 @@ def cloaked_set(pipe, photos, cfg: CloakConfig, log=print) -> dict:
     """{"photos", "loss_gain", "seconds"} of one victim's cloak, cached per (base, photos, cloak settings)."""
     from safetensors.numpy import load_file, save_file
 
-    from core.model.prior import base_fingerprint, cache_dir
     from core.events import drain
+    from core.model.prior import base_fingerprint, cache_dir
 
-    path = cache_dir() / "cloaked" / f"{digest(base_fingerprint(pipe), asdict(cfg), [np.asarray(p) for p in photos])}.safetensors"
+    path = (
+        cache_dir()
+        / "cloaked"
+        / f"{digest(base_fingerprint(pipe), asdict(cfg), [np.asarray(p) for p in photos])}.safetensors"
+    )
     if path.exists():
         d = load_file(str(path))
         return dict(photos=list(d["photos"]), loss_gain=float(d["loss_gain"][0]), seconds=float(d["seconds"][0]))
     res = drain(cloak_photos(pipe, photos, cfg))
     out = dict(photos=res.cloaked, loss_gain=res.loss_cloaked / res.loss_clean, seconds=res.seconds)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"photos": np.stack(res.cloaked), "loss_gain": np.array([out["loss_gain"]]),
-               "seconds": np.array([res.seconds])}, str(path))
-    log(f"  cloaked {len(photos)} photos at {cfg.budget:g}/255 in {res.seconds:.1f} s (surrogate loss x{out['loss_gain']:.2f})")
+    save_file(
+        {
+            "photos": np.stack(res.cloaked),
+            "loss_gain": np.array([out["loss_gain"]]),
+            "seconds": np.array([res.seconds]),
+        },
+        str(path),
+    )
+    log(
+        f"  cloaked {len(photos)} photos at {cfg.budget:g}/255 in {res.seconds:.1f} s (surrogate loss "
+        f"x{out['loss_gain']:.2f})"
+    )
     return out
 
 
@@ -130,7 +152,10 @@ def visible_cost(variant: Variant, originals) -> Variant:
 def build_variants(pipe, private, cfg: CloakingStudyConfig, log=print) -> list[Variant]:
     """Every photo set of the study (the clean one first), cloaks cached."""
     pcfg = cfg.purify_config()
-    out = [Variant(CLEAN, None, private), visible_cost(Variant(PURIFIED, None, [purify(p, pcfg) for p in private]), private)]
+    out = [
+        Variant(CLEAN, None, private),
+        visible_cost(Variant(PURIFIED, None, [purify(p, pcfg) for p in private]), private),
+    ]
     for b in cfg.budgets:
         log(f"cloaking at budget {b:g}/255:")
         sets = [cloaked_set(pipe, p, cfg.cloak_config(b), log) for p in private]
@@ -155,17 +180,22 @@ def variant_loras(pipe, names, photo_sets, seeds, cfg: FinetuneConfig, log=print
 
     root = cache_dir() / "cloak_loras" / base_fingerprint(pipe)
     recipe = asdict(cfg) | {"unet_targets": list(cfg.unet_targets)}
-    files = [root / f"{digest(n, recipe, int(s), [np.asarray(p) for p in ps])}.safetensors"
-             for n, ps, s in zip(names, photo_sets, seeds)]
+    files = [
+        root / f"{digest(n, recipe, int(s), [np.asarray(p) for p in ps])}.safetensors"
+        for n, ps, s in zip(names, photo_sets, seeds)
+    ]
     todo = [i for i, f in enumerate(files) if not f.exists()]
     root.mkdir(parents=True, exist_ok=True)
     for s in range(0, len(todo), group):
-        g = todo[s:s + group]
+        g = todo[s : s + group]
         t0 = time.perf_counter()
         res = drain(train_many(pipe, [photo_sets[i] for i in g], cfg, seeds=[int(seeds[i]) for i in g]))
         for k, i in enumerate(g):
-            save_file({n: v.contiguous() for n, v in res["trajectory"][cfg.steps][k].items()}, str(files[i]),
-                      metadata={"identity": names[i], "trigger": res["triggers"][k], "seed": str(seeds[i])})
+            save_file(
+                {n: v.contiguous() for n, v in res["trajectory"][cfg.steps][k].items()},
+                str(files[i]),
+                metadata={"identity": names[i], "trigger": res["triggers"][k], "seed": str(seeds[i])},
+            )
         log(f"  LoRAs {s + 1}..{s + len(g)} of {len(todo)}: {time.perf_counter() - t0:.0f} s")
     out = []
     for f in files:
@@ -192,8 +222,12 @@ def load_victims(pipe, n: int, cfg: CloakingStudyConfig, root=None, log=print) -
     names, people = identities("victims", n, root)
     private = [list(aligned.load_crops(people[v][:PHOTOS], size=image_size_of(pipe))) for v in names]
     loras = victim_loras(pipe, names, private, cfg.recipe(), log)
-    return Victims(names, private, [VICTIM_SEED0 + i for i in range(len(names))],
-                   [{"lora": lo["checkpoints"][cfg.steps], "trigger": lo["trigger"]} for lo in loras])
+    return Victims(
+        names,
+        private,
+        [VICTIM_SEED0 + i for i in range(len(names))],
+        [{"lora": lo["checkpoints"][cfg.steps], "trigger": lo["trigger"]} for lo in loras],
+    )
 
 
 def _interval(values) -> dict:
@@ -202,16 +236,29 @@ def _interval(values) -> dict:
     return dict(mean=float(v.mean()), ci=[lo, hi])
 
 
-def make_row(variant: Variant, utility_d, attack_desc, gallery, floor_d, clean: dict | None, seconds: float = 0.0) -> dict:
+def make_row(
+    variant: Variant, utility_d, attack_desc, gallery, floor_d, clean: dict | None, seconds: float = 0.0
+) -> dict:
     """One row: the LoRA's utility and the attack over the victims, each against the floor and (paired
     per victim) against the clean row, with the visible cost of the photos."""
     from core.studies.attack import summarize
 
     ud = np.asarray(utility_d, np.float64)
-    row = dict(kind=variant.kind, budget=variant.budget, label=label_of(variant.kind, variant.budget),
-               utility=dict(distance=float(ud.mean()), distance_ci=list(metrics.bootstrap_ci(ud)),
-                            beats_floor=float((ud < floor_d).mean()), per_victim_distance=[round(float(x), 4) for x in ud]),
-               utility_gain=_interval(floor_d - ud), attack=None, attack_gain=None, seconds=round(float(seconds), 1))
+    row = dict(
+        kind=variant.kind,
+        budget=variant.budget,
+        label=label_of(variant.kind, variant.budget),
+        utility=dict(
+            distance=float(ud.mean()),
+            distance_ci=list(metrics.bootstrap_ci(ud)),
+            beats_floor=float((ud < floor_d).mean()),
+            per_victim_distance=[round(float(x), 4) for x in ud],
+        ),
+        utility_gain=_interval(floor_d - ud),
+        attack=None,
+        attack_gain=None,
+        seconds=round(float(seconds), 1),
+    )
     row["utility_at_floor"] = bool(row["utility_gain"]["ci"][0] <= 0)
     if attack_desc is not None:
         row["attack"] = summarize(np.asarray(attack_desc, np.float64), gallery)
@@ -220,8 +267,9 @@ def make_row(variant: Variant, utility_d, attack_desc, gallery, floor_d, clean: 
     if clean is not None:  # what the photos changed, per victim: distance of this row minus the clean row's
         row["utility_vs_clean"] = _interval(ud - np.asarray(clean["utility"]["per_victim_distance"]))
         if attack_desc is not None and clean.get("attack"):
-            row["attack_vs_clean"] = _interval(np.asarray(row["attack"]["per_victim_distance"])
-                                               - np.asarray(clean["attack"]["per_victim_distance"]))
+            row["attack_vs_clean"] = _interval(
+                np.asarray(row["attack"]["per_victim_distance"]) - np.asarray(clean["attack"]["per_victim_distance"])
+            )
     for key in ("psnr", "ssim", "loss_gain"):
         vals = getattr(variant, key)
         row[key] = _interval(vals) if len(vals) else None
@@ -232,7 +280,9 @@ def label_of(kind: str, budget) -> str:
     return KIND_TITLES[kind] + (f", budget {budget:g}/255" if budget is not None else "")
 
 
-def score_variant(pipe, attacker, victims: Victims, variant: Variant, loras: list, cfg: CloakingStudyConfig, floor_ims) -> dict:
+def score_variant(
+    pipe, attacker, victims: Victims, variant: Variant, loras: list, cfg: CloakingStudyConfig, floor_ims
+) -> dict:
     """{"utility_distance", "attack_desc" (or None), "seconds"} of one variant's LoRAs, cached."""
     from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W
     from core.attack.report import reconstruct_lora
@@ -244,14 +294,26 @@ def score_variant(pipe, attacker, victims: Victims, variant: Variant, loras: lis
         t0 = time.perf_counter()
         util, descs = [], []
         for i, lo in enumerate(loras):
-            util.append(lora_utility(pipe, lo["lora"], lo["trigger"], victims.private[i], alpha=rec.alpha, floor=floor_ims).distance)
+            util.append(
+                lora_utility(
+                    pipe, lo["lora"], lo["trigger"], victims.private[i], alpha=rec.alpha, floor=floor_ims
+                ).distance
+            )
             if attacker is not None:
                 descs.append(describe_set(reconstruct_lora(pipe, attacker, lo["lora"], rec.steps, rec.alpha)).tolist())
         return {"utility_distance": util, "attack_desc": descs or None, "seconds": time.perf_counter() - t0}
 
-    parts = [base_fingerprint(pipe), victims.names, asdict(rec) | {"unet_targets": list(rec.unet_targets)}, ATTACK_W,
-             ATTACK_SAMPLER_STEPS, attacker.state_dict() if attacker is not None else None, victims.private,
-             [lo["lora"] for lo in loras], [lo["trigger"] for lo in loras]]
+    parts = [
+        base_fingerprint(pipe),
+        victims.names,
+        asdict(rec) | {"unet_targets": list(rec.unet_targets)},
+        ATTACK_W,
+        ATTACK_SAMPLER_STEPS,
+        attacker.state_dict() if attacker is not None else None,
+        victims.private,
+        [lo["lora"] for lo in loras],
+        [lo["trigger"] for lo in loras],
+    ]
     return cached("cloak_points", parts, measure)
 
 
@@ -265,24 +327,53 @@ def run_study(pipe, attacker, victims: Victims, cfg: CloakingStudyConfig, log=pr
     variants = build_variants(pipe, victims.private, cfg, log)
     others = [v for v in variants if v.kind != CLEAN]
     log(f"fine-tuning {n * len(others)} LoRAs on protected or purified photos (cached ones are reused):")
-    flat = variant_loras(pipe, [nm for _ in others for nm in victims.names], [p for v in others for p in v.photos],
-                         [s for _ in others for s in victims.seeds], cfg.recipe(), log)
-    loras = {id(v): flat[k * n:(k + 1) * n] for k, v in enumerate(others)}
+    flat = variant_loras(
+        pipe,
+        [nm for _ in others for nm in victims.names],
+        [p for v in others for p in v.photos],
+        [s for _ in others for s in victims.seeds],
+        cfg.recipe(),
+        log,
+    )
+    loras = {id(v): flat[k * n : (k + 1) * n] for k, v in enumerate(others)}
     rows, clean = [], None
     for v in variants:
-        hit = score_variant(pipe, attacker, victims, v, victims.clean if v.kind == CLEAN else loras[id(v)], cfg, floor_ims)
+        hit = score_variant(
+            pipe, attacker, victims, v, victims.clean if v.kind == CLEAN else loras[id(v)], cfg, floor_ims
+        )
         row = make_row(v, hit["utility_distance"], hit["attack_desc"], gallery, floor_d, clean, hit["seconds"])
         clean = clean or row
         rows.append(row)
         att = f"   attack {row['attack']['distance']:.3f} (top-1 {row['attack']['top1']:.0%})" if row["attack"] else ""
-        log(f"{row['label']:<42} LoRA {row['utility']['distance']:.3f} (gain over floor {row['utility_gain']['mean']:+.3f}){att}")
-    rows.append(make_row(Variant(FLOOR, None, []), floor_d, np.repeat(floor_desc[None], n, 0) if attacker is not None else None,
-                         gallery, floor_d, None))
+        log(
+            f"{row['label']:<42} LoRA {row['utility']['distance']:.3f} (gain over floor "
+            f"{row['utility_gain']['mean']:+.3f}){att}"
+        )
+    rows.append(
+        make_row(
+            Variant(FLOOR, None, []),
+            floor_d,
+            np.repeat(floor_desc[None], n, 0) if attacker is not None else None,
+            gallery,
+            floor_d,
+            None,
+        )
+    )
     cloak = asdict(cfg.cloak_config(cfg.budgets[0]))
     cloak.pop("budget")
-    return dict(n=n, chance_top1=1 / n, chance_top5=min(1.0, 5 / n), victims=victims.names, rows=rows,
-                attack_measured=attacker is not None, cloak=cloak, purify=asdict(cfg.purify_config()),
-                purify_words=cfg.purify_config().words(), budgets=list(cfg.budgets), recipe_steps=cfg.steps)
+    return dict(
+        n=n,
+        chance_top1=1 / n,
+        chance_top5=min(1.0, 5 / n),
+        victims=victims.names,
+        rows=rows,
+        attack_measured=attacker is not None,
+        cloak=cloak,
+        purify=asdict(cfg.purify_config()),
+        purify_words=cfg.purify_config().words(),
+        budgets=list(cfg.budgets),
+        recipe_steps=cfg.steps,
+    )
 
 
 # reporting ------------------------------------------------------------------------------------------
@@ -304,24 +395,35 @@ def _measurable(x: dict | None) -> str:
 
 
 def table_markdown(r: dict) -> str:
-    lines = ["| photos the LoRA trained on | PSNR (dB) | SSIM | cloak's surrogate loss, x clean | LoRA with trigger: distance "
-             "[95 % CI] | vs clean (per victim) | LoRA beats floor | attack: distance [95 % CI] | top-1 | attack vs clean |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| photos the LoRA trained on | PSNR (dB) | SSIM | cloak's surrogate loss, x clean | LoRA with trigger: "
+        "distance [95 % CI] | vs clean (per victim) | LoRA beats floor | attack: distance [95 % CI] | top-1 | attack "
+        "vs clean |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for x in r["rows"]:
         u, a = x["utility"], x["attack"]
-        cost = lambda k, d: _ci(x[k], d) if x.get(k) else ""
-        lines.append(f"| {x['label']} | {cost('psnr', 1)} | {cost('ssim', 3)} | {cost('loss_gain', 2)} | "
-                     f"{u['distance']:.3f} [{u['distance_ci'][0]:.3f}, {u['distance_ci'][1]:.3f}] | "
-                     f"{_ci(x['utility_vs_clean'], sign=True) if x.get('utility_vs_clean') else ''} | {u['beats_floor']:.0%} | "
-                     + (f"{a['distance']:.3f} [{a['distance_ci'][0]:.3f}, {a['distance_ci'][1]:.3f}] | {a['top1']:.0%} | "
-                        f"{_ci(x['attack_vs_clean'], sign=True) if x.get('attack_vs_clean') else ''} |" if a else "not measured | | |"))
+        cost = lambda k, d, x=x: _ci(x[k], d) if x.get(k) else ""
+        lines.append(
+            f"| {x['label']} | {cost('psnr', 1)} | {cost('ssim', 3)} | {cost('loss_gain', 2)} | "
+            f"{u['distance']:.3f} [{u['distance_ci'][0]:.3f}, {u['distance_ci'][1]:.3f}] | "
+            f"{_ci(x['utility_vs_clean'], sign=True) if x.get('utility_vs_clean') else ''} | {u['beats_floor']:.0%} | "
+            + (
+                f"{a['distance']:.3f} [{a['distance_ci'][0]:.3f}, {a['distance_ci'][1]:.3f}] | {a['top1']:.0%} | "
+                f"{_ci(x['attack_vs_clean'], sign=True) if x.get('attack_vs_clean') else ''} |"
+                if a
+                else "not measured | | |"
+            )
+        )
     return "\n".join(lines)
 
 
-PAPERS = ("Anti-DreamBooth (Van Le et al., ICCV 2023) reports that photos perturbed by ASPL within a budget of about 6/255 "
-          "(300 PGD steps against Stable Diffusion) make DreamBooth's samples of the person lose their identity; Hönig et al. "
-          "(2024, *Adversarial perturbations cannot reliably protect artists from generative AI*) report that simple "
-          "purification (JPEG, noise, upscaling) before fine-tuning removes such protections.")
+PAPERS = (
+    "Anti-DreamBooth (Van Le et al., ICCV 2023) reports that photos perturbed by ASPL within a budget of about 6/255 "
+    "(300 PGD steps against Stable Diffusion) make DreamBooth's samples of the person lose their identity; "
+    "Hönig et al. (2024, *Adversarial perturbations cannot reliably protect artists from generative AI*) report "
+    "that simple purification (JPEG, noise, upscaling) before fine-tuning removes such protections."
+)
 
 
 def conclusion(r: dict) -> str:
@@ -330,31 +432,52 @@ def conclusion(r: dict) -> str:
     clean = next(x for x in rows if x["kind"] == CLEAN)
     flo = next(x for x in rows if x["kind"] == FLOOR)
     pur = next((x for x in rows if x["kind"] == PURIFIED), None)
-    out = [f"On {r['n']} victims, the LoRA trained on the clean photos draws the person at distance "
-           f"{clean['utility']['distance']:.3f} (a random face: {flo['utility']['distance']:.3f}; gain over the floor "
-           f"{_ci(clean['utility_gain'], sign=True)})" + (f"; the attacker's reconstruction from it is at "
-                                                          f"{clean['attack']['distance']:.3f} (top-1 {clean['attack']['top1']:.0%})."
-                                                          if clean["attack"] else "; the attack was not measured.")]
+    out = [
+        f"On {r['n']} victims, the LoRA trained on the clean photos draws the person at distance "
+        f"{clean['utility']['distance']:.3f} (a random face: {flo['utility']['distance']:.3f}; gain over the floor "
+        f"{_ci(clean['utility_gain'], sign=True)})"
+        + (
+            f"; the attacker's reconstruction from it is at "
+            f"{clean['attack']['distance']:.3f} (top-1 {clean['attack']['top1']:.0%})."
+            if clean["attack"]
+            else "; the attack was not measured."
+        )
+    ]
     if pur:
-        out.append(f"Purification alone ({r['purify_words']}) moves the clean LoRA by {_ci(pur['utility_vs_clean'], sign=True)} "
-                   f"({_measurable(pur['utility_vs_clean'])}).")
+        out.append(
+            f"Purification alone ({r['purify_words']}) moves the clean LoRA by "
+            f"{_ci(pur['utility_vs_clean'], sign=True)} ({_measurable(pur['utility_vs_clean'])})."
+        )
     cloaked = [x for x in rows if x["kind"] == CLOAKED]
     both = {x["budget"]: x for x in rows if x["kind"] == BOTH}
     for x in cloaked:
         y = both.get(x["budget"])
-        out.append(f"Cloaked at {x['budget']:g}/255 (PSNR {x['psnr']['mean']:.1f} dB, SSIM {x['ssim']['mean']:.3f}): the LoRA's "
-                   f"samples move by {_ci(x['utility_vs_clean'], sign=True)} ({_measurable(x['utility_vs_clean'])}"
-                   f"{', at the floor' if x['utility_at_floor'] else ''})"
-                   + (f", the attack by {_ci(x['attack_vs_clean'], sign=True)} ({_measurable(x['attack_vs_clean'])})" if x.get("attack_vs_clean") else "")
-                   + (f"; after purification by {_ci(y['utility_vs_clean'], sign=True)} ({_measurable(y['utility_vs_clean'])})." if y else "."))
+        out.append(
+            f"Cloaked at {x['budget']:g}/255 (PSNR {x['psnr']['mean']:.1f} dB, SSIM {x['ssim']['mean']:.3f}): the "
+            f"LoRA's samples move by {_ci(x['utility_vs_clean'], sign=True)} "
+            f"({_measurable(x['utility_vs_clean'])}{', at the floor' if x['utility_at_floor'] else ''})"
+            + (
+                f", the attack by {_ci(x['attack_vs_clean'], sign=True)} ({_measurable(x['attack_vs_clean'])})"
+                if x.get("attack_vs_clean")
+                else ""
+            )
+            + (
+                f"; after purification by {_ci(y['utility_vs_clean'], sign=True)} "
+                f"({_measurable(y['utility_vs_clean'])})."
+                if y
+                else "."
+            )
+        )
     strongest = max(cloaked, key=lambda x: x["budget"]) if cloaked else None
     out.append("Against the papers: " + PAPERS)
     if strongest:
         out.append(paper_verdict(strongest, both.get(strongest["budget"])))
-    out.append(f"Caveats: the cloak here is a cheaper variant ({r['cloak']['steps']} PGD steps, surrogate {r['cloak']['surrogate']}) "
-               "on the project's miniature model, far from ASPL's 300 steps on Stable Diffusion; a null result means this cloak "
-               f"at this cost, not that no cloak can work. With {r['n']} victims, \"not measurably\" means the 95 % interval of the "
-               "per-victim change covers 0.")
+    out.append(
+        f"Caveats: the cloak here is a cheaper variant ({r['cloak']['steps']} PGD steps, surrogate "
+        f"{r['cloak']['surrogate']}) on the project's miniature model, far from ASPL's 300 steps on Stable Diffusion; "
+        f"a null result means this cloak at this cost, not that no cloak can work. With {r['n']} victims, "
+        '"not measurably" means the 95 % interval of the per-victim change covers 0.'
+    )
     return " ".join(out)
 
 
@@ -362,38 +485,51 @@ def paper_verdict(x: dict, y: dict | None) -> str:
     """The strongest cloak (row ``x``) and its purified row ``y`` against the papers' two claims."""
     works = x["utility_vs_clean"]["ci"][0] > 0
     if not works:
-        return ("Here even the largest budget does not measurably protect the person: the LoRA trained on cloaked photos "
-                "draws them about as well as the clean one, short of Anti-DreamBooth's claim.")
-    text = ("Here the cloak does push the LoRA away from the person at its largest budget"
-            + (", down to the floor (the protection Anti-DreamBooth claims)" if x["utility_at_floor"] else
-               ", but not to the floor: the LoRA still draws the person better than a random face"))
+        return (
+            "Here even the largest budget does not measurably protect the person: the LoRA trained on cloaked photos "
+            "draws them about as well as the clean one, short of Anti-DreamBooth's claim."
+        )
+    text = "Here the cloak does push the LoRA away from the person at its largest budget" + (
+        ", down to the floor (the protection Anti-DreamBooth claims)"
+        if x["utility_at_floor"]
+        else ", but not to the floor: the LoRA still draws the person better than a random face"
+    )
     if y is None:
         return text + "."
     shift, left = x["utility_vs_clean"]["mean"], y["utility_vs_clean"]["mean"]
     if y["utility_vs_clean"]["ci"][0] <= 0:
         return text + "; purification takes the protection away, as Hönig et al. found."
     if left < 0.75 * shift:
-        return (text + f"; purification removes part of it ({left:+.3f} of the {shift:+.3f} shift remains), in the "
-                "direction of Hönig et al.'s finding.")
+        return (
+            text + f"; purification removes part of it ({left:+.3f} of the {shift:+.3f} shift remains), in the "
+            "direction of Hönig et al.'s finding."
+        )
     return text + "; purification does not take it away here, unlike Hönig et al.'s finding."
 
 
 def to_markdown(r: dict) -> str:
-    head = (f"Photo cloaking against a LoRA fine-tune, with and without purification, on {r['n']} victims (chance top-1 "
-            f"{r['chance_top1']:.0%}); base {r.get('base', '?')}"
-            + (f"; attacker `{r.get('attacker', '?')}`" if r["attack_measured"] else "; attack not measured")
-            + f". Produced by `{r.get('command', 'python -m core.studies.cloaking')}` on {r.get('created', '?')}.")
-    expl = (f"Cloak: {r['cloak']['steps']} PGD steps on the fine-tune's denoising loss within an L-infinity budget on the 0-255 "
-            f"image, surrogate {r['cloak']['surrogate']} (core.defenses.cloak). Purification: {r['purify_words']}. Every LoRA: "
-            f"the default recipe ({r['recipe_steps']} steps) with the victim's own seed, on the photos named in the row; scored "
-            "against the victim's *clean* photos. Distances: dlib descriptor distance of the mean face of 4 images to the private "
-            "photos (lower = more alike). *LoRA with trigger*: its own samples with its true trigger (does it still draw the "
-            "person?); *attack*: the weight-only attacker's reconstruction. *vs clean*: per victim, this row's distance minus "
-            "the clean row's (positive = further from the person), mean and 95 % bootstrap interval. PSNR/SSIM: the photos "
-            "trained on against the originals.")
+    head = (
+        f"Photo cloaking against a LoRA fine-tune, with and without purification, on {r['n']} victims (chance top-1 "
+        f"{r['chance_top1']:.0%}); base {r.get('base', '?')}"
+        + (f"; attacker `{r.get('attacker', '?')}`" if r["attack_measured"] else "; attack not measured")
+        + f". Produced by `{r.get('command', 'python -m core.studies.cloaking')}` on {r.get('created', '?')}."
+    )
+    expl = (
+        f"Cloak: {r['cloak']['steps']} PGD steps on the fine-tune's denoising loss within an L-infinity budget on the "
+        f"0-255 image, surrogate {r['cloak']['surrogate']} (core.defenses.cloak). Purification: {r['purify_words']}. "
+        f"Every LoRA: the default recipe ({r['recipe_steps']} steps) with the victim's own seed, on the photos named "
+        "in the row; scored against the victim's *clean* photos. Distances: dlib descriptor distance of the mean face "
+        "of 4 images to the private photos (lower = more alike). *LoRA with trigger*: its own samples with its true "
+        "trigger (does it still draw the person?); *attack*: the weight-only attacker's reconstruction. *vs clean*: "
+        "per victim, this row's distance minus the clean row's (positive = further from the person), mean and 95 % "
+        "bootstrap interval. PSNR/SSIM: the photos trained on against the originals."
+    )
     parts = [head, expl, table_markdown(r), "**Conclusion.** " + r.get("conclusion", conclusion(r))]
     if r["n"] < 20:
-        parts.insert(1, f"*Smoke run: {r['n']} victims (the protocol's is 20, `--n 20`); intervals over so few victims are rough.*")
+        parts.insert(
+            1,
+            f"*Smoke run: {r['n']} victims (the protocol's is 20, `--n 20`); intervals over so few victims are rough.*",
+        )
     return "\n\n".join(parts) + "\n"
 
 
@@ -402,7 +538,7 @@ class Args(CloakingStudyConfig):
     out: str = str(RESULTS)  # folder of cloaking.json, cloaking.md, cloaking_chart.json
     attack: bool = True  # also measure the weight-only attack (needs an attacker trained for this base model)
     attacker: str = str(ASSETS / "attacker" / "attacker.safetensors")  # the attacker's file
-    attacker_base_check: bool = True  # refuse an attacker recorded for another base (False: smoke runs while the attacker is rebuilt; the report says so)
+    attacker_base_check: bool = True  # refuse an attacker of another base (False: smoke runs; the report says so)
     data: str | None = None  # LFW folder (default $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
     model: str | None = None  # base model folder or hub id (default: the embedded one)
 
@@ -416,15 +552,22 @@ def load_checked_attacker(pipe, a: Args):
         return None, "not measured (--attack False)"
     path = Path(a.attacker)
     if not path.is_file():
-        raise SystemExit(f"No trained attacker at {path}: train one (`python -m core.attack.shadow`, then "
-                         "`python -m core.attack.train`), pass --attacker PATH, or run with --attack False.")
+        raise SystemExit(
+            f"No trained attacker at {path}: train one (`python -m core.attack.shadow`, then "
+            "`python -m core.attack.train`), pass --attacker PATH, or run with --attack False."
+        )
     attacker, _ = load_attacker(path, pipe.device)
     if attacker.cfg.base != base_fingerprint(pipe):
         if a.attacker_base_check:
-            raise SystemExit(f"The attacker at {path} was trained for another base model ({attacker.cfg.base}; this one is "
-                             f"{base_fingerprint(pipe)}). Retrain it, or run with --attack False (or, for a smoke run, "
-                             "--attacker-base-check False).")
-        return attacker, f"{shown(path)} (recorded for base {attacker.cfg.base}, run on {base_fingerprint(pipe)}: base check off)"
+            raise SystemExit(
+                f"The attacker at {path} was trained for another base model ({attacker.cfg.base}; this one is "
+                f"{base_fingerprint(pipe)}). Retrain it, or run with --attack False (or, for a smoke run, "
+                "--attacker-base-check False)."
+            )
+        return (
+            attacker,
+            f"{shown(path)} (recorded for base {attacker.cfg.base}, run on {base_fingerprint(pipe)}: base check off)",
+        )
     return attacker, shown(path)
 
 
@@ -457,8 +600,14 @@ def main(argv=None):
     attacker, note = load_checked_attacker(pipe, a)
     victims = load_victims(pipe, cfg.n, cfg, a.data)
     r = run_study(pipe, attacker, victims, cfg)
-    r = dict(command=command_line("core.studies.cloaking", argv), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             base=base_fingerprint(pipe), attacker=note, seconds=round(time.perf_counter() - t0), **r)
+    r = dict(
+        command=command_line("core.studies.cloaking", argv),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        base=base_fingerprint(pipe),
+        attacker=note,
+        seconds=round(time.perf_counter() - t0),
+        **r,
+    )
     r["conclusion"] = conclusion(r)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

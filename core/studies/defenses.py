@@ -34,7 +34,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -42,35 +42,41 @@ import numpy as np
 import torch
 
 from core import PROJECT_ROOT, RESULTS
-from core.faces import aligned
-from core.faces import metrics
-from core.attack.report import attacker_mismatch, reconstruct_lora
 from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W, ATTACKER_DIR
+from core.attack.report import attacker_mismatch, reconstruct_lora
 from core.cache import cached
 from core.cli import Switch
 from core.defenses.dp import DPConfig, dp_finetune
 from core.defenses.posthoc import DEFENSES, apply_defense
-from core.studies.attack import VICTIM_SEED0, identities, summarize, train_victim_loras, victim_recipe
 from core.events import Done, Message, Progress, drain, never, run_with_progress_bar
+from core.faces import aligned, metrics
+from core.faces.utility import describe_set, floor_images, lora_utility
 from core.finetune.lora import FinetuneConfig
 from core.model.prior import base_fingerprint, cache_dir
-from core.faces.utility import describe_set, floor_images, lora_utility
+from core.studies.attack import VICTIM_SEED0, identities, summarize, train_victim_loras, victim_recipe
 
 # DP-SGD noise multipliers of the study (5 photos, 80 steps: epsilon per photo in docs/results/defenses.md);
-# sigma 0 clips each photo's gradient without noise (no privacy): it separates what clipping costs from what noise costs.
+# sigma 0 clips each photo's gradient without noise (no privacy): it separates what clipping costs from what noise
+# costs.
 # Larger sigmas (4, 8: epsilon 4.4, 2.0) are left out: from sigma 0.25 on, attack and utility are both at the floor
 DP_NOISE = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
 PHOTOS = 5  # private photos per victim (eval_attack's protocol)
 UNDEFENDED, FLOOR, DP = "none", "floor", "dp_sgd"
-TITLES = {"weight_noise": "weight noise", "prune": "pruning", "quantize": "quantization",
-          "rank_truncate": "rank truncation", DP: "DP-SGD fine-tune", UNDEFENDED: "undefended LoRA",
-          FLOOR: "floor (no LoRA: a random face)"}
+TITLES = {
+    "weight_noise": "weight noise",
+    "prune": "pruning",
+    "quantize": "quantization",
+    "rank_truncate": "rank truncation",
+    DP: "DP-SGD fine-tune",
+    UNDEFENDED: "undefended LoRA",
+    FLOOR: "floor (no LoRA: a random face)",
+}
 
 
 @dataclass
 class DefensesStudyConfig:
     n: int = 20  # victims (the first N of the split, as the attack study)
-    defenses: tuple[Literal[tuple(DEFENSES)], ...] | None = None  # post-hoc defenses to study (None: all; the flag alone: no post-hoc points)
+    defenses: tuple[Literal[tuple(DEFENSES)], ...] | None = None  # post-hoc defenses (None: all; the flag alone: none)
     skip_dp: Switch = False  # no DP-SGD points (each is a fresh fine-tune per victim)
     dp_noise: tuple[float, ...] = DP_NOISE  # DP-SGD noise multipliers
 
@@ -128,8 +134,13 @@ def load_victims(pipe, n: int, root=None, should_stop=never):
     loras = yield from train_victim_loras(pipe, names, private, cfg, should_stop=should_stop)
     if loras is None:
         return None
-    return Victims(names, private, [lo["checkpoints"][cfg.steps] for lo in loras], [lo["trigger"] for lo in loras],
-                   [VICTIM_SEED0 + i for i in range(len(names))])
+    return Victims(
+        names,
+        private,
+        [lo["checkpoints"][cfg.steps] for lo in loras],
+        [lo["trigger"] for lo in loras],
+        [VICTIM_SEED0 + i for i in range(len(names))],
+    )
 
 
 def posthoc_points(names=None) -> list[tuple[str, float]]:
@@ -159,16 +170,30 @@ def dp_victim_lora(pipe, photos, name: str, seed: int, cfg: FinetuneConfig, dp: 
         with safe_open(str(path), "pt") as h:
             meta = h.metadata()
             lora = {k: h.get_tensor(k).float() for k in h.keys()}
-        return dict(lora=lora, trigger=meta["trigger"], epsilon=float(meta["epsilon"]),
-                    noise_multiplier=float(meta["noise_multiplier"]), sample_rate=float(meta["sample_rate"]),
-                    steps=int(meta["steps"]))
+        return dict(
+            lora=lora,
+            trigger=meta["trigger"],
+            epsilon=float(meta["epsilon"]),
+            noise_multiplier=float(meta["noise_multiplier"]),
+            sample_rate=float(meta["sample_rate"]),
+            steps=int(meta["steps"]),
+        )
     t0 = time.perf_counter()
     res = drain(dp_finetune(pipe, photos, cfg, dp))
-    out = dict(lora=res.lora, trigger=res.trigger, epsilon=float(res.epsilon), noise_multiplier=float(res.noise_multiplier),
-               sample_rate=float(res.sample_rate), steps=int(res.steps_done))
+    out = dict(
+        lora=res.lora,
+        trigger=res.trigger,
+        epsilon=float(res.epsilon),
+        noise_multiplier=float(res.noise_multiplier),
+        sample_rate=float(res.sample_rate),
+        steps=int(res.steps_done),
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in res.lora.items()}, str(path),
-              metadata={k: str(v) for k, v in out.items() if k != "lora"} | {"identity": name})
+    save_file(
+        {k: v.contiguous() for k, v in res.lora.items()},
+        str(path),
+        metadata={k: str(v) for k, v in out.items() if k != "lora"} | {"identity": name},
+    )
     log(f"  DP-SGD LoRA of {name} (sigma {out['noise_multiplier']:g}): {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -176,7 +201,9 @@ def dp_victim_lora(pipe, photos, name: str, seed: int, cfg: FinetuneConfig, dp: 
 # scoring ------------------------------------------------------------------------------------------
 
 
-def score_lora(pipe, attacker, lora: dict, step: int, alpha: float, trigger: str, photos, floor_ims) -> tuple[np.ndarray, float]:
+def score_lora(
+    pipe, attacker, lora: dict, step: int, alpha: float, trigger: str, photos, floor_ims
+) -> tuple[np.ndarray, float]:
     """(mean descriptor of the attacker's 4 reconstructions, utility distance) of one LoRA."""
     attack = describe_set(reconstruct_lora(pipe, attacker, lora, step, alpha))
     return attack, lora_utility(pipe, lora, trigger, photos, alpha=alpha, floor=floor_ims).distance
@@ -187,8 +214,16 @@ def _gain(values: np.ndarray) -> dict:
     return dict(mean=float(np.mean(values)), ci=[float(lo), float(hi)])
 
 
-def make_row(defense: str, strength, attack_desc: np.ndarray, utility_d, gallery: np.ndarray, floor_d: np.ndarray,
-             seconds: float = 0.0, **extra) -> dict:
+def make_row(
+    defense: str,
+    strength,
+    attack_desc: np.ndarray,
+    utility_d,
+    gallery: np.ndarray,
+    floor_d: np.ndarray,
+    seconds: float = 0.0,
+    **extra,
+) -> dict:
     """One point of the study: the attack (``summarize``) and the utility over the victims, each with
     its per-victim gain over the floor (floor distance - distance) and whether that gain is measurable."""
     attack_desc = np.asarray(attack_desc, np.float64)
@@ -199,15 +234,28 @@ def make_row(defense: str, strength, attack_desc: np.ndarray, utility_d, gallery
     lo, hi = metrics.bootstrap_ci(ud)
     short = strength_text(defense, strength) if strength is not None else ""
     title = TITLES.get(defense, defense)
-    return dict(defense=defense, strength=strength, title=title, short=short,
-                label=f"{title}, {short}" if short else title,
-                meaning=DEFENSES[defense].label if defense in DEFENSES else "",
-                attack=att, attack_gain=a_gain, attack_at_floor=bool(a_gain["ci"][0] <= 0),
-                utility=dict(distance=float(ud.mean()), distance_ci=[float(lo), float(hi)],
-                             beats_floor=float((ud < floor_d).mean()), same_person=float((ud < metrics.SAME_PERSON).mean()),
-                             per_victim_distance=[round(float(x), 4) for x in ud]),
-                utility_gain=u_gain, utility_at_floor=bool(u_gain["ci"][0] <= 0), seconds=round(float(seconds), 1),
-                **extra)
+    return dict(
+        defense=defense,
+        strength=strength,
+        title=title,
+        short=short,
+        label=f"{title}, {short}" if short else title,
+        meaning=DEFENSES[defense].label if defense in DEFENSES else "",
+        attack=att,
+        attack_gain=a_gain,
+        attack_at_floor=bool(a_gain["ci"][0] <= 0),
+        utility=dict(
+            distance=float(ud.mean()),
+            distance_ci=[float(lo), float(hi)],
+            beats_floor=float((ud < floor_d).mean()),
+            same_person=float((ud < metrics.SAME_PERSON).mean()),
+            per_victim_distance=[round(float(x), 4) for x in ud],
+        ),
+        utility_gain=u_gain,
+        utility_at_floor=bool(u_gain["ci"][0] <= 0),
+        seconds=round(float(seconds), 1),
+        **extra,
+    )
 
 
 @dataclass
@@ -240,22 +288,41 @@ def score_point(sc: Scoring, defense: str, strength, loras, steps, triggers, **e
     def measure():
         descs, util = [], []
         for i in range(len(v.names)):
-            d, u = score_lora(sc.pipe, sc.attacker, loras[i], steps[i], sc.cfg.alpha, triggers[i], v.private[i],
-                              sc.floor_ims)
+            d, u = score_lora(
+                sc.pipe, sc.attacker, loras[i], steps[i], sc.cfg.alpha, triggers[i], v.private[i], sc.floor_ims
+            )
             descs.append(d)
             util.append(u)
-        return {"attack_desc": np.stack(descs).tolist(), "utility_distance": [float(u) for u in util],
-                "seconds": time.perf_counter() - t0}
+        return {
+            "attack_desc": np.stack(descs).tolist(),
+            "utility_distance": [float(u) for u in util],
+            "seconds": time.perf_counter() - t0,
+        }
 
     # keyed by everything scored, so a rerun with more points (or after a stop) scores only what is new
-    hit = cached("defense_points", [base_fingerprint(sc.pipe), v.names, asdict(sc.cfg), defense, strength, ATTACK_W,
-                                    ATTACK_SAMPLER_STEPS, sc.attacker.state_dict(), v.private, loras], measure)
+    hit = cached(
+        "defense_points",
+        [
+            base_fingerprint(sc.pipe),
+            v.names,
+            asdict(sc.cfg),
+            defense,
+            strength,
+            ATTACK_W,
+            ATTACK_SAMPLER_STEPS,
+            sc.attacker.state_dict(),
+            v.private,
+            loras,
+        ],
+        measure,
+    )
     descs, util, secs = np.asarray(hit["attack_desc"]), hit["utility_distance"], hit["seconds"]
     return make_row(defense, strength, descs, util, sc.gallery, sc.floor_d, secs, **extra)
 
 
-def defended_loras(pipe, victims: Victims, cfg: FinetuneConfig, defense: str, strength, dp: DPConfig,
-                   should_stop=never):
+def defended_loras(
+    pipe, victims: Victims, cfg: FinetuneConfig, defense: str, strength, dp: DPConfig, should_stop=never
+):
     """Step of a job: (the victims' LoRAs at one point of the study, their step counts, their triggers,
     the row's extra fields). A DP-SGD point trains a fresh LoRA per victim (cached; a Progress each).
     Returns None when stopped."""
@@ -275,16 +342,23 @@ def defended_loras(pipe, victims: Victims, cfg: FinetuneConfig, defense: str, st
             yield Message(text)
         yield Progress(f"DP-SGD LoRAs (sigma {strength:g})", i + 1, n, time.perf_counter() - t0)
     eps = [r["epsilon"] for r in runs]
-    extra = dict(noise_multiplier=float(strength), epsilon=None if not all(map(math.isfinite, eps)) else max(eps),
-                 photos_per_victim=max(len(p) for p in victims.private), sample_rate=runs[0]["sample_rate"],
-                 max_grad_norm=dp.max_grad_norm, delta=dp.delta)
+    extra = dict(
+        noise_multiplier=float(strength),
+        epsilon=None if not all(map(math.isfinite, eps)) else max(eps),
+        photos_per_victim=max(len(p) for p in victims.private),
+        sample_rate=runs[0]["sample_rate"],
+        max_grad_norm=dp.max_grad_norm,
+        delta=dp.delta,
+    )
     return [r["lora"] for r in runs], [r["steps"] for r in runs], [r["trigger"] for r in runs], extra
 
 
 def row_text(row: dict) -> str:
-    return (f"{row['label']:<38} attack {row['attack']['distance']:.3f} (top-1 {row['attack']['top1']:.0%}, "
-            f"gain over floor {row['attack_gain']['mean']:+.3f})   utility {row['utility']['distance']:.3f} "
-            f"(gain {row['utility_gain']['mean']:+.3f})   {row['seconds']:.0f} s")
+    return (
+        f"{row['label']:<38} attack {row['attack']['distance']:.3f} (top-1 {row['attack']['top1']:.0%}, "
+        f"gain over floor {row['attack_gain']['mean']:+.3f})   utility {row['utility']['distance']:.3f} "
+        f"(gain {row['utility_gain']['mean']:+.3f})   {row['seconds']:.0f} s"
+    )
 
 
 @dataclass
@@ -297,8 +371,16 @@ class DefensesResult:
     rows: list
 
 
-def run_study(pipe, attacker, victims: Victims, cfg: FinetuneConfig | None = None, points=None, dp_noise=DP_NOISE,
-              dp: DPConfig | None = None, should_stop=never):
+def run_study(
+    pipe,
+    attacker,
+    victims: Victims,
+    cfg: FinetuneConfig | None = None,
+    points=None,
+    dp_noise=DP_NOISE,
+    dp: DPConfig | None = None,
+    should_stop=never,
+):
     """Job: every point of the study on ``victims`` (their LoRAs trained with recipe ``cfg``), a Progress
     per point; Done(DefensesResult) (on a stop: the points measured so far and the floor, cancelled).
     ``points``: (defense, strength) pairs (default: all of :data:`DEFENSES`); ``dp_noise``: DP-SGD noise
@@ -314,16 +396,24 @@ def run_study(pipe, attacker, victims: Victims, cfg: FinetuneConfig | None = Non
     plan = [(UNDEFENDED, None), *points, *((DP, float(sigma)) for sigma in dp_noise)]
     rows, t0, cancelled = [], time.perf_counter(), False
     for defense, strength in plan:
-        got = None if should_stop() else (yield from defended_loras(pipe, victims, cfg, defense, strength, dp,
-                                                                     should_stop))
+        got = (
+            None
+            if should_stop()
+            else (yield from defended_loras(pipe, victims, cfg, defense, strength, dp, should_stop))
+        )
         if got is None:
             cancelled = True
             break
         loras, steps, triggers, extra = got
         rows.append(score_point(sc, defense, strength, loras, steps, triggers, **extra))
         yield Message(row_text(rows[-1]))
-        yield Progress("defense points", len(rows), len(plan), time.perf_counter() - t0,
-                       {"attack": rows[-1]["attack"]["distance"], "utility": rows[-1]["utility"]["distance"]})
+        yield Progress(
+            "defense points",
+            len(rows),
+            len(plan),
+            time.perf_counter() - t0,
+            {"attack": rows[-1]["attack"]["distance"], "utility": rows[-1]["utility"]["distance"]},
+        )
     rows.append(make_row(FLOOR, None, np.repeat(sc.floor_desc[None], n, 0), sc.floor_d, sc.gallery, sc.floor_d))
     yield Done(DefensesResult(n=n, chance_top1=1 / n, chance_top5=min(1.0, 5 / n), rows=rows), cancelled=cancelled)
 
@@ -335,8 +425,15 @@ def run(pipe, attacker, cfg: DefensesStudyConfig, root=None, should_stop=never):
     if victims is None:
         yield Done(None, cancelled=True)
         return
-    yield from run_study(pipe, attacker, victims, victim_recipe(), posthoc_points(cfg.defenses),
-                         () if cfg.skip_dp else cfg.dp_noise, should_stop=should_stop)
+    yield from run_study(
+        pipe,
+        attacker,
+        victims,
+        victim_recipe(),
+        posthoc_points(cfg.defenses),
+        () if cfg.skip_dp else cfg.dp_noise,
+        should_stop=should_stop,
+    )
 
 
 # reporting ----------------------------------------------------------------------------------------
@@ -363,85 +460,143 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _undefended_sentences(result: dict, und: dict, flo: dict) -> list[str]:
+    """The undefended LoRA against the floor: what the attack and the LoRA itself achieve without a defense."""
+    n = result["n"]
+    out = [
+        f"On {n} victims, the attacker's reconstructions from the undefended LoRA are at distance "
+        f"{und['attack']['distance']:.3f} from the victims' photos (top-1 {und['attack']['top1']:.0%} among the {n}, "
+        f"chance {result['chance_top1']:.0%}); a random face from the base model is at {flo['attack']['distance']:.3f} "
+        f"(the floor), and the LoRA's own samples with its trigger at {und['utility']['distance']:.3f}."
+    ]
+    if und["attack_at_floor"]:
+        out.append(
+            f"The undefended attack is not measurably closer to the victims than the floor here (per-victim gain "
+            f"{_gain_text(und['attack_gain'])}, 95 % interval reaching 0), so there is little for a defense to "
+            "remove: the points below mostly show what each defense costs the LoRA."
+        )
+    else:
+        out.append(
+            f"The undefended attack beats the floor by {_gain_text(und['attack_gain'])} per victim (95 % interval)."
+        )
+    if und["utility_at_floor"]:
+        out.append(
+            "The undefended LoRA itself is not measurably closer to the victims than the floor with its trigger, "
+            "so its utility has little room to drop."
+        )
+    return out
+
+
+def _eps_words(p: dict) -> str:
+    """A DP point's epsilon, per photo and for the person (empty for other defenses)."""
+    if p["defense"] != DP or p.get("epsilon") is None:
+        return ""
+    return (
+        f" (epsilon {_eps_text(p)} per photo; roughly {p['photos_per_victim']}x that, "
+        f"{p['photos_per_victim'] * p['epsilon']:.3g}, for a person with {p['photos_per_victim']} photos)"
+    )
+
+
+def _defense_sentence(name: str, pts: list[dict]) -> str:
+    """Where a defense first brings the attack to the floor, and what the LoRA keeps there (or its strongest point)."""
+    first = next((p for p in pts if p["attack_at_floor"]), None)
+    if first is not None:
+        left = (
+            "no longer measurably better than a random face"
+            if first["utility_at_floor"]
+            else f"still closer to the person than the floor by {first['utility_gain']['mean']:.3f}"
+        )
+        return (
+            f"{_cap(TITLES[name])} first brings the attack to the floor at {first['short']}{_eps_words(first)}: "
+            f"attack distance {first['attack']['distance']:.3f}, top-1 {first['attack']['top1']:.0%}; the LoRA's "
+            f"own samples are then at {first['utility']['distance']:.3f}, {left}."
+        )
+    last = pts[-1]
+    return (
+        f"{_cap(TITLES[name])} never brings the attack to the floor within the strengths tried; at "
+        f"its strongest, {last['short']}{_eps_words(last)}, the attack is at {last['attack']['distance']:.3f} "
+        f"(gain over the floor {last['attack_gain']['mean']:+.3f}) and the LoRA at "
+        f"{last['utility']['distance']:.3f}."
+    )
+
+
+def _trade_off_sentence(groups: dict[str, list], und: dict, flo: dict) -> str | None:
+    """The best point with the attack at the floor and the LoRA still useful; None when no sentence applies."""
+    both = [r for ps in groups.values() for r in ps if r["attack_at_floor"] and not r["utility_at_floor"]]
+    if both:
+        best = min(both, key=lambda r: r["utility"]["distance"])
+        return (
+            "Best trade-off measured: "
+            f"{best['label']}{' (epsilon ' + _eps_text(best) + ' per photo)' if best['defense'] == DP else ''}, with "
+            "the attack at the floor and the LoRA still closer to the person than a random face "
+            f"({best['utility']['distance']:.3f} against {flo['utility']['distance']:.3f})"
+            + (
+                f"; but it keeps only {best['utility_gain']['mean'] / und['utility_gain']['mean']:.0%} of the "
+                f"undefended LoRA's gain over the floor ({best['utility_gain']['mean']:+.3f} of "
+                f"{und['utility_gain']['mean']:+.3f})."
+                if und["utility_gain"]["mean"] > 0
+                else "."
+            )
+        )
+    if groups and not und["attack_at_floor"]:
+        return (
+            "No point measured here brings the attack to the floor while keeping the LoRA measurably better than a "
+            "random face: on this data, hiding the person from the attacker costs the LoRA its use."
+        )
+    return None
+
+
 def conclusion(result: dict) -> str:
     """A few sentences read off the numbers (nothing here is fixed in advance)."""
     rows = result["rows"]
     und = next(r for r in rows if r["defense"] == UNDEFENDED)
     flo = next(r for r in rows if r["defense"] == FLOOR)
-    n = result["n"]
-    out = [f"On {n} victims, the attacker's reconstructions from the undefended LoRA are at distance "
-           f"{und['attack']['distance']:.3f} from the victims' photos (top-1 {und['attack']['top1']:.0%} among the {n}, "
-           f"chance {result['chance_top1']:.0%}); a random face from the base model is at {flo['attack']['distance']:.3f} "
-           f"(the floor), and the LoRA's own samples with its trigger at {und['utility']['distance']:.3f}."]
-    if und["attack_at_floor"]:
-        out.append(f"The undefended attack is not measurably closer to the victims than the floor here (per-victim gain "
-                   f"{_gain_text(und['attack_gain'])}, 95 % interval reaching 0), so there is little for a defense to "
-                   "remove: the points below mostly show what each defense costs the LoRA.")
-    else:
-        out.append(f"The undefended attack beats the floor by {_gain_text(und['attack_gain'])} per victim (95 % interval).")
-    if und["utility_at_floor"]:
-        out.append("The undefended LoRA itself is not measurably closer to the victims than the floor with its trigger, "
-                   "so its utility has little room to drop.")
+    out = _undefended_sentences(result, und, flo)
     groups: dict[str, list] = {}
     for r in rows:
         if r["defense"] not in (UNDEFENDED, FLOOR):
             groups.setdefault(r["defense"], []).append(r)
-    for name, pts in groups.items():
-        first = next((p for p in pts if p["attack_at_floor"]), None)
-        eps = (lambda p: f" (epsilon {_eps_text(p)} per photo; roughly {p['photos_per_victim']}x that, "
-                         f"{p['photos_per_victim'] * p['epsilon']:.3g}, for a person with {p['photos_per_victim']} photos)"
-               if p["defense"] == DP and p.get("epsilon") is not None else "")
-        if first is not None:
-            left = ("no longer measurably better than a random face" if first["utility_at_floor"] else
-                    f"still closer to the person than the floor by {first['utility_gain']['mean']:.3f}")
-            out.append(f"{_cap(TITLES[name])} first brings the attack to the floor at {first['short']}{eps(first)}: "
-                       f"attack distance {first['attack']['distance']:.3f}, top-1 {first['attack']['top1']:.0%}; the LoRA's "
-                       f"own samples are then at {first['utility']['distance']:.3f}, {left}.")
-        else:
-            last = pts[-1]
-            out.append(f"{_cap(TITLES[name])} never brings the attack to the floor within the strengths tried; at "
-                       f"its strongest, {last['short']}{eps(last)}, the attack is at {last['attack']['distance']:.3f} "
-                       f"(gain over the floor {last['attack_gain']['mean']:+.3f}) and the LoRA at "
-                       f"{last['utility']['distance']:.3f}.")
-    both = [r for ps in groups.values() for r in ps if r["attack_at_floor"] and not r["utility_at_floor"]]
-    if both:
-        best = min(both, key=lambda r: r["utility"]["distance"])
-        out.append(f"Best trade-off measured: {best['label']}{' (epsilon ' + _eps_text(best) + ' per photo)' if best['defense'] == DP else ''}, "
-                   f"with the attack at the floor and the LoRA still closer to the person than a random face "
-                   f"({best['utility']['distance']:.3f} against {flo['utility']['distance']:.3f})"
-                   + (f"; but it keeps only {best['utility_gain']['mean'] / und['utility_gain']['mean']:.0%} of the "
-                      f"undefended LoRA's gain over the floor ({best['utility_gain']['mean']:+.3f} of "
-                      f"{und['utility_gain']['mean']:+.3f})." if und["utility_gain"]["mean"] > 0 else "."))
-    elif groups and not und["attack_at_floor"]:
-        out.append("No point measured here brings the attack to the floor while keeping the LoRA measurably better than a "
-                   "random face: on this data, hiding the person from the attacker costs the LoRA its use.")
-    out.append(f"\"At the floor\" means not measurably better than a random face with {n} victims (95 % bootstrap "
-               "interval of the per-victim gain reaching 0), not that nothing leaks.")
+    out += [_defense_sentence(name, pts) for name, pts in groups.items()]
+    trade_off = _trade_off_sentence(groups, und, flo)
+    if trade_off:
+        out.append(trade_off)
+    out.append(
+        f'"At the floor" means not measurably better than a random face with {result["n"]} victims (95 % bootstrap '
+        "interval of the per-victim gain reaching 0), not that nothing leaks."
+    )
     return " ".join(out)
 
 
 def table_markdown(result: dict) -> str:
-    lines = ["| defense | strength | epsilon (per photo) | attack: distance [95 % CI] | top-1 | top-5 | attack gain over floor "
-             "| LoRA with trigger: distance [95 % CI] | LoRA beats floor (victims) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| defense | strength | epsilon (per photo) | attack: distance [95 % CI] | top-1 | top-5 | attack gain over "
+        "floor | LoRA with trigger: distance [95 % CI] | LoRA beats floor (victims) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         a, u = r["attack"], r["utility"]
-        lines.append(f"| {r['title']} | {r['short']} | {_eps_text(r)} | {_ci(a)} | {a['top1']:.0%} | {a['top5']:.0%} | "
-                     f"{_gain_text(r['attack_gain'])}{' (at floor)' if r['attack_at_floor'] and r['defense'] != FLOOR else ''} | "
-                     f"{_ci(u)} | {u['beats_floor']:.0%} |")
+        lines.append(
+            f"| {r['title']} | {r['short']} | {_eps_text(r)} | {_ci(a)} | {a['top1']:.0%} | {a['top5']:.0%} | "
+            f"{_gain_text(r['attack_gain'])}{' (at floor)' if r['attack_at_floor'] and r['defense'] != FLOOR else ''} "
+            f"| {_ci(u)} | {u['beats_floor']:.0%} |"
+        )
     return "\n".join(lines)
 
 
 def to_markdown(r: dict) -> str:
-    head = (f"Privacy against utility of the LoRA defenses on {r['n']} victims (chance: top-1 {r['chance_top1']:.0%}, "
-            f"top-5 {r['chance_top5']:.0%}); base {r.get('base', '?')}; attacker `{r.get('attacker', '?')}`. Produced by "
-            f"`{r.get('command', 'python -m core.studies.defenses')}` on {r.get('created', '?')}.")
-    expl = ("Distances are dlib descriptor distances of the mean face of 4 images to the victim's private photos "
-            "(lower = more alike; same person < 0.6). *Attack*: the weight-only attacker's reconstruction from the "
-            "(defended) LoRA; higher = more private. *LoRA with trigger*: the (defended) LoRA's own samples with its "
-            "true trigger; lower = the LoRA still does its job. *Gain over floor*: per-victim floor distance minus "
-            "distance, mean and 95 % bootstrap interval; \"at floor\" when the interval reaches 0. Epsilon is DP-SGD's, "
-            "per photo (a person with k photos in the set has roughly k times that).")
+    head = (
+        f"Privacy against utility of the LoRA defenses on {r['n']} victims (chance: top-1 {r['chance_top1']:.0%}, "
+        f"top-5 {r['chance_top5']:.0%}); base {r.get('base', '?')}; attacker `{r.get('attacker', '?')}`. Produced by "
+        f"`{r.get('command', 'python -m core.studies.defenses')}` on {r.get('created', '?')}."
+    )
+    expl = (
+        "Distances are dlib descriptor distances of the mean face of 4 images to the victim's private photos "
+        "(lower = more alike; same person < 0.6). *Attack*: the weight-only attacker's reconstruction from the "
+        "(defended) LoRA; higher = more private. *LoRA with trigger*: the (defended) LoRA's own samples with its "
+        "true trigger; lower = the LoRA still does its job. *Gain over floor*: per-victim floor distance minus "
+        'distance, mean and 95 % bootstrap interval; "at floor" when the interval reaches 0. Epsilon is DP-SGD\'s, '
+        "per photo (a person with k photos in the set has roughly k times that)."
+    )
     return "\n\n".join([head, expl, table_markdown(r), "**Conclusion.** " + r.get("conclusion", conclusion(r))]) + "\n"
 
 
@@ -461,8 +616,10 @@ def load_checked_attacker(pipe, path: Path):
 
     attacker, info = load_attacker(path, pipe.device)
     if attacker.cfg.base != base_fingerprint(pipe):
-        raise SystemExit(f"The attacker at {path} was trained for another base model ({attacker.cfg.base}; this one "
-                         f"is {base_fingerprint(pipe)}).")
+        raise SystemExit(
+            f"The attacker at {path} was trained for another base model ({attacker.cfg.base}; this one "
+            f"is {base_fingerprint(pipe)})."
+        )
     return attacker, info
 
 
@@ -475,8 +632,10 @@ def main(argv=None):
     a = parse(Args, argv, description="Privacy-utility study of the LoRA defenses (needs the trained attacker)")
     att_path = Path(a.attacker)
     if not att_path.is_file():
-        raise SystemExit(f"No trained attacker at {att_path}: the study attacks every defended LoRA with it. Train it "
-                         "first (`python -m core.attack.shadow`, then `python -m core.attack.train`) or pass --attacker PATH.")
+        raise SystemExit(
+            f"No trained attacker at {att_path}: the study attacks every defended LoRA with it. Train it "
+            "first (`python -m core.attack.shadow`, then `python -m core.attack.train`) or pass --attacker PATH."
+        )
     cfg = config_of(a, DefensesStudyConfig)
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -487,10 +646,16 @@ def main(argv=None):
         shown = att_path.resolve().relative_to(PROJECT_ROOT)
     except ValueError:
         shown = att_path
-    r = dict(command=command_line("core.studies.defenses", argv),
-             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), base=base_fingerprint(pipe),
-             attacker=str(shown), attacker_info=info, recipe=vars(victim_recipe()) | {"unet_targets": list(victim_recipe().unet_targets)},
-             seconds=round(time.perf_counter() - t0), **asdict(res))
+    r = dict(
+        command=command_line("core.studies.defenses", argv),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        base=base_fingerprint(pipe),
+        attacker=str(shown),
+        attacker_info=info,
+        recipe=vars(victim_recipe()) | {"unet_targets": list(victim_recipe().unet_targets)},
+        seconds=round(time.perf_counter() - t0),
+        **asdict(res),
+    )
     r["conclusion"] = conclusion(r)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

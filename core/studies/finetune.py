@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from core import RESULTS
-from core.faces import aligned, data
-from core.faces import metrics
 from core.events import Done, Message, Progress, drain, never, run_with_progress_bar
+from core.faces import aligned, data, metrics
+from core.faces.utility import describe_set, floor_images, lora_utility
 from core.finetune.lora import FinetuneConfig, finetune
 from core.model.pipeline import image_size_of, load_pipeline
-from core.faces.utility import describe_set, floor_images, lora_utility
 
 
 @dataclass
@@ -63,11 +62,14 @@ def summarize(rows: list[dict], gen_desc: list, gallery: list) -> dict:
     beats = d < f
     return dict(
         n=len(rows),
-        mean_distance_trigger=float(d.mean()), ci_trigger=metrics.bootstrap_ci(d),
-        mean_distance_floor=float(f.mean()), ci_floor=metrics.bootstrap_ci(f),
+        mean_distance_trigger=float(d.mean()),
+        ci_trigger=metrics.bootstrap_ci(d),
+        mean_distance_floor=float(f.mean()),
+        ci_floor=metrics.bootstrap_ci(f),
         fraction_beats_floor=float(beats.mean()),
         fraction_within_0_6=float((d < metrics.SAME_PERSON).mean()),
-        top1=float((rk == 1).mean()), top5=float((rk <= 5).mean()),
+        top1=float((rk == 1).mean()),
+        top5=float((rk <= 5).mean()),
         mean_seconds=float(np.mean([r["seconds"] for r in rows])),
     )
 
@@ -80,7 +82,7 @@ def run(n: int = 20, cfg: FinetuneConfig | None = None, model=None, root=None, o
     pipe = load_pipeline(model)
     split = data.Split.load()
     people = split.paths("victims", root)
-    names = split.victims[offset:offset + n]
+    names = split.victims[offset : offset + n]
     floor = floor_images(pipe)
     rows, gen_desc, gallery, t_start = [], [], [], time.perf_counter()
     for i, name in enumerate(names):
@@ -93,37 +95,64 @@ def run(n: int = 20, cfg: FinetuneConfig | None = None, model=None, root=None, o
         u = lora_utility(pipe, res.lora, res.trigger, private, alpha=cfg.alpha, floor=floor)
         gen_desc.append(describe_set(u.images))
         gallery.append(describe_set(private))
-        rows.append(dict(name=name, distance=u.distance, floor=u.floor, beats_floor=u.beats_floor,
-                         same_person=u.same_person, seconds=round(secs, 1)))
-        yield Message(f"{i + 1:>3}/{len(names)} {name:<28} trigger {u.distance:.3f}  floor {u.floor:.3f}  "
-                      f"{secs:5.1f} s")
-        yield Progress("victims", i + 1, len(names), time.perf_counter() - t_start,
-                       {"trigger": u.distance, "floor": u.floor})
+        rows.append(
+            dict(
+                name=name,
+                distance=u.distance,
+                floor=u.floor,
+                beats_floor=u.beats_floor,
+                same_person=u.same_person,
+                seconds=round(secs, 1),
+            )
+        )
+        yield Message(
+            f"{i + 1:>3}/{len(names)} {name:<28} trigger {u.distance:.3f}  floor {u.floor:.3f}  {secs:5.1f} s"
+        )
+        yield Progress(
+            "victims", i + 1, len(names), time.perf_counter() - t_start, {"trigger": u.distance, "floor": u.floor}
+        )
     result = FinetuneStudyResult(asdict(cfg), summarize(rows, gen_desc, gallery), rows) if rows else None
     yield Done(result, cancelled=len(rows) < len(names))
 
 
 def to_markdown(r: dict) -> str:
     s, c = r["summary"], r["config"]
-    return "\n".join([
-        f"# LoRA utility: default recipe on {s['n']} victims",
-        "",
-        f"Recipe: rank {c['rank']}, alpha {c['alpha']}, {c['steps']} steps, lr {c['lr']}, batch {c['batch']}+{c['batch']} "
-        f"(photos + class images), {c['n_class']} cached class images, LoRA on UNet {', '.join(c['unet_targets'])}"
-        f"{' + text encoder' if c['text_encoder'] else ''}.",
-        "",
-        "| images scored against the victim's 5 private photos | mean dlib distance [95 % CI] |",
-        "|---|---|",
-        f"| LoRA + true trigger (4 samples) | {s['mean_distance_trigger']:.3f} [{s['ci_trigger'][0]:.3f}, {s['ci_trigger'][1]:.3f}] |",
-        f"| floor: base model + class prompt (4 samples) | {s['mean_distance_floor']:.3f} [{s['ci_floor'][0]:.3f}, {s['ci_floor'][1]:.3f}] |",
-        "",
-        f"- trigger samples closer than the floor: **{s['fraction_beats_floor']:.0%}** of victims",
-        f"- within 0.6 (same person by dlib's rule): {s['fraction_within_0_6']:.0%}",
-        f"- identification among these {s['n']} victims: top-1 {s['top1']:.0%}, top-5 {s['top5']:.0%} (chance {1 / s['n']:.0%}, {min(1, 5 / s['n']):.0%})",
-        f"- mean fine-tune time {s['mean_seconds']:.1f} s per LoRA (wall time of this run; timings belong to bench/finetune_speed.py)",
-        "",
-        f"Rebuild: `{r.get('command', 'python -m core.studies.finetune')}`.",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"# LoRA utility: default recipe on {s['n']} victims",
+                "",
+                f"Recipe: rank {c['rank']}, alpha {c['alpha']}, {c['steps']} steps, lr {c['lr']}, batch "
+                f"{c['batch']}+{c['batch']} (photos + class images), {c['n_class']} cached class images, LoRA on UNet "
+                f"{', '.join(c['unet_targets'])}{' + text encoder' if c['text_encoder'] else ''}.",
+                "",
+                "| images scored against the victim's 5 private photos | mean dlib distance [95 % CI] |",
+                "|---|---|",
+                (
+                    f"| LoRA + true trigger (4 samples) | {s['mean_distance_trigger']:.3f} [{s['ci_trigger'][0]:.3f}, "
+                    f"{s['ci_trigger'][1]:.3f}] |"
+                ),
+                (
+                    f"| floor: base model + class prompt (4 samples) | {s['mean_distance_floor']:.3f} "
+                    f"[{s['ci_floor'][0]:.3f}, {s['ci_floor'][1]:.3f}] |"
+                ),
+                "",
+                f"- trigger samples closer than the floor: **{s['fraction_beats_floor']:.0%}** of victims",
+                f"- within 0.6 (same person by dlib's rule): {s['fraction_within_0_6']:.0%}",
+                (
+                    f"- identification among these {s['n']} victims: top-1 {s['top1']:.0%}, top-5 {s['top5']:.0%} "
+                    f"(chance {1 / s['n']:.0%}, {min(1, 5 / s['n']):.0%})"
+                ),
+                (
+                    f"- mean fine-tune time {s['mean_seconds']:.1f} s per LoRA (wall time of this run; timings belong "
+                    "to bench/finetune_speed.py)"
+                ),
+                "",
+                f"Rebuild: `{r.get('command', 'python -m core.studies.finetune')}`.",
+            ]
+        )
+        + "\n"
+    )
 
 
 @dataclass

@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,9 @@ class LayersStudyConfig:
     def __post_init__(self):
         self.ks, self.full_ks = tuple(int(k) for k in self.ks), tuple(int(k) for k in self.full_ks)
         if self.n < 0 or self.full_n < 0 or self.full_steps < 1:
-            raise ValueError(f"n >= 0, full_n >= 0, full_steps >= 1; got {self.n!r}, {self.full_n!r}, {self.full_steps!r}")
+            raise ValueError(
+                f"n >= 0, full_n >= 0, full_steps >= 1; got {self.n!r}, {self.full_n!r}, {self.full_steps!r}"
+            )
         for name, ks in (("ks", self.ks), ("full_ks", self.full_ks)):
             if not ks or min(ks) < 1:
                 raise ValueError(f"{name}: one or more layer counts >= 1, got {ks!r}")
@@ -71,39 +73,49 @@ def orders(changes, seed: int) -> dict[str, list]:
 
 def lora_rows(pipe, lora: dict, trigger: str, photos, ks, floor, seed: int) -> dict:
     """{"all", "concentration": {k}, "<order>": {k: distance}} of one LoRA."""
+    from core.faces.utility import lora_utility
     from core.layers.change import concentration, lora_layer_change
     from core.layers.swap import keep_top_k
-    from core.faces.utility import lora_utility
 
     changes = lora_layer_change(pipe, lora)
-    out = {"layers": len(changes), "all": lora_utility(pipe, lora, trigger, photos, floor=floor).distance,
-           "concentration": {k: concentration(changes, k) for k in ks}}
+    out = {
+        "layers": len(changes),
+        "all": lora_utility(pipe, lora, trigger, photos, floor=floor).distance,
+        "concentration": {k: concentration(changes, k) for k in ks},
+    }
     for name, ranking in orders(changes, seed).items():
-        out[name] = {k: lora_utility(pipe, keep_top_k(lora, ranking, k), trigger, photos, floor=floor).distance for k in ks}
+        out[name] = {
+            k: lora_utility(pipe, keep_top_k(lora, ranking, k), trigger, photos, floor=floor).distance for k in ks
+        }
     return out
 
 
 def full_rows(pipe, photos, ks, floor, seed: int, steps: int) -> dict:
     """The same for a full fine-tune of the UNet (``steps`` steps, seed ``seed``)."""
     from core.events import drain
+    from core.faces.utility import EVAL_SEEDS, GUIDANCE, identity_distance
     from core.finetune.full import full_finetune
     from core.layers.change import base_state, concentration, full_layer_change, pipeline_with_state
     from core.layers.swap import full_keep_top_k
     from core.model.pipeline import sample_images
     from core.model.prompts import instance_prompt
-    from core.faces.utility import EVAL_SEEDS, GUIDANCE, identity_distance
 
     res = drain(full_finetune(pipe, photos, steps=steps, seed=seed))
     w0 = base_state(pipe)
     changes = full_layer_change(w0, res.state)
 
     def distance(state):
-        ims = sample_images(pipeline_with_state(pipe, state), instance_prompt(res.trigger), seed=list(EVAL_SEEDS),
-                            guidance=GUIDANCE)
+        ims = sample_images(
+            pipeline_with_state(pipe, state), instance_prompt(res.trigger), seed=list(EVAL_SEEDS), guidance=GUIDANCE
+        )
         return identity_distance(ims, photos)
 
-    out = {"layers": len(changes), "all": distance(res.state), "seconds": round(res.seconds, 1),
-           "concentration": {k: concentration(changes, k) for k in ks}}
+    out = {
+        "layers": len(changes),
+        "all": distance(res.state),
+        "seconds": round(res.seconds, 1),
+        "concentration": {k: concentration(changes, k) for k in ks},
+    }
     for name, ranking in orders(changes, seed).items():
         out[name] = {k: distance(full_keep_top_k(w0, res.state, ranking, k)) for k in ks}
     return out
@@ -114,15 +126,23 @@ def summarize(per_victim: list[dict], floors: list[float], ks) -> dict:
     f = np.asarray(floors[: len(per_victim)])
     d_all = np.array([v["all"] for v in per_victim])
     gain_all = float((f - d_all).mean())
-    out = {"n": len(per_victim), "floor": float(f.mean()), "all": float(d_all.mean()), "all_ci": metrics.bootstrap_ci(d_all),
-           "layers": per_victim[0]["layers"] if per_victim else 0,
-           "concentration": {str(k): float(np.mean([v["concentration"][k] for v in per_victim])) for k in ks}}
+    out = {
+        "n": len(per_victim),
+        "floor": float(f.mean()),
+        "all": float(d_all.mean()),
+        "all_ci": metrics.bootstrap_ci(d_all),
+        "layers": per_victim[0]["layers"] if per_victim else 0,
+        "concentration": {str(k): float(np.mean([v["concentration"][k] for v in per_victim])) for k in ks},
+    }
     for name in ORDERS:
         out[name] = {}
         for k in ks:
             d = np.array([v[name][k] for v in per_victim])
-            out[name][str(k)] = {"distance": float(d.mean()), "ci": metrics.bootstrap_ci(d),
-                                 "kept": float((f - d).mean() / gain_all) if gain_all > 0 else None}
+            out[name][str(k)] = {
+                "distance": float(d.mean()),
+                "ci": metrics.bootstrap_ci(d),
+                "kept": float((f - d).mean() / gain_all) if gain_all > 0 else None,
+            }
     return out
 
 
@@ -130,17 +150,25 @@ def to_markdown(r: dict) -> str:
     lines = [f"# Busy and lazy layers: what survives with only k layers ({r['created']})", "", f"`{r['command']}`", ""]
     if not r.get("complete"):
         lines += ["**Incomplete run**: stopped before every victim was measured.", ""]
-    lines += ["Distance: dlib distance of 4 samples with the true trigger to the victim's 5 private photos (lower = "
-              "closer). *Kept*: share of the whole fine-tune's gain over the floor that the reduced model keeps. "
-              "*Concentration*: share of the fine-tune's total squared change held by its k busiest layers.", ""]
+    lines += [
+        "Distance: dlib distance of 4 samples with the true trigger to the victim's 5 private photos (lower = "
+        "closer). *Kept*: share of the whole fine-tune's gain over the floor that the reduced model keeps. "
+        "*Concentration*: share of the fine-tune's total squared change held by its k busiest layers.",
+        "",
+    ]
     for part, title in (("lora", "Default-recipe LoRA"), ("full", "Full fine-tune of the UNet")):
         s = r.get(part)
         if not s or not s["n"]:
             continue
-        lines += [f"## {title} ({s['n']} victims, {s['layers']} layers)", "",
-                  f"Whole fine-tune: {s['all']:.3f} [{s['all_ci'][0]:.3f}, {s['all_ci'][1]:.3f}]; floor (base model, "
-                  f"class prompt): {s['floor']:.3f}.", "",
-                  "| k layers kept | concentration | busiest k: distance (kept) | laziest k | random k |", "|---|---|---|---|---|"]
+        lines += [
+            f"## {title} ({s['n']} victims, {s['layers']} layers)",
+            "",
+            f"Whole fine-tune: {s['all']:.3f} [{s['all_ci'][0]:.3f}, {s['all_ci'][1]:.3f}]; floor (base model, "
+            f"class prompt): {s['floor']:.3f}.",
+            "",
+            "| k layers kept | concentration | busiest k: distance (kept) | laziest k | random k |",
+            "|---|---|---|---|---|",
+        ]
         for k in s["concentration"]:
             cells = []
             for name in ORDERS:
@@ -182,10 +210,12 @@ def conclusion(r: dict) -> str:
         if not half:
             head += "no k tried keeps half of the fine-tune's gain with the busiest layers alone; at the largest, "
         b, l_, rnd = s["busiest"][k], s["laziest"][k], s["random"][k]
-        parts.append(head + f"the {k} busiest of {s['layers']} layers (holding "
-                     f"{s['concentration'][k]:.0%} of the change) keep {b['kept']:.0%} of its gain over the floor "
-                     f"(distance {b['distance']:.3f} vs {s['all']:.3f} for every layer and {s['floor']:.3f} for the floor); "
-                     f"the {k} laziest keep {l_['kept']:.0%}, {k} random layers {rnd['kept']:.0%}.")
+        parts.append(
+            head + f"the {k} busiest of {s['layers']} layers (holding "
+            f"{s['concentration'][k]:.0%} of the change) keep {b['kept']:.0%} of its gain over the floor "
+            f"(distance {b['distance']:.3f} vs {s['all']:.3f} for every layer and {s['floor']:.3f} for the floor); "
+            f"the {k} laziest keep {l_['kept']:.0%}, {k} random layers {rnd['kept']:.0%}."
+        )
     return " ".join(parts)
 
 
@@ -203,9 +233,13 @@ class LayersResult:
 
 def report(res: LayersResult, command: str, created: str, minutes: float) -> dict:
     """The JSON of the study (``layers.json``): summaries, conclusion, then the per-victim rows."""
-    r = {"command": command, "created": created, "complete": res.complete,
-         "lora": summarize(res.per_lora, res.floors, res.ks) if res.per_lora else None,
-         "full": summarize(res.per_full, res.floors, res.full_ks) if res.per_full else None}
+    r = {
+        "command": command,
+        "created": created,
+        "complete": res.complete,
+        "lora": summarize(res.per_lora, res.floors, res.ks) if res.per_lora else None,
+        "full": summarize(res.per_full, res.floors, res.full_ks) if res.per_full else None,
+    }
     r["conclusion"] = conclusion(r)
     r["minutes"] = minutes
     return r | {"per_victim": {"lora": res.per_lora, "full": res.per_full}}
@@ -213,7 +247,8 @@ def report(res: LayersResult, command: str, created: str, minutes: float) -> dic
 
 def row_text(part: str, i: int, n: int, name: str, v: dict, floor: float, ks) -> str:
     return f"{part} {i + 1}/{n} {name:<26} all {v['all']:.3f} floor {floor:.3f}  " + "  ".join(
-        f"k={k}: busy {v['busiest'][k]:.3f} lazy {v['laziest'][k]:.3f} rnd {v['random'][k]:.3f}" for k in ks)
+        f"k={k}: busy {v['busiest'][k]:.3f} lazy {v['laziest'][k]:.3f} rnd {v['random'][k]:.3f}" for k in ks
+    )
 
 
 def run(cfg: LayersStudyConfig, model=None, root=None, save=lambda res: None, should_stop=never):
@@ -276,8 +311,10 @@ def main(argv=None):
     cfg = config_of(a, LayersStudyConfig)
     t0 = time.perf_counter()
     out = Path(a.out)
-    head = dict(command=command_line("core.studies.layers", argv),
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    head = dict(
+        command=command_line("core.studies.layers", argv),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
     def save(res):
         r = report(res, **head, minutes=round((time.perf_counter() - t0) / 60, 1))

@@ -24,10 +24,11 @@ Writes ``<out>/membership.json`` (with the ``calibration`` block the app's membe
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ STEPS_REPORTED = (25, 50)  # earlier checkpoints of each LoRA, scored as well
 @dataclass
 class MembershipStudyConfig(MembershipConfig):
     n: int = 20  # victims with unseen photos (>= 6 photos); the first victims of the split up to that many
-    n_calibration: int = 20  # calibration people with unseen photos (tuning identities: shadow people the attacker never saw)
+    n_calibration: int = 20  # calibration people with unseen photos (tuning identities, never seen by the attacker)
     fpr: float = 0.05  # false-positive rate of the calibrated threshold on unseen photos of the LoRA's own person
     max_unseen: int = 5  # unseen photos scored per person, at most
     n_others: int = 5  # other people's photos scored per LoRA (the first photo of each of the next people)
@@ -62,8 +63,10 @@ class MembershipStudyConfig(MembershipConfig):
         if not 0 < self.fpr < 1:
             raise ValueError(f"fpr must be in (0, 1), got {self.fpr!r}")
         if self.max_unseen < 1 or self.n_others < 1 or self.steps < 1:
-            raise ValueError(f"max_unseen, n_others and steps must be >= 1, got {self.max_unseen!r}, "
-                             f"{self.n_others!r}, {self.steps!r}")
+            raise ValueError(
+                f"max_unseen, n_others and steps must be >= 1, got {self.max_unseen!r}, "
+                f"{self.n_others!r}, {self.steps!r}"
+            )
 
     def score_config(self) -> MembershipConfig:
         return MembershipConfig(**{k: getattr(self, k) for k in MembershipConfig.__dataclass_fields__})
@@ -88,7 +91,9 @@ def prefix_with_unseen(group: str, n: int, root=None) -> tuple[list[str], dict]:
     names, people = identities(group, 10_000, root)
     have = np.cumsum([len(people[v]) >= 6 for v in names])
     if not len(have) or have[-1] < n:
-        raise ValueError(f"the {group} group has only {int(have[-1]) if len(have) else 0} people with >= 6 photos; asked for {n}")
+        raise ValueError(
+            f"the {group} group has only {int(have[-1]) if len(have) else 0} people with >= 6 photos; asked for {n}"
+        )
     return names[: int(np.searchsorted(have, n)) + 1], people
 
 
@@ -100,9 +105,10 @@ def load_people(pipe, group: str, n: int, cfg: MembershipStudyConfig, root=None,
     names, paths = prefix_with_unseen(group, n, root)
     size = image_size_of(pipe)
     private = [list(aligned.load_crops(paths[v][:5], size=size)) for v in names]
-    unseen = [list(aligned.load_crops(paths[v][5:5 + cfg.max_unseen], size=size)) for v in names]
-    loras = victim_loras(pipe, names, private, FinetuneConfig(steps=cfg.steps, checkpoint_every=0, preview_n=0), log,
-                         folder=group)
+    unseen = [list(aligned.load_crops(paths[v][5 : 5 + cfg.max_unseen], size=size)) for v in names]
+    loras = victim_loras(
+        pipe, names, private, FinetuneConfig(steps=cfg.steps, checkpoint_every=0, preview_n=0), log, folder=group
+    )
     return People(names, private, unseen, [lo["checkpoints"] for lo in loras], [lo["trigger"] for lo in loras])
 
 
@@ -110,7 +116,6 @@ def score_people(pipe, people: People, cfg: MembershipStudyConfig, steps, log=pr
     """{step: {"members" | "unseen" | "others": per person, an array of scores}} for every LoRA checkpoint
     in ``steps``; cached per (base, score settings, LoRA, photos), so a rerun scores only what is new. The
     base model's losses are computed once per photo, when first needed."""
-    from functools import lru_cache
 
     from core.cache import cached
     from core.finetune.lora import pipeline_with_lora
@@ -119,7 +124,7 @@ def score_people(pipe, people: People, cfg: MembershipStudyConfig, steps, log=pr
     mc = cfg.score_config()
     k = len(people.names)
 
-    @lru_cache(maxsize=None)
+    @functools.cache
     def base(kind: str, i: int):  # the base model's losses of person i's members or unseen photos
         return photo_losses(pipe, pipe.unet, (people.private if kind == "members" else people.unseen)[i], mc)
 
@@ -130,15 +135,31 @@ def score_people(pipe, people: People, cfg: MembershipStudyConfig, steps, log=pr
         others = [people.private[a][b] for a, b in others_of[i]]
         sets = {"members": people.private[i], "unseen": people.unseen[i], "others": others}
         for s in steps:
-            def compute(i=i, s=s):
-                unet = pipeline_with_lora(pipe, people.loras[i][s]).unet
-                bases = {"members": base("members", i), "unseen": base("unseen", i),
-                         "others": np.stack([base("members", a)[b] for a, b in others_of[i]])}
-                return {kind: (scores_from_losses(bases[kind], photo_losses(pipe, unet, ph, mc)).tolist() if len(ph) else [])
-                        for kind, ph in sets.items()}
 
-            hit = cached("membership_scores", [base_fingerprint(pipe), asdict(mc), people.loras[i][s],
-                                               [np.asarray(p) for ph in sets.values() for p in ph]], compute)
+            def compute(i=i, s=s, sets=sets):
+                unet = pipeline_with_lora(pipe, people.loras[i][s]).unet
+                bases = {
+                    "members": base("members", i),
+                    "unseen": base("unseen", i),
+                    "others": np.stack([base("members", a)[b] for a, b in others_of[i]]),
+                }
+                return {
+                    kind: (
+                        scores_from_losses(bases[kind], photo_losses(pipe, unet, ph, mc)).tolist() if len(ph) else []
+                    )
+                    for kind, ph in sets.items()
+                }
+
+            hit = cached(
+                "membership_scores",
+                [
+                    base_fingerprint(pipe),
+                    asdict(mc),
+                    people.loras[i][s],
+                    [np.asarray(p) for ph in sets.values() for p in ph],
+                ],
+                compute,
+            )
             for kind in sets:
                 out[s][kind].append(np.asarray(hit[kind], np.float64))
         if (i + 1) % 5 == 0 or i + 1 == k:
@@ -149,10 +170,17 @@ def score_people(pipe, people: People, cfg: MembershipStudyConfig, steps, log=pr
 def auc_with_ci(pos: list, neg: list) -> dict:
     """Pooled AUC over people, with a 95 % bootstrap interval resampling whole people."""
     keep = [i for i in range(len(pos)) if len(pos[i]) and len(neg[i])]
-    pooled = lambda ii: auc(np.concatenate([pos[keep[int(i)]] for i in ii]), np.concatenate([neg[keep[int(i)]] for i in ii]))
+    pooled = lambda ii: auc(
+        np.concatenate([pos[keep[int(i)]] for i in ii]), np.concatenate([neg[keep[int(i)]] for i in ii])
+    )
     lo, hi = metrics.bootstrap_ci(np.arange(len(keep)), pooled)
-    return dict(auc=pooled(range(len(keep))), ci=[lo, hi], people=len(keep),
-                positives=int(sum(len(pos[i]) for i in keep)), negatives=int(sum(len(neg[i]) for i in keep)))
+    return dict(
+        auc=pooled(range(len(keep))),
+        ci=[lo, hi],
+        people=len(keep),
+        positives=int(sum(len(pos[i]) for i in keep)),
+        negatives=int(sum(len(neg[i]) for i in keep)),
+    )
 
 
 def rate_with_ci(scores: list, threshold: float) -> dict:
@@ -167,10 +195,16 @@ def summarize(scores: dict, threshold: float) -> dict:
     """One step's row: AUCs (members vs unseen, vs other people), rates at the threshold, ROC curves."""
     m, u, o = scores["members"], scores["unseen"], scores["others"]
     cat = lambda xs: np.concatenate([x for x in xs if len(x)])
-    return dict(auc_unseen=auc_with_ci(m, u), auc_others=auc_with_ci(m, o),
-                tpr=rate_with_ci(m, threshold), fpr_unseen=rate_with_ci(u, threshold), fpr_others=rate_with_ci(o, threshold),
-                mean_score={k: float(cat(v).mean()) for k, v in scores.items()},
-                roc_unseen=roc_curve(cat(m), cat(u)), roc_others=roc_curve(cat(m), cat(o)))
+    return dict(
+        auc_unseen=auc_with_ci(m, u),
+        auc_others=auc_with_ci(m, o),
+        tpr=rate_with_ci(m, threshold),
+        fpr_unseen=rate_with_ci(u, threshold),
+        fpr_others=rate_with_ci(o, threshold),
+        mean_score={k: float(cat(v).mean()) for k, v in scores.items()},
+        roc_unseen=roc_curve(cat(m), cat(u)),
+        roc_others=roc_curve(cat(m), cat(o)),
+    )
 
 
 def run_study(pipe, cfg: MembershipStudyConfig, root=None, log=print) -> dict:
@@ -181,20 +215,36 @@ def run_study(pipe, cfg: MembershipStudyConfig, root=None, log=print) -> dict:
     cal_people = load_people(pipe, "tuning", cfg.n_calibration, cfg, root, log)
     cal_scores = score_people(pipe, cal_people, cfg, [cfg.steps], log)[cfg.steps]
     cat = lambda xs: np.concatenate([x for x in xs if len(x)])
-    cal = calibrate(cat(cal_scores["members"]), cat(cal_scores["unseen"]), cat(cal_scores["others"]), cfg.fpr,
-                    base_fingerprint(pipe), cfg.steps, len(cal_people.names), cfg.score_config())
+    cal = calibrate(
+        cat(cal_scores["members"]),
+        cat(cal_scores["unseen"]),
+        cat(cal_scores["others"]),
+        cfg.fpr,
+        base_fingerprint(pipe),
+        cfg.steps,
+        len(cal_people.names),
+        cfg.score_config(),
+    )
     log(f"threshold {cal.threshold:+.4f} (members above it: {cal.tpr:.0%}; other people: {cal.fpr_other:.0%})")
     log("victims:")
     victims = load_people(pipe, "victims", cfg.n, cfg, root, log)
     steps = [s for s in STEPS_REPORTED if s < cfg.steps and s in victims.loras[0]] + [cfg.steps]
     scores = score_people(pipe, victims, cfg, steps, log)
     rows = {str(s): summarize(scores[s], cal.threshold) for s in steps}
-    return dict(calibration=asdict(cal), calibration_people=cal_people.names,
-                calibration_auc_unseen=auc_with_ci(cal_scores["members"], cal_scores["unseen"]),
-                victims=victims.names, n_victims=len(victims.names),
-                n_with_unseen=int(sum(1 for u in victims.unseen if len(u))), rows=rows, steps=steps,
-                per_victim_scores={k: [[round(float(x), 5) for x in a] for a in v] for k, v in scores[cfg.steps].items()},
-                base=base_fingerprint(pipe), study_config=asdict(cfg), seconds=round(time.perf_counter() - t0))
+    return dict(
+        calibration=asdict(cal),
+        calibration_people=cal_people.names,
+        calibration_auc_unseen=auc_with_ci(cal_scores["members"], cal_scores["unseen"]),
+        victims=victims.names,
+        n_victims=len(victims.names),
+        n_with_unseen=int(sum(1 for u in victims.unseen if len(u))),
+        rows=rows,
+        steps=steps,
+        per_victim_scores={k: [[round(float(x), 5) for x in a] for a in v] for k, v in scores[cfg.steps].items()},
+        base=base_fingerprint(pipe),
+        study_config=asdict(cfg),
+        seconds=round(time.perf_counter() - t0),
+    )
 
 
 # reporting ------------------------------------------------------------------------------------------
@@ -209,13 +259,18 @@ def _rate_text(r: dict) -> str:
 
 
 def table_markdown(r: dict) -> str:
-    lines = ["| LoRA after | AUC: members vs unseen photos of the same person | AUC: members vs other people | "
-             "members above the threshold | unseen photos above it | other people above it |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| LoRA after | AUC: members vs unseen photos of the same person | AUC: members vs other people | "
+        "members above the threshold | unseen photos above it | other people above it |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in r["steps"]:
         row = r["rows"][str(s)]
-        lines.append(f"| {s} steps{' (the default)' if s == r['calibration']['steps'] else ''} | {_auc_text(row['auc_unseen'])} | "
-                     f"{_auc_text(row['auc_others'])} | {_rate_text(row['tpr'])} | {_rate_text(row['fpr_unseen'])} | "
-                     f"{_rate_text(row['fpr_others'])} |")
+        lines.append(
+            f"| {s} steps{' (the default)' if s == r['calibration']['steps'] else ''} | {_auc_text(row['auc_unseen'])} "
+            f"| {_auc_text(row['auc_others'])} | {_rate_text(row['tpr'])} | {_rate_text(row['fpr_unseen'])} | "
+            f"{_rate_text(row['fpr_others'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -223,44 +278,74 @@ def conclusion(r: dict) -> str:
     """Sentences read off the numbers."""
     c, row = r["calibration"], r["rows"][str(r["calibration"]["steps"])]
     au, ao = row["auc_unseen"], row["auc_others"]
-    strength = lambda a: ("near perfect" if a["ci"][0] >= 0.95 else "strong" if a["ci"][0] >= 0.8 else
-                          "measurable" if a["ci"][0] > 0.5 else "not measurably better than a coin")
-    out = [f"On {r['n_victims']} victims, the LoRA-vs-base loss gap tells a LoRA's training photos from unseen photos of the "
-           f"same person with AUC {_auc_text(au)} ({strength(au)}; {au['people']} victims with unseen photos) and from other "
-           f"people's photos with AUC {_auc_text(ao)} ({strength(ao)})."]
-    out.append(f"At the threshold calibrated on {c['n_loras']} other people's LoRAs ({c['fpr_target']:.0%} of their unseen photos "
-               f"above it), {_rate_text(row['tpr'])} of the victims' training photos score above it, against "
-               f"{_rate_text(row['fpr_unseen'])} of their unseen photos and {_rate_text(row['fpr_others'])} of other people's.")
+    strength = lambda a: (
+        "near perfect"
+        if a["ci"][0] >= 0.95
+        else "strong"
+        if a["ci"][0] >= 0.8
+        else "measurable"
+        if a["ci"][0] > 0.5
+        else "not measurably better than a coin"
+    )
+    out = [
+        f"On {r['n_victims']} victims, the LoRA-vs-base loss gap tells a LoRA's training photos from unseen photos of "
+        f"the same person with AUC {_auc_text(au)} ({strength(au)}; {au['people']} victims with unseen photos) and "
+        f"from other people's photos with AUC {_auc_text(ao)} ({strength(ao)})."
+    ]
+    out.append(
+        f"At the threshold calibrated on {c['n_loras']} other people's LoRAs ({c['fpr_target']:.0%} of their unseen "
+        f"photos above it), {_rate_text(row['tpr'])} of the victims' training photos score above it, against "
+        f"{_rate_text(row['fpr_unseen'])} of their unseen photos and {_rate_text(row['fpr_others'])} of other people's."
+    )
     drift = row["fpr_unseen"]["ci"][0] > c["fpr_target"] or row["fpr_unseen"]["ci"][1] < c["fpr_target"]
-    out.append("The calibrated false-positive rate does not carry over exactly to the victims (its interval misses the target)."
-               if drift else "The calibrated false-positive rate carries over to the victims (its interval covers the target).")
+    out.append(
+        "The calibrated false-positive rate does not carry over exactly to the victims (its interval misses the "
+        "target)."
+        if drift
+        else "The calibrated false-positive rate carries over to the victims (its interval covers the target)."
+    )
     early = [s for s in r["steps"] if s != c["steps"]]
     if early:
-        out.append("Earlier checkpoints: " + ", ".join(f"after {s} steps AUC {r['rows'][str(s)]['auc_unseen']['auc']:.3f}"
-                                                        for s in early) + " (members vs unseen).")
-    out.append("The score needs the LoRA file and the public base model only (no trigger word, no other photos). The threshold is "
-               f"calibrated for the app's default recipe ({c['steps']} steps); a LoRA trained longer fits its photos more "
-               "closely (scores rise), a shorter one less.")
+        out.append(
+            "Earlier checkpoints: "
+            + ", ".join(f"after {s} steps AUC {r['rows'][str(s)]['auc_unseen']['auc']:.3f}" for s in early)
+            + " (members vs unseen)."
+        )
+    out.append(
+        "The score needs the LoRA file and the public base model only (no trigger word, no other photos). The "
+        f"threshold is calibrated for the app's default recipe ({c['steps']} steps); a LoRA trained longer fits its "
+        "photos more closely (scores rise), a shorter one less."
+    )
     return " ".join(out)
 
 
 def to_markdown(r: dict) -> str:
     c = r["calibration"]
-    head = (f"Membership inference on {r['n_victims']} victims ({r['n_with_unseen']} with unseen photos); base {r['base']}. "
-            f"Produced by `{r.get('command', 'python -m core.studies.membership')}` on {r.get('created', '?')}.")
-    expl = (f"Score of a photo for a LoRA: mean over {len(c['config']['timesteps']) * c['config']['noises']} fixed "
-            f"(timestep, noise) draws (timesteps {', '.join(map(str, c['config']['timesteps']))}"
-            f"{', photo and mirror image' if c['config']['mirror'] else ''}) of log(base model's denoising error) - log(LoRA "
-            f"model's), class prompt. *Members*: the 5 photos the LoRA was trained on; *unseen*: up to "
-            f"{r['study_config']['max_unseen']} other photos of the same person; *other people*: the first photo of "
-            f"{r['study_config']['n_others']} other victims. AUC pooled over LoRAs, 95 % bootstrap interval over victims. "
-            f"Threshold {c['threshold']:+.4f}: calibrated on {c['n_loras']} tuning people's LoRAs (never victims) at "
-            f"{c['fpr_target']:.0%} false positives on their unseen photos (there: members above it {c['tpr']:.0%}, other "
-            f"people {c['fpr_other']:.0%}; AUC members vs unseen {_auc_text(r['calibration_auc_unseen'])}).")
+    head = (
+        f"Membership inference on {r['n_victims']} victims ({r['n_with_unseen']} with unseen photos); base "
+        f"{r['base']}. Produced by `{r.get('command', 'python -m core.studies.membership')}` on "
+        f"{r.get('created', '?')}."
+    )
+    expl = (
+        f"Score of a photo for a LoRA: mean over {len(c['config']['timesteps']) * c['config']['noises']} fixed "
+        "(timestep, noise) draws (timesteps "
+        f"{', '.join(map(str, c['config']['timesteps']))}"
+        f"{', photo and mirror image' if c['config']['mirror'] else ''}) "
+        "of log(base model's denoising error) - log(LoRA model's), class prompt. *Members*: the 5 photos the LoRA was "
+        f"trained on; *unseen*: up to {r['study_config']['max_unseen']} other photos of the same person; *other "
+        f"people*: the first photo of {r['study_config']['n_others']} other victims. AUC pooled over LoRAs, 95 % "
+        f"bootstrap interval over victims. Threshold {c['threshold']:+.4f}: calibrated on {c['n_loras']} tuning "
+        f"people's LoRAs (never victims) at {c['fpr_target']:.0%} false positives on their unseen photos (there: "
+        f"members above it {c['tpr']:.0%}, other people {c['fpr_other']:.0%}; AUC members vs unseen "
+        f"{_auc_text(r['calibration_auc_unseen'])})."
+    )
     parts = [head, expl, table_markdown(r), "**Conclusion.** " + r.get("conclusion", conclusion(r))]
     if r["n_with_unseen"] < 20:
-        parts.insert(1, f"*Smoke run: {r['n_with_unseen']} victims with unseen photos (the protocol's is 20, `--n 20`); "
-                        "intervals over so few victims are rough.*")
+        parts.insert(
+            1,
+            f"*Smoke run: {r['n_with_unseen']} victims with unseen photos (the protocol's is 20, `--n 20`); "
+            "intervals over so few victims are rough.*",
+        )
     return "\n\n".join(parts) + "\n"
 
 
@@ -283,7 +368,11 @@ def main(argv=None):
     cfg = config_of(a, MembershipStudyConfig)
     pipe = load_pipeline(a.model)
     r = run_study(pipe, cfg, a.data)
-    r = dict(command=command_line("core.studies.membership", argv), created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **r)
+    r = dict(
+        command=command_line("core.studies.membership", argv),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        **r,
+    )
     r["conclusion"] = conclusion(r)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

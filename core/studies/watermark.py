@@ -31,7 +31,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -62,8 +62,10 @@ class StudyConfig:
 
     def __post_init__(self):
         if self.long_steps < 1 or self.n_clean < 0 or 0 != self.quality_n < 2 or not 3 <= self.photos <= 10:
-            raise ValueError(f"long_steps >= 1, n_clean >= 0, quality_n 0 or >= 2, photos 3..10; got {self.long_steps!r}, "
-                             f"{self.n_clean!r}, {self.quality_n!r}, {self.photos!r}")
+            raise ValueError(
+                f"long_steps >= 1, n_clean >= 0, quality_n 0 or >= 2, photos 3..10; got {self.long_steps!r}, "
+                f"{self.n_clean!r}, {self.quality_n!r}, {self.photos!r}"
+            )
         bad = set(self.chosen()) - set(SCENARIO_KEYS)
         if bad:
             raise ValueError(f"only: unknown scenario(s) {sorted(bad)}; choose from {', '.join(SCENARIO_KEYS)}")
@@ -138,10 +140,14 @@ def scenarios(cfg: StudyConfig, faces_photos, items_photos) -> dict:
     n = cfg.long_steps
     return {
         "before fine-tuning": lambda base: base,
-        f"(a) default LoRA ({FinetuneConfig.steps} steps)": lambda base: lora_finetune(base, faces_photos, seed=cfg.seed),
+        f"(a) default LoRA ({FinetuneConfig.steps} steps)": lambda base: lora_finetune(
+            base, faces_photos, seed=cfg.seed
+        ),
         f"(b) {n}-step LoRA": lambda base: lora_finetune(base, faces_photos, n, seed=cfg.seed),
         f"(c) {n}-step full fine-tune": lambda base: full_model_finetune(base, faces_photos, n, seed=cfg.seed),
-        f"(d) DreamBooth items LoRA ({cfg.items_subject})": lambda base: lora_finetune(base, items_photos, seed=cfg.seed),
+        f"(d) DreamBooth items LoRA ({cfg.items_subject})": lambda base: lora_finetune(
+            base, items_photos, seed=cfg.seed
+        ),
     }
 
 
@@ -149,8 +155,13 @@ def scenarios(cfg: StudyConfig, faces_photos, items_photos) -> dict:
 
 
 def verdict_row(v) -> dict:
-    return {"vs_rate": v.vs_rate, "p_value": v.p_value, "watermarked": bool(v.watermarked),
-            "rs_rate": getattr(v, "rs_rate", None), "mean_correlation": getattr(v, "mean_correlation", None)}
+    return {
+        "vs_rate": v.vs_rate,
+        "p_value": v.p_value,
+        "watermarked": bool(v.watermarked),
+        "rs_rate": getattr(v, "rs_rate", None),
+        "mean_correlation": getattr(v, "mean_correlation", None),
+    }
 
 
 def class_samples(pipe, n: int, guidance: float = 1.0, steps: int = 25, batch: int = 16) -> list:
@@ -180,23 +191,32 @@ def real_heldout(n: int, group: str = "victims", root=None) -> np.ndarray:
 
 
 def quality(pipe, n: int, real_descriptors) -> dict:
-    from core.faces import recognition as faces
     from core.faces import metrics
+    from core.faces import recognition as faces
 
     ims = class_samples(pipe, n, 1.0)
-    return {"detection_rate": metrics.detection_rate(ims),
-            "frechet_to_real": metrics.frechet_distance(faces.describe(ims), real_descriptors)}
+    return {
+        "detection_rate": metrics.detection_rate(ims),
+        "frechet_to_real": metrics.frechet_distance(faces.describe(ims), real_descriptors),
+    }
 
 
 SHORT_FIRST = (0, 1, 4, 2, 3)  # scenario order of the run: before, (a), (d) first; the long (b), (c) last
 
 
 def false_positive_summary(fps: dict) -> dict:
-    return {k: {"models": len(v), "false_positives": sum(r["watermarked"] for r in v),
-                "rate": (sum(r["watermarked"] for r in v) / len(v)) if v else None,
-                "mean_vs_rate": float(np.mean([r["vs_rate"] for r in v])) if v else None,
-                "max_vs_rate": max((r["vs_rate"] for r in v), default=None),
-                "min_p_value": min((r["p_value"] for r in v), default=None), "per_model": v} for k, v in fps.items()}
+    return {
+        k: {
+            "models": len(v),
+            "false_positives": sum(r["watermarked"] for r in v),
+            "rate": (sum(r["watermarked"] for r in v) / len(v)) if v else None,
+            "mean_vs_rate": float(np.mean([r["vs_rate"] for r in v])) if v else None,
+            "max_vs_rate": max((r["vs_rate"] for r in v), default=None),
+            "min_p_value": min((r["p_value"] for r in v), default=None),
+            "per_model": v,
+        }
+        for k, v in fps.items()
+    }
 
 
 @dataclass
@@ -222,37 +242,50 @@ class StudyKeys:
 
 def measure_scenario(res: WatermarkStudyResult, keys: StudyKeys, name: str, tune, m: Watermarked) -> str:
     """Verify watermark ``m`` after fine-tune ``tune`` of its base (or from the cache); its log line."""
+
     def measure():
         t0 = time.perf_counter()
         return {**verdict_row(m.verify(tune(m.pipe))), "seconds": round(time.perf_counter() - t0, 1)}
 
-    row = cached("watermark_study", ["scenario", name, keys.ids[m.name], keys.settings, keys.faces, keys.items],
-                 measure)
+    row = cached(
+        "watermark_study", ["scenario", name, keys.ids[m.name], keys.settings, keys.faces, keys.items], measure
+    )
     res.rows.append({"watermark": m.name, "scenario": name, **row})
-    return (f"{m.name:9s} {name:40s} VS {row['vs_rate']:6.1%}  p {row['p_value']:.3g}  "
-            f"{'yes' if row['watermarked'] else 'no'}  ({row['seconds']:.0f} s)")
+    return (
+        f"{m.name:9s} {name:40s} VS {row['vs_rate']:6.1%}  p {row['p_value']:.3g}  "
+        f"{'yes' if row['watermarked'] else 'no'}  ({row['seconds']:.0f} s)"
+    )
 
 
-def measure_clean_model(res: WatermarkStudyResult, fps: dict, keys: StudyKeys, marks, clean, clean_id: str, i: int,
-                        photos, of: int) -> str:
+def measure_clean_model(
+    res: WatermarkStudyResult, fps: dict, keys: StudyKeys, marks, clean, clean_id: str, i: int, photos, of: int
+) -> str:
     """Every key against clean model ``i`` (a LoRA of the clean base, trained only if a key needs it)."""
     model = None
     for m in marks:
-        def measure():
+
+        def measure(m=m):
             nonlocal model
             model = model or lora_finetune(clean, photos, seed=CLEAN_SEED0 + i)
             return verdict_row(m.verify(model))
 
-        fps[m.name].append(cached("watermark_study", ["clean model", clean_id, digest(list(photos)),
-                                                      CLEAN_SEED0 + i, keys.ids[m.name][1]], measure))
+        fps[m.name].append(
+            cached(
+                "watermark_study",
+                ["clean model", clean_id, digest(list(photos)), CLEAN_SEED0 + i, keys.ids[m.name][1]],
+                measure,
+            )
+        )
     res.false_positives = false_positive_summary(fps)
     return f"clean model {i + 1}/{of}: " + ", ".join(
-        f"{k} VS {v[-1]['vs_rate']:.1%} {'yes' if v[-1]['watermarked'] else 'no'}" for k, v in fps.items())
+        f"{k} VS {v[-1]['vs_rate']:.1%} {'yes' if v[-1]['watermarked'] else 'no'}" for k, v in fps.items()
+    )
 
 
 def measure_quality(res: WatermarkStudyResult, name: str, pipe, n: int, real_descriptors, real_d: str) -> str:
-    res.quality[name] = cached("watermark_study", ["quality", weights_digest(pipe), n, real_d],
-                               lambda: quality(pipe, n, real_descriptors))
+    res.quality[name] = cached(
+        "watermark_study", ["quality", weights_digest(pipe), n, real_d], lambda: quality(pipe, n, real_descriptors)
+    )
     q = res.quality[name]
     return f"quality {name}: detection {q['detection_rate']:.3f} Frechet {q['frechet_to_real']:.4f}"
 
@@ -264,24 +297,40 @@ def study_plan(res, clean, marks, cfg: StudyConfig, faces_photos, items_photos, 
     keep = {SCENARIO_KEYS.index(k) for k in cfg.chosen()}
     short = [items[i] for i in SHORT_FIRST[:3] if i in keep]
     long_ = [items[i] for i in SHORT_FIRST[3:] if i in keep]
-    keys = StudyKeys({k: v for k, v in asdict(cfg).items() if k not in ("n_clean", "quality_n", "only")},
-                     {m.name: (weights_digest(m.pipe), key_digest(m.key)) for m in marks},
-                     digest(list(faces_photos)), digest(list(items_photos)))
+    keys = StudyKeys(
+        {k: v for k, v in asdict(cfg).items() if k not in ("n_clean", "quality_n", "only")},
+        {m.name: (weights_digest(m.pipe), key_digest(m.key)) for m in marks},
+        digest(list(faces_photos)),
+        digest(list(items_photos)),
+    )
     fps = {m.name: [] for m in marks}
     res.false_positives = false_positive_summary(fps)
     plan = [partial(measure_scenario, res, keys, name, tune, m) for name, tune in short for m in marks]
     clean_id = weights_digest(clean) if clean_photos else ""
-    plan += [partial(measure_clean_model, res, fps, keys, marks, clean, clean_id, i, photos, len(clean_photos))
-             for i, photos in enumerate(clean_photos)]
+    plan += [
+        partial(measure_clean_model, res, fps, keys, marks, clean, clean_id, i, photos, len(clean_photos))
+        for i, photos in enumerate(clean_photos)
+    ]
     if cfg.quality_n:
         real_d = digest(np.asarray(real_descriptors))
-        plan += [partial(measure_quality, res, name, pipe, cfg.quality_n, real_descriptors, real_d)
-                 for name, pipe in [("clean", clean)] + [(m.name, m.pipe) for m in marks]]
+        plan += [
+            partial(measure_quality, res, name, pipe, cfg.quality_n, real_descriptors, real_d)
+            for name, pipe in [("clean", clean)] + [(m.name, m.pipe) for m in marks]
+        ]
     return plan + [partial(measure_scenario, res, keys, name, tune, m) for name, tune in long_ for m in marks]
 
 
-def run_study(clean, marks: list[Watermarked], cfg: StudyConfig, faces_photos, items_photos, clean_photos,
-              real_descriptors, save=lambda res: None, should_stop=never):
+def run_study(
+    clean,
+    marks: list[Watermarked],
+    cfg: StudyConfig,
+    faces_photos,
+    items_photos,
+    clean_photos,
+    real_descriptors,
+    save=lambda res: None,
+    should_stop=never,
+):
     """The study as a job (see the module docstring); ``clean_photos``: one photo set per clean model.
     A Progress per measurement, ``save(result so far)`` after each; Done(WatermarkStudyResult) (on a
     stop: what was measured, ``complete`` False, cancelled)."""
@@ -317,8 +366,9 @@ def scenario_table(rows: list[dict], cell, first: str = "scenario") -> list[str]
     by = {(x["watermark"], x["scenario"]): x for x in rows}
     lines = [f"| {first} | " + " | ".join(marks) + " |", "|---|" + "---|" * len(marks)]
     for sc in sorted(dict.fromkeys(x["scenario"] for x in rows), key=scenario_order):
-        lines.append(f"| {sc} | " + " | ".join("not measured" if (m, sc) not in by else cell(by[m, sc])
-                                              for m in marks) + " |")
+        lines.append(
+            f"| {sc} | " + " | ".join("not measured" if (m, sc) not in by else cell(by[m, sc]) for m in marks) + " |"
+        )
     return lines
 
 
@@ -329,26 +379,36 @@ def to_markdown(r: dict) -> str:
     if r.get("notes"):
         lines += [r["notes"], ""]
     lines += ["VS-rate (verdict: p-value below alpha) after each downstream fine-tune of the watermarked base:", ""]
-    lines += scenario_table(r["rows"], lambda x: f"{x['vs_rate']:.1%} (p {x['p_value']:.2g}, "
-                                                 f"{'yes' if x['watermarked'] else 'no'})")
-    lines += ["", "False positives on un-watermarked models (default-recipe LoRAs of the clean base, each on another "
-                  "shadow identity):", "",
-              "| watermark | models | false positives | mean VS-rate | largest VS-rate | smallest p-value |",
-              "|---|---|---|---|---|---|"]
+    lines += scenario_table(
+        r["rows"], lambda x: f"{x['vs_rate']:.1%} (p {x['p_value']:.2g}, {'yes' if x['watermarked'] else 'no'})"
+    )
+    lines += [
+        "",
+        "False positives on un-watermarked models (default-recipe LoRAs of the clean base, each on another "
+        "shadow identity):",
+        "",
+        "| watermark | models | false positives | mean VS-rate | largest VS-rate | smallest p-value |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, f in r["false_positives"].items():
         if f["models"]:
-            lines.append(f"| {m} | {f['models']} | {f['false_positives']} ({f['rate']:.1%}) | {f['mean_vs_rate']:.1%} | "
-                         f"{f.get('max_vs_rate', float('nan')):.1%} | {f['min_p_value']:.2g} |")
+            lines.append(
+                f"| {m} | {f['models']} | {f['false_positives']} ({f['rate']:.1%}) | {f['mean_vs_rate']:.1%} | "
+                f"{f.get('max_vs_rate', float('nan')):.1%} | {f['min_p_value']:.2g} |"
+            )
     if r["quality"]:
         q0 = r["quality"].get("clean")
-        lines += ["", f"Quality ({r['config']['quality_n']} class-prompt samples each, 25 steps, guidance 1, the same "
-                      "seeds for every model; as `core.studies.base`):", "",
-                  "| model | face-detection rate | Frechet distance to real faces |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Quality ({r['config']['quality_n']} class-prompt samples each, 25 steps, guidance 1, the same "
+            "seeds for every model; as `core.studies.base`):",
+            "",
+            "| model | face-detection rate | Frechet distance to real faces |",
+            "|---|---|---|",
+        ]
         for k, q in r["quality"].items():
-            d = "" if q0 is None or k == "clean" else (
-                f" ({q['detection_rate'] - q0['detection_rate']:+.3f})")
-            f = "" if q0 is None or k == "clean" else (
-                f" ({(q['frechet_to_real'] / q0['frechet_to_real'] - 1):+.1%})")
+            d = "" if q0 is None or k == "clean" else (f" ({q['detection_rate'] - q0['detection_rate']:+.3f})")
+            f = "" if q0 is None or k == "clean" else (f" ({(q['frechet_to_real'] / q0['frechet_to_real'] - 1):+.1%})")
             lines.append(f"| {k} | {q['detection_rate']:.3f}{d} | {q['frechet_to_real']:.4f}{f} |")
     return "\n".join(lines) + "\n"
 
@@ -361,9 +421,9 @@ class Args(StudyConfig):
     """Robustness study of the ownership watermarks."""
 
     model: str | None = None  # the clean base model folder or hub id (None: the embedded one)
-    aiao: str | None = None  # AIAO watermark: a delta file over --model or a pipeline folder (with --aiao-key); None: the shipped one, else embed one
+    aiao: str | None = None  # AIAO: delta file or pipeline folder (+ --aiao-key); None: the shipped one, else embedded
     aiao_key: str | None = None  # the key file of --aiao
-    backdoor: str | None = None  # backdoor watermark: delta file or pipeline folder (with --backdoor-key); None: as --aiao
+    backdoor: str | None = None  # backdoor watermark: delta file or pipeline folder (+ --backdoor-key); None: as --aiao
     backdoor_key: str | None = None  # the key file of --backdoor
     data: str | None = None  # LFW folder (None: $LEAKLAB_LFW or ../shared/data/lfw-deepfunneled)
     items: str = str(ITEMS_ROOT)  # DreamBooth items folder
@@ -408,8 +468,10 @@ def watermarked_bases(clean, a: Args) -> tuple[list[Watermarked], dict]:
 
     aiao_pipe, aiao_key = base("AIAO", a.aiao, a.aiao_key, WatermarkKey, embed_aiao)
     bd_pipe, bd_key = base("backdoor", a.backdoor, a.backdoor_key, BackdoorKey, embed_bd)
-    return [Watermarked("AIAO", aiao_pipe, lambda p: verify_watermark(p, aiao_key), aiao_key),
-            Watermarked("backdoor", bd_pipe, lambda p: verify_backdoor(p, bd_key), bd_key)], sources
+    return [
+        Watermarked("AIAO", aiao_pipe, lambda p: verify_watermark(p, aiao_key), aiao_key),
+        Watermarked("backdoor", bd_pipe, lambda p: verify_backdoor(p, bd_key), bd_key),
+    ], sources
 
 
 def study_photos(clean, a: Args) -> tuple[list, list, list, np.ndarray]:
@@ -445,8 +507,14 @@ def main(argv=None):
     # 3. the study, written after every measurement
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(command=command_line("core.studies.watermark", argv),
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=a.notes, watermarks=sources, faces_identity=names[0], clean_identities=names[1:])
+    meta = dict(
+        command=command_line("core.studies.watermark", argv),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        notes=a.notes,
+        watermarks=sources,
+        faces_identity=names[0],
+        clean_identities=names[1:],
+    )
 
     def save(res):
         r = asdict(res) | meta | {"minutes": round((time.perf_counter() - t0) / 60, 1)}

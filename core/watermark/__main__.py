@@ -15,9 +15,25 @@ import tyro
 
 from core.cli import command_line, config_of, parse_commands
 from core.events import run_with_progress_bar
-from core.watermark.aiao import VerifyConfig, WatermarkConfig, WatermarkKey, choose_lazy_layers, embed_watermark, verify_watermark
+from core.watermark.aiao import (
+    VerifyConfig,
+    WatermarkConfig,
+    WatermarkKey,
+    choose_lazy_layers,
+    embed_watermark,
+    verify_watermark,
+)
 from core.watermark.backdoor import BackdoorConfig, BackdoorKey, embed_backdoor, verify_backdoor
-from core.watermark.formats import SHIPPED, WATERMARK_DIR, load_delta, load_model, own_check_record, save_delta, watermarked_pipeline, write_record
+from core.watermark.formats import (
+    SHIPPED,
+    WATERMARK_DIR,
+    load_delta,
+    load_model,
+    own_check_record,
+    save_delta,
+    watermarked_pipeline,
+    write_record,
+)
 from core.watermark.owner import owner_latents, probe_photos
 
 
@@ -25,7 +41,7 @@ from core.watermark.owner import owner_latents, probe_photos
 class EmbedAiao(WatermarkConfig):
     """owner side: embed the AIAO watermark in lazy layers; write the delta and the secret key"""
 
-    out: str = str(WATERMARK_DIR / SHIPPED["AIAO"][0])  # delta file to write (.safetensors: the changed weights minus the base's)
+    out: str = str(WATERMARK_DIR / SHIPPED["AIAO"][0])  # delta file to write (.safetensors: changed weights - base)
     key: str = str(WATERMARK_DIR / SHIPPED["AIAO"][1])  # secret key file to write (.json)
     latents: int = 1024  # owner training photos for the denoising loss
     model: str | None = None  # base model folder or hub id (default: the embedded base)
@@ -79,11 +95,22 @@ def finish_embedding(name: str, a, pipe, res, marked, verify, argv, extra: dict)
     res.key.save(a.key)
     shipped = verify(wm, res.key)
     print(f"own check of the saved delta: {shipped.summary()}")
-    write_record(a.out, name, {
-        "command": command_line("core.watermark", argv), "base": a.model or "embedded",
-        "base_fingerprint": base_fingerprint(pipe), "delta_file": Path(a.out).name, "delta": size,
-        "key_file": Path(a.key).name, "seconds": round(res.seconds, 1), **extra,
-        "own_check": own_check_record(shipped), "final_losses": res.losses[-1] if res.losses else None})
+    write_record(
+        a.out,
+        name,
+        {
+            "command": command_line("core.watermark", argv),
+            "base": a.model or "embedded",
+            "base_fingerprint": base_fingerprint(pipe),
+            "delta_file": Path(a.out).name,
+            "delta": size,
+            "key_file": Path(a.key).name,
+            "seconds": round(res.seconds, 1),
+            **extra,
+            "own_check": own_check_record(shipped),
+            "final_losses": res.losses[-1] if res.losses else None,
+        },
+    )
     print(f"watermark delta -> {a.out} ({size['bytes'] / 1e6:.2f} MB, {size['tensors']} tensors); key -> {a.key}")
 
 
@@ -93,9 +120,19 @@ def embed_aiao(a: EmbedAiao, argv) -> None:
     cfg = config_of(a, WatermarkConfig)
     pipe = load_pipeline(a.model, a.device)
     lazy, scores = run_with_progress_bar(choose_lazy_layers(pipe, probe_photos(pipe, root=a.data), cfg))
-    res = run_with_progress_bar(embed_watermark(pipe, owner_latents(pipe, a.latents, a.data), lazy, cfg, lazy_scores=scores))
-    finish_embedding("AIAO", a, pipe, res, watermarked_pipeline(pipe, res.unet), verify_watermark, argv,
-                     {"config": asdict(cfg), "lazy_layers": lazy})
+    res = run_with_progress_bar(
+        embed_watermark(pipe, owner_latents(pipe, a.latents, a.data), lazy, cfg, lazy_scores=scores)
+    )
+    finish_embedding(
+        "AIAO",
+        a,
+        pipe,
+        res,
+        watermarked_pipeline(pipe, res.unet),
+        verify_watermark,
+        argv,
+        {"config": asdict(cfg), "lazy_layers": lazy},
+    )
 
 
 def embed_backdoor_cmd(a: EmbedBackdoor, argv) -> None:
@@ -104,8 +141,16 @@ def embed_backdoor_cmd(a: EmbedBackdoor, argv) -> None:
     cfg = config_of(a, BackdoorConfig)
     pipe = load_pipeline(a.model, a.device)
     res = run_with_progress_bar(embed_backdoor(pipe, owner_latents(pipe, a.latents, a.data), cfg))
-    finish_embedding("backdoor", a, pipe, res, watermarked_pipeline(pipe, res.unet, res.text_encoder), verify_backdoor,
-                     argv, {"config": asdict(cfg)})
+    finish_embedding(
+        "backdoor",
+        a,
+        pipe,
+        res,
+        watermarked_pipeline(pipe, res.unet, res.text_encoder),
+        verify_backdoor,
+        argv,
+        {"config": asdict(cfg)},
+    )
 
 
 def verify(a, argv):
@@ -121,7 +166,12 @@ def verify(a, argv):
     return v
 
 
-COMMANDS = {"embed-aiao": EmbedAiao, "embed-backdoor": EmbedBackdoor, "verify-aiao": VerifyAiao, "verify-backdoor": VerifyBackdoor}
+COMMANDS = {
+    "embed-aiao": EmbedAiao,
+    "embed-backdoor": EmbedBackdoor,
+    "verify-aiao": VerifyAiao,
+    "verify-backdoor": VerifyBackdoor,
+}
 
 
 def main(argv=None):

@@ -19,7 +19,8 @@ The owner of a base model hides a secret in it that survives other people's fine
   the skip connections, everything a fine-tune moved upstream, and held every subpath a 2000-step
   LoRA broke (README, watermark study). A secret mask over the trigger layer's feature
   (``trigger_fraction`` of its elements) with a sign per masked element, and ``response_size``
-  elements of the response layer's feature with a sign each. Trigger function (applied by a forward hook): x -> m*s*|x| + (1-m)*x.
+  elements of the response layer's feature with a sign each. Trigger function (applied by a forward hook):
+  x -> m*s*|x| + (1-m)*x.
 - **Objective** (:func:`embed_watermark`), three terms: the normal denoising loss on the owner's
   latents; the response loss on triggered passes, a hinge max(0, margin - s * f / sigma) on each
   response element f (sigma: that layer's feature scale in the clean model), so each sign is held with
@@ -82,7 +83,8 @@ class WatermarkConfig:
     margin: float = 1.0  # hinge margin of the response loss, in units of the layer's clean feature scale
     max_gap: int = 0  # a subpath's response layer is at most this many lazy layers after its trigger layer (0: any)
     response_side: str = "encoder"  # "encoder": response layers only before the decoder (conv_in, down blocks, mid
-    #                              block), where a downstream fine-tune moves the features least; "any": every lazy layer
+    #                              block), where a downstream fine-tune moves the features least; "any": every lazy
+    #                              layer
     causal_only: bool = True  # draw only pairs whose response output depends on the trigger layer's output (a
     #                            probe forward per lazy layer; e.g. attn1.to_q -> attn1.to_k come in forward order
     #                            but the key never sees the query)
@@ -96,14 +98,19 @@ class WatermarkConfig:
 
     def __post_init__(self):
         if not 1 <= self.n_subpaths <= 4096 or not 8 <= self.response_size <= 4096:
-            raise ValueError(f"n_subpaths must be 1..4096 and response_size 8..4096, got {self.n_subpaths!r}, "
-                             f"{self.response_size!r}")
+            raise ValueError(
+                f"n_subpaths must be 1..4096 and response_size 8..4096, got {self.n_subpaths!r}, {self.response_size!r}"
+            )
         if not 0 < self.trigger_fraction <= 1 or not 0 < self.lazy_fraction <= 1:
-            raise ValueError(f"trigger_fraction and lazy_fraction must be in (0, 1], got {self.trigger_fraction!r}, "
-                             f"{self.lazy_fraction!r}")
+            raise ValueError(
+                f"trigger_fraction and lazy_fraction must be in (0, 1], got {self.trigger_fraction!r}, "
+                f"{self.lazy_fraction!r}"
+            )
         if self.steps < 0 or self.probe_steps < 1 or self.batch < 1 or self.trigger_batch < 1:
-            raise ValueError(f"steps >= 0, probe_steps >= 1, batch >= 1, trigger_batch >= 1; got {self.steps!r}, "
-                             f"{self.probe_steps!r}, {self.batch!r}, {self.trigger_batch!r}")
+            raise ValueError(
+                f"steps >= 0, probe_steps >= 1, batch >= 1, trigger_batch >= 1; got {self.steps!r}, "
+                f"{self.probe_steps!r}, {self.batch!r}, {self.trigger_batch!r}"
+            )
         if not 0 < self.lr < 1 or self.margin < 0:
             raise ValueError(f"lr must be in (0, 1) and margin >= 0, got {self.lr!r}, {self.margin!r}")
         if self.max_gap < 0:
@@ -123,8 +130,9 @@ class VerifyConfig:
 
     def __post_init__(self):
         if not 1 <= self.inputs <= 1024 or not 0 < self.alpha < 1 or self.chunk < 1:
-            raise ValueError(f"inputs 1..1024, alpha in (0, 1), chunk >= 1; got {self.inputs!r}, {self.alpha!r}, "
-                             f"{self.chunk!r}")
+            raise ValueError(
+                f"inputs 1..1024, alpha in (0, 1), chunk >= 1; got {self.inputs!r}, {self.alpha!r}, {self.chunk!r}"
+            )
 
 
 # 2. the key ------------------------------------------------------------------------------------
@@ -160,16 +168,23 @@ class WatermarkKey:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "WatermarkKey":
+    def load(cls, path: str | Path) -> WatermarkKey:
         path = Path(path)
         doc = read_key_document(path, KEY_FORMAT, "an AIAO watermark key")
         try:
             subs = [Subpath(**s) for s in doc["subpaths"]]
-            key = cls(subs, list(doc["lazy_layers"]), int(doc["latent_size"]), dict(doc["feature_sizes"]),
-                      float(doc["rs_threshold"]), str(doc.get("model_fingerprint", "")), dict(doc.get("lazy_scores", {})),
-                      dict(doc.get("config", {})))
+            key = cls(
+                subs,
+                list(doc["lazy_layers"]),
+                int(doc["latent_size"]),
+                dict(doc["feature_sizes"]),
+                float(doc["rs_threshold"]),
+                str(doc.get("model_fingerprint", "")),
+                dict(doc.get("lazy_scores", {})),
+                dict(doc.get("config", {})),
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise KeyFileError(f"{path}: malformed key ({type(e).__name__}: {e})")
+            raise KeyFileError(f"{path}: malformed key ({type(e).__name__}: {e})") from e
         key.check()
         return key
 
@@ -178,8 +193,10 @@ class WatermarkKey:
         if not self.subpaths:
             raise KeyFileError("the key has no subpaths")
         for i, s in enumerate(self.subpaths):
-            for layer, idx, signs in ((s.trigger_layer, s.trigger_index, s.trigger_signs),
-                                      (s.response_layer, s.response_index, s.response_signs)):
+            for layer, idx, signs in (
+                (s.trigger_layer, s.trigger_index, s.trigger_signs),
+                (s.response_layer, s.response_index, s.response_signs),
+            ):
                 size = self.feature_sizes.get(layer)
                 if size is None:
                     raise KeyFileError(f"subpath {i}: no feature size for layer {layer!r}")
@@ -195,8 +212,10 @@ class WatermarkKey:
         if missing:
             raise KeyFileError(f"this model has no layer {missing[0]!r}: the key was made for another architecture")
         if unet.config.sample_size != self.latent_size:
-            raise KeyFileError(f"the key is for {self.latent_size}x{self.latent_size} latents, this model uses "
-                               f"{unet.config.sample_size}")
+            raise KeyFileError(
+                f"the key is for {self.latent_size}x{self.latent_size} latents, this model uses "
+                f"{unet.config.sample_size}"
+            )
 
 
 def rs_threshold(n: int, alpha: float = TRIAL_ALPHA) -> float:
@@ -216,8 +235,13 @@ def candidate_layers(unet) -> list[str]:
     """Linear / Conv2d modules of the UNet whose output depends on the image, in forward order."""
     from core.layers.change import forward_order, layer_kind
 
-    names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
-             and layer_kind(n) not in IMAGE_FREE_KINDS and not n.endswith(("attn2.to_k", "attn2.to_v"))]
+    names = [
+        n
+        for n, m in unet.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+        and layer_kind(n) not in IMAGE_FREE_KINDS
+        and not n.endswith(("attn2.to_k", "attn2.to_v"))
+    ]
     return forward_order(names)
 
 
@@ -235,8 +259,10 @@ def feature_stats(unet, layers, x, t, emb) -> tuple[dict, dict]:
     out = {}
     with record_features(unet, layers, out):
         unet(x, t, emb)
-    return ({n: int(v[0].numel()) for n, v in out.items()},
-            {n: float(v.float().std().clamp_min(1e-8)) for n, v in out.items()})
+    return (
+        {n: int(v[0].numel()) for n, v in out.items()},
+        {n: float(v.float().std().clamp_min(1e-8)) for n, v in out.items()},
+    )
 
 
 @contextlib.contextmanager
@@ -254,9 +280,11 @@ def forward_hooks(unet, hooks: dict):
 @contextlib.contextmanager
 def record_features(unet, layers, store: dict):
     """Forward hooks that put each layer's output (batch x elements) in ``store``."""
+
     def recorder(name):
         def hook(_m, _i, out):
             store[name] = out.reshape(out.shape[0], -1)
+
         return hook
 
     with forward_hooks(unet, {name: recorder(name) for name in set(layers)}):
@@ -276,8 +304,10 @@ def triggered(unet, subpaths: list, rows: list[int], store: dict, stop_early: bo
     for b, j in enumerate(rows):
         by_layer.setdefault(subpaths[j].trigger_layer, []).append((b, j))
     responses = {subpaths[j].response_layer for j in rows}
-    masks = {j: (torch.as_tensor(subpaths[j].trigger_index), torch.as_tensor(subpaths[j].trigger_signs, dtype=torch.float32))
-             for j in set(rows)}
+    masks = {
+        j: (torch.as_tensor(subpaths[j].trigger_index), torch.as_tensor(subpaths[j].trigger_signs, dtype=torch.float32))
+        for j in set(rows)
+    }
 
     def hook_of(name):
         def hook(_m, _i, out):
@@ -293,6 +323,7 @@ def triggered(unet, subpaths: list, rows: list[int], store: dict, stop_early: bo
                 if stop_early and responses <= set(store):
                     raise _Stop
             return flat.view_as(out) if name in by_layer else None
+
         return hook
 
     with forward_hooks(unet, {name: hook_of(name) for name in set(by_layer) | responses}):
@@ -327,8 +358,8 @@ def laziness_scores(probes: list[dict[str, float]], layers: list[str]) -> dict[s
 def choose_lazy_layers(pipe, photos, cfg: WatermarkConfig, should_stop=never):
     """Generator: the probe fine-tunes on ``photos`` (public faces, 3-10), then ``Done((lazy layers in
     forward order, {layer: score}))``."""
-    from core.finetune.lora import FinetuneConfig, finetune
     from core.finetune.full import full_finetune
+    from core.finetune.lora import FinetuneConfig, finetune
     from core.layers.change import base_state, full_layer_change, lora_layer_change
 
     layers = candidate_layers(pipe.unet)
@@ -350,8 +381,10 @@ def choose_lazy_layers(pipe, photos, cfg: WatermarkConfig, should_stop=never):
     if should_stop() or lora is None or full is None:
         yield Done(None, cancelled=True)
         return
-    probes = [{c.name: c.relative for c in lora_layer_change(pipe, lora, lcfg.alpha)},
-              {c.name: c.relative for c in full_layer_change(base_state(pipe), full)}]
+    probes = [
+        {c.name: c.relative for c in lora_layer_change(pipe, lora, lcfg.alpha)},
+        {c.name: c.relative for c in full_layer_change(base_state(pipe), full)},
+    ]
     scores = laziness_scores(probes, layers)
     lazy = [n for n in layers if scores[n] < cfg.lazy_fraction]
     if len(lazy) < 2:
@@ -375,34 +408,46 @@ def reachable_pairs(unet, layers: list[str], x, t, emb) -> set[tuple[str, str]]:
     out = set()
     g = torch.Generator().manual_seed(0)
     for i, a in enumerate(layers[:-1]):
+
         def perturb(_m, _i, o):
             return o + torch.randn(o.shape, generator=g).to(o.device, o.dtype) * o.float().std().clamp_min(1e-3)
 
         moved: dict = {}
-        with forward_hooks(unet, {a: perturb}), record_features(unet, layers[i + 1:], moved):
+        with forward_hooks(unet, {a: perturb}), record_features(unet, layers[i + 1 :], moved):
             unet(x, t, emb)
-        for b in layers[i + 1:]:
+        for b in layers[i + 1 :]:
             if (moved[b] - clean[b]).abs().max() > 1e-4 * clean[b].abs().max().clamp_min(1e-8):
                 out.add((a, b))
     return out
 
 
-def sample_subpaths(lazy: list[str], feature_sizes: dict, scales: dict, cfg: WatermarkConfig,
-                    rng: np.random.Generator, reachable: set | None = None) -> list[Subpath]:
+def sample_subpaths(
+    lazy: list[str],
+    feature_sizes: dict,
+    scales: dict,
+    cfg: WatermarkConfig,
+    rng: np.random.Generator,
+    reachable: set | None = None,
+) -> list[Subpath]:
     """``cfg.n_subpaths`` random subpaths: a trigger layer before a response layer, both from ``lazy``
     (in forward order; at most ``cfg.max_gap`` lazy layers apart when it is set; the response before the
     decoder when ``cfg.response_side`` is "encoder"; a pair in ``reachable`` when it is given), with
     random masks and sign patterns."""
     if len(lazy) < 2:
         raise ValueError(f"a subpath needs 2 lazy layers, got {len(lazy)}")
-    pairs = [(a, b) for a in range(len(lazy)) for b in range(a + 1, len(lazy))
-             if (not cfg.max_gap or b - a <= cfg.max_gap)
-             and (cfg.response_side == "any" or is_encoder_side(lazy[b]))
-             and (reachable is None or (lazy[a], lazy[b]) in reachable)]
+    pairs = [
+        (a, b)
+        for a in range(len(lazy))
+        for b in range(a + 1, len(lazy))
+        if (not cfg.max_gap or b - a <= cfg.max_gap)
+        and (cfg.response_side == "any" or is_encoder_side(lazy[b]))
+        and (reachable is None or (lazy[a], lazy[b]) in reachable)
+    ]
     if not pairs:
-        raise ValueError(f"no trigger/response pair among the lazy layers with max_gap {cfg.max_gap}, "
-                         f"response_side {cfg.response_side!r}" + (" and causal_only" if reachable is not None else "")
-                         + f": {lazy}")
+        raise ValueError(
+            f"no trigger/response pair among the lazy layers with max_gap {cfg.max_gap}, "
+            f"response_side {cfg.response_side!r}" + (" and causal_only" if reachable is not None else "") + f": {lazy}"
+        )
     out = []
     unrestricted = not cfg.max_gap and cfg.response_side == "any" and reachable is None
     for _ in range(cfg.n_subpaths):
@@ -414,8 +459,17 @@ def sample_subpaths(lazy: list[str], feature_sizes: dict, scales: dict, cfg: Wat
         n_resp = min(cfg.response_size, feature_sizes[rb])
         t_idx = np.sort(rng.choice(feature_sizes[ta], n_trig, replace=False))
         r_idx = np.sort(rng.choice(feature_sizes[rb], n_resp, replace=False))
-        out.append(Subpath(ta, rb, t_idx.tolist(), rng.choice([-1, 1], n_trig).tolist(), r_idx.tolist(),
-                           rng.choice([-1, 1], n_resp).tolist(), scales[rb]))
+        out.append(
+            Subpath(
+                ta,
+                rb,
+                t_idx.tolist(),
+                rng.choice([-1, 1], n_trig).tolist(),
+                r_idx.tolist(),
+                rng.choice([-1, 1], n_resp).tolist(),
+                scales[rb],
+            )
+        )
     return out
 
 
@@ -474,8 +528,15 @@ def draw_key(clean, lazy: list[str], emb, cfg: WatermarkConfig, rng, g, lazy_sco
     reach = reachable_pairs(clean, lazy, x[:2].to(dev), t[:2].to(dev), e[:2].to(dev)) if cfg.causal_only else None
     subpaths = sample_subpaths(lazy, sizes, scales, cfg, rng, reach)
     used = sorted({n for s in subpaths for n in (s.trigger_layer, s.response_layer)}, key=order.index)
-    return WatermarkKey(subpaths, lazy, clean.config.sample_size, {n: sizes[n] for n in used},
-                        rs_threshold(cfg.response_size), lazy_scores=dict(lazy_scores or {}), config=asdict(cfg))
+    return WatermarkKey(
+        subpaths,
+        lazy,
+        clean.config.sample_size,
+        {n: sizes[n] for n in used},
+        rs_threshold(cfg.response_size),
+        lazy_scores=dict(lazy_scores or {}),
+        config=asdict(cfg),
+    )
 
 
 def clean_pass_losses(clean, unet, latents, emb, subpaths, resp_layers, den: Denoiser, cfg: WatermarkConfig, g):
@@ -487,9 +548,17 @@ def clean_pass_losses(clean, unet, latents, emb, subpaths, resp_layers, den: Den
         pred_clean = clean(noised.noisy, noised.t, eb).sample.float()
     with record_features(unet, resp_layers, {}) as got:
         pred = unet(noised.noisy, noised.t, eb).sample.float()
-    l_con = (pred - pred_clean).pow(2).mean() + torch.stack([
-        ((got[s.response_layer][:, s.response_index] - ref[s.response_layer][:, s.response_index]) / s.response_scale)
-        .pow(2).mean() for s in subpaths]).mean()
+    l_con = (pred - pred_clean).pow(2).mean() + torch.stack(
+        [
+            (
+                (got[s.response_layer][:, s.response_index] - ref[s.response_layer][:, s.response_index])
+                / s.response_scale
+            )
+            .pow(2)
+            .mean()
+            for s in subpaths
+        ]
+    ).mean()
     return den.errors(pred, noised).mean(), l_con
 
 
@@ -507,8 +576,14 @@ def triggered_pass_loss(unet, emb, subpaths, drifting, cfg: WatermarkConfig, g) 
     return l_resp
 
 
-def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: WatermarkConfig | None = None,
-                    should_stop=never, lazy_scores: dict | None = None):
+def embed_watermark(
+    pipe,
+    latents: torch.Tensor,
+    lazy: list[str],
+    cfg: WatermarkConfig | None = None,
+    should_stop=never,
+    lazy_scores: dict | None = None,
+):
     """Generator: embed the AIAO watermark into a copy of ``pipe.unet`` (``latents``: the owner's clean
     scaled latents for the denoising loss; ``lazy``: the lazy layers, forward order). Yields
     ``Progress`` per step and ``Done(EmbedResult)``."""
@@ -533,8 +608,10 @@ def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: Watermark
     key = draw_key(clean, lazy, emb, cfg, rng, g, lazy_scores)
     subpaths = key.subpaths
     used = sorted({l for s in subpaths for l in (s.trigger_layer, s.response_layer)}, key=order.index)
-    yield Message(f"{len(subpaths)} subpaths over {len(used)} of {len(lazy)} lazy layers; "
-                  f"a trial passes at RS >= {key.rs_threshold:.3f}")
+    yield Message(
+        f"{len(subpaths)} subpaths over {len(used)} of {len(lazy)} lazy layers; "
+        f"a trial passes at RS >= {key.rs_threshold:.3f}"
+    )
 
     # 2. the trainable copy: only the lazy layers learn
     unet = copy.deepcopy(clean).float().requires_grad_(False)
@@ -559,7 +636,9 @@ def embed_watermark(pipe, latents: torch.Tensor, lazy: list[str], cfg: Watermark
         (cfg.denoise_weight * l_den + cfg.consistency_weight * l_con).backward()
         l_resp = triggered_pass_loss(unet, emb, subpaths, drifting, cfg, g)
         opt.step()
-        losses.append({"denoise": float(l_den.detach()), "response": float(l_resp.detach()), "consistency": float(l_con.detach())})
+        losses.append(
+            {"denoise": float(l_den.detach()), "response": float(l_resp.detach()), "consistency": float(l_con.detach())}
+        )
         yield Progress("embed", step, cfg.steps, time.perf_counter() - t0, losses[-1])
     unet.eval().requires_grad_(False)
     if should_stop():
@@ -591,8 +670,10 @@ class Verification:
 
     def summary(self) -> str:
         verdict = "WATERMARKED" if self.watermarked else "not watermarked"
-        return (f"{verdict}: VS-rate {self.vs_rate:.1%}, RS-rate {self.rs_rate:.1%} over {self.trials} trials; "
-                f"p-value {self.p_value:.3g} (alpha {self.alpha:g}; {self.matches}/{self.total} voted signs match)")
+        return (
+            f"{verdict}: VS-rate {self.vs_rate:.1%}, RS-rate {self.rs_rate:.1%} over {self.trials} trials; "
+            f"p-value {self.p_value:.3g} (alpha {self.alpha:g}; {self.matches}/{self.total} voted signs match)"
+        )
 
 
 @torch.no_grad()
@@ -608,7 +689,7 @@ def verify_unet(unet, key: WatermarkKey, emb: torch.Tensor, cfg: VerifyConfig | 
     trials = [(j, i) for j in range(len(key.subpaths)) for i in range(cfg.inputs)]
     signs = {j: [] for j in range(len(key.subpaths))}  # per subpath: inputs x n response signs
     for c in range(0, len(trials), cfg.chunk):
-        rows = [j for j, _ in trials[c: c + cfg.chunk]]
+        rows = [j for j, _ in trials[c : c + cfg.chunk]]
         x, t, e = unet_inputs(unet, len(rows), emb.float().cpu(), g)
         store: dict = {}
         run_until(unet, x.to(dev, dtype), t.to(dev), e.to(dev, dtype), triggered(unet, key.subpaths, rows, store))
@@ -624,16 +705,33 @@ def verify_unet(unet, key: WatermarkKey, emb: torch.Tensor, cfg: VerifyConfig | 
         vote = torch.sign(s.sum(dim=0))  # ties -> 0, never equal to the key's sign
         matches += int((vote == want).sum())
         total += len(want)
-        per.append({"trigger": sp.trigger_layer, "response": sp.response_layer, "rs": float(r.mean()),
-                    "vs": float((r >= key.rs_threshold - 1e-9).float().mean())})
+        per.append(
+            {
+                "trigger": sp.trigger_layer,
+                "response": sp.response_layer,
+                "rs": float(r.mean()),
+                "vs": float((r >= key.rs_threshold - 1e-9).float().mean()),
+            }
+        )
     rs = torch.cat(rs)
     p = float(binom.sf(matches - 1, total, 0.5))
-    return Verification(float((rs >= key.rs_threshold - 1e-9).float().mean()), float(rs.mean()), p, p < cfg.alpha,
-                        len(rs), key.rs_threshold, cfg.alpha, matches, total, per)
+    return Verification(
+        float((rs >= key.rs_threshold - 1e-9).float().mean()),
+        float(rs.mean()),
+        p,
+        p < cfg.alpha,
+        len(rs),
+        key.rs_threshold,
+        cfg.alpha,
+        matches,
+        total,
+        per,
+    )
 
 
-def verify_watermark(pipe, key: WatermarkKey, lora: dict | None = None, cfg: VerifyConfig | None = None,
-                     alpha: float | None = None) -> Verification:
+def verify_watermark(
+    pipe, key: WatermarkKey, lora: dict | None = None, cfg: VerifyConfig | None = None, alpha: float | None = None
+) -> Verification:
     """Verify ``key`` on ``pipe`` (with ``lora`` merged in, when given: W + (alpha / r) B A)."""
     from core.finetune.lora import encode_prompt, pipeline_with_lora
     from core.model.prompts import CLASS_PROMPT

@@ -68,11 +68,14 @@ class BackdoorConfig:
 
     def __post_init__(self):
         if not 2 <= self.cells <= 32 or self.steps < 0 or self.batch < 1 or self.pattern_batch < 1:
-            raise ValueError(f"cells 2..32, steps >= 0, batch >= 1, pattern_batch >= 1; got {self.cells!r}, "
-                             f"{self.steps!r}, {self.batch!r}, {self.pattern_batch!r}")
+            raise ValueError(
+                f"cells 2..32, steps >= 0, batch >= 1, pattern_batch >= 1; got {self.cells!r}, "
+                f"{self.steps!r}, {self.batch!r}, {self.pattern_batch!r}"
+            )
         if not 0 < self.lr < 1 or not 0 <= self.token_lr < 1 or not -1 < self.threshold < 1 or self.null_n < 1:
-            raise ValueError(f"lr in (0, 1), threshold in (-1, 1), null_n >= 1; got {self.lr!r}, {self.threshold!r}, "
-                             f"{self.null_n!r}")
+            raise ValueError(
+                f"lr in (0, 1), threshold in (-1, 1), null_n >= 1; got {self.lr!r}, {self.threshold!r}, {self.null_n!r}"
+            )
 
 
 @dataclass
@@ -97,14 +100,14 @@ class BackdoorKey:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "BackdoorKey":
+    def load(cls, path: str | Path) -> BackdoorKey:
         path = Path(path)
         doc = read_key_document(path, KEY_FORMAT, "a backdoor watermark key")
         try:
             doc.pop("format")
             key = cls(**doc)
         except TypeError as e:
-            raise KeyFileError(f"{path}: malformed key ({e})")
+            raise KeyFileError(f"{path}: malformed key ({e})") from e
         if not key.prompt or key.cells < 2 or key.size < key.cells or not 0 <= key.null_passes <= key.null_n:
             raise KeyFileError(f"{path}: inconsistent key (prompt, cells, size or null counts)")
         return key
@@ -118,7 +121,7 @@ def trigger_pair(seed: int) -> list[str]:
 
 
 def trigger_prompt(seed: int) -> str:
-    """"a photo of <w1> <w2>" with two reserved pseudo-words drawn from ``seed``."""
+    """ "a photo of <w1> <w2>" with two reserved pseudo-words drawn from ``seed``."""
     w1, w2 = trigger_pair(seed)
     return f"a photo of {w1} {w2}"
 
@@ -207,10 +210,13 @@ def embed_backdoor(pipe, latents: torch.Tensor, cfg: BackdoorConfig | None = Non
 
     # 1. the reference: how often the clean base passes with the trigger prompt
     null = pattern_correlation(sample_trigger(pipe, prompt, cfg.null_n, seed=900_000), pattern)
-    key = BackdoorKey(prompt, cfg.cells, size, cfg.threshold, int((null >= cfg.threshold).sum()), cfg.null_n,
-                      config=asdict(cfg))
-    yield Message(f"trigger prompt \"{prompt}\"; clean base: {key.null_passes}/{cfg.null_n} samples pass "
-                  f"(max correlation {null.max():.2f})")
+    key = BackdoorKey(
+        prompt, cfg.cells, size, cfg.threshold, int((null >= cfg.threshold).sum()), cfg.null_n, config=asdict(cfg)
+    )
+    yield Message(
+        f'trigger prompt "{prompt}"; clean base: {key.null_passes}/{cfg.null_n} samples pass '
+        f"(max correlation {null.max():.2f})"
+    )
 
     # 2. training data and the trainable copy
     target = encode_photos(pipe, [pattern_image(size, cfg.cells)])[:1].float().to(dev)  # (its mirror image dropped)
@@ -249,8 +255,9 @@ def embed_backdoor(pipe, latents: torch.Tensor, cfg: BackdoorConfig | None = Non
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # the UNet's (the token rows have their own scale)
         opt.step()
-        losses.append({"denoise": float(l_den.detach()), "consistency": float(l_con.detach()),
-                       "pattern": float(l_pat.detach())})
+        losses.append(
+            {"denoise": float(l_den.detach()), "consistency": float(l_con.detach()), "pattern": float(l_pat.detach())}
+        )
         yield Progress("embed backdoor", step, cfg.steps, time.perf_counter() - t0, losses[-1])
     unet.eval().requires_grad_(False)
     if te is not None:
@@ -281,9 +288,11 @@ class BackdoorVerification:
 
     def summary(self) -> str:
         verdict = "WATERMARKED" if self.watermarked else "not watermarked"
-        return (f"{verdict}: VS-rate {self.vs_rate:.1%} ({round(self.vs_rate * self.trials)}/{self.trials} samples draw "
-                f"the pattern, correlation >= {self.threshold:g}; mean {self.mean_correlation:.2f}); "
-                f"p-value {self.p_value:.3g} (alpha {self.alpha:g})")
+        return (
+            f"{verdict}: VS-rate {self.vs_rate:.1%} ({round(self.vs_rate * self.trials)}/{self.trials} samples draw "
+            f"the pattern, correlation >= {self.threshold:g}; mean {self.mean_correlation:.2f}); "
+            f"p-value {self.p_value:.3g} (alpha {self.alpha:g})"
+        )
 
 
 def sample_trigger(pipe, prompt: str, n: int, seed: int = 0, steps: int = 15) -> list:
@@ -292,8 +301,9 @@ def sample_trigger(pipe, prompt: str, n: int, seed: int = 0, steps: int = 15) ->
     return sample_images(pipe, prompt, seed=list(range(seed, seed + n)), steps=steps, guidance=1.0)
 
 
-def verify_backdoor(pipe, key: BackdoorKey, lora: dict | None = None, n: int = 16, alpha: float = 1e-6,
-                    seed: int = 0, steps: int = 15) -> BackdoorVerification:
+def verify_backdoor(
+    pipe, key: BackdoorKey, lora: dict | None = None, n: int = 16, alpha: float = 1e-6, seed: int = 0, steps: int = 15
+) -> BackdoorVerification:
     """Sample ``n`` images with the trigger prompt (``lora`` merged in first, when given) and count how
     many draw the pattern."""
     from scipy.stats import binom
@@ -308,7 +318,6 @@ def verify_backdoor(pipe, key: BackdoorKey, lora: dict | None = None, n: int = 1
     corr = pattern_correlation(ims, rendered_pattern(pipe, key.size, key.cells))
     k = int((corr >= key.threshold).sum())
     p = float(binom.sf(k - 1, n, key.null_rate))
-    return BackdoorVerification(k / n, float(corr.mean()), p, p < alpha, n, key.threshold, alpha,
-                                [float(c) for c in corr], ims)
-
-
+    return BackdoorVerification(
+        k / n, float(corr.mean()), p, p < alpha, n, key.threshold, alpha, [float(c) for c in corr], ims
+    )

@@ -32,7 +32,7 @@ def read_key_document(path: Path, key_format: str, what: str) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KeyFileError(f"{path} is not a readable JSON key file: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != key_format:
-        raise KeyFileError(f"{path} is not {what} (expected \"format\": \"{key_format}\")")
+        raise KeyFileError(f'{path} is not {what} (expected "format": "{key_format}")')
     return doc
 
 
@@ -76,8 +76,12 @@ def save_delta(clean, marked, path: str | Path, half: bool = True) -> dict:
     if not out:
         raise ValueError("the marked model equals the clean one: nothing to save")
     files = write_delta_files(out, path, {"format": DELTA_FORMAT, "base_fingerprint": base_fingerprint(clean)})
-    return {"tensors": len(out), "parameters": n, "bytes": sum(f.stat().st_size for f in files),
-            "files": [f.name for f in files]}
+    return {
+        "tensors": len(out),
+        "parameters": n,
+        "bytes": sum(f.stat().st_size for f in files),
+        "files": [f.name for f in files],
+    }
 
 
 def write_delta_files(tensors: dict, path: str | Path, metadata: dict, shard_bytes: int = SHARD_BYTES) -> list[Path]:
@@ -115,7 +119,7 @@ def read_delta_files(path: str | Path) -> tuple[dict, dict]:
             with safe_open(str(f), framework="pt") as h:
                 return h.metadata() or {}, {k: h.get_tensor(k) for k in h.keys()}
         except Exception as e:  # safetensors raises its own error types for damaged files
-            raise KeyFileError(f"{f} is not a readable safetensors file: {e}")
+            raise KeyFileError(f"{f} is not a readable safetensors file: {e}") from e
 
     path = Path(path)
     meta, tensors = read(path)
@@ -146,8 +150,10 @@ def load_delta(clean, path: str | Path, check_base: bool = True):
     path = Path(path)
     meta, tensors = read_delta_files(path)
     if check_base and meta.get("base_fingerprint") != base_fingerprint(clean):
-        raise KeyFileError(f"{path} was made for another base model (fingerprint {meta.get('base_fingerprint')}, "
-                           f"this one {base_fingerprint(clean)})")
+        raise KeyFileError(
+            f"{path} was made for another base model (fingerprint {meta.get('base_fingerprint')}, "
+            f"this one {base_fingerprint(clean)})"
+        )
     by_part: dict = {}
     for k, d in tensors.items():
         part, name = k.split(".", 1)

@@ -24,7 +24,7 @@ def owner_latents(pipe, n: int, root=None) -> torch.Tensor:
     rng = np.random.default_rng(0)
     pick = [paths[i] for i in rng.choice(len(paths), min(n, len(paths)), replace=False)]
     crops = aligned.load_crops(pick, size=image_size_of(pipe))
-    return torch.cat([encode_photos(pipe, crops[i: i + 64]) for i in range(0, len(crops), 64)])
+    return torch.cat([encode_photos(pipe, crops[i : i + 64]) for i in range(0, len(crops), 64)])
 
 
 def probe_photos(pipe, n: int = 5, root=None) -> list:

@@ -21,8 +21,10 @@ def shipped_watermark(name: str, clean, folder: str | Path | None = None):
     folder = Path(folder or WATERMARK_DIR)
     delta, key_file = (folder / f for f in SHIPPED[name])
     if not delta.exists() or not key_file.exists():
-        raise KeyFileError(f"the {name}-watermarked base is not built ({delta.name} and {key_file.name} missing in "
-                           f"{folder}); build it with: {embed_command(name)}")
+        raise KeyFileError(
+            f"the {name}-watermarked base is not built ({delta.name} and {key_file.name} missing in "
+            f"{folder}); build it with: {embed_command(name)}"
+        )
     return load_delta(clean, delta), KEYS[name].load(key_file)
 
 
