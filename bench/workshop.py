@@ -102,12 +102,19 @@ def visitor(url: str, photos: list[str], a: WorkshopArgs, delay: float, seed: in
         c.close()
 
 
+def gallery_files(value) -> list:
+    """The images of a gallery output (a list, or an update whose value is one; empty at the start)."""
+    if isinstance(value, dict):
+        value = value.get("value")
+    return list(value) if isinstance(value, list) else []
+
+
 def read_update(o, t: float, out: Visit) -> None:
     status = str(o[STATUS] or "")
     m = re.search(r"number \*\*(\d+)\*\* in the queue", status)
     if m:
         out.queue_place = max(out.queue_place, int(m.group(1)))
-    if out.first_reconstruction is None and o[ATTACK_GALLERY]:
+    if out.first_reconstruction is None and gallery_files(o[ATTACK_GALLERY]):
         out.first_reconstruction = t
     if status.startswith("**Done") or status.startswith("Done"):
         out.done = out.done or t
