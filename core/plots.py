@@ -5,6 +5,26 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 
+def _floor_line(fig: go.Figure, y: float) -> None:
+    """The floor (a random face from the base model) as a dotted line at distance ``y``."""
+    fig.add_hline(
+        y=y,
+        line=dict(color="#868e96", width=2, dash="dot"),
+        annotation_text="random face from the base model (floor)",
+        annotation_position="top left",
+    )
+
+
+def _threshold_line(fig: go.Figure, threshold: float) -> None:
+    """dlib's same-person threshold as a thin line."""
+    fig.add_hline(
+        y=threshold,
+        line=dict(color="#495057", width=1),
+        annotation_text=f"dlib: same person below {threshold}",
+        annotation_position="bottom left",
+    )
+
+
 def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
     fig.update_layout(
         title=title,
@@ -72,18 +92,8 @@ def attack_curve(
         connectgaps=True,
     )
     if floor is not None:
-        fig.add_hline(
-            y=floor,
-            line=dict(color="#868e96", width=2, dash="dot"),
-            annotation_text="random face from the base model (floor)",
-            annotation_position="top left",
-        )
-    fig.add_hline(
-        y=threshold,
-        line=dict(color="#495057", width=1),
-        annotation_text=f"dlib: same person below {threshold}",
-        annotation_position="bottom left",
-    )
+        _floor_line(fig, floor)
+    _threshold_line(fig, threshold)
     if total:
         fig.update_xaxes(range=[0, total])
     return _layout(fig, "Identity distance to your photos (lower = closer to you)", "fine-tuning step", "dlib distance")
@@ -198,18 +208,8 @@ def swap_curve_plot(rows, title: str | None = None, threshold: float = 0.6) -> g
         hovertemplate="%{x} busiest layers kept: distance <b>%{y:.3f}</b><extra></extra>",
     )
     if rows:
-        fig.add_hline(
-            y=get(rows[-1], "floor"),
-            line=dict(color="#868e96", width=2, dash="dot"),
-            annotation_text="random face from the base model (floor)",
-            annotation_position="top left",
-        )
-    fig.add_hline(
-        y=threshold,
-        line=dict(color="#495057", width=1),
-        annotation_text=f"dlib: same person below {threshold}",
-        annotation_position="bottom left",
-    )
+        _floor_line(fig, get(rows[-1], "floor"))
+    _threshold_line(fig, threshold)
     if ks and ks[-1] == n:
         fig.add_annotation(x=n, y=d[-1], text=f"all {n} layers", showarrow=True, ay=-30)
     if ks and min(ks) >= 1:
@@ -417,12 +417,7 @@ def cloaking_plot(r: dict, title: str | None = None) -> go.Figure:
                 hoverinfo="text+y",
             )
     if floor:
-        fig.add_hline(
-            y=floor["utility"]["distance"],
-            line=dict(color="#868e96", width=2, dash="dot"),
-            annotation_text="random face from the base model (floor)",
-            annotation_position="top left",
-        )
+        _floor_line(fig, floor["utility"]["distance"])
     budgets = sorted({x["budget"] for x in rows if x["budget"] is not None})
     fig.update_xaxes(tickvals=[0] + budgets, ticktext=["no cloak"] + [f"{b:g}/255" for b in budgets])
     fig = _layout(
