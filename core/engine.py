@@ -40,14 +40,18 @@ class SampleRequest:
 
 
 class Engine:
-    """The base model the app serves (the embedded miniature SD unless a model id is given)."""
+    """The base model the app serves (the embedded miniature SD unless a model id is given).
+
+    On a CPU every thread of the app computes on one core except the training hub's worker, which
+    gets them all: Gradio runs each handler in a thread of its own, and PyTorch's thread teams slow
+    each other down once they outnumber the cores (:func:`core.model.pipeline.thread_with_cores`)."""
 
     def __init__(
         self, model: str | None = None, device: str | None = None, attacker: str | None = None, hub_config=None
     ):
         self.model_name = model or EMBEDDED_NAME
         self.hub_config = hub_config
-        self.pipe = load_pipeline(model, device)
+        self.pipe = load_pipeline(model, device, threads=1)
         self.image_size = image_size_of(self.pipe)
         self._attacker_path = attacker
         self._attacker = None

@@ -102,3 +102,31 @@ def test_no_attacker_means_no_reconstructions(hub):
     out = {}
     visit(hub, 2, out=out).join(600)
     assert not [e for e in out[2] if isinstance(e, Reconstruction)]
+
+
+def test_live_work_between_steps_gives_the_same_lora_and_events(tiny_pipe):
+    hub = TrainingHub(tiny_pipe, attacker=None, floor_images=random_crops(2), cfg=HubConfig(live_thread=False))
+    out = {}
+    visit(hub, 1, out=out).join(600)
+    evs, done = out[1], out[1][-1]
+    assert isinstance(done, Done) and not done.cancelled
+    assert [e.step for e in evs if isinstance(e, Preview)] == [2, 4]
+    alone = drain(finetune(tiny_pipe, random_crops(4)[1:], replace(TINY, seed=21, preview_n=0)))
+    mine = done.result.result.lora
+    assert all(torch.allclose(mine[n], alone.lora[n], atol=2e-4) for n in mine)
+
+
+def test_an_attacker_that_cannot_read_the_lora_says_so_once_and_training_goes_on(base_engine):
+    from core.finetune.live import AttackUnavailable
+
+    attacker, why = base_engine.attacker()
+    assert attacker is not None, why
+    size = base_engine.image_size
+    hub = TrainingHub(base_engine.pipe, attacker, random_crops(2, size), HubConfig(max_batch=2))
+    rank = attacker.cfg.rank * 2  # a recipe the attacker was not trained on
+    cfg = LiveConfig(replace(TINY, rank=rank, alpha=float(rank)))
+    evs = list(hub.submit(random_crops(3, size), cfg))
+    told = [e for e in evs if isinstance(e, AttackUnavailable)]
+    assert len(told) == 1 and "rank" in told[0].reason
+    assert not [e for e in evs if isinstance(e, Reconstruction)]
+    assert isinstance(evs[-1], Done) and not evs[-1].cancelled

@@ -1,18 +1,26 @@
-"""The live work of many visitors' checkpoints at once: one stacked sampler call per kind of image.
+"""The live work of many visitors' checkpoints at once, beside the training that goes on.
 
-At a checkpoint the app shows, per visitor, the LoRA's per-layer change, the attacker's
-reconstruction from the weights alone (2 images), the LoRA's own samples with the secret trigger
-(previews) and their identity distances to the visitor's photos. For the K runs of a
-:class:`core.finetune.batch.LoRABatch` that reach a checkpoint at the same step, the
-reconstructions of all K come from one stacked sampler loop (:func:`core.model.sampling.stacked`:
-one vmapped forward of the K LoRAs plus one base forward per step) and so do the previews. At a
-run's last step the previews *are* the utility protocol's samples (seeds 0..3, 25 steps,
+At a checkpoint the app shows, per visitor, the LoRA's per-layer change (:func:`layer_changes`,
+cheap: computed by the trainer at once), then the attacker's reconstruction from the weights alone
+(2 images), the LoRA's own samples with the secret trigger (previews) and their identity distances
+to the visitor's photos: :func:`checkpoint_images`, a generator that yields each kind for every
+visit as soon as it is ready. :class:`core.finetune.hub.TrainingHub` runs it in a thread of its own
+while the next steps train (each checkpoint is a frozen :class:`Due`: the LoRA as shared at that step).
+
+For the K runs whose checkpoints are due together, the reconstructions of all K come from one
+sampler loop and so do the previews. How that loop runs the K LoRAs depends on the device
+(:class:`Models`): on a GPU one vmapped forward of all K per step (:func:`core.model.sampling.stacked`:
+one launch-bound call instead of K); on a CPU each LoRA merged into its own copy of the UNet, run in
+turn (no per-layer LoRA products, no vmap: 35 against 63 ms per forward at 64 px, ``python -m
+bench.live_work``), the copy serving both the reconstruction and the previews. At a run's last
+step the previews *are* the utility protocol's samples (seeds 0..3, 25 steps,
 :mod:`core.faces.utility`), so the final score reuses them instead of drawing again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -20,110 +28,185 @@ import torch
 from core.events import LayerChanges, Preview, Reconstruction
 from core.faces import metrics
 from core.faces.utility import EVAL_SEEDS, Utility, describe_set
-from core.finetune.batch import LoRABatch, Run, to_param_names
+from core.finetune.batch import adapter_unet, to_param_names
+from core.finetune.live import AttackUnavailable
 from core.model.pipeline import initial_latents
 from core.model.sampling import decode, denoise, stacked
 
 UTILITY_STEPS = 25  # sampler steps of the utility protocol's samples
 
 
-@dataclass
+@dataclass(eq=False)
 class Visit:
-    """What the live work needs of one run beyond its weights. The photos' and the floor's mean
-    descriptors are computed once per visit (dlib is the slowest part of scoring on a CPU)."""
+    """What the live work needs of one visitor beyond the weights. The photos' mean descriptor is
+    computed once per visit, on first use (dlib is the slowest part of scoring on a CPU)."""
 
-    run: Run
     photos: list  # the visitor's aligned crops
-    cfg: object  # core.finetune.live.LiveConfig
-    gallery: np.ndarray  # mean dlib descriptor of the photos
-    floor: float  # identity distance of the base model's class-prompt samples to the photos
+    cfg: object  # core.finetune.live.LiveConfig (its trigger set)
+    floor_descriptor: np.ndarray = field(repr=False)  # mean dlib descriptor of the base model's class-prompt samples
     attack: bool = True  # the attacker can read this LoRA (False once it could not)
+
+    @cached_property
+    def gallery(self) -> np.ndarray:
+        return describe_set(self.photos)
+
+    @cached_property
+    def floor(self) -> float:
+        """Identity distance of the base model's class-prompt samples to the photos."""
+        return float(metrics.distance(self.floor_descriptor, self.gallery))
 
     def distance(self, images) -> float:
         return float(metrics.distance(describe_set(images), self.gallery))
 
 
-def visit(run: Run, photos, cfg, floor_descriptor: np.ndarray) -> Visit:
-    gallery = describe_set(photos)
-    return Visit(run, list(photos), cfg, gallery, float(metrics.distance(floor_descriptor, gallery)))
+@dataclass(frozen=True, eq=False)
+class Due:
+    """One visit's checkpoint, frozen when it was taken: the LoRA as shared at ``step``."""
+
+    visit: Visit
+    step: int
+    lora: dict  # the LoRA as the visitor would share it (after the defense), in-memory naming
+    last: bool  # the run's last step: its previews are the utility protocol's samples
 
 
-def stacked_images(batch: LoRABatch, loras: list[dict], embs: torch.Tensor, seeds, steps: int, w: float = 1.0):
-    """Images of K LoRAs (in-memory naming) at once: ``embs`` K x L x D, the same ``seeds`` for each;
-    extrapolated away from the base model's prediction when ``w`` != 1. Returns K lists of images."""
+def layer_changes(pipe, due: list[Due]) -> list[LayerChanges]:
+    from core.layers.change import lora_layer_change
+
+    return [LayerChanges(d.step, lora_layer_change(pipe, d.lora, d.visit.cfg.finetune.alpha)) for d in due]
+
+
+class Sampler:
+    """Draws the K LoRAs of the checkpoints due together (see the module docstring). One per thread
+    that samples: the GPU path's adapter UNet swaps its parameters during each call."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.merge = merge_each(pipe.device)
+        self._forward = {}  # recipe -> vmapped adapter forward (GPU path)
+
+    def forward(self, cfg):
+        from torch.func import functional_call, vmap
+
+        key = (cfg.rank, cfg.alpha, tuple(cfg.unet_targets))
+        if key not in self._forward:
+            unet = adapter_unet(self.pipe, cfg)
+            self._forward[key] = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
+        return self._forward[key]
+
+
+class Models:
+    """The LoRAs of ``due`` as the sampler runs them: merged copies (CPU) or one stack (GPU)."""
+
+    def __init__(self, sampler: Sampler, due: list[Due]):
+        from core.finetune.lora import pipeline_with_lora
+
+        self.sampler, self.due = sampler, due
+        pipe = sampler.pipe
+        self.merged = (
+            [pipeline_with_lora(pipe, d.lora, d.visit.cfg.finetune.alpha) for d in due] if sampler.merge else None
+        )
+
+    def images(self, ks: list[int], embs: torch.Tensor, seeds, steps: int, w: float = 1.0) -> list[list]:
+        """Images of LoRAs ``ks`` (``embs``: one L x D prompt embedding per LoRA, the same ``seeds``
+        for each), extrapolated away from the base model's prediction when ``w`` != 1 (the attacker's
+        sampling, :func:`core.attack.baselines.extrapolate`)."""
+        from core.attack.baselines import extrapolate
+
+        pipe = self.sampler.pipe
+        if self.merged is not None:
+            return [extrapolate(pipe, self.merged[k], e[None], w, seeds, steps) for k, e in zip(ks, embs)]
+        forward = self.sampler.forward(self.due[ks[0]].visit.cfg.finetune)
+        return stacked_images(pipe, forward, [self.due[k].lora for k in ks], embs, seeds, steps, w)
+
+
+def merge_each(device) -> bool:
+    """Sample K LoRAs one merged copy at a time (CPU) rather than in one vmapped forward (GPU)."""
+    return torch.device(device).type == "cpu"
+
+
+def stacked_images(pipe, forward, loras: list[dict], embs: torch.Tensor, seeds, steps: int, w: float = 1.0):
+    """Images of K LoRAs (in-memory naming, one recipe) in one vmapped ``forward`` per step: ``embs``
+    K x L x D, the same ``seeds`` for each; extrapolated away from the base model's prediction when
+    ``w`` != 1. Returns K lists of images."""
     names = [to_param_names(lo) for lo in loras]
-    dev = batch.dev
-    params = {n: torch.stack([p[n] for p in names]).to(dev) for n in names[0]}
+    params = {n: torch.stack([p[n] for p in names]).to(pipe.device) for n in names[0]}
     n = len(seeds)
-    lat = initial_latents(batch.pipe, list(seeds) * len(loras))
-    pred = stacked(batch.forward, params, embs, n, base_unet=batch.pipe.unet if w != 1 else None, w=w)
-    ims = decode(batch.pipe, denoise(batch.pipe, pred, lat, steps))
+    lat = initial_latents(pipe, list(seeds) * len(loras))
+    pred = stacked(forward, params, embs, n, base_unet=pipe.unet if w != 1 else None, w=w)
+    ims = decode(pipe, denoise(pipe, pred, lat, steps))
     return [ims[k * n : (k + 1) * n] for k in range(len(loras))]
 
 
-def layer_changes(batch: LoRABatch, visits: list[Visit], shared: list[dict]) -> list[LayerChanges]:
-    from core.layers.change import lora_layer_change
+def readable(attacker, due: list[Due]) -> list:
+    """Per checkpoint: None when the attacker can read it (or there is none), else an
+    :class:`AttackUnavailable` the first time (the visit is not attacked again)."""
+    from core.attack.report import attacker_mismatch
 
-    return [
-        LayerChanges(v.run.step, lora_layer_change(batch.pipe, lo, v.run.cfg.alpha)) for v, lo in zip(visits, shared)
-    ]
-
-
-def reconstructions(batch: LoRABatch, attacker, visits: list[Visit], shared: list[dict], n_floor: int) -> list:
-    """The attacker's images (and distances) for every visit it can read; None where it cannot."""
-    from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W
-    from core.attack.report import as_attacker_reads
-
-    todo = [k for k, v in enumerate(visits) if v.attack and attacker is not None]
-    out = [None] * len(visits)
-    if not todo:
-        return out
-    seeds = visits[todo[0]].cfg.attack_seeds
-    reads = [as_attacker_reads(shared[k], visits[k].run.cfg.alpha, attacker.cfg) for k in todo]
-    with torch.no_grad():
-        z = attacker.to(batch.dev).encode(reads, [visits[k].run.step for k in todo])
-    ims = stacked_images(batch, [shared[k] for k in todo], z, seeds, ATTACK_SAMPLER_STEPS, ATTACK_W)
-    for k, im in zip(todo, ims):
-        v = visits[k]
-        out[k] = Reconstruction(v.run.step, im, v.distance(im), v.floor, n_floor)
+    out = [None] * len(due)
+    for k, d in enumerate(due):
+        why = attacker_mismatch(attacker, d.lora) if attacker is not None and d.visit.attack else None
+        if why:
+            d.visit.attack = False
+            out[k] = AttackUnavailable(
+                f"The attacker cannot read this LoRA: {why} The fine-tune goes on without the live attack."
+            )
     return out
 
 
-def previews(batch: LoRABatch, visits: list[Visit], shared: list[dict], recon: list) -> list[Preview]:
+def reconstructions(attacker, due: list[Due], models: Models, n_floor: int) -> list:
+    """The attacker's images (and distances) for every checkpoint it can read; None where it cannot."""
+    from core.attack.attacker import ATTACK_SAMPLER_STEPS, ATTACK_W
+    from core.attack.report import as_attacker_reads
+
+    todo = [k for k, d in enumerate(due) if d.visit.attack and attacker is not None]
+    out = [None] * len(due)
+    if not todo:
+        return out
+    seeds = due[todo[0]].visit.cfg.attack_seeds
+    reads = [as_attacker_reads(due[k].lora, due[k].visit.cfg.finetune.alpha, attacker.cfg) for k in todo]
+    with torch.no_grad():
+        z = attacker.to(models.sampler.pipe.device).encode(reads, [due[k].step for k in todo])
+    for k, im in zip(todo, models.images(todo, z, seeds, ATTACK_SAMPLER_STEPS, ATTACK_W)):
+        v = due[k].visit
+        out[k] = Reconstruction(due[k].step, im, v.distance(im), v.floor, n_floor)
+    return out
+
+
+def previews(due: list[Due], models: Models, recon: list) -> list[Preview]:
     """The LoRAs' own samples with their triggers: the recipe's preview seeds and steps, or, at a run's
     last step, the utility protocol's 4 seeds and 25 steps. Distances where an attack was shown (the
     ceiling) or at the last step (the utility)."""
     from core.finetune.lora import encode_prompt
     from core.model.prompts import instance_prompt
 
-    out: list = [None] * len(visits)
+    out: list = [None] * len(due)
     groups: dict = {}
-    for k, v in enumerate(visits):
-        spec = (
-            (tuple(EVAL_SEEDS), UTILITY_STEPS)
-            if v.run.done
-            else (tuple(range(v.cfg.finetune.preview_n)), v.cfg.finetune.preview_steps)
-        )
+    for k, d in enumerate(due):
+        ft = d.visit.cfg.finetune
+        spec = (tuple(EVAL_SEEDS), UTILITY_STEPS) if d.last else (tuple(range(ft.preview_n)), ft.preview_steps)
         if spec[0]:
             groups.setdefault(spec, []).append(k)
+    pipe = models.sampler.pipe
     for (seeds, steps), ks in groups.items():
         with torch.no_grad():
-            embs = torch.cat([encode_prompt(batch.pipe, instance_prompt(visits[k].run.trigger)) for k in ks])
-        for k, im in zip(ks, stacked_images(batch, [shared[k] for k in ks], embs, seeds, steps)):
-            v = visits[k]
-            measured = recon[k] is not None or v.run.done
-            out[k] = Preview(
-                v.run.step, im, "the LoRA's own samples with its trigger", distance=v.distance(im) if measured else None
-            )
+            embs = torch.cat([encode_prompt(pipe, instance_prompt(due[k].visit.cfg.finetune.trigger)) for k in ks])
+        for k, im in zip(ks, models.images(ks, embs, seeds, steps)):
+            d = due[k]
+            distance = d.visit.distance(im) if recon[k] is not None or d.last else None
+            out[k] = Preview(d.step, im, "the LoRA's own samples with its trigger", distance=distance)
     return out
 
 
-def checkpoint_work(batch: LoRABatch, attacker, visits: list[Visit], shared: list[dict], n_floor: int):
-    """Per visit, the events of this checkpoint in the order the app shows them."""
-    changes = layer_changes(batch, visits, shared)
-    recon = reconstructions(batch, attacker, visits, shared, n_floor)
-    prev = previews(batch, visits, shared, recon)
-    return [[e for e in (changes[k], recon[k], prev[k]) if e is not None] for k in range(len(visits))]
+def checkpoint_images(sampler: Sampler, attacker, due: list[Due], n_floor: int):
+    """Generator of ``(k, event)``: checkpoint ``k``'s reconstruction (or why there is none), then
+    its previews, each kind for every checkpoint as soon as it is ready."""
+    for k, ev in enumerate(readable(attacker, due)):
+        if ev is not None:
+            yield k, ev
+    models = Models(sampler, due)
+    recon = reconstructions(attacker, due, models, n_floor)
+    yield from ((k, ev) for k, ev in enumerate(recon) if ev is not None)
+    yield from ((k, ev) for k, ev in enumerate(previews(due, models, recon)) if ev is not None)
 
 
 def final_utility(preview: Preview, v: Visit) -> Utility:

@@ -69,7 +69,7 @@ class FinetuneConfig:
     prior_weight: float = 1.0  # weight of the class-image (prior preservation) loss
     n_class: int = 32  # class images drawn once per base model and cached
     batch: int = 2  # instance images per step (as many class images beside them)
-    checkpoint_every: int = 25  # steps between Checkpoint (and Preview) events; 0 = none
+    checkpoint_every: int = 20  # steps between Checkpoint (and Preview) events; 0 = none (80 steps: 20, 40, 60, 80)
     preview_n: int = 2  # preview images per checkpoint (0 = no previews)
     preview_steps: int = 15  # sampler steps of the previews
     trigger: str | None = None  # None = a fresh random reserved word

@@ -13,6 +13,7 @@ names one: the default path never touches the network).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -26,12 +27,45 @@ DEFAULT_BASE = ASSETS / "base"
 EMBEDDED_NAME = "embedded"  # what the UI and CLIs call the shipped miniature model
 
 
-def configure_threads() -> None:
-    """Use every core for intra-op work (or ``$LEAKLAB_THREADS``, e.g. 1 when two jobs share a
+def cores() -> int:
+    """Cores for intra-op work: every core, or ``$LEAKLAB_THREADS`` (e.g. 1 when two jobs share a
     2-core machine: two processes spinning on the same cores run many times slower than either alone)."""
-    n = int(os.environ.get("LEAKLAB_THREADS") or os.cpu_count() or 1)
+    return int(os.environ.get("LEAKLAB_THREADS") or os.cpu_count() or 1)
+
+
+def configure_threads(n: int | None = None) -> None:
+    """Intra-op threads of the calling thread and the default of threads that start computing
+    later: ``n`` (default :func:`cores`). PyTorch keeps one setting for the process, applied to each
+    thread when it first computes; see :func:`thread_with_cores` for one thread with more."""
+    n = n or cores()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def thread_with_cores(target, n: int, name: str) -> threading.Thread:
+    """Start ``target`` in a daemon thread whose intra-op work uses ``n`` cores, leaving the default
+    of every other thread as it was.
+
+    Why a server needs this: PyTorch's OpenMP runtime (libgomp) keeps a team of worker threads for
+    a thread that has computed on several cores, and a worker thread's parallel regions then cost
+    far more (~60 us each, its team sleeping between them instead of spinning): a 64 px fine-tune
+    step takes 0.21 s in a worker thread alone and 0.40 s once the main thread has computed on
+    every core (``python -m bench.live_work``). Gradio runs handlers in a pool of threads, so the
+    app computes on one core in every thread (the main one included, from loading on:
+    :class:`core.engine.Engine`) but the training hub's, which gets the cores."""
+    default = torch.get_num_threads()
+    ready = threading.Event()
+
+    def run():
+        torch.set_num_threads(n)
+        ready.set()
+        target()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    ready.wait()
+    torch.set_num_threads(default)  # the setting is the process's: give the other threads theirs back
+    return thread
 
 
 def plain_attention(unet) -> None:
@@ -168,12 +202,15 @@ def assemble_pipeline(components: dict):
 # 2. Loading ----------------------------------------------------------------------------------
 
 
-def load_pipeline(model: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+def load_pipeline(
+    model: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None, threads: int = 0
+):
     """Load a StableDiffusionPipeline: the embedded base (default), a saved folder, or a hub id.
 
     The same ``from_pretrained`` call serves all three. A hub id is only reached when the caller
     names one (and the network allows it: ``HF_HUB_OFFLINE=1`` makes it use the local cache only).
-    On CUDA the default dtype is float16, on CPU float32.
+    On CUDA the default dtype is float16, on CPU float32. On a CPU the calling thread computes on
+    ``threads`` cores (0: :func:`cores`), set before loading (:func:`configure_threads`).
     """
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -183,6 +220,8 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     src = str(model) if model not in (None, "", EMBEDDED_NAME) else str(DEFAULT_BASE)
+    if dev.type == "cpu":
+        configure_threads(threads)
     if src == str(DEFAULT_BASE) and not (DEFAULT_BASE / "model_index.json").exists():
         raise FileNotFoundError(f"embedded base model missing at {DEFAULT_BASE}: run python -m core.model.train_base")
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -191,8 +230,6 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
     if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    if dev.type == "cpu":
-        configure_threads()
     return pipe.to(dev)
 
 

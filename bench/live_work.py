@@ -1,0 +1,181 @@
+"""Where a visitor's live fine-tune spends its time, and what each of the hub's choices saves.
+
+    python -m bench.live_work [--reps 2] [--steps 80] [--model M]
+
+Three measurements, each against its baseline in the same run:
+
+1. **Sampling one LoRA.** One sampler forward (2 images) through the vmapped adapter UNet (the
+   GPU path of :mod:`core.finetune.live_batch`) against the UNet with the LoRA merged into a copy
+   (the CPU path), and the base UNet alone (the floor: no LoRA at all).
+2. **Threads.** One fine-tune step (the batch trainer, one LoRA) in a worker thread, alone, and
+   again after the main thread has computed on every core (PyTorch's OpenMP runtime keeps the main
+   thread's team of threads for the process's lifetime, and the worker's team then waits asleep
+   between parallel regions). What :func:`core.model.pipeline.thread_with_cores` and the app's
+   one-core default avoid.
+3. **One visitor through the training hub** (default recipe, live attack on, the example face),
+   with the live work in a second thread (``HubConfig.live_thread``, the default) and between steps,
+   alternating, each arm in a fresh process: seconds to the first reconstruction and to ``Done``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.cli import parse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LiveWorkArgs:
+    reps: int = 2  # visits per hub arm (each arm alternates with the other)
+    steps: int = 80  # fine-tuning steps of the visit (the app's default: 80)
+    model: str = ""  # model folder or hub id (default: the embedded model)
+    arm: str = ""  # internal: run one hub arm ("thread" or "between") in this process and print JSON
+
+
+def example_photos(size: int) -> list:
+    from core.faces.ingest import ingest_face
+
+    folder = sorted(p for p in (ROOT / "assets" / "examples").iterdir() if p.is_dir())[0]
+    return [ingest_face(str(p), size=size).crop for p in sorted(folder.glob("*.png"))[:4]]
+
+
+def step_seconds(pipe, photos, n: int = 15) -> float:
+    from core.finetune.batch import LoRABatch
+    from core.finetune.lora import FinetuneConfig
+
+    cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
+    batch = LoRABatch(pipe, cfg)
+    batch.add(0, photos, cfg)
+    batch.step()
+    t = time.perf_counter()
+    for _ in range(n):
+        batch.step()
+    return (time.perf_counter() - t) / n
+
+
+def in_thread(fn, cores: int):
+    from core.model.pipeline import thread_with_cores
+
+    out = {}
+    thread_with_cores(lambda: out.setdefault("v", fn()), cores, "bench").join()
+    return out["v"]
+
+
+def threads(pipe, photos) -> None:
+    """Runs last in-process: it leaves the main thread with a team of threads."""
+    from core.model.pipeline import cores
+
+    alone = in_thread(lambda: step_seconds(pipe, photos), cores())
+    torch.set_num_threads(cores())  # the main thread computes on every core once (as a script would)
+    step_seconds(pipe, photos, n=2)
+    beside = in_thread(lambda: step_seconds(pipe, photos), cores())
+    print(f"## 2. threads ({cores()} cores)")
+    print(f"fine-tune step in a worker thread, alone: {alone * 1000:.0f} ms")
+    print(f"after the main thread computed on every core: {beside * 1000:.0f} ms ({beside / alone:.2f}x)")
+
+
+def sampling(pipe) -> None:
+    from torch.func import functional_call, vmap
+
+    from core.finetune.batch import adapter_unet, initial_adapters, peft_key
+    from core.finetune.lora import FinetuneConfig, pipeline_with_lora
+    from core.model.pipeline import cores
+
+    cfg = FinetuneConfig()
+    unet = adapter_unet(pipe, cfg)
+    forward = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
+    params = initial_adapters(pipe, cfg, [0])
+    lora = {peft_key(n): v[0] for n, v in params.items()}
+    merged = pipeline_with_lora(pipe, lora, cfg.alpha).unet
+    side, ch = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    x, t = torch.randn(2, ch, side, side), torch.full((2,), 500)
+    e = torch.randn(2, pipe.text_encoder.config.max_position_embeddings, pipe.text_encoder.config.hidden_size)
+
+    def ms(fn, reps: int = 10) -> float:
+        with torch.no_grad():
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+        return (time.perf_counter() - t0) / reps * 1000
+
+    def measure():
+        return (
+            ms(lambda: forward(params, x[None], t[None], e[None])),
+            ms(lambda: merged(x, t, e).sample),
+            ms(lambda: pipe.unet(x, t, e).sample),
+        )
+
+    stacked, merged_ms, base = in_thread(measure, cores())
+    print("## 1. sampling one LoRA (one forward, 2 images)")
+    print(f"vmapped adapter UNet (GPU path): {stacked:.0f} ms; merged copy (CPU path): {merged_ms:.0f} ms ", end="")
+    print(f"({stacked / merged_ms:.2f}x faster); base UNet alone: {base:.0f} ms")
+
+
+def hub_arm(a: LiveWorkArgs) -> None:
+    """One visitor through a fresh training hub, ``a.reps`` times; prints JSON lines."""
+    from core.engine import Engine
+    from core.finetune.hub import HubConfig, TrainingHub
+    from core.finetune.live import LiveConfig
+    from core.finetune.lora import FinetuneConfig
+
+    engine = Engine(a.model or None)
+    photos = example_photos(engine.image_size)
+
+    def visits():
+        attacker, _ = engine.attacker()
+        hub = TrainingHub(engine.pipe, attacker, engine.floor_images(), HubConfig(live_thread=a.arm == "thread"))
+        for _ in range(a.reps):
+            t0, first = time.perf_counter(), None
+            for ev in hub.submit(photos, LiveConfig(FinetuneConfig(steps=a.steps))):
+                if first is None and type(ev).__name__ == "Reconstruction":
+                    first = time.perf_counter() - t0
+            print(json.dumps({"arm": a.arm, "first": first, "done": time.perf_counter() - t0}), flush=True)
+
+    th = threading.Thread(target=visits)  # as in the app: a handler thread, not the main one
+    th.start()
+    th.join()
+
+
+def hub(a: LiveWorkArgs) -> None:
+    rows = {"thread": [], "between": []}
+    for _ in range(a.reps):
+        for arm in rows:
+            cmd = [sys.executable, "-m", "bench.live_work", "--arm", arm, "--reps", "1", "--steps", str(a.steps)]
+            out = subprocess.run(
+                cmd + (["--model", a.model] if a.model else []), cwd=ROOT, capture_output=True, text=True
+            )
+            rows[arm] += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    print(f"## 3. one visitor through the hub ({a.steps} steps, live attack on), arms alternating")
+    for arm, label in (("thread", "live work in a second thread"), ("between", "live work between steps")):
+        r = rows[arm]
+        first = ", ".join(f"{x['first']:.1f}" for x in r if x["first"] is not None) or "none"
+        done = ", ".join(f"{x['done']:.1f}" for x in r)
+        print(f"{label}: first reconstruction {first} s; done {done} s")
+
+
+def main(argv=None) -> None:
+    a = parse(LiveWorkArgs, argv, description=__doc__)
+    if a.arm:
+        return hub_arm(a)
+    from core.model.pipeline import image_size_of, load_pipeline
+
+    pipe = load_pipeline(a.model or None, threads=1)
+    photos = example_photos(image_size_of(pipe))
+    sampling(pipe)
+    threads(pipe, photos)
+    hub(a)
+
+
+if __name__ == "__main__":
+    main()
