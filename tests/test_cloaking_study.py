@@ -2,11 +2,12 @@
 LoRAs trained on the right photos, results cached, the report read off the numbers."""
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 
+from core.events import drain, result_of
 from core.studies import cloaking as cs
 from tests.test_cloak import face_like
 
@@ -17,7 +18,7 @@ CFG = cs.CloakingStudyConfig(n=2, budgets=(4.0, 12.0), cloak_steps=3, steps=2)
 def victims(tiny_pipe):
     private = [face_like(3, 64)[:3], [np.ascontiguousarray(np.flip(p, 0)) for p in face_like(3, 64)]]
     seeds = [11, 12]
-    clean = cs.variant_loras(tiny_pipe, ["fake_a", "fake_b"], private, seeds, CFG.recipe(), log=lambda *a: None)
+    clean = result_of(cs.variant_loras(tiny_pipe, ["fake_a", "fake_b"], private, seeds, CFG.recipe()))
     return cs.Victims(["fake_a", "fake_b"], private, seeds, clean)
 
 
@@ -33,7 +34,7 @@ def attacker(tiny_pipe, victims):
 
 @pytest.fixture(scope="module")
 def study(tiny_pipe, victims, attacker):
-    return cs.run_study(tiny_pipe, attacker, victims, CFG, log=lambda *a: None)
+    return asdict(drain(cs.run_study(tiny_pipe, attacker, victims, CFG)))
 
 
 def test_every_row_is_there_with_its_fields(study):
@@ -63,7 +64,7 @@ def test_every_row_is_there_with_its_fields(study):
 def test_the_protected_loras_trained_on_the_protected_photos(tiny_pipe, victims):
     from core.defenses.purify import purify
 
-    variants = cs.build_variants(tiny_pipe, victims.private, CFG, log=lambda *a: None)
+    variants = result_of(cs.build_variants(tiny_pipe, victims.private, CFG))
     cloaked = next(v for v in variants if v.kind == "cloaked" and v.budget == 12.0)
     both = next(v for v in variants if v.kind == "cloaked+purified" and v.budget == 12.0)
     for ps, os_ in zip(cloaked.photos, victims.private):
@@ -76,10 +77,9 @@ def test_the_protected_loras_trained_on_the_protected_photos(tiny_pipe, victims)
     )
     # the LoRA of a cloaked set is the one the recipe makes on those photos (same seed as the clean one)
     from core.attack.shadow import train_many
-    from core.events import drain
 
-    got = cs.variant_loras(
-        tiny_pipe, victims.names[:1], cloaked.photos[:1], victims.seeds[:1], CFG.recipe(), log=lambda *a: None
+    got = result_of(
+        cs.variant_loras(tiny_pipe, victims.names[:1], cloaked.photos[:1], victims.seeds[:1], CFG.recipe())
     )[0]
     want = drain(train_many(tiny_pipe, cloaked.photos[:1], CFG.recipe(), seeds=victims.seeds[:1]))
     assert got["trigger"] == want["triggers"][0] == victims.clean[0]["trigger"]
@@ -99,12 +99,12 @@ def test_a_rerun_measures_nothing_again(tiny_pipe, victims, attacker, study, mon
     monkeypatch.setattr(cs, "lora_utility", boom)
     monkeypatch.setattr(cs, "cloak_photos", boom)
     monkeypatch.setattr(core.attack.shadow, "train_many", boom)
-    again = cs.run_study(tiny_pipe, attacker, victims, CFG, log=lambda *a: None)
+    again = asdict(drain(cs.run_study(tiny_pipe, attacker, victims, CFG)))
     assert again["rows"] == study["rows"]
 
 
 def test_without_an_attacker_the_study_measures_utility_only(tiny_pipe, victims):
-    r = cs.run_study(tiny_pipe, None, victims, replace(CFG, budgets=(4.0,)), log=lambda *a: None)
+    r = asdict(drain(cs.run_study(tiny_pipe, None, victims, replace(CFG, budgets=(4.0,)))))
     assert not r["attack_measured"] and all(x["attack"] is None for x in r["rows"])
     r = dict(r, base="tiny")
     assert "not measured" in cs.table_markdown(r) and "the attack was not measured" in cs.conclusion(r)
