@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.events import drain
+from core.events import drain, result_of
 from core.finetune.lora import FinetuneConfig, finetune, load_lora
 from tests.conftest import random_crops
 
@@ -191,7 +191,7 @@ def test_dp_loras_are_cached(tiny_pipe, victims):
     from core.studies.defenses import dp_victim_lora
 
     args = (tiny_pipe, victims.private[0], victims.names[0], victims.seeds[0], TINY, DPConfig(noise_multiplier=1.0))
-    first, again = dp_victim_lora(*args, log=lambda *a: None), dp_victim_lora(*args, log=lambda *a: None)
+    first, again = result_of(dp_victim_lora(*args)), result_of(dp_victim_lora(*args))
     assert first["epsilon"] == again["epsilon"] and first["trigger"] == again["trigger"]
     assert all(torch.equal(first["lora"][k], again["lora"][k]) for k in first["lora"])
 

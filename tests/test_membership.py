@@ -19,7 +19,7 @@ from core.attack.membership import (
     scores_from_losses,
     threshold_at_fpr,
 )
-from core.events import drain
+from core.events import drain, result_of
 from core.finetune.lora import FinetuneConfig, finetune
 from tests.conftest import random_crops
 
@@ -131,7 +131,7 @@ def scored(tiny_pipe):
             }
         )
     people = People(["a", "b", "c"], private, unseen, loras)
-    return cfg, people, score_people(tiny_pipe, people, cfg, [20, 40], log=lambda *a: None)
+    return cfg, people, result_of(score_people(tiny_pipe, people, cfg, [20, 40]))
 
 
 def test_score_people_scores_members_unseen_and_others(scored):
@@ -182,5 +182,5 @@ def test_a_rerun_scores_from_the_cache(tiny_pipe, scored, monkeypatch):
         raise AssertionError("rescored")
 
     monkeypatch.setattr(sm, "photo_losses", boom)
-    again = sm.score_people(tiny_pipe, people, cfg, [20, 40], log=lambda *a: None)
+    again = result_of(sm.score_people(tiny_pipe, people, cfg, [20, 40]))
     assert all(np.array_equal(a, b) for st in (20, 40) for kind in s[st] for a, b in zip(again[st][kind], s[st][kind]))

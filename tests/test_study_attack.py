@@ -7,7 +7,7 @@ import json
 import pytest
 
 from core import RESULTS
-from core.events import Done, Progress, drain
+from core.events import Done, Progress, drain, result_of
 from core.studies import attack as sa
 
 CFG = sa.AttackStudyConfig(n=2, no_baselines=True, attack_steps=2)
@@ -24,7 +24,7 @@ def attacker_file(tiny_pipe, tiny_pipeline_dir, lfw_root, tmp_path_factory):
     assert drain(sa.prepare(CFG, str(tiny_pipeline_dir))) == 2
     names, people = sa.identities("victims", 2)
     recipe = sa.victim_recipe()
-    loras = sa.victim_loras(tiny_pipe, names, sa.crops_of(names, people, 64), recipe, log=lambda *a: None)
+    loras = result_of(sa.train_victim_loras(tiny_pipe, names, sa.crops_of(names, people, 64), recipe))
     cfg = config_for(tiny_pipe, loras[0]["checkpoints"][recipe.steps], rank=recipe.rank, alpha=recipe.alpha)
     model = Attacker(cfg, class_embedding=encode_prompt(tiny_pipe, CLASS_PROMPT)[0])
     return save_attacker(model, tmp_path_factory.mktemp("attacker") / "attacker.safetensors")

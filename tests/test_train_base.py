@@ -48,7 +48,13 @@ def test_tiny_build_runs_and_a_stock_pipeline_samples_it(tiny_cfg):
     import core.model.autoencoder  # noqa: F401  (the autoencoder's class, as load_pipeline imports it)
 
     events = list(train_base(tiny_cfg))
-    assert {e.stage for e in events if isinstance(e, Progress)} == {"unet"}
+    stages = [e.stage for e in events if isinstance(e, Progress)]
+    assert list(dict.fromkeys(stages)) == [
+        "photos: lfw aligned",
+        "photos: utkface aligned",
+        "latents: crops encoded",
+        "unet",
+    ]
     assert isinstance(events[-1], Done) and not events[-1].cancelled
     rec = json.loads((events[-1].result.folder / "train_config.json").read_text())
     assert rec["data_seen"]["photos"] == {"lfw": 6, "utkface": 4}  # 7 files - 1 duplicate - 2 held out
@@ -63,16 +69,25 @@ def test_tiny_build_runs_and_a_stock_pipeline_samples_it(tiny_cfg):
 def test_resume_continues_from_the_checkpoint(tiny_cfg):
     drain(train_base(tiny_cfg))
     more = BaseTrainConfig(**{**tiny_cfg.__dict__, "unet_steps": 3})
-    steps = [e.step for e in train_base(more) if isinstance(e, Progress)]
+    steps = [e.step for e in train_base(more) if isinstance(e, Progress) and e.stage == "unet"]
     assert steps == [3]  # only the missing step ran
 
 
 def test_cancel_stops_between_steps(tiny_cfg):
     seen = []
     for e in train_base(tiny_cfg, should_stop=lambda: len(seen) >= 1):
-        if isinstance(e, Progress):
+        if isinstance(e, Progress) and e.stage == "unet":
             seen.append(e)
     assert len(seen) == 1 and isinstance(e, Done) and e.cancelled
+
+
+def test_cancel_while_preparing_the_photos_stops_at_once(tiny_cfg):
+    events = []
+    for e in train_base(tiny_cfg, should_stop=lambda: any(isinstance(x, Progress) for x in events)):
+        events.append(e)
+    assert [e.stage for e in events if isinstance(e, Progress)] == ["photos: lfw aligned"]
+    assert events[-1] == Done(None, cancelled=True)
+    assert not list(tiny_cfg.work_dir.glob("photos_*.npz"))  # nothing half-done is cached
 
 
 def test_time_budget_stops_early(tiny_cfg):

@@ -68,7 +68,7 @@ def load_crops(paths, size: int = data.IMAGE_SIZE) -> np.ndarray:
     return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
-def load_set(paths, size: int = data.IMAGE_SIZE, on_progress=None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def load_set(paths, size: int = data.IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Aligned crops, inside masks (bool N x size x size) and the indices of ``paths`` kept: photos
     where dlib finds no face are skipped (the caller counts them)."""
     crops, masks, kept = [], [], []
@@ -78,8 +78,6 @@ def load_set(paths, size: int = data.IMAGE_SIZE, on_progress=None) -> tuple[np.n
             crops.append(a.crop)
             masks.append(a.inside)
             kept.append(i)
-        if on_progress and (i + 1) % 500 == 0:
-            on_progress(i + 1, len(paths))
     if not crops:
         return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), bool), []
     return np.stack(crops), np.stack(masks), kept

@@ -10,6 +10,7 @@ under ``assets/examples/<name>/``.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from core import ASSETS
+from core.events import Done, Message, Progress, never, run_with_progress_bar
 from core.faces import metrics
 from core.faces import recognition as faces
 from core.model.pipeline import load_pipeline, sample_images
@@ -70,37 +72,57 @@ class Args:
     model: str | None = None  # base model folder (default: the embedded base)
 
 
+MAX_CANDIDATES = 200  # candidate faces tried at most (seeds first_seed .. first_seed + 199)
+
+
+def save_person(folder, ims, seed: int, d) -> None:
+    folder.mkdir(exist_ok=True)
+    for i, im in enumerate(ims):
+        Image.fromarray(im).save(folder / f"{i:02d}.png", optimize=True)
+    (folder / "about.json").write_text(
+        json.dumps(
+            dict(
+                made_by="python -m core.model.examples",
+                base_seed=seed,
+                photos=len(ims),
+                dlib_distance_to_first=[round(float(x), 3) for x in d],
+                note="drawn by the embedded base model: not a real person",
+            ),
+            indent=1,
+        )
+        + "\n"
+    )
+
+
+def make_examples(pipe, a: Args, out=OUT, should_stop=never):
+    """Job: try candidate faces in seed order until ``a.people`` example people are saved under ``out``
+    (a Progress per candidate, a Message per person); Done(their folders) (on a stop: those saved so far,
+    cancelled)."""
+    out.mkdir(parents=True, exist_ok=True)
+    made, stopped, t0 = [], False, time.perf_counter()
+    for k in range(MAX_CANDIDATES):
+        if len(made) >= a.people:
+            break
+        if should_stop():
+            stopped = True
+            break
+        seed = a.first_seed + k
+        got = make_person(pipe, seed, a.photos)
+        if got:
+            ims, d = got
+            folder = out / f"person_{seed}"
+            save_person(folder, ims, seed, d)
+            made.append(folder)
+            yield Message(f"{folder}: {len(ims)} photos, max distance to the first {d.max():.3f}")
+        yield Progress("candidate faces", k + 1, MAX_CANDIDATES, time.perf_counter() - t0, {"people": len(made)})
+    yield Done(made, cancelled=stopped)
+
+
 def main(argv=None):
     from core.cli import parse
 
     a = parse(Args, argv)
-    pipe = load_pipeline(a.model)
-    OUT.mkdir(parents=True, exist_ok=True)
-    seed, made = a.first_seed, 0
-    while made < a.people and seed < a.first_seed + 200:
-        got = make_person(pipe, seed, a.photos)
-        if got:
-            ims, d = got
-            folder = OUT / f"person_{seed}"
-            folder.mkdir(exist_ok=True)
-            for i, im in enumerate(ims):
-                Image.fromarray(im).save(folder / f"{i:02d}.png", optimize=True)
-            (folder / "about.json").write_text(
-                json.dumps(
-                    dict(
-                        made_by="python -m core.model.examples",
-                        base_seed=seed,
-                        photos=len(ims),
-                        dlib_distance_to_first=[round(float(x), 3) for x in d],
-                        note="drawn by the embedded base model: not a real person",
-                    ),
-                    indent=1,
-                )
-                + "\n"
-            )
-            print(f"{folder}: {len(ims)} photos, max distance to the first {d.max():.3f}")
-            made += 1
-        seed += 1
+    run_with_progress_bar(make_examples(load_pipeline(a.model), a))
 
 
 if __name__ == "__main__":

@@ -150,8 +150,25 @@ def latent_inside(masks: np.ndarray, down: int = 8) -> np.ndarray:
     return masks.reshape(n, s // down, down, s // down, down).mean(axis=(2, 4)).astype(np.float16)
 
 
-def prepare_photos(cfg: BaseTrainConfig, log=print) -> Photos:
-    """Stage 1 (cached in the work dir)."""
+def align_paths(paths, size: int, stage: str, should_stop=never, every: int = 500):
+    """Step of a job: :func:`core.faces.aligned.load_set` of ``paths``, ``every`` photos at a time (a
+    Progress named ``stage`` each); (crops, inside masks, indices of ``paths`` kept), or None when stopped."""
+    if not len(paths):
+        return aligned.load_set([], size)
+    crops, masks, kept, t0 = [], [], [], time.time()
+    for s in range(0, len(paths), every):
+        if should_stop():
+            return None
+        c, m, k = aligned.load_set(paths[s : s + every], size)
+        crops.append(c)
+        masks.append(m)
+        kept += [s + i for i in k]
+        yield Progress(stage, min(s + every, len(paths)), len(paths), time.time() - t0)
+    return np.concatenate(crops), np.concatenate(masks), kept
+
+
+def prepare_photos(cfg: BaseTrainConfig, should_stop=never):
+    """Stage 1 (cached in the work dir), a step of the build: returns :class:`Photos`, or None when stopped."""
     cache = cfg.work_dir / f"photos_{cfg.size}_{cfg.limit_images or 'all'}.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
@@ -159,7 +176,10 @@ def prepare_photos(cfg: BaseTrainConfig, log=print) -> Photos:
         return Photos(z["crops"], z["inside"], meta["sources"], meta["paths"], meta["skipped"])
     crops, inside, sources, paths, skipped = [], [], [], [], {}
     for src, ps in training_paths(cfg).items():
-        c, m, kept = aligned.load_set(ps, cfg.size, on_progress=lambda i, n, s=src: log(f"photos: {s} {i}/{n} aligned"))
+        got = yield from align_paths(ps, cfg.size, f"photos: {src} aligned", should_stop)
+        if got is None:
+            return None
+        c, m, kept = got
         crops.append(c)
         inside.append(latent_inside(m))
         sources += [src] * len(kept)
@@ -258,31 +278,37 @@ def to_tensor(crops: np.ndarray) -> torch.Tensor:
 # 4. latents -----------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def encode_latents(
-    autoencoder, crops: np.ndarray, folder: Path, device, bf16: bool = True, chunk: int = 1024, log=print
-) -> torch.Tensor:
-    """Raw (unstandardised) latents of every crop followed by its mirror image, per chunk of crops:
-    ``[c_0..c_k, mirror(c_0)..mirror(c_k), c_k+1 ...]``, float16, cached chunk by chunk (resumable)."""
+    autoencoder, crops: np.ndarray, folder: Path, device, bf16: bool = True, chunk: int = 1024, should_stop=never
+):
+    """Step of a job: raw (unstandardised) latents of every crop followed by its mirror image, per chunk of
+    crops: ``[c_0..c_k, mirror(c_0)..mirror(c_k), c_k+1 ...]``, float16, cached chunk by chunk (resumable:
+    a stop, which returns None, keeps the chunks done); a Progress per chunk."""
     from safetensors.torch import load_file, save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
+    out, t0 = [], time.time()
     for i in range(0, len(crops), chunk):
+        if should_stop():
+            return None
         f = folder / f"chunk_{i // chunk:05d}.safetensors"
         if not f.exists():
-            parts = []
-            for j in range(i, min(i + chunk, len(crops)), 64):
-                x = to_tensor(crops[j : min(j + 64, i + chunk)]).to(device)
-                with mixed_precision(device, bf16):
-                    parts.append(
-                        (autoencoder.raw_encode(x).float().cpu(), autoencoder.raw_encode(x.flip(-1)).float().cpu())
-                    )
-            z = torch.cat([torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])])
-            save_file({"latents": z.half().contiguous()}, f)
-            log(f"latents: {min(i + chunk, len(crops))}/{len(crops)} crops encoded")
+            save_file({"latents": encode_chunk(autoencoder, crops[i : i + chunk], device, bf16)}, f)
         out.append(load_file(f)["latents"])
+        yield Progress("latents: crops encoded", min(i + chunk, len(crops)), len(crops), time.time() - t0)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def encode_chunk(autoencoder, crops: np.ndarray, device, bf16: bool = True) -> torch.Tensor:
+    """Raw latents of ``crops`` followed by those of their mirror images, float16 (64 crops at a time)."""
+    parts = []
+    for j in range(0, len(crops), 64):
+        x = to_tensor(crops[j : j + 64]).to(device)
+        with mixed_precision(device, bf16):
+            parts.append((autoencoder.raw_encode(x).float().cpu(), autoencoder.raw_encode(x.flip(-1)).float().cpu()))
+    z = torch.cat([torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])])
+    return z.half().contiguous()
 
 
 def latent_order(n: int, chunk: int = 1024) -> np.ndarray:
@@ -467,11 +493,14 @@ class TrainingSet:
     autoencoder: object  # the TinyAutoencoder with its latent statistics set
 
 
-def prepare_training_set(cfg: BaseTrainConfig, dev, log):
-    """Stages 1-4 (each cached in the work dir); yields Messages, returns a :class:`TrainingSet`."""
+def prepare_training_set(cfg: BaseTrainConfig, dev, should_stop=never):
+    """Stages 1-4 (each cached in the work dir), a step of the build: yields Progress and Messages, returns
+    a :class:`TrainingSet`, or None when stopped."""
     from core.model.autoencoder import load_taef2
 
-    photos = prepare_photos(cfg, log)
+    photos = yield from prepare_photos(cfg, should_stop)
+    if photos is None:
+        return None
     yield Message(f"photos: {len(photos.crops)} aligned crops; no face found in {photos.skipped}")
     tag = f"{cfg.size}_{cfg.limit_images or 'all'}"
     desc = describe_all(photos.crops, cfg.work_dir / f"descriptors_{tag}.npy")
@@ -481,7 +510,11 @@ def prepare_training_set(cfg: BaseTrainConfig, dev, log):
     if labels is not None:
         yield Message(f"appearance words: {len(set(labels[:, 0]))} x {len(set(labels[:, 1]))} clusters")
     ae = load_taef2(cfg.autoencoder).to(dev)
-    raw = encode_latents(ae, photos.crops, cfg.work_dir / f"latents_{tag}", dev, cfg.bf16, log=log)
+    raw = yield from encode_latents(
+        ae, photos.crops, cfg.work_dir / f"latents_{tag}", dev, cfg.bf16, should_stop=should_stop
+    )
+    if raw is None:
+        return None
     order, mirrored = latent_order(len(photos.crops)), latent_mirrored(len(photos.crops))
     sel = keep[order]
     raw, order, mirrored = raw[torch.from_numpy(sel)], order[sel], mirrored[sel]
@@ -540,9 +573,10 @@ def train_base(cfg: BaseTrainConfig, should_stop=never, device: str | None = Non
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     (cfg.work_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     t_start = time.time()
-    msgs: list[str] = []
-    ts = yield from prepare_training_set(cfg, dev, msgs.append)  # 1.-4.
-    yield from (Message(m) for m in msgs)
+    ts = yield from prepare_training_set(cfg, dev, should_stop)  # 1.-4.
+    if ts is None:
+        yield Done(None, cancelled=True)
+        return
     comps = build_components(
         unet_channels=cfg.channels, image_size=cfg.size, seed=cfg.seed, prediction_type=cfg.prediction
     )

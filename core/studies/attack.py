@@ -29,7 +29,7 @@ import torch
 
 from core import RESULTS
 from core.cli import Switch
-from core.events import Done, Message, Progress, drain, never, result_of, run_with_progress_bar
+from core.events import Done, Message, Progress, drain, never, run_with_progress_bar
 from core.faces import aligned, data, metrics
 from core.faces.utility import describe_set
 from core.finetune.lora import FinetuneConfig, pipeline_with_lora
@@ -92,16 +92,6 @@ def train_victim_loras(
         with safe_open(str(f), "pt") as h:
             out.append({"trigger": h.metadata()["trigger"], "checkpoints": read_trajectory(h)})
     return out
-
-
-def victim_loras(
-    pipe, names, private, cfg: FinetuneConfig, log=print, group: int = 16, folder: str = "victims"
-) -> list[dict]:
-    """:func:`train_victim_loras` run to the end, its messages given to ``log``."""
-    return result_of(
-        train_victim_loras(pipe, names, private, cfg, group, folder),
-        lambda ev: log(ev.text) if isinstance(ev, Message) else None,
-    )
 
 
 def victim_recipe() -> FinetuneConfig:

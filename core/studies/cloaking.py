@@ -39,6 +39,7 @@ from core import ASSETS, RESULTS
 from core.cache import cached, digest
 from core.defenses.cloak import SURROGATES, CloakConfig, cloak_photos, psnr, ssim
 from core.defenses.purify import PurifyConfig, purify
+from core.events import Done, Message, Progress, drain, never, run_with_progress_bar
 from core.faces import aligned, metrics
 from core.faces.utility import describe_set, floor_images, lora_utility
 from core.finetune.lora import FinetuneConfig
@@ -110,11 +111,11 @@ class Variant:
 # photos ---------------------------------------------------------------------------------------------
 
 
-def cloaked_set(pipe, photos, cfg: CloakConfig, log=print) -> dict:
-    """{"photos", "loss_gain", "seconds"} of one victim's cloak, cached per (base, photos, cloak settings)."""
+def cloaked_set(pipe, photos, cfg: CloakConfig):
+    """Step of a job: {"photos", "loss_gain", "seconds"} of one victim's cloak, cached per (base, photos,
+    cloak settings); a Message when it was computed."""
     from safetensors.numpy import load_file, save_file
 
-    from core.events import drain
     from core.model.prior import base_fingerprint, cache_dir
 
     path = (
@@ -136,7 +137,7 @@ def cloaked_set(pipe, photos, cfg: CloakConfig, log=print) -> dict:
         },
         str(path),
     )
-    log(
+    yield Message(
         f"  cloaked {len(photos)} photos at {cfg.budget:g}/255 in {res.seconds:.1f} s (surrogate loss "
         f"x{out['loss_gain']:.2f})"
     )
@@ -149,16 +150,23 @@ def visible_cost(variant: Variant, originals) -> Variant:
     return variant
 
 
-def build_variants(pipe, private, cfg: CloakingStudyConfig, log=print) -> list[Variant]:
-    """Every photo set of the study (the clean one first), cloaks cached."""
+def build_variants(pipe, private, cfg: CloakingStudyConfig, should_stop=never):
+    """Step of a job: every photo set of the study (the clean one first), cloaks cached; a Progress per
+    victim's cloak. Returns the list of :class:`Variant`, or None when stopped."""
     pcfg = cfg.purify_config()
     out = [
         Variant(CLEAN, None, private),
         visible_cost(Variant(PURIFIED, None, [purify(p, pcfg) for p in private]), private),
     ]
-    for b in cfg.budgets:
-        log(f"cloaking at budget {b:g}/255:")
-        sets = [cloaked_set(pipe, p, cfg.cloak_config(b), log) for p in private]
+    t0, total = time.perf_counter(), len(cfg.budgets) * len(private)
+    for k, b in enumerate(cfg.budgets):
+        yield Message(f"cloaking at budget {b:g}/255:")
+        sets = []
+        for p in private:
+            if should_stop():
+                return None
+            sets.append((yield from cloaked_set(pipe, p, cfg.cloak_config(b))))
+            yield Progress("cloaked photo sets", k * len(private) + len(sets), total, time.perf_counter() - t0)
         gains = [s["loss_gain"] for s in sets]
         out.append(visible_cost(Variant(CLOAKED, b, [s["photos"] for s in sets], loss_gain=gains), private))
         out.append(visible_cost(Variant(BOTH, b, [purify(s["photos"], pcfg) for s in sets], loss_gain=gains), private))
@@ -168,14 +176,13 @@ def build_variants(pipe, private, cfg: CloakingStudyConfig, log=print) -> list[V
 # LoRAs ----------------------------------------------------------------------------------------------
 
 
-def variant_loras(pipe, names, photo_sets, seeds, cfg: FinetuneConfig, log=print, group: int = 16) -> list[dict]:
-    """{"lora", "trigger"} per (victim, photo set), trained K at a time, cached per (base, victim,
-    photos, recipe, seed)."""
+def variant_loras(pipe, names, photo_sets, seeds, cfg: FinetuneConfig, group: int = 16, should_stop=never):
+    """Step of a job: {"lora", "trigger"} per (victim, photo set), trained K at a time (a Progress per
+    group), cached per (base, victim, photos, recipe, seed). Returns the list, or None when stopped."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from core.attack.shadow import train_many
-    from core.events import drain
     from core.model.prior import base_fingerprint, cache_dir
 
     root = cache_dir() / "cloak_loras" / base_fingerprint(pipe)
@@ -186,7 +193,10 @@ def variant_loras(pipe, names, photo_sets, seeds, cfg: FinetuneConfig, log=print
     ]
     todo = [i for i, f in enumerate(files) if not f.exists()]
     root.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
     for s in range(0, len(todo), group):
+        if should_stop():
+            return None
         g = todo[s : s + group]
         t0 = time.perf_counter()
         res = drain(train_many(pipe, [photo_sets[i] for i in g], cfg, seeds=[int(seeds[i]) for i in g]))
@@ -196,7 +206,8 @@ def variant_loras(pipe, names, photo_sets, seeds, cfg: FinetuneConfig, log=print
                 str(files[i]),
                 metadata={"identity": names[i], "trigger": res["triggers"][k], "seed": str(seeds[i])},
             )
-        log(f"  LoRAs {s + 1}..{s + len(g)} of {len(todo)}: {time.perf_counter() - t0:.0f} s")
+        yield Message(f"  LoRAs {s + 1}..{s + len(g)} of {len(todo)}: {time.perf_counter() - t0:.0f} s")
+        yield Progress("protected LoRAs", s + len(g), len(todo), time.perf_counter() - t_start)
     out = []
     for f in files:
         with safe_open(str(f), "pt") as h:
@@ -215,13 +226,17 @@ class Victims:
     clean: list  # per victim: {"lora", "trigger"} of its clean LoRA (the attack and defenses studies' cache)
 
 
-def load_victims(pipe, n: int, cfg: CloakingStudyConfig, root=None, log=print) -> Victims:
+def load_victims(pipe, n: int, cfg: CloakingStudyConfig, root=None, should_stop=never):
+    """Step of a job: the first ``n`` victims, their private photos and clean LoRAs (the attack and
+    defenses studies' cache); returns :class:`Victims`, or None when stopped."""
     from core.model.pipeline import image_size_of
-    from core.studies.attack import VICTIM_SEED0, identities, victim_loras
+    from core.studies.attack import VICTIM_SEED0, identities, train_victim_loras
 
     names, people = identities("victims", n, root)
     private = [list(aligned.load_crops(people[v][:PHOTOS], size=image_size_of(pipe))) for v in names]
-    loras = victim_loras(pipe, names, private, cfg.recipe(), log)
+    loras = yield from train_victim_loras(pipe, names, private, cfg.recipe(), should_stop=should_stop)
+    if loras is None:
+        return None
     return Victims(
         names,
         private,
@@ -317,63 +332,113 @@ def score_variant(
     return cached("cloak_points", parts, measure)
 
 
-def run_study(pipe, attacker, victims: Victims, cfg: CloakingStudyConfig, log=print) -> dict:
-    """Every row of the study (clean, purified, cloaked and cloaked + purified at each budget, floor)."""
+@dataclass
+class CloakingResult:
+    """Every row of the study (:func:`make_row`: clean, purified, cloaked and cloaked + purified at each
+    budget, floor) and what they were measured with: the report's JSON, less its header."""
+
+    n: int
+    chance_top1: float
+    chance_top5: float
+    victims: list
+    rows: list
+    attack_measured: bool
+    cloak: dict  # the cloak's settings, but its budget
+    purify: dict  # the purification's settings
+    purify_words: str
+    budgets: list
+    recipe_steps: int
+
+
+def protected_loras(pipe, victims: Victims, variants: list, cfg: CloakingStudyConfig, should_stop=never):
+    """Step of a job: {id(variant): per victim {"lora", "trigger"}} of every variant but the clean one
+    (:func:`variant_loras`, cached); None when stopped."""
     n = len(victims.names)
-    gallery = np.stack([describe_set(p) for p in victims.private])
-    floor_ims = floor_images(pipe)
-    floor_desc = describe_set(floor_ims)
-    floor_d = metrics.distance(floor_desc, gallery)
-    variants = build_variants(pipe, victims.private, cfg, log)
     others = [v for v in variants if v.kind != CLEAN]
-    log(f"fine-tuning {n * len(others)} LoRAs on protected or purified photos (cached ones are reused):")
-    flat = variant_loras(
+    yield Message(f"fine-tuning {n * len(others)} LoRAs on protected or purified photos (cached ones are reused):")
+    flat = yield from variant_loras(
         pipe,
         [nm for _ in others for nm in victims.names],
         [p for v in others for p in v.photos],
         [s for _ in others for s in victims.seeds],
         cfg.recipe(),
-        log,
+        should_stop=should_stop,
     )
-    loras = {id(v): flat[k * n : (k + 1) * n] for k, v in enumerate(others)}
-    rows, clean = [], None
-    for v in variants:
-        hit = score_variant(
-            pipe, attacker, victims, v, victims.clean if v.kind == CLEAN else loras[id(v)], cfg, floor_ims
-        )
-        row = make_row(v, hit["utility_distance"], hit["attack_desc"], gallery, floor_d, clean, hit["seconds"])
-        clean = clean or row
-        rows.append(row)
-        att = f"   attack {row['attack']['distance']:.3f} (top-1 {row['attack']['top1']:.0%})" if row["attack"] else ""
-        log(
-            f"{row['label']:<42} LoRA {row['utility']['distance']:.3f} (gain over floor "
-            f"{row['utility_gain']['mean']:+.3f}){att}"
-        )
-    rows.append(
-        make_row(
-            Variant(FLOOR, None, []),
-            floor_d,
-            np.repeat(floor_desc[None], n, 0) if attacker is not None else None,
-            gallery,
-            floor_d,
-            None,
-        )
+    if flat is None:
+        return None
+    return {id(v): flat[k * n : (k + 1) * n] for k, v in enumerate(others)}
+
+
+def row_text(row: dict) -> str:
+    att = f"   attack {row['attack']['distance']:.3f} (top-1 {row['attack']['top1']:.0%})" if row["attack"] else ""
+    return (
+        f"{row['label']:<42} LoRA {row['utility']['distance']:.3f} (gain over floor "
+        f"{row['utility_gain']['mean']:+.3f}){att}"
     )
+
+
+def study_result(victims: Victims, rows: list, attack_measured: bool, cfg: CloakingStudyConfig) -> CloakingResult:
+    n = len(victims.names)
     cloak = asdict(cfg.cloak_config(cfg.budgets[0]))
     cloak.pop("budget")
-    return dict(
+    return CloakingResult(
         n=n,
         chance_top1=1 / n,
         chance_top5=min(1.0, 5 / n),
         victims=victims.names,
         rows=rows,
-        attack_measured=attacker is not None,
+        attack_measured=attack_measured,
         cloak=cloak,
         purify=asdict(cfg.purify_config()),
         purify_words=cfg.purify_config().words(),
         budgets=list(cfg.budgets),
         recipe_steps=cfg.steps,
     )
+
+
+def run_study(pipe, attacker, victims: Victims, cfg: CloakingStudyConfig, should_stop=never):
+    """Job: every row of the study (clean, purified, cloaked and cloaked + purified at each budget, floor)
+    on ``victims``, a Progress per row; Done(CloakingResult). On a stop: the rows measured so far and the
+    floor, cancelled (Done(None, cancelled) when no row was measured)."""
+    n = len(victims.names)
+    gallery = np.stack([describe_set(p) for p in victims.private])
+    floor_ims = floor_images(pipe)
+    floor_desc = describe_set(floor_ims)
+    floor_d = metrics.distance(floor_desc, gallery)
+    variants = yield from build_variants(pipe, victims.private, cfg, should_stop)
+    loras = None if variants is None else (yield from protected_loras(pipe, victims, variants, cfg, should_stop))
+    if loras is None:
+        yield Done(None, cancelled=True)
+        return
+    rows, clean, t0 = [], None, time.perf_counter()
+    for v in variants:
+        if should_stop():
+            break
+        hit = score_variant(
+            pipe, attacker, victims, v, victims.clean if v.kind == CLEAN else loras[id(v)], cfg, floor_ims
+        )
+        row = make_row(v, hit["utility_distance"], hit["attack_desc"], gallery, floor_d, clean, hit["seconds"])
+        clean = clean or row
+        rows.append(row)
+        yield Message(row_text(row))
+        scores = {"LoRA": row["utility"]["distance"]} | ({"attack": row["attack"]["distance"]} if row["attack"] else {})
+        yield Progress("cloaking rows", len(rows), len(variants), time.perf_counter() - t0, scores)
+    if not rows:
+        yield Done(None, cancelled=True)
+        return
+    floor_attack = np.repeat(floor_desc[None], n, 0) if attacker is not None else None
+    rows.append(make_row(Variant(FLOOR, None, []), floor_d, floor_attack, gallery, floor_d, None))
+    yield Done(study_result(victims, rows, attacker is not None, cfg), cancelled=len(rows) <= len(variants))
+
+
+def run(pipe, attacker, cfg: CloakingStudyConfig, root=None, should_stop=never):
+    """The study as a job: the first ``cfg.n`` victims and their clean LoRAs (:func:`load_victims`), then
+    every row (:func:`run_study`); Done(CloakingResult)."""
+    victims = yield from load_victims(pipe, cfg.n, cfg, root, should_stop)
+    if victims is None:
+        yield Done(None, cancelled=True)
+        return
+    yield from run_study(pipe, attacker, victims, cfg, should_stop)
 
 
 # reporting ------------------------------------------------------------------------------------------
@@ -598,15 +663,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     pipe = load_pipeline(a.model)
     attacker, note = load_checked_attacker(pipe, a)
-    victims = load_victims(pipe, cfg.n, cfg, a.data)
-    r = run_study(pipe, attacker, victims, cfg)
+    res = run_with_progress_bar(run(pipe, attacker, cfg, a.data))
+    if res is None:
+        raise SystemExit("The study stopped before its first row was measured: nothing written.")
     r = dict(
         command=command_line("core.studies.cloaking", argv),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         base=base_fingerprint(pipe),
         attacker=note,
         seconds=round(time.perf_counter() - t0),
-        **r,
+        **asdict(res),
     )
     r["conclusion"] = conclusion(r)
     out = Path(a.out)

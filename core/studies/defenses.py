@@ -2,7 +2,7 @@
 
 Protocol (docs/EVAL, as :mod:`core.studies.attack`), on the first ``--n`` victim identities (never seen by
 the base model, the shadow population or the attacker), each with its 5 private photos:
-- undefended: each victim's LoRA from the default recipe (:func:`core.studies.attack.victim_loras`:
+- undefended: each victim's LoRA from the default recipe (:func:`core.studies.attack.train_victim_loras`:
   the same cached LoRAs as the attack evaluation);
 - post-hoc defenses: every defense of :data:`core.defenses.posthoc.DEFENSES` at each of its strengths,
   applied to that LoRA (:func:`core.defenses.posthoc.apply_defense`);
@@ -155,9 +155,10 @@ def posthoc_points(names=None) -> list[tuple[str, float]]:
 # DP-SGD LoRAs, cached -----------------------------------------------------------------------------
 
 
-def dp_victim_lora(pipe, photos, name: str, seed: int, cfg: FinetuneConfig, dp: DPConfig, log=print) -> dict:
-    """{"lora", "trigger", "epsilon", "noise_multiplier", "sample_rate", "steps"} of a DP-SGD fine-tune of
-    one victim (seed ``seed``); cached per base model and per (victim, photos, recipe, DP settings)."""
+def dp_victim_lora(pipe, photos, name: str, seed: int, cfg: FinetuneConfig, dp: DPConfig):
+    """Step of a job: {"lora", "trigger", "epsilon", "noise_multiplier", "sample_rate", "steps"} of a DP-SGD
+    fine-tune of one victim (seed ``seed``), a Message when it was trained; cached per base model and per
+    (victim, photos, recipe, DP settings)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -194,7 +195,7 @@ def dp_victim_lora(pipe, photos, name: str, seed: int, cfg: FinetuneConfig, dp: 
         str(path),
         metadata={k: str(v) for k, v in out.items() if k != "lora"} | {"identity": name},
     )
-    log(f"  DP-SGD LoRA of {name} (sigma {out['noise_multiplier']:g}): {time.perf_counter() - t0:.0f} s")
+    yield Message(f"  DP-SGD LoRA of {name} (sigma {out['noise_multiplier']:g}): {time.perf_counter() - t0:.0f} s")
     return out
 
 
@@ -336,10 +337,7 @@ def defended_loras(
     for i in range(n):
         if should_stop():
             return None
-        said = []
-        runs.append(dp_victim_lora(pipe, victims.private[i], victims.names[i], victims.seeds[i], cfg, dpc, said.append))
-        for text in said:
-            yield Message(text)
+        runs.append((yield from dp_victim_lora(pipe, victims.private[i], victims.names[i], victims.seeds[i], cfg, dpc)))
         yield Progress(f"DP-SGD LoRAs (sigma {strength:g})", i + 1, n, time.perf_counter() - t0)
     eps = [r["epsilon"] for r in runs]
     extra = dict(

@@ -6,7 +6,7 @@ most of what the fine-tune does survives; keeping the ``k`` laziest, or ``k`` la
 keeps much less. Protocol:
 
 - **LoRA**: the first ``--n`` victims' default-recipe LoRAs (the cached ones of
-  :func:`core.studies.attack.victim_loras`); for each k of ``--ks``: the LoRA reduced to its k busiest,
+  :func:`core.studies.attack.train_victim_loras`); for each k of ``--ks``: the LoRA reduced to its k busiest,
   k laziest and k random modules (a fixed seed per victim);
 - **full fine-tune**: the first ``--full-n`` victims, :func:`core.finetune.full.full_finetune` for
   ``--full-steps`` steps, then the base UNet with only the k busiest / laziest / random weight

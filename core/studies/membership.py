@@ -42,6 +42,7 @@ from core.attack.membership import (
     roc_curve,
     scores_from_losses,
 )
+from core.events import Done, Message, Progress, never, run_with_progress_bar
 from core.faces import aligned, metrics
 
 STEPS_REPORTED = (25, 50)  # earlier checkpoints of each LoRA, scored as well
@@ -97,24 +98,36 @@ def prefix_with_unseen(group: str, n: int, root=None) -> tuple[list[str], dict]:
     return names[: int(np.searchsorted(have, n)) + 1], people
 
 
-def load_people(pipe, group: str, n: int, cfg: MembershipStudyConfig, root=None, log=print) -> People:
+def load_people(pipe, group: str, n: int, cfg: MembershipStudyConfig, root=None, should_stop=never):
+    """Step of a job: ``group``'s first people (:func:`prefix_with_unseen`), their photos and their LoRAs
+    (cached as the attack study's, under ``group``); returns :class:`People`, or None when stopped."""
     from core.finetune.lora import FinetuneConfig
     from core.model.pipeline import image_size_of
-    from core.studies.attack import victim_loras
+    from core.studies.attack import train_victim_loras
 
     names, paths = prefix_with_unseen(group, n, root)
     size = image_size_of(pipe)
     private = [list(aligned.load_crops(paths[v][:5], size=size)) for v in names]
     unseen = [list(aligned.load_crops(paths[v][5 : 5 + cfg.max_unseen], size=size)) for v in names]
-    loras = victim_loras(
-        pipe, names, private, FinetuneConfig(steps=cfg.steps, checkpoint_every=0, preview_n=0), log, folder=group
+    loras = yield from train_victim_loras(
+        pipe,
+        names,
+        private,
+        FinetuneConfig(steps=cfg.steps, checkpoint_every=0, preview_n=0),
+        folder=group,
+        should_stop=should_stop,
     )
+    if loras is None:
+        return None
     return People(names, private, unseen, [lo["checkpoints"] for lo in loras], [lo["trigger"] for lo in loras])
 
 
-def score_people(pipe, people: People, cfg: MembershipStudyConfig, steps, log=print) -> dict:
-    """{step: {"members" | "unseen" | "others": per person, an array of scores}} for every LoRA checkpoint
-    in ``steps``; cached per (base, score settings, LoRA, photos), so a rerun scores only what is new. The
+def score_people(
+    pipe, people: People, cfg: MembershipStudyConfig, steps, stage: str = "scored LoRAs", should_stop=never
+):
+    """Step of a job: {step: {"members" | "unseen" | "others": per person, an array of scores}} for every
+    LoRA checkpoint in ``steps`` (a Progress named ``stage`` per person); None when stopped. Cached per
+    (base, score settings, LoRA, photos), so a rerun (or a run after a stop) scores only what is new. The
     base model's losses are computed once per photo, when first needed."""
 
     from core.cache import cached
@@ -132,6 +145,8 @@ def score_people(pipe, people: People, cfg: MembershipStudyConfig, steps, log=pr
     out = {s: {"members": [], "unseen": [], "others": []} for s in steps}
     t0 = time.perf_counter()
     for i in range(k):
+        if should_stop():
+            return None
         others = [people.private[a][b] for a, b in others_of[i]]
         sets = {"members": people.private[i], "unseen": people.unseen[i], "others": others}
         for s in steps:
@@ -163,7 +178,8 @@ def score_people(pipe, people: People, cfg: MembershipStudyConfig, steps, log=pr
             for kind in sets:
                 out[s][kind].append(np.asarray(hit[kind], np.float64))
         if (i + 1) % 5 == 0 or i + 1 == k:
-            log(f"  scored {i + 1}/{k} LoRAs ({time.perf_counter() - t0:.0f} s)")
+            yield Message(f"  scored {i + 1}/{k} LoRAs ({time.perf_counter() - t0:.0f} s)")
+        yield Progress(stage, i + 1, k, time.perf_counter() - t0)
     return out
 
 
@@ -207,31 +223,76 @@ def summarize(scores: dict, threshold: float) -> dict:
     )
 
 
-def run_study(pipe, cfg: MembershipStudyConfig, root=None, log=print) -> dict:
+@dataclass
+class MembershipResult:
+    """The calibration and the victims' rows (:func:`summarize` per checkpoint step): the report's JSON,
+    less its header."""
+
+    calibration: dict  # core.attack.membership.Calibration as a dict (the app's membership check reads it)
+    calibration_people: list
+    calibration_auc_unseen: dict
+    victims: list
+    n_victims: int
+    n_with_unseen: int
+    rows: dict  # str(step) -> summarize()
+    steps: list
+    per_victim_scores: dict  # "members" | "unseen" | "others" -> per victim, its scores at the final step
+    base: str
+    study_config: dict
+    seconds: int
+
+
+def calibration_of(pipe, cfg: MembershipStudyConfig, root=None, should_stop=never):
+    """Step of a job: (the calibration people, their scores at the final step, the Calibration); None
+    when stopped."""
     from core.model.prior import base_fingerprint
 
-    t0 = time.perf_counter()
-    log("calibration people (tuning identities):")
-    cal_people = load_people(pipe, "tuning", cfg.n_calibration, cfg, root, log)
-    cal_scores = score_people(pipe, cal_people, cfg, [cfg.steps], log)[cfg.steps]
+    yield Message("calibration people (tuning identities):")
+    people = yield from load_people(pipe, "tuning", cfg.n_calibration, cfg, root, should_stop)
+    scores = None
+    if people is not None:
+        scores = yield from score_people(pipe, people, cfg, [cfg.steps], "scoring calibration LoRAs", should_stop)
+    if scores is None:
+        return None
+    scores = scores[cfg.steps]
     cat = lambda xs: np.concatenate([x for x in xs if len(x)])
     cal = calibrate(
-        cat(cal_scores["members"]),
-        cat(cal_scores["unseen"]),
-        cat(cal_scores["others"]),
+        cat(scores["members"]),
+        cat(scores["unseen"]),
+        cat(scores["others"]),
         cfg.fpr,
         base_fingerprint(pipe),
         cfg.steps,
-        len(cal_people.names),
+        len(people.names),
         cfg.score_config(),
     )
-    log(f"threshold {cal.threshold:+.4f} (members above it: {cal.tpr:.0%}; other people: {cal.fpr_other:.0%})")
-    log("victims:")
-    victims = load_people(pipe, "victims", cfg.n, cfg, root, log)
-    steps = [s for s in STEPS_REPORTED if s < cfg.steps and s in victims.loras[0]] + [cfg.steps]
-    scores = score_people(pipe, victims, cfg, steps, log)
+    yield Message(
+        f"threshold {cal.threshold:+.4f} (members above it: {cal.tpr:.0%}; other people: {cal.fpr_other:.0%})"
+    )
+    return people, scores, cal
+
+
+def run_study(pipe, cfg: MembershipStudyConfig, root=None, should_stop=never):
+    """The study as a job: the calibration on tuning people, then every victim's LoRA scored at each
+    checkpoint step; Done(MembershipResult). On a stop: Done(None, cancelled) (LoRAs and scores are
+    cached, so a rerun continues where it stopped)."""
+    from core.model.prior import base_fingerprint
+
+    t0 = time.perf_counter()
+    got = yield from calibration_of(pipe, cfg, root, should_stop)
+    victims = scores = None
+    if got is not None:
+        cal_people, cal_scores, cal = got
+        yield Message("victims:")
+        victims = yield from load_people(pipe, "victims", cfg.n, cfg, root, should_stop)
+    if victims is not None:
+        steps = [s for s in STEPS_REPORTED if s < cfg.steps and s in victims.loras[0]] + [cfg.steps]
+        scores = yield from score_people(pipe, victims, cfg, steps, "scoring victims' LoRAs", should_stop)
+    if scores is None:
+        yield Done(None, cancelled=True)
+        return
     rows = {str(s): summarize(scores[s], cal.threshold) for s in steps}
-    return dict(
+    result = MembershipResult(
         calibration=asdict(cal),
         calibration_people=cal_people.names,
         calibration_auc_unseen=auc_with_ci(cal_scores["members"], cal_scores["unseen"]),
@@ -245,6 +306,7 @@ def run_study(pipe, cfg: MembershipStudyConfig, root=None, log=print) -> dict:
         study_config=asdict(cfg),
         seconds=round(time.perf_counter() - t0),
     )
+    yield Done(result)
 
 
 # reporting ------------------------------------------------------------------------------------------
@@ -367,11 +429,13 @@ def main(argv=None):
     a = parse(Args, argv, description="Membership inference on shared LoRAs: calibrate, then ROC AUC on victims")
     cfg = config_of(a, MembershipStudyConfig)
     pipe = load_pipeline(a.model)
-    r = run_study(pipe, cfg, a.data)
+    res = run_with_progress_bar(run_study(pipe, cfg, a.data))
+    if res is None:
+        raise SystemExit("The study stopped before it was complete: nothing written (a rerun reuses its cache).")
     r = dict(
         command=command_line("core.studies.membership", argv),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        **r,
+        **asdict(res),
     )
     r["conclusion"] = conclusion(r)
     out = Path(a.out)
