@@ -3,22 +3,23 @@
 At a checkpoint the app shows, per visitor, the LoRA's per-layer change (:func:`layer_changes`,
 cheap: computed by the trainer at once), then the attacker's reconstruction from the weights alone
 (2 images), the LoRA's own samples with the secret trigger (previews) and their identity distances
-to the visitor's photos: :func:`checkpoint_images`, a generator that yields each kind for every
-visit as soon as it is ready. :class:`core.finetune.hub.TrainingHub` runs it in a thread of its own
+to the visitor's photos: :func:`checkpoint_images`, a generator that yields each as soon as it is
+ready. :class:`core.finetune.hub.TrainingHub` runs it in a thread of its own
 while the next steps train (each checkpoint is a frozen :class:`Due`: the LoRA as shared at that step).
 
-For the K runs whose checkpoints are due together, the reconstructions of all K come from one
-sampler loop and so do the previews. How that loop runs the K LoRAs depends on the device
-(:class:`Models`): on a GPU one vmapped forward of all K per step (:func:`core.model.sampling.stacked`:
-one launch-bound call instead of K); on a CPU each LoRA merged into its own copy of the UNet, run in
-turn (no per-layer LoRA products, no vmap: 35 against 63 ms per forward at 64 px, ``python -m
-bench.live_work``), the copy serving both the reconstruction and the previews. At a run's last
-step the previews *are* the utility protocol's samples (seeds 0..3, 25 steps,
-:mod:`core.faces.utility`), so the final score reuses them instead of drawing again.
+For the K runs whose checkpoints are due together, how the sampler runs the K LoRAs depends on
+the device (:class:`Models`): on a GPU one vmapped forward of all K per step
+(:func:`core.model.sampling.stacked`: one launch-bound call instead of K), the reconstructions of
+all K in one sampler loop and the previews in another; on a CPU one checkpoint after another, its
+LoRA merged into one scratch copy of the UNet (no per-layer LoRA products, no vmap: 34 against
+67 ms per forward at 64 px, ``python -m bench.live_work``), serving both its reconstruction and
+its previews. At a run's last step the previews *are* the utility protocol's samples (seeds 0..3,
+25 steps, :mod:`core.faces.utility`), so the final score reuses them instead of drawing again.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -76,13 +77,17 @@ def layer_changes(pipe, due: list[Due]) -> list[LayerChanges]:
 
 
 class Sampler:
-    """Draws the K LoRAs of the checkpoints due together (see the module docstring). One per thread
-    that samples: the GPU path's adapter UNet swaps its parameters during each call."""
+    """Draws the LoRAs of the checkpoints due together (see the module docstring). One per thread
+    that samples: the GPU path's adapter UNet swaps its parameters during each call, and the CPU
+    path merges each LoRA in turn into one scratch copy of the UNet (allocated once: a copy per LoRA
+    would hold K UNets at once and the process would keep the memory)."""
 
     def __init__(self, pipe):
         self.pipe = pipe
         self.merge = merge_each(pipe.device)
         self._forward = {}  # recipe -> vmapped adapter forward (GPU path)
+        self._view = None  # pipeline view with the scratch UNet (CPU path)
+        self._weights = {}  # module name -> its base weight, for every scratch weight changed so far
 
     def forward(self, cfg):
         from torch.func import functional_call, vmap
@@ -93,18 +98,35 @@ class Sampler:
             self._forward[key] = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
         return self._forward[key]
 
+    @torch.no_grad()
+    def merged(self, lora: dict, alpha: float):
+        """A pipeline view whose UNet is the base's with ``lora`` (UNet part) merged in: the scratch
+        copy, its changed weights first put back to the base's."""
+        from core.finetune.lora import merge_lora_, split_components
+        from core.model.pipeline import private_view
+
+        if self._view is None:
+            self._view = private_view(self.pipe)
+            self._view.unet = copy.deepcopy(self.pipe.unet)
+        mods = dict(self._view.unet.named_modules())
+        for name, w in self._weights.items():
+            mods[name].weight.copy_(w)
+        sub = split_components(lora).get("unet", {})
+        for name in {k.rsplit(".lora_A.weight", 1)[0] for k in sub if k.endswith(".lora_A.weight")}:
+            self._weights.setdefault(name, mods[name].weight.detach().clone())
+        merge_lora_(self._view.unet, sub, alpha)
+        return self._view
+
 
 class Models:
-    """The LoRAs of ``due`` as the sampler runs them: merged copies (CPU) or one stack (GPU)."""
+    """The LoRAs of ``due`` as the sampler runs them: one merged LoRA at a time (CPU: ``due`` holds
+    one checkpoint) or one stack of all (GPU)."""
 
     def __init__(self, sampler: Sampler, due: list[Due]):
-        from core.finetune.lora import pipeline_with_lora
-
         self.sampler, self.due = sampler, due
-        pipe = sampler.pipe
-        self.merged = (
-            [pipeline_with_lora(pipe, d.lora, d.visit.cfg.finetune.alpha) for d in due] if sampler.merge else None
-        )
+        if sampler.merge and len(due) != 1:
+            raise ValueError("the CPU path draws one merged LoRA at a time")
+        self.view = sampler.merged(due[0].lora, due[0].visit.cfg.finetune.alpha) if sampler.merge else None
 
     def images(self, ks: list[int], embs: torch.Tensor, seeds, steps: int, w: float = 1.0) -> list[list]:
         """Images of LoRAs ``ks`` (``embs``: one L x D prompt embedding per LoRA, the same ``seeds``
@@ -113,8 +135,8 @@ class Models:
         from core.attack.baselines import extrapolate
 
         pipe = self.sampler.pipe
-        if self.merged is not None:
-            return [extrapolate(pipe, self.merged[k], e[None], w, seeds, steps) for k, e in zip(ks, embs)]
+        if self.view is not None:
+            return [extrapolate(pipe, self.view, e[None], w, seeds, steps) for e in embs]
         forward = self.sampler.forward(self.due[ks[0]].visit.cfg.finetune)
         return stacked_images(pipe, forward, [self.due[k].lora for k in ks], embs, seeds, steps, w)
 
@@ -199,14 +221,17 @@ def previews(due: list[Due], models: Models, recon: list) -> list[Preview]:
 
 def checkpoint_images(sampler: Sampler, attacker, due: list[Due], n_floor: int):
     """Generator of ``(k, event)``: checkpoint ``k``'s reconstruction (or why there is none), then
-    its previews, each kind for every checkpoint as soon as it is ready."""
+    its previews, as soon as each is ready: on a GPU each kind for all checkpoints at once, on a CPU
+    checkpoint after checkpoint (one merged LoRA at a time)."""
     for k, ev in enumerate(readable(attacker, due)):
         if ev is not None:
             yield k, ev
-    models = Models(sampler, due)
-    recon = reconstructions(attacker, due, models, n_floor)
-    yield from ((k, ev) for k, ev in enumerate(recon) if ev is not None)
-    yield from ((k, ev) for k, ev in enumerate(previews(due, models, recon)) if ev is not None)
+    for ks in [[k] for k in range(len(due))] if sampler.merge else [list(range(len(due)))]:
+        part = [due[k] for k in ks]
+        models = Models(sampler, part)
+        recon = reconstructions(attacker, part, models, n_floor)
+        yield from ((ks[j], ev) for j, ev in enumerate(recon) if ev is not None)
+        yield from ((ks[j], ev) for j, ev in enumerate(previews(part, models, recon)) if ev is not None)
 
 
 def final_utility(preview: Preview, v: Visit) -> Utility:
