@@ -98,6 +98,20 @@ class LiveJob:
     raw: dict | None = None  # a finished run's LoRA before the defense
 
 
+def release_memory() -> None:
+    """Give the memory freed by the last runs back to the system when the hub falls idle: glibc's
+    allocator keeps the peak of a batch's steps (activations grow with the batch) otherwise, and a
+    room of visitors would leave the process that much bigger (``python -m bench.workshop``)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 def alone_reason(cfg: LiveConfig) -> str:
     if cfg.dp_noise is not None:
         return "DP-SGD computes a gradient per photo, so it trains alone"
@@ -184,6 +198,8 @@ class TrainingHub:
     def _work_once(self):
         """One round: admit, step, live work, finish (see the module docstring)."""
         with self.lock:
+            if not (self.waiting or self.visits or self.solos):
+                release_memory()
             while not (self.waiting or self.visits or self.solos):
                 self.lock.wait()
             if not (self.visits or self.solos) and self.cfg.gather_seconds:
