@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
-from core.events import Done, Message, Progress, never
+from core.events import Done, Message, Preview, Progress, never
 from core.finetune.live import LiveConfig, LiveResult, shared_lora
 from core.model.pipeline import cores, thread_with_cores
 
@@ -420,13 +420,10 @@ class TrainingHub:
     def _draw(self, sampler, jobs: list[LiveJob]) -> None:
         from core.finetune.live_batch import checkpoint_images
 
-        last = {}
         for k, ev in checkpoint_images(sampler, self.attacker, [j.due for j in jobs], len(self.floor)):
             jobs[k].ticket.events.put(ev)
-            last[k] = ev
-        for k, job in enumerate(jobs):
-            if job.result is not None:
-                self._finish(job, last[k])
+            if isinstance(ev, Preview) and jobs[k].result is not None:  # a finished run's last event
+                self._finish(jobs[k], ev)
 
     def _finish(self, job: LiveJob, last_preview) -> None:
         from core.finetune.live_batch import final_utility
