@@ -43,8 +43,9 @@ class Engine:
     """The base model the app serves (the embedded miniature SD unless a model id is given).
 
     On a CPU every thread of the app computes on one core except the training hub's worker, which
-    gets them all: Gradio runs each handler in a thread of its own, and PyTorch's thread teams slow
-    each other down once they outnumber the cores (:func:`core.model.pipeline.thread_with_cores`)."""
+    gets them all: Gradio runs each handler in a thread of its own, and once another thread has
+    computed on several cores the hub's steps take about twice as long
+    (:func:`core.model.pipeline.thread_with_cores`)."""
 
     def __init__(
         self, model: str | None = None, device: str | None = None, attacker: str | None = None, hub_config=None
