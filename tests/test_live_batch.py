@@ -22,3 +22,37 @@ def test_each_merge_equals_a_fresh_copy_and_leaves_the_base_alone(tiny_pipe):
         want = dict(pipeline_with_lora(tiny_pipe, lora, alpha).unet.named_parameters())
         assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)
     assert all(torch.equal(p, base[n]) for n, p in tiny_pipe.unet.named_parameters())
+
+
+def test_checkpoints_of_two_recipes_are_stacked_apart():
+    from dataclasses import replace
+
+    from core.finetune.live import LiveConfig
+    from core.finetune.live_batch import Due, Visit, by_recipe
+
+    def due(rank):
+        cfg = LiveConfig(replace(FinetuneConfig(), rank=rank, alpha=float(rank)))
+        return Due(Visit([], cfg, None), 20, {}, False)
+
+    assert list(by_recipe([due(4), due(8), due(4)]).values()) == [[0, 2], [1]]
+
+
+def test_the_stacked_path_draws_what_the_merged_path_draws(tiny_pipe):
+    """The GPU path (all LoRAs in one vmapped forward) run on the CPU against the CPU path."""
+    import numpy as np
+
+    from core.finetune.live import LiveConfig
+    from core.finetune.live_batch import Due, Visit, checkpoint_images
+
+    cfg = LiveConfig(FinetuneConfig(preview_n=2, preview_steps=3, trigger="sks"))
+    due = [Due(Visit([], cfg, None), 20, random_lora(tiny_pipe, s), False) for s in (1, 2)]
+    drawn = {}
+    for merge in (True, False):
+        sampler = Sampler(tiny_pipe)
+        sampler.merge = merge
+        drawn[merge] = {k: ev.images for k, ev in checkpoint_images(sampler, None, due, 2)}
+    assert drawn[True].keys() == drawn[False].keys() == {0, 1}
+    for k in (0, 1):
+        a, b = (np.stack(drawn[m][k]).astype(int) for m in (True, False))
+        assert np.abs(a - b).mean() < 2, k
+    assert np.abs(np.stack(drawn[True][0]).astype(int) - np.stack(drawn[True][1]).astype(int)).mean() > 0

@@ -221,17 +221,27 @@ def previews(due: list[Due], models: Models, recon: list) -> list[Preview]:
 
 def checkpoint_images(sampler: Sampler, attacker, due: list[Due], n_floor: int):
     """Generator of ``(k, event)``: checkpoint ``k``'s reconstruction (or why there is none), then
-    its previews, as soon as each is ready: on a GPU each kind for all checkpoints at once, on a CPU
-    checkpoint after checkpoint (one merged LoRA at a time)."""
+    its previews, as soon as each is ready: on a GPU each kind for all checkpoints of one recipe at
+    once, on a CPU checkpoint after checkpoint (one merged LoRA at a time)."""
     for k, ev in enumerate(readable(attacker, due)):
         if ev is not None:
             yield k, ev
-    for ks in [[k] for k in range(len(due))] if sampler.merge else [list(range(len(due)))]:
+    for ks in [[k] for k in range(len(due))] if sampler.merge else list(by_recipe(due).values()):
         part = [due[k] for k in ks]
         models = Models(sampler, part)
         recon = reconstructions(attacker, part, models, n_floor)
         yield from ((ks[j], ev) for j, ev in enumerate(recon) if ev is not None)
         yield from ((ks[j], ev) for j, ev in enumerate(previews(part, models, recon)) if ev is not None)
+
+
+def by_recipe(due: list[Due]) -> dict:
+    """Indices of ``due`` grouped by the recipe fields that shape a stacked forward (checkpoints taken
+    from two batches one after the other may differ)."""
+    groups: dict = {}
+    for k, d in enumerate(due):
+        ft = d.visit.cfg.finetune
+        groups.setdefault((ft.rank, ft.alpha, tuple(ft.unet_targets)), []).append(k)
+    return groups
 
 
 def final_utility(preview: Preview, v: Visit) -> Utility:
