@@ -85,15 +85,13 @@ def threads(pipe, photos) -> None:
 
 
 def sampling(pipe) -> None:
-    from torch.func import functional_call, vmap
-
-    from core.finetune.batch import adapter_unet, initial_adapters, peft_key
+    from core.finetune.batch import adapter_unet, initial_adapters, peft_key, stacked_forward
     from core.finetune.lora import FinetuneConfig, pipeline_with_lora
     from core.model.pipeline import cores
 
     cfg = FinetuneConfig()
     unet = adapter_unet(pipe, cfg)
-    forward = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
+    forward = stacked_forward(unet)
     params = initial_adapters(pipe, cfg, [0])
     lora = {peft_key(n): v[0] for n, v in params.items()}
     merged = pipeline_with_lora(pipe, lora, cfg.alpha).unet

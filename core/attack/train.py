@@ -33,7 +33,7 @@ import torch
 from core.attack.attacker import ATTACKER_DIR, Attacker, config_for, lora_inputs, save_attacker
 from core.attack.shadow import list_shadows, load_shadow
 from core.events import Done, Message, Progress, never
-from core.finetune.batch import adapter_unet, to_param_names
+from core.finetune.batch import adapter_unet, stacked_forward, to_param_names
 from core.finetune.lora import FinetuneConfig, encode_prompt
 from core.model.denoising import Denoiser
 from core.model.pipeline import mixed_precision
@@ -65,14 +65,11 @@ class DenoisingLoss:
     autocast on CUDA, as the shadow LoRAs were trained)."""
 
     def __init__(self, pipe, rank: int, alpha: float, targets):
-        from torch.func import functional_call, vmap
-
         self.unet = adapter_unet(pipe, FinetuneConfig(rank=rank, alpha=alpha, unet_targets=tuple(targets)))
         self.device = pipe.device
         self.amp = pipe.device.type == "cuda"
         self.den = Denoiser(pipe.scheduler.config)
-        unet = self.unet
-        self.batched = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
+        self.batched = stacked_forward(self.unet)
 
     def __call__(self, loras: list[dict], z: torch.Tensor, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Per-LoRA loss (K,). ``x0``: K x b x C x H x W latents; ``z``: K x L x D."""

@@ -47,6 +47,14 @@ def adapter_unet(pipe, cfg: FinetuneConfig):
     return unet.eval()
 
 
+def stacked_forward(unet):
+    """``forward(params, x, t, emb)``: ``unet``'s noise prediction with ``params`` swapped in, vmapped
+    over a leading LoRA axis of every argument (K stacked LoRAs, each with its own inputs)."""
+    from torch.func import functional_call, vmap
+
+    return vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
+
+
 def peft_key(param_name: str) -> str:
     """``...to_q.lora_A.default.weight`` -> ``unet.<...>.to_q.lora_A.weight`` (the in-memory naming)."""
     return "unet." + param_name.replace(".default", "")
@@ -124,8 +132,6 @@ class LoRABatch:
     """The runs being trained together on one base pipeline (see the module docstring)."""
 
     def __init__(self, pipe, cfg: FinetuneConfig):
-        from torch.func import functional_call, vmap
-
         if cfg.text_encoder:
             raise ValueError("a batch trains UNet LoRAs only (text_encoder=False)")
         self.pipe, self.cfg = pipe, cfg
@@ -136,8 +142,7 @@ class LoRABatch:
         self.cls = class_latents(pipe, cfg.n_class).to(self.dev) if cfg.prior_weight > 0 and cfg.n_class > 0 else None
         with torch.no_grad():
             self.emb_cls = encode_prompt(pipe, CLASS_PROMPT)
-        unet = self.unet
-        self.forward = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
+        self.forward = stacked_forward(self.unet)
         self.amp = cfg.mixed_precision if cfg.mixed_precision is not None else self.dev.type == "cuda"
 
     def accepts(self, cfg: FinetuneConfig) -> bool:

@@ -343,8 +343,7 @@ class TrainingHub:
         try:
             changes = layer_changes(self.pipe, [j.due for j in jobs])
         except Exception as e:
-            why = f"The live work at a checkpoint failed ({type(e).__name__}); please press Train again."
-            return self._fail_jobs(jobs, why)
+            return self._fail_jobs(jobs, e)
         for job, ev in zip(jobs, changes):
             job.ticket.events.put(ev)
         if self.cfg.live_thread:
@@ -362,8 +361,7 @@ class TrainingHub:
         try:
             self._draw(self.sampler, jobs)
         except Exception as e:
-            why = f"The live work at a checkpoint failed ({type(e).__name__}); please press Train again."
-            self._fail_jobs(jobs, why)
+            self._fail_jobs(jobs, e)
 
     def _result(self, run, lora: dict):
         from core.finetune.lora import FinetuneResult
@@ -380,8 +378,13 @@ class TrainingHub:
         )
 
     @staticmethod
-    def _fail_jobs(jobs: list[LiveJob], sentence: str) -> None:
-        """Fail these visitors; a run still in the batch leaves it at the trainer's next round."""
+    def _fail_jobs(jobs: list[LiveJob], error: Exception) -> None:
+        """Fail these visitors' live work (the error's trace goes to the log, a sentence to them); a run
+        still in the batch leaves it at the trainer's next round."""
+        import traceback
+
+        traceback.print_exception(error)
+        sentence = f"The live work at a checkpoint failed ({type(error).__name__}); please press Train again."
         for job in jobs:
             job.ticket.events.put(Failed(sentence))
             job.ticket.left.set()
@@ -403,11 +406,8 @@ class TrainingHub:
                 continue
             try:
                 self._draw(sampler, jobs)
-            except Exception:  # never let the worker die: fail these visitors, serve on
-                import traceback
-
-                traceback.print_exc()
-                self._fail_jobs(jobs, "The live work at a checkpoint failed; please press Train again.")
+            except Exception as e:  # never let the worker die: fail these visitors, serve on
+                self._fail_jobs(jobs, e)
 
     @staticmethod
     def _left(job: LiveJob) -> bool:

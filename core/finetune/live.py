@@ -31,6 +31,11 @@ class AttackUnavailable:
 
     reason: str
 
+    @classmethod
+    def because(cls, mismatch: str) -> AttackUnavailable:
+        """From :func:`core.attack.report.attacker_mismatch`'s sentence."""
+        return cls(f"The attacker cannot read this LoRA: {mismatch} The fine-tune goes on without the live attack.")
+
 
 @dataclass
 class LiveConfig:
@@ -108,9 +113,7 @@ class _Attack:
         why = attacker_mismatch(self.attacker, lora)
         if why:
             self.attacker = None
-            return AttackUnavailable(
-                f"The attacker cannot read this LoRA: {why} The fine-tune goes on without the live attack."
-            )
+            return AttackUnavailable.because(why)
         ims = reconstruct_lora(
             self.pipe, self.attacker, lora, step, self.cfg.finetune.alpha, seeds=self.cfg.attack_seeds
         )

@@ -29,7 +29,7 @@ import torch
 from core.events import LayerChanges, Preview, Reconstruction
 from core.faces import metrics
 from core.faces.utility import EVAL_SEEDS, Utility, describe_set
-from core.finetune.batch import adapter_unet, to_param_names
+from core.finetune.batch import adapter_unet, stacked_forward, to_param_names
 from core.finetune.live import AttackUnavailable
 from core.model.pipeline import initial_latents
 from core.model.sampling import decode, denoise, stacked
@@ -90,12 +90,9 @@ class Sampler:
         self._weights = {}  # module name -> its base weight, for every scratch weight changed so far
 
     def forward(self, cfg):
-        from torch.func import functional_call, vmap
-
         key = (cfg.rank, cfg.alpha, tuple(cfg.unet_targets))
         if key not in self._forward:
-            unet = adapter_unet(self.pipe, cfg)
-            self._forward[key] = vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
+            self._forward[key] = stacked_forward(adapter_unet(self.pipe, cfg))
         return self._forward[key]
 
     @torch.no_grad()
@@ -169,9 +166,7 @@ def readable(attacker, due: list[Due]) -> list:
         why = attacker_mismatch(attacker, d.lora) if attacker is not None and d.visit.attack else None
         if why:
             d.visit.attack = False
-            out[k] = AttackUnavailable(
-                f"The attacker cannot read this LoRA: {why} The fine-tune goes on without the live attack."
-            )
+            out[k] = AttackUnavailable.because(why)
     return out
 
 
