@@ -9,7 +9,7 @@ import pytest
 
 from core.events import Done, Progress, drain
 from core.faces import data
-from core.model.train_base import BaseTrainConfig, exclude_lookalikes, train_base
+from core.model.train_base import BaseTrainConfig, exclude_lookalikes, in_workers, train_base
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,7 @@ def tiny_cfg(tmp_path, fake_utkface):
         heldout_utkface=2,
         exclude_distance=0.0,
         unet_channels="32,32",
+        workers=1,
     )
 
 
@@ -52,6 +53,7 @@ def test_tiny_build_runs_and_a_stock_pipeline_samples_it(tiny_cfg):
     assert list(dict.fromkeys(stages)) == [
         "photos: lfw aligned",
         "photos: utkface aligned",
+        "descriptors: crops described",
         "latents: crops encoded",
         "unet",
     ]
@@ -122,3 +124,32 @@ def test_appearance_captions_use_the_vocabulary(tiny_cfg):
     unk = tok.unk_token_id
     assert all(unk not in tok(c).input_ids for c in caps)
     assert all(f"ida{labels[i, 0]:02d}" in c or f"idb{labels[i, 1]:02d}" in c for i, c in enumerate(caps) if c in named)
+
+
+def test_work_in_processes_comes_back_in_order_and_stops():
+    jobs = [(2, i) for i in range(9)]
+    assert list(in_workers(pow, jobs, 2)) == list(in_workers(pow, jobs, 1)) == [2**i for i in range(9)]
+    got = []
+    for r in in_workers(pow, jobs, 2, should_stop=lambda: len(got) >= 3):
+        got.append(r)
+    assert got == [1, 2, 4]
+
+
+def test_descriptors_resume_from_the_chunks_done(tiny_cfg, tmp_path):
+    from core.model.train_base import describe_all
+
+    crops = np.zeros((5, 64, 64, 3), np.uint8) + np.arange(5, dtype=np.uint8)[:, None, None, None] * 40
+    folder = tmp_path / "desc"
+    first = []
+    for e in describe_all(crops, folder, should_stop=lambda: len(first) >= 1, chunk=2):
+        first.append(e)
+    assert [e.step for e in first] == [2] and len(list(folder.glob("chunk_*.npy"))) == 1
+    events, done = [], None
+    gen = describe_all(crops, folder, chunk=2)
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        done = stop.value
+    assert [e.step for e in events] == [4, 5]  # only the chunks missing were described
+    assert done.shape == (5, 128) and np.isfinite(done).all()

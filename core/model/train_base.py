@@ -84,6 +84,7 @@ class BaseTrainConfig:
     unet_minutes: float = 0.0  # time budget of the UNet stage (0 = run all unet_steps)
     heldout_utkface: int = 512  # UTKFace chips kept out of training (the quality report's real faces)
     exclude_distance: float = 0.4  # UTKFace chips this close to an LFW victim/shadow identity are dropped
+    workers: int = 0  # processes for stages 1-2 (dlib alignment and descriptors; 0 = one per core)
 
     def __post_init__(self):
         for k in ("unet_steps", "unet_batch", "save_every", "size"):
@@ -150,20 +151,66 @@ def latent_inside(masks: np.ndarray, down: int = 8) -> np.ndarray:
     return masks.reshape(n, s // down, down, s // down, down).mean(axis=(2, 4)).astype(np.float16)
 
 
-def align_paths(paths, size: int, stage: str, should_stop=never, every: int = 500):
+def in_workers(fn, jobs, workers: int, should_stop=never):
+    """``fn(*job)`` for every job, yielded in order, computed in ``workers`` processes (inline when
+    ``workers`` <= 1); at most two jobs per worker are in flight, so big inputs are not all queued at
+    once. Stops (pending jobs cancelled) when ``should_stop()`` turns true between results.
+
+    Why processes: dlib holds the GIL through detection, landmarks and descriptors, so threads would
+    run one at a time; the stages are independent per photo."""
+    if workers <= 1:
+        for job in jobs:
+            if should_stop():
+                return
+            yield fn(*job)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs, pending = iter(jobs), deque()
+    ctx = multiprocessing.get_context("spawn")  # no inherited OpenMP state or locks
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=configure_threads, initargs=(1,)) as ex:
+        try:
+            for job in jobs:
+                pending.append(ex.submit(fn, *job))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                if should_stop():
+                    return
+                result = pending.popleft().result()
+                job = next(jobs, None)
+                if job is not None:
+                    pending.append(ex.submit(fn, *job))
+                yield result
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def n_workers(cfg: BaseTrainConfig) -> int:
+    from core.model.pipeline import cores
+
+    return cfg.workers or cores()
+
+
+def align_paths(paths, size: int, stage: str, should_stop=never, every: int = 500, workers: int = 1):
     """Step of a job: :func:`core.faces.aligned.load_set` of ``paths``, ``every`` photos at a time (a
-    Progress named ``stage`` each); (crops, inside masks, indices of ``paths`` kept), or None when stopped."""
+    Progress named ``stage`` each, in ``workers`` processes); (crops, inside masks, indices of ``paths``
+    kept), or None when stopped."""
     if not len(paths):
         return aligned.load_set([], size)
     crops, masks, kept, t0 = [], [], [], time.time()
-    for s in range(0, len(paths), every):
-        if should_stop():
-            return None
-        c, m, k = aligned.load_set(paths[s : s + every], size)
+    starts = range(0, len(paths), every)
+    jobs = ((paths[s : s + every], size) for s in starts)
+    for s, (c, m, k) in zip(starts, in_workers(aligned.load_set, jobs, workers, should_stop)):
         crops.append(c)
         masks.append(m)
         kept += [s + i for i in k]
         yield Progress(stage, min(s + every, len(paths)), len(paths), time.time() - t0)
+    if should_stop() or len(crops) < len(starts):
+        return None
     return np.concatenate(crops), np.concatenate(masks), kept
 
 
@@ -176,7 +223,7 @@ def prepare_photos(cfg: BaseTrainConfig, should_stop=never):
         return Photos(z["crops"], z["inside"], meta["sources"], meta["paths"], meta["skipped"])
     crops, inside, sources, paths, skipped = [], [], [], [], {}
     for src, ps in training_paths(cfg).items():
-        got = yield from align_paths(ps, cfg.size, f"photos: {src} aligned", should_stop)
+        got = yield from align_paths(ps, cfg.size, f"photos: {src} aligned", should_stop, workers=n_workers(cfg))
         if got is None:
             return None
         c, m, kept = got
@@ -194,27 +241,41 @@ def prepare_photos(cfg: BaseTrainConfig, should_stop=never):
 # 2. descriptors, 3. words ---------------------------------------------------------------------
 
 
-def describe_all(crops: np.ndarray, cache: Path) -> np.ndarray:
+def describe_all(crops: np.ndarray, cache: Path, should_stop=never, workers: int = 1, chunk: int = 1024):
+    """Step of a job: dlib descriptors of every crop (N x 128), cached chunk by chunk in the folder
+    ``cache`` (resumable: a stop, which returns None, keeps the chunks done); a Progress per chunk."""
     from core.faces import recognition
 
-    if cache.exists():
-        return np.load(cache)
-    desc = np.concatenate([recognition.describe(crops[i : i + 256]) for i in range(0, len(crops), 256)])
-    np.save(cache, desc)
-    return desc
+    if cache.with_suffix(".npy").exists():  # a finished cache of an earlier version: one file
+        return np.load(cache.with_suffix(".npy"))
+    cache.mkdir(parents=True, exist_ok=True)
+    starts = range(0, len(crops), chunk)
+    todo = [s for s in starts if not (cache / f"chunk_{s // chunk:05d}.npy").exists()]
+    jobs = ((crops[s : s + chunk],) for s in todo)
+    t0, done = time.time(), len(crops) - sum(len(crops[s : s + chunk]) for s in todo)
+    for s, d in zip(todo, in_workers(recognition.describe, jobs, workers, should_stop)):
+        np.save(cache / f"chunk_{s // chunk:05d}.npy", d)
+        done += len(d)
+        yield Progress("descriptors: crops described", done, len(crops), time.time() - t0)
+    if done < len(crops):
+        return None
+    parts = [np.load(cache / f"chunk_{s // chunk:05d}.npy") for s in starts]
+    return np.concatenate(parts) if parts else np.zeros((0, 128), np.float32)
 
 
-def protected_identities(cfg: BaseTrainConfig, photos_per_identity: int = 5) -> np.ndarray:
-    """Mean descriptors of every LFW victim and shadow identity (first photos, aligned crops)."""
+def identity_mean(paths, size: int) -> np.ndarray:
+    """Mean dlib descriptor of one identity's photos, aligned like a visitor's upload."""
     from core.faces import metrics, recognition
 
+    return metrics.gallery_entry(recognition.describe(aligned.load_crops(paths, size)))
+
+
+def protected_identities(cfg: BaseTrainConfig, photos_per_identity: int = 5, should_stop=never) -> np.ndarray:
+    """Mean descriptors of every LFW victim and shadow identity (first photos, aligned crops)."""
     split = data.Split.load()
-    means = []
-    for group in ("victims", "shadow"):
-        for paths in split.paths(group, cfg.data or None).values():
-            crops = aligned.load_crops(paths[:photos_per_identity], cfg.size)
-            means.append(metrics.gallery_entry(recognition.describe(crops)))
-    return np.stack(means)
+    groups = [split.paths(group, cfg.data or None).values() for group in ("victims", "shadow")]
+    jobs = [(paths[:photos_per_identity], cfg.size) for g in groups for paths in g]
+    return np.stack(list(in_workers(identity_mean, jobs, n_workers(cfg), should_stop)))
 
 
 def exclude_lookalikes(cfg: BaseTrainConfig, desc: np.ndarray, sources: list[str]) -> np.ndarray:
@@ -503,7 +564,9 @@ def prepare_training_set(cfg: BaseTrainConfig, dev, should_stop=never):
         return None
     yield Message(f"photos: {len(photos.crops)} aligned crops; no face found in {photos.skipped}")
     tag = f"{cfg.size}_{cfg.limit_images or 'all'}"
-    desc = describe_all(photos.crops, cfg.work_dir / f"descriptors_{tag}.npy")
+    desc = yield from describe_all(photos.crops, cfg.work_dir / f"descriptors_{tag}", should_stop, n_workers(cfg))
+    if desc is None:
+        return None
     keep = exclude_lookalikes(cfg, desc, photos.sources) if cfg.exclude_distance > 0 else np.ones(len(desc), bool)
     yield Message(f"descriptors: {int((~keep).sum())} UTKFace chips dropped as lookalikes of LFW victims/shadows")
     labels = appearance_labels(desc[keep], cfg.seed) if cfg.captions == "appearance" else None
