@@ -32,6 +32,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 from core.cli import Switch  # noqa: E402
 import signal  # noqa: E402
+import threading  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
@@ -148,6 +149,7 @@ class AppArgs:
     port: int = from_env("GRADIO_SERVER_PORT", 7860, int)  # port to serve on (env GRADIO_SERVER_PORT)
     host: str = from_env("GRADIO_SERVER_NAME", "127.0.0.1")  # interface to serve on (env GRADIO_SERVER_NAME)
     share: Switch = False  # also open a temporary public gradio.live link
+    compile: Switch = True  # compile the fine-tune step once at start-up, in the background (bench/compile_once.py)
 
 
 def main(argv=None):
@@ -160,8 +162,10 @@ def main(argv=None):
         a.model,
         gpu.startup_device(a.device),
         attacker=a.attacker,
-        hub_config=HubConfig(max_batch=a.max_batch, gather_seconds=a.gather_seconds),
+        hub_config=HubConfig(max_batch=a.max_batch, gather_seconds=a.gather_seconds, compile=a.compile),
     )
+    if a.compile:  # start the training hub now: it compiles while the app serves
+        threading.Thread(target=engine.hub, name="hub-start", daemon=True).start()
     demo = build_demo(engine)
     try:
         demo.launch(server_name=a.host, server_port=a.port, share=a.share)

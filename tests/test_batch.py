@@ -74,3 +74,29 @@ def test_only_compatible_recipes_share_a_batch(tiny_pipe):
     assert not batch.accepts(replace(TINY, text_encoder=True))
     with pytest.raises(ValueError, match="cannot join"):
         batch.add("x", random_crops(3, 64), replace(TINY, rank=8))
+
+
+def test_a_compiled_stack_trains_as_the_eager_one_and_is_compiled_once(tiny_pipe, photos):
+    """AdapterStack.compile: the compiled step gives the eager LoRA (float tolerance); later batches of
+    the recipe reuse it without compiling again, and batches of several LoRAs run eagerly. (The capture
+    and autograd graphs of torch.compile, without inductor's code generation, which takes minutes:
+    bench/compile_once.py runs that.)"""
+    from torch._dynamo.utils import counters
+
+    from core.finetune.batch import AdapterStack
+
+    stack = AdapterStack(tiny_pipe, TINY)
+    assert stack.compile(photos[0], backend="aot_eager") and stack.compiled is not None and stack.compile_seconds > 0
+    frames = counters["stats"]["unique_graphs"]
+
+    def train(stack_or_none, sets):
+        batch = LoRABatch(tiny_pipe, TINY, stack_or_none)
+        runs = [batch.add(k, crops, replace(TINY, seed=10 + k, steps=3)) for k, crops in enumerate(sets)]
+        for _ in range(3):
+            batch.step()
+        return [r.lora() for r in runs]
+
+    for sets in (photos[:1], photos, photos[1:2]):  # one LoRA (compiled), three (eager), one
+        for got, want in zip(train(stack, sets), train(None, sets)):
+            assert close(got, want, tol=1e-4)
+    assert counters["stats"]["unique_graphs"] == frames  # nothing was compiled again

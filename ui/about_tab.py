@@ -40,7 +40,7 @@ lab. It runs on a laptop CPU; the same code runs Stable Diffusion 1.x on a GPU.
 Up to **{batch}** visitors fine-tune at the same time on this machine (`{device}`), in one batched job
 (`--max-batch`): each keeps their own photos, trigger word, settings, live attack and LoRA, and a
 visitor who stops or leaves does not disturb the others. Whoever comes next waits in a queue and
-sees their place and an estimate. DP-SGD and text-encoder fine-tunes train one at a time, and the
+sees their place and an estimate.{compiled} DP-SGD and text-encoder fine-tunes train one at a time, and the
 Fine-tune tab says so.
 
 ## How identity is measured
@@ -76,5 +76,19 @@ so the next person at a shared computer finds nothing of it.
 def create_about_tab(engine: Engine) -> None:
     from core.finetune.hub import HubConfig
 
-    batch = (engine.hub_config or HubConfig()).batch_size(engine.device)
-    gr.Markdown(ABOUT.format(size=engine.image_size, device=engine.device, hours=SESSION_TTL / 3600, batch=batch))
+    hub = engine.hub_config or HubConfig()
+    compiled = (
+        " The fine-tune's step is compiled once when the app starts (a few minutes on a CPU, during which "
+        "fine-tunes run uncompiled), then every fine-tune uses it (`--no-compile` turns this off)."
+        if hub.compile
+        else ""
+    )
+    gr.Markdown(
+        ABOUT.format(
+            size=engine.image_size,
+            device=engine.device,
+            hours=SESSION_TTL / 3600,
+            batch=hub.batch_size(engine.device),
+            compiled=compiled,
+        )
+    )

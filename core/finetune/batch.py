@@ -19,6 +19,7 @@ a run's recipe fits. Text-encoder LoRAs and DP-SGD are not batched (they train a
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -53,6 +54,58 @@ def stacked_forward(unet):
     from torch.func import functional_call, vmap
 
     return vmap(lambda p, x, t, e: functional_call(unet, p, (x, t, e)).sample)
+
+
+class AdapterStack:
+    """The frozen adapter UNet (:func:`adapter_unet`) that the batches of one recipe run their stacked
+    LoRAs through, and its stacked forward: eager, or compiled once per process and then reused by
+    every batch (the LoRAs are arguments of the forward, not weights of the module, so a new visitor
+    never recompiles it).
+
+    Why compile on a CPU: ``torch.compile`` fuses the UNet's elementwise work around oneDNN's
+    convolutions and matmuls; a compiled step is faster, but compiling takes minutes on a 2-core CPU,
+    so it is done once, in the background, while batches train eagerly (``python -m
+    bench.compile_once`` measures both and the break-even). Only one LoRA at a time is compiled (a
+    visitor training alone: the case the stacked forward does not already amortise): ``vmap``'s
+    LoRA axis is specialised by the compiler (measured: marking it dynamic still compiled a graph per
+    batch size), so every batch size would cost minutes of its own; several LoRAs run eagerly."""
+
+    def __init__(self, pipe, cfg: FinetuneConfig):
+        self.pipe, self.cfg = pipe, cfg
+        self.unet = adapter_unet(pipe, cfg)
+        self.eager = stacked_forward(self.unet)
+        self.compiled = None  # the compiled stacked forward, once compile() has warmed it up
+        self.compile_seconds = None
+        self.compile_error = ""  # why compiling failed (the eager forward serves on)
+        self._lock = threading.Lock()
+
+    def forward(self, params, x, t, emb):
+        fn = self.compiled if self.compiled is not None and x.shape[0] == 1 else self.eager
+        return fn(params, x, t, emb)
+
+    def compile(self, photos, backend: str = "inductor") -> bool:
+        """Compile the stacked forward (and its backward) on its own copy of the adapter UNet (the eager
+        one may be training in another thread meanwhile: ``functional_call`` swaps a module's
+        parameters while it runs), warmed up on ``photos`` (one LoRA, two steps: the forward's graph,
+        then the backward's); returns whether the compiled forward is now in use. ``backend``:
+        ``torch.compile``'s (the tests use "aot_eager": the same capture and autograd graphs without
+        the code generation, which takes minutes)."""
+        with self._lock:
+            if self.compiled is not None:
+                return True
+            t0 = time.perf_counter()
+            try:
+                fn = torch.compile(stacked_forward(adapter_unet(self.pipe, self.cfg)), backend=backend)
+                warm = LoRABatch(self.pipe, self.cfg, forward=fn)
+                warm.add(0, photos, replace(self.cfg, steps=2))
+                while warm.step():
+                    pass
+            except Exception as e:  # no C++ compiler, an unsupported op: keep the eager forward
+                self.compile_error = f"{type(e).__name__}: {e}"[:300]
+                return False
+            self.compile_seconds = time.perf_counter() - t0
+            self.compiled = fn
+            return True
 
 
 def peft_key(param_name: str) -> str:
@@ -131,18 +184,19 @@ class Run:
 class LoRABatch:
     """The runs being trained together on one base pipeline (see the module docstring)."""
 
-    def __init__(self, pipe, cfg: FinetuneConfig):
+    def __init__(self, pipe, cfg: FinetuneConfig, stack: AdapterStack | None = None, forward=None):
+        """``stack``: the recipe's shared :class:`AdapterStack` (default: a new one, eager);
+        ``forward``: a stacked forward to use instead (what :meth:`AdapterStack.compile` warms up)."""
         if cfg.text_encoder:
             raise ValueError("a batch trains UNet LoRAs only (text_encoder=False)")
         self.pipe, self.cfg = pipe, cfg
         self.dev = pipe.device
         self.runs: list[Run] = []
-        self.unet = adapter_unet(pipe, cfg)
+        self.forward = forward or (stack or AdapterStack(pipe, cfg)).forward
         self.den = Denoiser(pipe.scheduler.config)
         self.cls = class_latents(pipe, cfg.n_class).to(self.dev) if cfg.prior_weight > 0 and cfg.n_class > 0 else None
         with torch.no_grad():
             self.emb_cls = encode_prompt(pipe, CLASS_PROMPT)
-        self.forward = stacked_forward(self.unet)
         self.amp = cfg.mixed_precision if cfg.mixed_precision is not None else self.dev.type == "cuda"
 
     def accepts(self, cfg: FinetuneConfig) -> bool:

@@ -41,6 +41,7 @@ class HubConfig:
     max_batch: int = 0  # visitors trained in one batch (0 = by hardware: 8 on a CPU, 32 on a GPU)
     gather_seconds: float = 0.0  # an idle hub waits this long for more visitors before starting (0 = at once)
     live_thread: bool = True  # draw checkpoints in a second thread while the next steps train (False: between steps)
+    compile: bool = False  # compile the default recipe's stacked step once, in the background (bench/compile_once.py)
 
     def __post_init__(self):
         if self.max_batch < 0 or self.gather_seconds < 0:
@@ -140,10 +141,30 @@ class TrainingHub:
         self.lock = threading.Condition()
         self.live_jobs: queue.Queue = queue.Queue()  # lists of LiveJob, in the order their steps ended
         self.sampler = None  # the trainer's own live_batch.Sampler when there is no live thread
+        self.stacks: dict = {}  # recipe (batch.SHARED_FIELDS) -> batch.AdapterStack, kept across batches
         live_cores = max(1, cores() // 2) if self.cfg.live_thread else 0
         self.thread = thread_with_cores(self._work, max(1, cores() - live_cores), "training-hub")
         if live_cores:
             self.live_thread = thread_with_cores(self._live, live_cores, "training-hub-live")
+        if self.cfg.compile:
+            threading.Thread(target=self._compile_default, name="training-hub-compile", daemon=True).start()
+
+    def stack(self, cfg):
+        """The adapter stack of recipe ``cfg`` (one per recipe, reused by every batch of it)."""
+        from core.finetune.batch import SHARED_FIELDS, AdapterStack
+
+        key = tuple(getattr(cfg, f) for f in SHARED_FIELDS)
+        with self.lock:
+            if key not in self.stacks:
+                self.stacks[key] = AdapterStack(self.pipe, replace(cfg, seed=0, trigger=None))
+            return self.stacks[key]
+
+    def _compile_default(self) -> None:
+        """Compile the default recipe's stacked step on the floor faces (photos the base model drew),
+        while visitors train eagerly; the result is in :meth:`status`."""
+        from core.finetune.live import LiveConfig
+
+        self.stack(LiveConfig().finetune).compile(self.floor[:5])
 
     # the visitor's side ---------------------------------------------------------------------------
 
@@ -174,7 +195,19 @@ class TrainingHub:
                 "waiting": len(self.waiting),
                 "max_batch": self.max_batch,
                 "round_seconds": self.round_seconds,
+                "compiled": self.compile_state(),
             }
+
+    def compile_state(self) -> str:
+        """ "off", "compiling", "ready" or "failed: <why>" (the default recipe's compiled step)."""
+        from core.finetune.live import LiveConfig
+
+        if not self.cfg.compile:
+            return "off"
+        st = self.stack(LiveConfig().finetune)
+        if st.compiled is not None:
+            return "ready"
+        return f"failed: {st.compile_error}" if st.compile_error else "compiling"
 
     # the worker ----------------------------------------------------------------------------------
 
@@ -256,7 +289,8 @@ class TrainingHub:
                 ticket.events.put(Training(0, why))
                 return
             if self.batch is None or not self.visits:
-                self.batch = LoRABatch(self.pipe, replace(cfg.finetune, seed=0, trigger=None))
+                recipe = replace(cfg.finetune, seed=0, trigger=None)
+                self.batch = LoRABatch(self.pipe, recipe, self.stack(recipe))
             run = self.batch.add(ticket, ticket.train_photos, cfg.finetune)
         except (ValueError, OSError) as e:
             ticket.events.put(Failed(f"{str(e)[:1].upper()}{str(e)[1:]}."))

@@ -12,7 +12,7 @@ Stages (each resumable; state lives in ``--work`` outside the repo, the final pi
                  identity's mean descriptor is dropped (they must stay unseen by the base model).
 3. words       - appearance words per crop (:func:`appearance_labels`).
 4. latents     - the pretrained TAEF2 autoencoder (:mod:`core.model.autoencoder`) encodes every crop
-                 and its mirror image (bf16 autocast on CPU); latents are standardised per channel
+                 and its mirror image; latents are standardised per channel
                  (statistics stored in the autoencoder's config).
 5. unet        - UNet2DConditionModel + the CLIP text encoder trained jointly: v-prediction,
                  cosine schedule, min-SNR-5 weights (:mod:`core.model.denoising`), AdamW with
@@ -68,7 +68,7 @@ class BaseTrainConfig:
     seed: int = 0  # seed of every random draw (crops, captions, noise, initial weights)
     size: int = 128  # image resolution (latents are size / 8)
     unet_channels: str = "64,128,192"  # UNet block widths (comma-separated)
-    unet_steps: int = 20000  # batch unet_batch; ~2.3 s/step on one CPU core, ~1.3 s on two
+    unet_steps: int = 20000  # batch unet_batch; seconds per step on this CPU: bench/base_step.py
     unet_batch: int = 64  # images per UNet step
     unet_lr: float = 1e-3  # AdamW learning rate after the warm-up
     warmup: int = 300  # linear learning-rate warm-up steps, then constant (EMA smooths)
@@ -76,7 +76,7 @@ class BaseTrainConfig:
     min_snr_gamma: float = 5.0  # min-SNR loss weighting gamma (Hang et al. 2023; 0 = plain MSE)
     prediction: str = "v_prediction"  # "v_prediction" | "epsilon"
     uncond_prob: float = 0.1  # caption dropped -> empty prompt, for classifier-free guidance
-    bf16: bool = True  # bf16 autocast on CPU (AVX512-BF16) / on CUDA GPUs that have it
+    bf16: bool | None = None  # bf16 autocast; None = on CUDA only (float32 on CPU: bench/base_step.py)
     save_every: int = 250  # steps between checkpoints of the UNet stage (resumable)
     preview_every: int = 1000  # write a 16-sample grid and its face-detection rate (0 = never)
     limit_images: int = 0  # 0 = all; small values for tests
@@ -187,6 +187,12 @@ def in_workers(fn, jobs, workers: int, should_stop=never):
         finally:
             for f in pending:
                 f.cancel()
+
+
+def use_bf16(cfg: BaseTrainConfig, device) -> bool:
+    """bf16 autocast where it pays: on CUDA by default. On a CPU without AVX512-BF16 / AMX, PyTorch
+    emulates bf16 and a training step ran 2.3x slower than in float32 (``python -m bench.base_step``)."""
+    return cfg.bf16 if cfg.bf16 is not None else torch.device(device).type == "cuda"
 
 
 def n_workers(cfg: BaseTrainConfig) -> int:
@@ -340,7 +346,7 @@ def to_tensor(crops: np.ndarray) -> torch.Tensor:
 
 
 def encode_latents(
-    autoencoder, crops: np.ndarray, folder: Path, device, bf16: bool = True, chunk: int = 1024, should_stop=never
+    autoencoder, crops: np.ndarray, folder: Path, device, bf16: bool = False, chunk: int = 1024, should_stop=never
 ):
     """Step of a job: raw (unstandardised) latents of every crop followed by its mirror image, per chunk of
     crops: ``[c_0..c_k, mirror(c_0)..mirror(c_k), c_k+1 ...]``, float16, cached chunk by chunk (resumable:
@@ -361,7 +367,7 @@ def encode_latents(
 
 
 @torch.no_grad()
-def encode_chunk(autoencoder, crops: np.ndarray, device, bf16: bool = True) -> torch.Tensor:
+def encode_chunk(autoencoder, crops: np.ndarray, device, bf16: bool = False) -> torch.Tensor:
     """Raw latents of ``crops`` followed by those of their mirror images, float16 (64 crops at a time)."""
     parts = []
     for j in range(0, len(crops), 64):
@@ -479,7 +485,7 @@ def train_unet(cfg, comps, latents, inside, labels, device, should_stop=never):
         batch = den.noise(x0, g)
         for grp in opt.param_groups:
             grp["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
-        with mixed_precision(device, cfg.bf16):
+        with mixed_precision(device, use_bf16(cfg, device)):
             pred = unet(batch.noisy, batch.t, te(token_ids(caps))[0]).sample
         per = den.errors(pred, batch, mask)
         loss = per.mean()
@@ -574,7 +580,7 @@ def prepare_training_set(cfg: BaseTrainConfig, dev, should_stop=never):
         yield Message(f"appearance words: {len(set(labels[:, 0]))} x {len(set(labels[:, 1]))} clusters")
     ae = load_taef2(cfg.autoencoder).to(dev)
     raw = yield from encode_latents(
-        ae, photos.crops, cfg.work_dir / f"latents_{tag}", dev, cfg.bf16, should_stop=should_stop
+        ae, photos.crops, cfg.work_dir / f"latents_{tag}", dev, use_bf16(cfg, dev), should_stop=should_stop
     )
     if raw is None:
         return None
