@@ -79,7 +79,7 @@ def create_about_tab(engine: Engine) -> None:
     hub = engine.hub_config or HubConfig()
     compiled = (
         " The fine-tune's step is compiled once when the app starts (a few minutes on a CPU, during which "
-        "fine-tunes run uncompiled), then every fine-tune uses it (`--no-compile` turns this off)."
+        "fine-tunes run uncompiled), then every fine-tune uses it (`--compile False` turns this off)."
         if hub.compile
         else ""
     )

@@ -27,6 +27,7 @@ visitors before the first step. How many train at once (``max_batch``) and the w
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -164,7 +165,12 @@ class TrainingHub:
         while visitors train eagerly; the result is in :meth:`status`."""
         from core.finetune.live import LiveConfig
 
-        self.stack(LiveConfig().finetune).compile(self.floor[:5])
+        st = self.stack(LiveConfig().finetune)
+        if st.compile(self.floor[:5]):
+            said = f"fine-tune step compiled in {st.compile_seconds:.0f} s"
+        else:
+            said = f"compiling failed, training uncompiled ({st.compile_error})"
+        print(f"training hub: {said}", file=sys.stderr, flush=True)
 
     # the visitor's side ---------------------------------------------------------------------------
 
