@@ -77,6 +77,7 @@ class BaseTrainConfig:
     prediction: str = "v_prediction"  # "v_prediction" | "epsilon"
     uncond_prob: float = 0.1  # caption dropped -> empty prompt, for classifier-free guidance
     bf16: bool | None = None  # bf16 autocast; None = on CUDA only (float32 on CPU: bench/base_step.py)
+    channels_last: bool = True  # UNet tensors channels-last (oneDNN's convolution layout: bench/base_step.py)
     save_every: int = 250  # steps between checkpoints of the UNet stage (resumable)
     preview_every: int = 1000  # write a 16-sample grid and its face-detection rate (0 = never)
     limit_images: int = 0  # 0 = all; small values for tests
@@ -191,7 +192,7 @@ def in_workers(fn, jobs, workers: int, should_stop=never):
 
 def use_bf16(cfg: BaseTrainConfig, device) -> bool:
     """bf16 autocast where it pays: on CUDA by default. On a CPU without AVX512-BF16 / AMX, PyTorch
-    emulates bf16 and a training step ran 2.3x slower than in float32 (``python -m bench.base_step``)."""
+    emulates bf16 and a training step ran 2.1x slower than in float32 (``python -m bench.base_step``)."""
     return cfg.bf16 if cfg.bf16 is not None else torch.device(device).type == "cuda"
 
 
@@ -459,6 +460,8 @@ def train_unet(cfg, comps, latents, inside, labels, device, should_stop=never):
             caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
 
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    unet.to(memory_format=fmt)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
@@ -486,7 +489,7 @@ def train_unet(cfg, comps, latents, inside, labels, device, should_stop=never):
         for grp in opt.param_groups:
             grp["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
         with mixed_precision(device, use_bf16(cfg, device)):
-            pred = unet(batch.noisy, batch.t, te(token_ids(caps))[0]).sample
+            pred = unet(batch.noisy.contiguous(memory_format=fmt), batch.t, te(token_ids(caps))[0]).sample
         per = den.errors(pred, batch, mask)
         loss = per.mean()
         opt.zero_grad(set_to_none=True)
@@ -509,6 +512,7 @@ def train_unet(cfg, comps, latents, inside, labels, device, should_stop=never):
     unet.eval()
     te.eval()
     ema.copy_to(unet.parameters())  # export the EMA weights
+    unet.to(memory_format=torch.contiguous_format)
     return step
 
 
