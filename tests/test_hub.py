@@ -130,3 +130,33 @@ def test_an_attacker_that_cannot_read_the_lora_says_so_once_and_training_goes_on
     assert len(told) == 1 and "rank" in told[0].reason
     assert not [e for e in evs if isinstance(e, Reconstruction)]
     assert isinstance(evs[-1], Done) and not evs[-1].cancelled
+
+
+def test_a_compiled_hub_trains_the_same_lora_and_keeps_one_stack(tiny_pipe):
+    """HubConfig.compile: the default recipe's step is compiled in the background (here with the
+    "aot_eager" backend: the same graphs without inductor's minutes of code generation); a visitor
+    after it trains on the compiled step and gets the LoRA of a fine-tune alone; another recipe gets
+    a stack of its own that is not kept."""
+    import time
+
+    hub = TrainingHub(
+        tiny_pipe,
+        attacker=None,
+        floor_images=random_crops(2),
+        cfg=HubConfig(compile=True, compile_backend="aot_eager"),
+        default_recipe=TINY,
+    )
+    deadline = time.monotonic() + 500
+    while hub.compile_state() == "compiling" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert hub.compile_state() == "ready"
+    out = {}
+    visit(hub, 1, out=out).join(600)
+    done = out[1][-1]
+    assert isinstance(done, Done) and not done.cancelled
+    alone = drain(finetune(tiny_pipe, random_crops(4)[1:], replace(TINY, seed=21, preview_n=0)))
+    mine = done.result.result.lora
+    assert all(torch.allclose(mine[n], alone.lora[n], atol=2e-4) for n in mine)
+    (stack,) = hub.stacks.values()
+    assert hub.batch.forward == stack.forward and stack.compiled is not None
+    assert hub.stack(replace(TINY, rank=2)) is not hub.stack(replace(TINY, rank=2)) and len(hub.stacks) == 1

@@ -43,6 +43,7 @@ class HubConfig:
     gather_seconds: float = 0.0  # an idle hub waits this long for more visitors before starting (0 = at once)
     live_thread: bool = True  # draw checkpoints in a second thread while the next steps train (False: between steps)
     compile: bool = False  # compile the default recipe's stacked step once, in the background (bench/compile_once.py)
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" in tests: no code generation)
 
     def __post_init__(self):
         if self.max_batch < 0 or self.gather_seconds < 0:
@@ -126,11 +127,12 @@ class TrainingHub:
     """See the module docstring. ``attacker``: the trained attacker for this base or None;
     ``floor_images``: the base model's class-prompt samples (the floor of every identity score)."""
 
-    def __init__(self, pipe, attacker=None, floor_images=None, cfg: HubConfig | None = None):
+    def __init__(self, pipe, attacker=None, floor_images=None, cfg: HubConfig | None = None, default_recipe=None):
         from core.faces.utility import describe_set
         from core.faces.utility import floor_images as make_floor
 
         self.pipe, self.attacker, self.cfg = pipe, attacker, cfg or HubConfig()
+        self.default_recipe = default_recipe or LiveConfig().finetune  # the recipe compiled and kept
         self.floor = floor_images if floor_images is not None else make_floor(pipe)
         self.floor_descriptor = describe_set(self.floor)
         self.max_batch = self.cfg.batch_size(pipe.device)
@@ -142,7 +144,7 @@ class TrainingHub:
         self.lock = threading.Condition()
         self.live_jobs: queue.Queue = queue.Queue()  # lists of LiveJob, in the order their steps ended
         self.sampler = None  # the trainer's own live_batch.Sampler when there is no live thread
-        self.stacks: dict = {}  # recipe (batch.SHARED_FIELDS) -> batch.AdapterStack, kept across batches
+        self.stacks: dict = {}  # the default recipe's batch.AdapterStack, kept across batches
         live_cores = max(1, cores() // 2) if self.cfg.live_thread else 0
         self.thread = thread_with_cores(self._work, max(1, cores() - live_cores), "training-hub")
         if live_cores:
@@ -151,10 +153,14 @@ class TrainingHub:
             threading.Thread(target=self._compile_default, name="training-hub-compile", daemon=True).start()
 
     def stack(self, cfg):
-        """The adapter stack of recipe ``cfg`` (one per recipe, reused by every batch of it)."""
+        """The adapter stack of recipe ``cfg``: the default recipe's is kept (and compiled) for every
+        batch of it; another recipe's is made for its batch and freed with it (a room trying many
+        settings would otherwise keep a UNet copy per setting)."""
         from core.finetune.batch import SHARED_FIELDS, AdapterStack
 
         key = tuple(getattr(cfg, f) for f in SHARED_FIELDS)
+        if key != tuple(getattr(self.default_recipe, f) for f in SHARED_FIELDS):
+            return AdapterStack(self.pipe, replace(cfg, seed=0, trigger=None))
         with self.lock:
             if key not in self.stacks:
                 self.stacks[key] = AdapterStack(self.pipe, replace(cfg, seed=0, trigger=None))
@@ -163,10 +169,9 @@ class TrainingHub:
     def _compile_default(self) -> None:
         """Compile the default recipe's stacked step on the floor faces (photos the base model drew),
         while visitors train eagerly; the result is in :meth:`status`."""
-        from core.finetune.live import LiveConfig
-
-        st = self.stack(LiveConfig().finetune)
-        if st.compile(self.floor[:5]):
+        st = self.stack(self.default_recipe)
+        photos = (list(self.floor) * 3)[:5]  # a fine-tune takes 3 to 10 photos
+        if st.compile(photos, self.cfg.compile_backend):
             said = f"fine-tune step compiled in {st.compile_seconds:.0f} s"
         else:
             said = f"compiling failed, training uncompiled ({st.compile_error})"
@@ -206,11 +211,9 @@ class TrainingHub:
 
     def compile_state(self) -> str:
         """ "off", "compiling", "ready" or "failed: <why>" (the default recipe's compiled step)."""
-        from core.finetune.live import LiveConfig
-
         if not self.cfg.compile:
             return "off"
-        st = self.stack(LiveConfig().finetune)
+        st = self.stack(self.default_recipe)
         if st.compiled is not None:
             return "ready"
         return f"failed: {st.compile_error}" if st.compile_error else "compiling"
