@@ -22,7 +22,9 @@ def test_train_many_reproduces_finetune_run_by_run(tiny_pipe):
         many = res["trajectory"][4][k]
         assert many.keys() == single.lora.keys()
         for key, v in single.lora.items():
-            torch.testing.assert_close(many[key], v, rtol=1e-3, atol=1e-4)
+            # float rounding of one stacked forward vs K single ones; 2e-4 as in tests/test_batch.py (1.4e-4
+            # was seen on a CPU without AVX512-BF16, with the code of a run that passed at 1e-4 elsewhere)
+            torch.testing.assert_close(many[key], v, rtol=1e-3, atol=2e-4)
         assert abs(res["losses"][-1][k] - single.losses[-1]) < 1e-3
 
 
