@@ -90,7 +90,7 @@ def test_a_compiled_stack_trains_as_the_eager_one_and_is_compiled_once(tiny_pipe
     frames = counters["stats"]["unique_graphs"]
 
     def train(stack_or_none, sets):
-        batch = LoRABatch(tiny_pipe, TINY, stack_or_none)
+        batch = LoRABatch(tiny_pipe, TINY, stack_or_none.forward if stack_or_none else None)
         runs = [batch.add(k, crops, replace(TINY, seed=10 + k, steps=3)) for k, crops in enumerate(sets)]
         for _ in range(3):
             batch.step()

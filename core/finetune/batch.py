@@ -184,15 +184,15 @@ class Run:
 class LoRABatch:
     """The runs being trained together on one base pipeline (see the module docstring)."""
 
-    def __init__(self, pipe, cfg: FinetuneConfig, stack: AdapterStack | None = None, forward=None):
-        """``stack``: the recipe's shared :class:`AdapterStack` (default: a new one, eager);
-        ``forward``: a stacked forward to use instead (what :meth:`AdapterStack.compile` warms up)."""
+    def __init__(self, pipe, cfg: FinetuneConfig, forward=None):
+        """``forward``: the stacked forward to train with, e.g. a shared :class:`AdapterStack`'s
+        (default: a new stack's, eager)."""
         if cfg.text_encoder:
             raise ValueError("a batch trains UNet LoRAs only (text_encoder=False)")
         self.pipe, self.cfg = pipe, cfg
         self.dev = pipe.device
         self.runs: list[Run] = []
-        self.forward = forward or (stack or AdapterStack(pipe, cfg)).forward
+        self.forward = forward or AdapterStack(pipe, cfg).forward
         self.den = Denoiser(pipe.scheduler.config)
         self.cls = class_latents(pipe, cfg.n_class).to(self.dev) if cfg.prior_weight > 0 and cfg.n_class > 0 else None
         with torch.no_grad():

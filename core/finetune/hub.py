@@ -299,7 +299,7 @@ class TrainingHub:
                 return
             if self.batch is None or not self.visits:
                 recipe = replace(cfg.finetune, seed=0, trigger=None)
-                self.batch = LoRABatch(self.pipe, recipe, self.stack(recipe))
+                self.batch = LoRABatch(self.pipe, recipe, self.stack(recipe).forward)
             run = self.batch.add(ticket, ticket.train_photos, cfg.finetune)
         except (ValueError, OSError) as e:
             ticket.events.put(Failed(f"{str(e)[:1].upper()}{str(e)[1:]}."))
