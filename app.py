@@ -164,14 +164,22 @@ def main(argv=None):
         attacker=a.attacker,
         hub_config=HubConfig(max_batch=a.max_batch, gather_seconds=a.gather_seconds, compile=a.compile),
     )
+    starter = None
     if a.compile:  # start the training hub now: it compiles while the app serves
-        threading.Thread(target=engine.hub, name="hub-start", daemon=True).start()
+        starter = threading.Thread(target=engine.hub, name="hub-start", daemon=True)
+        starter.start()
     demo = build_demo(engine)
     try:
         demo.launch(server_name=a.host, server_port=a.port, share=a.share)
     finally:
         demo.close()
         sessions.empty_root()
+        if engine.compiling() or (starter is not None and starter.is_alive()):
+            # torch.compile cannot be interrupted, and ending the interpreter under it aborts the
+            # process (C++ "terminate called"): the visit's files are gone now, so leave at once
+            print("leaving during the start-up compile", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(0)
 
 
 if __name__ == "__main__":

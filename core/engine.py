@@ -112,6 +112,12 @@ class Engine:
                 hub = self._hub
         return hub
 
+    def compiling(self) -> bool:
+        """True while the training hub (if started) still compiles its step in the background."""
+        with self._lock:
+            hub = getattr(self, "_hub", None)
+        return hub is not None and hub.compiling
+
     @property
     def device(self) -> str:
         return str(self.pipe.device)

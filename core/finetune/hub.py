@@ -149,8 +149,12 @@ class TrainingHub:
         self.thread = thread_with_cores(self._work, max(1, cores() - live_cores), "training-hub")
         if live_cores:
             self.live_thread = thread_with_cores(self._live, live_cores, "training-hub-live")
+        self.compile_thread = None
         if self.cfg.compile:
-            threading.Thread(target=self._compile_default, name="training-hub-compile", daemon=True).start()
+            self.compile_thread = threading.Thread(
+                target=self._compile_default, name="training-hub-compile", daemon=True
+            )
+            self.compile_thread.start()
 
     def stack(self, cfg):
         """The adapter stack of recipe ``cfg``: the default recipe's is kept (and compiled) for every
@@ -208,6 +212,11 @@ class TrainingHub:
                 "round_seconds": self.round_seconds,
                 "compiled": self.compile_state(),
             }
+
+    @property
+    def compiling(self) -> bool:
+        """True while the background compile runs (native code that cannot be interrupted)."""
+        return self.compile_thread is not None and self.compile_thread.is_alive()
 
     def compile_state(self) -> str:
         """ "off", "compiling", "ready" or "failed: <why>" (the default recipe's compiled step)."""
