@@ -76,34 +76,43 @@ class AdapterStack:
         self.eager = stacked_forward(self.unet)
         self.compiled = None  # the compiled stacked forward, once compile() has warmed it up
         self.compile_seconds = None
+        self.compile_mode = None  # inductor's mode of the compiled forward ("reduce-overhead": CUDA graphs)
         self.compile_error = ""  # why compiling failed (the eager forward serves on)
         self._lock = threading.Lock()
 
     def forward(self, params, x, t, emb):
-        fn = self.compiled if self.compiled is not None and x.shape[0] == 1 else self.eager
-        return fn(params, x, t, emb)
+        if self.compiled is not None and x.shape[0] == 1:
+            try:
+                return self.compiled(params, x, t, emb)
+            except Exception as e:  # e.g. CUDA graphs recorded in the compiling thread: serve on eagerly
+                self.compiled, self.compile_error = None, f"{type(e).__name__}: {e}"[:300]
+        return self.eager(params, x, t, emb)
 
-    def compile(self, photos, backend: str = "inductor") -> bool:
+    def compile(self, photos, backend: str = "inductor", mode: str | None = None) -> bool:
         """Compile the stacked forward (and its backward) on its own copy of the adapter UNet (the eager
         one may be training in another thread meanwhile: ``functional_call`` swaps a module's
         parameters while it runs), warmed up on ``photos`` (one LoRA, two steps: the forward's graph,
         then the backward's); returns whether the compiled forward is now in use. ``backend``:
         ``torch.compile``'s (the tests use "aot_eager": the same capture and autograd graphs without
-        the code generation, which takes minutes)."""
+        the code generation, which takes minutes); ``mode``: inductor's (default: "reduce-overhead"
+        on CUDA, i.e. the step replayed as CUDA graphs, not thousands of kernel launches; none on a CPU)."""
         with self._lock:
             if self.compiled is not None:
                 return True
             t0 = time.perf_counter()
             try:
-                fn = torch.compile(stacked_forward(adapter_unet(self.pipe, self.cfg)), backend=backend)
+                if mode is None and backend == "inductor" and self.pipe.device.type == "cuda":
+                    mode = "reduce-overhead"
+                fn = torch.compile(stacked_forward(adapter_unet(self.pipe, self.cfg)), backend=backend, mode=mode)
                 warm = LoRABatch(self.pipe, self.cfg, forward=fn)
-                warm.add(0, photos, replace(self.cfg, steps=2))
+                warm_steps = 3 if mode == "reduce-overhead" else 2  # CUDA graphs are recorded on the 3rd call
+                warm.add(0, photos, replace(self.cfg, steps=warm_steps))
                 while warm.step():
                     pass
             except Exception as e:  # no C++ compiler, an unsupported op: keep the eager forward
                 self.compile_error = f"{type(e).__name__}: {e}"[:300]
                 return False
-            self.compile_seconds = time.perf_counter() - t0
+            self.compile_seconds, self.compile_mode = time.perf_counter() - t0, mode
             self.compiled = fn
             return True
 
@@ -272,10 +281,12 @@ class LoRABatch:
         for r in runs:
             r.opt.zero_grad(set_to_none=True)
         loss.sum().backward()
-        for k, r in enumerate(runs):
+        for r in runs:
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(list(r.params.values()), self.cfg.grad_clip)
             r.opt.step()
             r.step += 1
-            r.losses.append((float(loss[k].detach()), float(inst_loss[k].detach())))
+        # the losses of all runs in one transfer: on a GPU one synchronisation per step, not two per run
+        for r, pair in zip(runs, torch.stack([loss, inst_loss], 1).detach().float().cpu().tolist()):
+            r.losses.append(tuple(pair))
         return runs

@@ -176,7 +176,8 @@ class TrainingHub:
         st = self.stack(self.default_recipe)
         photos = (list(self.floor) * 3)[:5]  # a fine-tune takes 3 to 10 photos
         if st.compile(photos, self.cfg.compile_backend):
-            said = f"fine-tune step compiled in {st.compile_seconds:.0f} s"
+            graphs = " (replayed as CUDA graphs)" if st.compile_mode == "reduce-overhead" else ""
+            said = f"fine-tune step compiled in {st.compile_seconds:.0f} s{graphs}"
         else:
             said = f"compiling failed, training uncompiled ({st.compile_error})"
         print(f"training hub: {said}", file=sys.stderr, flush=True)
