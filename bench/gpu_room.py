@@ -122,7 +122,8 @@ def report(title: str, visits: list[Visit]) -> None:
     for i, v in enumerate(visits):
         first = f"{v.first:.1f}" if v.first is not None else "-"
         done = f"{v.done:.1f}" if v.done is not None else "-"
-        print(f"  visitor {i + 1:2d}: pressed at {v.press:4.1f} s, first reconstruction {first} s, done {done} s {v.error}")
+        said = f"first reconstruction {first} s, done {done} s {v.error}"
+        print(f"  visitor {i + 1:2d}: pressed at {v.press:4.1f} s, {said}")
     done = [v.done for v in visits if v.done is not None]
     firsts = [v.first for v in visits if v.first is not None]
     if done:
