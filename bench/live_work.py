@@ -13,8 +13,12 @@ Three measurements, each against its baseline in the same run:
    between parallel regions). What :func:`core.model.pipeline.thread_with_cores` and the app's
    one-core default avoid.
 3. **One visitor through the training hub** (default recipe, live attack on, the example face),
-   with the live work in a second thread (``HubConfig.live_thread``, the default) and between steps,
-   alternating, each arm in a fresh process: seconds to the first reconstruction and to ``Done``.
+   with the live work in a second thread (``HubConfig.live_thread``, the default), the same with the
+   last checkpoint's reconstruction and previews drawn one after the other in that thread
+   (``HubConfig.split_last`` off: by default, once nothing else trains, the previews are drawn in a
+   thread of their own on the trainer's idle core), and between steps, alternating, each arm in a
+   fresh process: seconds to the first reconstruction, to ``Done``, and from the last step to
+   ``Done`` (the last checkpoint's live work and the score: what the visitor waits for after training).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class LiveWorkArgs:
     reps: int = 2  # visits per hub arm (each arm alternates with the other)
     steps: int = 80  # fine-tuning steps of the visit (the app's default: 80)
     model: str = ""  # model folder or hub id (default: the embedded model)
-    arm: str = ""  # internal: run one hub arm ("thread" or "between") in this process and print JSON
+    arm: str = ""  # internal: run one hub arm ("thread", "thread-one" or "between") in this process, print JSON
 
 
 def example_photos(size: int) -> list:
@@ -132,13 +136,17 @@ def hub_arm(a: LiveWorkArgs) -> None:
 
     def visits():
         attacker, _ = engine.attacker()
-        hub = TrainingHub(engine.pipe, attacker, engine.floor_images(), HubConfig(live_thread=a.arm == "thread"))
+        cfg = HubConfig(live_thread=a.arm != "between", split_last=a.arm != "thread-one")
+        hub = TrainingHub(engine.pipe, attacker, engine.floor_images(), cfg)
         for _ in range(a.reps):
-            t0, first = time.perf_counter(), None
+            t0, first, trained = time.perf_counter(), None, None
             for ev in hub.submit(photos, LiveConfig(FinetuneConfig(steps=a.steps))):
                 if first is None and type(ev).__name__ == "Reconstruction":
                     first = time.perf_counter() - t0
-            print(json.dumps({"arm": a.arm, "first": first, "done": time.perf_counter() - t0}), flush=True)
+                if type(ev).__name__ == "Progress" and ev.step == a.steps:
+                    trained = time.perf_counter() - t0
+            done = time.perf_counter() - t0
+            print(json.dumps({"arm": a.arm, "first": first, "done": done, "tail": done - trained}), flush=True)
 
     th = threading.Thread(target=visits)  # as in the app: a handler thread, not the main one
     th.start()
@@ -146,7 +154,7 @@ def hub_arm(a: LiveWorkArgs) -> None:
 
 
 def hub(a: LiveWorkArgs) -> None:
-    rows = {"thread": [], "between": []}
+    rows = {"thread": [], "thread-one": [], "between": []}
     for _ in range(a.reps):
         for arm in rows:
             cmd = [sys.executable, "-m", "bench.live_work", "--arm", arm, "--reps", "1", "--steps", str(a.steps)]
@@ -155,11 +163,17 @@ def hub(a: LiveWorkArgs) -> None:
             )
             rows[arm] += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     print(f"## 3. one visitor through the hub ({a.steps} steps, live attack on), arms alternating")
-    for arm, label in (("thread", "live work in a second thread"), ("between", "live work between steps")):
+    labels = {
+        "thread": "live work in a second thread",
+        "thread-one": "the same, the last checkpoint drawn in one thread",
+        "between": "live work between steps",
+    }
+    for arm, label in labels.items():
         r = rows[arm]
         first = ", ".join(f"{x['first']:.1f}" for x in r if x["first"] is not None) or "none"
         done = ", ".join(f"{x['done']:.1f}" for x in r)
-        print(f"{label}: first reconstruction {first} s; done {done} s")
+        tail = ", ".join(f"{x['tail']:.1f}" for x in r)
+        print(f"{label}: first reconstruction {first} s; done {done} s; last step to done {tail} s")
 
 
 def main(argv=None) -> None:

@@ -56,3 +56,33 @@ def test_the_stacked_path_draws_what_the_merged_path_draws(tiny_pipe):
         a, b = (np.stack(drawn[m][k]).astype(int) for m in (True, False))
         assert np.abs(a - b).mean() < 2, k
     assert np.abs(np.stack(drawn[True][0]).astype(int) - np.stack(drawn[True][1]).astype(int)).mean() > 0
+
+
+def test_a_last_checkpoint_drawn_side_by_side_gives_the_same_events(tiny_pipe):
+    """A visitor alone: their last reconstruction here and their previews in a second thread (the
+    hub's ``split_last``) give the events of the one-thread path, in the same order."""
+    import numpy as np
+
+    from core.attack.attacker import Attacker, config_for
+    from core.faces.utility import describe_set
+    from core.finetune.live import LiveConfig
+    from core.finetune.live_batch import Due, Visit, checkpoint_images
+    from core.finetune.lora import encode_prompt
+    from core.model.prompts import CLASS_PROMPT
+    from tests.test_cloak import face_like
+
+    lora = random_lora(tiny_pipe, 3)
+    attacker = Attacker(
+        config_for(tiny_pipe, lora, rank=4, alpha=4.0), class_embedding=encode_prompt(tiny_pipe, CLASS_PROMPT)[0]
+    ).eval()
+    cfg = LiveConfig(FinetuneConfig(trigger="sks"))
+    photos = face_like(3, 64)
+    drawn = {}
+    for helper in (None, Sampler(tiny_pipe)):
+        due = [Due(Visit(photos, cfg, describe_set(face_like(2, 64))), 80, lora, True)]
+        drawn[helper is None] = list(checkpoint_images(Sampler(tiny_pipe), attacker, due, 2, helper=helper))
+    one, two = drawn[True], drawn[False]
+    assert [type(ev).__name__ for _, ev in one] == [type(ev).__name__ for _, ev in two] == ["Reconstruction", "Preview"]
+    for (_, a), (_, b) in zip(one, two):
+        assert np.abs(np.stack(a.images).astype(int) - np.stack(b.images).astype(int)).mean() < 1
+        assert (a.distance is None) == (b.distance is None)

@@ -44,6 +44,7 @@ class HubConfig:
     live_thread: bool = True  # draw checkpoints in a second thread while the next steps train (False: between steps)
     compile: bool = False  # compile the default recipe's stacked step once, in the background (bench/compile_once.py)
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" in tests: no code generation)
+    split_last: bool = True  # a visitor alone: their last previews drawn beside their last reconstruction
 
     def __post_init__(self):
         if self.max_batch < 0 or self.gather_seconds < 0:
@@ -450,6 +451,7 @@ class TrainingHub:
         from core.finetune.live_batch import Sampler
 
         sampler = Sampler(self.pipe)
+        helper = Sampler(self.pipe)  # a second scratch UNet (allocated on first use) for _alone's previews
         while True:
             jobs = list(self.live_jobs.get())
             while not self.live_jobs.empty():
@@ -458,9 +460,19 @@ class TrainingHub:
             if not jobs:
                 continue
             try:
-                self._draw(sampler, jobs)
+                self._draw(sampler, jobs, helper if self._alone(jobs) else None)
             except Exception as e:  # never let the worker die: fail these visitors, serve on
                 self._fail_jobs(jobs, e)
+
+    def _alone(self, jobs: list[LiveJob]) -> bool:
+        """Is this the last checkpoint of a run that has finished training, with no one training or
+        waiting? Then the trainer's cores idle, and the checkpoint's previews (the score's samples) are
+        drawn in a thread of their own beside its reconstruction (:func:`checkpoint_images`'s
+        ``helper``): a visitor alone gets their result sooner (``python -m bench.live_work``)."""
+        if not self.cfg.split_last or len(jobs) != 1 or jobs[0].result is None:
+            return False
+        with self.lock:
+            return not (self.visits or self.solos or self.waiting)
 
     @staticmethod
     def _left(job: LiveJob) -> bool:
@@ -470,10 +482,11 @@ class TrainingHub:
             return True
         return False
 
-    def _draw(self, sampler, jobs: list[LiveJob]) -> None:
+    def _draw(self, sampler, jobs: list[LiveJob], helper=None) -> None:
         from core.finetune.live_batch import checkpoint_images
 
-        for k, ev in checkpoint_images(sampler, self.attacker, [j.due for j in jobs], len(self.floor)):
+        due = [j.due for j in jobs]
+        for k, ev in checkpoint_images(sampler, self.attacker, due, len(self.floor), helper=helper):
             jobs[k].ticket.events.put(ev)
             if isinstance(ev, Preview) and jobs[k].result is not None:  # a finished run's last event
                 self._finish(jobs[k], ev)
