@@ -112,6 +112,19 @@ class Engine:
                 hub = self._hub
         return hub
 
+    def free_cores(self) -> int:
+        """Cores a visitor's one-off job (a cloak) may compute on now: every core while no fine-tune
+        runs or waits, else one (the training hub has the others)."""
+        from core.model.pipeline import cores
+
+        with self._lock:
+            hub = getattr(self, "_hub", None)
+        if hub is not None:
+            st = hub.status()
+            if st["training"] or st["waiting"]:
+                return 1
+        return cores()
+
     def compiling(self) -> bool:
         """True while the training hub (if started) still compiles its step in the background."""
         with self._lock:

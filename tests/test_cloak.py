@@ -166,3 +166,12 @@ def test_protect_photos_cloaks_then_purifies(tiny_pipe, photos):
     assert plain.purified is None and plain.photos is plain.cloak.cloaked
     stopped = list(protect_photos(tiny_pipe, photos, FAST, PurifyConfig(), should_stop=lambda: True))
     assert isinstance(stopped[-1], Done) and stopped[-1].cancelled and stopped[-1].result is None
+
+
+def test_a_cloak_on_two_cores_gives_the_same_photos(tiny_pipe, photos):
+    """``protect_photos(cores=2)`` computes in a thread of its own: the same cloak, repeatable."""
+    here = drain(protect_photos(tiny_pipe, photos, FAST, cores=1))
+    there = drain(protect_photos(tiny_pipe, photos, FAST, cores=2))
+    # the same up to float rounding (2 threads sum in another order; a near-zero gradient's sign may flip)
+    assert all(np.abs(a.astype(int) - b.astype(int)).mean() < 0.5 for a, b in zip(here.photos, there.photos))
+    assert all(np.abs(c.astype(int) - o.astype(int)).max() <= FAST.budget for c, o in zip(there.photos, photos))

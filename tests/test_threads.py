@@ -2,6 +2,7 @@
 the process's default (the app's policy: core.engine.Engine)."""
 
 import threading
+import time
 
 import torch
 
@@ -13,7 +14,13 @@ def test_a_thread_with_cores_leaves_every_other_thread_its_default():
     torch.set_num_threads(1)
     seen = {}
     try:
-        thread_with_cores(lambda: seen.setdefault("worker", torch.get_num_threads()), 2, "worker").join()
+
+        def worker():
+            time.sleep(0.3)  # the caller has put the default back by now
+            torch.randn(256, 256) @ torch.randn(256, 256)  # a parallel region
+            seen["worker"] = torch.get_num_threads()
+
+        thread_with_cores(worker, 2, "worker").join()
         later = threading.Thread(target=lambda: seen.setdefault("later", torch.get_num_threads()))
         later.start()
         later.join()
@@ -21,3 +28,49 @@ def test_a_thread_with_cores_leaves_every_other_thread_its_default():
     finally:
         torch.set_num_threads(before)
     assert seen == {"worker": 2, "later": 1, "caller": 1}
+
+
+def test_events_on_cores_pass_events_errors_and_a_stop_through():
+    from core.model.pipeline import events_on_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seen = []
+
+        def job(stop):
+            for i in range(3):
+                seen.append((i, torch.get_num_threads(), threading.current_thread().name))
+                yield i
+
+        assert list(events_on_cores(job, 2)) == [0, 1, 2]
+        assert all(n == 2 and name == "events-on-cores" for _, n, name in seen)
+        assert torch.get_num_threads() == 1  # the caller keeps its own
+        seen.clear()
+        assert list(events_on_cores(job, 1)) == [0, 1, 2] and seen[0][2] == threading.current_thread().name
+
+        def failing(stop):
+            yield "started"
+            raise ValueError("a sentence for the visitor")
+
+        gen = events_on_cores(failing, 2)
+        assert next(gen) == "started"
+        try:
+            next(gen)
+            raise AssertionError("the job's error was not raised")
+        except ValueError as e:
+            assert "sentence" in str(e)
+
+        stopped = threading.Event()
+
+        def endless(stop):
+            while not stop():
+                yield "step"
+            stopped.set()
+
+        gen = events_on_cores(endless, 2)
+        assert next(gen) == "step"
+        gen.close()  # the visitor left: the job ends at its next check
+        assert stopped.wait(10)
+    finally:
+        torch.set_num_threads(before)

@@ -137,7 +137,7 @@ def protect_updates(engine, photos, protect: bool, budget, purify: bool, should_
         "status": f"Cloaking your {len(photos)} photos (budget {cfg.budget:g}/255)...",
         "protect_gallery": gr.update(value=[], visible=True),
     }
-    for ev in protect_photos(engine.pipe, photos, cfg, pcfg, should_stop):
+    for ev in protect_photos(engine.pipe, photos, cfg, pcfg, should_stop, cores=engine.free_cores()):
         if isinstance(ev, Progress):
             yield {"status": f"Cloaking your photos: step **{ev.step}/{ev.total}** ({ev.elapsed:.0f} s)."}
         elif isinstance(ev, Message):
@@ -176,7 +176,7 @@ def cloak_preview(engine, session, budget, purify):
             session,
         )
     result = None
-    for ev in protect_photos(engine.pipe, photos, *resolve(budget, purify)):
+    for ev in protect_photos(engine.pipe, photos, *resolve(budget, purify), cores=engine.free_cores()):
         if isinstance(ev, Done):
             result = ev.result
     words = (

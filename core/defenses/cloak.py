@@ -41,7 +41,7 @@ import torch
 
 from core.events import Done, Message, Progress, never
 from core.model.denoising import Denoiser
-from core.model.pipeline import plain_attention
+from core.model.pipeline import cpu_layout, events_on_cores, plain_attention
 from core.model.prompts import instance_prompt, random_trigger
 
 SURROGATES = ("lora", "base")
@@ -134,7 +134,8 @@ def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
 
 def encode(pipe, x: torch.Tensor) -> torch.Tensor:
     """Scaled latents (posterior means) of images in [-1, 1], differentiable in ``x``."""
-    return pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+    x = cpu_layout(x.to(pipe.device, pipe.vae.dtype))
+    return pipe.vae.encode(x).latent_dist.mean.float() * pipe.vae.config.scaling_factor
 
 
 def denoising_loss(
@@ -152,7 +153,7 @@ def denoising_loss(
         mirror = torch.rand(len(z), generator=g) < 0.5
         z = torch.where(mirror.view(-1, 1, 1, 1).to(z.device), z.flip(-1), z)
     batch = den.noise(z, g)
-    pred = unet(batch.noisy, batch.t, emb.expand(len(z), -1, -1)).sample
+    pred = unet(cpu_layout(batch.noisy), batch.t, emb.expand(len(z), -1, -1)).sample
     return den.errors(pred, batch).mean()
 
 
@@ -290,14 +291,17 @@ class Protected:
         return self.purified if self.purified is not None else self.cloak.cloaked
 
 
-def protect_photos(pipe, crops, cfg: CloakConfig | None = None, purify_cfg=None, should_stop=never):
+def protect_photos(pipe, crops, cfg: CloakConfig | None = None, purify_cfg=None, should_stop=never, cores: int = 0):
     """Generator: :func:`cloak_photos`'s events, then (with ``purify_cfg``, a
     :class:`core.defenses.purify.PurifyConfig`) the cloaked photos purified as an attacker would, and
-    ``Done(Protected)``; cancelled: ``Done(None, cancelled=True)``."""
+    ``Done(Protected)``; cancelled: ``Done(None, cancelled=True)``. ``cores``: the cloak computes in
+    a thread of its own on that many cores (:func:`core.model.pipeline.events_on_cores`; 0: in the
+    calling thread), e.g. :meth:`core.engine.Engine.free_cores` in the app (``python -m
+    bench.cloak_speed`` times 1 and 2 cores)."""
     from core.defenses.purify import purify
 
     result = None
-    for ev in cloak_photos(pipe, crops, cfg, should_stop):
+    for ev in events_on_cores(lambda stop: cloak_photos(pipe, crops, cfg, stop), cores, should_stop):
         if isinstance(ev, Done):
             if ev.cancelled:
                 yield Done(None, cancelled=True)

@@ -13,6 +13,7 @@ names one: the default path never touches the network).
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from core import ASSETS
+from core.events import never
 from core.model.prompts import CLASS_PROMPT, MAX_LENGTH, build_tokenizer
 
 DEFAULT_BASE = ASSETS / "base"
@@ -57,6 +59,9 @@ def thread_with_cores(target, n: int, name: str) -> threading.Thread:
     ready = threading.Event()
 
     def run():
+        # first the thread's lazy start-up (it copies the process's setting into the thread, and would
+        # otherwise do so at its first parallel region: after the caller has put the default back)
+        torch.get_num_threads()
         torch.set_num_threads(n)
         ready.set()
         target()
@@ -66,6 +71,46 @@ def thread_with_cores(target, n: int, name: str) -> threading.Thread:
     ready.wait()
     torch.set_num_threads(default)  # the setting is the process's: give the other threads theirs back
     return thread
+
+
+def events_on_cores(job, n: int, should_stop=never):
+    """Generator: the events of ``job(stop)`` (a generator function taking a stop test), computed in a
+    thread of its own on ``n`` cores (:func:`thread_with_cores`) and passed on as they come, e.g. a
+    visitor's cloak on every core while the training hub idles. Its exceptions are raised here;
+    closing this generator (the visitor left) stops the job at its next check of ``stop``. With
+    ``n`` no more than the calling thread's cores the job simply runs here."""
+    if n <= torch.get_num_threads():
+        yield from job(should_stop)
+        return
+    events: queue.Queue = queue.Queue()
+    left = threading.Event()
+
+    def run():
+        try:
+            for ev in job(lambda: left.is_set() or should_stop()):
+                events.put(("event", ev))
+            events.put(("end", None))
+        except Exception as e:
+            events.put(("error", e))
+
+    thread_with_cores(run, n, "events-on-cores")
+    try:
+        while True:
+            kind, value = events.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            yield value
+    finally:
+        left.set()
+
+
+def cpu_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N x C x H x W) channels-last on a CPU, unchanged elsewhere: oneDNN's convolutions then
+    skip a reorder per layer (the weights need not move: the input's layout decides). Measured for
+    the cloak's PGD step at 128 px, 5 photos, 2 threads: 0.48 against 0.58 s."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.dim() == 4 else x
 
 
 def plain_attention(unet) -> None:
