@@ -41,6 +41,26 @@ def never() -> bool:
     return False
 
 
+def stop_on_signals(signums=None):
+    """A ``should_stop`` for a command-line job that turns true on SIGINT (Ctrl-C) or SIGTERM (a
+    machine shutting down), so the job stops at its next check and saves what it has (a second
+    Ctrl-C interrupts at once). Call from the main thread."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: stopping at the next checkpoint of the job", flush=True)
+        stop.set()
+
+    for signum in signums or (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+    return stop.is_set
+
+
 def run_with_progress_bar(events: Iterable[Event], stream=None) -> Any:
     """Drain a job's events in a terminal: a tqdm bar per stage, messages printed; returns Done.result."""
     from tqdm import tqdm

@@ -153,3 +153,21 @@ def test_descriptors_resume_from_the_chunks_done(tiny_cfg, tmp_path):
         done = stop.value
     assert [e.step for e in events] == [4, 5]  # only the chunks missing were described
     assert done.shape == (5, 128) and np.isfinite(done).all()
+
+
+def test_a_signal_stops_a_command_line_job_at_its_next_check():
+    """``python -m core.model.train_base`` stops on Ctrl-C or SIGTERM through ``stop_on_signals``
+    (its stages then keep their work: the UNet's state is saved at the stop)."""
+    import os
+    import signal
+
+    from core.events import stop_on_signals
+
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        stop = stop_on_signals((signal.SIGUSR1,))
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop()
+    finally:
+        signal.signal(signal.SIGUSR1, before)

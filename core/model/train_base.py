@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from core.checkpoint import load_training_state, save_training_state
-from core.events import Done, Message, Progress, never, run_with_progress_bar
+from core.events import Done, Message, Progress, never, run_with_progress_bar, stop_on_signals
 from core.faces import aligned, data, ingest
 from core.model.autoencoder import TAEF2_DIR, latent_stats
 from core.model.pipeline import (
@@ -676,7 +676,8 @@ def main(argv=None):
     from core.cli import config_of, parse
 
     a = parse(Args, argv, description=__doc__)
-    run_with_progress_bar(train_base(config_of(a, BaseTrainConfig), device=a.device))
+    # Ctrl-C or SIGTERM: the stage running stops and keeps its work (the UNet's state is saved)
+    run_with_progress_bar(train_base(config_of(a, BaseTrainConfig), stop_on_signals(), device=a.device))
 
 
 if __name__ == "__main__":
