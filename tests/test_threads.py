@@ -74,3 +74,26 @@ def test_events_on_cores_pass_events_errors_and_a_stop_through():
         assert stopped.wait(10)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_cloak_gets_every_core_only_while_no_fine_tune_runs_or_waits():
+    """``Engine.free_cores``: the cores a visitor's cloak may take now."""
+    from core.engine import Engine
+    from core.model.pipeline import cores
+
+    class Hub:
+        def __init__(self, training, waiting):
+            self.st = {"training": training, "waiting": waiting}
+
+        def status(self):
+            return self.st
+
+    engine = Engine.__new__(Engine)  # no model needed: only the hub's state counts
+    engine._lock = threading.Lock()
+    assert engine.free_cores() == cores()  # no hub started yet
+    engine._hub = Hub(0, 0)
+    assert engine.free_cores() == cores()
+    engine._hub = Hub(1, 0)
+    assert engine.free_cores() == 1
+    engine._hub = Hub(0, 2)
+    assert engine.free_cores() == 1
