@@ -119,11 +119,7 @@ class Engine:
 
         with self._lock:
             hub = getattr(self, "_hub", None)
-        if hub is not None:
-            st = hub.status()
-            if st["training"] or st["waiting"]:
-                return 1
-        return cores()
+        return cores() if hub is None or hub.idle() else 1
 
     def compiling(self) -> bool:
         """True while the training hub (if started) still compiles its step in the background."""

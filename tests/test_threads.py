@@ -79,21 +79,21 @@ def test_events_on_cores_pass_events_errors_and_a_stop_through():
 def test_a_cloak_gets_every_core_only_while_no_fine_tune_runs_or_waits():
     """``Engine.free_cores``: the cores a visitor's cloak may take now."""
     from core.engine import Engine
+    from core.finetune.hub import TrainingHub
     from core.model.pipeline import cores
 
-    class Hub:
-        def __init__(self, training, waiting):
-            self.st = {"training": training, "waiting": waiting}
-
-        def status(self):
-            return self.st
+    def hub(training, waiting):  # a hub's state alone (no model, no threads)
+        h = TrainingHub.__new__(TrainingHub)
+        h.lock = threading.Condition()
+        h.visits, h.solos, h.waiting = {k: None for k in range(training)}, [], [None] * waiting
+        return h
 
     engine = Engine.__new__(Engine)  # no model needed: only the hub's state counts
     engine._lock = threading.Lock()
     assert engine.free_cores() == cores()  # no hub started yet
-    engine._hub = Hub(0, 0)
+    engine._hub = hub(0, 0)
     assert engine.free_cores() == cores()
-    engine._hub = Hub(1, 0)
+    engine._hub = hub(1, 0)
     assert engine.free_cores() == 1
-    engine._hub = Hub(0, 2)
+    engine._hub = hub(0, 2)
     assert engine.free_cores() == 1

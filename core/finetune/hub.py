@@ -215,6 +215,11 @@ class TrainingHub:
                 "compiled": self.compile_state(),
             }
 
+    def idle(self) -> bool:
+        """No visitor is training or waiting: the trainer's cores are free."""
+        with self.lock:
+            return not (self.visits or self.solos or self.waiting)
+
     @property
     def compiling(self) -> bool:
         """True while the background compile runs (native code that cannot be interrupted)."""
@@ -251,9 +256,9 @@ class TrainingHub:
     def _work_once(self):
         """One round: admit, step, live work, finish (see the module docstring)."""
         with self.lock:
-            if not (self.waiting or self.visits or self.solos):
+            if self.idle():
                 release_memory()
-            while not (self.waiting or self.visits or self.solos):
+            while self.idle():
                 self.lock.wait()
             if not (self.visits or self.solos) and self.cfg.gather_seconds:
                 self.lock.wait(self.cfg.gather_seconds)
@@ -469,10 +474,7 @@ class TrainingHub:
         waiting? Then the trainer's cores idle, and the checkpoint's previews (the score's samples) are
         drawn in a thread of their own beside its reconstruction (:func:`checkpoint_images`'s
         ``helper``): a visitor alone gets their result sooner (``python -m bench.live_work``)."""
-        if not self.cfg.split_last or len(jobs) != 1 or jobs[0].result is None:
-            return False
-        with self.lock:
-            return not (self.visits or self.solos or self.waiting)
+        return self.cfg.split_last and len(jobs) == 1 and jobs[0].result is not None and self.idle()
 
     @staticmethod
     def _left(job: LiveJob) -> bool:
