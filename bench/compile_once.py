@@ -45,26 +45,38 @@ def fine_tune_seconds(pipe, cfg, photos, steps: int, forward) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv=None):
-    from bench.cloak_speed import example_photos
+def eager_vs_compiled(pipe, photos, steps: int, repeats: int):
+    """The default recipe's :class:`~core.finetune.batch.AdapterStack`, warmed up and compiled, then
+    ``repeats`` solo fine-tunes of ``steps`` steps with each of its forwards, alternating. Returns
+    ``(stack, {"eager": [s, ...], "compiled": [s, ...]})``; the compiled arm is empty when compiling
+    failed (``stack.compile_error`` says why)."""
     from core.finetune.batch import AdapterStack
     from core.finetune.live import LiveConfig
+
+    cfg = replace(LiveConfig().finetune, seed=0, trigger=None)
+    stack = AdapterStack(pipe, cfg)
+    fine_tune_seconds(pipe, cfg, photos, 2, stack.eager)  # warm-up (oneDNN primitives or kernels, class images)
+    compiled = stack.compile(photos)
+    times = {"eager": [], "compiled": []}
+    for _ in range(repeats):
+        times["eager"].append(fine_tune_seconds(pipe, cfg, photos, steps, stack.eager))
+        if compiled:
+            times["compiled"].append(fine_tune_seconds(pipe, cfg, photos, steps, stack.forward))
+    return stack, times
+
+
+def main(argv=None):
+    from bench.cloak_speed import example_photos
     from core.model.pipeline import load_pipeline
 
     a = parse(Args, argv, description=__doc__)
     pipe = load_pipeline(threads=a.threads)
     photos = example_photos(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    cfg = replace(LiveConfig().finetune, seed=0, trigger=None)
-    stack = AdapterStack(pipe, cfg)
     cache = "warm: compiled on this machine before" if inductor_cache_warm() else "cold"
-    fine_tune_seconds(pipe, cfg, photos, 2, stack.eager)  # warm-up (oneDNN primitives, class images)
-    if not stack.compile(photos):
+    stack, times = eager_vs_compiled(pipe, photos, a.steps, a.repeats)
+    if not times["compiled"]:
         print(f"compiling failed: {stack.compile_error}")
         return
-    times = {"eager": [], "compiled": []}
-    for _ in range(a.repeats):
-        times["eager"].append(fine_tune_seconds(pipe, cfg, photos, a.steps, stack.eager))
-        times["compiled"].append(fine_tune_seconds(pipe, cfg, photos, a.steps, stack.forward))
     eager, compiled = (statistics.median(times[k]) for k in ("eager", "compiled"))
     print(f"compile once per process, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {pipe.device}")
     print(f"  compiling (one LoRA, forward + backward): {stack.compile_seconds:6.1f} s (inductor's cache {cache})")

@@ -28,7 +28,7 @@ import hashlib
 import statistics
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,23 +47,13 @@ class GpuRoomArgs:
 
 
 def solo(engine, photos, a: GpuRoomArgs) -> None:
-    from bench.compile_once import fine_tune_seconds
-    from core.finetune.batch import AdapterStack
-    from core.finetune.live import LiveConfig
+    from bench.compile_once import eager_vs_compiled
 
-    cfg = replace(LiveConfig().finetune, seed=0, trigger=None)
-    stack = AdapterStack(engine.pipe, cfg)
-    fine_tune_seconds(engine.pipe, cfg, photos, 3, stack.eager)  # warm-up (kernels, class images)
-    compiled = stack.compile(photos)
-    times = {"eager": [], "compiled": []}
-    for _ in range(a.repeats):
-        times["eager"].append(fine_tune_seconds(engine.pipe, cfg, photos, a.steps, stack.eager))
-        if compiled:
-            times["compiled"].append(fine_tune_seconds(engine.pipe, cfg, photos, a.steps, stack.forward))
+    stack, times = eager_vs_compiled(engine.pipe, photos, a.steps, a.repeats)
     print(f"## 1. one visitor's fine-tune, {a.steps} steps (as the hub trains it), median of {a.repeats}")
     eager = statistics.median(times["eager"])
     print(f"eager: {eager:.2f} s ({', '.join(f'{t:.2f}' for t in times['eager'])})")
-    if not compiled:
+    if not times["compiled"]:
         print(f"compiled: failed ({stack.compile_error})")
         return
     fast = statistics.median(times["compiled"])
