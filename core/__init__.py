@@ -17,7 +17,8 @@ One package per idea of the two papers (each package's docstring lists its modul
 
 Plumbing beside them: ``events`` (the job protocol), ``cli`` (flags from config dataclasses),
 ``cache`` and ``checkpoint`` (resumable work), ``engine`` (what the app shares between visitors),
-``plots`` (plotly figures).
+``plots`` (plotly figures), ``rebuild`` (every asset and study downstream of the base model, in
+order, resumable).
 """
 
 import json
