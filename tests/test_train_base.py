@@ -9,7 +9,7 @@ import pytest
 
 from core.events import Done, Progress, drain
 from core.faces import data
-from core.model.train_base import BaseTrainConfig, exclude_lookalikes, in_workers, train_base
+from core.model.train_base import BaseTrainConfig, exclude_lookalikes, in_workers, learning_rate, train_base
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +171,16 @@ def test_a_signal_stops_a_command_line_job_at_its_next_check():
         assert stop()
     finally:
         signal.signal(signal.SIGUSR1, before)
+
+
+def test_learning_rate_warms_up_holds_and_decays_to_zero():
+    cfg = BaseTrainConfig(unet_steps=100, warmup=10, unet_lr=1e-3, decay_from=60)
+    lrs = [learning_rate(cfg, s) for s in range(cfg.unet_steps)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[9:61])
+    assert all(a > b for a, b in zip(lrs[60:], lrs[61:]))  # falls every step after decay_from
+    assert lrs[-1] == pytest.approx(1e-3 / 40)  # the last step's rate, one step before 0
+    constant = BaseTrainConfig(unet_steps=100, warmup=10)
+    assert learning_rate(constant, 99) == constant.unet_lr
+    with pytest.raises(ValueError, match="decay_from"):
+        BaseTrainConfig(unet_steps=100, decay_from=100)

@@ -72,6 +72,7 @@ class BaseTrainConfig:
     unet_batch: int = 64  # images per UNet step
     unet_lr: float = 1e-3  # AdamW learning rate after the warm-up
     warmup: int = 300  # linear learning-rate warm-up steps, then constant (EMA smooths)
+    decay_from: int = 0  # from this step the learning rate falls linearly to 0 at unet_steps (0 = constant to the end)
     ema_decay: float = 0.999  # decay of the exponential moving average of the UNet weights (what is exported)
     min_snr_gamma: float = 5.0  # min-SNR loss weighting gamma (Hang et al. 2023; 0 = plain MSE)
     prediction: str = "v_prediction"  # "v_prediction" | "epsilon"
@@ -99,6 +100,8 @@ class BaseTrainConfig:
             raise ValueError(f"captions must be 'appearance' or 'fixed', got {self.captions!r}")
         if self.prediction not in ("v_prediction", "epsilon"):
             raise ValueError(f"prediction must be 'v_prediction' or 'epsilon', got {self.prediction!r}")
+        if not 0 <= self.decay_from < self.unet_steps:
+            raise ValueError(f"decay_from must be in [0, unet_steps), got {self.decay_from!r}")
         if self.unet_minutes < 0:
             raise ValueError(f"unet_minutes must be >= 0, got {self.unet_minutes!r}")
         if not 0 < self.ema_decay < 1:
@@ -446,6 +449,16 @@ def write_preview(comps, ema, step: int, folder: Path, n: int = 16) -> float:
     return rate
 
 
+def learning_rate(cfg: BaseTrainConfig, step: int) -> float:
+    """The UNet stage's learning rate at ``step`` (0-based): linear warm-up, constant, then (with
+    ``decay_from``) a linear fall to 0 at ``unet_steps``, which lets the weights settle below the
+    constant rate's noise floor before export."""
+    lr = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
+    if cfg.decay_from and step >= cfg.decay_from:
+        lr *= max(0.0, (cfg.unet_steps - step) / (cfg.unet_steps - cfg.decay_from))
+    return lr
+
+
 def train_unet(cfg, comps, latents, inside, labels, device, should_stop=never):
     """Stage 5: returns the number of steps done (yields Progress / Message events)."""
     from diffusers.training_utils import EMAModel
@@ -487,7 +500,7 @@ def train_unet(cfg, comps, latents, inside, labels, device, should_stop=never):
         caps = sample_captions(labels[idx.numpy()] if labels is not None else None, cfg, g)
         batch = den.noise(x0, g)
         for grp in opt.param_groups:
-            grp["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
+            grp["lr"] = learning_rate(cfg, step)
         with mixed_precision(device, use_bf16(cfg, device)):
             pred = unet(batch.noisy.contiguous(memory_format=fmt), batch.t, te(token_ids(caps))[0]).sample
         per = den.errors(pred, batch, mask)
