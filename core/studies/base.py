@@ -96,7 +96,8 @@ def real_paths(n: int, cfg: BaseStudyConfig) -> dict[str, tuple[list, list]]:
     sets = {"LFW": (round_robin("victims"), round_robin("shadow"))}
     if cfg.utkface != "none":
         files = data.utkface_files(cfg.utkface)
-        held = sorted(f for f in files if f.name in data.utkface_heldout(files))
+        names = data.utkface_heldout(files)  # the chips the 128 px base's build kept out (its defaults)
+        held = sorted(f for f in files if f.name in names)
         sets["UTKFace"] = (held[: len(held) // 2], held[len(held) // 2 :])
     return sets
 
