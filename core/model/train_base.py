@@ -636,7 +636,7 @@ def export_base(cfg: BaseTrainConfig, comps, ts: TrainingSet, steps_done: int, m
         "(non-commercial research only); no image of either ships in this repository",
         template_zoom=float(json.loads(ingest.TEMPLATE_FILE.read_text()).get("zoom", ingest.TEMPLATE_ZOOM)),
         autoencoder_source="TAEF2 (madebyollin/taesd at 5cccb12, MIT licence, see vae/LICENSE-TAEF2)",
-        minutes=round(minutes, 1),
+        minutes_this_process=round(minutes, 1),  # wall time since the last resume, not of the whole build
         device=str(dev),
         command=command_line(cfg),
         unet_steps_done=steps_done,
