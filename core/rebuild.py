@@ -58,25 +58,11 @@ def stages(compare: str | None) -> list[Stage]:
         ),
         Stage(
             "backdoor",
-            (
-                "core.watermark",
-                "embed-backdoor",
-                "--out",
-                f"{wm}/backdoor.safetensors",
-                "--key",
-                f"{wm}/backdoor_key.json",
-                "--latents",
-                "512",
-                "--steps",
-                "1600",
-                "--lr",
-                "2e-4",
-                "--token-lr",
-                "1e-2",
-                "--pattern-weight",
-                "2",
+            tuple(
+                f"core.watermark embed-backdoor --out {wm}/backdoor.safetensors --key {wm}/backdoor_key.json "
+                "--latents 512 --steps 1600 --lr 2e-4 --token-lr 1e-2 --pattern-weight 2".split()
             ),
-        ),  # fmt: skip
+        ),
         Stage("study-base", ("core.studies.base", *(("--compare", compare) if compare else ()))),
         Stage("study-finetune", ("core.studies.finetune",)),
         Stage("study-attack", ("core.studies.attack", "--n", "50")),
