@@ -158,3 +158,11 @@ def test_every_documented_command_runs(module):
         if re.match(r"^[\s│]*--[\w-]+", ln) and re.search(r"--[\w-]+(?: [\w{}|,.\[\]]+)?\s+\(default", ln)
     ]
     assert not bare, f"flags without a help text: {bare}"
+
+
+def test_assets_fit_the_space_limits():
+    """assets/ under 100 MB in all and every file under 20 MB (what a Space and a clone carry)."""
+    files = [f for f in (ROOT / "assets").rglob("*") if f.is_file()]
+    big = [f"{f.relative_to(ROOT)}: {f.stat().st_size / 2**20:.1f} MB" for f in files if f.stat().st_size >= 20 * 2**20]
+    assert not big, big
+    assert sum(f.stat().st_size for f in files) < 100 * 2**20
