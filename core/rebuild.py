@@ -110,6 +110,13 @@ class Record:
         self.path = path
         self.done = json.loads(path.read_text()) if path.exists() else {}
 
+    @classmethod
+    def of_base(cls) -> Record:
+        """The record of the base now in ``assets/base``."""
+        from core.model.prior import cache_dir
+
+        return cls(cache_dir() / "rebuild" / f"{base_hash()}.json")
+
     def finish(self, stage: Stage, seconds: float) -> None:
         self.done[stage.name] = {"command": "python -m " + " ".join(stage.argv), "seconds": round(seconds)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,14 +161,12 @@ class RebuildConfig:
 
 def rebuild(cfg: RebuildConfig, should_stop=never, runner=run_stage):
     """Generator: a Progress per stage, Messages; Done({"done": [...], "failed": name or None})."""
-    from core.model.prior import cache_dir
-
     plan = stages(cfg.compare or old_base())
     unknown = (set(cfg.only) | set(cfg.skip)) - {s.name for s in plan}
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; the stages are {[s.name for s in plan]}")
     plan = [s for s in plan if (not cfg.only or s.name in cfg.only) and s.name not in cfg.skip]
-    record = Record(cache_dir() / "rebuild" / f"{base_hash()}.json")
+    record = Record.of_base()
     t0, done = time.time(), []
     for i, stage in enumerate(plan, 1):
         if stage.name in record.done and not cfg.again:
@@ -194,11 +199,10 @@ class Args(RebuildConfig):
 def main(argv=None):
     from core.cli import config_of, parse
     from core.events import stop_on_signals
-    from core.model.prior import cache_dir
 
     a = parse(Args, argv, description=__doc__)
     if a.dry_run:
-        record = Record(cache_dir() / "rebuild" / f"{base_hash()}.json")
+        record = Record.of_base()
         for s in stages(a.compare or "<old base>"):
             mark = "done" if s.name in record.done else "    "
             print(f"{mark}  {s.name:18s} python -m {' '.join(s.argv)}")
