@@ -9,11 +9,13 @@ after another in the order their inputs need:
     -> studies (base, fine-tune, attack, layers, watermark, defenses, cloaking, membership) -> benches
 
 Each stage runs in its own process (they are ordinary command-line entry points; one that fails
-leaves the outputs of the others), and the stages finished are recorded per base model in
-``<cache>/rebuild/<hash of assets/base>.json``. Rerunning the same command after a stop (Ctrl-C,
-a session ending, a restart) resumes at the first stage not finished, and the long stages resume
-inside too (shadow LoRAs, victims' LoRAs, cloaks and scores are cached per base). A changed base
-starts over. ``--dry-run`` prints the plan; ``--only``/``--skip`` pick stages.
+leaves the outputs of the others), and the stages finished on the base now in ``assets/base`` (its
+hash) are recorded in ``docs/results/rebuild.json``, next to the outputs they made: committed with
+them, the record lets a fresh clone on another machine go on where the last commit stopped, and it
+tells a reader how long each stage took. Rerunning the same command after a stop (Ctrl-C, a session
+ending, a restart) resumes at the first stage not finished, and the long stages resume inside too on
+the same machine (shadow LoRAs, victims' LoRAs, cloaks and scores are cached per base). A changed
+base starts over. ``--dry-run`` prints the plan; ``--only``/``--skip`` pick stages.
 
 Why a module and not a Makefile: the stages' inputs are model weights and caches keyed by the
 base's hash, not files with useful timestamps, and the record must survive a stop mid-stage.
@@ -103,25 +105,28 @@ def old_base(commit: str = OLD_BASE_COMMIT) -> str | None:
     return str(dest / "assets" / "base")
 
 
-class Record:
-    """Which stages finished on one base (a JSON file, rewritten atomically after each stage)."""
+RECORD = PROJECT_ROOT / "docs" / "results" / "rebuild.json"
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.done = json.loads(path.read_text()) if path.exists() else {}
+
+class Record:
+    """Which stages finished on one base: ``{"base": hash, "stages": {name: {command, seconds}}}``,
+    a JSON file rewritten atomically after each stage; a record of another base counts as empty."""
+
+    def __init__(self, path: Path, base: str):
+        self.path, self.base = path, base
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        self.done = doc.get("stages", {}) if doc.get("base") == base else {}
 
     @classmethod
     def of_base(cls) -> Record:
         """The record of the base now in ``assets/base``."""
-        from core.model.prior import cache_dir
-
-        return cls(cache_dir() / "rebuild" / f"{base_hash()}.json")
+        return cls(RECORD, base_hash())
 
     def finish(self, stage: Stage, seconds: float) -> None:
         self.done[stage.name] = {"command": "python -m " + " ".join(stage.argv), "seconds": round(seconds)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=1) + "\n")
+        tmp.write_text(json.dumps({"base": self.base, "stages": self.done}, indent=1) + "\n")
         tmp.replace(self.path)
 
 

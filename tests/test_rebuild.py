@@ -1,6 +1,7 @@
 """core.rebuild: the downstream rebuild runs its stages in order, records what finished per base,
 resumes after a stop or a failure, and starts over on another base."""
 
+import json
 import shutil
 import sys
 
@@ -13,6 +14,7 @@ from core.events import drain
 @pytest.fixture()
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LEAKLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(rebuild, "RECORD", tmp_path / "rebuild.json")
     return tmp_path / "cache"
 
 
@@ -73,6 +75,7 @@ def test_another_base_starts_over(cache, tmp_path, monkeypatch):
     r = Runner()
     drain(rebuild.rebuild(rebuild.RebuildConfig(compare="old"), runner=r))
     assert r.ran == names()
+    assert json.loads((tmp_path / "rebuild.json").read_text())["base"] == "second"
 
 
 def test_base_hash_sees_every_byte(tmp_path):
