@@ -28,6 +28,17 @@ def test_save_load_roundtrip_gives_identical_samples(tiny_components, tiny_pipel
     assert max(np.abs(a.astype(int) - b).max() for a, b in zip(ref, got)) <= 1
 
 
+@pytest.mark.parametrize("prediction, first", [("v_prediction", 999), ("epsilon", 951)])
+def test_sampling_starts_where_the_prediction_is_bounded(prediction, first):
+    """A v-prediction model samples from pure noise (t=999); an epsilon model's x0 estimate diverges
+    there, so it starts one spacing step lower (SD 1.x's "leading")."""
+    from core.model.pipeline import build_components
+
+    sched = build_components(prediction_type=prediction, vae_channels=(8, 8, 8))["scheduler"]
+    sched.set_timesteps(25)
+    assert int(sched.timesteps[0]) == first and int(sched.timesteps[-1]) < 40
+
+
 def test_samples_are_reproducible_per_seed(tiny_pipeline_dir):
     pipe = load_pipeline(tiny_pipeline_dir, device="cpu")
     a = sample_images(pipe, n=3, steps=2, seed=10)

@@ -221,16 +221,18 @@ def build_components(
             eos_token_id=tokenizer.eos_token_id,
         )
     )
-    # "leading" spacing (first step t=961 for 25 steps, as SD 1.x samples): with the cosine schedule
-    # alpha_bar(999) ~ 0; an epsilon model's x0 estimate there is noise / ~0 and DPM-Solver++
-    # diverged (0 % faces detected with "linspace", 97 % with "leading", first 64 px base). The
-    # 128 px base predicts v, whose x0 estimate stays bounded at every t.
+    # Where sampling starts. An epsilon model's x0 estimate at t=999 (cosine schedule: alpha_bar ~ 0)
+    # is noise / ~0, and DPM-Solver++ diverged there (0 % faces with "linspace", 97 % with "leading",
+    # whose first of 25 steps is t=951: the 64 px base). A v-prediction model's x0 estimate stays
+    # bounded at every t, so it starts from pure noise at t=999 ("trailing", Lin et al. 2023); started
+    # at t=951 it reads pure noise as a noisy image that still holds some signal. First 128 px base,
+    # 128 samples, same seeds: faces detected 0.86 with "leading", 0.96 with "trailing".
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         prediction_type=prediction_type,
-        timestep_spacing="leading",
-        steps_offset=1,
+        timestep_spacing="trailing" if prediction_type == "v_prediction" else "leading",
+        steps_offset=0 if prediction_type == "v_prediction" else 1,
     )
     return dict(vae=autoencoder, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
