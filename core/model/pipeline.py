@@ -232,7 +232,7 @@ def build_components(
         beta_schedule="squaredcos_cap_v2",
         prediction_type=prediction_type,
         timestep_spacing="trailing" if prediction_type == "v_prediction" else "leading",
-        steps_offset=0 if prediction_type == "v_prediction" else 1,
+        steps_offset=1,  # "trailing" ignores it; StableDiffusionPipeline resets any other value to 1
     )
     return dict(vae=autoencoder, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
