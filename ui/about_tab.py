@@ -23,9 +23,11 @@ of *other* people. They do not have your photos, your prompt or your trigger wor
 - H. Liu et al., *Lazy Layers to Make Fine-Tuned Diffusion Models More Traceable*, arXiv 2405.00466.
 
 ## The model in this app
-A real Stable Diffusion pipeline in miniature (64 px faces, {size} px here, on `{device}`), trained by the
-project from scratch on Labeled Faces in the Wild, on people who are **not** used anywhere else in the
-lab. It runs on a laptop CPU; the same code runs Stable Diffusion 1.x on a GPU.
+A real Stable Diffusion pipeline in miniature ({size} px faces, on `{device}`), trained by the project
+on about 27,000 face photos: UTKFace (ages 0 to 116, women and men, five ethnic groups) and Labeled
+Faces in the Wild, every photo cropped the way your uploads are, none of a person used anywhere else
+in the lab. Its autoencoder is a pretrained tiny one (TAEF2, MIT licence). It runs on a laptop CPU;
+the same code runs Stable Diffusion 1.x on a GPU.
 
 ## The tabs
 - **Fine-tune**: your photos become a LoRA; beside it, live, the attacker's picture of you from the
@@ -45,19 +47,20 @@ Fine-tune tab says so.
 
 ## How identity is measured
 With dlib's face-recognition network: two photos whose descriptors are closer than 0.6 are
-"the same person" by dlib's rule (93 % right on LFW pairs at 64 px, measured by `python -m core.faces.metrics`).
+"the same person" by dlib's rule (94 % right on LFW pairs at 128 px, measured by
+`python -m core.faces.metrics`).
 Every score in the app is shown next to a **baseline**: the same score for a random face drawn by
 the base model (the "floor"), and where it exists, for the LoRA used with its secret trigger word
 (the "ceiling": what the LoRA's owner gets). Averaging several faces pulls any set toward the
 average face, so compare with the floor, not with 0.6.
 
 ## Limits, plainly
-- The model here is tiny (64 px faces, trained in minutes). A face it draws is a blurry likeness,
-  not a photo; attacks on real Stable Diffusion LoRAs work at far higher resolution.
+- The model here is tiny ({size} px faces, trained for a few hours on a 2-core CPU). A face it
+  draws is a rough likeness, not a photo; attacks on real Stable Diffusion LoRAs work at far higher resolution.
 - The attacker is trained on LoRAs made with **this app's recipe**. A LoRA made very differently
   (other rank, other layers, many more steps) is attacked less well; the Attack tab says when a file
   does not fit.
-- The numbers quoted in the tabs are measured on 64 px LFW faces of people the models never saw
+- The numbers quoted in the tabs are measured on LFW faces of people the models never saw
   (see README, *Measured results*); on your photos the result can be better or worse.
 - A defense that "hides" you here is measured against this attacker only. Differential privacy's
   epsilon is a guarantee per photo; a person with 5 photos in the set is protected about 5 times
