@@ -15,14 +15,14 @@ def running_app(base_engine):
     yield from launched_app(base_engine)
 
 
-def test_sample_endpoint_answers_a_client(running_app):
+def test_sample_endpoint_answers_a_client(running_app, base_engine):
     from gradio_client import Client
 
     client = Client(running_app.local_url, verbose=False)
     out = client.predict(3, 2, 5, 1.0, api_name="/sample")
     assert len(out) == 2
     img = np.asarray(Image.open(out[0]["image"]))
-    assert img.shape[:2] == (64, 64) and img.std() > 5
+    assert img.shape[:2] == (base_engine.image_size,) * 2 and img.std() > 5
 
 
 def test_every_tab_is_there(running_app):

@@ -15,10 +15,10 @@ EXAMPLES = sorted((ASSETS / "examples" / "person_1000").glob("*.png"))
 
 
 @pytest.fixture(scope="module")
-def example_crops():
+def example_crops(base_engine):
     from core.faces.ingest import ingest_face
 
-    return [ingest_face(p.read_bytes(), size=64).crop for p in EXAMPLES[:3]]
+    return [ingest_face(p.read_bytes(), size=base_engine.image_size).crop for p in EXAMPLES[:3]]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def running_attack_app(attack_engine):
     yield from launched_app(attack_engine)
 
 
-def test_attack_tab_refuses_bad_files_then_attacks_a_good_one(running_attack_app, tiny_result, tmp_path):
+def test_attack_tab_refuses_bad_files_then_attacks_a_good_one(running_attack_app, attack_engine, tiny_result, tmp_path):
     from gradio_client import Client, handle_file
 
     from core.finetune.lora import save_lora
@@ -75,7 +75,7 @@ def test_attack_tab_refuses_bad_files_then_attacks_a_good_one(running_attack_app
     for gallery in (attack, naive, fx):
         assert len(gallery) == 4
         img = np.asarray(Image.open(gallery[0]["image"]))
-        assert img.shape[:2] == (64, 64) and img.std() > 5
+        assert img.shape[:2] == (attack_engine.image_size,) * 2 and img.std() > 5
     assert [g["caption"] for g in attack] == ["seed 0", "seed 1", "seed 2", "seed 3"]
     assert len(refs) == 3
     assert "your reference photos" in table and "| the attacker's reconstruction |" in table
@@ -120,7 +120,7 @@ def test_live_finetune_shows_reconstructions_then_attack_my_lora(attack_engine, 
         assert all(set(u) <= set(FINETUNE_OUTPUTS) for u in updates)
         recon = [u["attack_gallery"] for u in updates if isinstance(u.get("attack_gallery"), list)]
         assert recon and [c for _, c in recon[-1]] == ["step 4", "step 4"]
-        assert recon[-1][0][0].shape == (64, 64, 3)
+        assert recon[-1][0][0].shape == (attack_engine.image_size,) * 2 + (3,)
         assert any(u.get("attack_head", "").endswith("from the LoRA weights alone, step 4") for u in updates)
         score = [u["attack_score"] for u in updates if u.get("attack_score")][-1]
         assert "Identity score at step 4" in score and "a random face from the base model" in score

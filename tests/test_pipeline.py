@@ -58,9 +58,9 @@ def test_shipped_base_model_loads_and_draws_faces(base_engine):
     from core.faces import metrics
 
     pipe = base_engine.pipe
-    assert pipe.unet.dtype == torch.float32 and base_engine.image_size == 64
+    assert pipe.unet.dtype == torch.float32 and base_engine.image_size == 128
     ims = base_engine.sample(SampleRequest(n=8, seed=0, steps=20))
-    assert all(im.shape == (64, 64, 3) for im in ims)
+    assert all(im.shape == (128, 128, 3) for im in ims)
     assert metrics.detection_rate(ims) >= 0.5  # a face, most of the time (full measure: core.studies.base)
 
 
