@@ -269,10 +269,22 @@ def main(argv=None):
         "shadow_loras": log["shadow_loras"],
         "seconds": round(log["seconds"], 1),
         "final_eval": log["eval"][-1] if log["eval"] else None,
+        "device": _device_words(pipe.device),
+        "data_seen": f"LoRAs of {log['shadow_loras'] + cfg.holdout} shadow identities (never victims, never "
+        f"pre-training), {log['shadow_loras']} for training and {cfg.holdout} held out",
     }
     out = save_attacker(model, a.out, info)
     Path(out).with_suffix(".json").write_text(json.dumps({**info, "log": log}, indent=1) + "\n")
     print(f"attacker -> {out}")
+
+
+def _device_words(device: torch.device) -> str:
+    """Where the attacker trained, in words (its record's ``device``)."""
+    import os
+
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)}"
+    return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def _accelerator():
