@@ -131,6 +131,13 @@ class Engine:
     def device(self) -> str:
         return str(self.pipe.device)
 
+    @property
+    def fingerprint(self) -> str:
+        """The base model's fingerprint (``core.model.prior.base_fingerprint``), as studies record it."""
+        from core.model.prior import base_fingerprint
+
+        return base_fingerprint(self.pipe)
+
     def sample(self, req: SampleRequest) -> list[np.ndarray]:
         return sample_images(self.pipe, req.prompt, n=req.n, seed=req.seed, steps=req.steps, guidance=req.guidance)
 

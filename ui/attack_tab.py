@@ -20,6 +20,7 @@ from core.finetune.lora_file import MAX_BYTES as MAX_LORA_BYTES
 from core.finetune.lora_file import LoRAFileError
 from core.model.pipeline import EMBEDDED_NAME
 from core.model.prompts import CLASS_PROMPT
+from core.studies import measured_elsewhere
 from core.studies.attack import load_report
 from ui.finetune_tab import read_faces
 from ui.gpu import on_gpu
@@ -49,7 +50,7 @@ by dlib identity distance, next to the **floor**: a random face from the base mo
 """
 
 
-def measured_text(report: dict | None = None) -> str:
+def measured_text(report: dict | None = None, base: str | None = None) -> str:
     """What the attack evaluation measured, in words, from ``docs/results/attack.json`` (so the tab
     never quotes numbers the repository's own evaluation did not produce)."""
     r = load_report() if report is None else report
@@ -76,7 +77,8 @@ def measured_text(report: dict | None = None) -> str:
         k, v = pick(prefix)
         if v is not None and k not in {x[0] for x in said}:
             said.append((k, f"{words}: **{v['top1']:.0%}**"))
-    return (
+    elsewhere = measured_elsewhere(r, base, "python -m core.studies.attack --n 50")
+    return (elsewhere + "\n\n" if elsewhere else "") + (
         f"*Measured on {n} people the models never saw (README, `python -m core.studies.attack`):* how often 4 images "
         f"pick the right person out of {n} (chance {1 / n:.0%}): " + "; ".join(w for _, w in said) + "."
     )
@@ -338,7 +340,7 @@ def create_attack_widgets() -> AttackWidgets:
 
 
 def create_attack_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = None) -> None:
-    gr.Markdown(INTRO + "\n" + measured_text())
+    gr.Markdown(INTRO + "\n" + measured_text(base=engine.fingerprint))
     w = create_attack_widgets()
     create_metadata_panel(w.lora_file, session, read_input=lambda f, s: lora_arrived(engine, f, s))
     outputs = w.outputs(session)

@@ -17,6 +17,7 @@ import gradio as gr
 
 from core import RESULTS
 from core.plots import cloaking_plot, privacy_utility_plot
+from core.studies import measured_elsewhere
 from core.studies.defenses import DP_NOISE, table_markdown
 
 RESULTS_JSON = RESULTS / "defenses.json"
@@ -74,8 +75,9 @@ def load_study(path: str | Path = RESULTS_JSON) -> dict | None:
     return json.loads(path.read_text())
 
 
-def defenses_view(path: str | Path = RESULTS_JSON):
-    """(status markdown, chart or None, table and conclusion markdown) of the study at ``path``."""
+def defenses_view(path: str | Path = RESULTS_JSON, base: str | None = None):
+    """(status markdown, chart or None, table and conclusion markdown) of the study at ``path`` (``base``:
+    the running model's fingerprint, to say so when the study measured another model)."""
     try:
         r = load_study(path)
     except (OSError, ValueError) as e:
@@ -89,6 +91,8 @@ def defenses_view(path: str | Path = RESULTS_JSON):
         f"(base model `{r.get('base', '?')}`, attacker `{r.get('attacker', '?')}`"
         f"{', with ' + str(len(dp)) + ' DP-SGD settings' if dp else ', without DP-SGD'})."
     )
+    elsewhere = measured_elsewhere(r, base, COMMAND)
+    head = f"{elsewhere}\n\n{head}" if elsewhere else head
     table = f"{table_markdown(r)}\n\n**What the numbers say** (generated from them): {r.get('conclusion', '')}"
     return head, privacy_utility_plot(r["rows"]), table
 
@@ -110,7 +114,7 @@ CLOAKING_NOT_RUN = (
 )
 
 
-def cloaking_view(path: str | Path = CLOAKING_JSON):
+def cloaking_view(path: str | Path = CLOAKING_JSON, base: str | None = None):
     """(status markdown, chart or None, table and conclusion markdown) of the cloaking study at ``path``."""
     from core.studies.cloaking import table_markdown as cloaking_table
 
@@ -130,6 +134,8 @@ def cloaking_view(path: str | Path = CLOAKING_JSON):
         f"model `{r.get('base', '?')}`; attacker: {r.get('attacker', '?')}). Distances are dlib identity distances to "
         "the person's *clean* photos: higher = the LoRA (or the attacker) got the person less well."
     )
+    elsewhere = measured_elsewhere(r, base, CLOAKING_COMMAND)
+    head = f"{elsewhere}\n\n{head}" if elsewhere else head
     table = f"{cloaking_table(r)}\n\n**What the numbers say** (generated from them): {r.get('conclusion', '')}"
     return head, cloaking_plot(r), table
 
@@ -143,13 +149,14 @@ def create_defenses_tab(
 ) -> None:
     """The tab; with ``engine`` and ``session`` also the "Cloak my photos" try-it section."""
     gr.Markdown(INTRO)
-    head, fig, table_md = defenses_view(path)
+    base = engine.fingerprint if engine is not None else None
+    head, fig, table_md = defenses_view(path, base)
     status = gr.Markdown(head)
     chart = gr.Plot(value=fig, label="Privacy against utility")
     table = gr.Markdown(table_md)
     gr.Markdown(EXPLAIN)
     gr.Markdown(CLOAKING_INTRO)
-    c_head, c_fig, c_table = cloaking_view(cloaking_path)
+    c_head, c_fig, c_table = cloaking_view(cloaking_path, base)
     c_status = gr.Markdown(c_head)
     c_chart = gr.Plot(value=c_fig, label="Cloaked photos against a LoRA fine-tune")
     c_table_md = gr.Markdown(c_table)
@@ -159,7 +166,7 @@ def create_defenses_tab(
         create_cloak_preview(engine, session)
     if tab is not None:  # re-read each time the tab is opened (the studies may have finished meanwhile)
         tab.select(
-            lambda: (*defenses_view(path), *cloaking_view(cloaking_path)),
+            lambda: (*defenses_view(path, base), *cloaking_view(cloaking_path, base)),
             None,
             [status, chart, table, c_status, c_chart, c_table_md],
             api_visibility="private",

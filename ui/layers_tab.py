@@ -57,7 +57,7 @@ same person). About 2 seconds per point.
 """
 
 
-def measured_text(report: dict | None = None) -> str:
+def measured_text(report: dict | None = None, base: str | None = None) -> str:
     """What ``python -m core.studies.layers`` measured over many people, in words (or that it was not run)."""
     from core.studies.layers import headline_k, load_report
 
@@ -69,7 +69,10 @@ def measured_text(report: dict | None = None) -> str:
     if k is None:
         return ""
     b, lz, rnd = (s[o][k]["kept"] for o in ("busiest", "laziest", "random"))
-    return (
+    from core.studies import measured_elsewhere
+
+    elsewhere = measured_elsewhere(r, base, "python -m core.studies.layers --n 20 --full-n 5")
+    return (elsewhere + "\n\n" if elsewhere else "") + (
         f"*Measured on {s['n']} people the models never saw (`python -m core.studies.layers`):* keeping only the "
         f"**{k} busiest** of a LoRA's {s['layers']} layers keeps **{b:.0%}** of what it does to the face (its gain "
         f"over a random face); the {k} laziest keep {lz:.0%}, {k} layers picked at random {rnd:.0%}."
@@ -279,7 +282,7 @@ def create_layers_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = No
     with gr.Row():
         lora_file = gr.File(label="A LoRA file (.safetensors) for this app's base model", type="filepath", scale=2)
         file_btn = gr.Button("Show this file's layers", scale=1)
-    gr.Markdown(SWAP_INTRO + "\n" + measured_text())
+    gr.Markdown(SWAP_INTRO + "\n" + measured_text(base=engine.fingerprint))
     swap_btn = gr.Button(
         f"Measure what survives (k = {', '.join('all' if k is None else str(k) for k in DEFAULT_KS)})",
         variant="primary",

@@ -117,7 +117,7 @@ def backdoor_report(engine: Engine, lora: dict, alpha: float):
     return md, [(im, f"correlation {c:.2f}") for im, c in zip(v.images, v.correlations)]
 
 
-def measured_text(report: dict | None = None) -> str:
+def measured_text(report: dict | None = None, base: str | None = None) -> str:
     """What ``python -m core.studies.watermark`` measured, as a short table (or that it was not run)."""
     from core.studies.watermark import load_report, scenario_table
 
@@ -128,7 +128,10 @@ def measured_text(report: dict | None = None) -> str:
             "*The robustness study has not been run yet:* `python -m core.studies.watermark` writes the numbers "
             "quoted here."
         )
-    lines = [
+    from core.studies import measured_elsewhere
+
+    elsewhere = measured_elsewhere(r, base, "python -m core.studies.watermark --n-clean 20")
+    lines = ([elsewhere, ""] if elsewhere else []) + [
         "*Measured by the robustness study* (`python -m core.studies.watermark`"
         + ("" if r.get("complete", True) else "; an incomplete run: what is missing was not measured")
         + "): the share of verification trials that find the watermark (VS-rate), on the watermarked base and "
@@ -183,7 +186,7 @@ def status_text(engine: Engine, session) -> str:
 def create_watermark_tab(engine: Engine, session: gr.State, tab: gr.Tab | None = None) -> None:
     gr.Markdown(INTRO)
     with gr.Accordion("What the robustness study measured", open=False):
-        gr.Markdown(measured_text())
+        gr.Markdown(measured_text(base=engine.fingerprint))
     status = gr.Markdown(NO_FINETUNE)
     check = gr.Button("Check my LoRA for both watermarks", variant="primary")
     aiao = gr.Markdown()

@@ -229,6 +229,7 @@ class LayersResult:
     per_lora: list = field(default_factory=list)
     per_full: list = field(default_factory=list)
     complete: bool = False
+    base: str = ""  # the base model's fingerprint (core.model.prior.base_fingerprint)
 
 
 def report(res: LayersResult, command: str, created: str, minutes: float) -> dict:
@@ -236,6 +237,7 @@ def report(res: LayersResult, command: str, created: str, minutes: float) -> dic
     r = {
         "command": command,
         "created": created,
+        "base": res.base,
         "complete": res.complete,
         "lora": summarize(res.per_lora, res.floors, res.ks) if res.per_lora else None,
         "full": summarize(res.per_full, res.floors, res.full_ks) if res.per_full else None,
@@ -269,7 +271,9 @@ def run(cfg: LayersStudyConfig, model=None, root=None, save=lambda res: None, sh
         yield Done(None, cancelled=True)
         return
     floor = floor_images(pipe)
-    res = LayersResult(cfg.ks, cfg.full_ks, [identity_distance(floor, p) for p in private])
+    from core.model.prior import base_fingerprint
+
+    res = LayersResult(cfg.ks, cfg.full_ks, [identity_distance(floor, p) for p in private], base=base_fingerprint(pipe))
     # 2. the LoRA rows, then the full fine-tune rows, saved after each victim
     t0 = time.perf_counter()
     for i, lo in enumerate(loras):

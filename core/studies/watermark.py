@@ -495,6 +495,7 @@ def study_photos(clean, a: Args) -> tuple[list, list, list, np.ndarray]:
 def main(argv=None):
     from core.cli import command_line, config_of, parse
     from core.model.pipeline import load_pipeline
+    from core.model.prior import base_fingerprint
 
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse(Args, argv, description=__doc__.split("\n")[0])
@@ -510,6 +511,7 @@ def main(argv=None):
     meta = dict(
         command=command_line("core.studies.watermark", argv),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        base=base_fingerprint(clean),
         notes=a.notes,
         watermarks=sources,
         faces_identity=names[0],
