@@ -14,7 +14,11 @@ from tests.conftest import random_crops
 TINY = FinetuneConfig(steps=4, batch=1, n_class=2, checkpoint_every=0, preview_n=0, seed=0)
 
 
-def close(a: dict, b: dict, tol=2e-4) -> bool:
+def close(a: dict, b: dict, tol=5e-4) -> bool:
+    """Equal up to float noise. The batch's vmapped forward sums in another order than a run alone,
+    and AdamW turns that noise in a near-zero gradient component into a step of up to the learning
+    rate: ``tol`` is 4 % of the largest move 4 steps at lr 3e-3 can make; a run that saw another's
+    photos or steps moves by the whole of it."""
     return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=tol, rtol=tol) for k in a)
 
 
