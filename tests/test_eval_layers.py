@@ -101,7 +101,11 @@ def test_study_job_saves_after_each_victim_in_the_reports_format(tiny_pipe, tiny
     r = report(done.result, "python -m core.studies.layers --n 2", "now", 0.1)
     if (RESULTS / "layers.json").exists():
         assert list(r) == list(json.loads((RESULTS / "layers.json").read_text()))
-    assert r["complete"] and r["lora"]["n"] == 2 and r["full"]["n"] == 1 and r["conclusion"]
+    assert r["complete"] and r["lora"]["n"] == 2 and r["full"]["n"] == 1
+    # a conclusion wherever a share of the gain was measured (the tiny random model may gain nothing
+    # over its floor, and then there is no share to quote)
+    measured = any(v["kept"] is not None for part in ("lora", "full") for v in r[part]["busiest"].values())
+    assert isinstance(r["conclusion"], str) and bool(r["conclusion"]) == measured
     json.dumps(r)
 
 
