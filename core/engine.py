@@ -62,7 +62,6 @@ class Engine:
     def attacker(self):
         """(the weight-only attacker for this base model, or None, and a sentence saying why not)."""
         from core.attack.attacker import ATTACKER_DIR, load_attacker
-        from core.model.prior import base_fingerprint
 
         with self._lock:
             if self._attacker is None:
@@ -76,12 +75,12 @@ class Engine:
                     )
                 else:
                     model, info = load_attacker(path, self.pipe.device)
-                    if model.cfg.base != base_fingerprint(self.pipe):
+                    if model.cfg.base != self.fingerprint:
                         self._attacker = (
                             None,
                             f"The shipped attacker was trained for another base model "
                             f"(fingerprint {model.cfg.base}; this app runs `{self.model_name}`, "
-                            f"{base_fingerprint(self.pipe)}). Train one for this model with "
+                            f"{self.fingerprint}). Train one for this model with "
                             "`python -m core.attack.shadow` and `python -m core.attack.train`.",
                         )
                     else:

@@ -34,10 +34,8 @@ the LoRA you fine-tuned in this session).
 
 def calibration(engine):
     """(the calibration for this base or None, a sentence why not, the study's report or None)."""
-    from core.model.prior import base_fingerprint
-
     report = load_report("membership")
-    cal, why = load_calibration(report, base_fingerprint(engine.pipe))
+    cal, why = load_calibration(report, engine.fingerprint)
     return cal, why, report if cal is not None else None
 
 
