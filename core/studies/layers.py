@@ -259,6 +259,7 @@ def run(cfg: LayersStudyConfig, model=None, root=None, save=lambda res: None, sh
     what was measured, ``complete`` False, cancelled)."""
     from core.faces.utility import floor_images, identity_distance
     from core.model.pipeline import image_size_of, load_pipeline
+    from core.model.prior import base_fingerprint
     from core.studies.attack import crops_of, identities, train_victim_loras, victim_recipe
 
     # 1. the base model, the victims, their LoRAs and the floor
@@ -271,8 +272,6 @@ def run(cfg: LayersStudyConfig, model=None, root=None, save=lambda res: None, sh
         yield Done(None, cancelled=True)
         return
     floor = floor_images(pipe)
-    from core.model.prior import base_fingerprint
-
     res = LayersResult(cfg.ks, cfg.full_ks, [identity_distance(floor, p) for p in private], base=base_fingerprint(pipe))
     # 2. the LoRA rows, then the full fine-tune rows, saved after each victim
     t0 = time.perf_counter()
