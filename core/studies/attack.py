@@ -369,7 +369,9 @@ def to_markdown(r: dict) -> str:
     )
     lines = [
         f"Attack evaluation on {r['n']} {who} (chance: top-1 {r['chance_top1']:.0%}, top-5 {r['chance_top5']:.0%}); "
-        f"base {r['base']}. Distances are dlib descriptor distances to the victim's private photos "
+        f"base {r['base']}. The visitor path: every photo is the original LFW file aligned as a visitor's upload is "
+        "(core.faces.ingest, 5-point alignment at the model's resolution). "
+        "Distances are dlib descriptor distances to the victim's private photos "
         "(lower = more alike; same person < 0.6). 95 % bootstrap intervals over victims." + attack_words(r),
         "",
         "| method | mean distance | top-1 | top-5 | within 0.6 |",
