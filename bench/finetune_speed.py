@@ -1,7 +1,7 @@
 """Fine-tune speed: the project's default recipe vs. a plain loop written the way diffusers'
 ``train_dreambooth_lora.py`` does it, on the same pipeline, photos, steps and batch.
 
-    python -m bench.finetune_speed [--photos-from-victim 0] [--steps N]
+    python -m bench.finetune_speed [--victim 0] [--steps N] [--compare old]
 
 The plain loop, per step: turns the pixel batch into latents with the VAE (``latent_dist.sample()``),
 runs the text encoder on the tokenised prompts, concatenates instance and class halves, runs the
@@ -10,6 +10,8 @@ initialisation and data (5 LFW victim photos, cached class images) and take the 
 steps. Prints both wall times, their ratio and both final losses (mean of the last 10 steps), and
 the part of the plain loop that caching can remove at all (its inputs alone, timed with the UNet
 step left out): the plain loop's time over what remains bounds any caching speed-up.
+``--compare``: also times the default recipe on another model in the same run (``old``: the 64 px
+base the embedded one replaced, from git history), on the same person's photos at its resolution.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from core.events import drain
 from core.faces import aligned, data
 from core.finetune.lora import FinetuneConfig, finetune, lora_config
-from core.model.pipeline import load_pipeline, mixed_precision
+from core.model.pipeline import image_size_of, load_pipeline, mixed_precision
 from core.model.prior import class_latents, decode_latents
 from core.model.prompts import CLASS_PROMPT, instance_prompt, random_trigger
 
@@ -74,7 +76,10 @@ def plain_loop(pipe, crops, class_images, cfg: FinetuneConfig, trigger: str, inp
         with mixed_precision(dev, dev.type == "cuda"):
             pred = unet(noisy, t, enc).sample
         p_inst, p_cls = pred.chunk(2)
-        n_inst, n_cls = noise.chunk(2)
+        target = noise  # what the model predicts: the example's branch on the scheduler's prediction type
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, t)
+        n_inst, n_cls = target.chunk(2)
         loss = F.mse_loss(p_inst.float(), n_inst.float()) + cfg.prior_weight * F.mse_loss(p_cls.float(), n_cls.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -84,17 +89,27 @@ def plain_loop(pipe, crops, class_images, cfg: FinetuneConfig, trigger: str, inp
     return losses
 
 
+def compare_model(name: str) -> str | None:
+    """A model folder for ``--compare``: ``old`` is the 64 px base the embedded one replaced."""
+    if name != "old":
+        return name
+    from core.rebuild import old_base
+
+    return old_base()  # None outside a git checkout that holds it
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--victim", type=int, default=0, help="index of the identity whose first 5 photos are used")
     ap.add_argument("--group", default="victims", choices=("victims", "shadow"), help="identity group of the split")
     ap.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compare", default=None, help="another model to time the recipe on ('old': the 64 px base)")
     a = ap.parse_args(argv)
     pipe = load_pipeline(dtype=torch.float32)  # float32 weights on every device; the recipe autocasts on CUDA
     people = data.Split.load().paths(a.group)
     name = sorted(n for n in people if len(people[n]) >= 5)[a.victim]
-    crops = list(aligned.load_crops(people[name][:5]))
+    crops = list(aligned.load_crops(people[name][:5], size=image_size_of(pipe)))
     cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
     if a.steps:
         cfg.steps = a.steps
@@ -127,6 +142,24 @@ def main(argv=None):
         f"of the plain loop's {p:.2f} s, {i:.2f} s is what caching removes (batches, VAE, tokenizer, text encoder, "
         f"noising); the rest is the UNet step both loops run: caching alone can give at most {p / (p - i):.2f}x"
     )
+    other = compare_model(a.compare) if a.compare else None
+    if a.compare and other is None:
+        print("no old base here (not a git checkout holding its commit): comparison left out")
+    if other:
+        del pipe  # one model in memory at a time
+        pipe2 = load_pipeline(other, dtype=torch.float32)
+        crops2 = list(aligned.load_crops(people[name][:5], size=image_size_of(pipe2)))
+        class_latents(pipe2, cfg.n_class)
+        times = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            drain(finetune(pipe2, crops2, FinetuneConfig(**{**cfg.__dict__, "trigger": trigger})))
+            times.append(time.perf_counter() - t0)
+        c = min(times)
+        print(
+            f"default recipe on {a.compare} ({image_size_of(pipe2)} px, same person, steps and batch): {c:6.2f} s; "
+            f"the embedded model takes {o / c:.2f}x its time"
+        )
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class Stage:
 def stages(compare: str | None) -> list[Stage]:
     """The plan, in order (``compare``: the older base the base study measures beside the new one)."""
     wm = "assets/watermark"
+    old = ("--compare", "old")  # the benches time the older base in the same run where git history holds it
     return [
         Stage("examples", ("core.model.examples",)),
         Stage("drawn-faces", ("core.faces.drawn", "--n", "250", "--n-more", "2000")),
@@ -73,8 +74,9 @@ def stages(compare: str | None) -> list[Stage]:
         Stage("study-defenses", ("core.studies.defenses", "--n", "20")),
         Stage("study-cloaking", ("core.studies.cloaking", "--n", "20")),
         Stage("study-membership", ("core.studies.membership", "--n", "20", "--n-calibration", "20")),
-        Stage("bench-finetune", ("bench.finetune_speed",), log="docs/results/bench_finetune_speed.txt"),
-        Stage("bench-attack", ("bench.attack_speed",), log="docs/results/bench_attack_speed.txt"),
+        Stage("bench-finetune", ("bench.finetune_speed", *old), log="docs/results/bench_finetune_speed.txt"),
+        Stage("bench-attack", ("bench.attack_speed", *old), log="docs/results/bench_attack_speed.txt"),
+        Stage("bench-cold-start", ("bench.cold_start", *old), log="docs/results/bench_cold_start.txt"),
     ]
 
 
@@ -88,21 +90,31 @@ def base_hash(folder: Path = ASSETS / "base") -> str:
 
 
 def old_base(commit: str = OLD_BASE_COMMIT) -> str | None:
-    """The older base's folder, extracted once from git history into the cache; None outside a
-    git checkout (the base study then measures the new base alone)."""
+    """The older base's folder, extracted once from git history into the cache (with the attacker
+    trained for it: :func:`old_attacker`); None outside a git checkout (the base study then measures
+    the new base alone)."""
     from core.model.prior import cache_dir
 
     dest = cache_dir() / f"base-{commit}"
-    if (dest / "assets" / "base" / "model_index.json").exists():
+    wanted = ("assets/base/model_index.json", "assets/attacker/attacker.safetensors")
+    if all((dest / w).exists() for w in wanted):
         return str(dest / "assets" / "base")
     dest.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
-        ["git", "-C", str(PROJECT_ROOT), "archive", commit, "assets/base"], capture_output=True, check=False
+        ["git", "-C", str(PROJECT_ROOT), "archive", commit, "assets/base", "assets/attacker"],
+        capture_output=True,
+        check=False,
     )
     if archive.returncode:
         return None
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     return str(dest / "assets" / "base")
+
+
+def old_attacker(commit: str = OLD_BASE_COMMIT) -> str | None:
+    """The weight-only attacker trained for the older base (same extraction as :func:`old_base`)."""
+    base = old_base(commit)
+    return None if base is None else str(Path(base).parent / "attacker" / "attacker.safetensors")
 
 
 RECORD = PROJECT_ROOT / "docs" / "results" / "rebuild.json"

@@ -4,6 +4,7 @@ resumes after a stop or a failure, and starts over on another base."""
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +113,8 @@ def test_old_base_comes_from_git_history(cache):
     if folder is None:
         pytest.skip("not a git checkout with the old base's commit")
     assert (cache / f"base-{rebuild.OLD_BASE_COMMIT}").is_dir()
+    assert (Path(folder) / "model_index.json").is_file()
+    assert Path(rebuild.old_attacker()).is_file()  # the attacker trained for it comes along
     assert rebuild.old_base() == folder  # extracted once
 
 
