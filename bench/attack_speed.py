@@ -89,21 +89,23 @@ def main(argv=None):
         f"whole attack: {t['total']:.2f} s (target <= 1.5 s); base-model sampling of the same 4 images alone: "
         f"{t['base']:.2f} s"
     )
+    if not a.compare:
+        return
     from core.rebuild import old_attacker, old_base
 
-    if a.compare and old_base() is None:
+    if old_base() is None:
         print("no old base here (not a git checkout holding its commit): comparison left out")
-    elif a.compare:
-        del pipe, attacker, lora
-        pipe = load_pipeline(old_base())
-        attacker, _ = load_attacker(old_attacker())
-        lora, step = a_lora(pipe, shadows=False)  # the shadow cache holds the embedded base's LoRAs
-        o = time_attack(pipe, attacker, lora, step, a.repeats)
-        print(
-            f"old 64 px base, same run: encoder {o['encoder'] * 1000:.0f} ms, merge LoRA {o['merge'] * 1000:.0f} ms, "
-            f"sampling {o['sampling'] * 1000:.0f} ms, whole attack {o['total']:.2f} s; "
-            f"the embedded base's attack takes {t['total'] / o['total']:.2f}x its time"
-        )
+        return
+    del pipe, attacker, lora  # one model in memory at a time
+    pipe = load_pipeline(old_base())
+    attacker, _ = load_attacker(old_attacker())
+    lora, step = a_lora(pipe, shadows=False)  # the shadow cache holds the embedded base's LoRAs
+    o = time_attack(pipe, attacker, lora, step, a.repeats)
+    print(
+        f"old 64 px base, same run: encoder {o['encoder'] * 1000:.0f} ms, merge LoRA {o['merge'] * 1000:.0f} ms, "
+        f"sampling {o['sampling'] * 1000:.0f} ms, whole attack {o['total']:.2f} s; "
+        f"the embedded base's attack takes {t['total'] / o['total']:.2f}x its time"
+    )
 
 
 if __name__ == "__main__":
