@@ -282,3 +282,32 @@ def test_the_visits_end_closes_every_session_of_its_session_hash():
     sess.end_session(request)
     assert s.closed and not s.path.exists() and not other.closed and other.path.exists()
     other.close()
+
+
+def test_a_visitors_first_events_at_once_share_one_session():
+    """An upload's own handler and a button pressed right after it both start before either has stored
+    a session in the page's state: they get the browser session's one session (one reading lock), not
+    one each (two readers of one upload deleted it under each other); another browser gets its own."""
+    import threading
+    from types import SimpleNamespace
+
+    request = SimpleNamespace(session_hash="visit-first-events")
+    start, got = threading.Barrier(4), []
+
+    def first_event():
+        start.wait()
+        got.append(sess.ensure(None, request))
+
+    threads = [threading.Thread(target=first_event) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(s) for s in got}) == 1 and got[0].session_hash == "visit-first-events"
+    other = sess.ensure(None, SimpleNamespace(session_hash="visit-someone-else"))
+    assert other is not got[0]
+    got[0].close()  # the visit's session closed: a later event opens a fresh one
+    again = sess.ensure(None, request)
+    assert again is not got[0] and not again.closed
+    for s in (other, again):
+        s.close()

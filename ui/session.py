@@ -51,6 +51,7 @@ DIR_PREFIX = "leaklab-session-"
 _LIVE: dict[int, VisitorSession] = {}  # open sessions, for the time-out sweep
 _BY_HASH: dict[str, list[VisitorSession]] = {}  # Gradio's session_hash -> the sessions its handlers opened
 _LOCK = threading.Lock()
+_OPENING = threading.Lock()  # held by ensure() while it finds or opens a browser session's session
 
 
 class SessionClosed(gr.Error):
@@ -141,15 +142,28 @@ def sweep(ttl: float = SESSION_TTL) -> int:
 def ensure(session: VisitorSession | None, request: gr.Request | None = None) -> VisitorSession:
     """The visitor's open session (a fresh one if there is none or it was closed), marked used and
     registered under the browser's ``request.session_hash`` (so the visit's end closes it)."""
-    if session is None or session.closed:
-        session = VisitorSession()
-    session.last_used = time.monotonic()
     sh = getattr(request, "session_hash", None)
+    if session is None or session.closed:
+        # A visitor's first events can run at once (an upload's own handler and a button pressed right
+        # after it), each before the other has put its session into the page's state: they share the
+        # browser session's open one (one reading lock, one reading of each upload) instead of opening
+        # one each, so finding it or opening it is one step.
+        with _OPENING:
+            with _LOCK:
+                open_now = [s for s in _BY_HASH.get(sh, []) if not s.closed] if sh else []
+            session = open_now[-1] if open_now else VisitorSession()
+            _register(session, sh)
+    else:
+        _register(session, sh)
+    session.last_used = time.monotonic()
+    return session
+
+
+def _register(session: VisitorSession, sh: str | None) -> None:
     if sh and session.session_hash != sh:
         session.session_hash = sh
         with _LOCK:
             _BY_HASH.setdefault(sh, []).append(session)
-    return session
 
 
 def close_session(session: VisitorSession | None) -> None:
