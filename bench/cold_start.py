@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,13 +22,8 @@ import time
 import urllib.error
 import urllib.request
 
+from bench.workshop import free_port
 from core import PROJECT_ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cold_start(model: str | None, timeout: float = 300.0) -> float:
