@@ -1,6 +1,7 @@
 """The AIAO watermark and the baseline backdoor on the tiny random pipeline: lazy-layer choice,
 subpaths, embedding + verification (yes on the watermarked model, no on the clean one), key files."""
 
+import copy
 import json
 from dataclasses import asdict, replace
 
@@ -16,10 +17,12 @@ from core.watermark.aiao import (
     candidate_layers,
     choose_lazy_layers,
     embed_watermark,
+    feature_drift,
     laziness_scores,
     rs_threshold,
     sample_subpaths,
     simulated_finetune,
+    unet_inputs,
     verify_watermark,
 )
 from core.watermark.formats import DELTA_FORMAT, KeyFileError, save_delta, watermarked_pipeline
@@ -37,6 +40,7 @@ TINY = WatermarkConfig(
     response_weight=5.0,
     margin=1.0,
     consistency_weight=10.0,
+    response_fraction=0.6,
 )
 
 
@@ -52,8 +56,16 @@ def lazy(tiny_pipe):
 
 @pytest.fixture(scope="module")
 def embedded(tiny_pipe, lazy):
-    layers, scores = lazy
-    return drain(embed_watermark(tiny_pipe, tiny_latents(tiny_pipe), layers, TINY, lazy_scores=scores))
+    return drain(
+        embed_watermark(
+            tiny_pipe,
+            tiny_latents(tiny_pipe),
+            lazy.layers,
+            TINY,
+            lazy_scores=lazy.scores,
+            output_drift=lazy.output_drift,
+        )
+    )
 
 
 def test_laziness_scores_take_the_worst_probe():
@@ -65,7 +77,7 @@ def test_laziness_scores_take_the_worst_probe():
 
 
 def test_lazy_layers_are_the_laziest_of_both_probes(tiny_pipe, lazy):
-    layers, scores = lazy
+    layers, scores, _ = lazy
     cands = candidate_layers(tiny_pipe.unet)
     assert len(layers) >= 2 and set(layers) <= set(cands)
     assert all(scores[n] < 0.5 for n in layers)
@@ -74,10 +86,12 @@ def test_lazy_layers_are_the_laziest_of_both_probes(tiny_pipe, lazy):
 
 
 def test_subpaths_land_only_in_lazy_layers(embedded, lazy):
-    layers, _ = lazy
+    layers, _, drift = lazy
     key = embedded.key
+    assert key.output_drift == drift and set(drift) == set(lazy.scores)
     for sp in key.subpaths:
         assert sp.trigger_layer in layers and sp.response_layer in layers
+        assert drift[sp.response_layer] < TINY.response_fraction
         assert layers.index(sp.trigger_layer) < layers.index(sp.response_layer)
         assert len(sp.trigger_index) == len(sp.trigger_signs) and set(sp.response_signs) <= {-1, 1}
 
@@ -94,7 +108,7 @@ def test_sampled_subpaths_stay_in_the_given_layers():
 
 
 def test_only_lazy_layers_change(tiny_pipe, embedded, lazy):
-    layers, _ = lazy
+    layers = lazy.layers
     clean = dict(tiny_pipe.unet.named_parameters())
     moved = {n.rsplit(".", 1)[0] for n, p in embedded.unet.named_parameters() if not torch.equal(p, clean[n])}
     assert moved and moved <= set(layers)
@@ -138,6 +152,41 @@ def test_encoder_side_subpaths_answer_before_the_decoder():
         sample_subpaths(lazy[4:], sizes, scales, replace(TINY, response_side="encoder"), np.random.default_rng(0))
 
 
+def test_response_layers_are_those_whose_output_moved_least():
+    lazy = [f"l{i}" for i in range(6)]
+    sizes, scales = {n: 100 for n in lazy}, {n: 1.0 for n in lazy}
+    drift = {"l0": 0.0, "l1": 0.1, "l2": 0.9, "l3": 0.2, "l4": 0.5, "l5": 0.3}
+    cfg = replace(TINY, n_subpaths=300, response_side="any", response_fraction=0.3)
+    subs = sample_subpaths(lazy, sizes, scales, cfg, np.random.default_rng(0), output_drift=drift)
+    assert {sp.response_layer for sp in subs} == {"l1", "l3"}
+    assert {sp.trigger_layer for sp in subs} == {"l0", "l1", "l2"}  # any lazy layer may trigger
+    every = sample_subpaths(
+        lazy, sizes, scales, replace(cfg, response_fraction=1.0), np.random.default_rng(0), None, drift
+    )
+    assert {sp.response_layer for sp in every} == set(lazy[1:])
+    with pytest.raises(ValueError, match="response_fraction"):
+        sample_subpaths(
+            lazy, sizes, scales, replace(cfg, response_fraction=0.05), np.random.default_rng(0), None, drift
+        )
+
+
+def test_feature_drift_is_zero_before_a_moved_layer_and_not_after(tiny_pipe):
+    unet = tiny_pipe.unet
+    layers = candidate_layers(unet)
+    moved = copy.deepcopy(unet)
+    k = len(layers) // 2
+    with torch.no_grad():
+        w = dict(moved.named_modules())[layers[k]].weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std())
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    x, t, e = unet_inputs(unet, 4, emb, torch.Generator().manual_seed(2))
+    same = feature_drift(unet, copy.deepcopy(unet), layers, x, t, e)
+    drift = feature_drift(unet, moved, layers, x, t, e)
+    assert max(same.values()) == 0.0
+    assert all(drift[n] == 0.0 for n in layers[:k]) and drift[layers[k]] > 0.1
+    assert drift["conv_out"] > 0.0
+
+
 def test_reachable_pairs_know_that_a_query_never_reaches_its_key(tiny_pipe):
     from core.watermark.aiao import reachable_pairs, unet_inputs
 
@@ -168,10 +217,15 @@ def test_simulated_finetune_moves_each_weight_by_a_low_rank_update_and_puts_it_b
 
 
 def test_embedding_under_simulated_finetunes_changes_only_lazy_layers_and_verifies(tiny_pipe, lazy):
-    layers, scores = lazy
+    layers, scores, output_drift = lazy
     res = drain(
         embed_watermark(
-            tiny_pipe, tiny_latents(tiny_pipe), layers, replace(TINY, drift=0.1, steps=240), lazy_scores=scores
+            tiny_pipe,
+            tiny_latents(tiny_pipe),
+            layers,
+            replace(TINY, drift=0.1, steps=240),
+            lazy_scores=scores,
+            output_drift=output_drift,
         )
     )
     clean = dict(tiny_pipe.unet.named_parameters())

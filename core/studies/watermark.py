@@ -458,8 +458,17 @@ def watermarked_bases(clean, a: Args) -> tuple[list[Watermarked], dict]:
 
     def embed_aiao():
         wcfg = WatermarkConfig(seed=a.seed)
-        lazy, scores = drain(choose_lazy_layers(clean, probe_photos(clean, root=a.data), wcfg))
-        res = drain(embed_watermark(clean, owner_latents(clean, 1024, a.data), lazy, wcfg, lazy_scores=scores))
+        found = drain(choose_lazy_layers(clean, probe_photos(clean, root=a.data), wcfg))
+        res = drain(
+            embed_watermark(
+                clean,
+                owner_latents(clean, 1024, a.data),
+                found.layers,
+                wcfg,
+                lazy_scores=found.scores,
+                output_drift=found.output_drift,
+            )
+        )
         return watermarked_pipeline(clean, res.unet), res.key
 
     def embed_bd():

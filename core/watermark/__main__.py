@@ -119,9 +119,16 @@ def embed_aiao(a: EmbedAiao, argv) -> None:
 
     cfg = config_of(a, WatermarkConfig)
     pipe = load_pipeline(a.model, a.device)
-    lazy, scores = run_with_progress_bar(choose_lazy_layers(pipe, probe_photos(pipe, root=a.data), cfg))
+    found = run_with_progress_bar(choose_lazy_layers(pipe, probe_photos(pipe, root=a.data), cfg))
     res = run_with_progress_bar(
-        embed_watermark(pipe, owner_latents(pipe, a.latents, a.data), lazy, cfg, lazy_scores=scores)
+        embed_watermark(
+            pipe,
+            owner_latents(pipe, a.latents, a.data),
+            found.layers,
+            cfg,
+            lazy_scores=found.scores,
+            output_drift=found.output_drift,
+        )
     )
     finish_embedding(
         "AIAO",
@@ -131,7 +138,7 @@ def embed_aiao(a: EmbedAiao, argv) -> None:
         watermarked_pipeline(pipe, res.unet),
         verify_watermark,
         argv,
-        {"config": asdict(cfg), "lazy_layers": lazy},
+        {"config": asdict(cfg), "lazy_layers": found.layers},
     )
 
 

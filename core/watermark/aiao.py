@@ -11,7 +11,12 @@ The owner of a base model hides a secret in it that survives other people's fine
   public faces, the app's default LoRA recipe (:mod:`core.finetune.lora`) and a full fine-tune
   (:func:`core.finetune.full.full_finetune`), measures each layer's relative change ||dW|| / ||W0||
   (:mod:`core.layers.change`; a layer the LoRA does not adapt moved 0) and keeps the layers that are among
-  the laziest ``lazy_fraction`` of the layers in *both* probes.
+  the laziest ``lazy_fraction`` of the layers in *both* probes. The same probes also measure how far
+  each layer's *output* moved (:func:`feature_drift`: a layer whose weights stay put still sees inputs
+  that the adapted layers before it changed); a response layer must be among the ``response_fraction``
+  of layers whose output moved least in both (measured on the 128 px base: ``down_blocks.2``'s lazy
+  ``attn2.to_q`` moved 0.45 of its feature scale under a default LoRA, the ``down_blocks.1`` ones
+  0.08-0.22, and every subpath answering in the former broke under a 2000-step LoRA).
 - **Subpath** (:func:`sample_subpaths`): a trigger layer and a later response layer, both lazy, drawn
   at random among the pairs where the response's output depends on the trigger's (a probe forward:
   :func:`reachable_pairs`; ``attn1.to_q`` runs before ``to_k`` but never reaches it) and, by default,
@@ -53,6 +58,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -88,6 +94,8 @@ class WatermarkConfig:
     causal_only: bool = True  # draw only pairs whose response output depends on the trigger layer's output (a
     #                            probe forward per lazy layer; e.g. attn1.to_q -> attn1.to_k come in forward order
     #                            but the key never sees the query)
+    response_fraction: float = 0.3  # a response layer's output must be among this share of the layers whose output
+    #                                 moves least under the probes (feature_drift; 1: any lazy layer)
     response_weight: float = 5.0  # weight of the response loss
     consistency_weight: float = 30.0  # weight of the consistency loss (quality; 600 steps: VS 92 %, 1200: 98 %)
     denoise_weight: float = 1.0  # weight of the normal denoising loss
@@ -101,10 +109,10 @@ class WatermarkConfig:
             raise ValueError(
                 f"n_subpaths must be 1..4096 and response_size 8..4096, got {self.n_subpaths!r}, {self.response_size!r}"
             )
-        if not 0 < self.trigger_fraction <= 1 or not 0 < self.lazy_fraction <= 1:
+        if not all(0 < f <= 1 for f in (self.trigger_fraction, self.lazy_fraction, self.response_fraction)):
             raise ValueError(
-                f"trigger_fraction and lazy_fraction must be in (0, 1], got {self.trigger_fraction!r}, "
-                f"{self.lazy_fraction!r}"
+                f"trigger_fraction, lazy_fraction and response_fraction must be in (0, 1], got "
+                f"{self.trigger_fraction!r}, {self.lazy_fraction!r}, {self.response_fraction!r}"
             )
         if self.steps < 0 or self.probe_steps < 1 or self.batch < 1 or self.trigger_batch < 1:
             raise ValueError(
@@ -159,6 +167,7 @@ class WatermarkKey:
     model_fingerprint: str = ""  # core.model.prior.base_fingerprint of the watermarked model
     lazy_scores: dict = field(default_factory=dict)  # {layer: laziness score of the probes} (for the record)
     config: dict = field(default_factory=dict)  # the WatermarkConfig it was embedded with
+    output_drift: dict = field(default_factory=dict)  # {layer: output-drift score of the probes} (for the record)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -182,6 +191,7 @@ class WatermarkKey:
                 str(doc.get("model_fingerprint", "")),
                 dict(doc.get("lazy_scores", {})),
                 dict(doc.get("config", {})),
+                dict(doc.get("output_drift", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise KeyFileError(f"{path}: malformed key ({type(e).__name__}: {e})") from e
@@ -355,12 +365,20 @@ def laziness_scores(probes: list[dict[str, float]], layers: list[str]) -> dict[s
     return scores
 
 
+class LazyLayers(NamedTuple):
+    """What the probe fine-tunes found (:func:`choose_lazy_layers`)."""
+
+    layers: list  # the lazy layers, forward order
+    scores: dict  # {layer: laziness score (weights) of the probes}, every candidate layer
+    output_drift: dict  # {layer: output-drift score (features) of the probes}, every candidate layer
+
+
 def choose_lazy_layers(pipe, photos, cfg: WatermarkConfig, should_stop=never):
-    """Generator: the probe fine-tunes on ``photos`` (public faces, 3-10), then ``Done((lazy layers in
-    forward order, {layer: score}))``."""
+    """Generator: the probe fine-tunes on ``photos`` (public faces, 3-10), then ``Done(LazyLayers)``."""
     from core.finetune.full import full_finetune
-    from core.finetune.lora import FinetuneConfig, finetune
+    from core.finetune.lora import FinetuneConfig, encode_prompt, finetune, pipeline_with_lora
     from core.layers.change import base_state, full_layer_change, lora_layer_change
+    from core.model.prompts import CLASS_PROMPT
 
     layers = candidate_layers(pipe.unet)
     yield Message(f"probe 1/2: the default LoRA recipe, {cfg.probe_steps} steps")
@@ -389,8 +407,35 @@ def choose_lazy_layers(pipe, photos, cfg: WatermarkConfig, should_stop=never):
     lazy = [n for n in layers if scores[n] < cfg.lazy_fraction]
     if len(lazy) < 2:
         raise ValueError(f"only {len(lazy)} lazy layer(s) at lazy_fraction {cfg.lazy_fraction}: raise it")
+    full_unet = copy.deepcopy(pipe.unet)
+    full_unet.load_state_dict(full)
+    with torch.no_grad():
+        emb = encode_prompt(pipe, CLASS_PROMPT).float()
+    x, t, e = unet_inputs(pipe.unet, 16, emb, torch.Generator().manual_seed(cfg.seed))
+    output_drift = laziness_scores(
+        [
+            feature_drift(pipe.unet, moved, layers, x, t, e)
+            for moved in (pipeline_with_lora(pipe, lora).unet, full_unet)
+        ],
+        layers,
+    )
     yield Message(f"{len(lazy)} lazy layers of {len(layers)}: " + ", ".join(lazy))
-    yield Done((lazy, scores))
+    yield Done(LazyLayers(lazy, scores, output_drift))
+
+
+@torch.no_grad()
+def feature_drift(clean, moved, layers: list[str], x, t, emb) -> dict[str, float]:
+    """{layer: std(moved output - clean output) / std(clean output)} on the same inputs: how far a
+    fine-tune moved what each layer emits (its own weights and everything before it)."""
+    dev, dtype = next(clean.parameters()).device, next(clean.parameters()).dtype
+    args = (x.to(dev, dtype), t.to(dev), emb.to(dev, dtype))
+    ref: dict = {}
+    got: dict = {}
+    with record_features(clean, layers, ref):
+        clean(*args)
+    with record_features(moved, layers, got):
+        moved(*args)
+    return {n: float((got[n].float() - ref[n].float()).std() / ref[n].float().std().clamp_min(1e-8)) for n in layers}
 
 
 def is_encoder_side(layer: str) -> bool:
@@ -428,11 +473,13 @@ def sample_subpaths(
     cfg: WatermarkConfig,
     rng: np.random.Generator,
     reachable: set | None = None,
+    output_drift: dict | None = None,
 ) -> list[Subpath]:
     """``cfg.n_subpaths`` random subpaths: a trigger layer before a response layer, both from ``lazy``
     (in forward order; at most ``cfg.max_gap`` lazy layers apart when it is set; the response before the
-    decoder when ``cfg.response_side`` is "encoder"; a pair in ``reachable`` when it is given), with
-    random masks and sign patterns."""
+    decoder when ``cfg.response_side`` is "encoder"; a pair in ``reachable`` when it is given; the
+    response's score in ``output_drift`` below ``cfg.response_fraction`` when it is given),
+    with random masks and sign patterns."""
     if len(lazy) < 2:
         raise ValueError(f"a subpath needs 2 lazy layers, got {len(lazy)}")
     pairs = [
@@ -442,14 +489,25 @@ def sample_subpaths(
         if (not cfg.max_gap or b - a <= cfg.max_gap)
         and (cfg.response_side == "any" or is_encoder_side(lazy[b]))
         and (reachable is None or (lazy[a], lazy[b]) in reachable)
+        and (
+            output_drift is None or cfg.response_fraction >= 1 or output_drift.get(lazy[b], 1.0) < cfg.response_fraction
+        )
     ]
     if not pairs:
         raise ValueError(
             f"no trigger/response pair among the lazy layers with max_gap {cfg.max_gap}, "
-            f"response_side {cfg.response_side!r}" + (" and causal_only" if reachable is not None else "") + f": {lazy}"
+            f"response_side {cfg.response_side!r}"
+            + (" and causal_only" if reachable is not None else "")
+            + (f" and response_fraction {cfg.response_fraction}" if output_drift is not None else "")
+            + f": {lazy}"
         )
     out = []
-    unrestricted = not cfg.max_gap and cfg.response_side == "any" and reachable is None
+    unrestricted = (
+        not cfg.max_gap
+        and cfg.response_side == "any"
+        and reachable is None
+        and (output_drift is None or cfg.response_fraction >= 1)
+    )
     for _ in range(cfg.n_subpaths):
         # unrestricted: the paper's draw of two lazy layers (the random stream that keys made before the
         # restrictions existed were drawn with, so their embedding commands still rebuild them)
@@ -519,14 +577,16 @@ def simulated_finetune(weights: list, drift: float, rank: int, generator: torch.
                 w.copy_(w0)
 
 
-def draw_key(clean, lazy: list[str], emb, cfg: WatermarkConfig, rng, g, lazy_scores=None) -> WatermarkKey:
+def draw_key(
+    clean, lazy: list[str], emb, cfg: WatermarkConfig, rng, g, lazy_scores=None, output_drift=None
+) -> WatermarkKey:
     """The secret key: feature sizes and scales of the clean model's lazy layers, then random subpaths."""
     dev = next(clean.parameters()).device
     order = candidate_layers(clean)
     x, t, e = unet_inputs(clean, 16, emb, g)
     sizes, scales = feature_stats(clean, lazy, x.to(dev), t.to(dev), e.to(dev))
     reach = reachable_pairs(clean, lazy, x[:2].to(dev), t[:2].to(dev), e[:2].to(dev)) if cfg.causal_only else None
-    subpaths = sample_subpaths(lazy, sizes, scales, cfg, rng, reach)
+    subpaths = sample_subpaths(lazy, sizes, scales, cfg, rng, reach, output_drift or None)
     used = sorted({n for s in subpaths for n in (s.trigger_layer, s.response_layer)}, key=order.index)
     return WatermarkKey(
         subpaths,
@@ -536,6 +596,7 @@ def draw_key(clean, lazy: list[str], emb, cfg: WatermarkConfig, rng, g, lazy_sco
         rs_threshold(cfg.response_size),
         lazy_scores=dict(lazy_scores or {}),
         config=asdict(cfg),
+        output_drift=dict(output_drift or {}),
     )
 
 
@@ -583,9 +644,11 @@ def embed_watermark(
     cfg: WatermarkConfig | None = None,
     should_stop=never,
     lazy_scores: dict | None = None,
+    output_drift: dict | None = None,
 ):
     """Generator: embed the AIAO watermark into a copy of ``pipe.unet`` (``latents``: the owner's clean
-    scaled latents for the denoising loss; ``lazy``: the lazy layers, forward order). Yields
+    scaled latents for the denoising loss; ``lazy``: the lazy layers, forward order; ``lazy_scores`` /
+    ``output_drift``: :class:`LazyLayers`' scores, the latter restricting the response layers). Yields
     ``Progress`` per step and ``Done(EmbedResult)``."""
     from core.finetune.lora import encode_prompt
     from core.model.prompts import CLASS_PROMPT
@@ -605,7 +668,7 @@ def embed_watermark(
         emb = encode_prompt(pipe, CLASS_PROMPT).float()
 
     # 1. the key: feature sizes and scales of the clean model, then random subpaths
-    key = draw_key(clean, lazy, emb, cfg, rng, g, lazy_scores)
+    key = draw_key(clean, lazy, emb, cfg, rng, g, lazy_scores, output_drift)
     subpaths = key.subpaths
     used = sorted({l for s in subpaths for l in (s.trigger_layer, s.response_layer)}, key=order.index)
     yield Message(
