@@ -1,7 +1,7 @@
 """Cloaking time for 5 photos (target <= 10 s on the app's CPU at the default budget), next to the
 fine-tune it protects against, measured in the same run on the same photos.
 
-    python bench/cloak_speed.py [--repeats 2] [--layout128 True] [--cores 1,2]
+    python -m bench.cloak_speed [--repeats 2] [--cores 1,2]
 
 On the shipped base (``assets/base``) and the example face's 5 photos, best of ``--repeats``, each
 cloak on every number of cores of ``--cores`` (``protect_photos(cores=n)``: the app gives a cloak
@@ -10,18 +10,13 @@ every core while no fine-tune runs or waits, else one):
 - the cheaper variant, PGD against the frozen base alone (``surrogate="base"``), same steps;
 - the default with half the PGD steps and two noise draws per step (half the autoencoder passes);
 - the baseline: the default 80-step fine-tune on the same photos (class images cached first).
-``--layout128 True`` also times the cloak on the *new* base's layout (128 px, the TAEF2 autoencoder
-with its pretrained weights, 32 latent channels, v-prediction; the UNet has the shipped layout with
-random weights, which costs the same time): a forecast until the new base is shipped. Each line
-gives the mean PSNR of the cloaked photos and the surrogate's loss on them over its loss on the
+Each line gives the mean PSNR of the cloaked photos and the surrogate's loss on them over its loss on the
 originals (what the cloak achieved for its time).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +34,6 @@ from core.events import drain  # noqa: E402
 @dataclass
 class Args:
     repeats: int = 2  # timed runs of each part (the best is reported)
-    layout128: bool = False  # also time the cloak on the new base's layout (random UNet, TAEF2 autoencoder)
     cores: str = "1,2"  # the cloak's cores, each timed (the app gives it every core while no fine-tune runs)
 
 
@@ -99,18 +93,6 @@ def report(title: str, times: dict, baseline: float | None = None) -> None:
         )
 
 
-def layout128_pipe():
-    from core.model.autoencoder import load_taef2
-    from core.model.pipeline import assemble_pipeline, build_components, configure_threads
-
-    comps = build_components()
-    comps["vae"] = load_taef2()
-    configure_threads(1)
-    pipe = assemble_pipeline(comps)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def main(argv=None):
     from core.finetune.lora import FinetuneConfig, finetune
     from core.model.pipeline import image_size_of, load_pipeline
@@ -132,15 +114,6 @@ def main(argv=None):
     print(f"baseline, the default 80-step fine-tune on the same photos: {t_ft:.2f} s")
     cores = tuple(int(c) for c in a.cores.split(","))
     report("shipped base:", time_cloaks(pipe, photos, a.repeats, cores), t_ft)
-    if a.layout128:
-        os.environ["LEAKLAB_CACHE"] = tempfile.mkdtemp(
-            prefix="leaklab-bench-"
-        )  # a random base's files stay out of the cache
-        pipe128 = layout128_pipe()
-        report(
-            "new base's layout (128 px, TAEF2 autoencoder; random UNet weights, same cost):",
-            time_cloaks(pipe128, example_photos(image_size_of(pipe128)), a.repeats, cores),
-        )
 
 
 if __name__ == "__main__":

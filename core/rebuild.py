@@ -80,6 +80,7 @@ def stages(compare: str | None) -> list[Stage]:
         Stage("bench-finetune", ("bench.finetune_speed", *old), log="docs/results/bench_finetune_speed.txt"),
         Stage("bench-attack", ("bench.attack_speed", *old), log="docs/results/bench_attack_speed.txt"),
         Stage("bench-cold-start", ("bench.cold_start", *old), log="docs/results/bench_cold_start.txt"),
+        Stage("bench-cloak", ("bench.cloak_speed",), log="docs/results/bench_cloak_speed.txt"),
     ]
 
 
