@@ -562,14 +562,20 @@ def paper_verdict(x: dict, y: dict | None) -> str:
     if y is None:
         return text + "."
     shift, left = x["utility_vs_clean"]["mean"], y["utility_vs_clean"]["mean"]
-    if y["utility_vs_clean"]["ci"][0] <= 0:
-        return text + "; purification takes the protection away, as Hönig et al. found."
-    if left < 0.75 * shift:
-        return (
-            text + f"; purification removes part of it ({left:+.3f} of the {shift:+.3f} shift remains), in the "
-            "direction of Hönig et al.'s finding."
+    attack = ""
+    if x.get("attack_vs_clean") and y.get("attack_vs_clean"):
+        attack = (
+            f"; the attack keeps {y['attack_vs_clean']['mean']:+.3f} of its {x['attack_vs_clean']['mean']:+.3f} shift"
         )
-    return text + "; purification does not take it away here, unlike Hönig et al.'s finding."
+    if y["utility_vs_clean"]["ci"][0] <= 0:
+        return text + f"; purification takes the protection away, as Hönig et al. found{attack}."
+    amount = "most of it" if left < 0.5 * shift else "part of it" if left < 0.75 * shift else None
+    if amount:
+        return (
+            text + f"; purification removes {amount} ({left:+.3f} of the {shift:+.3f} shift remains{attack}), in "
+            "the direction of Hönig et al.'s finding."
+        )
+    return text + f"; purification does not take it away here{attack}, unlike Hönig et al.'s finding."
 
 
 def to_markdown(r: dict) -> str:
