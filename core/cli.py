@@ -100,4 +100,4 @@ def command_line(module: str, argv=None) -> str:
     """The command that was run (``python -m <module> <args>``, shell-quoted), for the record written
     beside an artifact."""
     argv = sys.argv[1:] if argv is None else argv
-    return f"python -m {module} " + " ".join(shlex.quote(str(a)) for a in argv)
+    return " ".join(["python", "-m", module, *(shlex.quote(str(a)) for a in argv)])
