@@ -2,7 +2,7 @@
 
     python -m bench.live_work [--reps 2] [--steps 80] [--model M]
 
-Three measurements, each against its baseline in the same run:
+Four measurements, each against its baseline in the same run:
 
 1. **Sampling one LoRA.** One sampler forward (2 images) through the vmapped adapter UNet (the
    GPU path of :mod:`core.finetune.live_batch`) against the UNet with the LoRA merged into a copy
@@ -18,7 +18,13 @@ Three measurements, each against its baseline in the same run:
    (``HubConfig.split_last`` off: by default, once nothing else trains, the previews are drawn in a
    thread of their own on the trainer's idle core), and between steps, alternating, each arm in a
    fresh process: seconds to the first reconstruction, to ``Done``, and from the last step to
-   ``Done`` (the last checkpoint's live work and the score: what the visitor waits for after training).
+   ``Done`` (the last checkpoint's live work and the score: what the visitor waits for after training);
+   and the default with dlib's descriptors computed in the hub's own process (``face_worker`` off).
+4. **dlib beside training.** A fine-tune step on one core, alone and while a second thread describes
+   a face every 0.5 s, with dlib in this process (it holds the GIL through each call) and in
+   :mod:`core.faces.recognition`'s worker process.
+
+    python -m bench.live_work --sections 3 4 --arms thread dlib-here   # only the face worker's effect
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ class LiveWorkArgs:
     reps: int = 2  # visits per hub arm (each arm alternates with the other)
     steps: int = 80  # fine-tuning steps of the visit (the app's default: 80)
     model: str = ""  # model folder or hub id (default: the embedded model)
-    arm: str = ""  # internal: run one hub arm ("thread", "thread-one" or "between") in this process, print JSON
+    arms: tuple[str, ...] = ("thread", "thread-one", "between", "dlib-here")  # the hub arms of measurement 3
+    sections: tuple[int, ...] = (1, 2, 3, 4)  # the measurements to run
+    arm: str = ""  # internal: run one hub arm (one of ``arms``) in this process, print JSON
 
 
 def example_photos(size: int) -> list:
@@ -86,6 +94,38 @@ def threads(pipe, photos) -> None:
     print(f"## 2. threads ({cores()} cores)")
     print(f"fine-tune step in a worker thread, alone: {alone * 1000:.0f} ms")
     print(f"after the main thread computed on every core: {beside * 1000:.0f} ms ({beside / alone:.2f}x)")
+
+
+def dlib_beside(pipe, photos) -> None:
+    """A fine-tune step on one core, alone and while a second thread describes one face every 0.5 s
+    (as the live work scores a checkpoint), with dlib in this process and in the face worker."""
+    from core.faces import recognition
+
+    def step_beside(worker: bool | None) -> float:
+        stop = threading.Event()
+
+        def score():
+            while not stop.is_set():
+                recognition.describe(photos[:1])
+                time.sleep(0.4)
+
+        if worker is not None:
+            recognition.describe_in_worker(worker)
+            recognition.describe(photos[:1])  # the worker started and its models loaded
+            th = threading.Thread(target=score)
+            th.start()
+        try:
+            return in_thread(lambda: step_seconds(pipe, photos), 1)
+        finally:
+            stop.set()
+            if worker is not None:
+                th.join()
+
+    rows = [("alone", step_beside(None)), ("dlib here", step_beside(False)), ("dlib in the worker", step_beside(True))]
+    recognition.describe_in_worker(False)
+    print("## 4. a fine-tune step (one core) while another thread describes a face every 0.5 s")
+    for name, sec in rows:
+        print(f"{name}: {sec * 1000:.0f} ms ({sec / rows[0][1]:.2f}x alone)")
 
 
 def sampling(pipe) -> None:
@@ -136,7 +176,9 @@ def hub_arm(a: LiveWorkArgs) -> None:
 
     def visits():
         attacker, _ = engine.attacker()
-        cfg = HubConfig(live_thread=a.arm != "between", split_last=a.arm != "thread-one")
+        cfg = HubConfig(
+            live_thread=a.arm != "between", split_last=a.arm != "thread-one", face_worker=a.arm != "dlib-here"
+        )
         hub = TrainingHub(engine.pipe, attacker, engine.floor_images(), cfg)
         for _ in range(a.reps):
             t0, first, trained = time.perf_counter(), None, None
@@ -154,7 +196,7 @@ def hub_arm(a: LiveWorkArgs) -> None:
 
 
 def hub(a: LiveWorkArgs) -> None:
-    rows = {"thread": [], "thread-one": [], "between": []}
+    rows = {arm: [] for arm in a.arms}
     for _ in range(a.reps):
         for arm in rows:
             cmd = [sys.executable, "-m", "bench.live_work", "--arm", arm, "--reps", "1", "--steps", str(a.steps)]
@@ -167,8 +209,10 @@ def hub(a: LiveWorkArgs) -> None:
         "thread": "live work in a second thread",
         "thread-one": "the same, the last checkpoint drawn in one thread",
         "between": "live work between steps",
+        "dlib-here": "the same, dlib's descriptors in the hub's process (the face worker off)",
     }
-    for arm, label in labels.items():
+    for arm in rows:
+        label = labels[arm]
         r = rows[arm]
         first = ", ".join(f"{x['first']:.1f}" for x in r if x["first"] is not None) or "none"
         done = ", ".join(f"{x['done']:.1f}" for x in r)
@@ -182,11 +226,17 @@ def main(argv=None) -> None:
         return hub_arm(a)
     from core.model.pipeline import image_size_of, load_pipeline
 
-    pipe = load_pipeline(a.model or None, threads=1)
-    photos = example_photos(image_size_of(pipe))
-    sampling(pipe)
-    threads(pipe, photos)
-    hub(a)
+    if {1, 2, 4} & set(a.sections):
+        pipe = load_pipeline(a.model or None, threads=1)
+        if 1 in a.sections:
+            sampling(pipe)
+        photos = example_photos(image_size_of(pipe))
+        if 4 in a.sections:
+            dlib_beside(pipe, photos)
+        if 2 in a.sections:
+            threads(pipe, photos)
+    if 3 in a.sections:
+        hub(a)
 
 
 if __name__ == "__main__":

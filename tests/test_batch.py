@@ -104,3 +104,24 @@ def test_a_compiled_stack_trains_as_the_eager_one_and_is_compiled_once(tiny_pipe
         for got, want in zip(train(stack, sets), train(None, sets)):
             assert close(got, want, tol=1e-4)
     assert counters["stats"]["unique_graphs"] == frames  # nothing was compiled again
+
+
+def test_initial_adapters_are_peft_s_own_initialisation_of_the_whole_unet(tiny_pipe):
+    """The adapters drawn on a skeleton of the target layers are those peft draws into a full copy of
+    the UNet with the same seed (what ``finetune`` trains from), bit for bit."""
+    import copy
+
+    from core.finetune.batch import initial_adapters
+    from core.finetune.lora import lora_config
+
+    cfg = replace(TINY, rank=2)
+    stacked = initial_adapters(tiny_pipe, cfg, [3, 4])
+    for k, seed in enumerate((3, 4)):
+        torch.manual_seed(seed)
+        whole = copy.deepcopy(tiny_pipe.unet)
+        whole.add_adapter(lora_config(cfg))
+        expected = {n: p for n, p in whole.named_parameters() if "lora_" in n}
+        assert list(expected) == list(stacked)
+        assert all(torch.equal(expected[n], stacked[n][k]) for n in expected)
+    a = next(n for n in stacked if "lora_A" in n)
+    assert not torch.equal(stacked[a][0], stacked[a][1])  # each seed its own draw

@@ -45,6 +45,7 @@ class HubConfig:
     compile: bool = False  # compile the default recipe's stacked step once, in the background (bench/compile_once.py)
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" in tests: no code generation)
     split_last: bool = True  # a visitor alone: their last previews drawn beside their last reconstruction
+    face_worker: bool = True  # dlib's descriptors in a process of its own (core.faces.recognition), off the GIL
 
     def __post_init__(self):
         if self.max_batch < 0 or self.gather_seconds < 0:
@@ -129,11 +130,14 @@ class TrainingHub:
     ``floor_images``: the base model's class-prompt samples (the floor of every identity score)."""
 
     def __init__(self, pipe, attacker=None, floor_images=None, cfg: HubConfig | None = None, default_recipe=None):
+        from core.faces.recognition import describe_in_worker
         from core.faces.utility import describe_set
         from core.faces.utility import floor_images as make_floor
 
         self.pipe, self.attacker, self.cfg = pipe, attacker, cfg or HubConfig()
         self.default_recipe = default_recipe or LiveConfig().finetune  # the recipe compiled and kept
+        if self.cfg.face_worker:
+            describe_in_worker()
         self.floor = floor_images if floor_images is not None else make_floor(pipe)
         self.floor_descriptor = describe_set(self.floor)
         self.max_batch = self.cfg.batch_size(pipe.device)
@@ -320,7 +324,10 @@ class TrainingHub:
         except (ValueError, OSError) as e:
             ticket.events.put(Failed(f"{str(e)[:1].upper()}{str(e)[1:]}."))
             return
-        self.visits[run] = (ticket, Visit(list(ticket.photos), replace(cfg, finetune=run.cfg), self.floor_descriptor))
+        visit = Visit(list(ticket.photos), replace(cfg, finetune=run.cfg), self.floor_descriptor)
+        if self.cfg.face_worker:
+            visit.describe_soon()  # waits on the face worker beside the first steps
+        self.visits[run] = (ticket, visit)
         ticket.events.put(Message(f"trigger word: {run.trigger}"))
         self._tell_training()
 
@@ -456,7 +463,17 @@ class TrainingHub:
         from core.finetune.live_batch import Sampler
 
         sampler = Sampler(self.pipe)
-        helper = Sampler(self.pipe)  # a second scratch UNet (allocated on first use) for _alone's previews
+        helper = Sampler(self.pipe)  # a second scratch UNet for _alone's previews
+        # the scratch UNets now, not on a visitor's clock (a visitor's last previews waited ~1 s for
+        # the helper's first copy)
+        try:
+            sampler.prepare()
+            if self.cfg.split_last:
+                helper.prepare()
+        except Exception:  # e.g. out of memory: they are allocated at the first checkpoint instead
+            import traceback
+
+            traceback.print_exc()
         while True:
             jobs = list(self.live_jobs.get())
             while not self.live_jobs.empty():

@@ -20,6 +20,7 @@ its previews. At a run's last step the previews *are* the utility protocol's sam
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -35,21 +36,38 @@ from core.model.pipeline import initial_latents
 from core.model.sampling import decode, denoise, stacked
 
 UTILITY_STEPS = 25  # sampler steps of the utility protocol's samples
+PREVIEW_CAPTION = "the LoRA's own samples with its trigger"
+# of a visitor's last 4 previews, those the helper thread draws (side_by_side) while the other draws
+# the reconstruction (16 UNet forwards of 2 images) and the rest: on one core at 128 px a forward of
+# 1 / 2 / 3 / 4 images takes about 1 / 1.6 / 2.7 / 3.8 units, so 3 there and 1 here end nearest together
+HELPER_SEEDS = 3
 
 
 @dataclass(eq=False)
 class Visit:
     """What the live work needs of one visitor beyond the weights. The photos' mean descriptor is
-    computed once per visit, on first use (dlib is the slowest part of scoring on a CPU)."""
+    computed once per visit, on first use or when :meth:`describe_soon` asks (dlib is the slowest
+    part of scoring on a CPU)."""
 
     photos: list  # the visitor's aligned crops
     cfg: object  # core.finetune.live.LiveConfig (its trigger set)
     floor_descriptor: np.ndarray = field(repr=False)  # mean dlib descriptor of the base model's class-prompt samples
     attack: bool = True  # the attacker can read this LoRA (False once it could not)
+    _gallery: np.ndarray | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
-    @cached_property
+    @property
     def gallery(self) -> np.ndarray:
-        return describe_set(self.photos)
+        """The photos' mean descriptor (computed once, by whichever thread asks first)."""
+        with self._lock:
+            if self._gallery is None:
+                self._gallery = describe_set(self.photos)
+            return self._gallery
+
+    def describe_soon(self) -> None:
+        """Describe the photos now, in a thread of its own (the training hub, as a visit starts: with
+        dlib in its worker process the thread only waits), so that the first checkpoint need not."""
+        threading.Thread(target=lambda: self.gallery, name="describe-photos", daemon=True).start()
 
     @cached_property
     def floor(self) -> float:
@@ -95,16 +113,22 @@ class Sampler:
             self._forward[key] = stacked_forward(adapter_unet(self.pipe, cfg))
         return self._forward[key]
 
+    def prepare(self) -> None:
+        """Allocate the CPU path's scratch UNet now rather than at the first checkpoint (a copy of the
+        UNet and a pipeline view: about a second on one core, which a visitor would otherwise wait for)."""
+        from core.model.pipeline import private_view
+
+        if self.merge and self._view is None:
+            self._view = private_view(self.pipe)
+            self._view.unet = copy.deepcopy(self.pipe.unet)
+
     @torch.no_grad()
     def merged(self, lora: dict, alpha: float):
         """A pipeline view whose UNet is the base's with ``lora`` (UNet part) merged in: the scratch
         copy, its changed weights first put back to the base's."""
         from core.finetune.lora import merge_lora_, split_components
-        from core.model.pipeline import private_view
 
-        if self._view is None:
-            self._view = private_view(self.pipe)
-            self._view.unet = copy.deepcopy(self.pipe.unet)
+        self.prepare()
         mods = dict(self._view.unet.named_modules())
         for name, w in self._weights.items():
             mods[name].weight.copy_(w)
@@ -210,7 +234,7 @@ def previews(due: list[Due], models: Models, recon: list) -> list[Preview]:
         for k, im in zip(ks, models.images(ks, embs, seeds, steps)):
             d = due[k]
             distance = d.visit.distance(im) if recon[k] is not None or d.last else None
-            out[k] = Preview(d.step, im, "the LoRA's own samples with its trigger", distance=distance)
+            out[k] = Preview(d.step, im, PREVIEW_CAPTION, distance=distance)
     return out
 
 
@@ -235,30 +259,46 @@ def checkpoint_images(sampler: Sampler, attacker, due: list[Due], n_floor: int, 
 
 
 def side_by_side(sampler: Sampler, helper: Sampler, attacker, due: list[Due], n_floor: int):
-    """A last checkpoint's reconstruction here and its previews in a thread of their own, one core
-    each, each thread its own scratch UNet; events in the usual order (reconstruction, previews).
-    Two threads of one core beat one thread of two here: a UNet forward on a 16 x 16 grid keeps a
-    second OpenMP thread barely busy (the 4 x 25-step previews ran 1.16x faster on 2 cores)."""
+    """A last checkpoint drawn on two threads, one core and one scratch UNet each: here its
+    reconstruction, then the last of the utility protocol's preview seeds; in a thread of its own the
+    other seeds (``HELPER_SEEDS``), so that both end together. The events are the one-thread path's,
+    in its order: the reconstruction as soon as it is drawn, then the previews with their distance
+    (each image depends on its own seed only, so splitting the seeds changes no image). Two threads
+    of one core beat one thread of two here: a UNet forward on a 16 x 16 grid keeps a second OpenMP
+    thread barely busy (the 4 x 25-step previews ran 1.16x faster on 2 cores)."""
     from core.model.pipeline import thread_with_cores
 
+    d = due[0]
+    seeds = tuple(EVAL_SEEDS)
     box: dict = {}
 
-    def draw_previews():
+    def draw(models: Models, part: tuple) -> list:
+        from core.finetune.lora import encode_prompt
+        from core.model.prompts import instance_prompt
+
+        with torch.no_grad():
+            emb = encode_prompt(models.sampler.pipe, instance_prompt(d.visit.cfg.finetune.trigger))
+        return models.images([0], emb, part, UTILITY_STEPS)[0] if part else []
+
+    def draw_helper():
         try:
-            box["previews"] = previews(due, Models(helper, due), [None])  # a last step's previews are scored
+            box["images"] = draw(Models(helper, due), seeds[:HELPER_SEEDS])
         except Exception as e:  # raised in the caller's thread below
             box["error"] = e
 
-    th = thread_with_cores(draw_previews, 1, "live-previews")
+    th = thread_with_cores(draw_helper, 1, "live-previews")
     try:
-        recon = reconstructions(attacker, due, Models(sampler, due), n_floor)
+        models = Models(sampler, due)
+        recon = reconstructions(attacker, due, models, n_floor)[0]
+        if recon is not None:
+            yield 0, recon
+        mine = draw(models, seeds[HELPER_SEEDS:])
     finally:
         th.join()
-    if recon[0] is not None:
-        yield 0, recon[0]
     if "error" in box:
         raise box["error"]
-    yield 0, box["previews"][0]
+    images = box["images"] + mine
+    yield 0, Preview(d.step, images, PREVIEW_CAPTION, distance=d.visit.distance(images))
 
 
 def by_recipe(due: list[Due]) -> dict:
