@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import sys
+from pathlib import Path
 from typing import Annotated
 
 
@@ -100,4 +101,12 @@ def command_line(module: str, argv=None) -> str:
     """The command that was run (``python -m <module> <args>``, shell-quoted), for the record written
     beside an artifact."""
     argv = sys.argv[1:] if argv is None else argv
-    return " ".join(["python", "-m", module, *(shlex.quote(str(a)) for a in argv)])
+    return " ".join(["python", "-m", module, *(shell_word(str(a)) for a in argv)])
+
+
+def shell_word(arg: str) -> str:
+    """``arg`` shell-quoted, a path under the home folder written ``~/...`` (the same on any machine)."""
+    home = str(Path.home())
+    if arg.startswith(home + "/"):
+        return "~/" + shlex.quote(arg[len(home) + 1 :])
+    return shlex.quote(arg)

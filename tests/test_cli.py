@@ -74,3 +74,13 @@ def test_a_switch_works_alone_or_with_a_value(argv, want):
 def test_a_switch_refuses_other_words():
     with pytest.raises(SystemExit):
         parse(Flags, ["--skip", "maybe"])
+
+
+def test_a_recorded_command_writes_paths_under_home_as_tilde_and_quotes_the_rest():
+    from pathlib import Path
+
+    from core.cli import command_line
+
+    home = str(Path.home())
+    line = command_line("core.studies.base", ["--compare", f"{home}/.cache/x y/base", "a b", f"{home}x"])
+    assert line == f"python -m core.studies.base --compare ~/'.cache/x y/base' 'a b' {home}x"

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from core import RESULTS
+from core.cli import shell_word
 from core.events import Done, Message, Progress, never, run_with_progress_bar
 from core.faces import aligned, data, ingest, metrics
 from core.faces import recognition as faces
@@ -154,7 +155,7 @@ def evaluate_model(model, cfg: BaseStudyConfig, should_stop=never):
     """Generator of one base model's progress events; returns its ModelReport (None if stopped)."""
     pipe = load_pipeline(model)
     size, zoom = image_size_of(pipe), model_zoom(pipe)
-    name = str(model or "embedded")
+    name = shell_word(str(model)) if model else "embedded"
     yield Message(f"{name}: {size} px, crop zoom {zoom}")
     ims, batch = [], 16
     for s in range(0, cfg.n, batch):
