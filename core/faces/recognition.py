@@ -8,8 +8,9 @@ All functions take uint8 HxWx3 RGB arrays. dlib calls are serialised by a lock s
 sessions can share the models safely.
 
 dlib holds Python's GIL for a whole call (~0.1 s per descriptor on one core), and every other thread
-of the process waits for it at its next Python line: a fine-tune step took 288 instead of 232 ms
-while a second thread described one face every 0.5 s (``python -m bench.live_work``). A server whose
+of the process waits for it at its next Python line: a fine-tune step on one core took 304 instead
+of 205 ms while a second thread described one face every 0.5 s, 234 ms with the descriptors computed
+in the worker process (``python -m bench.live_work --sections 4``, 2 cores). A server whose
 threads train while others score therefore describes faces in a process of its own
 (:func:`describe_in_worker`, the training hub's choice): the same model on the same chips, so the
 same descriptors, computed beside the training instead of between its steps.

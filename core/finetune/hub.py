@@ -17,8 +17,10 @@ saying with how many others). The worker, in rounds:
 The live work of step 3 runs in a second thread while the next steps train (``live_thread``;
 off, it runs between steps): a run's reconstruction at step 20 is drawn while steps 21.. train. The
 cores are split between the two threads, each its own (:func:`core.model.pipeline.thread_with_cores`);
-the rest of the process computes on one. On a 2-core CPU one visitor is done in 21.1-28.0 s (median
-22.6) with the live thread, 24.2-27.6 s (median 26.6) without (``python -m bench.live_work``).
+the rest of the process computes on one. dlib's descriptors are computed in a process of their own
+(``face_worker``, :func:`core.faces.recognition.describe_in_worker`): dlib holds the GIL through each
+call, and the trainer's steps waited for it. On the 2-core CPU one visitor of the 128 px base is done
+in 20.6-23.6 s through the app (``python -m bench.workshop --visitors 1 --sequential False``).
 With one visitor it starts at once. ``gather_seconds`` > 0 lets an idle hub wait that long for more
 visitors before the first step. How many train at once (``max_batch``) and the wait are
 :class:`HubConfig` fields, set by the hardware by default (CPU: 8, GPU: 32).
