@@ -138,23 +138,26 @@ def initial_adapters(pipe, cfg: FinetuneConfig, seeds) -> dict[str, torch.Tensor
     seed ``seeds[k]`` (seed the global RNG, then let peft inject and initialise the adapter)."""
     from peft import inject_adapter_in_model
 
+    config = lora_config(cfg)
     per = []
     for s in seeds:
-        skeleton = target_layers(pipe.unet, cfg.unet_targets)
+        skeleton = target_layers(pipe.unet, config)
         torch.manual_seed(int(s))
-        inject_adapter_in_model(lora_config(cfg), skeleton)
+        inject_adapter_in_model(config, skeleton)
         per.append({n: p.detach().float().clone() for n, p in skeleton.named_parameters() if "lora_" in n})
     return {n: torch.stack([p[n] for p in per]) for n in per[0]}
 
 
-def target_layers(unet, targets) -> torch.nn.Module:
-    """A module tree holding only the layers of ``unet`` that ``targets`` name (peft's rule: the name,
-    or its ending after a dot), under their own names and in their own order, with uninitialised
-    weights of the same shapes. peft injects an adapter into it drawing from the RNG exactly as into
-    the whole UNet, without a copy of the UNet's weights (that copy took ~1 s of a visitor's start)."""
+def target_layers(unet, config) -> torch.nn.Module:
+    """A module tree holding only the layers of ``unet`` that the peft ``config`` targets (peft's own
+    matching), under their own names and in their own order, with uninitialised weights of the same
+    shapes. peft injects an adapter into it drawing from the RNG exactly as into the whole UNet,
+    without a copy of the UNet's weights (that copy took ~1 s of a visitor's start)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     root = torch.nn.Module()
     for name, module in unet.named_modules():
-        if not any(name == t or name.endswith("." + t) for t in targets):
+        if not name or not check_target_module_exists(config, name):
             continue
         parent = root
         *path, leaf = name.split(".")
