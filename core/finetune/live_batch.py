@@ -266,18 +266,17 @@ def side_by_side(sampler: Sampler, helper: Sampler, attacker, due: list[Due], n_
     (each image depends on its own seed only, so splitting the seeds changes no image). Two threads
     of one core beat one thread of two here: a UNet forward on a 16 x 16 grid keeps a second OpenMP
     thread barely busy (the 4 x 25-step previews ran 1.16x faster on 2 cores)."""
+    from core.finetune.lora import encode_prompt
     from core.model.pipeline import thread_with_cores
+    from core.model.prompts import instance_prompt
 
     d = due[0]
     seeds = tuple(EVAL_SEEDS)
+    with torch.no_grad():
+        emb = encode_prompt(sampler.pipe, instance_prompt(d.visit.cfg.finetune.trigger))
     box: dict = {}
 
     def draw(models: Models, part: tuple) -> list:
-        from core.finetune.lora import encode_prompt
-        from core.model.prompts import instance_prompt
-
-        with torch.no_grad():
-            emb = encode_prompt(models.sampler.pipe, instance_prompt(d.visit.cfg.finetune.trigger))
         return models.images([0], emb, part, UTILITY_STEPS)[0] if part else []
 
     def draw_helper():
