@@ -236,9 +236,12 @@ class LoRABatch:
         """Can a run with recipe ``cfg`` train in this batch?"""
         return not cfg.text_encoder and all(getattr(cfg, f) == getattr(self.cfg, f) for f in SHARED_FIELDS)
 
-    def add(self, key, crops, cfg: FinetuneConfig | None = None) -> Run:
+    def add(self, key, crops, cfg: FinetuneConfig | None = None, latents: torch.Tensor | None = None) -> Run:
         """A new run on ``crops`` (its own seed, trigger and steps in ``cfg``), initialised exactly as
-        ``finetune`` initialises a LoRA with that seed; it trains from the next :meth:`step` on."""
+        ``finetune`` initialises a LoRA with that seed; it trains from the next :meth:`step` on.
+        ``latents``: the crops' latents as :func:`core.finetune.lora.encode_photos` gives them, when
+        the caller has encoded them already (the training hub encodes a visitor's photos in the
+        visitor's own thread: in the trainer's, each newcomer stalled every run of the batch ~1 s)."""
         cfg = cfg or self.cfg
         if not self.accepts(cfg):
             raise ValueError(
@@ -246,7 +249,7 @@ class LoRABatch:
                 "and clipping must be the batch's)"
             )
         trigger = cfg.trigger or pick_trigger(cfg)
-        inst = encode_photos(self.pipe, check_photos(crops))
+        inst = latents.to(self.dev) if latents is not None else encode_photos(self.pipe, check_photos(crops))
         b = cfg.batch
         with torch.no_grad():
             e = [encode_prompt(self.pipe, instance_prompt(trigger)).expand(b, -1, -1)]

@@ -28,6 +28,7 @@ visitors before the first step. How many train at once (``max_batch``) and the w
 
 from __future__ import annotations
 
+import collections
 import queue
 import sys
 import threading
@@ -90,6 +91,7 @@ class Ticket:
     events: queue.Queue = field(default_factory=queue.Queue)
     left: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    latents: object = None  # its training photos' latents, encoded in the visitor's thread (batched runs)
 
     def stopped(self) -> bool:
         return self.left.is_set() or bool(self.should_stop())
@@ -149,8 +151,13 @@ class TrainingHub:
         self.solos: list = []  # (Ticket, generator) of runs that train alone
         self.round_seconds = None  # moving average of one round (all runs one step)
         self.lock = threading.Condition()
-        self.live_jobs: queue.Queue = queue.Queue()  # lists of LiveJob, in the order their steps ended
-        self.sampler = None  # the trainer's own live_batch.Sampler when there is no live thread
+        # checkpoints waiting for their images, in the order their steps ended, and the visits whose
+        # checkpoint is being drawn (a visit's checkpoints are drawn one after another, in order)
+        self.live_todo: collections.deque = collections.deque()
+        self.live_busy: set = set()
+        self.live_cv = threading.Condition()
+        self.sampler = None  # the trainer's own live_batch.Sampler (no live thread, or helping it)
+        self.helped = 0  # checkpoints the trainer drew for the live thread (_help_live)
         self.stacks: dict = {}  # the default recipe's batch.AdapterStack, kept across batches
         live_cores = max(1, cores() // 2) if self.cfg.live_thread else 0
         self.thread = thread_with_cores(self._work, max(1, cores() - live_cores), "training-hub")
@@ -197,6 +204,8 @@ class TrainingHub:
         ``train_photos``: what to train on when it is not ``photos`` (e.g. cloaked photos; scores still
         compare with ``photos``). Closing the generator (Stop, or the visitor left) takes the run out."""
         ticket = Ticket(list(photos), list(train_photos if train_photos is not None else photos), cfg, should_stop)
+        if not alone_reason(cfg):
+            ticket.latents = self._encode(ticket.train_photos)
         with self.lock:
             self.waiting.append(ticket)
             self.lock.notify_all()
@@ -210,6 +219,16 @@ class TrainingHub:
                     return
         finally:
             ticket.left.set()
+
+    def _encode(self, photos):
+        """The training photos' latents, computed here in the visitor's thread while the batch trains
+        on (in the trainer's thread each newcomer stalled every run of the batch for ~1 s at 128 px)."""
+        from core.finetune.lora import check_photos, encode_photos
+
+        try:
+            return encode_photos(self.pipe, check_photos(photos))
+        except (ValueError, OSError) as e:
+            raise Failed(f"{str(e)[:1].upper()}{str(e)[1:]}.") from None
 
     def status(self) -> dict:
         with self.lock:
@@ -243,6 +262,16 @@ class TrainingHub:
     # the worker ----------------------------------------------------------------------------------
 
     def _work(self):
+        from core.finetune.live_batch import Sampler, merge_each
+
+        if self.cfg.live_thread and merge_each(self.pipe.device):
+            self.sampler = Sampler(self.pipe)  # its scratch UNet now, not when it first helps (_help_live)
+            try:
+                self.sampler.prepare()
+            except Exception:  # e.g. out of memory: allocated when it first helps instead
+                import traceback
+
+                traceback.print_exc()
         while True:
             try:
                 self._work_once()
@@ -260,12 +289,17 @@ class TrainingHub:
             ticket.events.put(Failed(sentence))
 
     def _work_once(self):
-        """One round: admit, step, live work, finish (see the module docstring)."""
+        """One round: admit, step, live work, finish (see the module docstring). With nobody to train,
+        the trainer draws checkpoints waiting for the live thread (:meth:`_help_live`)."""
+        while self.idle() and self._help_live():
+            pass
         with self.lock:
             if self.idle():
-                release_memory()
-            while self.idle():
-                self.lock.wait()
+                if not self.live_pending():
+                    release_memory()
+                self.lock.wait()  # a visitor arrives, or a visit's next checkpoint may be drawn
+                if self.idle():
+                    return
             if not (self.visits or self.solos) and self.cfg.gather_seconds:
                 self.lock.wait(self.cfg.gather_seconds)
             admit = self._admissions()
@@ -322,7 +356,7 @@ class TrainingHub:
             if self.batch is None or not self.visits:
                 recipe = replace(cfg.finetune, seed=0, trigger=None)
                 self.batch = LoRABatch(self.pipe, recipe, self.stack(recipe).forward)
-            run = self.batch.add(ticket, ticket.train_photos, cfg.finetune)
+            run = self.batch.add(ticket, ticket.train_photos, cfg.finetune, latents=ticket.latents)
         except (ValueError, OSError) as e:
             ticket.events.put(Failed(f"{str(e)[:1].upper()}{str(e)[1:]}."))
             return
@@ -415,14 +449,16 @@ class TrainingHub:
         for job, ev in zip(jobs, changes):
             job.ticket.events.put(ev)
         if self.cfg.live_thread:
-            self.live_jobs.put(jobs)
+            with self.live_cv:
+                self.live_todo.extend(jobs)
+                self.live_cv.notify_all()
         else:
             self._draw_now(jobs)
         if any(j.result is not None for j in jobs):
             self._tell_training()
 
     def _draw_now(self, jobs: list[LiveJob]) -> None:
-        """The live work in the trainer's thread, before the next step."""
+        """The live work in the trainer's thread: before the next step, or helping the live thread."""
         from core.finetune.live_batch import Sampler
 
         self.sampler = self.sampler or Sampler(self.pipe)
@@ -459,9 +495,64 @@ class TrainingHub:
 
     # the live worker -----------------------------------------------------------------------------
 
+    def live_pending(self) -> bool:
+        """Checkpoints are waiting for or being drawn."""
+        with self.live_cv:
+            return bool(self.live_todo or self.live_busy)
+
+    def _take_live(self) -> list[LiveJob]:
+        """The next checkpoints to draw (called with ``live_cv`` held): on a CPU the oldest one whose
+        visit has no checkpoint being drawn (one merged LoRA at a time), on a GPU every such checkpoint
+        due so far (one stacked sampler loop for all). Their visits are marked busy until
+        :meth:`_live_done`; checkpoints of visitors who left are dropped."""
+        from core.finetune.live_batch import merge_each
+
+        jobs, seen = [], set()
+        for job in list(self.live_todo):
+            if self._left(job):
+                self.live_todo.remove(job)
+                continue
+            if job.ticket in self.live_busy or job.ticket in seen:
+                seen.add(job.ticket)  # its earlier checkpoint comes first
+                continue
+            seen.add(job.ticket)
+            jobs.append(job)
+            if merge_each(self.pipe.device):
+                break
+        for job in jobs:
+            self.live_todo.remove(job)
+            self.live_busy.add(job.ticket)
+        return jobs
+
+    def _live_done(self, jobs: list[LiveJob]) -> None:
+        with self.live_cv:
+            self.live_busy.difference_update(j.ticket for j in jobs)
+            self.live_cv.notify_all()
+        with self.lock:
+            self.lock.notify_all()  # an idle trainer may help with the visit's next checkpoint
+
+    def _help_live(self) -> bool:
+        """With nobody to train, draw one waiting checkpoint in the trainer's thread, on its own core
+        and scratch UNet, beside the live thread: at the end of a room the checkpoints queued for the
+        live thread were drawn on one core while the trainer's idled. Returns whether it drew one.
+        CPU only (on a GPU both threads would queue on one device)."""
+        from core.finetune.live_batch import merge_each
+
+        if not self.cfg.live_thread or not merge_each(self.pipe.device):
+            return False
+        with self.live_cv:
+            jobs = self._take_live()
+        if not jobs:
+            return False
+        try:
+            self.helped += len(jobs)
+            self._draw_now(jobs)
+        finally:
+            self._live_done(jobs)
+        return True
+
     def _live(self):
-        """The live worker: draws and scores checkpoints while the trainer goes on. It takes every
-        checkpoint due so far at once (one sampler loop for all of them)."""
+        """The live worker: draws and scores checkpoints while the trainer goes on (:meth:`_take_live`)."""
         from core.finetune.live_batch import Sampler
 
         sampler = Sampler(self.pipe)
@@ -477,23 +568,25 @@ class TrainingHub:
 
             traceback.print_exc()
         while True:
-            jobs = list(self.live_jobs.get())
-            while not self.live_jobs.empty():
-                jobs += self.live_jobs.get_nowait()
-            jobs = [j for j in jobs if not self._left(j)]
-            if not jobs:
-                continue
+            with self.live_cv:
+                while not (jobs := self._take_live()):
+                    self.live_cv.wait()
             try:
                 self._draw(sampler, jobs, helper if self._alone(jobs) else None)
             except Exception as e:  # never let the worker die: fail these visitors, serve on
                 self._fail_jobs(jobs, e)
+            finally:
+                self._live_done(jobs)
 
     def _alone(self, jobs: list[LiveJob]) -> bool:
         """Is this the last checkpoint of a run that has finished training, with no one training or
         waiting? Then the trainer's cores idle, and the checkpoint's previews (the score's samples) are
         drawn in a thread of their own beside its reconstruction (:func:`checkpoint_images`'s
         ``helper``): a visitor alone gets their result sooner (``python -m bench.live_work``)."""
-        return self.cfg.split_last and len(jobs) == 1 and jobs[0].result is not None and self.idle()
+        if not (self.cfg.split_last and len(jobs) == 1 and jobs[0].result is not None and self.idle()):
+            return False
+        with self.live_cv:
+            return not self.live_todo  # else the idle trainer draws the next one (_help_live)
 
     @staticmethod
     def _left(job: LiveJob) -> bool:
