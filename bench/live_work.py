@@ -2,7 +2,7 @@
 
     python -m bench.live_work [--reps 2] [--steps 80] [--model M]
 
-Four measurements, each against its baseline in the same run:
+Five measurements, each against its baseline in the same run:
 
 1. **Sampling one LoRA.** One sampler forward (2 images) through the vmapped adapter UNet (the
    GPU path of :mod:`core.finetune.live_batch`) against the UNet with the LoRA merged into a copy
@@ -23,6 +23,9 @@ Four measurements, each against its baseline in the same run:
 4. **dlib beside training.** A fine-tune step on one core, alone and while a second thread describes
    a face every 0.5 s, with dlib in this process (it holds the GIL through each call) and in
    :mod:`core.faces.recognition`'s worker process.
+5. **The trainer's cores.** A stacked fine-tune step of 1 and of 8 visitors in one worker thread on
+   one core and on every core, alternating: what the training hub gains by giving its trainer the
+   live thread's core while the live thread has nothing to draw.
 
     python -m bench.live_work --sections 3 4 --arms thread dlib-here   # only the face worker's effect
 """
@@ -50,7 +53,7 @@ class LiveWorkArgs:
     steps: int = 80  # fine-tuning steps of the visit (the app's default: 80)
     model: str = ""  # model folder or hub id (default: the embedded model)
     arms: tuple[str, ...] = ("thread", "thread-one", "between", "dlib-here")  # the hub arms of measurement 3
-    sections: tuple[int, ...] = (1, 2, 3, 4)  # the measurements to run
+    sections: tuple[int, ...] = (1, 2, 3, 4, 5)  # the measurements to run
     arm: str = ""  # internal: run one hub arm (one of ``arms``) in this process, print JSON
 
 
@@ -61,18 +64,28 @@ def example_photos(size: int) -> list:
     return [ingest_face(str(p), size=size).crop for p in sorted(folder.glob("*.png"))[:4]]
 
 
-def step_seconds(pipe, photos, n: int = 15) -> float:
+def stacked_batch(pipe, photos, k: int = 1):
+    """The default recipe's batch trainer with ``k`` visitors on ``photos``, warmed up by one step."""
     from core.finetune.batch import LoRABatch
     from core.finetune.lora import FinetuneConfig
 
     cfg = FinetuneConfig(checkpoint_every=0, preview_n=0)
     batch = LoRABatch(pipe, cfg)
-    batch.add(0, photos, cfg)
+    for key in range(k):
+        batch.add(key, photos, cfg)
     batch.step()
+    return batch
+
+
+def timed_steps(batch, n: int) -> float:
     t = time.perf_counter()
     for _ in range(n):
         batch.step()
     return (time.perf_counter() - t) / n
+
+
+def step_seconds(pipe, photos, n: int = 15) -> float:
+    return timed_steps(stacked_batch(pipe, photos), n)
 
 
 def in_thread(fn, cores: int):
@@ -128,6 +141,33 @@ def dlib_beside(pipe, photos) -> None:
     print("## 4. a fine-tune step (one core) while another thread describes a face every 0.5 s")
     for name, sec in rows:
         print(f"{name}: {sec * 1000:.0f} ms ({sec / rows[0][1]:.2f}x alone)")
+
+
+def trainer_cores(pipe, photos, reps: int = 2, n: int = 3) -> None:
+    """A stacked step of 1 and of 8 visitors in one worker thread, on one core and on every core,
+    alternating (the VM's speed drifts)."""
+    from core.model.pipeline import cores
+
+    def run():
+        rows = []
+        for k in (1, 8):
+            batch = stacked_batch(pipe, photos, k)
+            per = {1: [], cores(): []}
+            for _ in range(reps):
+                for c in per:
+                    torch.set_num_threads(c)
+                    batch.step()  # the new team of threads started
+                    per[c].append(timed_steps(batch, n))
+            rows.append((k, per))
+        return rows
+
+    print(f"## 5. a stacked fine-tune step in one thread, one core against {cores()} (alternating)")
+    for k, per in in_thread(run, 1):
+        one, every = (sum(v) / len(v) for v in per.values())
+        print(
+            f"{k} visitor{'s' if k > 1 else ''}: {one * 1000:.0f} ms on one core, {every * 1000:.0f} ms on "
+            f"{cores()} ({one / every:.2f}x)"
+        )
 
 
 def sampling(pipe) -> None:
@@ -228,13 +268,15 @@ def main(argv=None) -> None:
         return hub_arm(a)
     from core.model.pipeline import image_size_of, load_pipeline
 
-    if {1, 2, 4} & set(a.sections):
+    if {1, 2, 4, 5} & set(a.sections):
         pipe = load_pipeline(a.model or None, threads=1)
         if 1 in a.sections:
             sampling(pipe)
         photos = example_photos(image_size_of(pipe))
         if 4 in a.sections:
             dlib_beside(pipe, photos)
+        if 5 in a.sections:
+            trainer_cores(pipe, photos)
         if 2 in a.sections:
             threads(pipe, photos)
     if 3 in a.sections:
