@@ -15,9 +15,11 @@ saying with how many others). The worker, in rounds:
    as soon as it is ready); a finished run leaves the batch and is scored from its last previews;
 4. a cancelled or disconnected visitor leaves at the next step without disturbing the others.
 The live work of step 3 runs in a second thread while the next steps train (``live_thread``;
-off, it runs between steps): a run's reconstruction at step 20 is drawn while steps 21.. train. The
-cores are split between the two threads, each its own (:func:`core.model.pipeline.thread_with_cores`);
-the rest of the process computes on one. dlib's descriptors are computed in a process of their own
+off, it runs between steps): a run's reconstruction at step 20 is drawn while steps 21.. train; with
+nobody left to train, the trainer draws waiting checkpoints beside it (a room's last checkpoints
+were drawn on one core while the other idled). A visitor's photos are encoded in the visitor's own
+thread before they queue. The cores are split between the two threads, each its own
+(:func:`core.model.pipeline.thread_with_cores`); the rest of the process computes on one. dlib's descriptors are computed in a process of their own
 (``face_worker``, :func:`core.faces.recognition.describe_in_worker`): dlib holds the GIL through each
 call, and the trainer's steps waited for it. On the 2-core CPU one visitor of the 128 px base is done
 in 20.6-23.6 s through the app (``python -m bench.workshop --visitors 1 --sequential False``).
@@ -34,8 +36,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-
-import torch
 
 from core.events import Done, Message, Preview, Progress, never
 from core.finetune.live import LiveConfig, LiveResult, shared_lora
@@ -162,8 +162,7 @@ class TrainingHub:
         self.helped = 0  # checkpoints the trainer drew for the live thread (_help_live)
         self.stacks: dict = {}  # the default recipe's batch.AdapterStack, kept across batches
         live_cores = max(1, cores() // 2) if self.cfg.live_thread else 0
-        self.train_cores = (max(1, cores() - live_cores), max(1, cores()))  # live thread busy / idle
-        self.thread = thread_with_cores(self._work, self.train_cores[0], "training-hub")
+        self.thread = thread_with_cores(self._work, max(1, cores() - live_cores), "training-hub")
         if live_cores:
             self.live_thread = thread_with_cores(self._live, live_cores, "training-hub-live")
         self.compile_thread = None
@@ -309,7 +308,6 @@ class TrainingHub:
         t0 = time.perf_counter()
         for ticket in admit:
             self._start(ticket)
-        self._use_cores()
         self._round()
         dt = time.perf_counter() - t0
         self.round_seconds = dt if self.round_seconds is None else 0.8 * self.round_seconds + 0.2 * dt
@@ -403,14 +401,6 @@ class TrainingHub:
             self._after_step(runs)
         for ticket, gen in list(self.solos):
             self._advance_solo(ticket, gen)
-
-    def _use_cores(self) -> None:
-        """The trainer's cores for the next step: its own, or every core while the live thread has
-        nothing to draw (before a room's first checkpoint, between checkpoints). Measured at 128 px on
-        the 2-core CPU, a stacked step of 8 visitors takes 0.70 s on 2 cores against 1.11 s on one
-        (1.59x), one visitor's 0.17 s against 0.20 s (1.22x): ``python -m bench.live_work --sections 5``."""
-        if self.cfg.live_thread:
-            torch.set_num_threads(self.train_cores[0] if self.live_pending() else self.train_cores[1])
 
     def _drop_leavers(self) -> None:
         for run, (ticket, _) in list(self.visits.items()):
@@ -558,7 +548,6 @@ class TrainingHub:
             return False
         try:
             self.helped += len(jobs)
-            torch.set_num_threads(self.train_cores[0])  # the live thread draws beside it
             self._draw_now(jobs)
         finally:
             self._live_done(jobs)
