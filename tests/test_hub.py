@@ -116,27 +116,6 @@ def test_live_work_between_steps_gives_the_same_lora_and_events(tiny_pipe):
     assert all(torch.allclose(mine[n], alone.lora[n], atol=2e-4) for n in mine)
 
 
-def test_the_live_thread_steps_half_the_batch_and_each_lora_is_as_alone(tiny_pipe):
-    """With nothing to draw (no checkpoint before the last step), the live thread steps half of the
-    batch beside the trainer; every visitor's LoRA is still the one their fine-tune alone trains."""
-    hub = TrainingHub(
-        tiny_pipe, attacker=None, floor_images=random_crops(2), cfg=HubConfig(max_batch=4, gather_seconds=2)
-    )
-    cfg = replace(TINY, checkpoint_every=0, steps=6)
-    out = {}
-    threads = [visit(hub, k, cfg=LiveConfig(replace(cfg, seed=20 + k)), out=out) for k in range(3)]
-    for th in threads:
-        th.join(600)
-    assert hub.split > 0
-    for k in range(3):
-        done = out[k][-1]
-        assert isinstance(done, Done) and not done.cancelled
-        assert [e.step for e in out[k] if isinstance(e, Progress)] == list(range(1, 7))
-        alone = drain(finetune(tiny_pipe, random_crops(3 + k)[k:], replace(cfg, seed=20 + k, preview_n=0)))
-        mine = done.result.result.lora
-        assert all(torch.allclose(mine[n], alone.lora[n], atol=2e-4) for n in mine)
-
-
 def test_an_attacker_that_cannot_read_the_lora_says_so_once_and_training_goes_on(base_engine):
     from core.finetune.live import AttackUnavailable
 

@@ -286,20 +286,16 @@ class LoRABatch:
             x0 = torch.cat([x0, self.cls[torch.randint(0, len(self.cls), (b,), generator=run.g)]])
         return self.den.noise(x0, run.g)
 
-    def step(self, runs: list[Run] | None = None, forward=None) -> list[Run]:
-        """One optimisation step of every active run (one stacked forward and backward); returns them.
-        ``runs``: only these of the batch's runs; ``forward``: another stacked forward than the batch's
-        (two threads may step disjoint runs at once, each through a forward of its own: a module's
-        parameters are swapped while ``functional_call`` runs it)."""
-        runs = [r for r in (self.runs if runs is None else runs) if not r.done]
+    def step(self) -> list[Run]:
+        """One optimisation step of every active run (one stacked forward and backward); returns them."""
+        runs = [r for r in self.runs if not r.done]
         if not runs:
             return []
-        forward = forward or self.forward
         noised = [self.draw(r) for r in runs]
         names = list(runs[0].params)
         stacked = {n: torch.stack([r.params[n] for r in runs]) for n in names}
         with mixed_precision(self.dev, self.amp):
-            pred = forward(
+            pred = self.forward(
                 stacked,
                 torch.stack([n.noisy for n in noised]),
                 torch.stack([n.t for n in noised]),

@@ -51,7 +51,6 @@ class HubConfig:
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" in tests: no code generation)
     split_last: bool = True  # a visitor alone: their last previews drawn beside their last reconstruction
     face_worker: bool = True  # dlib's descriptors in a process of its own (core.faces.recognition), off the GIL
-    split_steps: bool = True  # CPU: the live thread, when it has nothing to draw, steps half of the batch
 
     def __post_init__(self):
         if self.max_batch < 0 or self.gather_seconds < 0:
@@ -132,28 +131,6 @@ def alone_reason(cfg: LiveConfig) -> str:
     return ""
 
 
-class _Task:
-    """A call handed to another thread: :meth:`run` there (once), :meth:`result` here."""
-
-    def __init__(self, fn):
-        self.fn, self.done = fn, threading.Event()
-        self.value, self.error = None, None
-
-    def run(self) -> None:
-        try:
-            self.value = self.fn()
-        except Exception as e:  # raised in the caller's thread by result()
-            self.error = e
-        finally:
-            self.done.set()
-
-    def result(self):
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
 class TrainingHub:
     """See the module docstring. ``attacker``: the trained attacker for this base or None;
     ``floor_images``: the base model's class-prompt samples (the floor of every identity score)."""
@@ -184,9 +161,6 @@ class TrainingHub:
         self.sampler = None  # the trainer's own live_batch.Sampler (no live thread, or helping it)
         self.helped = 0  # checkpoints the trainer drew for the live thread (_help_live)
         self.stacks: dict = {}  # the default recipe's batch.AdapterStack, kept across batches
-        self.helper_stack = None  # (recipe key, eager batch.AdapterStack) the live thread steps its half through
-        self.train_task = None  # a half step of the batch offered to the live thread (_step_batch)
-        self.split = 0  # steps shared with the live thread
         live_cores = max(1, cores() // 2) if self.cfg.live_thread else 0
         self.thread = thread_with_cores(self._work, max(1, cores() - live_cores), "training-hub")
         if live_cores:
@@ -296,8 +270,6 @@ class TrainingHub:
             self.sampler = Sampler(self.pipe)  # its scratch UNet now, not when it first helps (_help_live)
             try:
                 self.sampler.prepare()
-                if self.cfg.split_steps:  # the default recipe's, before any visitor (~1 s)
-                    self._prepare_helper(self.default_recipe)
             except Exception:  # e.g. out of memory: allocated when it first helps instead
                 import traceback
 
@@ -421,7 +393,7 @@ class TrainingHub:
         self._drop_leavers()
         if self.batch is not None and self.visits:
             try:
-                runs = self._step_batch()
+                runs = self.batch.step()
             except Exception as e:  # a crash of the shared step fails every run in it, not the app
                 for run in list(self.visits):
                     self._fail(run, f"The training step failed ({type(e).__name__}); please press Train again.")
@@ -429,52 +401,6 @@ class TrainingHub:
             self._after_step(runs)
         for ticket, gen in list(self.solos):
             self._advance_solo(ticket, gen)
-
-    def _step_batch(self) -> list:
-        """One step of every run of the batch. On a CPU, while the live thread has nothing to draw and
-        two or more runs train, half of them are offered to the live thread as a step of their own
-        (its own core, through an adapter UNet of its own) while the trainer steps the other half: a
-        room's training is the trainer's one core otherwise, the live thread's idle before the first
-        checkpoints and between them. Each run's step is the same either way (its own draws, LoRA
-        and AdamW). A half the live thread has not taken when the trainer is done with its own (a
-        checkpoint came first) is stepped by the trainer."""
-        from core.finetune.live_batch import merge_each
-
-        active = [r for r in self.batch.runs if not r.done]
-        if (
-            len(active) < 2
-            or not (self.cfg.split_steps and self.cfg.live_thread and merge_each(self.pipe.device))
-            or self.live_pending()
-        ):
-            return self.batch.step()
-        mine, theirs = active[: (len(active) + 1) // 2], active[(len(active) + 1) // 2 :]
-        batch = self.batch
-        task = _Task(lambda: batch.step(theirs, forward=self._prepare_helper(batch.cfg).eager))
-        with self.live_cv:
-            self.train_task = task
-            self.live_cv.notify_all()
-        try:
-            done = self.batch.step(mine)
-        finally:
-            with self.live_cv:
-                untaken = self.train_task is task
-                if untaken:
-                    self.train_task = None
-        if untaken:
-            task.run()
-        else:
-            self.split += 1
-        return done + task.result()
-
-    def _prepare_helper(self, cfg):
-        """The adapter stack whose eager forward steps the live thread's halves (:meth:`_step_batch`),
-        an adapter UNet of its own; recipe ``cfg``'s, kept while the recipe stays the same."""
-        from core.finetune.batch import SHARED_FIELDS, AdapterStack
-
-        key = tuple(getattr(cfg, f) for f in SHARED_FIELDS)
-        if self.helper_stack is None or self.helper_stack[0] != key:
-            self.helper_stack = (key, AdapterStack(self.pipe, replace(cfg, seed=0, trigger=None)))
-        return self.helper_stack[1]
 
     def _drop_leavers(self) -> None:
         for run, (ticket, _) in list(self.visits.items()):
@@ -628,8 +554,7 @@ class TrainingHub:
         return True
 
     def _live(self):
-        """The live worker: draws and scores checkpoints while the trainer goes on (:meth:`_take_live`);
-        with none to draw, steps the half of the batch the trainer offers (:meth:`_step_batch`)."""
+        """The live worker: draws and scores checkpoints while the trainer goes on (:meth:`_take_live`)."""
         from core.finetune.live_batch import Sampler
 
         sampler = Sampler(self.pipe)
@@ -646,13 +571,8 @@ class TrainingHub:
             traceback.print_exc()
         while True:
             with self.live_cv:
-                while not (jobs := self._take_live()) and self.train_task is None:
+                while not (jobs := self._take_live()):
                     self.live_cv.wait()
-                task = None if jobs else self.train_task
-                self.train_task = None if task else self.train_task
-            if task is not None:
-                task.run()
-                continue
             try:
                 self._draw(sampler, jobs, helper if self._alone(jobs) else None)
             except Exception as e:  # never let the worker die: fail these visitors, serve on
