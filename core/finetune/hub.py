@@ -19,9 +19,10 @@ off, it runs between steps): a run's reconstruction at step 20 is drawn while st
 nobody left to train, the trainer draws waiting checkpoints beside it (a room's last checkpoints
 were drawn on one core while the other idled). A visitor's photos are encoded in the visitor's own
 thread before they queue. The cores are split between the two threads, each its own
-(:func:`core.model.pipeline.thread_with_cores`); the rest of the process computes on one. dlib's descriptors are computed in a process of their own
-(``face_worker``, :func:`core.faces.recognition.describe_in_worker`): dlib holds the GIL through each
-call, and the trainer's steps waited for it. On the 2-core CPU one visitor of the 128 px base is done
+(:func:`core.model.pipeline.thread_with_cores`); the rest of the process computes on one. dlib's
+descriptors are computed in a process of their own (``face_worker``,
+:func:`core.faces.recognition.describe_in_worker`): dlib holds the GIL through each call, and the
+trainer's steps waited for it. On the 2-core CPU one visitor of the 128 px base is done
 in 20.6-23.6 s through the app (``python -m bench.workshop --visitors 1 --sequential False``).
 With one visitor it starts at once. ``gather_seconds`` > 0 lets an idle hub wait that long for more
 visitors before the first step. How many train at once (``max_batch``) and the wait are
@@ -536,8 +537,9 @@ class TrainingHub:
     def _help_live(self) -> bool:
         """With nobody to train, draw one waiting checkpoint in the trainer's thread, on its own core
         and scratch UNet, beside the live thread: at the end of a room the checkpoints queued for the
-        live thread were drawn on one core while the trainer's idled. Returns whether it drew one.
-        CPU only (on a GPU both threads would queue on one device)."""
+        live thread were drawn on one core while the trainer's idled. Returns whether it drew one. A
+        visitor who arrives meanwhile starts when that checkpoint is drawn (a few seconds). CPU only
+        (on a GPU both threads would queue on one device)."""
         from core.finetune.live_batch import merge_each
 
         if not self.cfg.live_thread or not merge_each(self.pipe.device):
@@ -587,8 +589,8 @@ class TrainingHub:
         ``helper``): a visitor alone gets their result sooner (``python -m bench.live_work``)."""
         if not (self.cfg.split_last and len(jobs) == 1 and jobs[0].result is not None and self.idle()):
             return False
-        with self.live_cv:
-            return not self.live_todo  # else the idle trainer draws the next one (_help_live)
+        with self.live_cv:  # else the idle trainer draws the others beside it (_help_live)
+            return not self.live_todo and self.live_busy == {jobs[0].ticket}
 
     @staticmethod
     def _left(job: LiveJob) -> bool:
