@@ -116,6 +116,32 @@ def test_live_work_between_steps_gives_the_same_lora_and_events(tiny_pipe):
     assert all(torch.allclose(mine[n], alone.lora[n], atol=2e-4) for n in mine)
 
 
+def test_an_idle_trainer_draws_waiting_checkpoints_in_each_visits_order(tiny_pipe):
+    """With a slow live thread the checkpoints pile up; once nobody trains, the trainer draws them
+    too, and each visitor still gets every checkpoint, in step order, then their score."""
+    import time
+
+    hub = TrainingHub(tiny_pipe, attacker=None, floor_images=random_crops(2), cfg=HubConfig(max_batch=4))
+    draw = hub._draw
+
+    def slow_draw(sampler, jobs, helper=None):
+        if threading.current_thread() is hub.live_thread:
+            time.sleep(0.5)
+        return draw(sampler, jobs, helper)
+
+    hub._draw = slow_draw
+    out = {}
+    cfg = replace(TINY, checkpoint_every=1)
+    threads = [visit(hub, k, cfg=LiveConfig(replace(cfg, seed=20 + k)), out=out) for k in range(3)]
+    for th in threads:
+        th.join(600)
+    assert hub.helped > 0
+    for k in range(3):
+        evs = out[k]
+        assert isinstance(evs[-1], Done) and not evs[-1].cancelled
+        assert [e.step for e in evs if isinstance(e, Preview)] == [1, 2, 3, 4]
+
+
 def test_an_attacker_that_cannot_read_the_lora_says_so_once_and_training_goes_on(base_engine):
     from core.finetune.live import AttackUnavailable
 
