@@ -17,8 +17,8 @@ saying with how many others). The worker, in rounds:
 The live work of step 3 runs in a second thread while the next steps train (``live_thread``;
 off, it runs between steps): a run's reconstruction at step 20 is drawn while steps 21.. train; with
 nobody left to train, the trainer draws waiting checkpoints beside it (a room's last checkpoints
-were drawn on one core while the other idled). A visitor's photos are encoded in the visitor's own
-thread before they queue. The cores are split between the two threads, each its own
+were drawn on one core while the other idled). A visitor's photos are encoded before they queue, in
+a thread of the hub's own. The cores are split between the two threads, each its own
 (:func:`core.model.pipeline.thread_with_cores`); the rest of the process computes on one. dlib's
 descriptors are computed in a process of their own (``face_worker``,
 :func:`core.faces.recognition.describe_in_worker`): dlib holds the GIL through each call, and the
@@ -36,6 +36,7 @@ import queue
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from core.events import Done, Message, Preview, Progress, never
@@ -94,7 +95,7 @@ class Ticket:
     events: queue.Queue = field(default_factory=queue.Queue)
     left: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
-    latents: object = None  # its training photos' latents, encoded in the visitor's thread (batched runs)
+    latents: object = None  # its training photos' latents, encoded before it queues (batched runs)
 
     def stopped(self) -> bool:
         return self.left.is_set() or bool(self.should_stop())
@@ -166,6 +167,7 @@ class TrainingHub:
         self.thread = thread_with_cores(self._work, max(1, cores() - live_cores), "training-hub")
         if live_cores:
             self.live_thread = thread_with_cores(self._live, live_cores, "training-hub-live")
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="training-hub-encode")  # see _encode
         self.compile_thread = None
         if self.cfg.compile:
             self.compile_thread = threading.Thread(
@@ -208,7 +210,7 @@ class TrainingHub:
         compare with ``photos``). Closing the generator (Stop, or the visitor left) takes the run out."""
         ticket = Ticket(list(photos), list(train_photos if train_photos is not None else photos), cfg, should_stop)
         if not alone_reason(cfg):
-            ticket.latents = self._encode(ticket.train_photos)
+            ticket.latents = self.encoder.submit(self._encode, ticket.train_photos).result()
         with self.lock:
             self.waiting.append(ticket)
             self.lock.notify_all()
@@ -224,8 +226,11 @@ class TrainingHub:
             ticket.left.set()
 
     def _encode(self, photos):
-        """The training photos' latents, computed here in the visitor's thread while the batch trains
-        on (in the trainer's thread each newcomer stalled every run of the batch for ~1 s at 128 px)."""
+        """The training photos' latents, computed in the hub's encoder thread while the batch trains on
+        (in the trainer's thread each newcomer stalled every run of the batch for ~1 s at 128 px). One
+        thread for every visitor rather than each visitor's own handler thread: after a room whose
+        visitors' photos were encoded in their handler threads the app kept 17 % more memory
+        (``docs/results/bench_workshop_30_128.txt``)."""
         from core.finetune.lora import check_photos, encode_photos
 
         try:
