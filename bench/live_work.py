@@ -28,8 +28,9 @@ Five measurements, each against its baseline in the same run:
    the live thread's core while the live thread has nothing to draw (8 visitors: 1.59x on 2 cores).
    Tried through the app, it lost: sixteen visitors' p95 time to done was 0.56 of the one-at-a-time
    arm's with it against 0.51 without, and the app's RSS grew 14 % over the room
-   (``docs/results/bench_workshop_16_128.txt``): the live thread's work, which starts at any step,
-   then shares its core with the trainer's second OpenMP thread. The hub keeps one core each.
+   (``docs/results/bench_workshop_16_128.txt``), presumably because the live thread's work, which
+   starts at any step, then shares its core with the trainer's second OpenMP thread. The hub keeps
+   one core for each.
 
     python -m bench.live_work --sections 3 4 --arms thread dlib-here   # only the face worker's effect
 """
