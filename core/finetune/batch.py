@@ -240,8 +240,8 @@ class LoRABatch:
         """A new run on ``crops`` (its own seed, trigger and steps in ``cfg``), initialised exactly as
         ``finetune`` initialises a LoRA with that seed; it trains from the next :meth:`step` on.
         ``latents``: the crops' latents as :func:`core.finetune.lora.encode_photos` gives them, when
-        the caller has encoded them already (the training hub encodes a visitor's photos in the
-        visitor's own thread: in the trainer's, each newcomer stalled every run of the batch ~1 s)."""
+        the caller has encoded them already (the training hub encodes a visitor's photos in a
+        thread of its own: in the trainer's, each newcomer stalled every run of the batch ~1 s)."""
         cfg = cfg or self.cfg
         if not self.accepts(cfg):
             raise ValueError(

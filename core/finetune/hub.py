@@ -125,6 +125,12 @@ def release_memory() -> None:
         pass
 
 
+def as_sentence(error: Exception) -> str:
+    """An error's message as a sentence for the visitor (capital first letter, full stop)."""
+    text = str(error)
+    return f"{text[:1].upper()}{text[1:]}."
+
+
 def alone_reason(cfg: LiveConfig) -> str:
     if cfg.dp_noise is not None:
         return "DP-SGD computes a gradient per photo, so it trains alone"
@@ -236,7 +242,7 @@ class TrainingHub:
         try:
             return encode_photos(self.pipe, check_photos(photos))
         except (ValueError, OSError) as e:
-            raise Failed(f"{str(e)[:1].upper()}{str(e)[1:]}.") from None
+            raise Failed(as_sentence(e)) from None
 
     def status(self) -> dict:
         with self.lock:
@@ -366,7 +372,7 @@ class TrainingHub:
                 self.batch = LoRABatch(self.pipe, recipe, self.stack(recipe).forward)
             run = self.batch.add(ticket, ticket.train_photos, cfg.finetune, latents=ticket.latents)
         except (ValueError, OSError) as e:
-            ticket.events.put(Failed(f"{str(e)[:1].upper()}{str(e)[1:]}."))
+            ticket.events.put(Failed(as_sentence(e)))
             return
         visit = Visit(list(ticket.photos), replace(cfg, finetune=run.cfg), self.floor_descriptor)
         if self.cfg.face_worker:
@@ -637,5 +643,5 @@ class TrainingHub:
                 if isinstance(ev, Progress):
                     return
         except (ValueError, OSError) as e:
-            ticket.events.put(Failed(f"{str(e)[:1].upper()}{str(e)[1:]}."))
+            ticket.events.put(Failed(as_sentence(e)))
         self.solos = [(t, g) for t, g in self.solos if t is not ticket]
