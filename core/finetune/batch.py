@@ -25,7 +25,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from core.finetune.lora import FinetuneConfig, check_photos, encode_photos, encode_prompt, lora_config, pick_trigger
+from core.finetune.lora import (
+    FinetuneConfig,
+    adamw,
+    check_photos,
+    encode_photos,
+    encode_prompt,
+    lora_config,
+    pick_trigger,
+)
 from core.model.denoising import Denoiser
 from core.model.pipeline import mixed_precision, plain_attention
 from core.model.prior import class_latents
@@ -258,9 +266,7 @@ class LoRABatch:
         params = {
             n: v[0].to(self.dev).requires_grad_(True) for n, v in initial_adapters(self.pipe, cfg, [cfg.seed]).items()
         }
-        opt = torch.optim.AdamW(
-            list(params.values()), lr=cfg.lr, weight_decay=0.0, fused=self.dev.type == "cuda" or None
-        )
+        opt = adamw(list(params.values()), cfg.lr)
         run = Run(
             key,
             replace(cfg, trigger=trigger),
@@ -278,31 +284,34 @@ class LoRABatch:
         """Take a run out (done, cancelled or disconnected); the others go on unchanged."""
         self.runs = [r for r in self.runs if r is not run]
 
-    def draw(self, run: Run):
-        """This step's noised batch of one run: the same draws, in the same order, as ``finetune``."""
+    def draw(self, run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's clean latents, timesteps and noise of one run: the same draws, in the same order,
+        as ``finetune``."""
         b = run.cfg.batch
         x0 = run.inst[torch.randint(0, len(run.inst), (b,), generator=run.g)]
         if self.cls is not None:
             x0 = torch.cat([x0, self.cls[torch.randint(0, len(self.cls), (b,), generator=run.g)]])
-        return self.den.noise(x0, run.g)
+        return (x0, *self.den.draw(x0.shape, run.g))
 
     def step(self) -> list[Run]:
         """One optimisation step of every active run (one stacked forward and backward); returns them."""
         runs = [r for r in self.runs if not r.done]
         if not runs:
             return []
-        noised = [self.draw(r) for r in runs]
+        x0, t, noise = (torch.cat(parts) for parts in zip(*(self.draw(r) for r in runs)))
+        noised = self.den.noise(x0, t=t, noise=noise)  # every run's in one call (per run: 8 ms of 1 s)
+        k = len(runs)
         names = list(runs[0].params)
         stacked = {n: torch.stack([r.params[n] for r in runs]) for n in names}
         with mixed_precision(self.dev, self.amp):
             pred = self.forward(
                 stacked,
-                torch.stack([n.noisy for n in noised]),
-                torch.stack([n.t for n in noised]),
+                noised.noisy.view(k, -1, *noised.noisy.shape[1:]),
+                noised.t.view(k, -1),
                 torch.stack([r.emb for r in runs]),
             )
         b = self.cfg.batch
-        err = torch.stack([self.den.errors(pred[k], n) for k, n in enumerate(noised)])  # K x 2b
+        err = self.den.errors(pred.reshape(noised.noisy.shape), noised).view(k, -1)  # K x 2b
         inst_loss = err[:, :b].mean(1)
         loss = inst_loss + (self.cfg.prior_weight * err[:, b:].mean(1) if self.cls is not None else 0.0)
         for r in runs:

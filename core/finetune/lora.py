@@ -203,6 +203,14 @@ def trainable_copies(pipe, cfg: FinetuneConfig):
     return unet, te, params
 
 
+def adamw(params, lr: float) -> torch.optim.AdamW:
+    """The fine-tune's optimizer: AdamW without weight decay, fused (one kernel over all of a LoRA's
+    tensors): on CUDA the loop is launch-bound, and on a CPU a rank-4 LoRA's 212 tensors step in
+    0.95 ms instead of torch's default per-tensor loop's 4.9 ms (one core; the same numbers up to
+    float rounding), which a room of visitors pays once per visitor and step."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+
+
 def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
     """Generator: DreamBooth-LoRA fine-tune of ``pipe`` (not modified) on 64 px face ``crops``."""
     cfg = cfg or FinetuneConfig()
@@ -218,8 +226,7 @@ def finetune(pipe, crops, cfg: FinetuneConfig | None = None, should_stop=never):
 
     # 2. trainable copies (the shared base stays untouched)
     unet, te, params = trainable_copies(pipe, cfg)
-    # one fused kernel per step on CUDA (the loop is launch-bound there); torch's default elsewhere
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=params[0].is_cuda or None)
+    opt = adamw(params, cfg.lr)
     den = Denoiser(pipe.scheduler.config)
     with torch.no_grad():
         emb_inst = encode_prompt(pipe, instance_prompt(trigger))
