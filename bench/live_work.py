@@ -2,7 +2,7 @@
 
     python -m bench.live_work [--reps 2] [--steps 80] [--model M]
 
-Five measurements, each against its baseline in the same run:
+Six measurements, each against its baseline in the same run:
 
 1. **Sampling one LoRA.** One sampler forward (2 images) through the vmapped adapter UNet (the
    GPU path of :mod:`core.finetune.live_batch`) against the UNet with the LoRA merged into a copy
@@ -31,6 +31,10 @@ Five measurements, each against its baseline in the same run:
    (``docs/results/bench_workshop_16_128.txt``), presumably because the live thread's work, which
    starts at any step, then shares its core with the trainer's second OpenMP thread. The hub keeps
    one core for each.
+6. **The optimizer step.** One AdamW step of the default LoRA (its 212 tensors) on one core, torch's
+   per-tensor loop (its CPU default) against the fused kernel (:func:`core.finetune.lora.adamw`),
+   alternating, on the same gradients; and the largest difference of the weights after 20 steps.
+   A room's trainer takes one such step per visitor and step.
 
     python -m bench.live_work --sections 3 4 --arms thread dlib-here   # only the face worker's effect
 """
@@ -58,7 +62,7 @@ class LiveWorkArgs:
     steps: int = 80  # fine-tuning steps of the visit (the app's default: 80)
     model: str = ""  # model folder or hub id (default: the embedded model)
     arms: tuple[str, ...] = ("thread", "thread-one", "between", "dlib-here")  # the hub arms of measurement 3
-    sections: tuple[int, ...] = (1, 2, 3, 4, 5)  # the measurements to run
+    sections: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # the measurements to run
     arm: str = ""  # internal: run one hub arm (one of ``arms``) in this process, print JSON
 
 
@@ -175,6 +179,47 @@ def trainer_cores(pipe, photos, reps: int = 2, n: int = 3) -> None:
         )
 
 
+def optimizer_step(pipe, reps: int = 3, n: int = 100) -> None:
+    """AdamW on the default LoRA's tensors: torch's per-tensor loop against the fused kernel, one core."""
+    from core.finetune.batch import initial_adapters
+    from core.finetune.lora import FinetuneConfig, adamw
+
+    cfg = FinetuneConfig()
+    init = initial_adapters(pipe, cfg, [0])
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(v.shape[1:], generator=g) for v in init.values()]
+
+    def optimizer(fused: bool):
+        params = [v[0].clone().requires_grad_(True) for v in init.values()]
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        if fused:
+            return params, adamw(params, cfg.lr)
+        return params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, foreach=False)
+
+    def run():
+        arms = {False: optimizer(False), True: optimizer(True)}
+        for _, opt in arms.values():
+            for _ in range(20):
+                opt.step()
+        diff = max(float((a - b).detach().abs().max()) for a, b in zip(arms[False][0], arms[True][0]))
+        per = {False: [], True: []}
+        for _ in range(reps):
+            for fused, (_, opt) in arms.items():
+                t = time.perf_counter()
+                for _ in range(n):
+                    opt.step()
+                per[fused].append((time.perf_counter() - t) / n)
+        return diff, {k: sum(v) / len(v) for k, v in per.items()}
+
+    diff, per = in_thread(run, 1)
+    print(f"## 6. one AdamW step of the default LoRA ({len(init)} tensors), one core, alternating")
+    print(
+        f"per-tensor loop (torch's CPU default): {per[False] * 1000:.2f} ms; fused: {per[True] * 1000:.2f} ms "
+        f"({per[False] / per[True]:.1f}x); weights after 20 steps differ by at most {diff:.1e}"
+    )
+
+
 def sampling(pipe) -> None:
     from core.finetune.batch import adapter_unet, initial_adapters, peft_key, stacked_forward
     from core.finetune.lora import FinetuneConfig, pipeline_with_lora
@@ -273,7 +318,7 @@ def main(argv=None) -> None:
         return hub_arm(a)
     from core.model.pipeline import image_size_of, load_pipeline
 
-    if {1, 2, 4, 5} & set(a.sections):
+    if {1, 2, 4, 5, 6} & set(a.sections):
         pipe = load_pipeline(a.model or None, threads=1)
         if 1 in a.sections:
             sampling(pipe)
@@ -282,6 +327,8 @@ def main(argv=None) -> None:
             dlib_beside(pipe, photos)
         if 5 in a.sections:
             trainer_cores(pipe, photos)
+        if 6 in a.sections:
+            optimizer_step(pipe)
         if 2 in a.sections:
             threads(pipe, photos)
     if 3 in a.sections:
