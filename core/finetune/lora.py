@@ -206,8 +206,9 @@ def trainable_copies(pipe, cfg: FinetuneConfig):
 def adamw(params, lr: float) -> torch.optim.AdamW:
     """The fine-tune's optimizer: AdamW without weight decay, fused (one kernel over all of a LoRA's
     tensors): on CUDA the loop is launch-bound, and on a CPU a rank-4 LoRA's 212 tensors step in
-    0.90 ms instead of torch's default per-tensor loop's 5.08 ms (one core, ``python -m bench.live_work
-    --sections 6``; the same numbers up to float rounding), which a room of visitors pays once per visitor and step."""
+    0.90 ms instead of torch's default per-tensor loop's 5.08 ms (one core, ``python -m
+    bench.live_work --sections 6``; the same numbers up to float rounding), which a room of
+    visitors pays once per visitor and step."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
 
 

@@ -61,8 +61,8 @@ class Denoiser:
 
     def draw(self, shape, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The timesteps and noise that :meth:`noise` draws for latents of ``shape`` when given neither,
-        in its order, on the CPU: a caller that noises several batches in one call (the batch trainer)
-        draws each batch's with its own generator and passes them in."""
+        in its order (timesteps, then noise), on the CPU: a caller that noises several batches in one
+        call (the batch trainer) draws each batch's with its own generator and passes them in."""
         t = torch.randint(0, self.T, (shape[0],), generator=generator)
         return t, torch.randn(shape, generator=generator, dtype=torch.float32)
 
@@ -74,8 +74,6 @@ class Denoiser:
         noise: torch.Tensor | None = None,
     ) -> NoisedBatch:
         """Draw timesteps and noise (on the CPU generator, so runs repeat across devices) unless given."""
-        if t is None and noise is None:
-            t, noise = self.draw(x0.shape, generator)
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), generator=generator)
         if noise is None:
